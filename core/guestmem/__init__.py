@@ -1,0 +1,75 @@
+"""guestmem: an executable model of Linux KVM guest private memory (guest_memfd).
+
+Quick use::
+
+    import guestmem
+    from guestmem import uapi
+
+    with guestmem.open("sw") as kvm, kvm.create_vm(uapi.KVM_X86_SW_PROTECTED_VM) as vm:
+        gmem = vm.create_guest_memfd(1 << 20)
+        ...
+
+``guestmem.open(backend)`` returns a :class:`guestmem.api.Kvm`; every backend, the built-in
+``sw`` model, a hardware model plugin or the real kernel (``linux``), has the same face.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from guestmem import uapi
+from guestmem.api import GuestMemfd, HostMapping, Kvm, Vcpu, Vm
+from guestmem.errors import (
+    GuestExit,
+    HostCrash,
+    HostSigbus,
+    InternalErrorExit,
+    KvmError,
+    MemoryFault,
+    MmioExit,
+    PluginError,
+)
+from guestmem.hookspecs import hookimpl
+from guestmem.registry import Backend, VmTypeInfo, get_registry
+
+__all__ = [
+    "Backend",
+    "GuestExit",
+    "GuestMemfd",
+    "HostCrash",
+    "HostMapping",
+    "HostSigbus",
+    "InternalErrorExit",
+    "Kvm",
+    "KvmError",
+    "MemoryFault",
+    "MmioExit",
+    "PluginError",
+    "Vcpu",
+    "Vm",
+    "VmTypeInfo",
+    "backends",
+    "hookimpl",
+    "open",
+    "uapi",
+]
+
+
+def open(backend: str = "sw", **options: Any) -> Kvm:  # noqa: A001 - mirrors open("/dev/kvm")
+    """Open ``/dev/kvm`` of *backend* (``"sw"`` by default).
+
+    *options* go to the backend: the model backends accept ``profile=`` (a
+    :class:`guestmem.model.profile.KernelProfile` or its name).
+    """
+    registry = get_registry()
+    info = registry.backend(backend)
+    if info.opener is not None:
+        return info.opener(info, **options)
+    from guestmem.model.kvm import ModelKvm
+
+    return ModelKvm(info, registry, **options)
+
+
+def backends() -> dict[str, Backend]:
+    """Every installed backend by name."""
+    return dict(get_registry().backends())

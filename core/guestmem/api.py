@@ -1,0 +1,178 @@
+"""The uAPI face: abstract classes every backend's objects implement.
+
+The model (``sw`` and the hardware-model plugins) and the real kernel (``guestmem-linux``)
+both hand out objects of these types, so one program runs unchanged against either.  Each
+method is the ioctl or file operation of the same name; failures raise
+:class:`guestmem.KvmError` (an ``OSError``) with the kernel's errno.
+"""
+
+from __future__ import annotations
+
+import abc
+from types import TracebackType
+from typing import Any, Self
+
+
+class _Closable(abc.ABC):
+    """Deterministic release: ``close()`` and the context-manager protocol."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Drop this reference (the kernel's ``close(fd)``); idempotent."""
+
+    @property
+    @abc.abstractmethod
+    def closed(self) -> bool:
+        """True once :meth:`close` ran."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class HostMapping(_Closable):
+    """A host userspace mapping (``mmap``): anonymous memory or a guest_memfd range.
+
+    Accesses are host loads/stores.  One the kernel would answer with SIGBUS raises
+    :class:`guestmem.HostSigbus`; the process never dies.
+    """
+
+    address: int
+    length: int
+
+    @abc.abstractmethod
+    def read(self, offset: int, n: int) -> bytes:
+        """Load *n* bytes at ``address + offset``."""
+
+    @abc.abstractmethod
+    def write(self, offset: int, data: bytes) -> None:
+        """Store *data* at ``address + offset``."""
+
+
+class GuestMemfd(_Closable):
+    """A guest_memfd file descriptor (``KVM_CREATE_GUEST_MEMFD``)."""
+
+    size: int
+    flags: int
+
+    @abc.abstractmethod
+    def fileno(self) -> int:
+        """The descriptor number (model: a simulated fd of the model's own table)."""
+
+    @abc.abstractmethod
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        """``fallocate(2)``: allocate (KEEP_SIZE) or punch a hole (KEEP_SIZE|PUNCH_HOLE)."""
+
+    @abc.abstractmethod
+    def read(self, n: int) -> bytes:
+        """``read(2)``: always fails with EINVAL (F-1)."""
+
+    @abc.abstractmethod
+    def write(self, data: bytes) -> int:
+        """``write(2)``: always fails with EINVAL (F-1)."""
+
+    @abc.abstractmethod
+    def fstat(self) -> Any:
+        """``fstat(2)``: an object with ``st_size``, ``st_blksize``, ``st_ino`` (F-2)."""
+
+    @abc.abstractmethod
+    def truncate(self, size: int) -> None:
+        """``ftruncate(2)``: always fails with EINVAL (F-3)."""
+
+    @abc.abstractmethod
+    def mmap(self, length: int, offset: int = 0, shared: bool = True) -> HostMapping:
+        """``mmap(2)`` of the file (M-1, M-2); faults follow M-3..M-5."""
+
+
+class Vcpu(_Closable):
+    """A vCPU; its accesses really run the guest (model or kernel)."""
+
+    vcpu_id: int
+
+    @abc.abstractmethod
+    def access(
+        self,
+        gpa: int,
+        length: int = 1,
+        *,
+        write: bool = False,
+        data: bytes | None = None,
+        private: bool | None = None,
+    ) -> bytes | None:
+        """A guest load (returns the bytes) or store (``write=True``; returns None).
+
+        ``private=None`` lets the VM's attributes decide (SW_PROTECTED semantics, G-1).  An
+        unresolvable fault raises :class:`guestmem.MemoryFault`; an access that exits for
+        MMIO raises :class:`guestmem.MmioExit`.
+        """
+
+    @abc.abstractmethod
+    def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> int:
+        """``KVM_PRE_FAULT_MEMORY``: map ``[gpa, gpa+size)``; returns the size left (PF-4)."""
+
+
+class Vm(_Closable):
+    """A VM file descriptor (``KVM_CREATE_VM``)."""
+
+    vm_type: int
+
+    @abc.abstractmethod
+    def check_extension(self, cap: int) -> int:
+        """``KVM_CHECK_EXTENSION`` on the VM fd."""
+
+    @abc.abstractmethod
+    def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
+        """``KVM_CREATE_GUEST_MEMFD`` (rules C-1..C-11)."""
+
+    @abc.abstractmethod
+    def set_user_memory_region(
+        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
+    ) -> None:
+        """``KVM_SET_USER_MEMORY_REGION`` (v1; S-2 rejects GUEST_MEMFD)."""
+
+    @abc.abstractmethod
+    def set_user_memory_region2(
+        self,
+        slot: int,
+        flags: int,
+        guest_phys_addr: int,
+        memory_size: int,
+        userspace_addr: int = 0,
+        guest_memfd: Any = None,
+        guest_memfd_offset: int = 0,
+    ) -> None:
+        """``KVM_SET_USER_MEMORY_REGION2`` (S-1..S-16, B-1..B-11).
+
+        *guest_memfd* is a :class:`GuestMemfd`, any other object with ``fileno()``, a raw fd
+        number, or None (fd 0 as the kernel would read it).
+        """
+
+    @abc.abstractmethod
+    def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
+        """``KVM_SET_MEMORY_ATTRIBUTES`` (A-1..A-12)."""
+
+    @abc.abstractmethod
+    def create_vcpu(self, vcpu_id: int) -> Vcpu:
+        """``KVM_CREATE_VCPU``."""
+
+
+class Kvm(_Closable):
+    """``/dev/kvm`` of one backend (:func:`guestmem.open`)."""
+
+    backend: str
+
+    @abc.abstractmethod
+    def check_extension(self, cap: int) -> int:
+        """``KVM_CHECK_EXTENSION`` on the system fd."""
+
+    @abc.abstractmethod
+    def create_vm(self, vm_type: int = 0) -> Vm:
+        """``KVM_CREATE_VM``."""
+
+    @abc.abstractmethod
+    def mmap_anonymous(self, length: int) -> HostMapping:
+        """Plain host memory (``MAP_ANONYMOUS|MAP_SHARED``), for ``userspace_addr``."""

@@ -1,0 +1,126 @@
+"""Exceptions of the uAPI face.
+
+Every failure the kernel reports with an errno is an :class:`OSError` subclass carrying that
+errno and, in its message, the ID of the spec rule that produced it (for example ``[S-14]``).
+Guest exits that are not errors of an ioctl (an MMIO exit, an internal error) have their own
+classes so a caller can tell them from a failed ioctl.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+from guestmem import uapi
+
+
+class KvmError(OSError):
+    """An ioctl or file operation failed with the kernel's *errno*.
+
+    ``rule`` is the spec rule ID that decided the outcome (``""`` when the error does not
+    come from a numbered rule).
+    """
+
+    def __init__(self, err: int, message: str, rule: str = "") -> None:
+        self.rule = rule
+        text = f"[{rule}] {message}" if rule else message
+        super().__init__(err, f"{_errno.errorcode.get(err, str(err))}: {text}")
+
+
+def kvm_error(err: int, rule: str, message: str) -> KvmError:
+    """Build the error for *rule* failing with *err* (use as ``raise kvm_error(...)``)."""
+    return KvmError(err, message, rule)
+
+
+class MemoryFault(KvmError):
+    """``KVM_RUN`` returned -1 with ``exit_reason == KVM_EXIT_MEMORY_FAULT`` (G-2..G-5).
+
+    ``gpa``, ``size`` and ``flags`` are exactly ``kvm_run.memory_fault``; ``errno`` is
+    ``EFAULT`` or ``EHWPOISON``.
+    """
+
+    exit_reason = uapi.KVM_EXIT_MEMORY_FAULT
+
+    def __init__(self, err: int, gpa: int, size: int, flags: int, rule: str, why: str = "") -> None:
+        self.gpa = gpa
+        self.size = size
+        self.flags = flags
+        kind = "private" if flags & uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE else "shared"
+        detail = f"memory fault exit: gpa={gpa:#x} size={size:#x} {kind}"
+        super().__init__(err, f"{detail}{': ' + why if why else ''}", rule)
+
+    @property
+    def is_private(self) -> bool:
+        """True iff the faulting access was private (``KVM_MEMORY_EXIT_FLAG_PRIVATE``)."""
+        return bool(self.flags & uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE)
+
+
+class HostSigbus(KvmError):
+    """A host userspace access that the kernel answers with SIGBUS.
+
+    The process never dies: the access raises this instead. ``errno`` is ``EFAULT``
+    (what a ``process_vm_readv`` of the same address would report).
+    """
+
+    def __init__(self, address: int, rule: str, why: str) -> None:
+        self.address = address
+        super().__init__(_errno.EFAULT, f"SIGBUS at host address {address:#x}: {why}", rule)
+
+
+class GuestExit(Exception):  # noqa: N818 - a guest exit is not an error of the caller
+    """``KVM_RUN`` returned 0 with an exit the access could not complete through."""
+
+    exit_reason: int = uapi.KVM_EXIT_UNKNOWN
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
+class MmioExit(GuestExit):
+    """The access left the guest as ``KVM_EXIT_MMIO`` (no memslot backs ``gpa``)."""
+
+    exit_reason = uapi.KVM_EXIT_MMIO
+
+    def __init__(self, gpa: int, length: int, is_write: bool) -> None:
+        self.gpa = gpa
+        self.length = length
+        self.is_write = is_write
+        verb = "write" if is_write else "read"
+        super().__init__(f"KVM_EXIT_MMIO: {verb} of {length} byte(s) at gpa {gpa:#x}")
+
+
+class InternalErrorExit(GuestExit):
+    """The access left the guest as ``KVM_EXIT_INTERNAL_ERROR`` (``suberror`` as the kernel)."""
+
+    exit_reason = uapi.KVM_EXIT_INTERNAL_ERROR
+
+    def __init__(self, suberror: int, gpa: int | None = None) -> None:
+        self.suberror = suberror
+        self.gpa = gpa
+        where = f" at gpa {gpa:#x}" if gpa is not None else ""
+        super().__init__(f"KVM_EXIT_INTERNAL_ERROR suberror {suberror}{where}")
+
+
+class HostCrash(RuntimeError):
+    """A modelled hardware outcome that takes down the host (e.g. an RMP #PF in the kernel).
+
+    The simulator itself keeps running; the host object records the verdict and refuses
+    further work.
+    """
+
+    def __init__(self, verdict: str) -> None:
+        self.verdict = verdict
+        super().__init__(f"host crash: {verdict}")
+
+
+class PluginError(RuntimeError):
+    """A plugin failed validation at load; the message names its distribution."""
+
+
+def strerror(err: int) -> str:
+    """``os.strerror`` with the symbolic name first, e.g. ``EINVAL (Invalid argument)``."""
+    return f"{_errno.errorcode.get(err, str(err))} ({os.strerror(err)})"
+
+
+EHWPOISON = getattr(_errno, "EHWPOISON", 133)
+EOPNOTSUPP = _errno.EOPNOTSUPP

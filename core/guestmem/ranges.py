@@ -1,0 +1,157 @@
+"""A sorted map of half-open integer ranges to values.
+
+Attributes, bindings, page state and mappings are all stored as ranges so that an
+operation over a terabyte costs O(log n + k) in the number n of stored ranges and the
+number k of ranges it touches, never O(pages).  Adjacent ranges with equal values are
+merged, so a uniform terabyte is one entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Generic, TypeVar
+
+from sortedcontainers import SortedDict
+
+V = TypeVar("V")
+
+
+class RangeMap(Generic[V]):
+    """Non-overlapping ``[start, end) -> value`` entries; absent means "no value"."""
+
+    __slots__ = ("_map",)
+
+    def __init__(self) -> None:
+        # start -> (end, value)
+        self._map: SortedDict = SortedDict()
+
+    def __len__(self) -> int:
+        """Number of stored (maximal) ranges."""
+        return len(self._map)
+
+    def __bool__(self) -> bool:
+        return bool(self._map)
+
+    def copy(self) -> RangeMap[V]:
+        """A shallow copy (values are shared)."""
+        other: RangeMap[V] = RangeMap()
+        other._map = self._map.copy()
+        return other
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RangeMap) and list(self._map.items()) == list(other._map.items())
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"[{s:#x},{e:#x})={v!r}" for s, e, v in self.items())
+        return f"RangeMap({inner})"
+
+    # --- queries -------------------------------------------------------------------------
+    def _floor(self, pos: int) -> int | None:
+        """Start of the entry that could contain *pos* (the greatest start <= pos)."""
+        idx = self._map.bisect_right(pos) - 1
+        if idx < 0:
+            return None
+        start: int = self._map.keys()[idx]
+        return start
+
+    def get(self, pos: int) -> V | None:
+        """The value at *pos*, or None."""
+        start = self._floor(pos)
+        if start is None:
+            return None
+        end, value = self._map[start]
+        return value if pos < end else None
+
+    def entry(self, pos: int) -> tuple[int, int, V] | None:
+        """The whole stored entry ``(start, end, value)`` containing *pos*, or None."""
+        start = self._floor(pos)
+        if start is None:
+            return None
+        end, value = self._map[start]
+        return (start, end, value) if pos < end else None
+
+    def items(self, start: int | None = None, end: int | None = None) -> Iterator[tuple[int, int, V]]:
+        """Entries overlapping ``[start, end)``, clipped to it, in order."""
+        if start is None:
+            for s, (e, v) in list(self._map.items()):
+                yield s, e, v
+            return
+        stop = end if end is not None else 1 << 128
+        first = self._floor(start)
+        lo = first if first is not None else start
+        for s in list(self._map.irange(lo, stop, inclusive=(True, False))):
+            e, v = self._map[s]
+            if e <= start:
+                continue
+            yield max(s, start), min(e, stop), v
+
+    def overlaps(self, start: int, end: int) -> bool:
+        """True iff any entry intersects ``[start, end)``."""
+        return next(self.items(start, end), None) is not None
+
+    def covers(self, start: int, end: int, value: V) -> bool:
+        """True iff every position of ``[start, end)`` holds *value* (None: holds nothing)."""
+        if value is None:
+            return not self.overlaps(start, end)
+        ent = self.entry(start)
+        return ent is not None and ent[1] >= end and ent[2] == value
+
+    def gaps(self, start: int, end: int) -> Iterator[tuple[int, int]]:
+        """Sub-ranges of ``[start, end)`` holding no value."""
+        pos = start
+        for s, e, _ in self.items(start, end):
+            if s > pos:
+                yield pos, s
+            pos = e
+        if pos < end:
+            yield pos, end
+
+    def first(self) -> tuple[int, int, V] | None:
+        """The lowest entry, or None."""
+        if not self._map:
+            return None
+        s = self._map.keys()[0]
+        e, v = self._map[s]
+        return s, e, v
+
+    # --- updates -------------------------------------------------------------------------
+    def _split(self, pos: int) -> None:
+        """Make *pos* an entry boundary if it falls inside an entry."""
+        start = self._floor(pos)
+        if start is None or start == pos:
+            return
+        end, value = self._map[start]
+        if pos < end:
+            self._map[start] = (pos, value)
+            self._map[pos] = (end, value)
+
+    def set(self, start: int, end: int, value: V | None) -> None:
+        """Store *value* over ``[start, end)``; ``None`` erases the range."""
+        if start >= end:
+            return
+        self._split(start)
+        self._split(end)
+        for s in list(self._map.irange(start, end, inclusive=(True, False))):
+            del self._map[s]
+        if value is None:
+            return
+        new_start, new_end = start, end
+        prev = self._floor(start - 1) if start > 0 else None
+        if prev is not None:
+            pend, pval = self._map[prev]
+            if pend == start and pval == value:
+                del self._map[prev]
+                new_start = prev
+        nxt = self._map.get(end)
+        if nxt is not None and nxt[1] == value:
+            del self._map[end]
+            new_end = nxt[0]
+        self._map[new_start] = (new_end, value)
+
+    def erase(self, start: int, end: int) -> None:
+        """Remove every value in ``[start, end)``."""
+        self.set(start, end, None)
+
+    def clear(self) -> None:
+        """Remove everything."""
+        self._map.clear()

@@ -1,0 +1,121 @@
+"""Kernel uAPI constants, with the kernel's names and values.
+
+Sources: ``include/uapi/linux/kvm.h``, ``arch/x86/include/uapi/asm/kvm.h`` and
+``include/uapi/linux/falloc.h`` (spec section 1).  Everything here is a plain ``int`` so
+values can be compared with what the real kernel returns.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+PAGE_SHIFT: Final = 12
+PAGE_SIZE: Final = 1 << PAGE_SHIFT
+PMD_ORDER: Final = 9  # 2 MiB on x86-64 / arm64 4K granule
+PUD_ORDER: Final = 18  # 1 GiB
+
+# Mapping levels, as arch/x86 PG_LEVEL_*.
+PG_LEVEL_4K: Final = 1
+PG_LEVEL_2M: Final = 2
+PG_LEVEL_1G: Final = 3
+
+# --- ioctl numbers (KVMIO = 0xAE) -------------------------------------------------------
+KVMIO: Final = 0xAE
+KVM_GET_API_VERSION: Final = 0xAE00
+KVM_CREATE_VM: Final = 0xAE01
+KVM_CHECK_EXTENSION: Final = 0xAE03
+KVM_GET_VCPU_MMAP_SIZE: Final = 0xAE04
+KVM_CREATE_VCPU: Final = 0xAE41
+KVM_SET_USER_MEMORY_REGION: Final = 0x4020AE46
+KVM_SET_USER_MEMORY_REGION2: Final = 0x40A0AE49
+KVM_RUN: Final = 0xAE80
+KVM_SET_MEMORY_ATTRIBUTES: Final = 0x4020AED2
+KVM_CREATE_GUEST_MEMFD: Final = 0xC040AED4
+KVM_PRE_FAULT_MEMORY: Final = 0xC040AED5
+
+# --- memslot flags ---------------------------------------------------------------------
+KVM_MEM_LOG_DIRTY_PAGES: Final = 1 << 0
+KVM_MEM_READONLY: Final = 1 << 1
+KVM_MEM_GUEST_MEMFD: Final = 1 << 2
+KVM_MEMSLOT_INVALID: Final = 1 << 16  # kernel-internal
+KVM_MEMSLOT_GMEM_ONLY: Final = 1 << 17  # kernel-internal, [6.18]+
+
+# --- guest_memfd flags -----------------------------------------------------------------
+GUEST_MEMFD_FLAG_MMAP: Final = 1 << 0
+GUEST_MEMFD_FLAG_INIT_SHARED: Final = 1 << 1
+
+# --- memory attributes and exits -------------------------------------------------------
+KVM_MEMORY_ATTRIBUTE_PRIVATE: Final = 1 << 3
+KVM_MEMORY_EXIT_FLAG_PRIVATE: Final = 1 << 3
+
+KVM_EXIT_UNKNOWN: Final = 0
+KVM_EXIT_IO: Final = 2
+KVM_EXIT_HYPERCALL: Final = 3
+KVM_EXIT_HLT: Final = 5
+KVM_EXIT_MMIO: Final = 6
+KVM_EXIT_SHUTDOWN: Final = 8
+KVM_EXIT_FAIL_ENTRY: Final = 9
+KVM_EXIT_INTERNAL_ERROR: Final = 17
+KVM_EXIT_MEMORY_FAULT: Final = 39
+
+# --- capabilities ----------------------------------------------------------------------
+KVM_CAP_USER_MEMORY: Final = 3
+KVM_CAP_NR_MEMSLOTS: Final = 10
+KVM_CAP_READONLY_MEM: Final = 81
+KVM_CAP_MULTI_ADDRESS_SPACE: Final = 118
+KVM_CAP_EXIT_HYPERCALL: Final = 201
+KVM_CAP_USER_MEMORY2: Final = 231
+KVM_CAP_MEMORY_FAULT_INFO: Final = 232
+KVM_CAP_MEMORY_ATTRIBUTES: Final = 233
+KVM_CAP_GUEST_MEMFD: Final = 234
+KVM_CAP_VM_TYPES: Final = 235
+KVM_CAP_PRE_FAULT_MEMORY: Final = 236
+KVM_CAP_GUEST_MEMFD_FLAGS: Final = 244
+
+# --- x86 VM types ----------------------------------------------------------------------
+KVM_X86_DEFAULT_VM: Final = 0
+KVM_X86_SW_PROTECTED_VM: Final = 1
+KVM_X86_SEV_VM: Final = 2
+KVM_X86_SEV_ES_VM: Final = 3
+KVM_X86_SNP_VM: Final = 4
+KVM_X86_TDX_VM: Final = 5
+
+# --- fallocate modes (include/uapi/linux/falloc.h) -------------------------------------
+FALLOC_FL_KEEP_SIZE: Final = 0x01
+FALLOC_FL_PUNCH_HOLE: Final = 0x02
+
+# --- limits ----------------------------------------------------------------------------
+SHRT_MAX: Final = 0x7FFF
+KVM_MEM_SLOTS_NUM: Final = SHRT_MAX
+KVM_INTERNAL_MEM_SLOTS: Final = 3  # x86
+KVM_USER_MEM_SLOTS: Final = KVM_MEM_SLOTS_NUM - KVM_INTERNAL_MEM_SLOTS
+KVM_MEM_MAX_NR_PAGES: Final = (1 << 31) - 1
+U64_MAX: Final = (1 << 64) - 1
+ULONG_MAX: Final = U64_MAX
+LOFF_MAX: Final = (1 << 63) - 1
+# x86-64 4-level paging: the highest user address + 1 (TASK_SIZE_MAX).
+TASK_SIZE: Final = (1 << 47) - PAGE_SIZE
+
+# Range filters (kernel-internal enum kvm_gfn_range_filter).
+KVM_FILTER_SHARED: Final = 1 << 0
+KVM_FILTER_PRIVATE: Final = 1 << 1
+
+VM_TYPE_NAMES: Final[dict[int, str]] = {
+    KVM_X86_DEFAULT_VM: "KVM_X86_DEFAULT_VM",
+    KVM_X86_SW_PROTECTED_VM: "KVM_X86_SW_PROTECTED_VM",
+    KVM_X86_SEV_VM: "KVM_X86_SEV_VM",
+    KVM_X86_SEV_ES_VM: "KVM_X86_SEV_ES_VM",
+    KVM_X86_SNP_VM: "KVM_X86_SNP_VM",
+    KVM_X86_TDX_VM: "KVM_X86_TDX_VM",
+}
+
+CAP_NAMES: Final[dict[int, str]] = {
+    value: name
+    for name, value in dict(globals()).items()
+    if name.startswith("KVM_CAP_") and isinstance(value, int)
+}
+
+
+def page_aligned(value: int) -> bool:
+    """True iff *value* is a multiple of PAGE_SIZE (kernel ``PAGE_ALIGNED``)."""
+    return value & (PAGE_SIZE - 1) == 0
