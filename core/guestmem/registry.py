@@ -47,6 +47,10 @@ class VmTypeInfo:
     nr_memslot_as_ids: int = 2
     #: Folio order of this VM type's gmem files (0 in 6.18; 9 models hugepage gmem).
     gmem_folio_order: int = 0
+    #: arm64 ``kvm_arch_prepare_memory_region``: GUEST_MEMFD slots must be gmem-only (S-16).
+    gmem_slot_requires_mmap: bool = False
+    #: ``KVM_CAP_MEMORY_ATTRIBUTES`` exists on this architecture (x86 only in 6.18).
+    memory_attributes: bool = True
 
     @property
     def init_shared_allowed(self) -> bool:
