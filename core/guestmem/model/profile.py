@@ -28,6 +28,8 @@ class KernelProfile:
     #: A shared guest access to a gmem-only slot (MMAP gmem) is served from gmem (6.18 TDP
     #: MMU).  False models a shadow-paging host that walks ``userspace_addr`` instead.
     gmem_only_faults_from_gmem: bool = True
+    #: Guest physical address width (x86 MAXPHYADDR), bounding memslots (S-7).
+    phys_bits: int = 52
 
 
 UPSTREAM_6_18 = KernelProfile(

@@ -1,0 +1,137 @@
+"""File descriptors of the model: the guest_memfd fd (spec 2.C-2.E)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import TYPE_CHECKING
+
+from guestmem import api, uapi
+from guestmem.errors import kvm_error
+from guestmem.model.mapping import GmemVma, ModelHostMapping
+
+if TYPE_CHECKING:
+    from guestmem.model.gmem import GmemFile
+    from guestmem.model.kvm import ModelKvm
+
+PAGE_SIZE = uapi.PAGE_SIZE
+# fs/open.c vfs_fallocate: FALLOC_FL_MODE_MASK | FALLOC_FL_KEEP_SIZE (6.18).
+_VFS_FALLOC_MODES = 0x01 | 0x02 | 0x08 | 0x10 | 0x20 | 0x40 | 0x80
+
+
+class ModelGuestMemfd(api.GuestMemfd):
+    """A guest_memfd fd of the model; holds one reference to its file."""
+
+    def __init__(self, kvm: ModelKvm, file: GmemFile) -> None:
+        self.kvm = kvm
+        self.file = file
+        self.size = file.inode.size
+        self.flags = file.inode.flags
+        file.get()
+        self._fd: int | None = kvm.fd_install(self)
+
+    def __repr__(self) -> str:
+        return f"<ModelGuestMemfd fd={self._fd} ino={self.file.inode.ino:#x} size={self.size:#x}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    @property
+    def inode(self) -> object:
+        """The :class:`~guestmem.model.gmem.GmemInode` behind this fd."""
+        return self.file.inode
+
+    def fileno(self) -> int:
+        if self._fd is None:
+            raise ValueError("I/O operation on closed guest_memfd")
+        return self._fd
+
+    def _check(self) -> None:
+        if self._fd is None:
+            raise kvm_error(errno.EBADF, "", "guest_memfd is closed")
+        self.kvm.host.check_alive()
+
+    def close(self) -> None:
+        if self._fd is None:
+            return
+        self.kvm.fd_remove(self._fd)
+        self._fd = None
+        self.file.put()
+
+    def read(self, n: int) -> bytes:
+        """F-1: guest_memfd has no read op."""
+        self._check()
+        raise kvm_error(errno.EINVAL, "F-1", "guest_memfd does not support read()")
+
+    def write(self, data: bytes) -> int:
+        """F-1: guest_memfd has no write op."""
+        self._check()
+        raise kvm_error(errno.EINVAL, "F-1", "guest_memfd does not support write()")
+
+    def truncate(self, size: int) -> None:
+        """F-3: ``kvm_gmem_setattr`` refuses every change."""
+        self._check()
+        raise kvm_error(errno.EINVAL, "F-3", "guest_memfd size can never change")
+
+    def fstat(self) -> os.stat_result:
+        """F-2: ``st_size`` = create size, ``st_blksize`` = PAGE_SIZE, distinct ``st_ino``."""
+        self._check()
+        inode = self.file.inode
+        # (mode, ino, dev, nlink, uid, gid, size, atime, mtime, ctime) + blksize/blocks
+        return os.stat_result(
+            (stat.S_IFREG | 0o600, inode.ino, 0, 1, 0, 0, inode.size, 0, 0, 0, 0, 0, 0, PAGE_SIZE, 0)
+        )
+
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        """``fallocate(2)`` (FA-1..FA-11)."""
+        self._check()
+        if offset < 0 or length <= 0:
+            raise kvm_error(errno.EINVAL, "FA-1", "offset < 0 or len <= 0")
+        if mode & ~_VFS_FALLOC_MODES:
+            raise kvm_error(errno.EOPNOTSUPP, "FA-1", f"unknown fallocate mode bits {mode:#x}")
+        if mode & uapi.FALLOC_FL_PUNCH_HOLE and not mode & uapi.FALLOC_FL_KEEP_SIZE:
+            raise kvm_error(errno.EOPNOTSUPP, "FA-1", "PUNCH_HOLE requires KEEP_SIZE")
+        if offset + length > uapi.LOFF_MAX:
+            raise kvm_error(errno.EFBIG, "FA-1", "offset + len beyond the maximum file size")
+        if not mode & uapi.FALLOC_FL_KEEP_SIZE:
+            raise kvm_error(errno.EOPNOTSUPP, "FA-2", "guest_memfd size can't change: KEEP_SIZE is required")
+        if mode & ~(uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE):
+            raise kvm_error(errno.EOPNOTSUPP, "FA-3", f"mode {mode:#x} has bits other than KEEP_SIZE|PUNCH_HOLE")
+        if offset % PAGE_SIZE or length % PAGE_SIZE:
+            raise kvm_error(errno.EINVAL, "FA-4", "offset and len must be page aligned")
+        inode = self.file.inode
+        vm = inode.owner
+        if mode & uapi.FALLOC_FL_PUNCH_HOLE:
+            inode.punch_hole(offset, length)
+            vm.count("punch_hole")
+            vm.trace("punch_hole", ino=inode.ino, offset=offset, length=length)
+            return
+        if offset + length > inode.size:
+            raise kvm_error(errno.EINVAL, "FA-5", f"[{offset:#x}, {offset + length:#x}) beyond size {inode.size:#x}")
+        inode.allocate(offset // PAGE_SIZE, (offset + length) // PAGE_SIZE)
+        vm.trace("fallocate", ino=inode.ino, offset=offset, length=length)
+
+    def mmap(self, length: int, offset: int = 0, shared: bool = True) -> ModelHostMapping:
+        """``mmap(2)`` of the file (M-1, M-2)."""
+        self._check()
+        if length <= 0 or offset < 0 or offset % PAGE_SIZE:
+            raise kvm_error(errno.EINVAL, "", "mmap length must be positive and offset page aligned")
+        if not self.file.inode.mmap_allowed:
+            raise kvm_error(errno.ENODEV, "M-1", "guest_memfd was created without GUEST_MEMFD_FLAG_MMAP")
+        if not shared:
+            raise kvm_error(errno.EINVAL, "M-2", "guest_memfd can only be mapped MAP_SHARED")
+        length = (length + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+        vma = GmemVma(self.kvm, self.file, length, offset // PAGE_SIZE)
+        self.kvm.mm.insert(vma)
+        return ModelHostMapping(vma)
+
+    def inject_memory_failure(self, offset: int) -> None:
+        """Poison the page at *offset* as a hardware memory error would (E-1, E-2)."""
+        self._check()
+        inode = self.file.inode
+        if offset < 0 or offset >= inode.size:
+            raise kvm_error(errno.EINVAL, "E-1", f"offset {offset:#x} is outside the file")
+        inode.memory_failure(offset // PAGE_SIZE)
+        inode.owner.trace("memory_failure", ino=inode.ino, offset=offset)

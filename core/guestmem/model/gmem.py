@@ -1,0 +1,331 @@
+"""guest_memfd: the inode (backing folios) and the file (one VM's view, with bindings).
+
+Folio state is a range map of page index -> :class:`Folio`, whose ``delta`` keeps
+``pfn - index`` constant, so contiguous allocations of any size are one entry.  Rules:
+C-*, F-*, FA-*, M-*, B-*, L-*, E-* of the spec; invalidation as spec 3.2.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+from typing import TYPE_CHECKING
+
+import attrs
+
+from guestmem import uapi
+from guestmem.errors import EHWPOISON, kvm_error
+from guestmem.model.mmu import GfnRange
+from guestmem.ranges import RangeMap
+
+if TYPE_CHECKING:
+    from guestmem.model.host import HostMemory
+    from guestmem.model.mapping import GmemVma
+    from guestmem.model.memslot import Memslot
+    from guestmem.model.vm import ModelVm
+
+PAGE_SHIFT = uapi.PAGE_SHIFT
+PAGE_SIZE = uapi.PAGE_SIZE
+_ino = itertools.count(0x4000)
+
+
+@attrs.frozen
+class Folio:
+    """State of a run of pages: ``pfn = index + delta``; uptodate means zeroed/prepared."""
+
+    delta: int
+    uptodate: bool = False
+    hwpoison: bool = False
+
+
+@attrs.frozen
+class GmemLocation:
+    """Where a gfn lives in guest_memfd: its memslot, inode and page index."""
+
+    slot: Memslot
+    inode: GmemInode
+    index: int
+
+
+class GmemInode:
+    """The guest_memfd inode: size, flags, backing folios, and the views (files) on it."""
+
+    def __init__(self, owner: ModelVm, size: int, flags: int, folio_order: int) -> None:
+        self.owner = owner
+        self.host: HostMemory = owner.host
+        self.size = size
+        self.flags = flags
+        self.folio_order = folio_order
+        self.ino = next(_ino)
+        self.pages: RangeMap[Folio] = RangeMap()
+        self.views: list[GmemFile] = []
+        self.vmas: list[GmemVma] = []
+        self.evicted = False
+
+    # --- properties --------------------------------------------------------------------------
+    @property
+    def npages(self) -> int:
+        """``i_size`` in pages."""
+        return self.size >> PAGE_SHIFT
+
+    @property
+    def mmap_allowed(self) -> bool:
+        """``GUEST_MEMFD_FLAG_MMAP`` (M-1)."""
+        return bool(self.flags & uapi.GUEST_MEMFD_FLAG_MMAP)
+
+    @property
+    def init_shared(self) -> bool:
+        """``GUEST_MEMFD_FLAG_INIT_SHARED`` (M-4)."""
+        return bool(self.flags & uapi.GUEST_MEMFD_FLAG_INIT_SHARED)
+
+    @property
+    def invalidate_filter(self) -> int:
+        """``kvm_gmem_get_invalidate_filter`` (FA-9)."""
+        return uapi.KVM_FILTER_SHARED if self.init_shared else uapi.KVM_FILTER_PRIVATE
+
+    # --- folio queries -----------------------------------------------------------------------
+    def folio_bounds(self, index: int) -> tuple[int, int]:
+        """The folio-aligned page range containing *index*, clipped to i_size."""
+        nr = 1 << self.folio_order
+        start = index & ~(nr - 1)
+        return start, min(start + nr, max(self.npages, index + 1))
+
+    def pfn(self, index: int) -> int | None:
+        """The host pfn backing *index*, or None if no folio is allocated."""
+        folio = self.pages.get(index)
+        return None if folio is None else index + folio.delta
+
+    def is_prepared(self, index: int) -> bool:
+        """True iff *index*'s folio exists and is uptodate ("prepared" in 6.18)."""
+        folio = self.pages.get(index)
+        return folio is not None and folio.uptodate
+
+    def is_poisoned(self, index: int) -> bool:
+        """True iff *index*'s folio is hardware-poisoned."""
+        folio = self.pages.get(index)
+        return folio is not None and folio.hwpoison
+
+    def allocated_pages(self) -> int:
+        """Pages with a folio."""
+        return sum(e - s for s, e, _ in self.pages.items())
+
+    def host_mapped(self, index: int) -> bool:
+        """True iff some host VMA has page *index* faulted in."""
+        return any(vma.maps_index(index) for vma in self.vmas)
+
+    # --- folio lifetime ----------------------------------------------------------------------
+    def get_folio(self, index: int) -> tuple[int, int, Folio]:
+        """``kvm_gmem_get_folio``: the folio at *index*, allocated if missing."""
+        ent = self.pages.entry(index)
+        start, end = self.folio_bounds(index)
+        if ent is not None:
+            return max(ent[0], start), min(ent[1], end), ent[2]
+        pfn = self.host.alloc(end - start)
+        folio = Folio(pfn - start)
+        self.pages.set(start, end, folio)
+        self.owner.count("gmem_folios_allocated")
+        return start, end, folio
+
+    def allocate(self, start: int, end: int) -> None:
+        """``kvm_gmem_allocate`` (FA-6): instantiate folios over ``[start, end)`` pages.
+
+        Existing folios are untouched; each gap gets one contiguous pfn run.
+        """
+        nr = 1 << self.folio_order
+        start &= ~(nr - 1)
+        end = min((end + nr - 1) & ~(nr - 1), self.npages)
+        for s, e in list(self.pages.gaps(start, end)):
+            pfn = self.host.alloc(e - s)
+            self.pages.set(s, e, Folio(pfn - s))
+            self.owner.count("gmem_pages_allocated", e - s)
+
+    def set_state(self, start: int, end: int, *, uptodate: bool | None = None, hwpoison: bool | None = None) -> None:
+        """Change the flags of the folios in ``[start, end)`` (which must exist)."""
+        for s, e, folio in list(self.pages.items(start, end)):
+            new = attrs.evolve(
+                folio,
+                uptodate=folio.uptodate if uptodate is None else uptodate,
+                hwpoison=folio.hwpoison if hwpoison is None else hwpoison,
+            )
+            self.pages.set(s, e, new)
+
+    def zero(self, start: int, end: int) -> None:
+        """``clear_highpage`` over the allocated pages of ``[start, end)``."""
+        for s, e, folio in self.pages.items(start, end):
+            self.host.zero(s + folio.delta, e - s)
+            self.owner.count("zeroed_bytes", (e - s) * PAGE_SIZE)
+
+    def truncate(self, start: int, end: int) -> None:
+        """``truncate_inode_pages_range``: unmap from host VMAs, free whole folios (L-5).
+
+        Each freed pfn run reaches ``guestmem_gmem_invalidate`` (``free_folio``).  A large
+        folio only partly inside the range is zeroed there instead of freed.
+        """
+        for vma in list(self.vmas):
+            vma.zap_indices(start, end)
+        nr = 1 << self.folio_order
+        whole_start = (start + nr - 1) & ~(nr - 1)
+        whole_end = end & ~(nr - 1) if end < self.npages else end
+        if whole_start > start:
+            self.zero(start, min(whole_start, end))
+        if whole_end < end and whole_end >= whole_start:
+            self.zero(whole_end, end)
+        if whole_start >= whole_end:
+            return
+        freed = list(self.pages.items(whole_start, whole_end))
+        self.pages.erase(whole_start, whole_end)
+        for s, e, folio in freed:
+            self.free_pfns(s + folio.delta, e + folio.delta)
+
+    def free_pfns(self, start_pfn: int, end_pfn: int) -> None:
+        """``kvm_gmem_free_folio``: the arch invalidate hook, then back to the host."""
+        self.owner.hooks.gmem_invalidate(vm=self.owner, start_pfn=start_pfn, end_pfn=end_pfn)
+        self.host.free(start_pfn, end_pfn - start_pfn)
+        self.owner.count("gmem_pages_freed", end_pfn - start_pfn)
+
+    def evict(self) -> None:
+        """Inode eviction: every folio is freed (L-5)."""
+        if self.evicted:
+            return
+        self.evicted = True
+        freed = list(self.pages.items())
+        self.pages.clear()
+        for s, e, folio in freed:
+            self.free_pfns(s + folio.delta, e + folio.delta)
+        self.owner.trace("gmem_evict", ino=self.ino, freed_pages=sum(e - s for s, e, _ in freed))
+
+    # --- invalidation (spec 3.2) -------------------------------------------------------------
+    def invalidate_begin(self, start: int, end: int, views: list[GmemFile] | None = None) -> None:
+        """``kvm_gmem_invalidate_begin`` over the views' bindings in ``[start, end)``."""
+        flt = self.invalidate_filter
+        for view in self.views if views is None else views:
+            vm = view.vm
+            begun = False
+            flush = False
+            for s, e, slot in list(view.bindings.items(start, end)):
+                if not begun:
+                    vm.mmu.invalidate_begin()
+                    begun = True
+                gfn_start = slot.base_gfn + s - slot.gmem_pgoff
+                rng = GfnRange(slot, gfn_start, gfn_start + (e - s), attr_filter=flt)
+                flush |= vm.mmu.unmap_gfn_range(rng)
+            if flush:
+                vm.count("remote_tlb_flushes")
+
+    def invalidate_end(self, start: int, end: int, views: list[GmemFile] | None = None) -> None:
+        """``kvm_gmem_invalidate_end``."""
+        for view in self.views if views is None else views:
+            if view.bindings.overlaps(start, end):
+                view.vm.mmu.invalidate_end()
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        """``kvm_gmem_punch_hole`` (FA-7, FA-8, M-10)."""
+        start = offset >> PAGE_SHIFT
+        end = min((offset + length) >> PAGE_SHIFT, uapi.LOFF_MAX >> PAGE_SHIFT)
+        self.invalidate_begin(start, end)
+        self.truncate(start, end)
+        self.invalidate_end(start, end)
+
+    def memory_failure(self, index: int) -> None:
+        """``kvm_gmem_error_folio`` (E-1): zap the folio's mappings, keep it, poison it."""
+        start, end, _ = self.get_folio(index)
+        for vma in list(self.vmas):
+            vma.zap_indices(start, end)
+        self.invalidate_begin(start, end)
+        self.set_state(start, end, hwpoison=True)
+        self.invalidate_end(start, end)
+
+
+class GmemFile:
+    """One VM's view of an inode (``struct kvm_gmem`` + ``struct file``), refcounted.
+
+    References: each open fd and each host VMA (L-6).  The last put releases (L-3).
+    """
+
+    def __init__(self, vm: ModelVm, inode: GmemInode) -> None:
+        self.vm = vm
+        self.inode = inode
+        self.bindings: RangeMap[Memslot] = RangeMap()
+        self.refs = 0
+        self.released = False
+        inode.views.append(self)
+        vm.get()  # C-8 / L-1: the file pins the VM
+
+    def get(self) -> None:
+        """Take a file reference."""
+        self.refs += 1
+
+    def put(self) -> None:
+        """Drop a file reference; the last one releases the view."""
+        self.refs -= 1
+        if self.refs == 0:
+            self.release()
+
+    def release(self) -> None:
+        """``kvm_gmem_release`` (L-3): unbind every slot, zap, drop the VM reference."""
+        vm, inode = self.vm, self.inode
+        self.released = True
+        for _, _, slot in list(self.bindings.items()):
+            slot.gmem_file = None
+        end = uapi.ULONG_MAX >> PAGE_SHIFT
+        # The whole file is invalidated for this VM only (this view).
+        inode.invalidate_begin(0, end, [self])
+        inode.invalidate_end(0, end, [self])
+        inode.views.remove(self)
+        self.bindings.clear()
+        vm.trace("gmem_release", ino=inode.ino)
+        if not inode.views:
+            inode.evict()
+        vm.put()
+
+    # --- binding (B-4..B-11) -------------------------------------------------------------------
+    def bind(self, slot: Memslot, offset: int) -> None:
+        """``kvm_gmem_bind`` after the fd checks (B-4, B-5, B-6)."""
+        size = slot.npages << PAGE_SHIFT
+        if offset > uapi.LOFF_MAX or offset % PAGE_SIZE or offset + size > self.inode.size:
+            raise kvm_error(
+                errno.EINVAL,
+                "B-4",
+                f"guest_memfd_offset {offset:#x} + size {size:#x} outside the file (size {self.inode.size:#x})",
+            )
+        start = offset >> PAGE_SHIFT
+        end = start + slot.npages
+        clash = next(self.bindings.items(start, end), None)
+        if clash is not None:
+            raise kvm_error(
+                errno.EINVAL,
+                "B-5",
+                f"gmem pages [{start:#x}, {end:#x}) overlap pages bound to {clash[2].describe()}",
+            )
+        slot.gmem_file = self
+        slot.gmem_pgoff = start
+        slot.gmem_only = self.inode.mmap_allowed
+        self.bindings.set(start, end, slot)
+
+    def unbind(self, slot: Memslot) -> None:
+        """``kvm_gmem_unbind`` (B-8, B-10): no-op once released; folios are kept (L-7)."""
+        if slot.gmem_file is not self:
+            return
+        self.bindings.erase(slot.gmem_pgoff, slot.gmem_pgoff + slot.npages)
+        slot.gmem_file = None
+
+
+def get_pfn(vm: ModelVm, slot: Memslot, gfn: int) -> tuple[int, int]:
+    """``kvm_gmem_get_pfn`` (G-5, G-11, G-12, L-4, E-2): ``(pfn, max_order)`` or KvmError."""
+    file = slot.gmem_file
+    if file is None or file.released:
+        raise kvm_error(errno.EFAULT, "L-4", f"the guest_memfd of {slot.describe()} was closed")
+    index = slot.gfn_to_index(gfn)
+    if file.bindings.get(index) is not slot:
+        raise kvm_error(errno.EIO, "G-12", f"gmem index {index:#x} is not bound to {slot.describe()}")
+    inode = file.inode
+    start, end, folio = inode.get_folio(index)
+    if folio.hwpoison:
+        raise kvm_error(EHWPOISON, "E-2", f"gmem page {index:#x} is hardware-poisoned")
+    if not folio.uptodate:
+        inode.zero(start, end)
+        folio_gfn = slot.base_gfn + start - slot.gmem_pgoff
+        vm.hooks.gmem_prepare(vm=vm, gfn=folio_gfn, pfn=start + folio.delta, order=inode.folio_order)
+        inode.set_state(start, end, uptodate=True)
+        vm.count("gmem_prepare")
+    return index + folio.delta, inode.folio_order

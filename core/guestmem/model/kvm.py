@@ -1,0 +1,218 @@
+"""``/dev/kvm`` of the model: the host process (fd table, address space, memory) and its VMs."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from guestmem import api, uapi
+from guestmem.errors import kvm_error
+from guestmem.model.events import TraceEvent
+from guestmem.model.host import AddressSpace, HostMemory
+from guestmem.model.mapping import AnonVma, ModelHostMapping
+from guestmem.model.profile import KernelProfile, get_profile
+
+if TYPE_CHECKING:
+    from guestmem.model.vm import ModelVm
+    from guestmem.registry import Backend, Registry
+
+log = structlog.get_logger("guestmem")
+_FIRST_FD = 3
+
+
+class ModelKvm(api.Kvm):
+    """One host process with ``/dev/kvm`` open, modelled.
+
+    *profile* selects the kernel modelled (default ``upstream-6.18``); *record* keeps every
+    trace event in :attr:`events`.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        registry: Registry,
+        *,
+        profile: str | KernelProfile | None = None,
+        record: bool = False,
+    ) -> None:
+        self.backend_info = backend
+        self.backend = backend.name
+        self.registry = registry
+        self.profile = get_profile(profile)
+        self.hooks = registry.hooks_for(backend)
+        self.host = HostMemory()
+        self.mm = AddressSpace()
+        self.vms: list[ModelVm] = []
+        self.events: list[TraceEvent] | None = [] if record else None
+        self._fds: dict[int, object] = {}
+        self._vm_ids = itertools.count(1)
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<ModelKvm backend={self.backend!r} profile={self.profile.name!r}>"
+
+    # --- api.Kvm -------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Close ``/dev/kvm`` (VMs and files stay alive while referenced, as in the kernel)."""
+        self._closed = True
+
+    def _check(self) -> None:
+        if self._closed:
+            raise kvm_error(errno.EBADF, "", "/dev/kvm is closed")
+        self.host.check_alive()
+
+    def check_extension(self, cap: int) -> int:
+        self._check()
+        return self.extension(None, cap)
+
+    def create_vm(self, vm_type: int = uapi.KVM_X86_DEFAULT_VM) -> ModelVm:
+        """``KVM_CREATE_VM`` (CAP-6: an unsupported type is EINVAL)."""
+        self._check()
+        info = self.backend_info.vm_type(vm_type)
+        if info is None or (self.profile.vm_types is not None and vm_type not in self.profile.vm_types):
+            raise kvm_error(errno.EINVAL, "CAP-6", f"VM type {vm_type} is not supported by {self.backend!r}")
+        if info.type == uapi.KVM_X86_SW_PROTECTED_VM and not self.profile.tdp_mmu:
+            raise kvm_error(errno.EINVAL, "CAP-6", "KVM_X86_SW_PROTECTED_VM needs the TDP MMU")
+        from guestmem.model.vm import ModelVm
+
+        vm = ModelVm(self, info, next(self._vm_ids))
+        self.vms.append(vm)
+        vm.trace("vm_create", vm_type=vm_type, type_name=info.name)
+        return vm
+
+    def mmap_anonymous(self, length: int) -> ModelHostMapping:
+        """Anonymous shared host memory (for ``userspace_addr``)."""
+        self._check()
+        if length <= 0:
+            raise kvm_error(errno.EINVAL, "", "mmap length must be positive")
+        vma = AnonVma(self, (length + uapi.PAGE_SIZE - 1) // uapi.PAGE_SIZE * uapi.PAGE_SIZE)
+        self.mm.insert(vma)
+        return ModelHostMapping(vma)
+
+    # --- capabilities (2.A) -----------------------------------------------------------------
+    def attributes_built(self, vm: ModelVm | None) -> bool:
+        """CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES for this kernel and architecture (A-1)."""
+        arch_ok = True if vm is None else vm.type_info.memory_attributes
+        return self.profile.memory_attributes and arch_ok
+
+    def gmem_supported_flags(self, vm: ModelVm | None) -> int:
+        """``kvm_gmem_get_supported_flags`` (CAP-2, CAP-3)."""
+        flags = uapi.GUEST_MEMFD_FLAG_MMAP
+        if vm is None or vm.type_info.init_shared_allowed:
+            flags |= uapi.GUEST_MEMFD_FLAG_INIT_SHARED
+        return flags
+
+    def vm_types_mask(self) -> int:
+        """``KVM_CAP_VM_TYPES`` bitmap (CAP-6)."""
+        mask = 0
+        for info in self.backend_info.vm_types:
+            if self.profile.vm_types is not None and info.type not in self.profile.vm_types:
+                continue
+            if info.type == uapi.KVM_X86_SW_PROTECTED_VM and not self.profile.tdp_mmu:
+                continue
+            if 0 <= info.type < 64:
+                mask |= 1 << info.type
+        return mask
+
+    def extension(self, vm: ModelVm | None, cap: int) -> int:
+        """``KVM_CHECK_EXTENSION`` on ``/dev/kvm`` (*vm* None) or a VM fd."""
+        override = self.hooks.check_extension(vm=vm, cap=cap)
+        if override is not None:
+            return int(override)
+        if cap in (uapi.KVM_CAP_USER_MEMORY, uapi.KVM_CAP_USER_MEMORY2, uapi.KVM_CAP_MEMORY_FAULT_INFO):
+            return 1  # CAP-7, CAP-8
+        if cap == uapi.KVM_CAP_GUEST_MEMFD:
+            return 1  # CAP-1 (6.18: every VM type)
+        if cap == uapi.KVM_CAP_GUEST_MEMFD_FLAGS:
+            return self.gmem_supported_flags(vm)
+        if cap == uapi.KVM_CAP_MEMORY_ATTRIBUTES:
+            if not self.attributes_built(vm):
+                return 0
+            return uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE if vm is None else vm.supported_attributes()
+        if cap == uapi.KVM_CAP_VM_TYPES:
+            return self.vm_types_mask()
+        if cap == uapi.KVM_CAP_PRE_FAULT_MEMORY:
+            return int(self.profile.tdp_mmu)
+        if cap == uapi.KVM_CAP_NR_MEMSLOTS:
+            return uapi.KVM_USER_MEM_SLOTS
+        if cap == uapi.KVM_CAP_MULTI_ADDRESS_SPACE:
+            return 2 if vm is None else vm.type_info.nr_memslot_as_ids
+        if cap == uapi.KVM_CAP_READONLY_MEM:
+            return 1 if vm is None else int(vm.type_info.readonly_mem)
+        if cap == uapi.KVM_CAP_EXIT_HYPERCALL:
+            return 1 << 12  # KVM_EXIT_HYPERCALL_VALID_MASK: KVM_HC_MAP_GPA_RANGE
+        return 0
+
+    # --- the process: fds, mm, trace -------------------------------------------------------
+    def fd_install(self, obj: object) -> int:
+        """Give *obj* the lowest free descriptor number (``get_unused_fd_flags``)."""
+        fd = _FIRST_FD
+        while fd in self._fds:
+            fd += 1
+        self._fds[fd] = obj
+        return fd
+
+    def fd_remove(self, fd: int) -> None:
+        """close(fd)."""
+        self._fds.pop(fd, None)
+
+    def fd_lookup(self, fd: int) -> object | None:
+        """``fget``: the open file behind *fd* (0-2 are the process's stdio), or None."""
+        if fd in (0, 1, 2):
+            return f"stdio:{fd}"
+        return self._fds.get(fd)
+
+    def fd_of(self, guest_memfd: Any) -> int:
+        """The u32 the ioctl would carry for *guest_memfd* (object, fileno() or int)."""
+        if guest_memfd is None:
+            return 0
+        if isinstance(guest_memfd, int):
+            return guest_memfd & 0xFFFFFFFF
+        fileno = getattr(guest_memfd, "fileno", None)
+        if fileno is None:
+            raise TypeError(f"guest_memfd must be a file-like object or an fd number, not {guest_memfd!r}")
+        closed = getattr(guest_memfd, "closed", False)
+        if closed:
+            return 0xFFFFFFFF  # a closed fd: fget fails (B-1)
+        number = fileno()
+        if isinstance(guest_memfd, api.GuestMemfd) and not self._owns(guest_memfd):
+            # A guest_memfd of another process/model: this process has no such file.
+            return 0xFFFFFFFF
+        return int(number) & 0xFFFFFFFF
+
+    def _owns(self, obj: object) -> bool:
+        return any(o is obj for o in self._fds.values())
+
+    def mmu_notifier_invalidate(self, address: int, length: int) -> None:
+        """``mmu_notifier_invalidate_range``: zap guest mappings of host ``[address, +length)``."""
+        end = address + length
+        for vm in self.vms:
+            if vm.destroyed:
+                continue
+            for slot in list(vm.memslots.values()):
+                lo = max(address, slot.userspace_addr)
+                hi = min(end, slot.userspace_addr + slot.npages * uapi.PAGE_SIZE)
+                if lo >= hi or (slot.gmem_only and vm.profile.gmem_only_faults_from_gmem):
+                    continue
+                first = slot.base_gfn + ((lo - slot.userspace_addr) >> uapi.PAGE_SHIFT)
+                last = slot.base_gfn + ((hi - slot.userspace_addr + uapi.PAGE_SIZE - 1) >> uapi.PAGE_SHIFT)
+                vm.zap_gfn_range(first, last, uapi.KVM_FILTER_SHARED)
+
+    def vm_destroyed(self, vm: ModelVm) -> None:
+        """Forget *vm* once its last reference is gone."""
+        if vm in self.vms:
+            self.vms.remove(vm)
+
+    def record(self, event: TraceEvent) -> None:
+        """Log *event* (structlog) and keep it when recording."""
+        if self.events is not None:
+            self.events.append(event)
+        if structlog.is_configured():  # unconfigured: the library stays silent
+            log.debug(event.kind, vm=event.vm, **event.fields)

@@ -1,0 +1,219 @@
+"""Host userspace mappings: anonymous memory and guest_memfd VMAs (spec 2.E).
+
+A gmem VMA faults pages in one at a time following ``kvm_gmem_fault_user_mapping``;
+faulted pages stay mapped until a punch hole, a memory failure, ``zap`` (MADV_DONTNEED)
+or munmap removes them.  A SIGBUS is raised as :class:`guestmem.HostSigbus`.
+"""
+
+from __future__ import annotations
+
+import abc
+import errno
+from typing import TYPE_CHECKING
+
+from guestmem import api, uapi
+from guestmem.errors import HostSigbus, kvm_error
+from guestmem.ranges import RangeMap
+
+if TYPE_CHECKING:
+    from guestmem.model.gmem import GmemFile
+    from guestmem.model.kvm import ModelKvm
+
+PAGE_SHIFT = uapi.PAGE_SHIFT
+PAGE_SIZE = uapi.PAGE_SIZE
+
+
+class Vma(abc.ABC):
+    """A mapped address range of the host process."""
+
+    def __init__(self, kvm: ModelKvm, length: int) -> None:
+        self.kvm = kvm
+        self.length = length
+        self.address = kvm.mm.reserve(length)
+        self.unmapped = False
+
+    @abc.abstractmethod
+    def fault(self, page: int, write: bool) -> int:
+        """Fault page number *page* (relative to the VMA) in; returns its host pfn."""
+
+    def host_level(self, page: int) -> int:
+        """The largest page size (``PG_LEVEL_*``) backing *page* (``host_pfn_mapping_level``)."""
+        return uapi.PG_LEVEL_4K
+
+    def zap(self, offset: int, length: int) -> None:
+        """MADV_DONTNEED: drop the faulted-in pages of ``[offset, offset+length)``."""
+        self.kvm.mmu_notifier_invalidate(self.address + offset, length)
+
+    def unmap(self) -> None:
+        """munmap."""
+        if self.unmapped:
+            return
+        self.unmapped = True
+        self.kvm.mm.remove(self)
+        self.kvm.mmu_notifier_invalidate(self.address, self.length)
+
+
+_THP_PAGES = 1 << uapi.PMD_ORDER
+
+
+class AnonVma(Vma):
+    """``MAP_ANONYMOUS|MAP_SHARED`` memory: zero-filled, transparently huge where aligned.
+
+    Host pages come in 2 MiB-aligned chunks (by host address), so a guest mapping can be
+    huge when the gpa and the host address agree modulo 2 MiB (H-2, H-6).
+    """
+
+    def __init__(self, kvm: ModelKvm, length: int) -> None:
+        super().__init__(kvm, length)
+        self._chunks: dict[int, int] = {}  # hva >> 21 -> first pfn
+
+    def fault(self, page: int, write: bool) -> int:
+        hpage = (self.address >> PAGE_SHIFT) + page
+        chunk = hpage >> uapi.PMD_ORDER
+        base = self._chunks.get(chunk)
+        if base is None:
+            base = self.kvm.host.alloc(_THP_PAGES)
+            self._chunks[chunk] = base
+        return base + (hpage & (_THP_PAGES - 1))
+
+    def host_level(self, page: int) -> int:
+        hpage = (self.address >> PAGE_SHIFT) + page
+        first = (hpage & ~(_THP_PAGES - 1)) - (self.address >> PAGE_SHIFT)
+        if first >= 0 and first + _THP_PAGES <= self.length >> PAGE_SHIFT:
+            return uapi.PG_LEVEL_2M
+        return uapi.PG_LEVEL_4K
+
+    def unmap(self) -> None:
+        if self.unmapped:
+            return
+        super().unmap()
+        for base in self._chunks.values():
+            self.kvm.host.free(base, _THP_PAGES)
+        self._chunks.clear()
+
+
+class GmemVma(Vma):
+    """A ``MAP_SHARED`` mapping of a guest_memfd; holds a file reference (L-6)."""
+
+    def __init__(self, kvm: ModelKvm, file: GmemFile, length: int, pgoff: int) -> None:
+        super().__init__(kvm, length)
+        self.file = file
+        self.pgoff = pgoff
+        self.faulted: RangeMap[bool] = RangeMap()  # gmem page indices with a host PTE
+        file.get()
+        file.inode.vmas.append(self)
+
+    def maps_index(self, index: int) -> bool:
+        """True iff gmem page *index* is faulted into this VMA."""
+        return self.faulted.get(index) is not None
+
+    def zap_indices(self, start: int, end: int) -> None:
+        """Unmap gmem pages ``[start, end)`` from this VMA (``unmap_mapping_range``)."""
+        lo, hi = max(start, self.pgoff), min(end, self.pgoff + (self.length >> PAGE_SHIFT))
+        if lo >= hi or not self.faulted.overlaps(lo, hi):
+            return
+        self.faulted.erase(lo, hi)
+        self.kvm.mmu_notifier_invalidate(self.address + ((lo - self.pgoff) << PAGE_SHIFT), (hi - lo) << PAGE_SHIFT)
+
+    def zap(self, offset: int, length: int) -> None:
+        first = self.pgoff + (offset >> PAGE_SHIFT)
+        self.zap_indices(first, first + ((length + PAGE_SIZE - 1) >> PAGE_SHIFT))
+
+    def fault(self, page: int, write: bool) -> int:
+        return self.fault_index(self.pgoff + page, write)
+
+    def fault_index(self, index: int, write: bool) -> int:
+        """``kvm_gmem_fault_user_mapping`` for gmem page *index*; returns its pfn (M-3..M-5)."""
+        inode = self.file.inode
+        vm = inode.owner
+        address = self.address + (index - self.pgoff) * PAGE_SIZE
+        if not self.maps_index(index):
+            if index >= inode.npages:
+                raise HostSigbus(address, "M-3", f"gmem page {index:#x} is beyond i_size {inode.size:#x}")
+            mappable = vm.hooks.host_mappable(vm=vm, inode=inode, index=index)
+            if mappable is None:
+                mappable = inode.init_shared
+                rule = "M-4"
+            else:
+                rule = "host-mappability"
+            if not mappable:
+                raise HostSigbus(address, rule, f"gmem page {index:#x} is private to the guest")
+            start, end, folio = inode.get_folio(index)
+            if folio.hwpoison:
+                raise HostSigbus(address, "E-1", f"gmem page {index:#x} is hardware-poisoned")
+            if not folio.uptodate:
+                inode.zero(start, end)
+                inode.set_state(start, end, uptodate=True)
+            self.faulted.set(index, index + 1, True)
+            vm.count("host_faults")
+        pfn = inode.pfn(index)
+        assert pfn is not None
+        if inode.is_poisoned(index):
+            raise HostSigbus(address, "E-1", f"gmem page {index:#x} is hardware-poisoned")
+        verdict = vm.hooks.host_access(vm=vm, pfn=pfn, write=write)
+        if verdict is not None:
+            vm.host.crash(verdict)
+        return pfn
+
+    def unmap(self) -> None:
+        if self.unmapped:
+            return
+        super().unmap()
+        self.faulted.clear()
+        self.file.inode.vmas.remove(self)
+        self.file.put()
+
+
+def vma_access(vma: Vma, offset: int, length: int, data: bytes | None) -> bytes:
+    """Load *length* bytes at *offset* of *vma*, or store *data* there; page by page."""
+    out = bytearray()
+    pos = 0
+    while pos < length:
+        off = offset + pos
+        page, in_page = off >> PAGE_SHIFT, off & (PAGE_SIZE - 1)
+        n = min(length - pos, PAGE_SIZE - in_page)
+        pfn = vma.fault(page, data is not None)
+        if data is None:
+            out += vma.kvm.host.read(pfn, in_page, n)
+        else:
+            vma.kvm.host.write(pfn, in_page, data[pos : pos + n])
+        pos += n
+    return bytes(out)
+
+
+class ModelHostMapping(api.HostMapping):
+    """The :class:`guestmem.api.HostMapping` of the model."""
+
+    def __init__(self, vma: Vma) -> None:
+        self._vma = vma
+        self.address = vma.address
+        self.length = vma.length
+
+    @property
+    def closed(self) -> bool:
+        return self._vma.unmapped
+
+    def _check(self, offset: int, n: int) -> None:
+        if self._vma.unmapped:
+            raise kvm_error(errno.EFAULT, "", "access to an unmapped host mapping (SIGSEGV)")
+        if offset < 0 or n < 0 or offset + n > self.length:
+            raise kvm_error(
+                errno.EFAULT, "", f"[{offset:#x}, {offset + n:#x}) is outside the {self.length:#x}-byte mapping"
+            )
+
+    def read(self, offset: int, n: int) -> bytes:
+        self._check(offset, n)
+        self._vma.kvm.host.check_alive()
+        return vma_access(self._vma, offset, n, None)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._check(offset, len(data))
+        self._vma.kvm.host.check_alive()
+        vma_access(self._vma, offset, len(data), bytes(data))
+
+    def zap(self, offset: int = 0, length: int | None = None) -> None:
+        """``madvise(MADV_DONTNEED)``: drop the faulted-in pages (model only)."""
+        self._vma.zap(offset, self.length - offset if length is None else length)
+
+    def close(self) -> None:
+        self._vma.unmap()

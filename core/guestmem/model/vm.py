@@ -1,0 +1,541 @@
+"""The VM: memslots, attributes, stage-2 faults, lifetime (spec 2.A, 2.F-2.M, 3).
+
+Locking is implicit (the model is single-threaded) but the kernel's order of checks,
+invalidations and retries is kept, so a hook that changes state in the middle of a fault
+sees what it would see in the kernel.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING, Any
+
+from guestmem import api, uapi
+from guestmem.errors import KvmError, MemoryFault, MmioExit, kvm_error
+from guestmem.model import gmem as gmem_mod
+from guestmem.model.events import Counters, make_event
+from guestmem.model.gmem import GmemFile, GmemInode, GmemLocation
+from guestmem.model.mapping import GmemVma
+from guestmem.model.memslot import Change, Memslot, Region, check_flags, check_region
+from guestmem.model.mmu import Fault, GfnRange, Mmu
+from guestmem.ranges import RangeMap
+
+if TYPE_CHECKING:
+    from guestmem.model.files import ModelGuestMemfd
+    from guestmem.model.kvm import ModelKvm
+    from guestmem.model.vcpu import ModelVcpu
+    from guestmem.registry import VmTypeInfo
+
+PAGE_SHIFT = uapi.PAGE_SHIFT
+PAGE_SIZE = uapi.PAGE_SIZE
+_MAX_FAULT_RETRIES = 16
+_LEVEL_PAGES = {uapi.PG_LEVEL_4K: 1, uapi.PG_LEVEL_2M: 1 << 9, uapi.PG_LEVEL_1G: 1 << 18}
+
+
+class _Emulate(Exception):  # noqa: N818 - RET_PF_EMULATE, not an error
+    """The fault needs emulation (MMIO, or a write to a read-only slot)."""
+
+
+class ModelVm(api.Vm):
+    """A VM of the model; also the object arch policy hooks receive."""
+
+    def __init__(self, kvm: ModelKvm, type_info: VmTypeInfo, vm_id: int) -> None:
+        self.kvm = kvm
+        self.host = kvm.host
+        self.backend = kvm.backend_info
+        self.profile = kvm.profile
+        self.hooks = kvm.hooks
+        self.type_info = type_info
+        self.vm_type = type_info.type
+        self.vm_id = vm_id
+        self.counters = Counters()
+        self.refs = 1  # the VM fd
+        self.fd_closed = False
+        self.dead = False
+        self.dead_reason = ""
+        self.destroyed = False
+        self.memslots: dict[tuple[int, int], Memslot] = {}
+        self._slot_index: dict[int, RangeMap[Memslot]] = {}
+        self.nr_memslot_pages = 0
+        self.attributes: RangeMap[int] = RangeMap()
+        self.mmu = Mmu(self)
+        self.vcpus: dict[int, ModelVcpu] = {}
+        self.max_gfn = (1 << (self.profile.phys_bits - PAGE_SHIFT)) - 1
+        self.arch: Any = None
+        self.arch = self.hooks.vm_init(vm=self)
+
+    def __repr__(self) -> str:
+        return f"<ModelVm {self.vm_id} {self.type_info.name} on {self.backend.name}>"
+
+    # --- bookkeeping used by backends -------------------------------------------------------
+    def count(self, name: str, n: int = 1) -> None:
+        """Add *n* to cost counter *name*."""
+        if n:
+            self.counters[name] += n
+
+    def trace(self, kind: str, **fields: Any) -> None:
+        """Emit a trace event to observers and the structlog logger ``guestmem``."""
+        event = make_event(kind, self.vm_id, fields)
+        self.kvm.record(event)
+        self.hooks.trace(vm=self, event=event)
+
+    def ownership_update(self, table: str, pfn: int, npages: int, old: Any, new: Any) -> None:
+        """Tell observers that the backend changed its hardware ownership *table*."""
+        self.hooks.ownership_update(vm=self, table=table, pfn=pfn, npages=npages, old=old, new=new)
+
+    def kill(self, reason: str) -> None:
+        """Mark the VM dead (``kvm_vm_dead``): its ioctls fail with EIO from now on (CAP-9)."""
+        if not self.dead:
+            self.dead = True
+            self.dead_reason = reason
+            self.trace("vm_dead", reason=reason)
+
+    @property
+    def has_private_mem(self) -> bool:
+        """``kvm_arch_has_private_mem`` (CAP-5)."""
+        return self.type_info.has_private_mem
+
+    def get(self) -> None:
+        """``kvm_get_kvm``."""
+        self.refs += 1
+
+    def put(self) -> None:
+        """``kvm_put_kvm``: the last reference destroys the VM (L-9)."""
+        self.refs -= 1
+        if self.refs == 0:
+            self._destroy()
+
+    def _destroy(self) -> None:
+        for slot in list(self.memslots.values()):
+            if slot.gmem_file is not None:
+                slot.gmem_file.unbind(slot)
+        self.memslots.clear()
+        self._slot_index.clear()
+        self.mmu.sptes.clear()
+        self.hooks.vm_destroy(vm=self)
+        self.destroyed = True
+        self.trace("vm_destroy")
+        self.kvm.vm_destroyed(self)
+
+    def _ioctl(self) -> None:
+        """The checks of ``kvm_vm_ioctl`` before any command (fd open; CAP-9)."""
+        if self.fd_closed:
+            raise kvm_error(errno.EBADF, "", "VM file descriptor is closed")
+        self.host.check_alive()
+        if self.dead:
+            raise kvm_error(errno.EIO, "CAP-9", f"VM is dead: {self.dead_reason}")
+
+    # --- api.Vm -----------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self.fd_closed
+
+    def close(self) -> None:
+        if self.fd_closed:
+            return
+        self.fd_closed = True
+        for vcpu in list(self.vcpus.values()):
+            vcpu.close()
+        self.put()
+
+    def check_extension(self, cap: int) -> int:
+        self._ioctl()
+        return self.kvm.extension(self, cap)
+
+    def create_guest_memfd(self, size: int, flags: int = 0) -> ModelGuestMemfd:
+        """``KVM_CREATE_GUEST_MEMFD`` (C-3, C-4, C-7..C-9)."""
+        self._ioctl()
+        supported = self.kvm.gmem_supported_flags(self)
+        if flags & ~supported:
+            raise kvm_error(
+                errno.EINVAL, "C-3", f"guest_memfd flags {flags:#x} not in supported {supported:#x}"
+            )
+        if size <= 0 or size > uapi.LOFF_MAX or size % PAGE_SIZE:
+            raise kvm_error(errno.EINVAL, "C-4", f"guest_memfd size {size:#x} is zero, negative or unaligned")
+        inode = GmemInode(self, size, flags, self.type_info.gmem_folio_order)
+        file = GmemFile(self, inode)
+        self.trace("gmem_create", ino=inode.ino, size=size, flags=flags)
+        from guestmem.model.files import ModelGuestMemfd
+
+        return ModelGuestMemfd(self.kvm, file)
+
+    def set_user_memory_region(
+        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
+    ) -> None:
+        """``KVM_SET_USER_MEMORY_REGION`` (S-2; the rest as v2)."""
+        self._ioctl()
+        v1_flags = uapi.KVM_MEM_LOG_DIRTY_PAGES | uapi.KVM_MEM_READONLY
+        if flags & ~v1_flags:
+            raise kvm_error(errno.EINVAL, "S-2", f"flags {flags:#x} not allowed in KVM_SET_USER_MEMORY_REGION")
+        self._set_region(Region(slot, flags, guest_phys_addr, memory_size, userspace_addr))
+
+    def set_user_memory_region2(
+        self,
+        slot: int,
+        flags: int,
+        guest_phys_addr: int,
+        memory_size: int,
+        userspace_addr: int = 0,
+        guest_memfd: Any = None,
+        guest_memfd_offset: int = 0,
+    ) -> None:
+        """``KVM_SET_USER_MEMORY_REGION2`` (S-3..S-16, B-1..B-11)."""
+        self._ioctl()
+        fd = self.kvm.fd_of(guest_memfd)
+        self._set_region(
+            Region(slot, flags, guest_phys_addr, memory_size, userspace_addr, guest_memfd_offset, fd)
+        )
+
+    def _set_region(self, mem: Region) -> None:
+        for name in ("slot", "flags"):
+            if not 0 <= getattr(mem, name) <= 0xFFFFFFFF:
+                raise kvm_error(errno.EINVAL, "S-1", f"{name} does not fit the u32 field")
+        for name in ("guest_phys_addr", "memory_size", "userspace_addr", "guest_memfd_offset"):
+            if not 0 <= getattr(mem, name) <= uapi.U64_MAX:
+                raise kvm_error(errno.EINVAL, "S-1", f"{name} does not fit the u64 field")
+        if mem.id >= uapi.KVM_USER_MEM_SLOTS:
+            raise kvm_error(errno.EINVAL, "S-3", f"slot id {mem.id} >= KVM_USER_MEM_SLOTS")
+        change, old = check_region(self, mem)
+        if change is Change.NONE:
+            return
+        if change is Change.DELETE:
+            assert old is not None
+            self._delete_slot(old)
+            return
+        if change in (Change.MOVE, Change.FLAGS_ONLY):
+            assert old is not None
+            self._modify_slot(old, mem, change)
+            return
+        new = Memslot(
+            as_id=mem.as_id,
+            id=mem.id,
+            base_gfn=mem.guest_phys_addr >> PAGE_SHIFT,
+            npages=mem.memory_size >> PAGE_SHIFT,
+            flags=mem.flags,
+            userspace_addr=mem.userspace_addr,
+        )
+        file: GmemFile | None = None
+        if mem.flags & uapi.KVM_MEM_GUEST_MEMFD:
+            file = self._gmem_file_for_bind(mem.guest_memfd)
+            file.bind(new, mem.guest_memfd_offset)
+        try:
+            self._prepare_memory_region(new)
+        except KvmError:
+            if file is not None:
+                file.unbind(new)
+            raise
+        self.memslots[(new.as_id, new.id)] = new
+        self._slots(new.as_id).set(new.base_gfn, new.end_gfn, new)
+        self.nr_memslot_pages += new.npages
+        self.trace("memslot_create", slot=new.id, as_id=new.as_id, gpa=new.base_gfn << PAGE_SHIFT,
+                   size=new.npages << PAGE_SHIFT, flags=new.flags)
+
+    def _gmem_file_for_bind(self, fd: int) -> GmemFile:
+        """The fd checks of ``kvm_gmem_bind`` (B-1..B-3)."""
+        obj = self.kvm.fd_lookup(fd)
+        if obj is None:
+            raise kvm_error(errno.EBADF, "B-1", f"guest_memfd {fd} is not an open file descriptor")
+        from guestmem.model.files import ModelGuestMemfd
+
+        if not isinstance(obj, ModelGuestMemfd):
+            raise kvm_error(errno.EINVAL, "B-2", f"fd {fd} is not a guest_memfd ({type(obj).__name__})")
+        if obj.file.vm is not self:
+            raise kvm_error(errno.EINVAL, "B-3", f"guest_memfd {fd} belongs to another VM")
+        return obj.file
+
+    def _prepare_memory_region(self, new: Memslot) -> None:
+        """``kvm_arch_prepare_memory_region`` for create/move (S-7 max gfn, S-16)."""
+        if new.end_gfn - 1 > self.max_gfn:
+            raise kvm_error(
+                errno.EINVAL, "S-7", f"{new.describe()} exceeds the guest physical address width"
+            )
+        if self.type_info.gmem_slot_requires_mmap and new.has_gmem and not new.gmem_only:
+            raise kvm_error(errno.EINVAL, "S-16", "a guest_memfd memslot needs a GUEST_MEMFD_FLAG_MMAP file here")
+
+    def _slots(self, as_id: int) -> RangeMap[Memslot]:
+        table = self._slot_index.get(as_id)
+        if table is None:
+            table = self._slot_index[as_id] = RangeMap()
+        return table
+
+    def _flush_slot(self, slot: Memslot) -> None:
+        """``kvm_arch_flush_shadow_memslot``: zap every leaf of *slot*."""
+        self.mmu.invalidate_begin()
+        self.mmu.unmap_gfn_range(GfnRange(slot, slot.base_gfn, slot.end_gfn))
+        self.mmu.invalidate_end()
+
+    def _delete_slot(self, slot: Memslot) -> None:
+        """S-9: invalidate, zap, free, unbind (B-8..B-10)."""
+        self._flush_slot(slot)
+        del self.memslots[(slot.as_id, slot.id)]
+        self._slots(slot.as_id).erase(slot.base_gfn, slot.end_gfn)
+        self.nr_memslot_pages -= slot.npages
+        if slot.gmem_file is not None:
+            slot.gmem_file.unbind(slot)
+        self.trace("memslot_delete", slot=slot.id, as_id=slot.as_id)
+
+    def _modify_slot(self, slot: Memslot, mem: Region, change: Change) -> None:
+        """S-13: move to a new gpa, or change LOG_DIRTY_PAGES."""
+        if change is Change.MOVE:
+            moved = Memslot(slot.as_id, slot.id, mem.guest_phys_addr >> PAGE_SHIFT, slot.npages,
+                            mem.flags, slot.userspace_addr)
+            self._prepare_memory_region(moved)
+            self._flush_slot(slot)
+            self._slots(slot.as_id).erase(slot.base_gfn, slot.end_gfn)
+            slot.base_gfn = moved.base_gfn
+            self._slots(slot.as_id).set(slot.base_gfn, slot.end_gfn, slot)
+        slot.flags = mem.flags
+        self.trace("memslot_" + change.value, slot=slot.id, as_id=slot.as_id)
+
+    def slot_overlapping(self, as_id: int, start: int, end: int, exclude_id: int = -1) -> Memslot | None:
+        """``kvm_check_memslot_overlap``: a slot of *as_id* (not *exclude_id*) in ``[start, end)``."""
+        for _, _, slot in self._slots(as_id).items(start, end):
+            if slot.id != exclude_id:
+                return slot
+        return None
+
+    def slot_for_gfn(self, gfn: int, as_id: int = 0) -> Memslot | None:
+        """``gfn_to_memslot``."""
+        return self._slots(as_id).get(gfn)
+
+    # --- attributes (2.I, 3.5) --------------------------------------------------------------
+    def supported_attributes(self) -> int:
+        """``kvm_supported_mem_attributes`` (CAP-4)."""
+        return uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE if self.has_private_mem else 0
+
+    def is_private(self, gfn: int) -> bool:
+        """``kvm_mem_is_private``."""
+        return self.has_private_mem and bool((self.attributes.get(gfn) or 0) & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+
+    def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
+        """``KVM_SET_MEMORY_ATTRIBUTES`` (A-1..A-12)."""
+        self._ioctl()
+        if not self.kvm.attributes_built(self):
+            raise kvm_error(errno.ENOTTY, "A-1", "KVM_SET_MEMORY_ATTRIBUTES is not supported by this kernel")
+        for name, value in (("address", address), ("size", size), ("attributes", attributes), ("flags", flags)):
+            if not 0 <= value <= uapi.U64_MAX:
+                raise kvm_error(errno.EINVAL, "A-2", f"{name} does not fit the u64 field")
+        if flags:
+            raise kvm_error(errno.EINVAL, "A-3", f"flags must be 0, got {flags:#x}")
+        supported = self.supported_attributes()
+        if attributes & ~supported:
+            raise kvm_error(errno.EINVAL, "A-4", f"attributes {attributes:#x} not in supported {supported:#x}")
+        if size == 0 or address + size > uapi.U64_MAX:
+            raise kvm_error(errno.EINVAL, "A-5", "size is zero or address + size wraps")
+        if address % PAGE_SIZE or size % PAGE_SIZE:
+            raise kvm_error(errno.EINVAL, "A-6", "address and size must be page aligned")
+        self._set_mem_attributes(address >> PAGE_SHIFT, (address + size) >> PAGE_SHIFT, attributes)
+
+    def _set_mem_attributes(self, start: int, end: int, attributes: int) -> None:
+        """``kvm_vm_set_mem_attributes`` (A-7..A-10, H-4)."""
+        if self.attributes.covers(start, end, attributes or None):
+            return  # A-8
+        slots = [
+            (max(s, start), min(e, end), slot)
+            for as_id in sorted(self._slot_index)
+            for s, e, slot in self._slots(as_id).items(start, end)
+        ]
+        flush = False
+        if slots:
+            self.mmu.invalidate_begin()
+        for s, e, slot in slots:
+            rng = GfnRange(slot, s, e, attributes=attributes,
+                           attr_filter=uapi.KVM_FILTER_SHARED if attributes else uapi.KVM_FILTER_PRIVATE)
+            self.mmu.invalidate_range_add(s, e)
+            flush |= self.mmu.zap(s, e)
+            flush |= any(self.hooks.pre_set_memory_attributes(vm=self, range=rng))
+        if flush:
+            self.count("remote_tlb_flushes")
+        self.attributes.set(start, end, attributes or None)
+        if slots:
+            for s, e, slot in slots:
+                self.hooks.post_set_memory_attributes(vm=self, range=GfnRange(slot, s, e, attributes=attributes))
+            self.mmu.invalidate_end()
+        self.count("set_memory_attributes")
+        self.trace("set_memory_attributes", gfn_start=start, gfn_end=end, attributes=attributes)
+
+    # --- vCPUs ---------------------------------------------------------------------------------
+    def create_vcpu(self, vcpu_id: int) -> ModelVcpu:
+        """``KVM_CREATE_VCPU``."""
+        self._ioctl()
+        from guestmem.model.vcpu import ModelVcpu
+
+        if not 0 <= vcpu_id < 4096:
+            raise kvm_error(errno.EINVAL, "", f"vcpu id {vcpu_id} out of range")
+        if vcpu_id in self.vcpus:
+            raise kvm_error(errno.EEXIST, "", f"vcpu {vcpu_id} already exists")
+        vcpu = ModelVcpu(self, vcpu_id)
+        self.vcpus[vcpu_id] = vcpu
+        return vcpu
+
+    # --- the stage-2 fault (spec 2.J, 3.3) ------------------------------------------------------
+    def page_fault(self, fault: Fault) -> int:
+        """``kvm_mmu_do_page_fault`` until it stops retrying; returns the mapped pfn.
+
+        Raises :class:`MemoryFault` (memory-fault exit), :class:`KvmError` (plain errno),
+        or ``_Emulate`` (MMIO / read-only write).
+        """
+        for _ in range(_MAX_FAULT_RETRIES):
+            pfn = self._faultin(fault)
+            if pfn is not None:
+                return pfn
+            self.count("fault_retries")
+        raise kvm_error(
+            errno.EAGAIN, "3.3", f"fault at gpa {fault.gpa:#x} kept retrying: an invalidation is in progress"
+        )
+
+    def _memory_fault(self, fault: Fault, err: int, rule: str, why: str) -> MemoryFault:
+        flags = uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE if fault.is_private else 0
+        self.count("memory_fault_exits")
+        self.trace("memory_fault_exit", gpa=fault.gfn << PAGE_SHIFT, flags=flags, errno=err, rule=rule)
+        return MemoryFault(err, fault.gfn << PAGE_SHIFT, PAGE_SIZE, flags, rule, why)
+
+    def _faultin(self, fault: Fault) -> int | None:
+        """One pass of ``kvm_mmu_faultin_pfn`` + ``is_page_fault_stale`` + map; None = retry."""
+        gfn = fault.gfn
+        mmu = self.mmu
+        fault.mmu_seq = mmu.invalidate_seq
+        if fault.is_private != self.is_private(gfn):
+            raise self._memory_fault(
+                fault, errno.EFAULT, "G-2", "access privateness differs from the gfn's attribute"
+            )
+        slot = self.slot_for_gfn(gfn)
+        fault.slot = slot
+        if slot is None:
+            if fault.is_private:
+                raise self._memory_fault(fault, errno.EFAULT, "G-4", "no memslot for a private access")
+            raise _Emulate("no memslot")
+        if mmu.retry_gfn(fault.mmu_seq, gfn):
+            return None
+        gmem_path = fault.is_private or (slot.gmem_only and self.profile.gmem_only_faults_from_gmem)
+        if gmem_path:
+            if not slot.has_gmem:
+                raise self._memory_fault(fault, errno.EFAULT, "G-5", f"{slot.describe()} has no guest_memfd")
+            try:
+                pfn, order = gmem_mod.get_pfn(self, slot, gfn)
+            except KvmError as exc:
+                raise self._memory_fault(fault, exc.errno, exc.rule, exc.strerror or "") from None
+            fault.map_writable = not slot.flags & uapi.KVM_MEM_READONLY
+            host_level = uapi.PG_LEVEL_2M if order >= uapi.PMD_ORDER else uapi.PG_LEVEL_4K
+        else:
+            if fault.write and slot.flags & uapi.KVM_MEM_READONLY:
+                raise _Emulate("write to a read-only memslot")
+            pfn, host_level = self._hva_to_pfn(slot, gfn, fault.write)
+        fault.pfn = pfn
+        if mmu.retry_gfn(fault.mmu_seq, gfn):
+            return None
+        self.hooks.fault(vm=self, fault=fault)
+        if mmu.retry_gfn(fault.mmu_seq, gfn):  # is_page_fault_stale, under mmu_lock
+            return None
+        level = self._mapping_level(fault, slot, pfn, min(host_level, fault.max_level if gmem_path else host_level),
+                                    gmem_path)
+        npages = _LEVEL_PAGES[level]
+        start = gfn & ~(npages - 1)
+        mmu.install(start, npages, pfn - (gfn - start), fault.is_private, fault.map_writable, level)
+        self.count("faults")
+        self.trace("fault", gpa=gfn << PAGE_SHIFT, pfn=pfn, private=fault.is_private, level=level,
+                   write=fault.write)
+        return pfn
+
+    def _hva_to_pfn(self, slot: Memslot, gfn: int, write: bool) -> tuple[int, int]:
+        """The hva path (G-7): resolve ``userspace_addr`` through the host's VMAs."""
+        hva = slot.gfn_to_hva(gfn)
+        vma = self.kvm.mm.find(hva)
+        if vma is None:
+            raise kvm_error(errno.EFAULT, "G-7", f"no host mapping at hva {hva:#x} for gfn {gfn:#x}")
+        page = (hva - vma.address) >> PAGE_SHIFT
+        try:
+            pfn = vma.fault(page, write)
+        except KvmError as exc:
+            raise kvm_error(errno.EFAULT, "G-7", f"host fault at hva {hva:#x} failed: {exc.strerror}") from None
+        return pfn, vma.host_level(page)
+
+    def _mapping_level(self, fault: Fault, slot: Memslot, pfn: int, max_level: int, gmem_path: bool) -> int:
+        """``kvm_mmu_max_mapping_level`` (H-1..H-3): the largest level allowed at this gfn."""
+        gfn = fault.gfn
+        for level in (uapi.PG_LEVEL_1G, uapi.PG_LEVEL_2M):
+            if level > max_level:
+                continue
+            n = _LEVEL_PAGES[level]
+            start = gfn & ~(n - 1)
+            if start < slot.base_gfn or start + n > slot.end_gfn or (pfn - gfn) % n:
+                continue
+            if self.has_private_mem and not self.attributes.covers(start, start + n, self.attributes.get(gfn)):
+                continue  # H-3: mixed frame
+            if gmem_path:
+                limit = self.hooks.max_mapping_level(vm=self, pfn=pfn, is_private=fault.is_private)
+                if limit and limit < level:
+                    continue
+            return level
+        return uapi.PG_LEVEL_4K
+
+    def mapping_level(self, gfn: int) -> int | None:
+        """Level of the stage-2 leaf mapping *gfn*, or None."""
+        found = self.mmu.lookup(gfn)
+        return None if found is None else found[1].level
+
+    def is_mapped(self, gfn: int) -> bool:
+        """True iff stage-2 has a leaf for *gfn*."""
+        return self.mmu.lookup(gfn) is not None
+
+    def zap_gfn_range(self, start: int, end: int, attr_filter: int = uapi.KVM_FILTER_PRIVATE | uapi.KVM_FILTER_SHARED) -> None:
+        """One MMU invalidation (begin, unmap, end) of ``[start, end)`` across memslots."""
+        self.mmu.invalidate_begin()
+        hit = False
+        for as_id in sorted(self._slot_index):
+            for s, e, slot in list(self._slots(as_id).items(start, end)):
+                self.mmu.unmap_gfn_range(GfnRange(slot, s, e, attr_filter=attr_filter))
+                hit = True
+        if not hit:
+            self.mmu.invalidate_range_add(start, end)
+            self.mmu.zap(start, end)
+        self.mmu.invalidate_end()
+
+    # --- gmem services for backends ---------------------------------------------------------
+    def gfn_to_gmem(self, gfn: int) -> GmemLocation | None:
+        """Memslot, inode and page index of *gfn* in guest_memfd, or None."""
+        slot = self.slot_for_gfn(gfn)
+        if slot is None or slot.gmem_file is None:
+            return None
+        return GmemLocation(slot, slot.gmem_file.inode, slot.gfn_to_index(gfn))
+
+    def gmem_pfn(self, gfn: int) -> int | None:
+        """The host pfn backing *gfn* in guest_memfd, or None if not allocated."""
+        loc = self.gfn_to_gmem(gfn)
+        return None if loc is None else loc.inode.pfn(loc.index)
+
+    def gmem_populate(self, gfn: int, src: bytes | None, npages: int, opaque: Any = None) -> int:
+        """``kvm_gmem_populate`` (P-1..P-5); returns the number of pages populated."""
+        if npages <= 0:
+            raise kvm_error(errno.EINVAL, "P-1", "npages must be positive")
+        slot = self.slot_for_gfn(gfn)
+        if slot is None or not slot.has_gmem:
+            raise kvm_error(errno.EINVAL, "P-2", f"gfn {gfn:#x} is not in a guest_memfd memslot")
+        file = slot.gmem_file
+        if file is None or file.released:
+            raise kvm_error(errno.EFAULT, "P-2", "the memslot's guest_memfd was closed")
+        npages = min(npages, slot.end_gfn - gfn)
+        inode = file.inode
+        done = 0
+        try:
+            while done < npages:
+                cur = gfn + done
+                if not self.is_private(cur):
+                    raise kvm_error(errno.EINVAL, "P-3", f"gfn {cur:#x} is not private")
+                index = slot.gfn_to_index(cur)
+                start, end, folio = inode.get_folio(index)
+                if folio.uptodate:
+                    raise kvm_error(errno.EEXIST, "P-4", f"gmem page {index:#x} is already prepared")
+                if folio.hwpoison:
+                    raise kvm_error(gmem_mod.EHWPOISON, "E-2", f"gmem page {index:#x} is hardware-poisoned")
+                n = min(end - index, npages - done)
+                chunk = None if src is None else src[done * PAGE_SIZE : (done + n) * PAGE_SIZE]
+                self.hooks.post_populate(vm=self, gfn=cur, pfn=index + folio.delta, src=chunk,
+                                         order=inode.folio_order, opaque=opaque)
+                inode.set_state(index, index + n, uptodate=True)
+                done += n
+        except KvmError:
+            if done == 0:
+                raise
+        self.count("gmem_populated_pages", done)
+        return done

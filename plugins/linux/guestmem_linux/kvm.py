@@ -1,0 +1,476 @@
+"""The uAPI face (:mod:`guestmem.api`) implemented with real ioctls on ``/dev/kvm``.
+
+Every object owns its file descriptors and releases them in ``close()`` (also on leaving a
+``with`` block).  A VM's ``close()`` also closes the vCPUs it created and unmaps their
+``kvm_run`` areas and the guest runner's memory; a guest_memfd's host mappings outlive the
+file, as in the kernel (L-6), and are released by their own ``close()``.
+
+Host loads and stores never touch a mapping directly: they go through ``/proc/self/mem``
+(``pread``/``pwrite`` at the mapping's address), where an access the kernel would answer
+with SIGBUS fails with EIO instead.  That failure is raised as
+:class:`guestmem.HostSigbus`; the process never receives the signal.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from typing import Any
+
+from guestmem import api, uapi
+from guestmem.errors import (
+    GuestExit,
+    HostSigbus,
+    InternalErrorExit,
+    KvmError,
+    MemoryFault,
+    MmioExit,
+)
+from guestmem_linux import _sys, guest
+
+DEV_KVM = "/dev/kvm"
+
+
+def _closed(what: str) -> KvmError:
+    return KvmError(errno.EBADF, f"{what} is closed")
+
+
+class LinuxHostMapping(api.HostMapping):
+    """A real host mapping: anonymous memory or a guest_memfd range.
+
+    *gmem* (size, flags, file offset) lets a SIGBUS be attributed to the spec rule that
+    produced it (M-3 beyond EOF, M-4 file not INIT_SHARED).
+    """
+
+    def __init__(self, address: int, length: int, gmem: tuple[int, int, int] | None = None) -> None:
+        self.address = address
+        self.length = length
+        self._gmem = gmem
+        self._mem: int | None = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
+
+    @property
+    def closed(self) -> bool:
+        return self._mem is None
+
+    def close(self) -> None:
+        if self._mem is None:
+            return
+        mem, self._mem = self._mem, None
+        try:
+            _sys.munmap(self.address, self.length)
+        finally:
+            os.close(mem)
+
+    def _check(self, offset: int, n: int) -> int:
+        if self._mem is None:
+            raise _closed("host mapping")
+        if offset < 0 or n < 0 or offset + n > self.length:
+            raise KvmError(
+                errno.EFAULT,
+                f"host access [{offset:#x}, {offset + n:#x}) outside the mapping of {self.length:#x} bytes",
+            )
+        return self._mem
+
+    def _sigbus(self, offset: int) -> HostSigbus:
+        address = self.address + offset
+        if self._gmem is None:
+            return HostSigbus(address, "", "host access failed")
+        size, flags, file_offset = self._gmem
+        page_offset = (file_offset + offset) & ~(uapi.PAGE_SIZE - 1)
+        if page_offset >= size:
+            return HostSigbus(address, "M-3", f"guest_memfd offset {page_offset:#x} is beyond EOF {size:#x}")
+        if not flags & uapi.GUEST_MEMFD_FLAG_INIT_SHARED:
+            return HostSigbus(address, "M-4", "guest_memfd lacks GUEST_MEMFD_FLAG_INIT_SHARED")
+        return HostSigbus(address, "M-5", "guest_memfd fault failed")
+
+    def read(self, offset: int, n: int) -> bytes:
+        mem = self._check(offset, n)
+        out = bytearray()
+        while len(out) < n:
+            try:
+                chunk = os.pread(mem, n - len(out), self.address + offset + len(out))
+            except OSError:
+                chunk = b""
+            if not chunk:
+                raise self._sigbus(offset + len(out))
+            out += chunk
+        return bytes(out)
+
+    def write(self, offset: int, data: bytes) -> None:
+        mem = self._check(offset, len(data))
+        done = 0
+        while done < len(data):
+            try:
+                count = os.pwrite(mem, data[done:], self.address + offset + done)
+            except OSError:
+                count = 0
+            if count <= 0:
+                raise self._sigbus(offset + done)
+            done += count
+
+
+class LinuxGuestMemfd(api.GuestMemfd):
+    """A guest_memfd file descriptor returned by ``KVM_CREATE_GUEST_MEMFD``."""
+
+    def __init__(self, fd: int, size: int, flags: int) -> None:
+        self._fd: int | None = fd
+        self.size = size
+        self.flags = flags
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def fileno(self) -> int:
+        if self._fd is None:
+            raise _closed("guest_memfd")
+        return self._fd
+
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        _sys.fallocate(self.fileno(), mode, offset, length)
+
+    def read(self, n: int) -> bytes:
+        try:
+            return os.read(self.fileno(), n)
+        except OSError as exc:
+            raise _sys.error(exc.errno or errno.EINVAL, "read(guest_memfd)", "F-1") from None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return os.write(self.fileno(), data)
+        except OSError as exc:
+            raise _sys.error(exc.errno or errno.EINVAL, "write(guest_memfd)", "F-1") from None
+
+    def fstat(self) -> os.stat_result:
+        return os.fstat(self.fileno())
+
+    def truncate(self, size: int) -> None:
+        try:
+            os.ftruncate(self.fileno(), size)
+        except OSError as exc:
+            raise _sys.error(exc.errno or errno.EINVAL, "ftruncate(guest_memfd)", "F-3") from None
+
+    def mmap(self, length: int, offset: int = 0, shared: bool = True) -> LinuxHostMapping:
+        flags = _sys.MAP_SHARED if shared else _sys.MAP_PRIVATE
+        address = _sys.mmap(length, _sys.PROT_READ | _sys.PROT_WRITE, flags, self.fileno(), offset)
+        return LinuxHostMapping(address, length, (self.size, self.flags, offset))
+
+
+def _fd_of(guest_memfd: Any) -> int:
+    if guest_memfd is None:
+        return 0
+    if isinstance(guest_memfd, int):
+        return guest_memfd
+    fileno = getattr(guest_memfd, "fileno", None)
+    if fileno is None:
+        raise KvmError(errno.EBADF, f"guest_memfd {guest_memfd!r} is neither an fd nor has fileno()", "B-1")
+    return int(fileno())
+
+
+class LinuxVcpu(api.Vcpu):
+    """A vCPU; :meth:`access` runs the guest program of :mod:`guestmem_linux.guest`."""
+
+    def __init__(self, vm: LinuxVm, fd: int, vcpu_id: int, run_size: int) -> None:
+        self.vcpu_id = vcpu_id
+        self._vm = vm
+        self._fd: int | None = fd
+        self._run_size = run_size
+        try:
+            self._run = _sys.mmap(run_size, _sys.PROT_READ | _sys.PROT_WRITE, _sys.MAP_SHARED, fd, 0)
+        except KvmError:
+            os.close(fd)
+            raise
+        self._sregs: bytearray | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def close(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            _sys.munmap(self._run, self._run_size)
+        finally:
+            os.close(fd)
+
+    def fileno(self) -> int:
+        if self._fd is None:
+            raise _closed("vCPU")
+        return self._fd
+
+    # --- kvm_run ------------------------------------------------------------------------
+    def _run_bytes(self, offset: int, n: int) -> bytes:
+        return ctypes.string_at(self._run + offset, n)
+
+    def _kvm_run(self) -> int:
+        """One ``KVM_RUN``; returns the exit reason, raises MemoryFault/KvmError on -1."""
+        fd = self.fileno()
+        while True:
+            try:
+                _sys.ioctl_int(fd, uapi.KVM_RUN, 0)
+            except KvmError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                err = exc.errno or errno.EIO
+                exit_reason = self._exit_reason()
+                if err in (errno.EFAULT, _sys.EHWPOISON) and exit_reason == uapi.KVM_EXIT_MEMORY_FAULT:
+                    flags, gpa, size = _sys.RUN_MEMORY_FAULT.unpack(self._run_bytes(_sys.RUN_UNION, 24))
+                    raise MemoryFault(err, gpa, size, flags, "G-3", "KVM_RUN") from None
+                raise
+            return self._exit_reason()
+
+    def _exit_reason(self) -> int:
+        (reason,) = _sys.RUN_EXIT_REASON.unpack(self._run_bytes(8, 4))
+        return int(reason)
+
+    def _complete_pending_io(self) -> None:
+        """Let KVM finish an MMIO exit (``immediate_exit``) so the next access starts clean."""
+        ctypes.memset(self._run + _sys.RUN_IMMEDIATE_EXIT, 1, 1)
+        try:
+            _sys.ioctl_int(self.fileno(), uapi.KVM_RUN, 0)
+        except KvmError as exc:
+            if exc.errno != errno.EINTR:
+                raise
+        finally:
+            ctypes.memset(self._run + _sys.RUN_IMMEDIATE_EXIT, 0, 1)
+
+    # --- the uAPI face ------------------------------------------------------------------
+    def access(
+        self,
+        gpa: int,
+        length: int = 1,
+        *,
+        write: bool = False,
+        data: bytes | None = None,
+        private: bool | None = None,
+    ) -> bytes | None:
+        """A guest load or store performed by the guest program (see :mod:`.guest`).
+
+        The real ``KVM_X86_DEFAULT_VM`` makes shared accesses only: ``private=True`` raises
+        ``KvmError(EINVAL)``; ``private=False`` is the same as ``None``.
+        """
+        if private:
+            raise KvmError(errno.EINVAL, "a KVM_X86_DEFAULT_VM guest cannot make private accesses")
+        if write:
+            if data is None:
+                raise KvmError(errno.EINVAL, "a guest store needs data")
+            length = len(data)
+        if length <= 0 or length > guest.BOUNCE_SIZE:
+            raise KvmError(
+                errno.EINVAL, f"guest access length {length:#x} outside [1, {guest.BOUNCE_SIZE:#x}]"
+            )
+        if gpa < 0 or gpa + length > guest.RUNNER_GPA:
+            raise KvmError(
+                errno.EINVAL,
+                f"gpa range [{gpa:#x}, {gpa + length:#x}) not below the runner slot at {guest.RUNNER_GPA:#x}",
+            )
+        bounce = self._vm._runner()
+        fd = self.fileno()
+        if self._sregs is None:
+            sregs = bytearray(_sys.SREGS_SIZE)
+            _sys.ioctl_buf(fd, _sys.KVM_GET_SREGS, sregs)
+            self._sregs = guest.flat_protected_sregs(sregs)
+        _sys.ioctl_buf(fd, _sys.KVM_SET_SREGS, bytearray(self._sregs))
+        if write:
+            assert data is not None
+            ctypes.memmove(bounce, data, length)
+            program = guest.regs(guest.BOUNCE_GPA, gpa, length)
+        else:
+            program = guest.regs(gpa, guest.BOUNCE_GPA, length)
+        _sys.ioctl_buf(fd, _sys.KVM_SET_REGS, program)
+        reason = self._kvm_run()
+        if reason == uapi.KVM_EXIT_IO:
+            _direction, _size, port, _count, _offset = _sys.RUN_IO.unpack(
+                self._run_bytes(_sys.RUN_UNION, _sys.RUN_IO.size)
+            )
+            if port == guest.DONE_PORT:
+                return None if write else ctypes.string_at(bounce, length)
+            raise GuestExit(f"KVM_EXIT_IO on unexpected port {port:#x}")
+        if reason == uapi.KVM_EXIT_MMIO:
+            mmio = self._run_bytes(_sys.RUN_UNION, _sys.RUN_MMIO.size)
+            phys, _data, size, is_write = _sys.RUN_MMIO.unpack(mmio)
+            self._complete_pending_io()
+            raise MmioExit(phys, size, bool(is_write))
+        if reason == uapi.KVM_EXIT_INTERNAL_ERROR:
+            internal = self._run_bytes(_sys.RUN_UNION, _sys.RUN_INTERNAL.size)
+            suberror, _ndata = _sys.RUN_INTERNAL.unpack(internal)
+            raise InternalErrorExit(suberror)
+        raise GuestExit(f"unexpected exit reason {reason} during a guest access at gpa {gpa:#x}")
+
+    def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> int:
+        buf = bytearray(_sys.PRE_FAULT.pack(_sys.u64(gpa), _sys.u64(size), _sys.u64(flags)))
+        _sys.ioctl_buf(self.fileno(), uapi.KVM_PRE_FAULT_MEMORY, buf)
+        _gpa, left, _flags = _sys.PRE_FAULT.unpack(buf)
+        return int(left)
+
+
+class LinuxVm(api.Vm):
+    """A VM file descriptor (``KVM_CREATE_VM``)."""
+
+    def __init__(self, fd: int, vm_type: int, run_size: int) -> None:
+        self._fd: int | None = fd
+        self.vm_type = vm_type
+        self._run_size = run_size
+        self._vcpus: list[LinuxVcpu] = []
+        self._runner_memory: int | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def close(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            for vcpu in self._vcpus:
+                vcpu.close()
+            self._vcpus.clear()
+            if self._runner_memory is not None:
+                memory, self._runner_memory = self._runner_memory, None
+                _sys.munmap(memory, guest.RUNNER_SIZE)
+        finally:
+            os.close(fd)
+
+    def fileno(self) -> int:
+        if self._fd is None:
+            raise _closed("VM")
+        return self._fd
+
+    def check_extension(self, cap: int) -> int:
+        return _sys.ioctl_int(self.fileno(), uapi.KVM_CHECK_EXTENSION, cap)
+
+    def create_guest_memfd(self, size: int, flags: int = 0) -> LinuxGuestMemfd:
+        buf = bytearray(_sys.CREATE_GMEM.pack(_sys.u64(size), _sys.u64(flags)))
+        fd = _sys.ioctl_buf(self.fileno(), uapi.KVM_CREATE_GUEST_MEMFD, buf)
+        return LinuxGuestMemfd(fd, size, flags)
+
+    def set_user_memory_region(
+        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
+    ) -> None:
+        buf = bytearray(
+            _sys.REGION.pack(
+                slot & 0xFFFF_FFFF,
+                flags & 0xFFFF_FFFF,
+                _sys.u64(guest_phys_addr),
+                _sys.u64(memory_size),
+                _sys.u64(userspace_addr),
+            )
+        )
+        _sys.ioctl_buf(self.fileno(), uapi.KVM_SET_USER_MEMORY_REGION, buf)
+
+    def set_user_memory_region2(  # noqa: PLR0917 - the ioctl's fields, as api.Vm
+        self,
+        slot: int,
+        flags: int,
+        guest_phys_addr: int,
+        memory_size: int,
+        userspace_addr: int = 0,
+        guest_memfd: Any = None,
+        guest_memfd_offset: int = 0,
+    ) -> None:
+        buf = bytearray(
+            _sys.REGION2.pack(
+                slot & 0xFFFF_FFFF,
+                flags & 0xFFFF_FFFF,
+                _sys.u64(guest_phys_addr),
+                _sys.u64(memory_size),
+                _sys.u64(userspace_addr),
+                _sys.u64(guest_memfd_offset),
+                _fd_of(guest_memfd) & 0xFFFF_FFFF,
+                0,
+            )
+        )
+        _sys.ioctl_buf(self.fileno(), uapi.KVM_SET_USER_MEMORY_REGION2, buf)
+
+    def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
+        buf = bytearray(
+            _sys.ATTRIBUTES.pack(_sys.u64(address), _sys.u64(size), _sys.u64(attributes), _sys.u64(flags))
+        )
+        _sys.ioctl_buf(self.fileno(), uapi.KVM_SET_MEMORY_ATTRIBUTES, buf)
+
+    def create_vcpu(self, vcpu_id: int) -> LinuxVcpu:
+        fd = _sys.ioctl_int(self.fileno(), uapi.KVM_CREATE_VCPU, vcpu_id)
+        vcpu = LinuxVcpu(self, fd, vcpu_id, self._run_size)
+        self._vcpus.append(vcpu)
+        return vcpu
+
+    def _runner(self) -> int:
+        """Install the runner slot on first use; returns the host address of the bounce buffer."""
+        if self._runner_memory is None:
+            memory = _sys.mmap(
+                guest.RUNNER_SIZE,
+                _sys.PROT_READ | _sys.PROT_WRITE,
+                _sys.MAP_PRIVATE | _sys.MAP_ANONYMOUS | _sys.MAP_NORESERVE,
+                -1,
+                0,
+            )
+            ctypes.memmove(memory, guest.CODE, len(guest.CODE))
+            try:
+                self.set_user_memory_region(guest.RUNNER_SLOT, 0, guest.RUNNER_GPA, guest.RUNNER_SIZE, memory)
+            except KvmError as exc:
+                _sys.munmap(memory, guest.RUNNER_SIZE)
+                raise KvmError(
+                    exc.errno or errno.EINVAL,
+                    f"cannot install the guest runner (slot {guest.RUNNER_SLOT}, gpa {guest.RUNNER_GPA:#x}"
+                    f"+{guest.RUNNER_SIZE:#x}; keep both free for Vcpu.access): {exc.strerror}",
+                ) from None
+            self._runner_memory = memory
+        return self._runner_memory + (guest.BOUNCE_GPA - guest.RUNNER_GPA)
+
+
+class LinuxKvm(api.Kvm):
+    """``/dev/kvm`` of the running kernel."""
+
+    backend = "linux"
+
+    def __init__(self, path: str = DEV_KVM) -> None:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            err = exc.errno or errno.ENOENT
+            raise KvmError(
+                err, f"cannot open {path} ({os.strerror(err)}): the linux backend needs a kernel with KVM"
+            ) from None
+        self._fd: int | None = fd
+        self.path = path
+        try:
+            self._run_size = _sys.ioctl_int(fd, uapi.KVM_GET_VCPU_MMAP_SIZE, 0)
+        except KvmError:
+            os.close(fd)
+            raise
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def fileno(self) -> int:
+        if self._fd is None:
+            raise _closed("/dev/kvm")
+        return self._fd
+
+    def check_extension(self, cap: int) -> int:
+        return _sys.ioctl_int(self.fileno(), uapi.KVM_CHECK_EXTENSION, cap)
+
+    def create_vm(self, vm_type: int = 0) -> LinuxVm:
+        fd = _sys.ioctl_int(self.fileno(), uapi.KVM_CREATE_VM, vm_type)
+        return LinuxVm(fd, vm_type, self._run_size)
+
+    def mmap_anonymous(self, length: int) -> LinuxHostMapping:
+        address = _sys.mmap(
+            length, _sys.PROT_READ | _sys.PROT_WRITE, _sys.MAP_SHARED | _sys.MAP_ANONYMOUS, -1, 0
+        )
+        return LinuxHostMapping(address, length)
