@@ -36,6 +36,34 @@ def _closed(what: str) -> KvmError:
     return KvmError(errno.EBADF, f"{what} is closed")
 
 
+class _FdOwner:
+    """Owns one descriptor: ``fileno()``, ``closed`` and an idempotent ``close()``."""
+
+    _what = "file"
+    _fd: int | None
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def fileno(self) -> int:
+        if self._fd is None:
+            raise _closed(self._what)
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            self._release()
+        finally:
+            os.close(fd)
+
+    def _release(self) -> None:
+        """Release what the object owns besides its descriptor (before it is closed)."""
+
+
 class LinuxHostMapping(api.HostMapping):
     """A real host mapping: anonymous memory or a guest_memfd range.
 
@@ -110,27 +138,15 @@ class LinuxHostMapping(api.HostMapping):
             done += count
 
 
-class LinuxGuestMemfd(api.GuestMemfd):
+class LinuxGuestMemfd(_FdOwner, api.GuestMemfd):
     """A guest_memfd file descriptor returned by ``KVM_CREATE_GUEST_MEMFD``."""
 
+    _what = "guest_memfd"
+
     def __init__(self, fd: int, size: int, flags: int) -> None:
-        self._fd: int | None = fd
+        self._fd = fd
         self.size = size
         self.flags = flags
-
-    @property
-    def closed(self) -> bool:
-        return self._fd is None
-
-    def close(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
-
-    def fileno(self) -> int:
-        if self._fd is None:
-            raise _closed("guest_memfd")
-        return self._fd
 
     def fallocate(self, mode: int, offset: int, length: int) -> None:
         _sys.fallocate(self.fileno(), mode, offset, length)
@@ -173,13 +189,14 @@ def _fd_of(guest_memfd: Any) -> int:
     return int(fileno())
 
 
-class LinuxVcpu(api.Vcpu):
+class LinuxVcpu(_FdOwner, api.Vcpu):
     """A vCPU; :meth:`access` runs the guest program of :mod:`guestmem_linux.guest`."""
 
     def __init__(self, vm: LinuxVm, fd: int, vcpu_id: int, run_size: int) -> None:
         self.vcpu_id = vcpu_id
         self._vm = vm
-        self._fd: int | None = fd
+        self._what = f"vCPU {vcpu_id}"
+        self._fd = fd
         self._run_size = run_size
         try:
             self._run = _sys.mmap(run_size, _sys.PROT_READ | _sys.PROT_WRITE, _sys.MAP_SHARED, fd, 0)
@@ -188,23 +205,8 @@ class LinuxVcpu(api.Vcpu):
             raise
         self._sregs: bytearray | None = None
 
-    @property
-    def closed(self) -> bool:
-        return self._fd is None
-
-    def close(self) -> None:
-        if self._fd is None:
-            return
-        fd, self._fd = self._fd, None
-        try:
-            _sys.munmap(self._run, self._run_size)
-        finally:
-            os.close(fd)
-
-    def fileno(self) -> int:
-        if self._fd is None:
-            raise _closed("vCPU")
-        return self._fd
+    def _release(self) -> None:
+        _sys.munmap(self._run, self._run_size)
 
     # --- kvm_run ------------------------------------------------------------------------
     def _run_bytes(self, offset: int, n: int) -> bytes:
@@ -312,38 +314,25 @@ class LinuxVcpu(api.Vcpu):
         return int(left)
 
 
-class LinuxVm(api.Vm):
+class LinuxVm(_FdOwner, api.Vm):
     """A VM file descriptor (``KVM_CREATE_VM``)."""
 
+    _what = "VM"
+
     def __init__(self, fd: int, vm_type: int, run_size: int) -> None:
-        self._fd: int | None = fd
+        self._fd = fd
         self.vm_type = vm_type
         self._run_size = run_size
         self._vcpus: list[LinuxVcpu] = []
         self._runner_memory: int | None = None
 
-    @property
-    def closed(self) -> bool:
-        return self._fd is None
-
-    def close(self) -> None:
-        if self._fd is None:
-            return
-        fd, self._fd = self._fd, None
-        try:
-            for vcpu in self._vcpus:
-                vcpu.close()
-            self._vcpus.clear()
-            if self._runner_memory is not None:
-                memory, self._runner_memory = self._runner_memory, None
-                _sys.munmap(memory, guest.RUNNER_SIZE)
-        finally:
-            os.close(fd)
-
-    def fileno(self) -> int:
-        if self._fd is None:
-            raise _closed("VM")
-        return self._fd
+    def _release(self) -> None:
+        for vcpu in self._vcpus:
+            vcpu.close()
+        self._vcpus.clear()
+        if self._runner_memory is not None:
+            memory, self._runner_memory = self._runner_memory, None
+            _sys.munmap(memory, guest.RUNNER_SIZE)
 
     def check_extension(self, cap: int) -> int:
         return _sys.ioctl_int(self.fileno(), uapi.KVM_CHECK_EXTENSION, cap)
@@ -427,10 +416,11 @@ class LinuxVm(api.Vm):
         return self._runner_memory + (guest.BOUNCE_GPA - guest.RUNNER_GPA)
 
 
-class LinuxKvm(api.Kvm):
+class LinuxKvm(_FdOwner, api.Kvm):
     """``/dev/kvm`` of the running kernel."""
 
     backend = "linux"
+    _what = "/dev/kvm"
 
     def __init__(self, path: str = DEV_KVM) -> None:
         try:
@@ -440,27 +430,13 @@ class LinuxKvm(api.Kvm):
             raise KvmError(
                 err, f"cannot open {path} ({os.strerror(err)}): the linux backend needs a kernel with KVM"
             ) from None
-        self._fd: int | None = fd
+        self._fd = fd
         self.path = path
         try:
             self._run_size = _sys.ioctl_int(fd, uapi.KVM_GET_VCPU_MMAP_SIZE, 0)
         except KvmError:
             os.close(fd)
             raise
-
-    @property
-    def closed(self) -> bool:
-        return self._fd is None
-
-    def close(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
-
-    def fileno(self) -> int:
-        if self._fd is None:
-            raise _closed("/dev/kvm")
-        return self._fd
 
     def check_extension(self, cap: int) -> int:
         return _sys.ioctl_int(self.fileno(), uapi.KVM_CHECK_EXTENSION, cap)
