@@ -1,0 +1,76 @@
+"""Entry point of the ``guestmem-snp`` distribution (group ``guestmem``, name ``snp``).
+
+Registers two backends that share one policy:
+
+``snp``
+    Linux 6.18 on an SEV-SNP host: gmem folios are order 0 (H-1), so every private page
+    gets a 4 KiB RMP entry.
+``snp-hugepage``
+    The same host with the (unmerged) hugepage guest_memfd series: order-9 folios, so
+    ``sev_gmem_prepare`` can create 2 MiB RMP entries.  Opt-in, never the default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from guestmem import Backend, VmTypeInfo, hookimpl, uapi
+from guestmem_snp.policy import SnpPolicy
+
+SEV_VM = VmTypeInfo(
+    type=uapi.KVM_X86_SEV_VM,
+    name="KVM_X86_SEV_VM",
+    has_private_mem=False,
+    readonly_mem=True,
+    pre_fault_allowed=True,
+    nr_memslot_as_ids=2,
+)
+SEV_ES_VM = VmTypeInfo(
+    type=uapi.KVM_X86_SEV_ES_VM,
+    name="KVM_X86_SEV_ES_VM",
+    has_private_mem=False,
+    readonly_mem=False,  # has_protected_state (S-4)
+    pre_fault_allowed=True,
+    nr_memslot_as_ids=2,
+)
+SNP_VM = VmTypeInfo(
+    type=uapi.KVM_X86_SNP_VM,
+    name="KVM_X86_SNP_VM",
+    has_private_mem=True,  # CAP-5; CAP-3: no INIT_SHARED
+    readonly_mem=False,
+    pre_fault_allowed=False,  # PF-2
+    nr_memslot_as_ids=1,
+    gmem_folio_order=0,  # H-1
+)
+SNP_VM_HUGEPAGE = attrs.evolve(SNP_VM, gmem_folio_order=uapi.PMD_ORDER)
+
+POLICY = SnpPolicy()
+
+# Backend.vm_types has ``converter=tuple``, which mypy cannot type through: hand it Any.
+_SNP_TYPES: Any = (SEV_VM, SEV_ES_VM, SNP_VM)
+_SNP_HUGEPAGE_TYPES: Any = (SEV_VM, SEV_ES_VM, SNP_VM_HUGEPAGE)
+
+BACKENDS = (
+    Backend(
+        name="snp",
+        summary="AMD SEV-SNP host (Linux 6.18): RMP, ASIDs, launch, PVALIDATE, page-state changes",
+        vm_types=_SNP_TYPES,
+        policy=POLICY,
+    ),
+    Backend(
+        name="snp-hugepage",
+        summary="AMD SEV-SNP host with hugepage guest_memfd (order-9 folios, 2 MiB RMP entries; unmerged)",
+        vm_types=_SNP_HUGEPAGE_TYPES,
+        policy=POLICY,
+    ),
+)
+
+
+@hookimpl
+def guestmem_register_backends(register: Callable[[Backend], None]) -> None:
+    """Register ``snp`` and ``snp-hugepage``."""
+    for backend in BACKENDS:
+        register(backend)
