@@ -1,0 +1,507 @@
+"""The pKVM ownership tables on their own (backends.md 3.2), no guestmem core model needed.
+
+Each legal transition is checked for its new states on both components; each illegal one
+for the hypervisor's errno and for leaving every table exactly as it was.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from guestmem_pkvm.ownership import (
+    GUEST_TABLE,
+    HANDLE_OFFSET,
+    HOST_OWNED,
+    HOST_TABLE,
+    HYP_TABLE,
+    PAGE_SIZE,
+    PMD_NR_PAGES,
+    Component,
+    GuestPage,
+    HostPage,
+    HypError,
+    Hypervisor,
+    HypVm,
+    PageState,
+)
+
+PFN = 0x8000
+GFN = 0x40
+
+
+class Memory:
+    """Host pages as a dict; every page starts filled with 0xAA so zeroing shows."""
+
+    def __init__(self) -> None:
+        self.pages: dict[int, bytearray] = {}
+        self.zeroed: list[tuple[int, int]] = []
+
+    def page(self, pfn: int) -> bytearray:
+        return self.pages.setdefault(pfn, bytearray(b"\xaa" * PAGE_SIZE))
+
+    def zero(self, pfn: int, npages: int) -> None:
+        self.zeroed.append((pfn, npages))
+        for p in range(pfn, pfn + npages):
+            self.pages[p] = bytearray(PAGE_SIZE)
+
+    def write(self, pfn: int, offset: int, data: bytes) -> None:
+        self.page(pfn)[offset : offset + len(data)] = data
+
+
+@pytest.fixture
+def mem() -> Memory:
+    return Memory()
+
+
+@pytest.fixture
+def events() -> list[tuple[str, int, int, Any, Any]]:
+    return []
+
+
+@pytest.fixture
+def hyp(mem: Memory, events: list[tuple[str, int, int, Any, Any]]) -> Hypervisor:
+    return Hypervisor(zero=mem.zero, write=mem.write, listener=lambda *a: events.append(a))
+
+
+@pytest.fixture
+def pvm(hyp: Hypervisor) -> HypVm:
+    return hyp.init_vm(protected=True)
+
+
+@pytest.fixture
+def npvm(hyp: Hypervisor) -> HypVm:
+    return hyp.init_vm(protected=False)
+
+
+def snapshot(hyp: Hypervisor) -> tuple[Any, ...]:
+    return (
+        hyp.host.copy(),
+        hyp.hyp.copy(),
+        tuple((vm.handle, vm.guest.copy(), vm.dying) for vm in hyp.vm_table if vm is not None),
+    )
+
+
+def refused(hyp: Hypervisor, err: int, call: Callable[[], object]) -> HypError:
+    """*call* fails with *err* and leaves every table untouched (no half-applied change)."""
+    before = snapshot(hyp)
+    with pytest.raises(HypError) as info:
+        call()
+    assert info.value.errno == err, info.value
+    assert snapshot(hyp) == before
+    return info.value
+
+
+def host(hyp: Hypervisor, pfn: int = PFN) -> PageState:
+    return hyp.host_state(pfn).state
+
+
+def guest(vm: HypVm, gfn: int = GFN) -> PageState:
+    return vm.state(gfn).state
+
+
+# --- identity (3.1) ---------------------------------------------------------------------------
+def test_handles_and_vmids_follow_the_vm_table_slot_3_1(hyp: Hypervisor) -> None:
+    a, b = hyp.init_vm(protected=True), hyp.init_vm(protected=False)
+    assert (a.handle, a.vmid) == (HANDLE_OFFSET, 1)  # VMID 0 is the host's
+    assert (b.handle, b.vmid) == (HANDLE_OFFSET + 1, 2)
+    assert hyp.vm(b.handle) is b
+    hyp.start_teardown_vm(a)
+    hyp.finalize_teardown_vm(a)
+    with pytest.raises(HypError) as info:
+        hyp.vm(a.handle)
+    assert info.value.errno == errno.ENOENT
+    c = hyp.init_vm(protected=True)
+    assert (c.handle, c.vmid) == (HANDLE_OFFSET, 1)  # the freed slot is reused
+
+
+def test_vm_table_full_is_enomem_3_1() -> None:
+    hyp = Hypervisor(max_vms=2)
+    hyp.init_vm(protected=True)
+    hyp.init_vm(protected=True)
+    with pytest.raises(HypError) as info:
+        hyp.init_vm(protected=True)
+    assert info.value.errno == errno.ENOMEM
+
+
+# --- host -> protected guest donation ---------------------------------------------------------
+def test_donate_host_owned_to_guest_3_2(hyp: Hypervisor, pvm: HypVm, mem: Memory) -> None:
+    mem.write(PFN, 0, b"kernel image")
+    hyp.host_donate_guest(pvm, PFN, GFN)
+    entry = hyp.host_state(PFN)
+    assert entry == HostPage(PageState.NOPAGE, Component.GUEST, pvm.handle, PFN - GFN)
+    assert entry.gfn(PFN) == GFN
+    assert pvm.state(GFN) == GuestPage(PageState.OWNED, PFN - GFN)
+    assert not hyp.host_accessible(PFN)
+    assert bytes(mem.page(PFN)[:12]) == b"kernel image"  # donation keeps contents, no copy
+    assert pvm.counters["donations"] == 1
+    assert pvm.counters["host_stage2_unmap"] == 1
+    assert pvm.counters["stage2_map"] == 1
+
+
+def test_donate_a_level2_block_3_2(hyp: Hypervisor, pvm: HypVm) -> None:
+    hyp.host_donate_guest(pvm, PFN, 0x200, PMD_NR_PAGES)
+    assert len(hyp.host) == 1 and len(pvm.guest) == 1  # one range each, not 512 entries
+    assert guest(pvm, 0x200 + 511) == PageState.OWNED
+    assert pvm.state(0x3FF).pfn(0x3FF) == PFN + 511
+
+
+@pytest.mark.parametrize(
+    ("pfn", "gfn", "nr"),
+    [(PFN, GFN, 2), (PFN, GFN, 0), (PFN + 1, 0x200, PMD_NR_PAGES), (PFN, 0x201, PMD_NR_PAGES)],
+)
+def test_donate_bad_size_is_einval_3_2(hyp: Hypervisor, pvm: HypVm, pfn: int, gfn: int, nr: int) -> None:
+    refused(hyp, errno.EINVAL, lambda: hyp.host_donate_guest(pvm, pfn, gfn, nr))
+
+
+def test_donate_twice_is_eperm_3_2(hyp: Hypervisor, pvm: HypVm) -> None:
+    hyp.host_donate_guest(pvm, PFN, GFN)
+    refused(hyp, errno.EPERM, lambda: hyp.host_donate_guest(pvm, PFN, GFN + 1))  # host not OWNED
+    refused(hyp, errno.EPERM, lambda: hyp.host_donate_guest(pvm, PFN + 1, GFN))  # guest not NOPAGE
+
+
+def test_donate_page_shared_with_hyp_or_np_guest_is_eperm_3_2(
+    hyp: Hypervisor, pvm: HypVm, npvm: HypVm
+) -> None:
+    hyp.host_share_hyp(PFN)
+    refused(hyp, errno.EPERM, lambda: hyp.host_donate_guest(pvm, PFN, GFN))
+    hyp.host_share_guest(npvm, PFN + 1, GFN)
+    refused(hyp, errno.EPERM, lambda: hyp.host_donate_guest(pvm, PFN + 1, GFN))
+
+
+def test_donate_to_dying_vm_is_eperm_3_1(hyp: Hypervisor, pvm: HypVm) -> None:
+    hyp.start_teardown_vm(pvm)
+    refused(hyp, errno.EPERM, lambda: hyp.host_donate_guest(pvm, PFN, GFN))
+
+
+def test_donate_block_over_partly_owned_range_is_eperm_and_atomic_3_2(hyp: Hypervisor, pvm: HypVm) -> None:
+    other = hyp.init_vm(protected=True)
+    hyp.host_donate_guest(other, PFN + 100, GFN)
+    refused(hyp, errno.EPERM, lambda: hyp.host_donate_guest(pvm, PFN, 0x200, PMD_NR_PAGES))
+
+
+# --- guest share / unshare (MEM_SHARE / MEM_UNSHARE) -------------------------------------------
+def test_share_then_unshare_in_place_3_3(hyp: Hypervisor, pvm: HypVm, mem: Memory) -> None:
+    hyp.host_donate_guest(pvm, PFN, GFN)
+    mem.write(PFN, 0, b"guest data")
+    assert hyp.guest_share_host(pvm, GFN) == 1
+    assert (guest(pvm), host(hyp)) == (PageState.SHARED_OWNED, PageState.SHARED_BORROWED)
+    assert hyp.host_accessible(PFN)
+    assert pvm.state(GFN).pfn(GFN) == PFN  # same page: conversion in place
+    assert hyp.guest_unshare_host(pvm, GFN) == 1
+    assert (guest(pvm), host(hyp)) == (PageState.OWNED, PageState.NOPAGE)
+    assert hyp.host_state(PFN).owner == Component.GUEST  # re-annotated to the guest
+    assert bytes(mem.page(PFN)[:10]) == b"guest data"
+    assert mem.zeroed == []
+
+
+def test_share_a_range_3_3(hyp: Hypervisor, pvm: HypVm) -> None:
+    hyp.host_donate_guest(pvm, PFN, 0x200, PMD_NR_PAGES)
+    assert hyp.guest_share_host(pvm, 0x210, 16) == 16
+    assert [(s - 0x200, e - 0x200, p.state) for s, e, p in pvm.guest.items()] == [
+        (0, 0x10, PageState.OWNED),
+        (0x10, 0x20, PageState.SHARED_OWNED),
+        (0x20, 0x200, PageState.OWNED),
+    ]
+    assert host(hyp, PFN + 0x10) == PageState.SHARED_BORROWED
+    assert host(hyp, PFN + 0x20) == PageState.NOPAGE
+
+
+def test_share_unmapped_gfn_is_enoent_3_2(hyp: Hypervisor, pvm: HypVm) -> None:
+    refused(hyp, errno.ENOENT, lambda: hyp.guest_share_host(pvm, GFN))
+
+
+def test_share_twice_is_eperm_3_2(hyp: Hypervisor, pvm: HypVm) -> None:
+    hyp.host_donate_guest(pvm, PFN, GFN)
+    hyp.guest_share_host(pvm, GFN)
+    refused(hyp, errno.EPERM, lambda: hyp.guest_share_host(pvm, GFN))
+
+
+def test_share_range_of_mixed_states_is_refused_3_2(hyp: Hypervisor, pvm: HypVm) -> None:
+    hyp.host_donate_guest(pvm, PFN, GFN)
+    hyp.host_donate_guest(pvm, PFN + 1, GFN + 1)  # contiguous: merges
+    hyp.guest_share_host(pvm, GFN + 1)
+    refused(hyp, errno.EINVAL, lambda: hyp.guest_share_host(pvm, GFN, 2))
+
+
+def test_share_physically_discontiguous_range_is_einval_3_2(hyp: Hypervisor, pvm: HypVm) -> None:
+    hyp.host_donate_guest(pvm, PFN, GFN)
+    hyp.host_donate_guest(pvm, PFN + 7, GFN + 1)
+    refused(hyp, errno.EINVAL, lambda: hyp.guest_share_host(pvm, GFN, 2))
+
+
+def test_unshare_owned_page_is_eperm_3_2(hyp: Hypervisor, pvm: HypVm) -> None:
+    hyp.host_donate_guest(pvm, PFN, GFN)
+    refused(hyp, errno.EPERM, lambda: hyp.guest_unshare_host(pvm, GFN))
+
+
+def test_unshare_unmapped_gfn_is_enoent_3_2(hyp: Hypervisor, pvm: HypVm) -> None:
+    refused(hyp, errno.ENOENT, lambda: hyp.guest_unshare_host(pvm, GFN))
+
+
+def test_share_when_host_annotation_disagrees_is_eperm_3_2(hyp: Hypervisor, pvm: HypVm) -> None:
+    hyp.host_donate_guest(pvm, PFN, GFN)
+    # Corrupt the host side: the guest's PTE says OWNED but the host table says otherwise.
+    hyp.host.set(PFN, PFN + 1, HostPage(PageState.NOPAGE, Component.HYP))
+    refused(hyp, errno.EPERM, lambda: hyp.guest_share_host(pvm, GFN))
+
+
+def test_unshare_when_host_not_borrowing_is_eperm_3_2(hyp: Hypervisor, pvm: HypVm) -> None:
+    hyp.host_donate_guest(pvm, PFN, GFN)
+    hyp.guest_share_host(pvm, GFN)
+    hyp.host.set(PFN, PFN + 1, HostPage(PageState.NOPAGE, Component.GUEST, pvm.handle, PFN - GFN))
+    refused(hyp, errno.EPERM, lambda: hyp.guest_unshare_host(pvm, GFN))
+
+
+# --- relinquish -----------------------------------------------------------------------------
+def test_relinquish_owned_page_zeroes_and_returns_it_early_3_2(
+    hyp: Hypervisor, pvm: HypVm, mem: Memory
+) -> None:
+    hyp.host_donate_guest(pvm, PFN, GFN)
+    mem.write(PFN, 0, b"secret")
+    assert hyp.guest_relinquish_to_host(pvm, GFN) == PFN
+    assert (guest(pvm), hyp.host_state(PFN)) == (PageState.NOPAGE, HOST_OWNED)
+    assert mem.zeroed == [(PFN, 1)]
+    assert bytes(mem.page(PFN)) == bytes(PAGE_SIZE)
+    assert pvm.counters["zeroed_bytes"] == PAGE_SIZE
+    assert pvm.counters["relinquished_pages"] == 1
+
+
+def test_relinquish_unmapped_gfn_is_a_noop_3_2(hyp: Hypervisor, pvm: HypVm) -> None:
+    before = snapshot(hyp)
+    assert hyp.guest_relinquish_to_host(pvm, GFN) is None
+    assert snapshot(hyp) == before
+
+
+def test_relinquish_shared_page_is_eperm_3_2(hyp: Hypervisor, pvm: HypVm) -> None:
+    # Android's relinquish walker expects OWNED for protected guests (spec 3.2 also lists
+    # SHARED_OWNED; the source refuses it).
+    hyp.host_donate_guest(pvm, PFN, GFN)
+    hyp.guest_share_host(pvm, GFN)
+    refused(hyp, errno.EPERM, lambda: hyp.guest_relinquish_to_host(pvm, GFN))
+
+
+def test_relinquish_of_non_protected_vm_does_nothing_3_2(hyp: Hypervisor, npvm: HypVm) -> None:
+    hyp.host_share_guest(npvm, PFN, GFN)
+    before = snapshot(hyp)
+    assert hyp.guest_relinquish_to_host(npvm, GFN) is None
+    assert snapshot(hyp) == before
+
+
+# --- host <-> non-protected guest ------------------------------------------------------------
+def test_host_share_guest_counts_sharers_3_2(hyp: Hypervisor, npvm: HypVm) -> None:
+    other = hyp.init_vm(protected=False)
+    hyp.host_share_guest(npvm, PFN, GFN)
+    assert hyp.host_state(PFN) == HostPage(PageState.SHARED_OWNED, share_count=1)
+    assert guest(npvm) == PageState.SHARED_BORROWED
+    assert hyp.host_accessible(PFN)
+    hyp.host_share_guest(other, PFN, GFN + 5)
+    assert hyp.host_state(PFN).share_count == 2
+    hyp.host_unshare_guest(npvm, GFN)
+    assert hyp.host_state(PFN).share_count == 1
+    assert guest(npvm) == PageState.NOPAGE
+    hyp.host_unshare_guest(other, GFN + 5)
+    assert hyp.host_state(PFN) == HOST_OWNED
+    assert len(hyp.host) == 0
+
+
+def test_host_share_guest_block_3_2(hyp: Hypervisor, npvm: HypVm) -> None:
+    hyp.host_share_guest(npvm, PFN, 0x200, PMD_NR_PAGES)
+    assert len(npvm.guest) == 1
+    hyp.host_unshare_guest(npvm, 0x200, PMD_NR_PAGES)
+    assert len(hyp.host) == 0 and len(npvm.guest) == 0
+
+
+def test_host_share_guest_illegal_3_2(hyp: Hypervisor, npvm: HypVm, pvm: HypVm) -> None:
+    refused(hyp, errno.EPERM, lambda: hyp.host_share_guest(pvm, PFN, GFN))  # pVMs get donations
+    hyp.host_share_guest(npvm, PFN, GFN)
+    refused(hyp, errno.EPERM, lambda: hyp.host_share_guest(npvm, PFN + 1, GFN))  # gfn taken
+    hyp.host_share_hyp(PFN + 2)
+    refused(hyp, errno.EPERM, lambda: hyp.host_share_guest(npvm, PFN + 2, GFN + 2))  # shared with hyp
+    hyp.host_donate_guest(pvm, PFN + 3, GFN)
+    refused(hyp, errno.EPERM, lambda: hyp.host_share_guest(npvm, PFN + 3, GFN + 3))  # donated
+    refused(hyp, errno.EINVAL, lambda: hyp.host_share_guest(npvm, PFN + 4, GFN + 4, 3))
+
+
+def test_host_unshare_guest_illegal_3_2(hyp: Hypervisor, npvm: HypVm, pvm: HypVm) -> None:
+    refused(hyp, errno.ENOENT, lambda: hyp.host_unshare_guest(npvm, GFN))
+    hyp.host_donate_guest(pvm, PFN, GFN)
+    refused(hyp, errno.EPERM, lambda: hyp.host_unshare_guest(pvm, GFN))  # guest OWNED
+
+
+# --- host <-> hypervisor --------------------------------------------------------------------
+def test_host_hyp_share_and_donate_round_trips_3_2(hyp: Hypervisor) -> None:
+    hyp.host_share_hyp(PFN)
+    assert (host(hyp), hyp.hyp_state(PFN)) == (PageState.SHARED_OWNED, PageState.SHARED_BORROWED)
+    hyp.host_unshare_hyp(PFN)
+    assert (hyp.host_state(PFN), hyp.hyp_state(PFN)) == (HOST_OWNED, PageState.NOPAGE)
+    hyp.host_donate_hyp(PFN, 4)
+    assert (host(hyp, PFN + 3), hyp.hyp_state(PFN + 3)) == (PageState.NOPAGE, PageState.OWNED)
+    assert hyp.host_state(PFN).owner == Component.HYP
+    hyp.hyp_donate_host(PFN, 4)
+    assert len(hyp.host) == 0 and len(hyp.hyp) == 0
+
+
+def test_host_hyp_selftest_matrix_3_2(hyp: Hypervisor) -> None:
+    """The refusals of ``pkvm_ownership_selftest()`` for the host/hyp pair."""
+    # Host OWNED, hyp NOPAGE.
+    refused(hyp, errno.EPERM, lambda: hyp.host_unshare_hyp(PFN))
+    refused(hyp, errno.EPERM, lambda: hyp.hyp_donate_host(PFN))
+    # Donated to hyp.
+    hyp.host_donate_hyp(PFN)
+    refused(hyp, errno.EPERM, lambda: hyp.host_donate_hyp(PFN))
+    refused(hyp, errno.EPERM, lambda: hyp.host_share_hyp(PFN))
+    refused(hyp, errno.EPERM, lambda: hyp.host_unshare_hyp(PFN))
+    hyp.hyp_donate_host(PFN)
+    # Shared with hyp.
+    hyp.host_share_hyp(PFN)
+    refused(hyp, errno.EPERM, lambda: hyp.host_share_hyp(PFN))
+    refused(hyp, errno.EPERM, lambda: hyp.host_donate_hyp(PFN))
+    refused(hyp, errno.EPERM, lambda: hyp.hyp_donate_host(PFN))
+
+
+# --- reclaim --------------------------------------------------------------------------------
+def test_reclaim_needs_a_dying_vm_3_6(hyp: Hypervisor, pvm: HypVm) -> None:
+    hyp.host_donate_guest(pvm, PFN, GFN)
+    refused(hyp, errno.EPERM, lambda: hyp.host_reclaim_page_guest(pvm, GFN))
+
+
+def test_reclaim_owned_page_is_zeroed_shared_page_is_not_3_6(
+    hyp: Hypervisor, pvm: HypVm, mem: Memory
+) -> None:
+    hyp.host_donate_guest(pvm, PFN, GFN)
+    hyp.host_donate_guest(pvm, PFN + 1, GFN + 1)
+    hyp.guest_share_host(pvm, GFN + 1)
+    mem.write(PFN, 0, b"private")
+    mem.write(PFN + 1, 0, b"shared")
+    hyp.start_teardown_vm(pvm)
+    refused(hyp, errno.EBUSY, lambda: hyp.finalize_teardown_vm(pvm))  # pages left
+    assert hyp.host_reclaim_page_guest(pvm, GFN) == PFN
+    assert hyp.host_reclaim_page_guest(pvm, GFN + 1) == PFN + 1
+    assert mem.zeroed == [(PFN, 1)]
+    assert bytes(mem.page(PFN)) == bytes(PAGE_SIZE)
+    assert bytes(mem.page(PFN + 1)[:6]) == b"shared"
+    assert len(hyp.host) == 0 and len(pvm.guest) == 0
+    assert pvm.counters["reclaims"] == 2
+    assert pvm.counters["zeroed_bytes"] == PAGE_SIZE
+    hyp.finalize_teardown_vm(pvm)
+
+
+def test_reclaim_illegal_3_6(hyp: Hypervisor, pvm: HypVm) -> None:
+    hyp.host_donate_guest(pvm, PFN, GFN)
+    hyp.host_donate_guest(pvm, PFN + 1, GFN + 1)
+    hyp.guest_share_host(pvm, GFN + 1)
+    # The host no longer borrows the shared page (e.g. lent on over FF-A): EBUSY.
+    hyp.host.set(PFN + 1, PFN + 2, HostPage(PageState.NOPAGE, Component.HYP))
+    hyp.start_teardown_vm(pvm)
+    refused(hyp, errno.ENOENT, lambda: hyp.host_reclaim_page_guest(pvm, GFN + 9))
+    refused(hyp, errno.EBUSY, lambda: hyp.host_reclaim_page_guest(pvm, GFN + 1))
+    refused(hyp, errno.EINVAL, lambda: hyp.host_reclaim_page_guest(pvm, GFN, 2))
+
+
+def test_reclaim_np_guest_page_unshares_3_6(hyp: Hypervisor, npvm: HypVm, mem: Memory) -> None:
+    hyp.host_share_guest(npvm, PFN, GFN)
+    hyp.start_teardown_vm(npvm)
+    hyp.host_reclaim_page_guest(npvm, GFN)
+    assert hyp.host_state(PFN) == HOST_OWNED and mem.zeroed == []
+
+
+def test_force_reclaim_poisons_the_guest_pte_3_2(hyp: Hypervisor, pvm: HypVm, mem: Memory) -> None:
+    hyp.host_donate_guest(pvm, PFN, GFN)
+    assert hyp.host_force_reclaim_page_guest(pvm, GFN) == PFN
+    assert guest(pvm) == PageState.POISON
+    assert hyp.host_state(PFN) == HOST_OWNED and mem.zeroed == [(PFN, 1)]
+    refused(hyp, errno.EPERM, lambda: hyp.host_force_reclaim_page_guest(pvm, GFN))
+    refused(hyp, errno.ENOENT, lambda: hyp.guest_share_host(pvm, GFN))  # invalid PTE
+    refused(hyp, errno.EPERM, lambda: hyp.host_donate_guest(pvm, PFN + 1, GFN))
+    refused(hyp, errno.ENOENT, lambda: hyp.host_force_reclaim_page_guest(pvm, GFN + 1))
+    hyp.start_teardown_vm(pvm)
+    hyp.finalize_teardown_vm(pvm)  # a poisoned PTE holds no page
+
+
+def test_finalize_without_start_is_eperm_3_1(hyp: Hypervisor, pvm: HypVm) -> None:
+    refused(hyp, errno.EPERM, lambda: hyp.finalize_teardown_vm(pvm))
+
+
+# --- pvmfw (3.4) ------------------------------------------------------------------------------
+def test_pvmfw_is_loaded_by_the_hypervisor_at_donation_3_4(hyp: Hypervisor, pvm: HypVm, mem: Memory) -> None:
+    image = b"F" * (PAGE_SIZE + 10)
+    hyp.set_pvmfw(pvm, 0x100 * PAGE_SIZE, image)
+    hyp.host_donate_guest(pvm, PFN, 0x101)
+    assert bytes(mem.page(PFN)[:10]) == b"F" * 10
+    assert bytes(mem.page(PFN)[10:20]) == bytes(10)  # padded with zeros
+    hyp.host_donate_guest(pvm, PFN + 1, GFN)  # outside the image: untouched
+    assert bytes(mem.page(PFN + 1)[:4]) == b"\xaa" * 4
+    assert pvm.counters["pvmfw_bytes"] == PAGE_SIZE
+
+
+def test_pvmfw_illegal_3_4(hyp: Hypervisor, pvm: HypVm, npvm: HypVm) -> None:
+    refused(hyp, errno.EINVAL, lambda: hyp.set_pvmfw(npvm, 0, b"x"))
+    refused(hyp, errno.EINVAL, lambda: hyp.set_pvmfw(pvm, 0x10, b"x"))
+    refused(hyp, errno.EINVAL, lambda: hyp.set_pvmfw(pvm, 0, b""))
+    hyp.host_donate_guest(pvm, PFN, 0)
+    with pytest.raises(HypError) as info:
+        hyp.set_pvmfw(pvm, 0, b"x")
+    assert info.value.errno == errno.EBUSY
+
+
+# --- listener ------------------------------------------------------------------------------
+def test_every_table_change_is_reported_3_2(
+    hyp: Hypervisor, pvm: HypVm, events: list[tuple[str, int, int, Any, Any]]
+) -> None:
+    hyp.host_donate_guest(pvm, PFN, GFN)
+    hyp.guest_share_host(pvm, GFN)
+    tables = [(t, pfn, n, old.state, new.state) for t, pfn, n, old, new in events]
+    assert tables == [
+        (HOST_TABLE, PFN, 1, PageState.OWNED, PageState.NOPAGE),
+        (GUEST_TABLE, PFN, 1, PageState.NOPAGE, PageState.OWNED),
+        (HOST_TABLE, PFN, 1, PageState.NOPAGE, PageState.SHARED_BORROWED),
+        (GUEST_TABLE, PFN, 1, PageState.OWNED, PageState.SHARED_OWNED),
+    ]
+    events.clear()
+    hyp.host_share_hyp(PFN + 1)
+    assert [e[0] for e in events] == [HOST_TABLE, HYP_TABLE]
+
+
+# --- property: a random walk keeps host and guest views consistent --------------------------
+OPS = st.lists(
+    st.tuples(st.sampled_from(["donate", "share", "unshare", "relinquish", "force"]), st.integers(0, 7)),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(OPS)
+def test_host_and_guest_views_agree_after_any_sequence_3_2(ops: list[tuple[str, int]]) -> None:
+    mem = Memory()
+    hyp = Hypervisor(zero=mem.zero)
+    vm = hyp.init_vm(protected=True)
+    calls: dict[str, Callable[[int], object]] = {
+        "donate": lambda i: hyp.host_donate_guest(vm, PFN + i, GFN + i),
+        "share": lambda i: hyp.guest_share_host(vm, GFN + i),
+        "unshare": lambda i: hyp.guest_unshare_host(vm, GFN + i),
+        "relinquish": lambda i: hyp.guest_relinquish_to_host(vm, GFN + i),
+        "force": lambda i: hyp.host_force_reclaim_page_guest(vm, GFN + i),
+    }
+    for name, i in ops:
+        before = snapshot(hyp)
+        try:
+            calls[name](i)
+        except HypError:
+            assert snapshot(hyp) == before
+    for i in range(8):
+        g, h = vm.state(GFN + i), hyp.host_state(PFN + i)
+        expected = {
+            PageState.OWNED: PageState.NOPAGE,
+            PageState.SHARED_OWNED: PageState.SHARED_BORROWED,
+            PageState.NOPAGE: PageState.OWNED,
+            PageState.POISON: PageState.OWNED,
+        }[g.state]
+        assert h.state == expected
+        # The host may touch exactly the pages the guest does not own privately.
+        assert hyp.host_accessible(PFN + i) == (g.state != PageState.OWNED)
