@@ -49,6 +49,7 @@ __all__ = [
     "Vm",
     "VmTypeInfo",
     "backends",
+    "get_registry",
     "hookimpl",
     "open",
     "uapi",

@@ -23,8 +23,9 @@ class KvmError(OSError):
 
     def __init__(self, err: int, message: str, rule: str = "") -> None:
         self.rule = rule
+        self.detail = message
         text = f"[{rule}] {message}" if rule else message
-        super().__init__(err, f"{_errno.errorcode.get(err, str(err))}: {text}")
+        super().__init__(err, f"{errno_name(err)}: {text}")
 
 
 def kvm_error(err: int, rule: str, message: str) -> KvmError:
@@ -67,7 +68,7 @@ class HostSigbus(KvmError):
         super().__init__(_errno.EFAULT, f"SIGBUS at host address {address:#x}: {why}", rule)
 
 
-class GuestExit(Exception):  # noqa: N818 - a guest exit is not an error of the caller
+class GuestExit(Exception):
     """``KVM_RUN`` returned 0 with an exit the access could not complete through."""
 
     exit_reason: int = uapi.KVM_EXIT_UNKNOWN
@@ -117,10 +118,16 @@ class PluginError(RuntimeError):
     """A plugin failed validation at load; the message names its distribution."""
 
 
-def strerror(err: int) -> str:
-    """``os.strerror`` with the symbolic name first, e.g. ``EINVAL (Invalid argument)``."""
-    return f"{_errno.errorcode.get(err, str(err))} ({os.strerror(err)})"
-
-
 EHWPOISON = getattr(_errno, "EHWPOISON", 133)
 EOPNOTSUPP = _errno.EOPNOTSUPP
+_NAMES = {**_errno.errorcode, EHWPOISON: "EHWPOISON", EOPNOTSUPP: "EOPNOTSUPP"}
+
+
+def errno_name(err: int) -> str:
+    """The symbolic name of *err* (``EINVAL``), or the number as text."""
+    return _NAMES.get(err, str(err))
+
+
+def strerror(err: int) -> str:
+    """``os.strerror`` with the symbolic name first, e.g. ``EINVAL (Invalid argument)``."""
+    return f"{errno_name(err)} ({os.strerror(err)})"

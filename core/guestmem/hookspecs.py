@@ -197,9 +197,7 @@ def guestmem_hypercall(vcpu: ModelVcpu, nr: int, args: tuple[int, ...]) -> int |
 
 # --- observers -------------------------------------------------------------------------
 @hookspec
-def guestmem_ownership_update(
-    vm: ModelVm, table: str, pfn: int, npages: int, old: Any, new: Any
-) -> None:
+def guestmem_ownership_update(vm: ModelVm, table: str, pfn: int, npages: int, old: Any, new: Any) -> None:
     """A backend changed its hardware ownership table (RMP, Secure-EPT, pKVM stage-2...).
 
     Backends call :meth:`ModelVm.ownership_update`, which fans this out to observers

@@ -38,6 +38,8 @@ class RangeMap(Generic[V]):
         other._map = self._map.copy()
         return other
 
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RangeMap) and list(self._map.items()) == list(other._map.items())
 
@@ -89,7 +91,7 @@ class RangeMap(Generic[V]):
         """True iff any entry intersects ``[start, end)``."""
         return next(self.items(start, end), None) is not None
 
-    def covers(self, start: int, end: int, value: V) -> bool:
+    def covers(self, start: int, end: int, value: V | None) -> bool:
         """True iff every position of ``[start, end)`` holds *value* (None: holds nothing)."""
         if value is None:
             return not self.overlaps(start, end)

@@ -60,6 +60,10 @@ class VmTypeInfo:
         return self.supports_init_shared
 
 
+def _as_tuple(types: Iterable[VmTypeInfo]) -> tuple[VmTypeInfo, ...]:
+    return tuple(types)
+
+
 @attrs.frozen
 class Backend:
     """A backend, as a plugin registers it.
@@ -72,7 +76,7 @@ class Backend:
 
     name: str
     summary: str
-    vm_types: tuple[VmTypeInfo, ...] = attrs.field(converter=tuple)
+    vm_types: tuple[VmTypeInfo, ...] = attrs.field(converter=_as_tuple)
     policy: object | None = None
     opener: Callable[..., Kvm] | None = None
     #: Filled in by the registry.
@@ -116,7 +120,7 @@ class Registry:
                 continue
             try:
                 plugin = ep.load()
-            except Exception as exc:  # noqa: BLE001 - name the distribution whatever broke
+            except Exception as exc:
                 raise PluginError(
                     f"plugin {ep.name!r} from distribution {dist_name!r} failed to import: {exc}"
                 ) from exc
@@ -144,14 +148,14 @@ class Registry:
                     )
                 if backend.name in backends:
                     other = backends[backend.name].distribution
-                    raise PluginError(
-                        f"backend {backend.name!r} registered by both {other!r} and {_dist!r}"
-                    )
+                    raise PluginError(f"backend {backend.name!r} registered by both {other!r} and {_dist!r}")
                 if backend.policy is None and backend.opener is None:
                     raise PluginError(
                         f"backend {backend.name!r} of {_dist!r} has neither a policy nor an opener"
                     )
-                backends[backend.name] = attrs.evolve(backend, distribution=_dist, version=backend.version or _ver)
+                backends[backend.name] = attrs.evolve(
+                    backend, distribution=_dist, version=backend.version or _ver
+                )
 
             impl.function(register=register)
         for backend in backends.values():
@@ -231,7 +235,11 @@ class VmHooks:
     def __init__(self, pm: pluggy.PluginManager, exclude: Iterable[object]) -> None:
         remove = list(exclude)
         for name in _HOOK_NAMES:
-            caller: Any = pm.subset_hook_caller(f"guestmem_{name}", remove) if remove else getattr(pm.hook, f"guestmem_{name}")
+            caller: Any = (
+                pm.subset_hook_caller(f"guestmem_{name}", remove)
+                if remove
+                else getattr(pm.hook, f"guestmem_{name}")
+            )
             setattr(self, name, caller)
 
     vm_init: Any

@@ -98,7 +98,9 @@ class ModelGuestMemfd(api.GuestMemfd):
         if not mode & uapi.FALLOC_FL_KEEP_SIZE:
             raise kvm_error(errno.EOPNOTSUPP, "FA-2", "guest_memfd size can't change: KEEP_SIZE is required")
         if mode & ~(uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE):
-            raise kvm_error(errno.EOPNOTSUPP, "FA-3", f"mode {mode:#x} has bits other than KEEP_SIZE|PUNCH_HOLE")
+            raise kvm_error(
+                errno.EOPNOTSUPP, "FA-3", f"mode {mode:#x} has bits other than KEEP_SIZE|PUNCH_HOLE"
+            )
         if offset % PAGE_SIZE or length % PAGE_SIZE:
             raise kvm_error(errno.EINVAL, "FA-4", "offset and len must be page aligned")
         inode = self.file.inode
@@ -109,7 +111,9 @@ class ModelGuestMemfd(api.GuestMemfd):
             vm.trace("punch_hole", ino=inode.ino, offset=offset, length=length)
             return
         if offset + length > inode.size:
-            raise kvm_error(errno.EINVAL, "FA-5", f"[{offset:#x}, {offset + length:#x}) beyond size {inode.size:#x}")
+            raise kvm_error(
+                errno.EINVAL, "FA-5", f"[{offset:#x}, {offset + length:#x}) beyond size {inode.size:#x}"
+            )
         inode.allocate(offset // PAGE_SIZE, (offset + length) // PAGE_SIZE)
         vm.trace("fallocate", ino=inode.ino, offset=offset, length=length)
 

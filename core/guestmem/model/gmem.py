@@ -139,7 +139,9 @@ class GmemInode:
             self.pages.set(s, e, Folio(pfn - s))
             self.owner.count("gmem_pages_allocated", e - s)
 
-    def set_state(self, start: int, end: int, *, uptodate: bool | None = None, hwpoison: bool | None = None) -> None:
+    def set_state(
+        self, start: int, end: int, *, uptodate: bool | None = None, hwpoison: bool | None = None
+    ) -> None:
         """Change the flags of the folios in ``[start, end)`` (which must exist)."""
         for s, e, folio in list(self.pages.items(start, end)):
             new = attrs.evolve(
@@ -286,7 +288,8 @@ class GmemFile:
             raise kvm_error(
                 errno.EINVAL,
                 "B-4",
-                f"guest_memfd_offset {offset:#x} + size {size:#x} outside the file (size {self.inode.size:#x})",
+                f"guest_memfd_offset {offset:#x} + size {size:#x} outside the file "
+                f"(size {self.inode.size:#x})",
             )
         start = offset >> PAGE_SHIFT
         end = start + slot.npages

@@ -113,7 +113,9 @@ class GmemVma(Vma):
         if lo >= hi or not self.faulted.overlaps(lo, hi):
             return
         self.faulted.erase(lo, hi)
-        self.kvm.mmu_notifier_invalidate(self.address + ((lo - self.pgoff) << PAGE_SHIFT), (hi - lo) << PAGE_SHIFT)
+        self.kvm.mmu_notifier_invalidate(
+            self.address + ((lo - self.pgoff) << PAGE_SHIFT), (hi - lo) << PAGE_SHIFT
+        )
 
     def zap(self, offset: int, length: int) -> None:
         first = self.pgoff + (offset >> PAGE_SHIFT)
@@ -198,7 +200,9 @@ class ModelHostMapping(api.HostMapping):
             raise kvm_error(errno.EFAULT, "", "access to an unmapped host mapping (SIGSEGV)")
         if offset < 0 or n < 0 or offset + n > self.length:
             raise kvm_error(
-                errno.EFAULT, "", f"[{offset:#x}, {offset + n:#x}) is outside the {self.length:#x}-byte mapping"
+                errno.EFAULT,
+                "",
+                f"[{offset:#x}, {offset + n:#x}) is outside the {self.length:#x}-byte mapping",
             )
 
     def read(self, offset: int, n: int) -> bytes:

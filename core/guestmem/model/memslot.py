@@ -127,7 +127,8 @@ def check_region(vm: ModelVm, mem: Region) -> tuple[Change, Memslot | None]:
         raise kvm_error(
             errno.EINVAL,
             "S-5",
-            f"userspace_addr {mem.userspace_addr:#x} (+{mem.memory_size:#x}) is unaligned or not a user address",
+            f"userspace_addr {mem.userspace_addr:#x} (+{mem.memory_size:#x}) "
+            "is unaligned or not a user address",
         )
     if mem.flags & uapi.KVM_MEM_GUEST_MEMFD and (
         mem.guest_memfd_offset % PAGE_SIZE or mem.guest_memfd_offset + mem.memory_size > u64

@@ -30,6 +30,18 @@ class KernelProfile:
     gmem_only_faults_from_gmem: bool = True
     #: Guest physical address width (x86 MAXPHYADDR), bounding memslots (S-7).
     phys_bits: int = 52
+    #: CONFIG_KVM_SMM: x86 VMs without private memory have two memslot address spaces and
+    #: ``KVM_CAP_MULTI_ADDRESS_SPACE`` reports 2.  False: one address space (an as_id of 1 is
+    #: EINVAL, S-7) and the capability reports 0 on ``/dev/kvm`` and on VM fds.
+    smm: bool = True
+    #: A shared fault on the hva path (G-7) whose ``userspace_addr`` has no host mapping, or
+    #: whose host fault fails (SIGBUS: M-3, M-4), leaves the guest as ``KVM_EXIT_MMIO`` at the
+    #: faulting address (kvm_pvm's shadow MMU emulates it) instead of failing ``KVM_RUN``
+    #: with EFAULT.
+    hva_error_exits_mmio: bool = False
+    #: ``KVM_PRE_FAULT_MEMORY`` fails with ENOSPC (not EOPNOTSUPP, PF-2) while the VM has
+    #: never had a memslot: kvm_pvm cannot load an MMU root before the first memslot.
+    pre_fault_enospc_before_first_memslot: bool = False
 
 
 UPSTREAM_6_18 = KernelProfile(
@@ -37,7 +49,19 @@ UPSTREAM_6_18 = KernelProfile(
     description="Linux 6.18, x86-64, TDP MMU (the default)",
 )
 
-PROFILES: dict[str, KernelProfile] = {UPSTREAM_6_18.name: UPSTREAM_6_18}
+KVM_PVM_6_18 = KernelProfile(
+    name="kvm_pvm-6.18",
+    description="Linux 6.18 with the kvm_pvm module: shadow paging, no TDP MMU, DEFAULT VMs only, no SMM",
+    tdp_mmu=False,
+    memory_attributes=False,
+    vm_types=frozenset({0}),
+    gmem_only_faults_from_gmem=False,
+    smm=False,
+    hva_error_exits_mmio=True,
+    pre_fault_enospc_before_first_memslot=True,
+)
+
+PROFILES: dict[str, KernelProfile] = {p.name: p for p in (UPSTREAM_6_18, KVM_PVM_6_18)}
 
 
 def get_profile(profile: str | KernelProfile | None) -> KernelProfile:
@@ -49,4 +73,6 @@ def get_profile(profile: str | KernelProfile | None) -> KernelProfile:
     try:
         return PROFILES[profile]
     except KeyError:
-        raise LookupError(f"unknown kernel profile {profile!r} (known: {', '.join(sorted(PROFILES))})") from None
+        raise LookupError(
+            f"unknown kernel profile {profile!r} (known: {', '.join(sorted(PROFILES))})"
+        ) from None

@@ -125,7 +125,7 @@ class ModelVcpu(api.Vcpu):
             except _Emulate:
                 err: KvmError = kvm_error(errno.ENOENT, "PF-4", f"no memslot at gpa {gpa:#x}")
             except MemoryFault as exc:  # pre-fault reports the errno, no exit
-                err = kvm_error(exc.errno, exc.rule, f"pre-fault of gpa {gpa:#x} failed")
+                err = kvm_error(exc.errno or errno.EFAULT, exc.rule, f"pre-fault of gpa {gpa:#x} failed")
             except KvmError as exc:
                 err = exc
             else:

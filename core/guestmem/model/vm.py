@@ -11,12 +11,11 @@ import errno
 from typing import TYPE_CHECKING, Any
 
 from guestmem import api, uapi
-from guestmem.errors import KvmError, MemoryFault, MmioExit, kvm_error
+from guestmem.errors import EHWPOISON, KvmError, MemoryFault, kvm_error
 from guestmem.model import gmem as gmem_mod
 from guestmem.model.events import Counters, make_event
 from guestmem.model.gmem import GmemFile, GmemInode, GmemLocation
-from guestmem.model.mapping import GmemVma
-from guestmem.model.memslot import Change, Memslot, Region, check_flags, check_region
+from guestmem.model.memslot import Change, Memslot, Region, check_region
 from guestmem.model.mmu import Fault, GfnRange, Mmu
 from guestmem.ranges import RangeMap
 
@@ -32,7 +31,7 @@ _MAX_FAULT_RETRIES = 16
 _LEVEL_PAGES = {uapi.PG_LEVEL_4K: 1, uapi.PG_LEVEL_2M: 1 << 9, uapi.PG_LEVEL_1G: 1 << 18}
 
 
-class _Emulate(Exception):  # noqa: N818 - RET_PF_EMULATE, not an error
+class _Emulate(Exception):
     """The fault needs emulation (MMIO, or a write to a read-only slot)."""
 
 
@@ -166,7 +165,9 @@ class ModelVm(api.Vm):
         self._ioctl()
         v1_flags = uapi.KVM_MEM_LOG_DIRTY_PAGES | uapi.KVM_MEM_READONLY
         if flags & ~v1_flags:
-            raise kvm_error(errno.EINVAL, "S-2", f"flags {flags:#x} not allowed in KVM_SET_USER_MEMORY_REGION")
+            raise kvm_error(
+                errno.EINVAL, "S-2", f"flags {flags:#x} not allowed in KVM_SET_USER_MEMORY_REGION"
+            )
         self._set_region(Region(slot, flags, guest_phys_addr, memory_size, userspace_addr))
 
     def set_user_memory_region2(
@@ -227,8 +228,14 @@ class ModelVm(api.Vm):
         self.memslots[(new.as_id, new.id)] = new
         self._slots(new.as_id).set(new.base_gfn, new.end_gfn, new)
         self.nr_memslot_pages += new.npages
-        self.trace("memslot_create", slot=new.id, as_id=new.as_id, gpa=new.base_gfn << PAGE_SHIFT,
-                   size=new.npages << PAGE_SHIFT, flags=new.flags)
+        self.trace(
+            "memslot_create",
+            slot=new.id,
+            as_id=new.as_id,
+            gpa=new.base_gfn << PAGE_SHIFT,
+            size=new.npages << PAGE_SHIFT,
+            flags=new.flags,
+        )
 
     def _gmem_file_for_bind(self, fd: int) -> GmemFile:
         """The fd checks of ``kvm_gmem_bind`` (B-1..B-3)."""
@@ -246,11 +253,11 @@ class ModelVm(api.Vm):
     def _prepare_memory_region(self, new: Memslot) -> None:
         """``kvm_arch_prepare_memory_region`` for create/move (S-7 max gfn, S-16)."""
         if new.end_gfn - 1 > self.max_gfn:
-            raise kvm_error(
-                errno.EINVAL, "S-7", f"{new.describe()} exceeds the guest physical address width"
-            )
+            raise kvm_error(errno.EINVAL, "S-7", f"{new.describe()} exceeds the guest physical address width")
         if self.type_info.gmem_slot_requires_mmap and new.has_gmem and not new.gmem_only:
-            raise kvm_error(errno.EINVAL, "S-16", "a guest_memfd memslot needs a GUEST_MEMFD_FLAG_MMAP file here")
+            raise kvm_error(
+                errno.EINVAL, "S-16", "a guest_memfd memslot needs a GUEST_MEMFD_FLAG_MMAP file here"
+            )
 
     def _slots(self, as_id: int) -> RangeMap[Memslot]:
         table = self._slot_index.get(as_id)
@@ -277,8 +284,14 @@ class ModelVm(api.Vm):
     def _modify_slot(self, slot: Memslot, mem: Region, change: Change) -> None:
         """S-13: move to a new gpa, or change LOG_DIRTY_PAGES."""
         if change is Change.MOVE:
-            moved = Memslot(slot.as_id, slot.id, mem.guest_phys_addr >> PAGE_SHIFT, slot.npages,
-                            mem.flags, slot.userspace_addr)
+            moved = Memslot(
+                slot.as_id,
+                slot.id,
+                mem.guest_phys_addr >> PAGE_SHIFT,
+                slot.npages,
+                mem.flags,
+                slot.userspace_addr,
+            )
             self._prepare_memory_region(moved)
             self._flush_slot(slot)
             self._slots(slot.as_id).erase(slot.base_gfn, slot.end_gfn)
@@ -305,21 +318,30 @@ class ModelVm(api.Vm):
 
     def is_private(self, gfn: int) -> bool:
         """``kvm_mem_is_private``."""
-        return self.has_private_mem and bool((self.attributes.get(gfn) or 0) & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        return self.has_private_mem and bool(
+            (self.attributes.get(gfn) or 0) & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
+        )
 
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
         """``KVM_SET_MEMORY_ATTRIBUTES`` (A-1..A-12)."""
         self._ioctl()
         if not self.kvm.attributes_built(self):
             raise kvm_error(errno.ENOTTY, "A-1", "KVM_SET_MEMORY_ATTRIBUTES is not supported by this kernel")
-        for name, value in (("address", address), ("size", size), ("attributes", attributes), ("flags", flags)):
+        for name, value in (
+            ("address", address),
+            ("size", size),
+            ("attributes", attributes),
+            ("flags", flags),
+        ):
             if not 0 <= value <= uapi.U64_MAX:
                 raise kvm_error(errno.EINVAL, "A-2", f"{name} does not fit the u64 field")
         if flags:
             raise kvm_error(errno.EINVAL, "A-3", f"flags must be 0, got {flags:#x}")
         supported = self.supported_attributes()
         if attributes & ~supported:
-            raise kvm_error(errno.EINVAL, "A-4", f"attributes {attributes:#x} not in supported {supported:#x}")
+            raise kvm_error(
+                errno.EINVAL, "A-4", f"attributes {attributes:#x} not in supported {supported:#x}"
+            )
         if size == 0 or address + size > uapi.U64_MAX:
             raise kvm_error(errno.EINVAL, "A-5", "size is zero or address + size wraps")
         if address % PAGE_SIZE or size % PAGE_SIZE:
@@ -339,8 +361,13 @@ class ModelVm(api.Vm):
         if slots:
             self.mmu.invalidate_begin()
         for s, e, slot in slots:
-            rng = GfnRange(slot, s, e, attributes=attributes,
-                           attr_filter=uapi.KVM_FILTER_SHARED if attributes else uapi.KVM_FILTER_PRIVATE)
+            rng = GfnRange(
+                slot,
+                s,
+                e,
+                attributes=attributes,
+                attr_filter=uapi.KVM_FILTER_SHARED if attributes else uapi.KVM_FILTER_PRIVATE,
+            )
             self.mmu.invalidate_range_add(s, e)
             flush |= self.mmu.zap(s, e)
             flush |= any(self.hooks.pre_set_memory_attributes(vm=self, range=rng))
@@ -349,7 +376,9 @@ class ModelVm(api.Vm):
         self.attributes.set(start, end, attributes or None)
         if slots:
             for s, e, slot in slots:
-                self.hooks.post_set_memory_attributes(vm=self, range=GfnRange(slot, s, e, attributes=attributes))
+                self.hooks.post_set_memory_attributes(
+                    vm=self, range=GfnRange(slot, s, e, attributes=attributes)
+                )
             self.mmu.invalidate_end()
         self.count("set_memory_attributes")
         self.trace("set_memory_attributes", gfn_start=start, gfn_end=end, attributes=attributes)
@@ -414,7 +443,7 @@ class ModelVm(api.Vm):
             try:
                 pfn, order = gmem_mod.get_pfn(self, slot, gfn)
             except KvmError as exc:
-                raise self._memory_fault(fault, exc.errno, exc.rule, exc.strerror or "") from None
+                raise self._memory_fault(fault, exc.errno or errno.EFAULT, exc.rule, exc.detail) from None
             fault.map_writable = not slot.flags & uapi.KVM_MEM_READONLY
             host_level = uapi.PG_LEVEL_2M if order >= uapi.PMD_ORDER else uapi.PG_LEVEL_4K
         else:
@@ -427,14 +456,16 @@ class ModelVm(api.Vm):
         self.hooks.fault(vm=self, fault=fault)
         if mmu.retry_gfn(fault.mmu_seq, gfn):  # is_page_fault_stale, under mmu_lock
             return None
-        level = self._mapping_level(fault, slot, pfn, min(host_level, fault.max_level if gmem_path else host_level),
-                                    gmem_path)
+        level = self._mapping_level(
+            fault, slot, pfn, min(host_level, fault.max_level if gmem_path else host_level), gmem_path
+        )
         npages = _LEVEL_PAGES[level]
         start = gfn & ~(npages - 1)
         mmu.install(start, npages, pfn - (gfn - start), fault.is_private, fault.map_writable, level)
         self.count("faults")
-        self.trace("fault", gpa=gfn << PAGE_SHIFT, pfn=pfn, private=fault.is_private, level=level,
-                   write=fault.write)
+        self.trace(
+            "fault", gpa=gfn << PAGE_SHIFT, pfn=pfn, private=fault.is_private, level=level, write=fault.write
+        )
         return pfn
 
     def _hva_to_pfn(self, slot: Memslot, gfn: int, write: bool) -> tuple[int, int]:
@@ -447,7 +478,7 @@ class ModelVm(api.Vm):
         try:
             pfn = vma.fault(page, write)
         except KvmError as exc:
-            raise kvm_error(errno.EFAULT, "G-7", f"host fault at hva {hva:#x} failed: {exc.strerror}") from None
+            raise kvm_error(errno.EFAULT, "G-7", f"host fault at hva {hva:#x} failed: {exc.detail}") from None
         return pfn, vma.host_level(page)
 
     def _mapping_level(self, fault: Fault, slot: Memslot, pfn: int, max_level: int, gmem_path: bool) -> int:
@@ -460,7 +491,9 @@ class ModelVm(api.Vm):
             start = gfn & ~(n - 1)
             if start < slot.base_gfn or start + n > slot.end_gfn or (pfn - gfn) % n:
                 continue
-            if self.has_private_mem and not self.attributes.covers(start, start + n, self.attributes.get(gfn)):
+            if self.has_private_mem and not self.attributes.covers(
+                start, start + n, self.attributes.get(gfn)
+            ):
                 continue  # H-3: mixed frame
             if gmem_path:
                 limit = self.hooks.max_mapping_level(vm=self, pfn=pfn, is_private=fault.is_private)
@@ -478,7 +511,9 @@ class ModelVm(api.Vm):
         """True iff stage-2 has a leaf for *gfn*."""
         return self.mmu.lookup(gfn) is not None
 
-    def zap_gfn_range(self, start: int, end: int, attr_filter: int = uapi.KVM_FILTER_PRIVATE | uapi.KVM_FILTER_SHARED) -> None:
+    def zap_gfn_range(
+        self, start: int, end: int, attr_filter: int = uapi.KVM_FILTER_PRIVATE | uapi.KVM_FILTER_SHARED
+    ) -> None:
         """One MMU invalidation (begin, unmap, end) of ``[start, end)`` across memslots."""
         self.mmu.invalidate_begin()
         hit = False
@@ -523,15 +558,21 @@ class ModelVm(api.Vm):
                 if not self.is_private(cur):
                     raise kvm_error(errno.EINVAL, "P-3", f"gfn {cur:#x} is not private")
                 index = slot.gfn_to_index(cur)
-                start, end, folio = inode.get_folio(index)
+                _, end, folio = inode.get_folio(index)
                 if folio.uptodate:
                     raise kvm_error(errno.EEXIST, "P-4", f"gmem page {index:#x} is already prepared")
                 if folio.hwpoison:
-                    raise kvm_error(gmem_mod.EHWPOISON, "E-2", f"gmem page {index:#x} is hardware-poisoned")
+                    raise kvm_error(EHWPOISON, "E-2", f"gmem page {index:#x} is hardware-poisoned")
                 n = min(end - index, npages - done)
                 chunk = None if src is None else src[done * PAGE_SIZE : (done + n) * PAGE_SIZE]
-                self.hooks.post_populate(vm=self, gfn=cur, pfn=index + folio.delta, src=chunk,
-                                         order=inode.folio_order, opaque=opaque)
+                self.hooks.post_populate(
+                    vm=self,
+                    gfn=cur,
+                    pfn=index + folio.delta,
+                    src=chunk,
+                    order=inode.folio_order,
+                    opaque=opaque,
+                )
                 inode.set_state(index, index + n, uptodate=True)
                 done += n
         except KvmError:

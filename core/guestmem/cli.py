@@ -1,0 +1,137 @@
+"""The ``guestmem`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from guestmem import uapi
+from guestmem.registry import Backend, get_registry
+
+_CAPS = (
+    uapi.KVM_CAP_GUEST_MEMFD,
+    uapi.KVM_CAP_GUEST_MEMFD_FLAGS,
+    uapi.KVM_CAP_MEMORY_ATTRIBUTES,
+    uapi.KVM_CAP_VM_TYPES,
+    uapi.KVM_CAP_PRE_FAULT_MEMORY,
+    uapi.KVM_CAP_USER_MEMORY2,
+    uapi.KVM_CAP_MEMORY_FAULT_INFO,
+)
+
+
+def configure_logging(json_logs: bool) -> None:
+    """structlog for the CLI: quiet unless asked, console on a TTY, JSON otherwise."""
+    import logging
+
+    import structlog
+
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json_logs or not sys.stderr.isatty()
+        else (structlog.dev.ConsoleRenderer())
+    )
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
+def backend_row(backend: Backend) -> dict[str, Any]:
+    """What ``guestmem backends`` reports for one backend (capabilities from a live open)."""
+    import guestmem
+
+    row: dict[str, Any] = {
+        "name": backend.name,
+        "version": backend.version,
+        "distribution": backend.distribution,
+        "summary": backend.summary,
+        "vm_types": {str(t.type): t.name for t in backend.vm_types},
+    }
+    try:
+        with guestmem.open(backend.name) as kvm:
+            row["capabilities"] = {uapi.CAP_NAMES.get(c, str(c)): kvm.check_extension(c) for c in _CAPS}
+        row["available"] = True
+    except OSError as exc:
+        row["available"] = False
+        row["error"] = str(exc)
+    return row
+
+
+def cmd_backends(args: argparse.Namespace) -> int:
+    rows = [backend_row(b) for b in sorted(get_registry().backends().values(), key=lambda b: b.name)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="guestmem backends")
+    for col in ("name", "version", "distribution", "VM types", "capabilities"):
+        table.add_column(col)
+    for row in rows:
+        caps = row.get("capabilities")
+        cap_text = (
+            "\n".join(f"{k.removeprefix('KVM_CAP_')}={v:#x}" for k, v in caps.items())
+            if caps
+            else f"unavailable: {row.get('error', '')}"
+        )
+        table.add_row(
+            row["name"], row["version"], row["distribution"], "\n".join(row["vm_types"].values()), cap_text
+        )
+    Console().print(table)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from guestmem.demo import run_demo
+
+    return run_demo(backend=args.backend)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="guestmem", description="Executable model of Linux KVM guest private memory (guest_memfd)."
+    )
+    parser.add_argument("--log", action="store_true", help="print every modelled event (structlog) on stderr")
+    parser.add_argument("--log-json", action="store_true", help="print events as JSON lines on stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("backends", help="list installed backends, their VM types and capabilities")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_backends)
+    p = sub.add_parser("demo", help="a narrated guest_memfd lifecycle on a protected VM")
+    p.add_argument("--backend", default="sw", help="backend to run on (default: sw)")
+    p.set_defaults(func=cmd_demo)
+    for module in _SUBCOMMAND_MODULES:
+        importlib.import_module(module).add_cli(sub)
+    return parser
+
+
+#: Core modules that contribute subcommands through ``add_cli(subparsers)``.
+_SUBCOMMAND_MODULES: tuple[str, ...] = ()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``guestmem`` script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.log or args.log_json:
+        configure_logging(args.log_json)
+    try:
+        result: int = args.func(args)
+    except LookupError as exc:
+        print(f"guestmem: {exc}", file=sys.stderr)
+        return 2
+    return result
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
