@@ -8,6 +8,7 @@ merged, so a uniform terabyte is one entry.
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
@@ -49,12 +50,29 @@ class RangeMap(Generic[V]):
 
     # --- queries -------------------------------------------------------------------------
     def _floor(self, pos: int) -> int | None:
-        """Start of the entry that could contain *pos* (the greatest start <= pos)."""
-        idx = self._map.bisect_right(pos) - 1
-        if idx < 0:
+        """Start of the entry that could contain *pos* (the greatest start <= pos).
+
+        The hot path of every lookup: it bisects the sorted key list's sublists directly
+        (``SortedList._maxes``/``_lists``, stable since sortedcontainers 2.0) because
+        positional indexing (``keys()[i]``) costs several Python calls.
+        """
+        keys = self._map._list
+        maxes = keys._maxes
+        if not maxes:
             return None
-        start: int = self._map.keys()[idx]
-        return start
+        i = bisect_left(maxes, pos)
+        if i == len(maxes):
+            last: int = maxes[-1]
+            return last
+        sub = keys._lists[i]
+        j = bisect_right(sub, pos)
+        if j:
+            found: int = sub[j - 1]
+            return found
+        if i:
+            prev: int = maxes[i - 1]
+            return prev
+        return None
 
     def get(self, pos: int) -> V | None:
         """The value at *pos*, or None."""
