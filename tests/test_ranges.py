@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -37,7 +39,7 @@ def test_rangemap_matches_per_position_model(
         ent = m.entry(k)
         assert (ent is None) == (k not in ref)
     items = list(m.items())
-    for (s1, e1, v1), (s2, _, v2) in zip(items, items[1:], strict=False):
+    for (_, e1, v1), (s2, _, v2) in itertools.pairwise(items):
         assert e1 <= s2
         assert not (e1 == s2 and v1 == v2), "adjacent equal ranges must be merged"
     assert sum(e - s for s, e, _ in items) == len(ref)
