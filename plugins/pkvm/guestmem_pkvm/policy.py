@@ -1,9 +1,49 @@
-"""The ``pkvm`` backend's arch policy: pKVM hooked into the guestmem core model."""
+"""The ``pkvm`` backend's arch policy: the pKVM hypervisor hooked into the guestmem core.
+
+What is modelled (backends.md section 3):
+
+* ``KVM_VM_TYPE_ARM_PROTECTED`` VMs: every page the guest faults is **donated** by the host
+  (host stage-2 unmapped, guest owns it); the guest converts explicitly and in place with
+  the ``MEM_SHARE`` / ``MEM_UNSHARE`` / ``MEM_RELINQUISH`` hypercalls; pages come back to
+  the host zeroed (reclaim at teardown, relinquish, force reclaim).
+* Host mmap of guest_memfd follows the **restricted mapping** design of Fuad Tabba's series
+  "KVM: Restricted mapping of guest_memfd at the host and arm64 support" (v7, not merged;
+  backends.md 0.3): whether a page may be host-mapped is decided per page at fault time
+  from the ownership tables, a private page is SIGBUS, and an unshare fails while the host
+  still maps the page.  Choosing the protected VM type is what opts into this policy:
+  Linux 6.18 has no per-page guest_memfd sharing and no protected VMs backed by it.
+* ``KVM_VM_TYPE_ARM_IPA_SIZE(0)`` (a normal VM under pKVM): the host *shares* faulted pages
+  with the guest and unshares them on MMU-notifier invalidation; host mmap follows 6.18
+  (the core's whole-file INIT_SHARED rule, M-4).
+
+Guest hypercall results are SMCCC return codes as the hypervisor hands them back: 0 on
+success, ``SMCCC_RET_INVALID_PARAMETER`` for a refused transition (the errno behind it is
+kept in :attr:`PkvmVm.last_error` and in the ``pkvm_hvc`` trace event),
+``SMCCC_RET_NOT_SUPPORTED`` for an unknown function.
+"""
 
 from __future__ import annotations
 
+import errno
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from guestmem import uapi
+from guestmem.errors import EHWPOISON, KvmError, MemoryFault
+from guestmem.hookspecs import hookimpl
 from guestmem.registry import VmTypeInfo
-from guestmem_pkvm.abi import KVM_VM_TYPE_ARM_DEFAULT, KVM_VM_TYPE_ARM_PROTECTED
+from guestmem_pkvm import abi
+from guestmem_pkvm.exits import HypercallExit
+from guestmem_pkvm.ownership import PAGE_SHIFT, PAGE_SIZE, HypError, Hypervisor, HypVm, PageState
+
+if TYPE_CHECKING:
+    from guestmem.model.gmem import GmemInode
+    from guestmem.model.kvm import ModelKvm
+    from guestmem.model.mmu import Fault, GfnRange
+    from guestmem.model.vcpu import ModelVcpu
+    from guestmem.model.vm import ModelVm
 
 
 def _arm64_vm_type(vm_type: int, name: str, *, readonly_mem: bool) -> VmTypeInfo:
@@ -27,9 +67,292 @@ def _arm64_vm_type(vm_type: int, name: str, *, readonly_mem: bool) -> VmTypeInfo
 
 
 # Protected VMs refuse read-only memslots (Android pKVM) [U: not in 6.18].
-PROTECTED_VM = _arm64_vm_type(KVM_VM_TYPE_ARM_PROTECTED, "KVM_VM_TYPE_ARM_PROTECTED", readonly_mem=False)
-DEFAULT_VM = _arm64_vm_type(KVM_VM_TYPE_ARM_DEFAULT, "KVM_VM_TYPE_ARM_IPA_SIZE(0)", readonly_mem=True)
+PROTECTED_VM = _arm64_vm_type(abi.KVM_VM_TYPE_ARM_PROTECTED, "KVM_VM_TYPE_ARM_PROTECTED", readonly_mem=False)
+DEFAULT_VM = _arm64_vm_type(abi.KVM_VM_TYPE_ARM_DEFAULT, "KVM_VM_TYPE_ARM_IPA_SIZE(0)", readonly_mem=True)
+
+#: Trace/ownership rule tag of this backend's own decisions.
+RULE = "pKVM-3"
+
+_HVC_NAMES = {
+    abi.ARM_SMCCC_VENDOR_HYP_KVM_HYP_MEMINFO_FUNC_ID: "hyp_meminfo",
+    abi.ARM_SMCCC_VENDOR_HYP_KVM_MEM_SHARE_FUNC_ID: "mem_share",
+    abi.ARM_SMCCC_VENDOR_HYP_KVM_MEM_UNSHARE_FUNC_ID: "mem_unshare",
+    abi.ARM_SMCCC_VENDOR_HYP_KVM_MEM_RELINQUISH_FUNC_ID: "mem_relinquish",
+}
+
+
+@attrs.define(eq=False)
+class PkvmVm:
+    """``vm.arch`` of a pKVM VM: its hypervisor, its hyp-side VM and host-side settings."""
+
+    hyp: Hypervisor
+    hvm: HypVm
+    #: ``KVM_CAP_EXIT_HYPERCALL`` bits enabled by userspace (``1 << ARM_SMCCC_KVM_FUNC_*``).
+    exit_mask: int = abi.KVM_EXIT_HYPERCALL_VALID_MASK
+    #: The errno behind the last refused guest hypercall.
+    last_error: KvmError | None = None
+
+    @property
+    def protected(self) -> bool:
+        """True for ``KVM_VM_TYPE_ARM_PROTECTED``."""
+        return self.hvm.protected
+
+    @property
+    def handle(self) -> int:
+        """The hypervisor's handle of this VM (``pkvm_handle_t``)."""
+        return self.hvm.handle
+
+    @property
+    def vmid(self) -> int:
+        """The VMID the hypervisor gave this VM."""
+        return self.hvm.vmid
+
+
+def pkvm_state(vm: Any) -> PkvmVm:
+    """The pKVM state of *vm* (a VM of the ``pkvm`` backend); TypeError otherwise."""
+    arch = getattr(vm, "arch", None)
+    if not isinstance(arch, PkvmVm):
+        raise TypeError(f"{vm!r} is not a VM of the pkvm backend")
+    return arch
+
+
+def set_pvmfw(vm: Any, ipa: int, image: bytes) -> None:
+    """Place the protected-VM firmware at guest address *ipa* (Android's pvmfw IPA cap).
+
+    The hypervisor copies the image into each page of that range when the guest first
+    faults it (``pkvm_load_pvmfw_pages``).  Errors as :meth:`Hypervisor.set_pvmfw`.
+    """
+    state = pkvm_state(vm)
+    state.hyp.set_pvmfw(state.hvm, ipa, image)
+
+
+def enable_exit_hypercall(vm: Any, mask: int) -> None:
+    """``KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL, mask)``: which conversions exit to userspace.
+
+    EINVAL for bits outside ``KVM_EXIT_HYPERCALL_VALID_MASK``.  By default both share and
+    unshare exit (as the restricted-mapping series' kvmtool enables them).
+    """
+    if mask & ~abi.KVM_EXIT_HYPERCALL_VALID_MASK:
+        raise KvmError(errno.EINVAL, f"exit mask {mask:#x} has unsupported bits", RULE)
+    pkvm_state(vm).exit_mask = mask
 
 
 class PkvmPolicy:
-    """The arch policy hooks of the ``pkvm`` backend."""
+    """The arch policy hooks of the ``pkvm`` backend (one hypervisor per modelled host)."""
+
+    def __init__(self) -> None:
+        self._hyps: weakref.WeakKeyDictionary[ModelKvm, Hypervisor] = weakref.WeakKeyDictionary()
+
+    def hypervisor(self, kvm: ModelKvm) -> Hypervisor:
+        """The EL2 hypervisor of the host behind *kvm* (created on first use)."""
+        hyp = self._hyps.get(kvm)
+        if hyp is None:
+            host = kvm.host
+            hyp = Hypervisor(zero=host.zero, write=host.write)
+            self._hyps[kvm] = hyp
+        return hyp
+
+    # --- VM lifetime ---------------------------------------------------------------------
+    @hookimpl
+    def guestmem_vm_init(self, vm: ModelVm) -> PkvmVm:
+        """``kvm_arch_init_vm`` + ``__pkvm_init_vm``: a handle and VMID for every VM."""
+        hyp = self.hypervisor(vm.kvm)
+        hvm = hyp.init_vm(protected=bool(vm.vm_type & abi.KVM_VM_TYPE_ARM_PROTECTED))
+
+        def count(name: str, n: int) -> None:
+            vm.count(f"pkvm.{name}", n)
+
+        def listener(table: str, pfn: int, npages: int, old: Any, new: Any) -> None:
+            vm.ownership_update(table, pfn, npages, old, new)
+
+        hvm.count = count
+        hvm.listener = listener
+        # Conversions never copy: shown as an explicit zero (see _convert).
+        vm.counters["pkvm.copies"] = 0
+        vm.trace("pkvm_init_vm", handle=hvm.handle, vmid=hvm.vmid, protected=hvm.protected)
+        return PkvmVm(hyp, hvm)
+
+    @hookimpl
+    def guestmem_vm_destroy(self, vm: ModelVm) -> None:
+        """Teardown: reclaim what is left, then ``__pkvm_finalize_teardown_vm``."""
+        state = pkvm_state(vm)
+        self._reclaim(vm, state, 0, 1 << 64)
+        state.hyp.finalize_teardown_vm(state.hvm)
+        vm.trace("pkvm_teardown_vm", handle=state.handle)
+
+    @hookimpl
+    def guestmem_check_extension(self, vm: ModelVm | None, cap: int) -> int | None:
+        """arm64 answers where they differ from the x86-shaped core defaults."""
+        if cap in (uapi.KVM_CAP_VM_TYPES, uapi.KVM_CAP_PRE_FAULT_MEMORY, uapi.KVM_CAP_MULTI_ADDRESS_SPACE):
+            return 0  # x86-only capabilities
+        if cap == uapi.KVM_CAP_EXIT_HYPERCALL:
+            protected = vm is None or pkvm_state(vm).protected
+            return abi.KVM_EXIT_HYPERCALL_VALID_MASK if protected else 0
+        return None
+
+    # --- guest stage-2 faults: donation (pVM) or share (normal VM) ------------------------------
+    @hookimpl
+    def guestmem_fault(self, vm: ModelVm, fault: Fault) -> None:
+        """Give the faulting page to the guest before KVM maps it (``gmem_abort``, 4K only)."""
+        state = pkvm_state(vm)
+        gfn, pfn = fault.gfn, fault.pfn
+        assert pfn is not None
+        page = state.hvm.state(gfn)
+        if page.state == PageState.POISON:
+            vm.count("pkvm.userspace_exits")
+            raise MemoryFault(
+                EHWPOISON, gfn << PAGE_SHIFT, PAGE_SIZE, 0, RULE, "the host force-reclaimed this page"
+            )
+        if page.state != PageState.NOPAGE:
+            if page.pfn(gfn) != pfn:
+                raise KvmError(errno.EFAULT, f"gfn {gfn:#x} is owned at another pfn", RULE)
+            return  # the hypervisor already gave it: only the stage-2 leaf is rebuilt
+        fault.max_level = uapi.PG_LEVEL_4K
+        if not state.protected:
+            state.hyp.host_share_guest(state.hvm, pfn, gfn)
+            return
+        loc = vm.gfn_to_gmem(gfn)
+        if loc is not None and loc.inode.host_mapped(loc.index):
+            # The donation would leave a host mapping of a guest-private page: userspace
+            # must drop its mapping (munmap / MADV_DONTNEED) and run again.
+            vm.count("pkvm.userspace_exits")
+            raise MemoryFault(
+                errno.EFAULT, gfn << PAGE_SHIFT, PAGE_SIZE, 0, "pKVM-3.5", "the host still maps this page"
+            )
+        state.hyp.host_donate_guest(state.hvm, pfn, gfn)
+
+    @hookimpl
+    def guestmem_max_mapping_level(self, vm: ModelVm, pfn: int, is_private: bool) -> int:
+        """arm64 ``gmem_abort`` maps 4K pages only (backends.md 3.3)."""
+        return uapi.PG_LEVEL_4K
+
+    # --- invalidation and reclaim --------------------------------------------------------------
+    @hookimpl
+    def guestmem_unmap_gfn_range(self, vm: ModelVm, range: GfnRange) -> bool:  # noqa: A002
+        """The host removes guest pages: reclaim (VM closing) or force reclaim (VM alive)."""
+        return self._reclaim(vm, pkvm_state(vm), range.start, range.end)
+
+    def _reclaim(self, vm: ModelVm, state: PkvmVm, start: int, end: int) -> bool:
+        hyp, hvm = state.hyp, state.hvm
+        runs = [(s, e, p) for s, e, p in hvm.mapped() if s < end and e > start]
+        if not runs:
+            return False
+        if vm.fd_closed and not hvm.dying:
+            hyp.start_teardown_vm(hvm)
+        for s, e, _ in runs:
+            for gfn in range(max(s, start), min(e, end)):  # one hypercall per page, as the host
+                if hvm.dying:
+                    hyp.host_reclaim_page_guest(hvm, gfn)
+                elif not hvm.protected:
+                    hyp.host_unshare_guest(hvm, gfn)
+                else:
+                    hyp.host_force_reclaim_page_guest(hvm, gfn)
+        return True
+
+    @hookimpl
+    def guestmem_gmem_invalidate(self, vm: ModelVm, start_pfn: int, end_pfn: int) -> None:
+        """A gmem folio is freed: no page may still belong to a guest (else reclaim it first)."""
+        hyp = pkvm_state(vm).hyp
+        for s, _, page in list(hyp.host_entries(start_pfn, end_pfn - start_pfn)):
+            if page.state == PageState.NOPAGE and page.handle:
+                owner = hyp.vm(page.handle)
+                gfn = page.gfn(s)
+                vm.count("pkvm.late_reclaims")
+                if owner.dying:
+                    hyp.host_reclaim_page_guest(owner, gfn)
+                else:
+                    hyp.host_force_reclaim_page_guest(owner, gfn)
+
+    # --- host side -----------------------------------------------------------------------------
+    @hookimpl
+    def guestmem_host_mappable(self, vm: ModelVm, inode: GmemInode, index: int) -> bool | None:
+        """Restricted mapping (protected VMs): per page, from the host's ownership state."""
+        state = pkvm_state(inode.owner)
+        if not state.protected:
+            return None  # 6.18: whole-file INIT_SHARED (M-4)
+        pfn = inode.pfn(index)
+        return pfn is None or state.hyp.host_accessible(pfn)
+
+    @hookimpl
+    def guestmem_host_access(self, vm: ModelVm, pfn: int, write: bool) -> str | None:
+        """A host access to a page not in the host stage-2 is a stage-2 abort (3.2)."""
+        page = pkvm_state(vm).hyp.host_state(pfn)
+        if page.state != PageState.NOPAGE:
+            return None
+        return (
+            f"pKVM host stage-2 abort: pfn {pfn:#x} belongs to {page.owner.name.lower()} "
+            f"handle {page.handle:#x} (access to hypervisor-protected memory)"
+        )
+
+    # --- guest hypercalls ---------------------------------------------------------------------
+    @hookimpl
+    def guestmem_hypercall(self, vcpu: ModelVcpu, nr: int, args: tuple[int, ...]) -> int:
+        """The KVM vendor-hypervisor SMCCC services a pKVM guest uses for memory."""
+        vm = vcpu.vm
+        state = pkvm_state(vm)
+        name = _HVC_NAMES.get(nr)
+        if name is None:
+            return abi.SMCCC_RET_NOT_SUPPORTED
+        vm.count(f"pkvm.hvc.{name}")
+        if nr == abi.ARM_SMCCC_VENDOR_HYP_KVM_HYP_MEMINFO_FUNC_ID:
+            return PAGE_SIZE  # the sharing granule
+        if not state.protected and nr != abi.ARM_SMCCC_VENDOR_HYP_KVM_MEM_RELINQUISH_FUNC_ID:
+            return abi.SMCCC_RET_NOT_SUPPORTED  # only protected guests get MEM_SHARE/UNSHARE
+        ipa = args[0] if args else 0
+        nr_pages = (args[1] if len(args) > 1 else 0) or 1
+        try:
+            if ipa & (PAGE_SIZE - 1) or ipa < 0:
+                raise HypError(errno.EINVAL, name, f"ipa {ipa:#x} is not page aligned")
+            if nr == abi.ARM_SMCCC_VENDOR_HYP_KVM_MEM_RELINQUISH_FUNC_ID:
+                self._relinquish(vm, state, ipa >> PAGE_SHIFT)
+                exit_bit = 0
+            else:
+                share = nr == abi.ARM_SMCCC_VENDOR_HYP_KVM_MEM_SHARE_FUNC_ID
+                self._convert(vcpu, state, ipa >> PAGE_SHIFT, nr_pages, share=share)
+                exit_bit = 1 << (
+                    abi.ARM_SMCCC_KVM_FUNC_MEM_SHARE if share else abi.ARM_SMCCC_KVM_FUNC_MEM_UNSHARE
+                )
+        except KvmError as exc:
+            state.last_error = exc
+            vm.count("pkvm.hvc_refused")
+            vm.trace("pkvm_hvc", call=name, ipa=ipa, npages=nr_pages, errno=exc.errno, rule=exc.rule)
+            return abi.SMCCC_RET_INVALID_PARAMETER
+        state.last_error = None
+        vm.trace("pkvm_hvc", call=name, ipa=ipa, npages=nr_pages, errno=0)
+        if state.exit_mask & exit_bit:
+            vm.count("pkvm.userspace_exits")
+            raise HypercallExit(nr, (ipa, nr_pages, 0), ret=abi.SMCCC_RET_SUCCESS)
+        return abi.SMCCC_RET_SUCCESS
+
+    def _convert(self, vcpu: ModelVcpu, state: PkvmVm, gfn: int, nr_pages: int, *, share: bool) -> None:
+        """MEM_SHARE / MEM_UNSHARE of ``[gfn, gfn+nr_pages)``: same pages, contents kept."""
+        vm = vcpu.vm
+        hyp, hvm = state.hyp, state.hvm
+        before = [vm.mmu.lookup(g) for g in (gfn, gfn + nr_pages - 1)]
+        if share:
+            for g in range(gfn, gfn + nr_pages):
+                if hvm.state(g).state == PageState.NOPAGE:
+                    # Not faulted yet: the hypervisor exits to the host as a data abort, the
+                    # host donates the page, the guest's HVC is retried (pkvm_memshare_call).
+                    vm.count("pkvm.memshare_fault_in")
+                    vcpu.translate(g << PAGE_SHIFT)
+            hyp.guest_share_host(hvm, gfn, nr_pages)
+        else:
+            for g in range(gfn, gfn + nr_pages):
+                loc = vm.gfn_to_gmem(g)
+                if loc is not None and loc.inode.host_mapped(loc.index):
+                    # Restricted mapping: to-private is refused while the folio is mapped.
+                    vm.count("pkvm.unshare_refused_mapped")
+                    raise KvmError(errno.EAGAIN, f"gfn {g:#x}: the host still maps this page", "pKVM-3.3")
+            hyp.guest_unshare_host(hvm, gfn, nr_pages)
+        after = [vm.mmu.lookup(g) for g in (gfn, gfn + nr_pages - 1)]
+        moved = sum(
+            b is not None and a is not None and a[0] != b[0] for a, b in zip(after, before, strict=True)
+        )
+        vm.count("pkvm.copies", moved * PAGE_SIZE)
+        vm.count("pkvm.converted_pages", nr_pages)
+
+    def _relinquish(self, vm: ModelVm, state: PkvmVm, gfn: int) -> None:
+        pfn = state.hyp.guest_relinquish_to_host(state.hvm, gfn)
+        if pfn is not None:
+            vm.zap_gfn_range(gfn, gfn + 1)  # the guest's leaf is gone (KVM's copy of stage-2)
