@@ -1,0 +1,127 @@
+"""Helpers for the rule tests: VM state snapshots and throwaway plugins.
+
+Imported by the test modules (pytest puts ``tests/`` on ``sys.path``); not a test module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import attrs
+
+import guestmem
+from guestmem import uapi
+
+PAGE = uapi.PAGE_SIZE
+MiB = 1 << 20
+PRIVATE = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
+GMEM = uapi.KVM_MEM_GUEST_MEMFD
+READONLY = uapi.KVM_MEM_READONLY
+LOG_DIRTY = uapi.KVM_MEM_LOG_DIRTY_PAGES
+MMAP = uapi.GUEST_MEMFD_FLAG_MMAP
+INIT_SHARED = uapi.GUEST_MEMFD_FLAG_INIT_SHARED
+
+
+def vm_state(vm: Any, *gmems: Any) -> dict[str, Any]:
+    """Everything a memslot, attribute or gmem ioctl may change, as comparable values.
+
+    Memslots are copied field by field (they are mutable); the gmem file of a slot is kept by
+    identity.  For each of *gmems*, its bindings and the inode's folios are included.
+    """
+    return {
+        "memslots": {key: attrs.asdict(slot, recurse=False) for key, slot in vm.memslots.items()},
+        "slot_index": {
+            as_id: [(s, e, id(slot)) for s, e, slot in table.items()]
+            for as_id, table in vm._slot_index.items()
+            if table
+        },
+        "nr_memslot_pages": vm.nr_memslot_pages,
+        "attributes": list(vm.attributes.items()),
+        "sptes": list(vm.mmu.sptes.items()),
+        "mmu": (vm.mmu.invalidate_in_progress, vm.mmu.invalidate_seq),
+        "refs": vm.refs,
+        "dead": vm.dead,
+        "gmem": [
+            (list(g.file.bindings.items()), list(g.file.inode.pages.items()), g.file.refs) for g in gmems
+        ],
+        "fds": dict(vm.kvm._fds),
+        "vms": list(vm.kvm.vms),
+    }
+
+
+@contextmanager
+def plugin(obj: object, distribution: str = "guestmem-tests") -> Iterator[object]:
+    """Register *obj* as a plugin for the duration of the block (removed in ``finally``)."""
+    registry = guestmem.get_registry()
+    registry.add_plugin(obj, distribution=distribution)
+    try:
+        yield obj
+    finally:
+        registry.remove_plugin(obj)
+
+
+class BackendPlugin:
+    """A throwaway backend plugin: registers one backend whose policy is *policy*."""
+
+    def __init__(self, name: str, vm_types: tuple[guestmem.VmTypeInfo, ...], policy: object) -> None:
+        self.name = name
+        self.vm_types = vm_types
+        self.policy = policy
+
+    @guestmem.hookimpl
+    def guestmem_register_backends(self, register: Callable[[guestmem.Backend], None]) -> None:
+        register(
+            guestmem.Backend(
+                name=self.name, summary="throwaway test backend", vm_types=self.vm_types, policy=self.policy
+            )
+        )
+
+
+class NoHooks:
+    """A policy implementing no hook."""
+
+
+def x86_type(vm_type: int = 1, **overrides: Any) -> guestmem.VmTypeInfo:
+    """A VmTypeInfo like sw's (SW_PROTECTED for type 1, DEFAULT for 0) with *overrides*."""
+    private = vm_type != 0
+    fields: dict[str, Any] = {
+        "type": vm_type,
+        "name": f"TEST_VM_{vm_type}",
+        "has_private_mem": private,
+        "nr_memslot_as_ids": 1 if private else 2,
+    }
+    fields.update(overrides)
+    return guestmem.VmTypeInfo(**fields)
+
+
+@contextmanager
+def throwaway_backend(
+    name: str, *vm_types: guestmem.VmTypeInfo, policy: object | None = None, **open_options: Any
+) -> Iterator[Any]:
+    """Register a throwaway backend and yield its opened ``/dev/kvm``; all undone on exit."""
+    with plugin(BackendPlugin(name, vm_types or (x86_type(),), policy or NoHooks())):
+        kvm = guestmem.open(name, **open_options)
+        try:
+            yield kvm
+        finally:
+            kvm.close()
+
+
+def gmem_slot(
+    vm: Any, size: int, *, slot: int = 0, gpa: int = 0, flags: int = 0, offset: int = 0, gmem: Any = None
+) -> Any:
+    """Create a guest_memfd (unless *gmem* is given) and bind it as memslot *slot* at *gpa*."""
+    if gmem is None:
+        gmem = vm.create_guest_memfd(size + offset, flags)
+    vm.set_user_memory_region2(slot, GMEM, gpa, size, 0, gmem, offset)
+    return gmem
+
+
+def anon_slot(vm: Any, size: int, *, slot: int = 0, gpa: int = 0, flags: int = 0, align: int = PAGE) -> int:
+    """A plain (hva) memslot backed by anonymous host memory aligned to *align*; returns the hva."""
+    mapping = vm.kvm.mmap_anonymous(size + align)
+    hva = (mapping.address + align - 1) // align * align
+    vm.set_user_memory_region2(slot, flags, gpa, size, hva)
+    return hva
