@@ -1,0 +1,250 @@
+"""The conformance kit: importable pytest base classes every backend can run.
+
+Subclass :class:`GmemConformance` in your backend's test suite, name the backend and VM
+type, and declare what your backend supports with the capability flags; pytest collects
+the inherited tests.  They use only the uAPI face (:mod:`guestmem.api`), so the same kit
+runs against the model backends and against the real kernel::
+
+    from guestmem.conformance import GmemConformance
+
+    class TestMyBackend(GmemConformance):
+        backend = "mybackend"
+        vm_type = MY_VM_TYPE
+        private_access = True
+
+What a backend *reports* (``KVM_CHECK_EXTENSION``) decides which rules apply: a backend
+that reports ``GUEST_MEMFD_FLAG_MMAP`` is held to the mmap rules, one that reports
+``KVM_CAP_MEMORY_ATTRIBUTES`` to the attribute rules.  The flags declare the rest.
+Requires pytest.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import pytest
+
+import guestmem
+from guestmem import uapi
+from guestmem.errors import HostSigbus, KvmError, MemoryFault, MmioExit
+
+PAGE = uapi.PAGE_SIZE
+MiB = 1 << 20
+KEEP = uapi.FALLOC_FL_KEEP_SIZE
+PUNCH = uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE
+MMAP = uapi.GUEST_MEMFD_FLAG_MMAP
+INIT_SHARED = uapi.GUEST_MEMFD_FLAG_INIT_SHARED
+GMEM = uapi.KVM_MEM_GUEST_MEMFD
+#: Where the kit puts guest memory: low, below 4 GiB, clear of x86 legacy holes.
+BASE_GPA = 0x10000000
+
+
+def expect_errno(err: int, fn: Any, *args: Any, **kwargs: Any) -> KvmError:
+    """Call *fn* and assert it fails with *err*; returns the exception."""
+    with pytest.raises(OSError) as info:
+        fn(*args, **kwargs)
+    assert info.value.errno == err, f"expected {errno.errorcode[err]}, got {info.value!r}"
+    return info.value  # type: ignore[return-value]
+
+
+class GmemConformance:
+    """guest_memfd uAPI rules every backend must follow (spec 2.B-2.I)."""
+
+    #: Backend name for :func:`guestmem.open`.
+    backend: ClassVar[str] = "sw"
+    #: Options for :func:`guestmem.open` (e.g. ``{"profile": ...}``).
+    open_options: ClassVar[dict[str, Any]] = {}
+    #: VM type the kit creates.
+    vm_type: ClassVar[int] = uapi.KVM_X86_DEFAULT_VM
+    #: ``Vcpu.access`` runs guest loads/stores on shared gmem-only memory.
+    guest_access: ClassVar[bool] = True
+    #: A plain private ``Vcpu.access`` works on private memory without arch-specific setup.
+    private_access: ClassVar[bool] = False
+    #: A gmem-only slot (MMAP gmem) serves shared faults from gmem with userspace_addr 0.
+    gmem_only_from_gmem: ClassVar[bool] = True
+
+    # --- fixtures ----------------------------------------------------------------------------
+    @pytest.fixture
+    def kvm(self) -> Iterator[Any]:
+        with guestmem.open(self.backend, **self.open_options) as k:
+            yield k
+
+    @pytest.fixture
+    def vm(self, kvm: Any) -> Iterator[Any]:
+        vm = kvm.create_vm(self.vm_type)
+        yield vm
+        vm.close()
+
+    @pytest.fixture
+    def gmem_flags(self, vm: Any) -> int:
+        flags: int = vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS)
+        return flags
+
+    def _attributes(self, vm: Any) -> int:
+        value: int = vm.check_extension(uapi.KVM_CAP_MEMORY_ATTRIBUTES)
+        return value
+
+    # --- capabilities (CAP-1..CAP-3) --------------------------------------------------------
+    def test_cap1_guest_memfd_reported(self, kvm: Any, vm: Any) -> None:
+        assert kvm.check_extension(uapi.KVM_CAP_GUEST_MEMFD) == 1
+        assert vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD) == 1
+
+    def test_cap2_flags_reported_are_accepted(self, vm: Any, gmem_flags: int) -> None:
+        for bit in (MMAP, INIT_SHARED):
+            if gmem_flags & bit:
+                vm.create_guest_memfd(MiB, bit | (gmem_flags & MMAP)).close()
+            else:
+                expect_errno(errno.EINVAL, vm.create_guest_memfd, MiB, bit)
+
+    # --- create (C-3, C-4) ----------------------------------------------------------------
+    @pytest.mark.parametrize("size", [0, PAGE - 1, PAGE + 1, 1 << 63])
+    def test_c4_bad_size_is_einval(self, vm: Any, size: int) -> None:
+        expect_errno(errno.EINVAL, vm.create_guest_memfd, size)
+
+    def test_c3_unknown_flag_before_size(self, vm: Any) -> None:
+        expect_errno(errno.EINVAL, vm.create_guest_memfd, 0, 1 << 40)
+
+    # --- plain file operations (F-1..F-3) ---------------------------------------------------
+    def test_f1_read_write_fail(self, vm: Any) -> None:
+        with vm.create_guest_memfd(MiB) as gmem:
+            expect_errno(errno.EINVAL, gmem.read, 8)
+            expect_errno(errno.EINVAL, gmem.write, b"x")
+
+    def test_f2_fstat(self, vm: Any) -> None:
+        with vm.create_guest_memfd(MiB) as a, vm.create_guest_memfd(2 * MiB) as b:
+            sa, sb = a.fstat(), b.fstat()
+            assert (sa.st_size, sb.st_size) == (MiB, 2 * MiB)
+            assert sa.st_blksize == PAGE
+            assert sa.st_ino != sb.st_ino
+
+    def test_f3_truncate_refused(self, vm: Any) -> None:
+        with vm.create_guest_memfd(MiB) as gmem:
+            expect_errno(errno.EINVAL, gmem.truncate, 2 * MiB)
+            assert gmem.fstat().st_size == MiB
+
+    # --- fallocate (FA-1..FA-7) -----------------------------------------------------------
+    def test_fa_rules(self, vm: Any) -> None:
+        with vm.create_guest_memfd(MiB) as gmem:
+            expect_errno(errno.EINVAL, gmem.fallocate, KEEP, 0, 0)  # FA-1
+            expect_errno(errno.EOPNOTSUPP, gmem.fallocate, 0, 0, PAGE)  # FA-2
+            expect_errno(errno.EINVAL, gmem.fallocate, KEEP, 1, PAGE)  # FA-4
+            expect_errno(errno.EINVAL, gmem.fallocate, PUNCH, 0, PAGE + 1)  # FA-4
+            expect_errno(errno.EINVAL, gmem.fallocate, KEEP, MiB, PAGE)  # FA-5
+            gmem.fallocate(KEEP, 0, MiB)  # FA-6
+            gmem.fallocate(PUNCH, MiB, 16 * MiB)  # FA-7: beyond EOF is fine
+            gmem.fallocate(PUNCH, 0, MiB)
+
+    # --- mmap (M-1..M-5, M-10) -------------------------------------------------------------
+    def test_m1_mmap_without_flag_enodev(self, vm: Any) -> None:
+        with vm.create_guest_memfd(MiB) as gmem:
+            expect_errno(errno.ENODEV, gmem.mmap, MiB)
+
+    def test_m2_m3_m4_m5_m10_host_mapping(self, vm: Any, gmem_flags: int) -> None:
+        if not gmem_flags & MMAP:
+            pytest.skip("backend reports no GUEST_MEMFD_FLAG_MMAP for this VM type")
+        with vm.create_guest_memfd(MiB, MMAP) as private:
+            expect_errno(errno.EINVAL, private.mmap, MiB, 0, False)  # M-2
+            with private.mmap(MiB) as m, pytest.raises(HostSigbus):
+                m.read(0, 1)  # M-4
+        if not gmem_flags & INIT_SHARED:
+            return
+        with vm.create_guest_memfd(MiB, MMAP | INIT_SHARED) as shared, shared.mmap(2 * MiB) as m:
+            assert m.read(PAGE, 4) == bytes(4)  # M-5: zeroed on first touch
+            m.write(PAGE, b"data")
+            assert m.read(PAGE, 4) == b"data"
+            with pytest.raises(HostSigbus):
+                m.read(MiB, 1)  # M-3: beyond i_size
+            shared.fallocate(PUNCH, 0, 2 * PAGE)
+            assert m.read(PAGE, 4) == bytes(4)  # M-10
+
+    # --- memslots and binding (S-2, S-14, B-1..B-5, B-11) ---------------------------------------
+    def test_s2_v1_rejects_guest_memfd(self, vm: Any) -> None:
+        expect_errno(errno.EINVAL, vm.set_user_memory_region, 0, GMEM, BASE_GPA, MiB, 0)
+
+    def test_b_rules(self, kvm: Any, vm: Any) -> None:
+        with vm.create_guest_memfd(2 * MiB) as gmem:
+            expect_errno(errno.EBADF, vm.set_user_memory_region2, 0, GMEM, BASE_GPA, MiB, 0, -1, 0)  # B-1
+            other = kvm.create_vm(self.vm_type)
+            try:
+                with other.create_guest_memfd(MiB) as foreign:
+                    expect_errno(
+                        errno.EINVAL, vm.set_user_memory_region2, 0, GMEM, BASE_GPA, MiB, 0, foreign, 0
+                    )
+            finally:
+                other.close()
+            expect_errno(errno.EINVAL, vm.set_user_memory_region2, 0, GMEM, BASE_GPA, MiB, 0, gmem, 1)  # B-4
+            expect_errno(errno.EINVAL, vm.set_user_memory_region2, 0, GMEM, BASE_GPA, MiB, 0, gmem, 2 * MiB)
+            vm.set_user_memory_region2(0, GMEM, BASE_GPA, MiB, 0, gmem, 0)
+            # B-5: the same file pages again (another gpa) is EINVAL; S-14: the same gpa is EEXIST.
+            expect_errno(errno.EINVAL, vm.set_user_memory_region2, 1, GMEM, BASE_GPA + MiB, MiB, 0, gmem, 0)
+            expect_errno(errno.EEXIST, vm.set_user_memory_region2, 1, GMEM, BASE_GPA, MiB, 0, gmem, MiB)
+            vm.set_user_memory_region2(1, GMEM, BASE_GPA + MiB, MiB, 0, gmem, MiB)  # B-7
+            vm.set_user_memory_region2(0, 0, BASE_GPA, 0, 0)  # delete
+            vm.set_user_memory_region2(0, GMEM, BASE_GPA, MiB, 0, gmem, 0)  # B-11 rebind
+
+    def test_s11_gmem_slot_immutable(self, vm: Any) -> None:
+        with vm.create_guest_memfd(MiB) as gmem:
+            vm.set_user_memory_region2(0, GMEM, BASE_GPA, MiB, 0, gmem, 0)
+            expect_errno(errno.EINVAL, vm.set_user_memory_region2, 0, GMEM, BASE_GPA, MiB, 0, gmem, 0)
+
+    def test_l2_close_while_bound(self, vm: Any) -> None:
+        gmem = vm.create_guest_memfd(MiB)
+        vm.set_user_memory_region2(0, GMEM, BASE_GPA, MiB, 0, gmem, 0)
+        gmem.close()
+        vm.set_user_memory_region2(0, 0, BASE_GPA, 0, 0)
+
+    # --- attributes (A-3..A-6) ---------------------------------------------------------------
+    def test_a_rules(self, vm: Any) -> None:
+        supported = self._attributes(vm)
+        if not supported:
+            with pytest.raises(OSError) as info:
+                vm.set_memory_attributes(0, PAGE, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+            assert info.value.errno in (errno.ENOTTY, errno.EINVAL)
+            return
+        expect_errno(errno.EINVAL, vm.set_memory_attributes, 0, PAGE, 0, 1)  # A-3
+        expect_errno(errno.EINVAL, vm.set_memory_attributes, 0, PAGE, 1 << 5)  # A-4
+        expect_errno(errno.EINVAL, vm.set_memory_attributes, 0, 0, 0)  # A-5
+        expect_errno(errno.EINVAL, vm.set_memory_attributes, 1, PAGE, 0)  # A-6
+        vm.set_memory_attributes(BASE_GPA, MiB, supported)  # A-7: no memslot needed
+
+    # --- guest accesses (G-*, M-7, L-4) -------------------------------------------------------------
+    def test_m7_guest_and_host_share_gmem_only_memory(self, vm: Any, gmem_flags: int) -> None:
+        if not (self.guest_access and gmem_flags & INIT_SHARED):
+            pytest.skip("needs guest access and INIT_SHARED gmem")
+        with vm.create_guest_memfd(MiB, MMAP | INIT_SHARED) as gmem, gmem.mmap(MiB) as m:
+            uaddr = 0 if self.gmem_only_from_gmem else m.address
+            vm.set_user_memory_region2(0, GMEM, BASE_GPA, MiB, uaddr, gmem, 0)
+            with vm.create_vcpu(0) as vcpu:
+                m.write(0x3000, b"host")
+                assert vcpu.access(BASE_GPA + 0x3000, 4) == b"host"
+                vcpu.access(BASE_GPA + 0x5000, data=b"guest")
+                assert m.read(0x5000, 5) == b"guest"
+
+    def test_no_memslot_shared_access_is_mmio(self, vm: Any) -> None:
+        if not self.guest_access:
+            pytest.skip("backend declares no guest access")
+        with vm.create_vcpu(0) as vcpu, pytest.raises(MmioExit):
+            vcpu.access(BASE_GPA + 0x1000, 4)
+
+    def test_private_round_trip_and_mismatch_exit(self, vm: Any) -> None:
+        if not (self.private_access and self._attributes(vm)):
+            pytest.skip("needs private guest access and memory attributes")
+        with vm.create_guest_memfd(MiB) as gmem:
+            vm.set_user_memory_region2(0, GMEM, BASE_GPA, MiB, 0, gmem, 0)
+            vm.set_memory_attributes(BASE_GPA, MiB, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+            with vm.create_vcpu(0) as vcpu:
+                vcpu.access(BASE_GPA + 0x2010, data=b"secret", private=True)
+                assert vcpu.access(BASE_GPA + 0x2010, 6, private=True) == b"secret"
+                with pytest.raises(MemoryFault) as info:
+                    vcpu.access(BASE_GPA + 0x2010, 1, private=False)
+                exit_ = info.value
+                assert (exit_.errno, exit_.gpa, exit_.size, exit_.flags) == (
+                    errno.EFAULT,
+                    BASE_GPA + 0x2000,
+                    PAGE,
+                    0,
+                )
+                gmem.fallocate(PUNCH, 0x2000, PAGE)
+                assert vcpu.access(BASE_GPA + 0x2010, 6, private=True) == bytes(6)
