@@ -143,6 +143,8 @@ class ModelKvm(api.Kvm):
         if cap == uapi.KVM_CAP_NR_MEMSLOTS:
             return uapi.KVM_USER_MEM_SLOTS
         if cap == uapi.KVM_CAP_MULTI_ADDRESS_SPACE:
+            if not self.profile.smm:  # KVM_MAX_NR_ADDRESS_SPACES == 1: the cap is not built
+                return 0
             return 2 if vm is None else vm.type_info.nr_memslot_as_ids
         if cap == uapi.KVM_CAP_READONLY_MEM:
             return 1 if vm is None else int(vm.type_info.readonly_mem)

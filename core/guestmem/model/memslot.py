@@ -136,7 +136,8 @@ def check_region(vm: ModelVm, mem: Region) -> tuple[Change, Memslot | None]:
         raise kvm_error(
             errno.EINVAL, "S-6", f"guest_memfd_offset {mem.guest_memfd_offset:#x} unaligned or wraps"
         )
-    if mem.as_id >= vm.type_info.nr_memslot_as_ids or mem.id >= uapi.KVM_MEM_SLOTS_NUM:
+    nr_as_ids = vm.type_info.nr_memslot_as_ids if vm.profile.smm else 1
+    if mem.as_id >= nr_as_ids or mem.id >= uapi.KVM_MEM_SLOTS_NUM:
         raise kvm_error(errno.EINVAL, "S-7", f"address space {mem.as_id} / slot id {mem.id} out of range")
     if mem.guest_phys_addr + mem.memory_size > u64:
         raise kvm_error(errno.EINVAL, "S-7", "guest_phys_addr + memory_size wraps")

@@ -85,6 +85,7 @@ class ModelVcpu(api.Vcpu):
             raise ValueError("length must be positive and gpa non-negative")
         pages = []
         pos = 0
+        self.vm.had_memslot = True  # the guest entered (KernelProfile.pre_fault_enospc_before_first_memslot)
         while pos < length:
             cur = gpa + pos
             n = min(length - pos, PAGE_SIZE - (cur & (PAGE_SIZE - 1)))
@@ -112,6 +113,8 @@ class ModelVcpu(api.Vcpu):
             raise kvm_error(errno.EINVAL, "PF-1", "gpa/size unaligned, size zero, or gpa + size wraps")
         if not vm.type_info.pre_fault_allowed:
             raise kvm_error(errno.EOPNOTSUPP, "PF-2", "KVM_PRE_FAULT_MEMORY is not allowed for this VM type")
+        if vm.profile.pre_fault_enospc_before_first_memslot and not vm.had_memslot:
+            raise kvm_error(errno.ENOSPC, "PF-2", "no MMU root can be loaded before the first memslot")
         if not vm.profile.tdp_mmu:
             raise kvm_error(errno.EOPNOTSUPP, "PF-2", "pre-faulting needs the TDP MMU")
         full = size

@@ -59,6 +59,9 @@ class ModelVm(api.Vm):
         self.attributes: RangeMap[int] = RangeMap()
         self.mmu = Mmu(self)
         self.vcpus: dict[int, ModelVcpu] = {}
+        #: A memslot was ever created, or a vCPU entered the guest (profile
+        #: ``pre_fault_enospc_before_first_memslot``).
+        self.had_memslot = False
         self.max_gfn = (1 << (self.profile.phys_bits - PAGE_SHIFT)) - 1
         self.arch: Any = None
         self.arch = self.hooks.vm_init(vm=self)
@@ -226,6 +229,7 @@ class ModelVm(api.Vm):
                 file.unbind(new)
             raise
         self.memslots[(new.as_id, new.id)] = new
+        self.had_memslot = True
         self._slots(new.as_id).set(new.base_gfn, new.end_gfn, new)
         self.nr_memslot_pages += new.npages
         self.trace(
@@ -449,7 +453,12 @@ class ModelVm(api.Vm):
         else:
             if fault.write and slot.flags & uapi.KVM_MEM_READONLY:
                 raise _Emulate("write to a read-only memslot")
-            pfn, host_level = self._hva_to_pfn(slot, gfn, fault.write)
+            try:
+                pfn, host_level = self._hva_to_pfn(slot, gfn, fault.write)
+            except KvmError:
+                if self.profile.hva_error_exits_mmio:  # the shadow MMU emulates: KVM_EXIT_MMIO
+                    raise _Emulate("no usable host page behind userspace_addr") from None
+                raise
         fault.pfn = pfn
         if mmu.retry_gfn(fault.mmu_seq, gfn):
             return None
