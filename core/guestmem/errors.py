@@ -90,6 +90,22 @@ class MmioExit(GuestExit):
         super().__init__(f"KVM_EXIT_MMIO: {verb} of {length} byte(s) at gpa {gpa:#x}")
 
 
+class HypercallExit(GuestExit):
+    """The guest's hypercall left to userspace as ``KVM_EXIT_HYPERCALL`` (e.g. MAP_GPA_RANGE).
+
+    ``nr`` and ``args`` are ``kvm_run.hypercall.nr``/``args``; the VMM handles the request
+    and passes its answer to the backend (``ret``, as ``kvm_run.hypercall.ret``).
+    """
+
+    exit_reason = uapi.KVM_EXIT_HYPERCALL
+
+    def __init__(self, nr: int, args: tuple[int, ...], message: str = "") -> None:
+        self.nr = nr
+        self.args = tuple(args)
+        shown = ", ".join(f"{a:#x}" for a in self.args)
+        super().__init__(message or f"KVM_EXIT_HYPERCALL nr={nr} args=({shown})")
+
+
 class InternalErrorExit(GuestExit):
     """The access left the guest as ``KVM_EXIT_INTERNAL_ERROR`` (``suberror`` as the kernel)."""
 
