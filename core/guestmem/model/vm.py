@@ -50,6 +50,7 @@ class ModelVm(api.Vm):
         self.counters = Counters()
         self.refs = 1  # the VM fd
         self.fd_closed = False
+        self.fd = kvm.fd_install(self)  # a VM fd passed as guest_memfd is not one (B-2)
         self.dead = False
         self.dead_reason = ""
         self.destroyed = False
@@ -132,10 +133,17 @@ class ModelVm(api.Vm):
     def closed(self) -> bool:
         return self.fd_closed
 
+    def fileno(self) -> int:
+        """The VM's descriptor number in the model's fd table."""
+        if self.fd_closed:
+            raise ValueError("I/O operation on closed VM fd")
+        return self.fd
+
     def close(self) -> None:
         if self.fd_closed:
             return
         self.fd_closed = True
+        self.kvm.fd_remove(self.fd)
         for vcpu in list(self.vcpus.values()):
             vcpu.close()
         self.put()
