@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 from typing import TYPE_CHECKING
 
 from guestmem import api, uapi
@@ -79,9 +80,18 @@ class ModelGuestMemfd(api.GuestMemfd):
         """F-2: ``st_size`` = create size, ``st_blksize`` = PAGE_SIZE, distinct ``st_ino``."""
         self._check()
         inode = self.file.inode
-        # (mode, ino, dev, nlink, uid, gid, size, atime, mtime, ctime) + blksize/blocks
+        mtime = inode.mtime_ns
+        # (mode, ino, dev, nlink, uid, gid, size, atime, mtime, ctime); the rest by name.
         return os.stat_result(
-            (stat.S_IFREG | 0o600, inode.ino, 0, 1, 0, 0, inode.size, 0, 0, 0, 0, 0, 0, PAGE_SIZE, 0)
+            (stat.S_IFREG | 0o600, inode.ino, 0, 1, 0, 0, inode.size, 0, mtime // 10**9, mtime // 10**9),
+            {
+                "st_blksize": PAGE_SIZE,
+                "st_blocks": 0,  # the page cache of guest_memfd does not account i_blocks
+                "st_mtime": mtime / 1e9,
+                "st_ctime": mtime / 1e9,
+                "st_mtime_ns": mtime,
+                "st_ctime_ns": mtime,
+            },
         )
 
     def fallocate(self, mode: int, offset: int, length: int) -> None:
@@ -107,6 +117,7 @@ class ModelGuestMemfd(api.GuestMemfd):
         vm = inode.owner
         if mode & uapi.FALLOC_FL_PUNCH_HOLE:
             inode.punch_hole(offset, length)
+            inode.mtime_ns = time.time_ns()  # FA-10 file_modified
             vm.count("punch_hole")
             vm.trace("punch_hole", ino=inode.ino, offset=offset, length=length)
             return
@@ -115,6 +126,7 @@ class ModelGuestMemfd(api.GuestMemfd):
                 errno.EINVAL, "FA-5", f"[{offset:#x}, {offset + length:#x}) beyond size {inode.size:#x}"
             )
         inode.allocate(offset // PAGE_SIZE, (offset + length) // PAGE_SIZE)
+        inode.mtime_ns = time.time_ns()  # FA-10 file_modified
         vm.trace("fallocate", ino=inode.ino, offset=offset, length=length)
 
     def mmap(self, length: int, offset: int = 0, shared: bool = True) -> ModelHostMapping:

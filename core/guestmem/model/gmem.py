@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import time
 from typing import TYPE_CHECKING
 
 import attrs
@@ -61,6 +62,8 @@ class GmemInode:
         self.views: list[GmemFile] = []
         self.vmas: list[GmemVma] = []
         self.evicted = False
+        #: mtime = ctime (F-2 fstat), set at create and by each successful fallocate (FA-10).
+        self.mtime_ns = time.time_ns()
 
     # --- properties --------------------------------------------------------------------------
     @property
