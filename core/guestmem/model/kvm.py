@@ -50,6 +50,7 @@ class ModelKvm(api.Kvm):
         self._fds: dict[int, object] = {}
         self._vm_ids = itertools.count(1)
         self._closed = False
+        self.fd = self.fd_install(self)  # /dev/kvm passed as guest_memfd is not one (B-2)
 
     def __repr__(self) -> str:
         return f"<ModelKvm backend={self.backend!r} profile={self.profile.name!r}>"
@@ -59,8 +60,16 @@ class ModelKvm(api.Kvm):
     def closed(self) -> bool:
         return self._closed
 
+    def fileno(self) -> int:
+        """The descriptor number of ``/dev/kvm`` in the model's fd table."""
+        if self._closed:
+            raise ValueError("I/O operation on closed /dev/kvm fd")
+        return self.fd
+
     def close(self) -> None:
         """Close ``/dev/kvm`` (VMs and files stay alive while referenced, as in the kernel)."""
+        if not self._closed:
+            self.fd_remove(self.fd)
         self._closed = True
 
     def _check(self) -> None:
