@@ -176,6 +176,8 @@ class PkvmPolicy:
     def guestmem_vm_destroy(self, vm: ModelVm) -> None:
         """Teardown: reclaim what is left, then ``__pkvm_finalize_teardown_vm``."""
         state = pkvm_state(vm)
+        if not state.hvm.dying:
+            state.hyp.start_teardown_vm(state.hvm)
         self._reclaim(vm, state, 0, 1 << 64)
         state.hyp.finalize_teardown_vm(state.hvm)
         vm.trace("pkvm_teardown_vm", handle=state.handle)
