@@ -467,6 +467,8 @@ class ModelVm(api.Vm):
                 if self.profile.hva_error_exits_mmio:  # the shadow MMU emulates: KVM_EXIT_MMIO
                     raise _Emulate("no usable host page behind userspace_addr") from None
                 raise
+            # hva_to_pfn: a read-only memslot maps read-only; a later store re-faults and emulates
+            fault.map_writable = not slot.flags & uapi.KVM_MEM_READONLY
         fault.pfn = pfn
         if mmu.retry_gfn(fault.mmu_seq, gfn):
             return None
