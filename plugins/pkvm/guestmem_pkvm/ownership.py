@@ -527,6 +527,9 @@ class Hypervisor:
         """
         call = "__pkvm_host_reclaim_page_guest"
         _transition_size(0, gfn, nr_pages, call)
+        return self._reclaim_run(vm, gfn, nr_pages, call)
+
+    def _reclaim_run(self, vm: HypVm, gfn: int, nr_pages: int, call: str) -> int:
         if not vm.dying:
             raise HypError(errno.EPERM, call, "VM is not dying")
         page = vm.state(gfn)
@@ -562,14 +565,35 @@ class Hypervisor:
         is zeroed first, the host owns the page again.  ENOENT if unmapped, EPERM for a page
         the host lent (SHARED_BORROWED) or one already poisoned.  Returns the pfn.
         """
-        call = "__pkvm_host_force_reclaim_page_guest"
+        return self._force_reclaim_run(vm, gfn, 1, "__pkvm_host_force_reclaim_page_guest")
+
+    def _force_reclaim_run(self, vm: HypVm, gfn: int, nr_pages: int, call: str) -> int:
         page = vm.state(gfn)
         if page.state == PageState.NOPAGE:
             raise HypError(errno.ENOENT, call, f"gfn {gfn:#x} is not mapped")
         if page.state not in (PageState.OWNED, PageState.SHARED_OWNED):
             raise HypError(errno.EPERM, call, f"gfn {gfn:#x} is guest {page.state.name}")
-        self._count(vm, "force_reclaims")
-        return self._give_back(vm, gfn, 1, page, PageState.POISON)
+        self._count(vm, "force_reclaims", nr_pages)
+        return self._give_back(vm, gfn, nr_pages, page, PageState.POISON)
+
+    def reclaim_guest_range(self, vm: HypVm, start: int, end: int) -> int:
+        """The host takes back every page the guest maps in gfns ``[start, end)``.
+
+        What a host does page by page (one hypercall each, counted so) done run by run:
+        reclaim if the VM is dying, unshare for a non-protected VM, force reclaim for a live
+        protected VM.  Returns the number of pages taken back.
+        """
+        done = 0
+        runs = [(s, e, p) for s, e, p in vm.guest.items(start, end) if p.state != PageState.POISON]
+        for s, e, page in runs:
+            if vm.dying:
+                self._reclaim_run(vm, s, e - s, "__pkvm_host_reclaim_page_guest")
+            elif page.state == PageState.SHARED_BORROWED:
+                self.host_unshare_guest(vm, s, e - s)
+            else:
+                self._force_reclaim_run(vm, s, e - s, "__pkvm_host_force_reclaim_page_guest")
+            done += e - s
+        return done
 
     # --- host <-> hypervisor ---------------------------------------------------------------------
     def host_share_hyp(self, pfn: int) -> None:

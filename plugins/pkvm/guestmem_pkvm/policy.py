@@ -236,20 +236,9 @@ class PkvmPolicy:
 
     def _reclaim(self, vm: ModelVm, state: PkvmVm, start: int, end: int) -> bool:
         hyp, hvm = state.hyp, state.hvm
-        runs = [(s, e, p) for s, e, p in hvm.mapped() if s < end and e > start]
-        if not runs:
-            return False
-        if vm.fd_closed and not hvm.dying:
-            hyp.start_teardown_vm(hvm)
-        for s, e, _ in runs:
-            for gfn in range(max(s, start), min(e, end)):  # one hypercall per page, as the host
-                if hvm.dying:
-                    hyp.host_reclaim_page_guest(hvm, gfn)
-                elif not hvm.protected:
-                    hyp.host_unshare_guest(hvm, gfn)
-                else:
-                    hyp.host_force_reclaim_page_guest(hvm, gfn)
-        return True
+        if vm.fd_closed and not hvm.dying and hvm.guest.overlaps(start, end):
+            hyp.start_teardown_vm(hvm)  # the VM is going away: a normal reclaim
+        return hyp.reclaim_guest_range(hvm, start, end) > 0
 
     @hookimpl
     def guestmem_gmem_invalidate(self, vm: ModelVm, start_pfn: int, end_pfn: int) -> None:

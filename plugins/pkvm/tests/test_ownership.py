@@ -505,3 +505,28 @@ def test_host_and_guest_views_agree_after_any_sequence_3_2(ops: list[tuple[str, 
         assert h.state == expected
         # The host may touch exactly the pages the guest does not own privately.
         assert hyp.host_accessible(PFN + i) == (g.state != PageState.OWNED)
+
+
+# --- range reclaim (what the policy's invalidation and teardown use) -------------------------
+def test_reclaim_guest_range_works_by_runs_3_6(hyp: Hypervisor, pvm: HypVm, mem: Memory) -> None:
+    for i in range(4):
+        hyp.host_donate_guest(pvm, PFN + i * PMD_NR_PAGES, 0x1000 + i * PMD_NR_PAGES, PMD_NR_PAGES)
+    hyp.guest_share_host(pvm, 0x1000 + 7)
+    hyp.start_teardown_vm(pvm)
+    # A whole 1 TiB guest-physical window: cost follows the stored runs, not its size.
+    assert hyp.reclaim_guest_range(pvm, 0, 1 << 28) == 4 * PMD_NR_PAGES
+    assert len(pvm.guest) == 0 and len(hyp.host) == 0
+    assert pvm.counters["reclaims"] == 4 * PMD_NR_PAGES
+    assert pvm.counters["zeroed_bytes"] == (4 * PMD_NR_PAGES - 1) * PAGE_SIZE  # not the shared page
+    assert mem.zeroed == [(PFN, 7), (PFN + 8, 4 * PMD_NR_PAGES - 8)]  # the two runs around the shared page
+    hyp.finalize_teardown_vm(pvm)
+
+
+def test_reclaim_guest_range_of_live_vms_3_6(hyp: Hypervisor, pvm: HypVm, npvm: HypVm) -> None:
+    hyp.host_donate_guest(pvm, PFN, GFN)
+    hyp.host_share_guest(npvm, PFN + 1, GFN)
+    assert hyp.reclaim_guest_range(pvm, GFN, GFN + 1) == 1
+    assert guest(pvm) == PageState.POISON  # live protected VM: force reclaim
+    assert hyp.reclaim_guest_range(pvm, GFN, GFN + 1) == 0  # poisoned PTEs hold nothing
+    assert hyp.reclaim_guest_range(npvm, 0, 1 << 20) == 1
+    assert guest(npvm) == PageState.NOPAGE and len(hyp.host) == 0
