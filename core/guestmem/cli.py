@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Core modules that contribute subcommands through ``add_cli(subparsers)``.
-_SUBCOMMAND_MODULES: tuple[str, ...] = ()
+_SUBCOMMAND_MODULES: tuple[str, ...] = ("guestmem.diff",)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

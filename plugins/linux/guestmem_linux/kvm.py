@@ -92,7 +92,7 @@ class LinuxHostMapping(api.HostMapping):
 
     def _check(self, offset: int, n: int) -> int:
         if self._mem is None:
-            raise _closed("host mapping")
+            raise KvmError(errno.EFAULT, "access to an unmapped host mapping (SIGSEGV)")
         if offset < 0 or n < 0 or offset + n > self.length:
             raise KvmError(
                 errno.EFAULT,
@@ -183,6 +183,8 @@ def _fd_of(guest_memfd: Any) -> int:
         return 0
     if isinstance(guest_memfd, int):
         return guest_memfd
+    if getattr(guest_memfd, "closed", False):
+        return 0xFFFF_FFFF  # what a closed fd number reads as: fget fails (B-1), after S-1..S-14
     fileno = getattr(guest_memfd, "fileno", None)
     if fileno is None:
         raise KvmError(errno.EBADF, f"guest_memfd {guest_memfd!r} is neither an fd nor has fileno()", "B-1")
@@ -356,7 +358,7 @@ class LinuxVm(_FdOwner, api.Vm):
         )
         _sys.ioctl_buf(self.fileno(), uapi.KVM_SET_USER_MEMORY_REGION, buf)
 
-    def set_user_memory_region2(  # noqa: PLR0917 - the ioctl's fields, as api.Vm
+    def set_user_memory_region2(
         self,
         slot: int,
         flags: int,

@@ -30,6 +30,8 @@ def vm_type_infos(kvm: LinuxKvm) -> tuple[VmTypeInfo, ...]:
     bitmap = kvm.check_extension(uapi.KVM_CAP_VM_TYPES) or 1 << uapi.KVM_X86_DEFAULT_VM
     pre_fault = kvm.check_extension(uapi.KVM_CAP_PRE_FAULT_MEMORY) > 0
     attributes = kvm.check_extension(uapi.KVM_CAP_MEMORY_ATTRIBUTES) > 0
+    # KVM_CAP_MULTI_ADDRESS_SPACE: 0 when KVM is built without SMM (one address space)
+    address_spaces = max(1, kvm.check_extension(uapi.KVM_CAP_MULTI_ADDRESS_SPACE))
     infos = []
     for vm_type in range(bitmap.bit_length()):
         if not bitmap >> vm_type & 1:
@@ -42,7 +44,7 @@ def vm_type_infos(kvm: LinuxKvm) -> tuple[VmTypeInfo, ...]:
                 has_private_mem=private,
                 readonly_mem=vm_type not in _PROTECTED_STATE_TYPES,
                 pre_fault_allowed=pre_fault and vm_type != uapi.KVM_X86_SNP_VM,
-                nr_memslot_as_ids=1 if private else 2,
+                nr_memslot_as_ids=1 if private else address_spaces,
                 memory_attributes=attributes,
             )
         )

@@ -239,3 +239,23 @@ def test_gmem_pins_the_vm(kvm: LinuxKvm) -> None:
     with vm.create_guest_memfd(PAGE) as gmem:
         vm.close()
         gmem.fallocate(KEEP, 0, PAGE)
+
+
+def test_closed_guest_memfd_object_is_ebadf_after_the_flag_checks(vm: LinuxVm) -> None:
+    """S-4 is evaluated before the bind's fget (B-1); a closed object reads as fd 0xffffffff."""
+    gmem = vm.create_guest_memfd(PAGE)
+    gmem.close()
+    with pytest.raises(KvmError) as info:
+        vm.set_user_memory_region2(0, GMEM | DIRTY, 0, PAGE, 0, gmem, 0)
+    assert errno_of(info) == errno.EINVAL
+    with pytest.raises(KvmError) as info:
+        vm.set_user_memory_region2(0, GMEM, 0, PAGE, 0, gmem, 0)
+    assert errno_of(info) == errno.EBADF
+
+
+def test_host_access_after_munmap_is_efault(kvm: LinuxKvm) -> None:
+    mapping = kvm.mmap_anonymous(PAGE)
+    mapping.close()
+    with pytest.raises(KvmError) as info:
+        mapping.read(0, 1)
+    assert errno_of(info) == errno.EFAULT

@@ -1,0 +1,82 @@
+"""Differential tests: the sw model (this host's kernel profile) against the running kernel.
+
+Every op's outcome is compared (return values, errno, fstat, bytes read by the host and
+by the guest, SIGBUS vs not, guest exits); see guestmem.diff and docs/profiles.md.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from guestmem import diff, uapi
+from guestmem_linux.testing import is_kvm_pvm, kvm_unavailable
+
+pytestmark = pytest.mark.skipif(kvm_unavailable() is not None, reason=kvm_unavailable() or "")
+
+MODEL = diff.opener("sw", diff.host_profile())
+KERNEL = diff.opener("linux")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rng=st.randoms(use_true_random=False), length=st.integers(min_value=1, max_value=60))
+def test_random_programs_agree(rng: random.Random, length: int) -> None:
+    program = diff.generate(rng, length)
+    found = diff.compare(MODEL, KERNEL, program)
+    assert found is None, "\n" + diff.shrink(MODEL, KERNEL, found).render("sw", "linux")
+
+
+def test_campaign_of_2000_operations_has_no_disagreement() -> None:
+    summary = diff.run_campaign(MODEL, KERNEL, seed=0, steps=2000, labels=("sw", "linux"))
+    assert summary.operations >= 2000
+    assert summary.disagreements == [], summary.render()
+
+
+def test_guest_accesses_are_exercised() -> None:
+    """The generated programs do reach guest memory (not only errors and MMIO exits)."""
+    rng = random.Random(1)
+    kinds: set[tuple[str, str]] = set()
+    for _ in range(20):
+        program = diff.generate(rng, 40)
+        for op, outcome in zip(program, diff.run_program(KERNEL, program), strict=True):
+            kinds.add((op.name, str(outcome[0])))
+    for expected in [
+        ("access_read", "ok"),
+        ("access_write", "ok"),
+        ("access_read", "mmio"),
+        ("host_read", "sigbus"),
+        ("host_write", "ok"),
+        ("set_user_memory_region2", "ok"),
+        ("fallocate", "ok"),
+    ]:
+        assert expected in kinds
+
+
+@pytest.mark.skipif(not is_kvm_pvm(), reason="the upstream profile matches hosts with the TDP MMU")
+def test_wrong_profile_is_caught_and_shrunk() -> None:
+    """The harness can fail: the upstream-6.18 profile is not this kvm_pvm host (smm)."""
+    upstream = diff.opener("sw", "upstream-6.18")
+    program = [
+        diff.Op(0, "create_vm", (0,)),
+        diff.Op(1, "mmap_anonymous", (4 * uapi.PAGE_SIZE,)),
+        diff.Op(2, "fstat", (1,)),
+        diff.Op(3, "check_extension", (None, uapi.KVM_CAP_MULTI_ADDRESS_SPACE)),
+    ]
+    found = diff.compare(upstream, KERNEL, program)
+    assert found is not None
+    assert found.op.name == "check_extension"
+    assert found.left == ("ok", 2) and found.right == ("ok", 0)
+    small = diff.shrink(upstream, KERNEL, found)
+    assert [op.name for op in small.program] == ["check_extension"]
+
+
+def test_cli_reports_a_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    from guestmem.cli import main
+
+    assert main(["diff", "--steps", "300", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "operations:    300" in out
+    assert "disagreements: 0" in out
