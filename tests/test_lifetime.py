@@ -1,0 +1,208 @@
+"""Close, release and lifetime of guest_memfd files and VMs (spec 2.H, L-1..L-9)."""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+import pytest
+from gmem_support import (
+    GMEM_SLOT,
+    INIT_SHARED,
+    KEEP,
+    MMAP,
+    PAGE,
+    PRIVATE,
+    bind,
+    delete_slot,
+    pattern,
+    raises_kvm,
+)
+
+from guestmem import MemoryFault, uapi
+
+SW_PROTECTED = uapi.KVM_X86_SW_PROTECTED_VM
+
+
+def private_guest(kvm: Any, pages: int = 8) -> tuple[Any, Any, Any]:
+    """A SW_PROTECTED VM with a guest_memfd bound at gpa 0, all private, and a vCPU."""
+    vm = kvm.create_vm(SW_PROTECTED)
+    gmem = vm.create_guest_memfd(pages * PAGE)
+    bind(vm, gmem, 0, pages * PAGE)
+    vm.set_memory_attributes(0, pages * PAGE, PRIVATE)
+    return vm, gmem, vm.create_vcpu(0)
+
+
+def test_L1_gmem_file_pins_the_vm(kvm: Any) -> None:
+    """L-1: closing the VM fd does not destroy the VM while a guest_memfd is open; the VM fd
+    itself is gone (EBADF) but the file keeps working; the last file close destroys the VM."""
+    vm = kvm.create_vm(SW_PROTECTED)
+    gmem = vm.create_guest_memfd(4 * PAGE)
+    vm.close()
+    assert not vm.destroyed and vm in kvm.vms
+    with raises_kvm(errno.EBADF):
+        vm.create_guest_memfd(PAGE)
+    gmem.fallocate(KEEP, 0, 4 * PAGE)
+    gmem.close()
+    assert vm.destroyed and vm not in kvm.vms
+
+
+def test_L2_closing_a_bound_gmem_is_legal_and_not_pinned_by_the_slot(kvm: Any) -> None:
+    """L-2: the memslot does not pin the file: closing the only fd of a bound guest_memfd
+    releases it at once; the memslot stays, still flagged GUEST_MEMFD."""
+    vm, gmem, _ = private_guest(kvm)
+    file = gmem.file
+    gmem.close()
+    assert file.released and file.refs == 0
+    slot = vm.memslots[(0, 0)]
+    assert slot.flags & GMEM_SLOT and slot.gmem_file is None
+
+
+def test_L3_release_zaps_unbinds_and_drops_the_vm_reference(kvm: Any) -> None:
+    """L-3: release NULLs the slot's file, zaps this VM's SPTEs for the file (an invalidation),
+    removes the view from the inode, clears bindings and puts the VM reference."""
+    vm, gmem, vcpu = private_guest(kvm)
+    for page in range(4):
+        vcpu.access(page * PAGE, data=pattern(page))
+    assert vm.mmu.mapped_pages() == 4
+    refs, seq = vm.refs, vm.mmu.invalidate_seq
+    file, inode = gmem.file, gmem.file.inode
+    gmem.close()
+    assert vm.mmu.mapped_pages() == 0
+    assert vm.mmu.invalidate_seq > seq and vm.mmu.invalidate_in_progress == 0
+    assert vm.memslots[(0, 0)].gmem_file is None
+    assert not file.bindings and file not in inode.views
+    assert vm.refs == refs - 1
+
+
+def test_L4_guest_access_after_release_is_EFAULT_memory_fault(kvm: Any) -> None:
+    """L-4: a private access to a slot whose file was released exits with
+    KVM_EXIT_MEMORY_FAULT, errno EFAULT, the page-aligned gpa and the PRIVATE flag."""
+    vm, gmem, vcpu = private_guest(kvm)
+    vcpu.access(2 * PAGE, data=pattern(2))
+    gmem.close()
+    with pytest.raises(MemoryFault) as info:
+        vcpu.access(2 * PAGE + 0x10, 4)
+    exc = info.value
+    assert exc.errno == errno.EFAULT and exc.rule == "L-4"
+    assert (exc.gpa, exc.size, exc.flags) == (2 * PAGE, PAGE, uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE)
+    assert not vm.is_mapped(2)
+
+
+def test_L4_shared_access_to_gmem_only_slot_after_release(kvm: Any) -> None:
+    """L-4: on a gmem-only slot even a shared access goes to guest_memfd, so after release it
+    is a memory-fault exit with EFAULT and no PRIVATE flag."""
+    vm = kvm.create_vm(uapi.KVM_X86_DEFAULT_VM)
+    gmem = vm.create_guest_memfd(4 * PAGE, MMAP | INIT_SHARED)
+    bind(vm, gmem, 0, 4 * PAGE)
+    vcpu = vm.create_vcpu(0)
+    vcpu.access(0, data=b"x")
+    gmem.close()
+    with pytest.raises(MemoryFault) as info:
+        vcpu.access(0)
+    assert (info.value.errno, info.value.flags, info.value.gpa) == (errno.EFAULT, 0, 0)
+
+
+def test_L4_released_slot_can_still_be_deleted_and_gpa_reused(kvm: Any) -> None:
+    """L-4/B-8: the orphaned slot is deleted normally (its unbind is a no-op) and its gpa range
+    can take a new guest_memfd."""
+    vm, gmem, vcpu = private_guest(kvm, pages=4)
+    gmem.close()
+    delete_slot(vm)
+    assert not vm.memslots
+    fresh = vm.create_guest_memfd(4 * PAGE)
+    bind(vm, fresh, 0, 4 * PAGE)
+    assert vcpu.access(0, 8) == bytes(8)
+
+
+def test_L5_memory_lives_with_the_inode(kvm: Any) -> None:
+    """L-5: deleting the slot frees nothing; the last file reference (inode eviction) frees
+    every folio back to the host."""
+    vm, gmem, _ = private_guest(kvm, pages=4)
+    gmem.fallocate(KEEP, 0, 4 * PAGE)
+    pfns = [gmem.file.inode.pfn(i) for i in range(4)]
+    delete_slot(vm)
+    assert all(kvm.host.is_allocated(p) for p in pfns)
+    assert [gmem.file.inode.pfn(i) for i in range(4)] == pfns
+    freed = vm.counters["gmem_pages_freed"]
+    gmem.close()
+    assert not any(kvm.host.is_allocated(p) for p in pfns)
+    assert vm.counters["gmem_pages_freed"] == freed + 4
+
+
+def test_L6_host_vma_defers_release(kvm: Any) -> None:
+    """L-6: a host mapping holds a file reference: after closing the fd (and the VM fd) the file
+    is not released, the slot stays bound and the guest still reaches its memory; munmap then
+    releases the file and destroys the VM."""
+    vm = kvm.create_vm(uapi.KVM_X86_DEFAULT_VM)
+    gmem = vm.create_guest_memfd(4 * PAGE, MMAP | INIT_SHARED)
+    bind(vm, gmem, 0, 4 * PAGE)
+    view = gmem.mmap(4 * PAGE)
+    view.write(PAGE, pattern(4))
+    file = gmem.file
+    pfn = file.inode.pfn(1)
+    gmem.close()
+    vm.close()
+    assert not file.released and not vm.destroyed
+    assert vm.memslots[(0, 0)].gmem_file is file
+    assert view.read(PAGE, 16) == pattern(4)
+    view.close()
+    assert file.released and vm.destroyed
+    assert not kvm.host.is_allocated(pfn)
+
+
+def test_L7_slot_delete_keeps_contents_and_rebind_sees_them(kvm: Any) -> None:
+    """L-7: deleting the slot keeps the gmem contents; binding the same offsets again (even at
+    another gpa) exposes the same, still prepared, pages without preparing them again."""
+    vm, gmem, vcpu = private_guest(kvm, pages=4)
+    vcpu.access(PAGE + 8, data=pattern(11))
+    inode = gmem.file.inode
+    pfn = inode.pfn(1)
+    prepares = vm.counters["gmem_prepare"]
+    delete_slot(vm)
+    assert inode.pfn(1) == pfn and inode.is_prepared(1)
+    base = 0x40000
+    vm.set_memory_attributes(base, 4 * PAGE, PRIVATE)
+    bind(vm, gmem, base, 4 * PAGE, slot=3)
+    assert vcpu.access(base + PAGE + 8, 16) == pattern(11)
+    assert vm.gmem_pfn((base >> 12) + 1) == pfn
+    assert vm.counters["gmem_prepare"] == prepares
+
+
+def test_L8_one_view_per_inode(kvm: Any) -> None:
+    """L-8: the uAPI creates exactly one view per inode, and release removes it."""
+    vm = kvm.create_vm(SW_PROTECTED)
+    a, b = vm.create_guest_memfd(PAGE), vm.create_guest_memfd(PAGE)
+    assert a.file.inode.views == [a.file] and b.file.inode.views == [b.file]
+    inode = a.file.inode
+    a.close()
+    assert inode.views == [] and inode.evicted
+
+
+@pytest.mark.parametrize("order", ["vm_first", "gmem_first"])
+def test_L9_vm_destroyed_after_its_last_reference(kvm: Any, order: str) -> None:
+    """L-9: the VM is destroyed only when its fd and every guest_memfd are gone, in either order;
+    destruction frees the memslots (their unbind is a no-op: the views were already released)."""
+    vm, gmem, vcpu = private_guest(kvm, pages=2)
+    vcpu.access(0, data=b"1")
+    vcpu.close()
+    first, second = (vm, gmem) if order == "vm_first" else (gmem, vm)
+    first.close()
+    assert not vm.destroyed and vm in kvm.vms
+    second.close()
+    assert vm.destroyed and vm not in kvm.vms
+    assert not vm.memslots and vm.mmu.mapped_pages() == 0
+
+
+def test_L9_vcpu_holds_a_vm_reference(kvm: Any) -> None:
+    """L-9: a vCPU holds a VM reference (kvm_get_kvm at KVM_CREATE_VCPU), dropped when it is
+    closed.  (The uAPI face's ``Vm.close`` also closes the VM's vCPUs, so only the VM fd and
+    guest_memfds can outlive each other here.)"""
+    vm = kvm.create_vm(SW_PROTECTED)
+    refs = vm.refs
+    vcpu = vm.create_vcpu(0)
+    assert vm.refs == refs + 1
+    vcpu.close()
+    assert vm.refs == refs and not vm.destroyed
+    vm.close()
+    assert vm.destroyed
