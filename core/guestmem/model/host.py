@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from guestmem.model.mapping import Vma
 
 PAGE_SIZE = uapi.PAGE_SIZE
+_PMD_PAGES = 1 << uapi.PMD_ORDER
 _FIRST_PFN = 0x100000  # above the first 4 GiB, as a real host's high memory would be
 
 
@@ -34,9 +35,15 @@ class HostMemory:
 
     # --- allocation ------------------------------------------------------------------------
     def alloc(self, npages: int) -> int:
-        """Allocate *npages* contiguous zeroed pages; returns the first pfn."""
+        """Allocate *npages* contiguous zeroed pages; returns the first pfn.
+
+        A run of whole 2 MiB pages starts 2 MiB-aligned, as the buddy allocator hands out
+        large folios naturally aligned (2 MiB mappings and SNP 2 MiB RMP entries need it).
+        """
         pfn = self._next_pfn
-        self._next_pfn += npages
+        if npages % _PMD_PAGES == 0:
+            pfn = -(-pfn // _PMD_PAGES) * _PMD_PAGES
+        self._next_pfn = pfn + npages
         self._allocated.set(pfn, pfn + npages, True)
         self.allocated_pages += npages
         return pfn
