@@ -531,6 +531,8 @@ class Generator:
             if map_id not in self.slot_maps:
                 self._op("munmap", map_id)
                 self.maps = [m for m in self.maps if m[0] != map_id]
+                for own in self.gmem_maps.values():
+                    own[:] = [m for m in own if m[0] != map_id]
         elif self.vms:
             vm = self._pick(self.vms)
             self._op("close_vm", vm)
