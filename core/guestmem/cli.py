@@ -94,7 +94,10 @@ def cmd_backends(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from guestmem.demo import run_demo
 
-    return run_demo(backend=args.backend)
+    if args.trace is None:
+        return run_demo(backend=args.backend)
+    with open(args.trace, "w", encoding="utf-8") as trace:
+        return run_demo(backend=args.backend, trace=trace)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_backends)
     p = sub.add_parser("demo", help="a narrated guest_memfd lifecycle on a protected VM")
     p.add_argument("--backend", default="sw", help="backend to run on (default: sw)")
+    p.add_argument("--trace", metavar="FILE", help="write every modelled event to FILE as JSON lines")
     p.set_defaults(func=cmd_demo)
     for module in _SUBCOMMAND_MODULES:
         importlib.import_module(module).add_cli(sub)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import IO, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -11,6 +11,8 @@ from rich.table import Table
 import guestmem
 from guestmem import uapi
 from guestmem.errors import HostSigbus, KvmError, MemoryFault
+from guestmem.invariants import InvariantChecker
+from guestmem.serialize import write_trace
 
 MiB = 1 << 20
 GUEST_SIZE = 16 * MiB
@@ -59,9 +61,27 @@ def memory_map(vm: Any) -> Table:
     return table
 
 
-def run_demo(backend: str = "sw", console: Console | None = None) -> int:
-    """Run the demo; returns the process exit status."""
+def run_demo(backend: str = "sw", console: Console | None = None, trace: IO[str] | None = None) -> int:
+    """Run the demo with the invariant checker on; returns the process exit status.
+
+    *trace* receives every modelled event as a JSON line.
+    """
     out = console or Console()
+    checker = InvariantChecker()
+    registry = guestmem.get_registry()
+    registry.add_plugin(checker, name="guestmem.demo.invariants", distribution="guestmem")
+    try:
+        status = _demo(backend, out, trace)
+    finally:
+        registry.remove_plugin(checker)
+    out.print(
+        f"[bold]invariants[/] (mmu-balanced, leaf-backed, leaf-privateness, gmem-leaf) held after "
+        f"all {checker.checked} events"
+    )
+    return status
+
+
+def _demo(backend: str, out: Console, trace: IO[str] | None) -> int:
     info_backend = guestmem.get_registry().backend(backend)
     vm_type = _pick_vm_type(info_backend)
     if vm_type is None:
@@ -77,7 +97,7 @@ def run_demo(backend: str = "sw", console: Console | None = None) -> int:
     def result(text: str) -> None:
         out.print(f"    [green]->[/] {text}")
 
-    with guestmem.open(backend) as kvm:
+    with guestmem.open(backend, record=trace is not None) as kvm:
         say(
             f"open /dev/kvm of backend [bold]{backend}[/]: KVM_CAP_GUEST_MEMFD_FLAGS="
             f"{kvm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS):#x}, "
@@ -162,6 +182,9 @@ def run_demo(backend: str = "sw", console: Console | None = None) -> int:
         for name, value in vm.counters.snapshot().items():
             counters.add_row(name, str(value))
         out.print(counters)
+        if trace is not None:
+            n = write_trace(kvm.events or [], trace)
+            out.print(f"{n} trace events written")
         view.close()
         mappable.close()
         shared.close()

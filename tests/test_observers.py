@@ -1,0 +1,94 @@
+"""Observers: the invariant checker (it must catch what it names) and JSON traces."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import guestmem
+from guestmem import uapi
+from guestmem.invariants import InvariantChecker, InvariantViolation, check_vm
+from guestmem.model.mmu import Spte
+from guestmem.serialize import event_from_json, event_to_json, write_trace
+
+PRIVATE = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
+MiB = 1 << 20
+
+
+@pytest.fixture
+def checker() -> Iterator[InvariantChecker]:
+    c = InvariantChecker()
+    registry = guestmem.get_registry()
+    registry.add_plugin(c, distribution="test-invariants")
+    try:
+        yield c
+    finally:
+        registry.remove_plugin(c)
+
+
+def _private_guest(kvm: Any) -> tuple[Any, Any, Any]:
+    vm = kvm.create_vm(uapi.KVM_X86_SW_PROTECTED_VM)
+    gmem = vm.create_guest_memfd(MiB)
+    vm.set_user_memory_region2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, MiB, 0, gmem, 0)
+    vm.set_memory_attributes(0, MiB, PRIVATE)
+    return vm, gmem, vm.create_vcpu(0)
+
+
+def test_checker_follows_a_lifecycle(kvm: Any, checker: InvariantChecker) -> None:
+    vm, gmem, vcpu = _private_guest(kvm)
+    vcpu.access(0x1000, data=b"x")
+    gmem.fallocate(uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE, 0, MiB)
+    vm.set_memory_attributes(0, MiB, 0)
+    assert checker.checked >= 4
+
+
+def test_leaf_backed_catches_a_stale_mapping(kvm: Any) -> None:
+    vm, gmem, vcpu = _private_guest(kvm)
+    vcpu.access(0x1000, data=b"x")
+    pfn = vm.gmem_pfn(1)
+    # Free the folio behind the kernel's back: the leaf now maps a freed page.
+    vm.host.free(pfn, 1)
+    with pytest.raises(InvariantViolation, match="leaf-backed"):
+        check_vm(vm)
+
+
+def test_leaf_privateness_catches_a_leaf_of_the_wrong_kind(kvm: Any) -> None:
+    vm, _, vcpu = _private_guest(kvm)
+    vcpu.access(0x1000, data=b"x")
+    vm.attributes.set(1, 2, None)  # attribute flipped without the zap of A-10
+    with pytest.raises(InvariantViolation, match="leaf-privateness"):
+        check_vm(vm)
+
+
+def test_gmem_leaf_catches_a_foreign_pfn(kvm: Any) -> None:
+    vm, _, vcpu = _private_guest(kvm)
+    vcpu.access(0x1000, data=b"x")
+    other = vm.host.alloc(1)
+    vm.mmu.sptes.set(1, 2, Spte(other - 1, True, True))
+    with pytest.raises(InvariantViolation, match="gmem-leaf"):
+        check_vm(vm)
+
+
+def test_mmu_balanced_catches_an_open_invalidation(kvm: Any) -> None:
+    vm, _, _ = _private_guest(kvm)
+    vm.mmu.invalidate_begin()
+    with pytest.raises(InvariantViolation, match="mmu-balanced"):
+        check_vm(vm, "punch_hole")
+
+
+def test_trace_round_trip() -> None:
+    with guestmem.open("sw", record=True) as kvm:
+        vm, _, vcpu = _private_guest(kvm)
+        vcpu.access(0x2000, data=b"y")
+        events = list(kvm.events or [])
+    kinds = [e.kind for e in events]
+    assert kinds[:4] == ["vm_create", "gmem_create", "memslot_create", "set_memory_attributes"]
+    assert "fault" in kinds
+    out = io.StringIO()
+    assert write_trace(events, out) == len(events)
+    back = [event_from_json(line) for line in out.getvalue().splitlines()]
+    assert back == events
+    assert event_to_json(back[0]) == event_to_json(events[0])
