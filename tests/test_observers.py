@@ -46,7 +46,7 @@ def test_checker_follows_a_lifecycle(kvm: Any, checker: InvariantChecker) -> Non
 
 
 def test_leaf_backed_catches_a_stale_mapping(kvm: Any) -> None:
-    vm, gmem, vcpu = _private_guest(kvm)
+    vm, _, vcpu = _private_guest(kvm)
     vcpu.access(0x1000, data=b"x")
     pfn = vm.gmem_pfn(1)
     # Free the folio behind the kernel's back: the leaf now maps a freed page.
@@ -81,7 +81,7 @@ def test_mmu_balanced_catches_an_open_invalidation(kvm: Any) -> None:
 
 def test_trace_round_trip() -> None:
     with guestmem.open("sw", record=True) as kvm:
-        vm, _, vcpu = _private_guest(kvm)
+        _, _, vcpu = _private_guest(kvm)
         vcpu.access(0x2000, data=b"y")
         events = list(kvm.events or [])
     kinds = [e.kind for e in events]

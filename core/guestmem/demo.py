@@ -183,7 +183,7 @@ def _demo(backend: str, out: Console, trace: IO[str] | None) -> int:
             counters.add_row(name, str(value))
         out.print(counters)
         if trace is not None:
-            n = write_trace(kvm.events or [], trace)
+            n = write_trace(getattr(kvm, "events", None) or [], trace)
             out.print(f"{n} trace events written")
         view.close()
         mappable.close()
