@@ -257,12 +257,22 @@ class PkvmPolicy:
     # --- host side -----------------------------------------------------------------------------
     @hookimpl
     def guestmem_host_mappable(self, vm: ModelVm, inode: GmemInode, index: int) -> bool | None:
-        """Restricted mapping (protected VMs): per page, from the host's ownership state."""
+        """Restricted mapping (protected VMs): per page, from the host's ownership state.
+
+        The file's INIT_SHARED flag is the initial state of its pages: without it a page
+        the guest never shared stays SIGBUS (M-4); with it a page is mappable until the
+        guest owns it.  Either way a page the guest shares is mappable, one it owns is not.
+        """
         state = pkvm_state(inode.owner)
         if not state.protected:
             return None  # 6.18: whole-file INIT_SHARED (M-4)
         pfn = inode.pfn(index)
-        return pfn is None or state.hyp.host_accessible(pfn)
+        if pfn is None:
+            return inode.init_shared
+        page = state.hyp.host_state(pfn)
+        if page.state == PageState.SHARED_BORROWED:
+            return True
+        return inode.init_shared and page.state != PageState.NOPAGE
 
     @hookimpl
     def guestmem_host_access(self, vm: ModelVm, pfn: int, write: bool) -> str | None:

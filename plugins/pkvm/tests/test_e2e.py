@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import pytest
 
+import guestmem
 from guestmem import HostSigbus, MemoryFault, uapi
 from guestmem_pkvm import abi
 from guestmem_pkvm.exits import HypercallExit
 from guestmem_pkvm.invariants import IsolationChecker
-from guestmem_pkvm.ownership import PageState
+from guestmem_pkvm.ownership import HOST_OWNED, PageState
 from guestmem_pkvm.policy import pkvm_state
 
 from .conftest import GPA, SIZE, Guest
@@ -50,6 +51,7 @@ def test_populate_run_share_host_io_unshare_teardown_3_3_3_4_3_5(
     with pytest.raises(HypercallExit) as exit_info:
         vcpu.hypercall(SHARE, buf_gpa, 1, 0)
     assert exit_info.value.exit_reason == uapi.KVM_EXIT_HYPERCALL
+    assert isinstance(exit_info.value, guestmem.HypercallExit)
     assert (exit_info.value.nr, exit_info.value.args) == (SHARE, (buf_gpa, 1, 0))
     assert vm.gmem_pfn(buf_gpa >> 12) == pfn  # same page
 
@@ -113,11 +115,25 @@ def test_checker_catches_a_host_mapping_of_a_private_page_i_1(
     pfn = guest.vm.gmem_pfn(GPA >> 12)
     assert pfn is not None
     # A broken policy that would let the host map a donated page.
-    original = state.hyp.host_accessible
-    state.hyp.host_accessible = lambda p: True  # type: ignore[method-assign]
+    original = state.hyp.host_state
+    state.hyp.host_state = lambda p: HOST_OWNED  # type: ignore[method-assign]
     try:
         with pytest.raises(AssertionError, match="I-1"):
             guest.map.read(0, 1)
     finally:
-        state.hyp.host_accessible = original  # type: ignore[method-assign]
+        state.hyp.host_state = original  # type: ignore[method-assign]
         checker.violations.clear()
+
+
+def test_checker_catches_a_donation_of_a_host_mapped_page_i_1(
+    guest: Guest, checker: IsolationChecker
+) -> None:
+    guest.map.write(0, b"mapped")
+    state = pkvm_state(guest.vm)
+    pfn = guest.vm.gmem_pfn(GPA >> 12)
+    assert pfn is not None
+    with pytest.raises(AssertionError, match="I-1"):
+        state.hyp.host_donate_guest(state.hvm, pfn, GPA >> 12)  # bypassing the policy's check
+    checker.violations.clear()
+    # The checker stopped the donation half way (host side done): undo it for the teardown.
+    state.hyp.host.erase(pfn, pfn + 1)

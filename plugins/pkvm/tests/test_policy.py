@@ -209,3 +209,28 @@ def test_normal_vm_shares_pages_and_unshares_on_invalidation_3_2(kvm: Any, check
     assert state.hvm.state(GPA >> 12).state == PageState.NOPAGE
     assert len(state.hyp.host) == 0
     g.teardown()
+
+
+def test_without_init_shared_only_shared_pages_are_host_mappable_m_4_3_5(kvm: Any, checker: Any) -> None:
+    vm = kvm.create_vm(abi.KVM_VM_TYPE_ARM_PROTECTED)
+    gmem = vm.create_guest_memfd(SIZE, uapi.GUEST_MEMFD_FLAG_MMAP)
+    vm.set_user_memory_region2(0, uapi.KVM_MEM_GUEST_MEMFD, GPA, SIZE, guest_memfd=gmem)
+    vcpu = vm.create_vcpu(0)
+    m = gmem.mmap(SIZE)
+    with pytest.raises(HostSigbus) as info:
+        m.read(0, 1)  # a fresh page of a private-by-default file (M-4)
+    assert info.value.rule == "host-mappability"
+    vcpu.access(GPA, data=b"shared later")
+    with pytest.raises(HypercallExit):
+        vcpu.hypercall(SHARE, GPA, 1, 0)
+    assert m.read(0, 12) == b"shared later"
+    m.zap(0, PAGE)
+    with pytest.raises(HypercallExit):
+        vcpu.hypercall(UNSHARE, GPA, 1, 0)
+    with pytest.raises(HostSigbus):
+        m.read(0, 1)
+    vcpu.close()
+    vm.close()
+    m.close()
+    gmem.close()
+    assert vm.destroyed
