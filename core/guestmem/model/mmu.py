@@ -120,9 +120,17 @@ class Mmu:
         return flush or any(results)
 
     def zap(self, start: int, end: int) -> bool:
-        """Drop every leaf in ``[start, end)``; True if something was mapped."""
+        """Drop every leaf overlapping ``[start, end)``; True if something was mapped.
+
+        A huge leaf goes as a whole, as the TDP MMU zaps any leaf SPTE overlapping the range.
+        """
         if not self.sptes.overlaps(start, end):
             return False
+        for gfn in (start, end - 1):
+            spte = self.sptes.get(gfn)
+            if spte is not None and spte.level > uapi.PG_LEVEL_4K:
+                n = 1 << (9 * (spte.level - 1))
+                start, end = min(start, gfn & ~(n - 1)), max(end, (gfn & ~(n - 1)) + n)
         zapped = sum(e - s for s, e, _ in self.sptes.items(start, end))
         self.sptes.erase(start, end)
         self.vm.count("stage2_unmapped_pages", zapped)
