@@ -133,3 +133,33 @@ def test_many_accesses_leak_nothing(kvm: LinuxKvm) -> None:
                 vcpu.access(i, write=True, data=bytes([i]))
             assert vcpu.access(0, 50) == bytes(range(50))
     assert open_fds() == before
+
+
+def test_memory_fault_exit_is_reported_as_memory_fault(vm: LinuxVm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """G-3/G-13: KVM_RUN -1/EFAULT with exit_reason 39 carries kvm_run.memory_fault.
+
+    This host cannot produce the exit (no private memory), so KVM_RUN's failure is
+    simulated and kvm_run is filled in as the kernel would.
+    """
+    import ctypes
+    import struct
+
+    from guestmem import MemoryFault
+    from guestmem_linux import _sys
+    from guestmem_linux import kvm as linux_kvm
+
+    vcpu = vm.create_vcpu(0)
+    run = vcpu._run
+    ctypes.memmove(run + 8, struct.pack("<I", uapi.KVM_EXIT_MEMORY_FAULT), 4)
+    fault = struct.pack("<QQQ", uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE, 0x5000, PAGE)
+    ctypes.memmove(run + _sys.RUN_UNION, fault, 24)
+
+    def failing_run(fd: int, request: int, arg: int = 0) -> int:
+        assert request == uapi.KVM_RUN
+        raise KvmError(errno.EFAULT, "KVM_RUN")
+
+    monkeypatch.setattr(linux_kvm._sys, "ioctl_int", failing_run)
+    with pytest.raises(MemoryFault) as info:
+        vcpu._kvm_run()
+    assert (info.value.errno, info.value.gpa, info.value.size) == (errno.EFAULT, 0x5000, PAGE)
+    assert info.value.is_private and info.value.rule == "G-3"
