@@ -149,24 +149,34 @@ class RangeMap(Generic[V]):
         """Store *value* over ``[start, end)``; ``None`` erases the range."""
         if start >= end:
             return
-        self._split(start)
+        m = self._map
+        head = self._floor(start)
+        if head is not None:
+            head_end, head_value = m[head]
+            if head_end >= end and head_value == value:
+                return  # already holds value: nothing to do
+        # Split the entry straddling start (the floor found above) and the one at end.
+        if head is not None and head < start < m[head][0]:
+            head_end, head_value = m[head]
+            m[head] = (start, head_value)
+            m[start] = (head_end, head_value)
         self._split(end)
-        for s in list(self._map.irange(start, end, inclusive=(True, False))):
-            del self._map[s]
+        inner = list(m.irange(start, end, inclusive=(True, False)))
+        for s in inner:
+            del m[s]
         if value is None:
             return
         new_start, new_end = start, end
         prev = self._floor(start - 1) if start > 0 else None
         if prev is not None:
-            pend, pval = self._map[prev]
+            pend, pval = m[prev]
             if pend == start and pval == value:
-                del self._map[prev]
                 new_start = prev
-        nxt = self._map.get(end)
+        nxt = m.get(end)
         if nxt is not None and nxt[1] == value:
-            del self._map[end]
+            del m[end]
             new_end = nxt[0]
-        self._map[new_start] = (new_end, value)
+        m[new_start] = (new_end, value)
 
     def erase(self, start: int, end: int) -> None:
         """Remove every value in ``[start, end)``."""
