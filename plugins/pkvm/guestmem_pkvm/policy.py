@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from guestmem import uapi
-from guestmem.errors import EHWPOISON, KvmError, MemoryFault
+from guestmem.errors import EHWPOISON, GuestExit, KvmError, MemoryFault
 from guestmem.hookspecs import hookimpl
 from guestmem.registry import VmTypeInfo
 from guestmem_pkvm import abi
@@ -336,7 +336,10 @@ class PkvmPolicy:
                     # Not faulted yet: the hypervisor exits to the host as a data abort, the
                     # host donates the page, the guest's HVC is retried (pkvm_memshare_call).
                     vm.count("pkvm.memshare_fault_in")
-                    vcpu.translate(g << PAGE_SHIFT)
+                    try:
+                        vcpu.translate(g << PAGE_SHIFT)
+                    except GuestExit as exc:  # no memory there (an MMIO exit): nothing to share
+                        raise HypError(errno.EFAULT, "pkvm_memshare_call", str(exc)) from None
             hyp.guest_share_host(hvm, gfn, nr_pages)
         else:
             for g in range(gfn, gfn + nr_pages):
