@@ -78,7 +78,8 @@ def test_generated_programs_are_reproducible() -> None:
 
 
 def test_cli_diff(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["diff", "--base", "sw", "--profile", "kvm_pvm-6.18", "--against", "sw", "--steps", "300"]) == 1
+    argv = ["diff", "--base", "sw", "--profile", "kvm_pvm-6.18", "--against", "sw", "--steps", "300"]
+    assert main(argv) == 1  # the two profiles differ
     out = capsys.readouterr().out
     assert "sw[kvm_pvm-6.18] vs sw" in out
     assert "operations:    300" in out
