@@ -165,9 +165,12 @@ def test_C3_flags_checked_before_size(default_vm: Any, size: int) -> None:
 
 @pytest.mark.parametrize("size", [0, 1, PAGE - 1, PAGE + 1, 1 << 63, (1 << 64) - PAGE, -PAGE])
 def test_C4_bad_size_EINVAL(default_vm: Any, size: int) -> None:
-    """C-4: size 0, bit 63 set ((loff_t)size <= 0), or not a multiple of PAGE_SIZE is EINVAL."""
+    """C-4: size 0, bit 63 set ((loff_t)size <= 0), or not a multiple of PAGE_SIZE is EINVAL;
+    no file, fd or VM reference is left behind."""
+    refs, fds = default_vm.refs, dict(default_vm.kvm._fds)
     with raises_kvm(errno.EINVAL, "C-4"):
         default_vm.create_guest_memfd(size)
+    assert default_vm.refs == refs and default_vm.kvm._fds == fds
 
 
 @pytest.mark.parametrize("size", [PAGE, 1 << 30, (1 << 63) - PAGE])

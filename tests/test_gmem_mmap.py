@@ -71,6 +71,15 @@ def test_M3_mapping_at_offset_past_eof(default_vm: Any) -> None:
     assert info.value.rule == "M-3"
 
 
+def test_M3_checked_before_M4(protected_vm: Any) -> None:
+    """M-3 before M-4: past EOF, a private (non-INIT_SHARED) file's fault reports the EOF rule."""
+    gmem = protected_vm.create_guest_memfd(PAGE, MMAP)
+    view = gmem.mmap(2 * PAGE)
+    with pytest.raises(HostSigbus) as info:
+        view.read(PAGE, 1)
+    assert info.value.rule == "M-3"
+
+
 @pytest.mark.parametrize("vm_type", [DEFAULT, SW_PROTECTED])
 def test_M4_without_init_shared_every_fault_sigbus(kvm: Any, vm_type: int) -> None:
     """M-4: without INIT_SHARED the whole file is private: host reads and writes at every

@@ -6,6 +6,7 @@ import errno
 from typing import Any
 
 import pytest
+from gmem_helpers import throwaway_backend, x86_type
 from gmem_support import (
     GMEM_SLOT,
     INIT_SHARED,
@@ -13,12 +14,14 @@ from gmem_support import (
     MMAP,
     PAGE,
     PRIVATE,
+    PUNCH,
     bind,
     delete_slot,
     pattern,
     raises_kvm,
 )
 
+import guestmem
 from guestmem import MemoryFault, uapi
 
 SW_PROTECTED = uapi.KVM_X86_SW_PROTECTED_VM
@@ -206,3 +209,36 @@ def test_L9_vcpu_holds_a_vm_reference(kvm: Any) -> None:
     assert vm.refs == refs and not vm.destroyed
     vm.close()
     assert vm.destroyed
+
+
+class _RecordInvalidate:
+    """An arch policy that records every ``kvm_arch_gmem_invalidate`` pfn range."""
+
+    def __init__(self) -> None:
+        self.freed: list[tuple[int, int]] = []
+
+    @guestmem.hookimpl
+    def guestmem_gmem_invalidate(self, vm: Any, start_pfn: int, end_pfn: int) -> None:
+        self.freed.append((start_pfn, end_pfn))
+
+
+def test_L5_each_freed_folio_reaches_arch_invalidate() -> None:
+    """L-5: every folio freed by a punch or by inode eviction reaches kvm_arch_gmem_invalidate
+    with its pfn range; deleting the slot, closing the VM fd or poisoning frees nothing."""
+    policy = _RecordInvalidate()
+    with throwaway_backend("l5-invalidate", x86_type(), policy=policy) as kvm:
+        vm = kvm.create_vm(1)
+        gmem = vm.create_guest_memfd(4 * PAGE)
+        bind(vm, gmem, 0, 4 * PAGE)
+        gmem.fallocate(KEEP, 0, 4 * PAGE)
+        inode = gmem.file.inode
+        pfns = [inode.pfn(i) for i in range(4)]
+        gmem.fallocate(PUNCH, PAGE, PAGE)
+        assert policy.freed == [(pfns[1], pfns[1] + 1)]
+        gmem.inject_memory_failure(0)
+        delete_slot(vm)
+        vm.close()
+        assert len(policy.freed) == 1
+        gmem.close()
+        freed = sorted(p for s, e in policy.freed[1:] for p in range(s, e))
+        assert freed == [pfns[0], pfns[2], pfns[3]]
