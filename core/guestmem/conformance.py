@@ -64,6 +64,11 @@ class GmemConformance:
     private_access: ClassVar[bool] = False
     #: A gmem-only slot (MMAP gmem) serves shared faults from gmem with userspace_addr 0.
     gmem_only_from_gmem: ClassVar[bool] = True
+    #: Host and guest see the same bytes of INIT_SHARED gmem without any conversion (M-7);
+    #: False for "private unless shared" designs such as pKVM's protected VMs.
+    init_shared_coherent: ClassVar[bool] = True
+    #: guest_memfd flags the kit adds to files it binds to memslots (arm64: MMAP, S-16).
+    slot_gmem_flags: ClassVar[int] = 0
 
     # --- fixtures ----------------------------------------------------------------------------
     @pytest.fixture
@@ -81,6 +86,10 @@ class GmemConformance:
     def gmem_flags(self, vm: Any) -> int:
         flags: int = vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS)
         return flags
+
+    def _slot_gmem(self, vm: Any, size: int) -> Any:
+        """A guest_memfd this backend accepts in a memslot."""
+        return vm.create_guest_memfd(size, self.slot_gmem_flags)
 
     def _attributes(self, vm: Any) -> int:
         value: int = vm.check_extension(uapi.KVM_CAP_MEMORY_ATTRIBUTES)
@@ -164,11 +173,11 @@ class GmemConformance:
         expect_errno(errno.EINVAL, vm.set_user_memory_region, 0, GMEM, BASE_GPA, MiB, 0)
 
     def test_b_rules(self, kvm: Any, vm: Any) -> None:
-        with vm.create_guest_memfd(2 * MiB) as gmem:
+        with self._slot_gmem(vm, 2 * MiB) as gmem:
             expect_errno(errno.EBADF, vm.set_user_memory_region2, 0, GMEM, BASE_GPA, MiB, 0, -1, 0)  # B-1
             other = kvm.create_vm(self.vm_type)
             try:
-                with other.create_guest_memfd(MiB) as foreign:
+                with self._slot_gmem(other, MiB) as foreign:
                     expect_errno(
                         errno.EINVAL, vm.set_user_memory_region2, 0, GMEM, BASE_GPA, MiB, 0, foreign, 0
                     )
@@ -185,12 +194,12 @@ class GmemConformance:
             vm.set_user_memory_region2(0, GMEM, BASE_GPA, MiB, 0, gmem, 0)  # B-11 rebind
 
     def test_s11_gmem_slot_immutable(self, vm: Any) -> None:
-        with vm.create_guest_memfd(MiB) as gmem:
+        with self._slot_gmem(vm, MiB) as gmem:
             vm.set_user_memory_region2(0, GMEM, BASE_GPA, MiB, 0, gmem, 0)
             expect_errno(errno.EINVAL, vm.set_user_memory_region2, 0, GMEM, BASE_GPA, MiB, 0, gmem, 0)
 
     def test_l2_close_while_bound(self, vm: Any) -> None:
-        gmem = vm.create_guest_memfd(MiB)
+        gmem = self._slot_gmem(vm, MiB)
         vm.set_user_memory_region2(0, GMEM, BASE_GPA, MiB, 0, gmem, 0)
         gmem.close()
         vm.set_user_memory_region2(0, 0, BASE_GPA, 0, 0)
@@ -211,8 +220,8 @@ class GmemConformance:
 
     # --- guest accesses (G-*, M-7, L-4) -------------------------------------------------------------
     def test_m7_guest_and_host_share_gmem_only_memory(self, vm: Any, gmem_flags: int) -> None:
-        if not (self.guest_access and gmem_flags & INIT_SHARED):
-            pytest.skip("needs guest access and INIT_SHARED gmem")
+        if not (self.guest_access and self.init_shared_coherent and gmem_flags & INIT_SHARED):
+            pytest.skip("needs guest access and coherent INIT_SHARED gmem")
         with vm.create_guest_memfd(MiB, MMAP | INIT_SHARED) as gmem, gmem.mmap(MiB) as m:
             uaddr = 0 if self.gmem_only_from_gmem else m.address
             vm.set_user_memory_region2(0, GMEM, BASE_GPA, MiB, uaddr, gmem, 0)
@@ -231,7 +240,7 @@ class GmemConformance:
     def test_private_round_trip_and_mismatch_exit(self, vm: Any) -> None:
         if not (self.private_access and self._attributes(vm)):
             pytest.skip("needs private guest access and memory attributes")
-        with vm.create_guest_memfd(MiB) as gmem:
+        with self._slot_gmem(vm, MiB) as gmem:
             vm.set_user_memory_region2(0, GMEM, BASE_GPA, MiB, 0, gmem, 0)
             vm.set_memory_attributes(BASE_GPA, MiB, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
             with vm.create_vcpu(0) as vcpu:

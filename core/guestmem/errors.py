@@ -93,17 +93,24 @@ class MmioExit(GuestExit):
 class HypercallExit(GuestExit):
     """The guest's hypercall left to userspace as ``KVM_EXIT_HYPERCALL`` (e.g. MAP_GPA_RANGE).
 
-    ``nr`` and ``args`` are ``kvm_run.hypercall.nr``/``args``; the VMM handles the request
-    and passes its answer to the backend (``ret``, as ``kvm_run.hypercall.ret``).
+    ``nr`` and ``args`` are ``kvm_run.hypercall.nr``/``args``.  The VMM handles the request
+    and may set ``ret`` (``kvm_run.hypercall.ret``) before handing the exit back to the
+    backend that raised it, if that backend offers a way to resume.
     """
 
     exit_reason = uapi.KVM_EXIT_HYPERCALL
 
     def __init__(self, nr: int, args: tuple[int, ...], message: str = "") -> None:
+        shown = ", ".join(f"{a:#x}" for a in args)
+        text = message or f"KVM_EXIT_HYPERCALL nr={nr} args=({shown})"
+        super().__init__(text)
         self.nr = nr
-        self.args = tuple(args)
-        shown = ", ".join(f"{a:#x}" for a in self.args)
-        super().__init__(message or f"KVM_EXIT_HYPERCALL nr={nr} args=({shown})")
+        self.args = tuple(args)  # after Exception.__init__, which sets its own args
+        self.ret: int | None = None
+        self._text = text
+
+    def __str__(self) -> str:
+        return self._text
 
 
 class InternalErrorExit(GuestExit):

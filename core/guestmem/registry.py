@@ -105,7 +105,7 @@ class Registry:
 
     # --- plugin loading ------------------------------------------------------------------
     def _load(self) -> None:
-        from guestmem.backends import sw
+        from guestmem import sw
 
         self._register(sw, "guestmem.sw", (BUILTIN_DISTRIBUTION, _core_version()))
         if not self._load_entry_points:
