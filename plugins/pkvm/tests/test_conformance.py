@@ -1,34 +1,16 @@
-"""The core's conformance kit against both pkvm VM types."""
+"""The core's conformance kit against both pKVM VM types."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import pytest
-
-from guestmem import KvmError
+from guestmem import uapi
 from guestmem.conformance import GmemConformance
 from guestmem_pkvm import abi
-
-# The kit binds guest_memfd files created without GUEST_MEMFD_FLAG_MMAP, which arm64
-# refuses (S-16); these tests pass again once the kit binds MMAP files for such VM types.
-_S16 = pytest.mark.xfail(raises=KvmError, strict=False, reason="kit binds non-MMAP gmem; arm64 S-16 refuses")
 
 
 class _Arm64Kit(GmemConformance):
     backend = "pkvm"
-
-    @_S16
-    def test_b_rules(self, kvm: Any, vm: Any) -> None:
-        super().test_b_rules(kvm, vm)
-
-    @_S16
-    def test_s11_gmem_slot_immutable(self, vm: Any) -> None:
-        super().test_s11_gmem_slot_immutable(vm)
-
-    @_S16
-    def test_l2_close_while_bound(self, vm: Any) -> None:
-        super().test_l2_close_while_bound(vm)
+    # arm64 accepts only gmem-only (MMAP) guest_memfd memslots (S-16).
+    slot_gmem_flags = uapi.GUEST_MEMFD_FLAG_MMAP
 
 
 class TestPkvmDefaultVm(_Arm64Kit):
@@ -45,4 +27,4 @@ class TestPkvmProtectedVm(_Arm64Kit):
     """
 
     vm_type = abi.KVM_VM_TYPE_ARM_PROTECTED
-    guest_access = False
+    init_shared_coherent = False

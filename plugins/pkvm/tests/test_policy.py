@@ -32,7 +32,7 @@ def test_smccc_function_ids_are_the_kernels() -> None:
 
 # --- VM types and capabilities (CAP-3, S-7, S-16, A-1) -----------------------------------------
 def test_backend_offers_protected_and_default_arm64_vm_types() -> None:
-    backend = guestmem.get_registry().backend("pkvm")  # guestmem.backends() is shadowed by the subpackage
+    backend = guestmem.backends()["pkvm"]
     assert backend.distribution == "guestmem-pkvm"
     protected = backend.vm_type(abi.KVM_VM_TYPE_ARM_PROTECTED)
     default = backend.vm_type(abi.KVM_VM_TYPE_ARM_DEFAULT)
