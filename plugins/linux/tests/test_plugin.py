@@ -78,3 +78,20 @@ def test_unsupported_vm_type_is_einval(kvm: LinuxKvm) -> None:
         kvm.create_vm(missing)
     assert info.value.errno == errno.EINVAL
     assert "KVM_CREATE_VM" in str(info.value)
+
+
+def test_registry_lists_linux_and_opens_it() -> None:
+    """Installed through its entry point, the backend is in guestmem.backends()."""
+    backend = guestmem.backends()["linux"]
+    assert backend.distribution == "guestmem-linux"
+    reason = kvm_unavailable()
+    if reason:
+        with pytest.raises(guestmem.KvmError) as info:
+            guestmem.open("linux")
+        assert info.value.errno == errno.ENOENT
+        return
+    with guestmem.open("linux") as kvm:
+        assert isinstance(kvm, LinuxKvm)
+        assert {t.type for t in backend.vm_types} == {
+            t for t in range(64) if kvm.check_extension(uapi.KVM_CAP_VM_TYPES) >> t & 1
+        }
