@@ -110,7 +110,7 @@ class RmpEntry:
         return RmpState.GUEST_VALID if self.validated else RmpState.GUEST_INVALID
 
 
-class RmpViolation(Exception):  # noqa: N818 - a hardware fault, not a bug of the caller
+class RmpViolation(Exception):
     """A guest RMP check failed: the hardware raises #NPF with the RMP bit set.
 
     ``size_mismatch`` is ``PFERR_GUEST_SIZEM``: a 4 KiB guest operation hit a 2 MiB entry
@@ -171,6 +171,10 @@ class RmpTable:
         items = self._map.items() if end is None and start == 0 else self._map.items(start, end)
         for s, e, value in items:
             yield s, e, self._entry(s, value)
+
+    def unassigned(self, start: int, end: int) -> Iterator[tuple[int, int]]:
+        """Runs of unassigned (Hypervisor) pages in ``[start, end)``."""
+        return self._map.gaps(start, end)
 
     def assigned_pages(self, asid: int | None = None) -> int:
         """Number of assigned pages (of *asid* if given); costs O(stored ranges)."""
@@ -350,8 +354,8 @@ class RmpTable:
         step = PTRS_PER_PMD if level == PG_LEVEL_2M else 1
         if level not in (PG_LEVEL_4K, PG_LEVEL_2M) or count <= 0:
             return PVALIDATE_FAIL_INPUT
-        if level == PG_LEVEL_2M and (gfn % PTRS_PER_PMD or pfn % PTRS_PER_PMD):
-            return PVALIDATE_FAIL_INPUT
+        if level == PG_LEVEL_2M and gfn % PTRS_PER_PMD:
+            return PVALIDATE_FAIL_INPUT  # the guest's gpa; the host pfn's alignment is the RMP's business
         end = pfn + count * step
         done = pfn
         rc = 0
@@ -369,7 +373,7 @@ class RmpTable:
                     raise RmpViolation(s, "page is immutable")
                 if level == PG_LEVEL_4K and value.level == PG_LEVEL_2M:
                     raise RmpViolation(s, "4K PVALIDATE inside a 2M RMP entry", size_mismatch=True)
-                if level == PG_LEVEL_2M and value.level == PG_LEVEL_4K:
+                if level == PG_LEVEL_2M and (value.level == PG_LEVEL_4K or pfn % PTRS_PER_PMD):
                     rc = PVALIDATE_FAIL_SIZEMISMATCH
                     break
                 if value.validated == validate:

@@ -168,6 +168,8 @@ def test_pvalidate_2m_needs_alignment() -> None:
     rmp = RmpTable()
     guest_invalid_2m(rmp)
     assert rmp.pvalidate(PFN + 1, GFN + 1, ASID, PG_LEVEL_2M, True) == PVALIDATE_FAIL_INPUT
+    with pytest.raises(RmpViolation):  # gpa aligned, pfn inside the 2M page: gpa mismatch
+        rmp.pvalidate(PFN + 1, GFN, ASID, PG_LEVEL_2M, True)
     assert rmp.pvalidate(PFN, GFN, ASID, PG_LEVEL_2M, True) == 0
     assert all(rmp.lookup(PFN + i).validated for i in (0, 200, 511))
 
@@ -389,7 +391,7 @@ class PerPageRmp:
 
     def pvalidate(self, pfn: int, gfn: int, asid: int, level: int, validate: bool) -> int | str:
         n = 512 if level == PG_LEVEL_2M else 1
-        if level == PG_LEVEL_2M and (pfn % 512 or gfn % 512):
+        if level == PG_LEVEL_2M and gfn % 512:
             return PVALIDATE_FAIL_INPUT
         for i, p in enumerate(range(pfn, pfn + n)):
             cur = self.pages.get(p)
@@ -397,7 +399,7 @@ class PerPageRmp:
                 return "npf"
             if level == PG_LEVEL_4K and cur[2] == PG_LEVEL_2M:
                 return "npf"
-            if level == PG_LEVEL_2M and cur[2] == PG_LEVEL_4K:
+            if level == PG_LEVEL_2M and (cur[2] == PG_LEVEL_4K or pfn % 512):
                 return PVALIDATE_FAIL_SIZEMISMATCH
         if self.pages[pfn][3] == validate:
             return PVALIDATE_FAIL_NOUPDATE

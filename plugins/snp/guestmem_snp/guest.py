@@ -1,0 +1,217 @@
+"""The guest side of an SNP VM: PVALIDATE, page-state changes, MAP_GPA_RANGE, accesses.
+
+``guestmem_snp.guest(vcpu)`` returns a :class:`SnpGuest` that executes guest
+instructions on that vCPU.  Requests that need the VMM leave as
+:class:`~guestmem_snp.HypercallExit` (``KVM_EXIT_HYPERCALL``, ``nr ==
+KVM_HC_MAP_GPA_RANGE``) raised out of the ``guestmem_hypercall`` hook; the VMM handles
+it and re-enters the vCPU with :meth:`SnpGuest.resume` (``run->hypercall.ret``), which
+returns what the guest finally sees or raises the next exit.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING, Any
+
+from guestmem import uapi
+from guestmem.errors import kvm_error
+from guestmem_snp.ghcb import (
+    KVM_HC_MAP_GPA_RANGE,
+    SVM_EXIT_VMGEXIT,
+    SVM_VMGEXIT_PSC,
+    PscBuffer,
+    PscEntry,
+    ghcb_msr_psc_req,
+)
+from guestmem_snp.rmp import (
+    PTRS_PER_PMD,
+    PVALIDATE_FAIL_INPUT,
+    PVALIDATE_FAIL_SIZEMISMATCH,
+    RmpViolation,
+)
+from guestmem_snp.sev import SevVcpu, SevVm, as_sev
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+PAGE_SHIFT = uapi.PAGE_SHIFT
+PAGE_SIZE = uapi.PAGE_SIZE
+
+
+class UnvalidatedAccess(Exception):
+    """The guest touched a private page whose RMP entry is not validated: #VC in the guest."""
+
+    def __init__(self, gpa: int) -> None:
+        self.gpa = gpa
+        super().__init__(f"#VC: private access to unvalidated gpa {gpa:#x}")
+
+
+class SnpGuest:
+    """Guest instructions executed on one vCPU of an SNP VM."""
+
+    def __init__(self, vcpu: Any) -> None:
+        self.vcpu = vcpu
+        self.vm = vcpu.vm
+        self.sev: SevVm = as_sev(vcpu.vm)
+        if not self.sev.snp:
+            raise kvm_error(errno.ENOTTY, "", "PVALIDATE and page-state changes need an SNP VM")
+
+    @property
+    def state(self) -> SevVcpu:
+        """This vCPU's SEV state (GHCB, pending exit)."""
+        return self.sev.vcpu_state(self.vcpu.vcpu_id)
+
+    # --- exits and re-entry ------------------------------------------------------------------
+    def _enter(self) -> None:
+        if self.state.pending is not None:
+            raise RuntimeError("the vCPU has an unfinished KVM_EXIT_HYPERCALL: resume() it first")
+
+    def resume(self, ret: int = 0) -> int:
+        """Re-enter after a ``KVM_EXIT_HYPERCALL`` with ``run->hypercall.ret = ret``."""
+        pending = self.state.pending
+        if pending is None:
+            raise RuntimeError("resume() without a pending KVM_EXIT_HYPERCALL")
+        self.vm.host.check_alive()
+        if self.vm.dead:
+            raise kvm_error(errno.EIO, "CAP-9", f"VM is dead: {self.vm.dead_reason}")
+        self.state.pending = None
+        return pending(ret)
+
+    # --- page-state change requests --------------------------------------------------------------
+    def page_state_change(self, buffer: PscBuffer | Iterable[PscEntry]) -> int:
+        """VMGEXIT ``SVM_VMGEXIT_PSC`` with *buffer* in the GHCB; returns ``sw_exit_info_2``."""
+        self._enter()
+        self.state.psc = buffer if isinstance(buffer, PscBuffer) else PscBuffer(list(buffer))
+        return int(self.vcpu.hypercall(SVM_VMGEXIT_PSC))
+
+    def psc_msr(self, gfn: int, op: int) -> int:
+        """GHCB MSR protocol page-state change of one 4 KiB page; returns the GHCB MSR value."""
+        self._enter()
+        return int(self.vcpu.hypercall(SVM_EXIT_VMGEXIT, ghcb_msr_psc_req(gfn, op)))
+
+    def map_gpa_range(self, gpa: int, npages: int, attrs: int) -> int:
+        """``vmmcall`` ``KVM_HC_MAP_GPA_RANGE``; returns the hypercall's result."""
+        self._enter()
+        return int(self.vcpu.hypercall(KVM_HC_MAP_GPA_RANGE, gpa, npages, attrs))
+
+    # --- PVALIDATE ----------------------------------------------------------------------------
+    def _translate(self, gpa: int) -> int:
+        """The NPT walk of a private access: faults the page in (or raises MemoryFault)."""
+        return int(self.vcpu.translate(gpa, private=True))
+
+    def _mapped_run(self, gfn: int, limit: int) -> tuple[int, int]:
+        """``(pfn, npages)``: the private mapping at *gfn* and how far it runs contiguously.
+
+        The first page is faulted in through the core.  Further pages of the same prepared
+        gmem folio run, private and in the same memslot, are mapped at 4 KiB at once: that is
+        the state their one-by-one faults would leave (a prepared folio is not prepared
+        again), without a per-page loop.
+        """
+        pfn = self._translate(gfn << PAGE_SHIFT)
+        vm = self.vm
+        hit = vm.mmu.sptes.entry(gfn)
+        mapped_end = hit[1] if hit is not None else gfn + 1
+        loc = vm.gfn_to_gmem(gfn)
+        if loc is None:
+            return pfn, max(1, min(mapped_end - gfn, limit))
+        folios = loc.inode.pages.entry(loc.index)
+        if folios is None or not folios[2].uptodate:
+            return pfn, max(1, min(mapped_end - gfn, limit))
+        slot = loc.slot
+        end = min(gfn + limit, slot.end_gfn, gfn + (folios[1] - loc.index))
+        private = vm.attributes.entry(gfn)
+        if private is None or not private[2] & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE:
+            return pfn, max(1, min(mapped_end - gfn, limit))
+        end = min(end, private[1])
+        if end > mapped_end and not vm.mmu.invalidate_in_progress:
+            unmapped = end - mapped_end
+            vm.mmu.install(mapped_end, unmapped, pfn + (mapped_end - gfn), True, True, uapi.PG_LEVEL_4K)
+            vm.count("faults", unmapped)
+            mapped_end = end
+        return pfn, max(1, min(mapped_end - gfn, limit))
+
+    def pvalidate(self, gpa: int, page_size: int = uapi.PG_LEVEL_4K, validate: bool = True) -> int:
+        """PVALIDATE one page at *gpa*; returns the instruction's code (0 on success)."""
+        size = PAGE_SIZE << (uapi.PMD_ORDER if page_size == uapi.PG_LEVEL_2M else 0)
+        return self.pvalidate_range(gpa, size, page_size, validate, fallback=False)
+
+    def pvalidate_range(
+        self,
+        gpa: int,
+        size: int,
+        page_size: int = uapi.PG_LEVEL_4K,
+        validate: bool = True,
+        *,
+        fallback: bool = True,
+    ) -> int:
+        """PVALIDATE every page of ``[gpa, gpa + size)`` with pages of *page_size*.
+
+        The instructions run in order; the result is the code of the first one that did
+        not succeed (its predecessors took effect).  A 4K PVALIDATE inside a 2M RMP entry
+        takes the #NPF KVM resolves with PSMASH and a 512-gfn zap (``sev_handle_rmp_fault``),
+        then succeeds.  With *fallback* a 2M PVALIDATE answered with SIZEMISMATCH is redone
+        as 512 4K ones, as Linux guests do.
+        """
+        step = PTRS_PER_PMD if page_size == uapi.PG_LEVEL_2M else 1
+        if gpa % PAGE_SIZE or size % (step * PAGE_SIZE) or size <= 0:
+            return PVALIDATE_FAIL_INPUT
+        rmp = self.sev.host.rmp
+        gfn, end = gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT
+        while gfn < end:
+            pfn, run = self._mapped_run(gfn, end - gfn)
+            count = max(1, run // step)
+            try:
+                rc = rmp.pvalidate(pfn, gfn, self.sev.asid, page_size, validate, count=count)
+            except RmpViolation as exc:
+                if not exc.size_mismatch:
+                    raise
+                # The instructions before the faulting one took effect; it is retried.
+                done = exc.pfn - pfn
+                self.vm.count("pvalidate", done // step + 1)
+                self._handle_rmp_fault(exc.pfn, gfn + done)
+                gfn += done
+                continue
+            self.vm.count("pvalidate", count)
+            if rc == PVALIDATE_FAIL_SIZEMISMATCH and fallback:
+                rc = self.pvalidate_range(gfn << PAGE_SHIFT, step * PAGE_SIZE, uapi.PG_LEVEL_4K, validate)
+                if rc:
+                    return rc
+                gfn += step
+                continue
+            if rc:
+                return rc
+            gfn += count * step
+        return 0
+
+    def _handle_rmp_fault(self, pfn: int, gfn: int) -> None:
+        """``sev_handle_rmp_fault`` for a size mismatch: PSMASH the 2M entry, zap 512 gfns."""
+        rmp = self.sev.host.rmp
+        self.vm.count("rmp_npf")
+        with self.sev.host.acting(self.vm):
+            rmp.psmash(pfn - pfn % PTRS_PER_PMD)
+        self.vm.count("psmash")
+        base = gfn - gfn % PTRS_PER_PMD
+        self.vm.zap_gfn_range(base, base + PTRS_PER_PMD)
+        self.vm.trace("snp_rmp_fault", gpa=gfn << PAGE_SHIFT, pfn=pfn, psmash=True)
+
+    # --- accesses --------------------------------------------------------------------------------
+    def read(self, gpa: int, length: int, *, private: bool = True) -> bytes:
+        """A guest load; a private one of an unvalidated page raises :class:`UnvalidatedAccess`."""
+        if private:
+            self._check_validated(gpa, length)
+        data = self.vcpu.access(gpa, length, private=private)
+        assert data is not None
+        return bytes(data)
+
+    def write(self, gpa: int, data: bytes, *, private: bool = True) -> None:
+        """A guest store (C-bit set for *private*)."""
+        if private:
+            self._check_validated(gpa, len(data))
+        self.vcpu.access(gpa, data=data, private=private)
+
+    def _check_validated(self, gpa: int, length: int) -> None:
+        rmp = self.sev.host.rmp
+        for page in range(gpa >> PAGE_SHIFT, (gpa + length + PAGE_SIZE - 1) >> PAGE_SHIFT):
+            pfn = self._translate(page << PAGE_SHIFT)
+            if not rmp.lookup(pfn).validated:
+                raise UnvalidatedAccess(page << PAGE_SHIFT)

@@ -1,0 +1,553 @@
+"""Per-VM SEV state (``struct kvm_sev_info``) and the ``KVM_MEMORY_ENCRYPT_OP`` commands.
+
+A :class:`SevVm` is what ``guestmem_vm_init`` returns for SEV, SEV-ES and SNP VMs (it is
+``vm.arch``); reach it with :func:`guestmem_snp.sev`.  Its public methods are the
+commands a VMM issues (``KVM_SEV_INIT2``, ``KVM_SEV_SNP_LAUNCH_START/UPDATE/FINISH``,
+``KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)``); the others are the kernel paths the policy
+hooks run (``sev_gmem_prepare``, ``sev_gmem_invalidate``, ``sev_gmem_post_populate``...).
+
+Costs go to ``vm.count``: ``rmpupdate``, ``psmash``, ``pvalidate``, ``psp_commands``,
+``clflush``/``clflush_bytes``, ``direct_map_splits``, ``copied_bytes``, ``zeroed_bytes``,
+``psc_exits``, ``userspace_exits``, ``rmp_npf``, ``wbinvd``, ``df_flush``, ``asid_recycles``.
+
+Modelling notes: page contents are kept in plaintext (encryption is not modelled, so a
+host read of a private page returns the guest's bytes, where hardware returns
+ciphertext); PSP commands always succeed but for the checks listed on each command.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import struct
+from typing import TYPE_CHECKING, Any, Final
+
+import attrs
+import structlog
+
+from guestmem import uapi
+from guestmem.errors import KvmError, kvm_error
+from guestmem_snp.ghcb import KVM_EXIT_HYPERCALL_VALID_MASK, PscBuffer, PscEngine
+from guestmem_snp.host import SnpHost, snp_host
+from guestmem_snp.rmp import PTRS_PER_PMD, RMP_RC_NAMES, RMP_SUCCESS, RmpEntry
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from guestmem.model.vm import ModelVm
+
+log = structlog.get_logger("guestmem.snp")
+
+PAGE_SHIFT: Final = uapi.PAGE_SHIFT
+PAGE_SIZE: Final = uapi.PAGE_SIZE
+
+# KVM_SEV_SNP_PAGE_TYPE_* (arch/x86/include/uapi/asm/kvm.h)
+KVM_SEV_SNP_PAGE_TYPE_NORMAL: Final = 0x1
+KVM_SEV_SNP_PAGE_TYPE_VMSA: Final = 0x2
+KVM_SEV_SNP_PAGE_TYPE_ZERO: Final = 0x3
+KVM_SEV_SNP_PAGE_TYPE_UNMEASURED: Final = 0x4
+KVM_SEV_SNP_PAGE_TYPE_SECRETS: Final = 0x5
+KVM_SEV_SNP_PAGE_TYPE_CPUID: Final = 0x6
+_USER_PAGE_TYPES = frozenset({0x1, 0x3, 0x4, 0x5, 0x6})
+
+# Guest policy bits (SEV-SNP firmware ABI; arch/x86/kvm/svm/sev.c SNP_POLICY_MASK_*).
+SNP_POLICY_MASK_SMT: Final = 1 << 16
+SNP_POLICY_MASK_RSVD_MBO: Final = 1 << 17
+SNP_POLICY_MASK_SINGLE_SOCKET: Final = 1 << 20
+SNP_POLICY_MASK_VALID: Final = (1 << 21) - 1
+SNP_POLICY_DEFAULT: Final = SNP_POLICY_MASK_RSVD_MBO | SNP_POLICY_MASK_SMT
+
+INITIAL_VMSA_GPA: Final = 0xFFFFFFFFF000
+SNP_CPUID_COUNT_MAX: Final = 64
+SEV_RET_INVALID_PARAM: Final = 0x16
+GHCB_VERSION_MAX: Final = 2
+_DIGEST_SIZE: Final = 48
+_PAGE_INFO_LEN: Final = 0x70
+
+
+@attrs.define
+class SnpLaunchUpdate:
+    """``struct kvm_sev_snp_launch_update``, updated in place on partial progress.
+
+    ``data`` stands for the bytes at ``uaddr`` (``None`` only for ZERO pages); ``error``
+    is the firmware error the kernel copies back.
+    """
+
+    gfn_start: int
+    data: bytes | None
+    len: int
+    type: int = KVM_SEV_SNP_PAGE_TYPE_NORMAL
+    flags: int = 0
+    error: int = 0
+
+
+@attrs.frozen
+class _Populate:
+    """``struct sev_gmem_populate_args`` (the opaque of ``kvm_gmem_populate``)."""
+
+    params: SnpLaunchUpdate
+    start_gfn: int
+    npages: int
+
+
+@attrs.define
+class SevVcpu:
+    """Per-vCPU SEV-ES/SNP state: the GHCB's PSC descriptor and the pending userspace exit."""
+
+    psc: PscBuffer | None = None
+    engine: PscEngine = attrs.Factory(PscEngine)
+    #: ``vcpu->arch.complete_userspace_io``: called with ``run->hypercall.ret`` on re-entry.
+    pending: Callable[[int], int] | None = None
+
+
+def page_info_digest(current: bytes, contents: bytes, page_type: int, gpa: int) -> bytes:
+    """The launch digest extended by one page: SHA-384 over the PAGE_INFO structure.
+
+    PAGE_INFO = digest so far, SHA-384 of the contents (zero for ZERO, UNMEASURED,
+    SECRETS and CPUID pages), length 0x70, page type, IMI, VMPL permissions, gpa.
+    """
+    info = current + contents + struct.pack("<HBBBBBBQ", _PAGE_INFO_LEN, page_type, 0, 0, 0, 0, 0, gpa)
+    assert len(info) == _PAGE_INFO_LEN
+    return hashlib.sha384(info).digest()
+
+
+class SevVm:
+    """``struct kvm_sev_info`` of one SEV / SEV-ES / SNP VM."""
+
+    def __init__(self, vm: ModelVm) -> None:
+        self.vm = vm
+        self.host: SnpHost = snp_host(vm.host)
+        self.snp = vm.vm_type == uapi.KVM_X86_SNP_VM
+        self.es = self.snp or vm.vm_type == uapi.KVM_X86_SEV_ES_VM
+        self.need_init = True
+        self.active = False
+        self.asid = 0
+        self.ghcb_version = 0
+        self.vmsa_features = 0
+        self.hypercall_exit_enabled = 0
+        self.policy = 0
+        self.gctx_pfn: int | None = None
+        self.snp_finished = False
+        self.launch_digest = bytes(_DIGEST_SIZE)
+        self.vmsa_pfns: dict[int, int] = {}
+        self.vcpus: dict[int, SevVcpu] = {}
+
+    def __repr__(self) -> str:
+        kind = "SNP" if self.snp else "SEV-ES" if self.es else "SEV"
+        return f"<SevVm {kind} asid={self.asid} vm={self.vm.vm_id}>"
+
+    # --- helpers ---------------------------------------------------------------------------
+    @property
+    def snp_active(self) -> bool:
+        """``sev_snp_guest(kvm)``: an SNP VM after KVM_SEV_INIT2."""
+        return self.snp and self.active
+
+    def vcpu_state(self, vcpu_id: int) -> SevVcpu:
+        """The SEV state of vCPU *vcpu_id* (created on first use)."""
+        state = self.vcpus.get(vcpu_id)
+        if state is None:
+            state = self.vcpus[vcpu_id] = SevVcpu()
+        return state
+
+    def _command(self) -> None:
+        """The checks of ``sev_mem_enc_ioctl`` before a command."""
+        self.vm.host.check_alive()
+        if self.vm.dead:
+            raise kvm_error(errno.EIO, "CAP-9", f"VM is dead: {self.vm.dead_reason}")
+
+    def _psp(self, command: str, n: int = 1) -> None:
+        self.vm.count("psp_commands", n)
+        self.vm.trace("snp_psp_command", command=command, n=n)
+
+    def _rmp_failed(self, what: str, pfn: int, rc: int) -> None:
+        self.vm.count("rmp_update_failures")
+        self.vm.trace("snp_rmp_warn", what=what, pfn=pfn, rc=RMP_RC_NAMES.get(rc, str(rc)))
+        log.warning("rmp update failed", what=what, pfn=pfn, rc=rc, vm=self.vm.vm_id)
+
+    # --- uAPI: KVM_ENABLE_CAP / KVM_MEMORY_ENCRYPT_OP --------------------------------------
+    def enable_cap_exit_hypercall(self, mask: int) -> None:
+        """``KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)``: which hypercalls exit to userspace."""
+        self._command()
+        if mask & ~KVM_EXIT_HYPERCALL_VALID_MASK:
+            raise kvm_error(
+                errno.EINVAL, "", f"hypercall exit mask {mask:#x} not in {KVM_EXIT_HYPERCALL_VALID_MASK:#x}"
+            )
+        self.hypercall_exit_enabled = mask
+
+    def init2(self, vmsa_features: int = 0, ghcb_version: int = 0, flags: int = 0) -> None:
+        """``KVM_SEV_INIT2`` (``sev_guest_init2``): allocate the ASID and activate SEV."""
+        self._command()
+        if not self.need_init or self.active:
+            raise kvm_error(errno.EINVAL, "", "KVM_SEV_INIT2: the VM is already initialised")
+        if flags:
+            raise kvm_error(errno.EINVAL, "", f"KVM_SEV_INIT2: flags must be 0, got {flags:#x}")
+        if not self.es and vmsa_features:
+            raise kvm_error(errno.EINVAL, "", "KVM_SEV_INIT2: vmsa_features need an SEV-ES or SNP VM")
+        if ghcb_version > GHCB_VERSION_MAX or (not self.es and ghcb_version):
+            raise kvm_error(errno.EINVAL, "", f"KVM_SEV_INIT2: bad ghcb_version {ghcb_version}")
+        if self.snp and ghcb_version == 0:
+            ghcb_version = 2
+        if self.snp and ghcb_version < 2:
+            raise kvm_error(errno.EINVAL, "", "KVM_SEV_INIT2: SNP needs GHCB protocol version 2")
+        if self.vm.vcpus:
+            raise kvm_error(errno.EINVAL, "", "KVM_SEV_INIT2 must come before KVM_CREATE_VCPU")
+        recycles = self.host.asids.stats["asid_recycle"]
+        self.asid = self.host.asids.allocate(es=self.es, snp=self.snp)
+        if self.host.asids.stats["asid_recycle"] != recycles:
+            self.vm.count("asid_recycles")
+            self.vm.count("wbinvd")
+            self.vm.count("df_flush")
+        self.ghcb_version = ghcb_version
+        self.vmsa_features = vmsa_features
+        self.active = True
+        self.need_init = False
+        self.vm.trace("sev_init", asid=self.asid, snp=self.snp, es=self.es)
+
+    def snp_launch_start(self, policy: int = SNP_POLICY_DEFAULT, flags: int = 0) -> None:
+        """``KVM_SEV_SNP_LAUNCH_START``: create the guest context (a firmware page), bind the ASID."""
+        self._command()
+        if not self.snp_active:
+            raise kvm_error(errno.ENOTTY, "", "KVM_SEV_SNP_LAUNCH_START needs an initialised SNP VM")
+        if self.gctx_pfn is not None:
+            raise kvm_error(errno.EINVAL, "", "KVM_SEV_SNP_LAUNCH_START: the launch already started")
+        if flags:
+            raise kvm_error(errno.EINVAL, "", f"KVM_SEV_SNP_LAUNCH_START: flags must be 0, got {flags:#x}")
+        if policy & ~SNP_POLICY_MASK_VALID:
+            raise kvm_error(errno.EINVAL, "", f"SNP policy {policy:#x} has unknown bits")
+        if not policy & SNP_POLICY_MASK_RSVD_MBO:
+            raise kvm_error(errno.EINVAL, "", "SNP policy lacks the must-be-one bit 17")
+        if policy & SNP_POLICY_MASK_SINGLE_SOCKET:
+            raise kvm_error(errno.EINVAL, "", "SNP policy SINGLE_SOCKET is not supported by KVM")
+        pfn = self.vm.host.alloc(1)
+        with self.host.acting(self.vm):
+            rc = self.host.rmp.mark_firmware(pfn)
+        assert rc == RMP_SUCCESS, "a freshly allocated page is never assigned"
+        self.gctx_pfn = pfn
+        self.policy = policy
+        self.launch_digest = bytes(_DIGEST_SIZE)
+        self._psp("SNP_GCTX_CREATE")
+        self._psp("SNP_LAUNCH_START")
+        self._psp("SNP_ACTIVATE")
+        self.vm.trace("snp_launch_start", policy=policy, gctx_pfn=pfn)
+
+    def snp_launch_update(self, params: SnpLaunchUpdate) -> None:
+        """``KVM_SEV_SNP_LAUNCH_UPDATE`` (P-1..P-5 through ``kvm_gmem_populate``).
+
+        On partial progress *params* is advanced (``gfn_start``, ``data``, ``len``) and the
+        call returns normally, as the kernel does; call again until ``len == 0``.
+        """
+        self._command()
+        if not self.snp_active or self.gctx_pfn is None or self.snp_finished:
+            raise kvm_error(errno.EINVAL, "", "KVM_SEV_SNP_LAUNCH_UPDATE outside of a launch")
+        if params.flags or params.type not in _USER_PAGE_TYPES:
+            raise kvm_error(errno.EINVAL, "", f"KVM_SEV_SNP_LAUNCH_UPDATE: bad type {params.type} or flags")
+        if params.len <= 0 or params.len % PAGE_SIZE:
+            raise kvm_error(
+                errno.EINVAL, "", f"KVM_SEV_SNP_LAUNCH_UPDATE: len {params.len:#x} not page aligned"
+            )
+        npages = params.len >> PAGE_SHIFT
+        src = None if params.type == KVM_SEV_SNP_PAGE_TYPE_ZERO else params.data
+        if src is not None and len(src) < params.len:
+            raise kvm_error(errno.EFAULT, "", "KVM_SEV_SNP_LAUNCH_UPDATE: the source is shorter than len")
+        if src is None and params.type != KVM_SEV_SNP_PAGE_TYPE_ZERO:
+            raise kvm_error(errno.EFAULT, "", "KVM_SEV_SNP_LAUNCH_UPDATE: no source data")
+        slot = self.vm.slot_for_gfn(params.gfn_start)
+        if slot is None or not slot.has_gmem:
+            raise kvm_error(errno.EINVAL, "P-2", f"gfn {params.gfn_start:#x} is not in a guest_memfd memslot")
+        params.error = 0
+        opaque = _Populate(params, params.gfn_start, npages)
+        count = self.vm.gmem_populate(params.gfn_start, src, npages, opaque)
+        params.gfn_start += count
+        params.len -= count * PAGE_SIZE
+        if params.data is not None and params.type != KVM_SEV_SNP_PAGE_TYPE_ZERO:
+            params.data = params.data[count * PAGE_SIZE :]
+
+    def launch_update_data(
+        self,
+        gpa: int,
+        data: bytes | None,
+        page_type: int = KVM_SEV_SNP_PAGE_TYPE_NORMAL,
+        *,
+        length: int | None = None,
+    ) -> None:
+        """LAUNCH_UPDATE of *data* (or *length* bytes of ZERO pages) at *gpa*, until done."""
+        size = len(data) if data is not None else length
+        if size is None:
+            raise ValueError("ZERO pages need a length")
+        params = SnpLaunchUpdate(gpa >> PAGE_SHIFT, data, size, page_type)
+        while params.len:
+            self.snp_launch_update(params)
+
+    def snp_launch_finish(self, flags: int = 0) -> bytes:
+        """``KVM_SEV_SNP_LAUNCH_FINISH``: measure every vCPU's VMSA, seal; returns the digest."""
+        self._command()
+        if not self.snp_active:
+            raise kvm_error(errno.ENOTTY, "", "KVM_SEV_SNP_LAUNCH_FINISH needs an initialised SNP VM")
+        if self.gctx_pfn is None or self.snp_finished:
+            raise kvm_error(errno.EINVAL, "", "KVM_SEV_SNP_LAUNCH_FINISH outside of a launch")
+        if flags:
+            raise kvm_error(errno.EINVAL, "", f"KVM_SEV_SNP_LAUNCH_FINISH: flags must be 0, got {flags:#x}")
+        rmp = self.host.rmp
+        for vcpu_id in sorted(self.vm.vcpus):
+            pfn = self.vm.host.alloc(1)
+            vmsa = struct.pack("<QQ", vcpu_id, self.vmsa_features)
+            self.vm.host.write(pfn, 0, vmsa)
+            with self.host.acting(self.vm):
+                rc = rmp.make_private(pfn, INITIAL_VMSA_GPA, uapi.PG_LEVEL_4K, self.asid, immutable=True)
+                self.vm.count("rmpupdate")
+                if rc:
+                    raise kvm_error(errno.EINVAL, "", f"VMSA of vCPU {vcpu_id}: RMPUPDATE failed ({rc})")
+                rmp.launch_update(pfn, vmsa=True)
+            self._psp("SNP_LAUNCH_UPDATE(VMSA)")
+            contents = hashlib.sha384(self.vm.host.read(pfn, 0, PAGE_SIZE)).digest()
+            self.launch_digest = page_info_digest(
+                self.launch_digest, contents, KVM_SEV_SNP_PAGE_TYPE_VMSA, INITIAL_VMSA_GPA
+            )
+            self.vmsa_pfns[vcpu_id] = pfn
+        self._psp("SNP_LAUNCH_FINISH")
+        self.snp_finished = True
+        self.vm.trace("snp_launch_finish", digest=self.launch_digest.hex(), vcpus=len(self.vmsa_pfns))
+        return self.launch_digest
+
+    # --- kernel paths run by the policy hooks -----------------------------------------------
+    def gmem_prepare(self, gfn: int, pfn: int, order: int) -> None:
+        """``sev_gmem_prepare``: make a new gmem folio private in the RMP (Guest-Invalid).
+
+        2 MiB iff the folio is 2 MiB (order >= 9), naturally aligned, and all 512 RMP
+        entries are unassigned (``is_large_rmp_possible``); else 4 KiB entries.
+        """
+        if not self.snp_active:
+            return
+        rmp = self.host.rmp
+        if rmp.is_assigned(pfn):
+            return
+        nr = 1 << order
+        npages = nr - gfn % nr  # the folio may reach prepare from a page inside it
+        base_pfn = pfn - pfn % PTRS_PER_PMD
+        large = (
+            order >= uapi.PMD_ORDER
+            and pfn % PTRS_PER_PMD == 0
+            and gfn % PTRS_PER_PMD == 0
+            and not rmp.any_assigned(base_pfn, PTRS_PER_PMD)
+        )
+        rc = RMP_SUCCESS
+        with self.host.acting(self.vm):
+            if large:
+                rc = rmp.make_private(
+                    base_pfn, gfn << PAGE_SHIFT, uapi.PG_LEVEL_2M, self.asid, immutable=False
+                )
+                self.vm.count("rmpupdate")
+            else:
+                # 6.18 folios are order 0: one 4K entry.  A large folio that cannot take a 2M
+                # entry gets 4K entries for its unassigned pages (prepare runs once per folio).
+                for s, e in list(rmp.unassigned(pfn, pfn + npages)):
+                    gpa = (gfn + s - pfn) << PAGE_SHIFT
+                    rc = rmp.make_private(s, gpa, uapi.PG_LEVEL_4K, self.asid, immutable=False, npages=e - s)
+                    self.vm.count("rmpupdate", e - s)
+                    if rc:
+                        break
+                    self.vm.count("direct_map_splits", self.host.split_direct_map(s, e - s))
+        if rc:
+            self._rmp_failed("sev_gmem_prepare", pfn, rc)
+            raise kvm_error(errno.EINVAL, "", f"sev_gmem_prepare: RMPUPDATE of pfn {pfn:#x} failed ({rc})")
+
+    def gmem_invalidate(self, start: int, end: int) -> None:
+        """``sev_gmem_invalidate``: every assigned pfn back to shared, PSMASH where partial, clflush."""
+        if not self.snp:
+            return
+        rmp = self.host.rmp
+        with self.host.acting(self.vm):
+            for s, e, entry in list(rmp.runs(start, end)):
+                if entry.immutable:
+                    # RMPUPDATE FAIL_PERMISSION: WARN, the folio is freed anyway.
+                    self.vm.count("rmpupdate", e - s)
+                    self._rmp_failed("sev_gmem_invalidate", s, 2)
+                    self.host.freed_while_assigned.set(s, e, True)
+                    continue
+                if entry.level == uapi.PG_LEVEL_4K:
+                    self._make_shared_4k(s, e)
+                    continue
+                pos = s
+                if pos % PTRS_PER_PMD:  # head of a partly freed 2M page
+                    pos = self._psmash_and_share(pos, min(e, pos - pos % PTRS_PER_PMD + PTRS_PER_PMD))
+                full_end = e - e % PTRS_PER_PMD
+                if full_end > pos:
+                    rc = rmp.make_shared(pos, uapi.PG_LEVEL_2M, npages=full_end - pos)
+                    assert rc == RMP_SUCCESS
+                    blocks = (full_end - pos) // PTRS_PER_PMD
+                    self.vm.count("rmpupdate", blocks)
+                    self.vm.count("clflush", blocks)
+                    self.vm.count("clflush_bytes", (full_end - pos) * PAGE_SIZE)
+                    pos = full_end
+                if pos < e:  # tail of a partly freed 2M page
+                    self._psmash_and_share(pos, e)
+
+    def _psmash_and_share(self, start: int, end: int) -> int:
+        rmp = self.host.rmp
+        rc = rmp.psmash(start - start % PTRS_PER_PMD)
+        self.vm.count("psmash")
+        if rc:
+            self._rmp_failed("snp_rmptable_psmash", start, rc)
+        self._make_shared_4k(start, end)
+        return end
+
+    def _make_shared_4k(self, start: int, end: int) -> None:
+        rc = self.host.rmp.make_shared(start, uapi.PG_LEVEL_4K, npages=end - start)
+        self.vm.count("rmpupdate", end - start)
+        if rc:
+            self._rmp_failed("rmp_make_shared", start, rc)
+            self.host.freed_while_assigned.set(start, end, True)
+            return
+        self.vm.count("clflush", end - start)
+        self.vm.count("clflush_bytes", (end - start) * PAGE_SIZE)
+
+    def post_populate(self, gfn: int, pfn: int, src: bytes | None, order: int, opaque: Any) -> int:
+        """``sev_gmem_post_populate``: copy, RMPUPDATE (Pre-Guest), LAUNCH_UPDATE, per 4K page."""
+        if not isinstance(opaque, _Populate):
+            raise kvm_error(errno.EINVAL, "P-5", "kvm_gmem_populate on an SNP VM outside LAUNCH_UPDATE")
+        params = opaque.params
+        if src is not None:
+            npages = len(src) >> PAGE_SHIFT
+        else:
+            folio = 1 << order
+            npages = min(folio - gfn % folio, opaque.start_gfn + opaque.npages - gfn)
+        rmp = self.host.rmp
+        done = 0
+        with self.host.acting(self.vm):
+            try:
+                for i in range(npages):
+                    self._populate_one(
+                        params,
+                        gfn + i,
+                        pfn + i,
+                        None if src is None else src[i * PAGE_SIZE : (i + 1) * PAGE_SIZE],
+                    )
+                    done += 1
+            except KvmError:
+                # Pages launched before the failing one go back to shared (kernel: "err:").
+                if done:
+                    rmp.make_shared(pfn, uapi.PG_LEVEL_4K, npages=done)
+                    self.vm.count("rmpupdate", done)
+                raise
+        return 0
+
+    def _populate_one(self, params: SnpLaunchUpdate, gfn: int, pfn: int, src: bytes | None) -> None:
+        rmp = self.host.rmp
+        host = self.vm.host
+        if rmp.is_assigned(pfn):
+            raise kvm_error(errno.EEXIST, "", f"sev_gmem_post_populate: pfn {pfn:#x} is already assigned")
+        page_type = params.type
+        if src is not None:
+            host.write(pfn, 0, src)
+            self.vm.count("copied_bytes", PAGE_SIZE)
+        rc = rmp.make_private(pfn, gfn << PAGE_SHIFT, uapi.PG_LEVEL_4K, self.asid, immutable=True)
+        self.vm.count("rmpupdate")
+        if rc:
+            raise kvm_error(
+                errno.EINVAL, "", f"sev_gmem_post_populate: RMPUPDATE of pfn {pfn:#x} failed ({rc})"
+            )
+        self._psp("SNP_LAUNCH_UPDATE")
+        if page_type == KVM_SEV_SNP_PAGE_TYPE_CPUID:
+            (count,) = struct.unpack_from("<I", host.read(pfn, 0, 4))
+            if count > SNP_CPUID_COUNT_MAX:
+                params.error = SEV_RET_INVALID_PARAM
+                self._page_reclaim(pfn)
+                raise kvm_error(
+                    errno.EIO,
+                    "",
+                    f"SNP_LAUNCH_UPDATE: CPUID table has {count} entries (max {SNP_CPUID_COUNT_MAX})",
+                )
+        if page_type == KVM_SEV_SNP_PAGE_TYPE_ZERO:
+            host.zero(pfn, 1)
+            self.vm.count("zeroed_bytes", PAGE_SIZE)
+        elif page_type == KVM_SEV_SNP_PAGE_TYPE_SECRETS:
+            secrets = hashlib.sha384(b"snp-secrets" + struct.pack("<IQ", self.asid, gfn)).digest()
+            host.zero(pfn, 1)
+            host.write(pfn, 0, secrets)
+        if page_type == KVM_SEV_SNP_PAGE_TYPE_NORMAL:
+            contents = hashlib.sha384(host.read(pfn, 0, PAGE_SIZE)).digest()
+        else:
+            contents = bytes(_DIGEST_SIZE)
+        rc = rmp.launch_update(pfn)
+        assert rc == RMP_SUCCESS
+        self.launch_digest = page_info_digest(self.launch_digest, contents, page_type, gfn << PAGE_SHIFT)
+
+    def _page_reclaim(self, pfn: int, npages: int = 1) -> bool:
+        """``snp_page_reclaim``: PAGE_RECLAIM then shared; on failure the pages are leaked."""
+        rmp = self.host.rmp
+        self._psp("SNP_PAGE_RECLAIM", npages)
+        rc = rmp.page_reclaim(pfn, npages)
+        if rc == RMP_SUCCESS:
+            rc = rmp.make_shared(pfn, uapi.PG_LEVEL_4K, npages=npages)
+            self.vm.count("rmpupdate", npages)
+        if rc:
+            self._rmp_failed("snp_page_reclaim", pfn, rc)
+            self.host.leaked.set(pfn, pfn + npages, True)
+            return False
+        return True
+
+    def max_mapping_level(self, pfn: int, is_private: bool) -> int | None:
+        """``sev_gmem_max_mapping_level``: the RMP page size; unassigned -> 4K."""
+        if not self.snp_active or not is_private:
+            return None
+        entry = self.host.rmp.lookup(pfn)
+        return entry.level if entry.assigned else uapi.PG_LEVEL_4K
+
+    def rmp_entry(self, pfn: int) -> RmpEntry:
+        """The RMP entry of *pfn*."""
+        return self.host.rmp.lookup(pfn)
+
+    def host_write_verdict(self, pfn: int) -> str | None:
+        """A host write to *pfn*: the RMP #PF verdict if it is assigned, else None."""
+        entry = self.host.rmp.lookup(pfn)
+        if not entry.assigned:
+            return None
+        return (
+            f"RMP #PF: host write to pfn {pfn:#x}, assigned to ASID {entry.asid} "
+            f"({entry.state.value}, gpa {entry.gpa:#x})"
+        )
+
+    def host_kernel_write(self, pfn: int, data: bytes, offset: int = 0) -> None:
+        """The host kernel stores *data* to *pfn* through its direct map.
+
+        An RMP-assigned page takes an RMP #PF: the host goes down with that verdict
+        (``HostCrash``), as ``guestmem_host_access`` reports it for host mappings.
+        """
+        verdict = self.host_write_verdict(pfn)
+        if verdict is not None:
+            self.vm.trace("rmp_pf", pfn=pfn)
+            self.vm.host.crash(verdict)
+        self.vm.host.write(pfn, offset, data)
+
+    def destroy(self) -> None:
+        """``sev_free_vcpu`` + ``sev_vm_destroy``: VMSAs and GCTX back to the host, ASID freed."""
+        rmp = self.host.rmp
+        host = self.vm.host
+        with self.host.acting(self.vm):
+            for pfn in self.vmsa_pfns.values():
+                rc = rmp.make_shared(pfn)
+                self.vm.count("rmpupdate")
+                if rc:
+                    self._rmp_failed("sev_free_vcpu", pfn, rc)
+                    self.host.leaked.set(pfn, pfn + 1, True)
+                    continue
+                host.free(pfn, 1)
+            self.vmsa_pfns.clear()
+            if self.gctx_pfn is not None:
+                self._psp("SNP_DECOMMISSION")
+                if self._page_reclaim(self.gctx_pfn):
+                    host.free(self.gctx_pfn, 1)
+                self.gctx_pfn = None
+        if self.active:
+            self.vm.count("wbinvd")  # WBNOINVD on the CPUs that ran the VM
+            self.host.asids.free(self.asid)
+            self.vm.trace("sev_asid_free", asid=self.asid)
+            self.active = False
+
+
+def as_sev(vm: Any) -> SevVm:
+    """``vm.arch`` of an SEV VM, or ``ENOTTY`` (``KVM_MEMORY_ENCRYPT_OP`` on another VM)."""
+    arch = getattr(vm, "arch", None)
+    if not isinstance(arch, SevVm):
+        raise kvm_error(errno.ENOTTY, "", f"{vm!r} is not an SEV/SEV-ES/SNP VM of the snp backend")
+    return arch

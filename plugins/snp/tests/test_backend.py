@@ -1,0 +1,247 @@
+"""The snp backends on the core model: VM types, capabilities, ASIDs, host outcomes."""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+import pytest
+from snp_helpers import MIB, SnpVm, make_snp_vm
+
+import guestmem
+import guestmem_snp
+from guestmem import uapi
+from guestmem.errors import HostCrash, HostSigbus, KvmError
+from guestmem.registry import get_registry
+from guestmem_snp.asid import AsidAllocator
+from guestmem_snp.host import snp_host
+from guestmem_snp.rmp import RmpState
+
+
+def test_backends_and_vm_types_registered() -> None:
+    """CAP-5/CAP-3/S-4/PF-2: the VmTypeInfo flags of SEV, SEV-ES and SNP."""
+    backends = get_registry().backends()
+    snp = backends["snp"]
+    assert snp.distribution == "guestmem-snp"
+    info = {t.type: t for t in snp.vm_types}
+    sev, es, snp_t = info[uapi.KVM_X86_SEV_VM], info[uapi.KVM_X86_SEV_ES_VM], info[uapi.KVM_X86_SNP_VM]
+    assert (sev.has_private_mem, sev.readonly_mem, sev.pre_fault_allowed) == (False, True, True)
+    assert (es.has_private_mem, es.readonly_mem) == (False, False)
+    assert (snp_t.has_private_mem, snp_t.readonly_mem, snp_t.pre_fault_allowed) == (True, False, False)
+    assert (snp_t.nr_memslot_as_ids, snp_t.gmem_folio_order) == (1, 0)
+    huge = backends["snp-hugepage"].vm_type(uapi.KVM_X86_SNP_VM)
+    assert huge is not None and huge.gmem_folio_order == uapi.PMD_ORDER
+
+
+@pytest.mark.parametrize(
+    ("vm_type", "flags"),
+    [(uapi.KVM_X86_SEV_VM, 0x3), (uapi.KVM_X86_SEV_ES_VM, 0x3), (uapi.KVM_X86_SNP_VM, 0x1)],
+)
+def test_cap3_no_init_shared_for_snp(vm_type: int, flags: int) -> None:
+    """CAP-3: KVM_CAP_GUEST_MEMFD_FLAGS is MMAP only for SNP; INIT_SHARED create is EINVAL."""
+    with guestmem.open("snp") as kvm, kvm.create_vm(vm_type) as vm:
+        assert vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS) == flags
+        if flags == 0x1:
+            with pytest.raises(KvmError) as info:
+                vm.create_guest_memfd(MIB, uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED)
+            assert info.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize("vm_type", [uapi.KVM_X86_SEV_ES_VM, uapi.KVM_X86_SNP_VM])
+def test_s4_no_readonly_memslots(vm_type: int) -> None:
+    """S-4: no READONLY memslots with protected state (SEV-ES, SNP)."""
+    with guestmem.open("snp") as kvm, kvm.create_vm(vm_type) as vm:
+        assert vm.check_extension(uapi.KVM_CAP_READONLY_MEM) == 0
+        mem = kvm.mmap_anonymous(MIB)
+        with pytest.raises(KvmError) as info:
+            vm.set_user_memory_region2(0, uapi.KVM_MEM_READONLY, 0, MIB, mem.address)
+        assert info.value.errno == errno.EINVAL
+
+
+def test_pf2_pre_fault_refused_on_snp(snp: SnpVm) -> None:
+    """PF-2: KVM_PRE_FAULT_MEMORY on an SNP VM is EOPNOTSUPP."""
+    snp.private(0, MIB)
+    with pytest.raises(KvmError) as info:
+        snp.vcpu.pre_fault_memory(0, MIB)
+    assert info.value.errno == errno.EOPNOTSUPP
+
+
+def test_exit_hypercall_capability(snp: SnpVm) -> None:
+    assert snp.vm.check_extension(uapi.KVM_CAP_EXIT_HYPERCALL) == 1 << 12
+    with pytest.raises(KvmError):
+        snp.sev.enable_cap_exit_hypercall(1 << 3)
+
+
+# --- KVM_SEV_INIT2 and ASIDs ---------------------------------------------------------------------
+def test_init2_allocates_an_snp_asid_once() -> None:
+    snp = make_snp_vm(init=False)
+    sev = snp.sev
+    with pytest.raises(KvmError) as info:  # vCPUs exist already
+        sev.init2()
+    assert info.value.errno == errno.EINVAL
+    with guestmem.open("snp") as kvm, kvm.create_vm(uapi.KVM_X86_SNP_VM) as vm:
+        s = guestmem_snp.sev(vm)
+        with pytest.raises(KvmError):
+            s.init2(ghcb_version=1)  # SNP needs GHCB v2
+        s.init2()
+        assert s.asid in s.host.asids.range_for(es=True, snp=True)
+        with pytest.raises(KvmError):
+            s.init2()
+
+
+def test_sev_vm_gets_an_sev_asid_and_no_vmsa_features() -> None:
+    with guestmem.open("snp") as kvm, kvm.create_vm(uapi.KVM_X86_SEV_VM) as vm:
+        s = guestmem_snp.sev(vm)
+        with pytest.raises(KvmError):
+            s.init2(vmsa_features=1)
+        s.init2()
+        assert s.asid >= s.host.asids.min_sev_asid
+
+
+def test_asid_freed_at_destroy_and_recycled_after_flush() -> None:
+    """2.1: a destroyed VM's ASID waits for WBINVD + DF_FLUSH before reuse; exhaustion is EBUSY."""
+    kvm: Any = guestmem.open("snp")
+    host = snp_host(kvm.host)
+    host.asids = AsidAllocator(max_sev_asid=10, min_sev_asid=3)  # SNP ASIDs 1..2
+    vms: list[Any] = [kvm.create_vm(uapi.KVM_X86_SNP_VM) for _ in range(3)]
+    guestmem_snp.sev(vms[0]).init2()
+    guestmem_snp.sev(vms[1]).init2()
+    with pytest.raises(KvmError) as info:
+        guestmem_snp.sev(vms[2]).init2()
+    assert info.value.errno == errno.EBUSY
+    first = guestmem_snp.sev(vms[0]).asid
+    vms[0].close()
+    assert host.asids.awaiting_flush(first)
+    guestmem_snp.sev(vms[2]).init2()
+    assert guestmem_snp.sev(vms[2]).asid == first
+    assert vms[2].counters["wbinvd"] == 1 and vms[2].counters["df_flush"] == 1
+
+
+def test_memory_encrypt_op_on_a_non_sev_vm_is_enotty() -> None:
+    with guestmem.open("sw") as kvm, kvm.create_vm(uapi.KVM_X86_SW_PROTECTED_VM) as vm:
+        with pytest.raises(KvmError) as info:
+            guestmem_snp.sev(vm)
+        assert info.value.errno == errno.ENOTTY
+
+
+# --- prepare, mapping level, invalidate --------------------------------------------------------
+def test_first_private_fault_assigns_a_4k_entry(snp: SnpVm) -> None:
+    """2.2 row 1 at 6.18 (H-1): order-0 folio -> 4K Guest-Invalid entry; NPT at 4K."""
+    snp.private(0, MIB)
+    snp.vcpu.access(0x3000, private=True)
+    entry = snp.rmp.lookup(snp.pfn(0x3000))
+    assert entry.state is RmpState.GUEST_INVALID
+    assert (entry.asid, entry.gpa, entry.level) == (snp.sev.asid, 0x3000, uapi.PG_LEVEL_4K)
+    assert snp.vm.counters["rmpupdate"] == 1 and snp.vm.counters["direct_map_splits"] == 1
+    snp.vcpu.access(0x3000, private=True)  # prepared once per folio lifetime
+    assert snp.vm.counters["rmpupdate"] == 1
+
+
+def test_hugepage_folio_gets_a_2m_entry(snp_huge: SnpVm) -> None:
+    """2.2 row 1: 2M iff the folio is 2M and all 512 entries are unassigned."""
+    snp = snp_huge
+    snp.private(0, 4 * MIB)
+    snp.vcpu.access(2 * MIB + 0x5000, private=True)
+    entry = snp.rmp.lookup(snp.pfn(2 * MIB + 0x5000))
+    assert (entry.level, entry.gpa) == (uapi.PG_LEVEL_2M, 2 * MIB)
+    assert snp.sev.max_mapping_level(entry.pfn, True) == uapi.PG_LEVEL_2M
+    assert snp.vm.counters["direct_map_splits"] == 0
+
+
+def test_no_2m_entry_before_init2() -> None:
+    """sev_gmem_prepare does nothing until the VM is an SNP guest (KVM_SEV_INIT2)."""
+    snp = make_snp_vm(init=False)
+    snp.private(0, MIB)
+    snp.vcpu.access(0, private=True)
+    assert not snp.rmp.is_assigned(snp.pfn(0))
+
+
+def test_punch_hole_reclaims_rmp_and_flushes(snp: SnpVm) -> None:
+    """2.6: the freed folio's entry goes back to Hypervisor, with a clflush."""
+    snp.private(0, MIB)
+    snp.vcpu.access(0, private=True)
+    pfn = snp.pfn(0)
+    snp.gmem.fallocate(uapi.FALLOC_FL_PUNCH_HOLE | uapi.FALLOC_FL_KEEP_SIZE, 0, MIB)
+    assert not snp.rmp.is_assigned(pfn)
+    assert snp.vm.counters["clflush"] == 1 and snp.vm.counters["rmpupdate"] == 2
+
+
+def test_partial_free_of_a_2m_entry_psmashes(snp_huge: SnpVm) -> None:
+    """2.6: a partly freed 2M RMP page is PSMASHed, then only the freed part is reclaimed."""
+    snp = snp_huge
+    snp.private(0, 2 * MIB)
+    snp.vcpu.access(0, private=True)
+    base = snp.pfn(0)
+    rmp = snp.rmp
+    # kvm_arch_gmem_invalidate on part of the folio (as a partial free would reach it)
+    snp.sev.gmem_invalidate(base + 16, base + 32)
+    assert snp.vm.counters["psmash"] == 1
+    assert not rmp.is_assigned(base + 16) and not rmp.is_assigned(base + 31)
+    assert rmp.lookup(base + 15).level == uapi.PG_LEVEL_4K and rmp.lookup(base + 32).assigned
+
+
+def test_whole_2m_free_is_one_2m_update(snp_huge: SnpVm) -> None:
+    snp = snp_huge
+    snp.private(0, 4 * MIB)
+    snp.vcpu.access(0, private=True)
+    snp.vcpu.access(2 * MIB, private=True)
+    before = snp.vm.counters["rmpupdate"]
+    snp.gmem.fallocate(uapi.FALLOC_FL_PUNCH_HOLE | uapi.FALLOC_FL_KEEP_SIZE, 0, 4 * MIB)
+    assert snp.vm.counters["rmpupdate"] - before == 2
+    assert snp.vm.counters["psmash"] == 0
+    assert snp.vm.counters["clflush_bytes"] == 4 * MIB
+
+
+def test_vm_teardown_leaves_no_assigned_entry() -> None:
+    snp = make_snp_vm()
+    snp.private(0, MIB)
+    snp.sev.snp_launch_start()
+    snp.sev.launch_update_data(0, b"x" * 4096)
+    snp.sev.snp_launch_finish()
+    snp.vcpu.access(0x10000, private=True)
+    rmp = snp.rmp
+    assert rmp.assigned_pages(snp.sev.asid) == 3  # launched page, VMSA, faulted page
+    snp.gmem.close()
+    snp.vcpu.close()
+    snp.vm.close()
+    assert rmp.assigned_pages() == 0
+    assert not snp.sev.host.freed_while_assigned and not snp.sev.host.leaked
+
+
+# --- host mappability and host accesses -----------------------------------------------------------
+def test_private_pages_are_never_host_mappable() -> None:
+    """2.5: a gmem mmap of an SNP VM faults SIGBUS on private pages (and on the rest: M-4)."""
+    kvm: Any = guestmem.open("snp")
+    vm = kvm.create_vm(uapi.KVM_X86_SNP_VM)
+    guestmem_snp.sev(vm).init2()
+    gmem = vm.create_guest_memfd(MIB, uapi.GUEST_MEMFD_FLAG_MMAP)
+    vm.set_user_memory_region2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, MIB, 0, gmem, 0)
+    vm.set_memory_attributes(0, MIB, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    vcpu = vm.create_vcpu(0)
+    vcpu.access(0, private=True)
+    mapping = gmem.mmap(MIB)
+    with pytest.raises(HostSigbus, match="host-mappability"):
+        mapping.write(0, b"x")
+    assert kvm.host.crashed is None
+
+
+def test_host_write_to_assigned_page_is_an_rmp_pf_host_crash(snp: SnpVm) -> None:
+    """2.2 illegal access: a host write to an assigned page -> RMP #PF, recorded as host crash."""
+    snp.private(0, MIB)
+    snp.vcpu.access(0, private=True)
+    pfn = snp.pfn(0)
+    policy = get_registry().backends()["snp"].policy
+    assert policy is not None
+    assert policy.guestmem_host_access(vm=snp.vm, pfn=pfn, write=False) is None  # type: ignore[attr-defined]
+    with pytest.raises(HostCrash, match="RMP #PF"):
+        snp.sev.host_kernel_write(pfn, b"oops")
+    assert "RMP #PF" in (snp.kvm.host.crashed or "")
+    with pytest.raises(HostCrash):
+        snp.vm.set_memory_attributes(0, MIB, 0)
+
+
+def test_host_write_to_shared_page_is_fine(snp: SnpVm) -> None:
+    snp.vcpu.access(0, data=b"shared", private=False)
+    pfn = snp.vcpu.translate(0)
+    snp.sev.host_kernel_write(pfn, b"SHARED")
+    assert snp.vcpu.access(0, 6, private=False) == b"SHARED"

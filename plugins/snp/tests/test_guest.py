@@ -1,0 +1,154 @@
+"""The guest side on the core model: PSC exits, MSR protocol, MAP_GPA_RANGE, PVALIDATE (2.2, 2.3)."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+from snp_helpers import MIB, SnpVm, make_snp_vm
+
+from guestmem import uapi
+from guestmem.errors import HypercallExit, MemoryFault
+from guestmem_snp import UnvalidatedAccess
+from guestmem_snp.ghcb import (
+    GHCB_MSR_PSC_RESP,
+    GHCB_MSR_PSC_RESP_ERROR,
+    KVM_ENOSYS,
+    KVM_HC_MAP_GPA_RANGE,
+    KVM_MAP_GPA_RANGE_DECRYPTED,
+    KVM_MAP_GPA_RANGE_ENCRYPTED,
+    SNP_PAGE_STATE_PRIVATE,
+    SNP_PAGE_STATE_SHARED,
+    VMGEXIT_PSC_ERROR_GENERIC,
+    VMGEXIT_PSC_MAX_ENTRY,
+    PscEntry,
+)
+from guestmem_snp.rmp import PVALIDATE_FAIL_NOUPDATE, PVALIDATE_FAIL_SIZEMISMATCH, RmpState, RmpViolation
+
+PAGE = uapi.PAGE_SIZE
+PRIV, SHARED = SNP_PAGE_STATE_PRIVATE, SNP_PAGE_STATE_SHARED
+
+
+def test_psc_leaves_to_userspace_as_map_gpa_range(snp: SnpVm) -> None:
+    """2.3: a PSC request reaches the VMM as KVM_EXIT_HYPERCALL(KVM_HC_MAP_GPA_RANGE); no RMP change."""
+    g = snp.guest
+    with pytest.raises(HypercallExit) as info:
+        g.page_state_change([PscEntry(gfn=0x200, operation=PRIV, pagesize=1)])
+    exit_ = info.value
+    assert exit_.exit_reason == uapi.KVM_EXIT_HYPERCALL
+    assert exit_.nr == KVM_HC_MAP_GPA_RANGE
+    assert tuple(exit_.args) == (2 * MIB, 512, KVM_MAP_GPA_RANGE_ENCRYPTED | 1)
+    assert snp.vm.counters["rmpupdate"] == 0
+    with pytest.raises(RuntimeError, match="resume"):
+        g.page_state_change([PscEntry(gfn=0, operation=PRIV)])
+    assert g.resume(0) == 0
+    assert snp.vm.counters["psc_exits"] == 1 and snp.vm.counters["userspace_exits"] == 1
+
+
+def test_linux_sized_requests_coalesce(snp: SnpVm) -> None:
+    """A Linux guest's 64-entry request of contiguous 4K pages is a single exit."""
+    vmm = snp.vmm()
+    entries = [PscEntry(gfn=i, operation=PRIV) for i in range(VMGEXIT_PSC_MAX_ENTRY)]
+    assert vmm.run(lambda: snp.guest.page_state_change(entries), snp.guest) == 0
+    assert vmm.exits == 1
+    assert snp.vm.is_private(0) and snp.vm.is_private(63) and not snp.vm.is_private(64)
+
+
+def test_psc_without_exit_capability_fails_without_exit() -> None:
+    snp = make_snp_vm(exits=False)
+    rc = snp.guest.page_state_change([PscEntry(gfn=0, operation=PRIV)])
+    assert rc == VMGEXIT_PSC_ERROR_GENERIC
+    assert snp.vm.counters["userspace_exits"] == 0
+
+
+def test_vmm_error_fails_the_request(snp: SnpVm) -> None:
+    g = snp.guest
+    with pytest.raises(HypercallExit):
+        g.page_state_change([PscEntry(gfn=0, operation=PRIV), PscEntry(gfn=9, operation=PRIV)])
+    assert g.resume(1) == VMGEXIT_PSC_ERROR_GENERIC
+
+
+def test_msr_protocol_round_trip(snp: SnpVm) -> None:
+    g = snp.guest
+    with pytest.raises(HypercallExit) as info:
+        g.psc_msr(0x42, SHARED)
+    assert tuple(info.value.args) == (0x42 * PAGE, 1, KVM_MAP_GPA_RANGE_DECRYPTED)
+    assert g.resume(0) == GHCB_MSR_PSC_RESP
+    with pytest.raises(HypercallExit):
+        g.psc_msr(0x42, PRIV)
+    assert g.resume(7) == GHCB_MSR_PSC_RESP_ERROR
+    assert g.psc_msr(0x42, 9) == GHCB_MSR_PSC_RESP_ERROR  # bad operation: no exit
+
+
+def test_map_gpa_range_hypercall(snp: SnpVm) -> None:
+    """KVM_HC_MAP_GPA_RANGE (nr 12) from the guest: exit with the guest's arguments; ret returned."""
+    g = snp.guest
+    with pytest.raises(HypercallExit) as info:
+        g.map_gpa_range(0x5000, 3, KVM_MAP_GPA_RANGE_ENCRYPTED)
+    assert tuple(info.value.args) == (0x5000, 3, KVM_MAP_GPA_RANGE_ENCRYPTED)
+    assert g.resume(0) == 0
+    assert g.map_gpa_range(0x5001, 1, 0) == -errno.EINVAL
+    plain = make_snp_vm(exits=False)
+    assert plain.guest.map_gpa_range(0x5000, 1, 0) == -KVM_ENOSYS
+
+
+def test_implicit_conversion_is_a_memory_fault_exit(snp: SnpVm) -> None:
+    """2.3 implicit: a private access to a shared gfn exits KVM_EXIT_MEMORY_FAULT (G-2)."""
+    with pytest.raises(MemoryFault) as info:
+        snp.guest.pvalidate(0x7000)
+    assert info.value.is_private and info.value.gpa == 0x7000
+    snp.private(0x7000, PAGE)
+    assert snp.guest.pvalidate(0x7000) == 0
+
+
+def test_pvalidate_then_access(snp: SnpVm) -> None:
+    """Guest-Invalid -> Guest-Valid by PVALIDATE; a private access before it is #VC."""
+    snp.private(0, MIB)
+    g = snp.guest
+    with pytest.raises(UnvalidatedAccess):
+        g.write(0x2000, b"secret")
+    assert g.pvalidate(0x2000) == 0
+    assert g.pvalidate(0x2000) == PVALIDATE_FAIL_NOUPDATE
+    g.write(0x2000, b"secret")
+    assert g.read(0x2000, 6) == b"secret"
+    assert snp.rmp.lookup(snp.pfn(0x2000)).state is RmpState.GUEST_VALID
+
+
+def test_2m_pvalidate_on_4k_entries_falls_back(snp: SnpVm) -> None:
+    """6.18 order-0 folios give 4K entries: 2M PVALIDATE says SIZEMISMATCH, the guest goes 4K."""
+    snp.private(0, 2 * MIB)
+    g = snp.guest
+    assert g.pvalidate(0, uapi.PG_LEVEL_2M) == PVALIDATE_FAIL_SIZEMISMATCH
+    assert g.pvalidate_range(0, 2 * MIB, uapi.PG_LEVEL_2M) == 0
+    assert snp.rmp.lookup(snp.pfn(2 * MIB - PAGE)).validated
+
+
+def test_4k_pvalidate_in_a_2m_entry_psmashes_and_zaps(snp_huge: SnpVm) -> None:
+    """2.2: 4K PVALIDATE over a 2M RMP entry -> #NPF SIZEM -> PSMASH + 512-gfn zap, then OK."""
+    snp = snp_huge
+    snp.private(0, 2 * MIB)
+    g = snp.guest
+    assert g.pvalidate(0x3000) == 0
+    counters = snp.vm.counters
+    assert counters["rmp_npf"] == 1 and counters["psmash"] == 1
+    assert snp.rmp.lookup(snp.pfn(0x3000)).level == uapi.PG_LEVEL_4K
+    assert snp.rmp.lookup(snp.pfn(0x3000)).validated and not snp.rmp.lookup(snp.pfn(0x4000)).validated
+
+
+def test_2m_pvalidate_on_a_2m_entry(snp_huge: SnpVm) -> None:
+    snp = snp_huge
+    snp.private(0, 4 * MIB)
+    assert snp.guest.pvalidate_range(0, 4 * MIB, uapi.PG_LEVEL_2M) == 0
+    assert snp.vm.counters["pvalidate"] == 2 and snp.vm.counters["psmash"] == 0
+    assert snp.rmp.lookup(snp.pfn(3 * MIB)).state is RmpState.GUEST_VALID
+
+
+def test_pvalidate_of_a_page_the_host_reassigned_is_an_rmp_violation(snp: SnpVm) -> None:
+    """Wrong ASID in the RMP entry: #NPF with the RMP bit that KVM cannot resolve."""
+    snp.private(0, MIB)
+    snp.vcpu.access(0, private=True)
+    rmp = snp.rmp
+    pfn = snp.pfn(0)
+    assert rmp.make_private(pfn, 0, uapi.PG_LEVEL_4K, snp.sev.asid + 1, immutable=False) == 0
+    with pytest.raises(RmpViolation, match="ASID"):
+        snp.guest.pvalidate(0)
