@@ -102,6 +102,10 @@ class Registry:
         self._lock = threading.RLock()
         self._dists: dict[int, tuple[str, str]] = {}
         self._generation = 0
+        #: Bumped whenever plugins are added or removed at run time (VmHooks re-derive then).
+        self.revision = 0
+        #: id(plugin) -> the policies of the backends it registered in the last collection.
+        self._owned: dict[int, list[object]] = {}
 
     # --- plugin loading ------------------------------------------------------------------
     def _load(self) -> None:
@@ -137,11 +141,14 @@ class Registry:
 
     def _collect(self) -> dict[str, Backend]:
         backends: dict[str, Backend] = {}
+        owners: dict[str, object] = {}
         caller = self.pm.hook.guestmem_register_backends
         for impl in caller.get_hookimpls():
             dist_name, version = self._dists.get(id(impl.plugin), ("<unregistered>", ""))
 
-            def register(backend: Backend, _dist: str = dist_name, _ver: str = version) -> None:
+            def register(
+                backend: Backend, _dist: str = dist_name, _ver: str = version, _owner: object = impl.plugin
+            ) -> None:
                 if not isinstance(backend, Backend):
                     raise PluginError(
                         f"distribution {_dist!r} registered {backend!r}, which is not a guestmem.Backend"
@@ -156,8 +163,21 @@ class Registry:
                 backends[backend.name] = attrs.evolve(
                     backend, distribution=_dist, version=backend.version or _ver
                 )
+                owners[backend.name] = _owner
 
             impl.function(register=register)
+        owned: dict[int, list[object]] = {}
+        for backend in backends.values():
+            if backend.policy is not None:
+                owned.setdefault(id(owners[backend.name]), []).append(backend.policy)
+        # A plugin may hand out a new policy object per collection: the old one must not stay
+        # registered, where it would act as an observer of every VM.
+        keep = {id(p) for policies in owned.values() for p in policies}
+        for policies in self._owned.values():
+            for stale in policies:
+                if id(stale) not in keep and self.pm.is_registered(stale):
+                    self.pm.unregister(stale)
+        self._owned = owned
         for backend in backends.values():
             policy = backend.policy
             if policy is not None and not self.pm.is_registered(policy):
@@ -194,25 +214,32 @@ class Registry:
 
     # --- throwaway plugins (tests, notebooks) -----------------------------------------------
     def add_plugin(self, plugin: object, *, name: str | None = None, distribution: str = "<local>") -> None:
-        """Register *plugin* at run time (a backend or an observer) and refresh the table."""
+        """Register *plugin* at run time (a backend or an observer) and refresh the table.
+
+        The plugin and the policies of the backends it registers are validated at once: a
+        :class:`PluginError` (naming *distribution*) leaves the registry as it was.
+        """
         with self._lock:
             self.backends()
             self._register(plugin, name or f"local.{id(plugin):x}", (distribution, ""))
             self._backends = None
+            self.revision += 1
+            try:
+                self.backends()
+            except PluginError:
+                self.remove_plugin(plugin)
+                raise
 
     def remove_plugin(self, plugin: object) -> None:
-        """Undo :meth:`add_plugin`, including the policies of backends it registered."""
+        """Undo :meth:`add_plugin`: *plugin* and the policies of the backends it registers."""
         with self._lock:
-            table = self.backends()
-            owned = {id(plugin)}
-            dist = self._dists.pop(id(plugin), None)
-            for backend in table.values():
-                if dist is not None and backend.distribution == dist[0] and backend.policy is not None:
-                    owned.add(id(backend.policy))
+            owned = {id(plugin)} | {id(p) for p in self._owned.pop(id(plugin), [])}
+            self._dists.pop(id(plugin), None)
             for p in list(self.pm.get_plugins()):
                 if id(p) in owned and self.pm.is_registered(p):
                     self.pm.unregister(p)
             self._backends = None
+            self.revision += 1
 
     # --- per-VM hook callers ----------------------------------------------------------------
     def policies(self) -> set[object]:
@@ -221,26 +248,42 @@ class Registry:
 
     def hooks_for(self, backend: Backend) -> VmHooks:
         """Hook callers that reach *backend*'s policy and the observers, nothing else."""
-        others = self.policies() - {backend.policy}
-        return VmHooks(self.pm, others)
+        return VmHooks(self, backend.policy)
 
 
 class VmHooks:
     """A typed facade over the subset hook callers of one backend (see tox's manager).
 
     Each attribute calls the hook of the same name (without the ``guestmem_`` prefix)
-    on the backend's own policy and every observer.
+    on the backend's own policy and every observer.  The set of other backends' policies
+    to leave out is re-derived when plugins are added or removed, so a backend that
+    appears later never reaches VMs of this one.
     """
 
-    def __init__(self, pm: pluggy.PluginManager, exclude: Iterable[object]) -> None:
-        remove = list(exclude)
-        for name in _HOOK_NAMES:
-            caller: Any = (
-                pm.subset_hook_caller(f"guestmem_{name}", remove)
-                if remove
-                else getattr(pm.hook, f"guestmem_{name}")
-            )
-            setattr(self, name, caller)
+    def __init__(self, registry: Registry, policy: object | None) -> None:
+        self._registry = registry
+        self._policy = policy
+        self._revision = -1
+        self._callers: dict[str, Any] = {}
+
+    def _refresh(self) -> None:
+        registry = self._registry
+        remove = list(registry.policies() - {self._policy})
+        pm = registry.pm
+        self._callers = {
+            name: pm.subset_hook_caller(f"guestmem_{name}", remove)
+            if remove
+            else getattr(pm.hook, f"guestmem_{name}")
+            for name in _HOOK_NAMES
+        }
+        self._revision = registry.revision
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in _HOOK_SET:
+            raise AttributeError(name)
+        if self._revision != self._registry.revision:
+            self._refresh()
+        return self._callers[name]
 
     vm_init: Any
     vm_destroy: Any
@@ -278,6 +321,7 @@ _HOOK_NAMES = (
     "ownership_update",
     "trace",
 )
+_HOOK_SET = frozenset(_HOOK_NAMES)
 
 
 def _core_version() -> str:
