@@ -1,0 +1,238 @@
+"""The backend registry: listing, throwaway plugins, per-backend hook isolation, validation."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from gmem_helpers import PAGE, PRIVATE, BackendPlugin, MiB, gmem_slot, plugin, throwaway_backend, x86_type
+
+import guestmem
+from guestmem import uapi
+from guestmem.cli import main
+
+
+class RecordingPolicy:
+    """A backend policy recording which VMs reach its arch hooks."""
+
+    def __init__(self) -> None:
+        self.vms: list[tuple[str, str]] = []
+
+    def _note(self, hook: str, vm: Any) -> None:
+        self.vms.append((hook, vm.backend.name))
+
+    @guestmem.hookimpl
+    def guestmem_vm_init(self, vm: Any) -> None:
+        self._note("vm_init", vm)
+
+    @guestmem.hookimpl
+    def guestmem_gmem_prepare(self, vm: Any, gfn: int, pfn: int, order: int) -> None:
+        self._note("gmem_prepare", vm)
+
+    @guestmem.hookimpl
+    def guestmem_unmap_gfn_range(self, vm: Any, range: Any) -> None:  # noqa: A002
+        self._note("unmap_gfn_range", vm)
+
+    @guestmem.hookimpl
+    def guestmem_pre_set_memory_attributes(self, vm: Any, range: Any) -> None:  # noqa: A002
+        self._note("pre_set_memory_attributes", vm)
+
+    @guestmem.hookimpl
+    def guestmem_fault(self, vm: Any, fault: Any) -> None:
+        self._note("fault", vm)
+
+
+class RecordingObserver(RecordingPolicy):
+    """The same hooks, registered as an observer (not a backend's policy)."""
+
+
+def exercise(kvm: Any) -> None:
+    """Create a private-mem VM, bind gmem, convert, fault, punch."""
+    with kvm.create_vm(uapi.KVM_X86_SW_PROTECTED_VM) as vm:
+        gmem = gmem_slot(vm, MiB)
+        vm.set_memory_attributes(0, MiB, PRIVATE)
+        vm.create_vcpu(0).access(0, data=b"x")
+        gmem.fallocate(uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE, 0, PAGE)
+
+
+def backends_json(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    assert main(["backends", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    return {row["name"]: row for row in rows}
+
+
+# --- listing ------------------------------------------------------------------------------------
+def test_backends_json_lists_sw(capsys: pytest.CaptureFixture[str]) -> None:
+    """``guestmem backends --json`` lists the built-in sw backend with its VM types and caps."""
+    rows = backends_json(capsys)
+    sw = rows["sw"]
+    assert sw["distribution"] == "guestmem"
+    assert sw["available"] is True
+    assert sw["vm_types"] == {"0": "KVM_X86_DEFAULT_VM", "1": "KVM_X86_SW_PROTECTED_VM"}
+    assert sw["capabilities"]["KVM_CAP_GUEST_MEMFD"] == 1
+    assert sw["capabilities"]["KVM_CAP_VM_TYPES"] == 0b11
+
+
+def test_throwaway_backend_is_listed_then_gone(capsys: pytest.CaptureFixture[str]) -> None:
+    """A backend plugin registered at run time appears (with its distribution) and is removed."""
+    obj = BackendPlugin("t-listed", (x86_type(1),), RecordingPolicy())
+    with plugin(obj, distribution="guestmem-listed-test"):
+        row = backends_json(capsys)["t-listed"]
+        assert row["distribution"] == "guestmem-listed-test"
+        assert row["vm_types"] == {"1": "TEST_VM_1"}
+        assert row["available"] is True
+    assert "t-listed" not in backends_json(capsys)
+    assert "t-listed" not in guestmem.backends()
+
+
+def test_unknown_backend_is_lookup_error_listing_known() -> None:
+    """Opening an unknown backend names the installed ones."""
+    with pytest.raises(LookupError, match="sw"):
+        guestmem.open("no-such-backend")
+
+
+# --- hook isolation --------------------------------------------------------------------------------
+def test_policy_hooks_reach_only_own_vms() -> None:
+    """A backend's policy is called for its own VMs, never for a sw VM; an observer sees both."""
+    policy = RecordingPolicy()
+    observer = RecordingObserver()
+    with plugin(observer), throwaway_backend("t-iso", x86_type(1), policy=policy) as kvm:
+        exercise(kvm)
+        with guestmem.open("sw") as sw:
+            exercise(sw)
+    assert policy.vms and {b for _, b in policy.vms} == {"t-iso"}
+    assert {h for h, _ in policy.vms} >= {"vm_init", "gmem_prepare", "unmap_gfn_range", "fault"}
+    assert {b for _, b in observer.vms} == {"t-iso", "sw"}
+    assert [h for h, b in observer.vms if b == "sw"] == [h for h, b in observer.vms if b == "t-iso"]
+
+
+def test_backend_registered_after_sw_was_opened_stays_isolated() -> None:
+    """A sw /dev/kvm opened *before* another backend appears must not reach the newcomer's policy."""
+    policy = RecordingPolicy()
+    with guestmem.open("sw") as sw, throwaway_backend("t-late", x86_type(1), policy=policy):
+        exercise(sw)
+    assert policy.vms == []
+
+
+def test_two_throwaway_backends_are_isolated_from_each_other() -> None:
+    """Each backend's policy sees only its own VMs, even with the same distribution name."""
+    a, b = RecordingPolicy(), RecordingPolicy()
+    with (
+        throwaway_backend("t-a", x86_type(1), policy=a) as ka,
+        throwaway_backend("t-b", x86_type(1), policy=b) as kb,
+    ):
+        exercise(ka)
+        exercise(kb)
+    assert {n for _, n in a.vms} == {"t-a"}
+    assert {n for _, n in b.vms} == {"t-b"}
+
+
+def test_removing_one_plugin_keeps_another_of_the_same_distribution() -> None:
+    """remove_plugin undoes only what that plugin registered."""
+    a, b = RecordingPolicy(), RecordingPolicy()
+    pa = BackendPlugin("t-keep-a", (x86_type(1),), a)
+    pb = BackendPlugin("t-keep-b", (x86_type(1),), b)
+    with plugin(pa, distribution="guestmem-same"):
+        with plugin(pb, distribution="guestmem-same"):
+            pass
+        with guestmem.open("t-keep-a") as kvm:
+            exercise(kvm)
+    assert {n for _, n in a.vms} == {"t-keep-a"}
+
+
+# --- validation ---------------------------------------------------------------------------------------
+class Misspelt:
+    """An observer with a typo in a hook name."""
+
+    @guestmem.hookimpl
+    def guestmem_gmem_prepaer(self, vm: Any) -> None:
+        raise AssertionError("never called")
+
+
+class BadSignature:
+    """An observer whose hook takes an argument the spec does not have."""
+
+    @guestmem.hookimpl
+    def guestmem_gmem_prepare(self, vm: Any, gpa: int) -> None:
+        raise AssertionError("never called")
+
+
+@pytest.mark.parametrize("bad", [Misspelt, BadSignature], ids=["misspelt", "bad-argument"])
+def test_invalid_plugin_fails_naming_its_distribution(bad: Callable[[], object]) -> None:
+    """check_pending/validation: a wrong guestmem_ hook is a PluginError naming the distribution,
+    and the registry stays usable."""
+    obj = bad()
+    registry = guestmem.get_registry()
+    try:
+        with pytest.raises(guestmem.PluginError, match="guestmem-typo-dist"):
+            registry.add_plugin(obj, distribution="guestmem-typo-dist")
+    finally:
+        if registry.pm.is_registered(obj):
+            registry.remove_plugin(obj)
+    with guestmem.open("sw") as kvm:
+        exercise(kvm)
+
+
+def test_invalid_backend_policy_fails_naming_its_distribution() -> None:
+    """A backend whose policy has a misspelt hook is a PluginError naming the distribution, at
+    registration; nothing of it stays registered and the registry keeps working."""
+    policy = Misspelt()
+    obj = BackendPlugin("t-badpolicy", (x86_type(1),), policy)
+    registry = guestmem.get_registry()
+    try:
+        with pytest.raises(guestmem.PluginError, match="guestmem-badpolicy-dist"):
+            registry.add_plugin(obj, distribution="guestmem-badpolicy-dist")
+    finally:
+        if registry.pm.is_registered(obj):
+            registry.remove_plugin(obj)
+    assert not registry.pm.is_registered(obj) and not registry.pm.is_registered(policy)
+    assert "t-badpolicy" not in guestmem.backends()
+    with guestmem.open("sw") as kvm:
+        exercise(kvm)
+
+
+def test_duplicate_backend_name_names_both_distributions() -> None:
+    """Two backends of the same name: PluginError naming both distributions; sw survives."""
+    obj = BackendPlugin("sw", (x86_type(1),), RecordingPolicy())
+    registry = guestmem.get_registry()
+    try:
+        with pytest.raises(guestmem.PluginError, match=r"guestmem-dup-dist") as info:
+            registry.add_plugin(obj, distribution="guestmem-dup-dist")
+        assert "'guestmem'" in str(info.value)
+    finally:
+        if registry.pm.is_registered(obj):
+            registry.remove_plugin(obj)
+    assert guestmem.backends()["sw"].distribution == "guestmem"
+
+
+class FreshPolicyPlugin:
+    """A backend plugin that builds a new policy object each time it is asked (as docs show)."""
+
+    def __init__(self) -> None:
+        self.policies: list[RecordingPolicy] = []
+
+    @guestmem.hookimpl
+    def guestmem_register_backends(self, register: Callable[[guestmem.Backend], None]) -> None:
+        policy = RecordingPolicy()
+        self.policies.append(policy)
+        register(guestmem.Backend(name="t-fresh", summary="fresh", vm_types=(x86_type(1),), policy=policy))
+
+
+def test_recollection_does_not_leave_old_policies_behind() -> None:
+    """A plugin handing out a new policy per collection: after other plugins come and go, no
+    old policy object lingers (it would act as an observer of sw VMs)."""
+    fresh = FreshPolicyPlugin()
+    with plugin(fresh):
+        with plugin(RecordingObserver()):
+            pass
+        with guestmem.open("sw") as kvm:
+            exercise(kvm)
+        with guestmem.open("t-fresh") as kvm:
+            exercise(kvm)
+    assert len(fresh.policies) >= 2
+    assert all(n == "t-fresh" for p in fresh.policies for _, n in p.vms)
+    assert any(p.vms for p in fresh.policies)
+    registry = guestmem.get_registry()
+    assert not any(registry.pm.is_registered(p) for p in fresh.policies)
