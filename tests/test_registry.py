@@ -159,18 +159,24 @@ class BadSignature:
         raise AssertionError("never called")
 
 
+def add_fails(obj: object, distribution: str) -> guestmem.PluginError:
+    """add_plugin(*obj*) raises a PluginError naming *distribution*; *obj* is not left behind."""
+    registry = guestmem.get_registry()
+    try:
+        with pytest.raises(guestmem.PluginError, match=distribution) as info:
+            registry.add_plugin(obj, distribution=distribution)
+    finally:
+        if registry.pm.is_registered(obj):
+            registry.remove_plugin(obj)
+    assert not registry.pm.is_registered(obj)
+    return info.value
+
+
 @pytest.mark.parametrize("bad", [Misspelt, BadSignature], ids=["misspelt", "bad-argument"])
 def test_invalid_plugin_fails_naming_its_distribution(bad: Callable[[], object]) -> None:
     """check_pending/validation: a wrong guestmem_ hook is a PluginError naming the distribution,
     and the registry stays usable."""
-    obj = bad()
-    registry = guestmem.get_registry()
-    try:
-        with pytest.raises(guestmem.PluginError, match="guestmem-typo-dist"):
-            registry.add_plugin(obj, distribution="guestmem-typo-dist")
-    finally:
-        if registry.pm.is_registered(obj):
-            registry.remove_plugin(obj)
+    add_fails(bad(), "guestmem-typo-dist")
     with guestmem.open("sw") as kvm:
         exercise(kvm)
 
@@ -179,15 +185,8 @@ def test_invalid_backend_policy_fails_naming_its_distribution() -> None:
     """A backend whose policy has a misspelt hook is a PluginError naming the distribution, at
     registration; nothing of it stays registered and the registry keeps working."""
     policy = Misspelt()
-    obj = BackendPlugin("t-badpolicy", (x86_type(1),), policy)
-    registry = guestmem.get_registry()
-    try:
-        with pytest.raises(guestmem.PluginError, match="guestmem-badpolicy-dist"):
-            registry.add_plugin(obj, distribution="guestmem-badpolicy-dist")
-    finally:
-        if registry.pm.is_registered(obj):
-            registry.remove_plugin(obj)
-    assert not registry.pm.is_registered(obj) and not registry.pm.is_registered(policy)
+    add_fails(BackendPlugin("t-badpolicy", (x86_type(1),), policy), "guestmem-badpolicy-dist")
+    assert not guestmem.get_registry().pm.is_registered(policy)
     assert "t-badpolicy" not in guestmem.backends()
     with guestmem.open("sw") as kvm:
         exercise(kvm)
@@ -195,15 +194,8 @@ def test_invalid_backend_policy_fails_naming_its_distribution() -> None:
 
 def test_duplicate_backend_name_names_both_distributions() -> None:
     """Two backends of the same name: PluginError naming both distributions; sw survives."""
-    obj = BackendPlugin("sw", (x86_type(1),), RecordingPolicy())
-    registry = guestmem.get_registry()
-    try:
-        with pytest.raises(guestmem.PluginError, match=r"guestmem-dup-dist") as info:
-            registry.add_plugin(obj, distribution="guestmem-dup-dist")
-        assert "'guestmem'" in str(info.value)
-    finally:
-        if registry.pm.is_registered(obj):
-            registry.remove_plugin(obj)
+    err = add_fails(BackendPlugin("sw", (x86_type(1),), RecordingPolicy()), "guestmem-dup-dist")
+    assert "'guestmem'" in str(err)
     assert guestmem.backends()["sw"].distribution == "guestmem"
 
 
