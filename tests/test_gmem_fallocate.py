@@ -24,11 +24,16 @@ from gmem_support import (
     pattern,
     raises_kvm,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import guestmem
 from guestmem import uapi
 
 COLLAPSE_RANGE = 0x08
 ZERO_RANGE = 0x10
+# FALLOC_FL_MODE_MASK | KEEP_SIZE of 6.18 (NO_HIDE_STALE, 0x04, is not a valid mode bit).
+_VFS_MODES = 0x01 | 0x02 | 0x08 | 0x10 | 0x20 | 0x40 | 0x80
 
 
 @pytest.fixture
@@ -267,3 +272,55 @@ def test_FA11_fallocate_after_vm_fd_closed(kvm: Any) -> None:
     assert gmem.file.inode.allocated_pages() == 3
     gmem.close()
     assert vm.destroyed
+
+
+def _expected_fallocate_error(mode: int, offset: int, length: int, size: int) -> tuple[int, str | None] | None:  # noqa: E501
+    """The (errno, rule) the VFS + kvm_gmem_fallocate checks give, in their order; None = success.
+
+    A rule of None means only the errno is pinned (VFS mode checks whose rule tag is generic).
+    """
+    if offset < 0 or length <= 0:
+        return errno.EINVAL, "FA-1"
+    if mode & ~_VFS_MODES:
+        return errno.EOPNOTSUPP, None
+    if mode & uapi.FALLOC_FL_PUNCH_HOLE and not mode & KEEP:
+        return errno.EOPNOTSUPP, None
+    if offset + length > uapi.LOFF_MAX:
+        return errno.EFBIG, None
+    if not mode & KEEP:
+        return errno.EOPNOTSUPP, "FA-2"
+    if mode & ~PUNCH:
+        return errno.EOPNOTSUPP, None  # FA-3 (6.18's VFS refuses some of these combinations first)
+    if offset % PAGE or length % PAGE:
+        return errno.EINVAL, "FA-4"
+    if not mode & uapi.FALLOC_FL_PUNCH_HOLE and offset + length > size:
+        return errno.EINVAL, "FA-5"
+    return None
+
+
+_offsets = st.one_of(
+    st.integers(-2, 20).map(lambda p: p * PAGE),
+    st.tuples(st.integers(-1, 20), st.integers(1, PAGE - 1)).map(lambda t: t[0] * PAGE + t[1]),
+    st.sampled_from([uapi.LOFF_MAX - PAGE + 1, uapi.LOFF_MAX & ~(PAGE - 1), 1 << 62]),
+)
+_modes = st.lists(st.sampled_from([1 << b for b in range(9)]), max_size=3).map(sum)
+
+
+@settings(max_examples=300, deadline=None)
+@given(mode=_modes, offset=_offsets, length=_offsets)
+def test_FA1_to_FA5_check_order_property(mode: int, offset: int, length: int) -> None:
+    """FA-1..FA-5: for any mode/offset/len, the first failing check in the kernel's order decides
+    the errno (and the rule where guest_memfd's own check decides); a rejected call changes
+    nothing, an accepted one leaves i_size alone."""
+    with guestmem.open("sw") as k:
+        gmem = k.create_vm(uapi.KVM_X86_DEFAULT_VM).create_guest_memfd(16 * PAGE)
+        gmem.fallocate(KEEP, 4 * PAGE, 4 * PAGE)
+        before = (inode_state(gmem), gmem.fstat().st_mtime_ns)
+        want = _expected_fallocate_error(mode, offset, length, 16 * PAGE)
+        if want is None:
+            gmem.fallocate(mode, offset, length)
+            assert gmem.fstat().st_size == 16 * PAGE
+            return
+        with raises_kvm(*want):
+            gmem.fallocate(mode, offset, length)
+        assert (inode_state(gmem), gmem.fstat().st_mtime_ns) == before
