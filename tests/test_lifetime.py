@@ -78,6 +78,25 @@ def test_L3_release_zaps_unbinds_and_drops_the_vm_reference(kvm: Any) -> None:
     assert vm.refs == refs - 1
 
 
+def test_L3_release_orphans_every_slot_bound_to_the_file(kvm: Any) -> None:
+    """L-3 (with B-7): every slot bound to the released file loses it, each one's SPTEs are
+    zapped, and slots bound to another guest_memfd are untouched."""
+    vm = kvm.create_vm(SW_PROTECTED)
+    gmem, other = vm.create_guest_memfd(8 * PAGE), vm.create_guest_memfd(4 * PAGE)
+    bind(vm, gmem, 0, 4 * PAGE, offset=4 * PAGE, slot=0)
+    bind(vm, gmem, 0x100000, 4 * PAGE, offset=0, slot=1)
+    bind(vm, other, 0x200000, 4 * PAGE, slot=2)
+    vm.set_memory_attributes(0, 0x300000, PRIVATE)
+    vcpu = vm.create_vcpu(0)
+    for gpa in (0, 0x100000, 0x200000):
+        vcpu.access(gpa, data=b"x")
+    gmem.close()
+    assert vm.memslots[(0, 0)].gmem_file is None and vm.memslots[(0, 1)].gmem_file is None
+    assert vm.memslots[(0, 2)].gmem_file is other.file
+    assert [vm.is_mapped(gpa >> 12) for gpa in (0, 0x100000, 0x200000)] == [False, False, True]
+    assert vcpu.access(0x200000, 1) == b"x"
+
+
 def test_L4_guest_access_after_release_is_EFAULT_memory_fault(kvm: Any) -> None:
     """L-4: a private access to a slot whose file was released exits with
     KVM_EXIT_MEMORY_FAULT, errno EFAULT, the page-aligned gpa and the PRIVATE flag."""
