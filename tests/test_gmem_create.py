@@ -139,6 +139,9 @@ def test_CAP9_dead_vm_ioctls_are_EIO_and_change_nothing(kvm: Any) -> None:
     assert vm_snapshot(vm) == before
     assert not vm.memslots
     assert list(kvm.vms) == [vm]
+    for ref in (gmem, vcpu, vm):  # a dead VM is still torn down by its last reference
+        ref.close()
+    assert vm.destroyed and not kvm.vms
 
 
 # --- 2.B KVM_CREATE_GUEST_MEMFD -----------------------------------------------------------------
