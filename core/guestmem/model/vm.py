@@ -65,7 +65,11 @@ class ModelVm(api.Vm):
         self.had_memslot = False
         self.max_gfn = (1 << (self.profile.phys_bits - PAGE_SHIFT)) - 1
         self.arch: Any = None
-        self.arch = self.hooks.vm_init(vm=self)
+        try:
+            self.arch = self.hooks.vm_init(vm=self)
+        except BaseException:
+            kvm.fd_remove(self.fd)  # put_unused_fd: a refused VM leaves no descriptor
+            raise
 
     def __repr__(self) -> str:
         return f"<ModelVm {self.vm_id} {self.type_info.name} on {self.backend.name}>"
