@@ -99,20 +99,21 @@ class SnpGuest:
         """The NPT walk of a private access: faults the page in (or raises MemoryFault)."""
         return int(self.vcpu.translate(gpa, private=True))
 
-    def _mapped_run(self, gfn: int, limit: int) -> tuple[int, int]:
+    def _mapped_run(self, gfn: int, limit: int, fault_ahead: bool = True) -> tuple[int, int]:
         """``(pfn, npages)``: the private mapping at *gfn* and how far it runs contiguously.
 
         The first page is faulted in through the core.  Further pages of the same prepared
         gmem folio run, private and in the same memslot, are mapped at 4 KiB at once: that is
         the state their one-by-one faults would leave (a prepared folio is not prepared
-        again), without a per-page loop.
+        again), without a per-page loop.  Not ahead of a 2M RMP entry: the first 4K
+        PVALIDATE there takes the SIZEM #NPF whose zap would drop them.
         """
         pfn = self._translate(gfn << PAGE_SHIFT)
         vm = self.vm
         hit = vm.mmu.sptes.entry(gfn)
         mapped_end = hit[1] if hit is not None else gfn + 1
         loc = vm.gfn_to_gmem(gfn)
-        if loc is None:
+        if loc is None or not fault_ahead or self.sev.host.rmp.lookup(pfn).level != uapi.PG_LEVEL_4K:
             return pfn, max(1, min(mapped_end - gfn, limit))
         folios = loc.inode.pages.entry(loc.index)
         if folios is None or not folios[2].uptodate:
@@ -158,7 +159,8 @@ class SnpGuest:
         rmp = self.sev.host.rmp
         gfn, end = gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT
         while gfn < end:
-            pfn, run = self._mapped_run(gfn, end - gfn)
+            # 4K PVALIDATEs fault their pages one by one; a 2M one only walks to its gpa.
+            pfn, run = self._mapped_run(gfn, end - gfn, fault_ahead=step == 1)
             count = max(1, run // step)
             try:
                 rc = rmp.pvalidate(pfn, gfn, self.sev.asid, page_size, validate, count=count)
