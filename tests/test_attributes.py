@@ -7,7 +7,17 @@ from typing import Any
 
 import attrs
 import pytest
-from gmem_helpers import PAGE, PRIVATE, MiB, anon_slot, gmem_slot, plugin, vm_state
+from gmem_helpers import (
+    PAGE,
+    PRIVATE,
+    MiB,
+    anon_slot,
+    gmem_slot,
+    plugin,
+    throwaway_backend,
+    vm_state,
+    x86_type,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -282,3 +292,32 @@ def test_A7_A8_attributes_match_naive_model(ops: list[tuple[int, int, int]]) -> 
         for g in range(0, 60):
             assert vm.is_private(g) == bool(naive.get(g, 0))
         assert all(v == PRIVATE for _, _, v in vm.attributes.items())
+
+
+def test_A1_architecture_without_attributes_is_ENOTTY() -> None:
+    """A-1: the ioctl exists on x86 only; a VM type whose arch lacks it gets ENOTTY."""
+    info = x86_type(1, memory_attributes=False)
+    with throwaway_backend("t-noattr", info) as kvm, kvm.create_vm(1) as vm:
+        assert vm.check_extension(uapi.KVM_CAP_MEMORY_ATTRIBUTES) == 0
+        rejects(vm, 0, PAGE, PRIVATE, rule="A-1")
+
+
+class FilterObserver:
+    """Observer recording ``range.attr_filter`` of the pre hook."""
+
+    def __init__(self) -> None:
+        self.filters: list[int] = []
+
+    @guestmem.hookimpl
+    def guestmem_pre_set_memory_attributes(self, vm: Any, range: Any) -> None:  # noqa: A002
+        self.filters.append(range.attr_filter)
+
+
+def test_A10_pre_hook_filter_names_the_old_type(protected_vm: Any) -> None:
+    """A-10: going PRIVATE zaps the old (shared) type, filter SHARED; going shared, PRIVATE."""
+    gmem_slot(protected_vm, MiB)
+    obs = FilterObserver()
+    with plugin(obs):
+        protected_vm.set_memory_attributes(0, PAGE, PRIVATE)
+        protected_vm.set_memory_attributes(0, PAGE, 0)
+    assert obs.filters == [uapi.KVM_FILTER_SHARED, uapi.KVM_FILTER_PRIVATE]
