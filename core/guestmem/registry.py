@@ -135,7 +135,8 @@ class Registry:
             self.pm.register(plugin, name=name)
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
-            self.pm.unregister(plugin)
+            if self.pm.is_registered(plugin):  # pluggy >= 1.7 refuses bad signatures in register()
+                self.pm.unregister(plugin)
             raise PluginError(f"plugin {name!r} from distribution {dist[0]!r} is invalid: {exc}") from exc
         self._dists[id(plugin)] = dist
 
@@ -186,7 +187,8 @@ class Registry:
                     self.pm.register(policy, name=pname)
                     self.pm.check_pending()
                 except pluggy.PluginValidationError as exc:
-                    self.pm.unregister(policy)
+                    if self.pm.is_registered(policy):
+                        self.pm.unregister(policy)
                     raise PluginError(
                         f"policy of backend {backend.name!r} from distribution "
                         f"{backend.distribution!r} is invalid: {exc}"
