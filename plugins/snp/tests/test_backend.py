@@ -245,3 +245,101 @@ def test_host_write_to_shared_page_is_fine(snp: SnpVm) -> None:
     pfn = snp.vcpu.translate(0)
     snp.sev.host_kernel_write(pfn, b"SHARED")
     assert snp.vcpu.access(0, 6, private=False) == b"SHARED"
+
+
+def test_partial_frees_at_both_ends_psmash_two_2m_pages(snp_huge: SnpVm) -> None:
+    """2.6: the range's head and tail each split their 2M entry; nothing outside is reclaimed."""
+    snp = snp_huge
+    snp.private(0, 4 * MIB)
+    snp.vcpu.access(0, private=True)
+    snp.vcpu.access(2 * MIB, private=True)
+    base = snp.pfn(0)
+    assert snp.pfn(2 * MIB) == base + 512  # the folios are contiguous on the host
+    snp.sev.gmem_invalidate(base + 500, base + 520)
+    rmp = snp.rmp
+    assert snp.vm.counters["psmash"] == 2
+    assert [rmp.is_assigned(base + i) for i in (499, 500, 519, 520)] == [True, False, False, True]
+    assert rmp.lookup(base + 1000).level == uapi.PG_LEVEL_4K
+
+
+def test_unreclaimable_entry_is_freed_anyway_and_a_later_host_write_crashes(snp: SnpVm) -> None:
+    """2.2/2.6: RMPUPDATE fails (immutable) -> WARN, the folio is still freed; host write -> RMP #PF."""
+    snp.private(0, MIB)
+    snp.sev.snp_launch_start()
+    pfn = snp.kvm.host.alloc(1)
+    assert snp.rmp.make_private(pfn, 0x9000, uapi.PG_LEVEL_4K, snp.sev.asid, immutable=True) == 0
+    snp.sev.gmem_invalidate(pfn, pfn + 1)
+    assert snp.vm.counters["rmp_update_failures"] == 1
+    assert snp.sev.host.freed_while_assigned.get(pfn)
+    with pytest.raises(HostCrash, match="Pre-Guest"):
+        snp.sev.host_kernel_write(pfn, b"\0")
+
+
+def test_rmp_changes_reach_ownership_observers() -> None:
+    """Every RMP change is fanned out through guestmem_ownership_update (table "rmp")."""
+    seen: list[tuple[str, int, int, bool, bool]] = []
+
+    class Observer:
+        @guestmem.hookimpl
+        def guestmem_ownership_update(
+            self, vm: Any, table: str, pfn: int, npages: int, old: Any, new: Any
+        ) -> None:
+            seen.append((table, pfn, npages, old is None, new is None))
+
+    observer = Observer()
+    registry = get_registry()
+    registry.add_plugin(observer, distribution="test-observer")
+    try:
+        snp2 = make_snp_vm()
+        snp2.private(0, MIB)
+        snp2.vcpu.access(0, private=True)
+        pfn = snp2.pfn(0)
+        snp2.gmem.fallocate(uapi.FALLOC_FL_PUNCH_HOLE | uapi.FALLOC_FL_KEEP_SIZE, 0, MIB)
+    finally:
+        registry.remove_plugin(observer)
+    assert ("rmp", pfn, 1, True, False) in seen  # prepare: Hypervisor -> Guest-Invalid
+    assert ("rmp", pfn, 1, False, True) in seen  # invalidate: back to Hypervisor
+
+
+def test_guest_side_needs_an_snp_vm() -> None:
+    with guestmem.open("snp") as kvm, kvm.create_vm(uapi.KVM_X86_SEV_ES_VM) as vm:
+        guestmem_snp.sev(vm).init2()
+        vcpu: Any = vm.create_vcpu(0)
+        with pytest.raises(KvmError) as info:
+            guestmem_snp.guest(vcpu)
+        assert info.value.errno == errno.ENOTTY
+        assert vcpu.hypercall(0x80000010) == -1000  # no PSC NAE event for SEV-ES: -KVM_ENOSYS
+
+
+def test_invariant_checker_holds_through_an_snp_lifecycle() -> None:
+    """The core's model invariants hold with the SNP hooks in play."""
+    from guestmem.invariants import InvariantChecker
+
+    checker = InvariantChecker()
+    registry = get_registry()
+    registry.add_plugin(checker, distribution="test-invariants")
+    try:
+        snp = make_snp_vm("snp-hugepage")
+        snp.private(0, 4 * MIB)
+        g = snp.guest
+        assert g.pvalidate_range(0, 2 * MIB) == 0
+        assert g.pvalidate_range(2 * MIB, 2 * MIB, uapi.PG_LEVEL_2M) == 0
+        snp.gmem.fallocate(uapi.FALLOC_FL_PUNCH_HOLE | uapi.FALLOC_FL_KEEP_SIZE, 0, 4 * MIB)
+        snp.vm.set_memory_attributes(0, 4 * MIB, 0)
+    finally:
+        registry.remove_plugin(checker)
+    assert checker.checked > 5
+
+
+def test_no_2m_entry_when_a_subpage_is_already_assigned(snp_huge: SnpVm) -> None:
+    """is_large_rmp_possible: one assigned pfn in the 2M block forces 4K entries for the rest."""
+    snp = snp_huge
+    base = snp.kvm.host.alloc(512)
+    assert base % 512 == 0
+    other = snp.rmp.make_private(base + 7, 0x7000_0000, uapi.PG_LEVEL_4K, snp.sev.asid, immutable=False)
+    assert other == 0
+    snp.sev.gmem_prepare(0x400, base, uapi.PMD_ORDER)
+    assert snp.rmp.lookup(base).level == uapi.PG_LEVEL_4K
+    assert snp.rmp.lookup(base + 8).gpa == (0x400 + 8) << 12
+    assert snp.rmp.lookup(base + 7).gpa == 0x7000_0000  # left alone
+    assert snp.vm.counters["rmpupdate"] == 511

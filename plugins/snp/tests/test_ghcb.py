@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from guestmem_snp.ghcb import (
     GHCB_MSR_PSC_RESP,
@@ -64,10 +66,13 @@ def test_adjacent_entries_coalesce_into_one_exit() -> None:
     ],
 )
 def test_entries_that_do_not_coalesce(second: PscEntry) -> None:
-    buf = PscBuffer([PscEntry(gfn=0x10, operation=PRIV), second])
+    first = PscEntry(gfn=second.gfn - 1 if second.pagesize else 0x10, operation=PRIV)
+    buf = PscBuffer([first, second])
     result, exits = run_all(buf)
     assert result == 0 and len(exits) == 2
-    assert exits[0] == MapGpaRange(0x10 << 12, 1, KVM_MAP_GPA_RANGE_ENCRYPTED | KVM_MAP_GPA_RANGE_PAGE_SZ_4K)
+    assert exits[0] == MapGpaRange(
+        first.gfn << 12, 1, KVM_MAP_GPA_RANGE_ENCRYPTED | KVM_MAP_GPA_RANGE_PAGE_SZ_4K
+    )
     attrs = KVM_MAP_GPA_RANGE_DECRYPTED if second.operation == SHARED else KVM_MAP_GPA_RANGE_ENCRYPTED
     assert exits[1].attrs & KVM_MAP_GPA_RANGE_ENCRYPTED == attrs
 
@@ -157,3 +162,36 @@ def test_map_gpa_range_argument_checks(gpa: int, npages: int) -> None:
 
 def test_map_gpa_range_exit() -> None:
     assert check_map_gpa_range(0x2000, 3, KVM_MAP_GPA_RANGE_ENCRYPTED) == MapGpaRange(0x2000, 3, 0x10)
+
+
+entry_strategy = st.builds(
+    lambda block, sub, op, huge: PscEntry(
+        gfn=block * 512 if huge else block * 512 + sub, operation=op, pagesize=int(huge)
+    ),
+    st.integers(0, 3),
+    st.integers(0, 511),
+    st.sampled_from([PRIV, SHARED, SNP_PAGE_STATE_PSMASH]),
+    st.booleans(),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(entry_strategy, min_size=1, max_size=40))
+def test_exits_apply_exactly_the_requested_changes_in_order(entries: list[PscEntry]) -> None:
+    """Coalescing never changes the outcome: the exits, applied in order, equal the entries."""
+    want: dict[int, int] = {}
+    for e in entries:
+        if e.operation in (PRIV, SHARED):
+            for gfn in range(e.gfn, e.gfn + e.npages):
+                want[gfn] = e.operation
+    buf = PscBuffer([PscEntry(e.gfn, e.operation, e.pagesize) for e in entries])
+    result, exits = run_all(buf)
+    assert result == 0
+    assert len(exits) <= len(entries)
+    got: dict[int, int] = {}
+    for x in exits:
+        op = PRIV if x.to_private else SHARED
+        for gfn in range(x.gpa >> 12, (x.gpa >> 12) + x.npages):
+            got[gfn] = op
+    assert got == want
+    assert buf.cur_entry == len(entries)
