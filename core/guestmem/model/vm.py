@@ -577,23 +577,31 @@ class ModelVm(api.Vm):
         done = 0
         try:
             while done < npages:
+                # The kernel's order: __kvm_gmem_get_pfn (binding, allocation, poison), then
+                # "already prepared", then the attribute check (which leaves the folio allocated).
                 cur = gfn + done
-                if not self.is_private(cur):
-                    raise kvm_error(errno.EINVAL, "P-3", f"gfn {cur:#x} is not private")
                 index = slot.gfn_to_index(cur)
+                if file.bindings.get(index) is not slot:
+                    raise kvm_error(
+                        errno.EIO, "G-12", f"gmem index {index:#x} is not bound to {slot.describe()}"
+                    )
                 _, end, folio = inode.get_folio(index)
-                if folio.uptodate:
-                    raise kvm_error(errno.EEXIST, "P-4", f"gmem page {index:#x} is already prepared")
                 if folio.hwpoison:
                     raise kvm_error(EHWPOISON, "E-2", f"gmem page {index:#x} is hardware-poisoned")
+                if folio.uptodate:
+                    raise kvm_error(errno.EEXIST, "P-4", f"gmem page {index:#x} is already prepared")
                 n = min(end - index, npages - done)
+                while n > 1 and not self.attributes.covers(cur, cur + n, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE):
+                    n //= 2
+                if not self.is_private(cur):
+                    raise kvm_error(errno.EINVAL, "P-3", f"gfn {cur:#x} is not private")
                 chunk = None if src is None else src[done * PAGE_SIZE : (done + n) * PAGE_SIZE]
                 self.hooks.post_populate(
                     vm=self,
                     gfn=cur,
                     pfn=index + folio.delta,
                     src=chunk,
-                    order=inode.folio_order,
+                    order=n.bit_length() - 1,
                     opaque=opaque,
                 )
                 inode.set_state(index, index + n, uptodate=True)
