@@ -12,6 +12,7 @@ from gmem_helpers import MMAP, PAGE, PRIVATE, MiB, anon_slot, gmem_slot, plugin,
 
 import guestmem
 from guestmem import KvmError, MemoryFault, uapi
+from guestmem.errors import EHWPOISON
 from guestmem.model.profile import UPSTREAM_6_18
 
 
@@ -119,6 +120,31 @@ def test_P4_already_prepared_is_EEXIST(launch: Any) -> None:
     populate_fails(vm, 0, 1, errno.EEXIST, "P-4")
     assert vm.gmem_populate(1, None, 1) == 1
     populate_fails(vm, 1, 1, errno.EEXIST, "P-4")
+
+
+def test_P4_before_P3_prepared_shared_page_is_EEXIST(launch: Any) -> None:
+    """P-4 before P-3 (kernel order): a shared gfn whose folio is prepared reports EEXIST."""
+    vm, _, _ = launch
+    vm.create_vcpu(0).access(2 * PAGE, 1)  # private: prepared
+    vm.set_memory_attributes(2 * PAGE, PAGE, 0)  # shared now; the folio stays prepared (A-11)
+    populate_fails(vm, 2, 1, errno.EEXIST, "P-4")
+
+
+def test_P3_leaves_the_folio_allocated(launch: Any) -> None:
+    """P-3: the attribute check runs after __kvm_gmem_get_pfn, so the folio is allocated anyway."""
+    vm, _, gmem = launch
+    inode = gmem.file.inode
+    assert inode.pfn(9) is None
+    populate_fails(vm, 9, 1, errno.EINVAL, "P-3")
+    assert inode.pfn(9) is not None and not inode.is_prepared(9)
+
+
+def test_P4_poison_is_reported_before_prepared(launch: Any) -> None:
+    """E-2 before P-4: a poisoned folio fails in __kvm_gmem_get_pfn (EHWPOISON) even if prepared."""
+    vm, _, gmem = launch
+    assert vm.gmem_populate(0, None, 1) == 1
+    gmem.inject_memory_failure(0)
+    populate_fails(vm, 0, 1, EHWPOISON, "E-2")
 
 
 def test_P5_success_marks_prepared_and_guest_sees_src(launch: Any) -> None:
@@ -270,3 +296,11 @@ def test_PF4_dead_vm_is_EIO(pvm: Any) -> None:
     with pytest.raises(KvmError) as info:
         vcpu.pre_fault_memory(0, PAGE)
     assert info.value.errno == errno.EIO
+
+
+def test_PF4_private_gfn_without_memslot_is_EFAULT(protected_vm: Any) -> None:
+    """PF-3/PF-4: a PRIVATE gfn with no memslot faults privately (G-4): EFAULT, not ENOENT."""
+    protected_vm.set_memory_attributes(8 * MiB, PAGE, PRIVATE)
+    with pytest.raises(KvmError) as info:
+        protected_vm.create_vcpu(0).pre_fault_memory(8 * MiB, PAGE)
+    assert info.value.errno == errno.EFAULT
