@@ -255,3 +255,29 @@ def test_G11_prepare_again_after_punch_hole(pvm: Any, pgmem: Any) -> None:
         pgmem.fallocate(uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE, 0, PAGE)
         assert vcpu.access(0, 6) == bytes(6)
     assert len([c for c in counter.calls if c[0] == pvm.vm_id]) == 2
+
+
+# --- order of the fault checks (kvm_mmu_faultin_pfn) ----------------------------------------------
+def test_G2_before_G4_mismatch_wins_over_missing_slot(protected_vm: Any) -> None:
+    """G-2 is checked right after the seq snapshot, before the memslot lookup (G-4)."""
+    exc = exit_of(protected_vm.create_vcpu(0), 8 * MiB, private=True)  # shared gfn, no slot
+    assert (exc.rule, exc.flags) == ("G-2", EXIT_PRIVATE)
+
+
+def test_G2_before_G5_mismatch_wins_over_slot_without_gmem(protected_vm: Any) -> None:
+    """G-2 wins over G-5: a private access to a shared gfn of a plain slot is a mismatch."""
+    anon_slot(protected_vm, MiB)
+    exc = exit_of(protected_vm.create_vcpu(0), 0, private=True)
+    assert exc.rule == "G-2"
+
+
+def test_G4_shared_gfn_beyond_slots_after_delete_is_mmio(pvm: Any) -> None:
+    """G-4 (selftest private_access_memslot_deleted): once the slot is deleted, a private gfn
+    exits with the memory fault, a shared one goes to MMIO."""
+    vcpu = pvm.create_vcpu(0)
+    vcpu.access(0, 1)
+    pvm.set_user_memory_region2(0, 0, 0, 0, 0)
+    exc = exit_of(vcpu, 0)
+    assert (exc.rule, exc.flags) == ("G-4", EXIT_PRIVATE)
+    with pytest.raises(MmioExit):
+        vcpu.access(MiB // 2)
