@@ -321,3 +321,21 @@ def test_A10_pre_hook_filter_names_the_old_type(protected_vm: Any) -> None:
         protected_vm.set_memory_attributes(0, PAGE, PRIVATE)
         protected_vm.set_memory_attributes(0, PAGE, 0)
     assert obs.filters == [uapi.KVM_FILTER_SHARED, uapi.KVM_FILTER_PRIVATE]
+
+
+def test_A7_64GiB_guest_attributes_are_ranges(protected_vm: Any) -> None:
+    """A-7/A-10 at scale: converting a 64 GiB guest back and forth keeps a handful of ranges."""
+    vm = protected_vm
+    size = 64 << 30
+    gmem_slot(vm, size)
+    vm.set_memory_attributes(0, size, PRIVATE)
+    vcpu = vm.create_vcpu(0)
+    for gpa in range(0, size, 1 << 30):
+        vcpu.access(gpa, 1)
+    vm.set_memory_attributes(PAGE, size - 2 * PAGE, 0)
+    assert len(list(vm.attributes.items())) == 2
+    assert vm.mmu.mapped_pages() == 1  # only gfn 0 kept its private leaf
+    vm.set_memory_attributes(0, size, PRIVATE)
+    assert list(vm.attributes.items()) == [(0, size // PAGE, PRIVATE)]
+    vm.set_user_memory_region2(0, 0, 0, 0, 0)
+    assert vm.mmu.invalidate_in_progress == 0
