@@ -15,6 +15,7 @@ from guestmem_snp.asid import AsidAllocator, AsidRange
 from guestmem_snp.ghcb import MapGpaRange, PscBuffer, PscEngine, PscEntry
 from guestmem_snp.guest import SnpGuest, UnvalidatedAccess
 from guestmem_snp.host import SnpHost, snp_host
+from guestmem_snp.invariants import RmpChecker, check_rmp
 from guestmem_snp.rmp import RmpEntry, RmpState, RmpTable, RmpViolation
 from guestmem_snp.sev import SevVm, SnpLaunchUpdate, as_sev
 from guestmem_snp.vmm import ConvertingVmm, RamRegion
@@ -29,6 +30,7 @@ __all__ = [
     "PscEngine",
     "PscEntry",
     "RamRegion",
+    "RmpChecker",
     "RmpEntry",
     "RmpState",
     "RmpTable",
@@ -38,6 +40,7 @@ __all__ = [
     "SnpHost",
     "SnpLaunchUpdate",
     "UnvalidatedAccess",
+    "check_rmp",
     "guest",
     "sev",
     "snp_host",

@@ -26,7 +26,8 @@ class SnpHost:
     4 KiB (``adjust_direct_map``); ``freed_while_assigned`` the pfns freed to the host
     although their RMP entry stayed assigned (``sev_gmem_invalidate``'s WARN path: a later
     host write there is an RMP #PF); ``leaked`` the pages ``snp_leak_pages`` kept away
-    from the host.
+    from the host; ``freed`` the pfns KVM gave back to the host (until a guest gets them
+    again).
     """
 
     def __init__(self, asids: AsidAllocator | None = None) -> None:
@@ -34,6 +35,7 @@ class SnpHost:
         self.asids = asids if asids is not None else AsidAllocator()
         self.direct_map_split: RangeMap[bool] = RangeMap()
         self.freed_while_assigned: RangeMap[bool] = RangeMap()
+        self.freed: RangeMap[bool] = RangeMap()
         self.leaked: RangeMap[bool] = RangeMap()
         self._actor: ModelVm | None = None
 

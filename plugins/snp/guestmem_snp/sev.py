@@ -319,9 +319,10 @@ class SevVm:
         if not self.snp_active:
             return
         rmp = self.host.rmp
+        nr = 1 << order
+        self.host.freed.erase(pfn, pfn + nr - gfn % nr)
         if rmp.is_assigned(pfn):
             return
-        nr = 1 << order
         npages = nr - gfn % nr  # the folio may reach prepare from a page inside it
         base_pfn = pfn - pfn % PTRS_PER_PMD
         large = (
@@ -356,6 +357,7 @@ class SevVm:
         if not self.snp:
             return
         rmp = self.host.rmp
+        self.host.freed.set(start, end, True)
         with self.host.acting(self.vm):
             for s, e, entry in list(rmp.runs(start, end)):
                 if entry.immutable:
@@ -434,6 +436,7 @@ class SevVm:
     def _populate_one(self, params: SnpLaunchUpdate, gfn: int, pfn: int, src: bytes | None) -> None:
         rmp = self.host.rmp
         host = self.vm.host
+        self.host.freed.erase(pfn, pfn + 1)
         if rmp.is_assigned(pfn):
             raise kvm_error(errno.EEXIST, "", f"sev_gmem_post_populate: pfn {pfn:#x} is already assigned")
         page_type = params.type
@@ -532,11 +535,13 @@ class SevVm:
                     self.host.leaked.set(pfn, pfn + 1, True)
                     continue
                 host.free(pfn, 1)
+                self.host.freed.set(pfn, pfn + 1, True)
             self.vmsa_pfns.clear()
             if self.gctx_pfn is not None:
                 self._psp("SNP_DECOMMISSION")
                 if self._page_reclaim(self.gctx_pfn):
                     host.free(self.gctx_pfn, 1)
+                    self.host.freed.set(self.gctx_pfn, self.gctx_pfn + 1, True)
                 self.gctx_pfn = None
         if self.active:
             self.vm.count("wbinvd")  # WBNOINVD on the CPUs that ran the VM

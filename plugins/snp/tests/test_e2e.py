@@ -7,13 +7,16 @@ host-mapped (backends.md 2.2-2.6, 6.1).
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
 
 import attrs
 import pytest
 from snp_helpers import MIB, SnpVm, make_snp_vm
 
+import guestmem_snp
 from guestmem import uapi
 from guestmem.errors import KvmError
+from guestmem.registry import get_registry
 from guestmem_snp.ghcb import SNP_PAGE_STATE_PRIVATE, SNP_PAGE_STATE_SHARED, PscEntry
 from guestmem_snp.rmp import RmpState
 
@@ -23,8 +26,21 @@ PAYLOAD = bytes(range(256)) * 16 * 4  # 4 pages
 BOUNCE = 4 * MIB
 
 
+@pytest.fixture
+def rmp_checker() -> Iterator[guestmem_snp.RmpChecker]:
+    """check_rmp after every event of the scenario."""
+    checker = guestmem_snp.RmpChecker()
+    registry = get_registry()
+    registry.add_plugin(checker, distribution="test-rmp-checker")
+    try:
+        yield checker
+    finally:
+        registry.remove_plugin(checker)
+
+
 def check_invariants(snp: SnpVm) -> None:
-    """No assigned RMP entry on a freed page; no private page reachable by the host."""
+    """No assigned RMP entry on a freed page; no private page reachable by the host (page by page)."""
+    guestmem_snp.check_rmp(snp.vm)
     host = snp.kvm.host
     sev = snp.sev
     assert not sev.host.freed_while_assigned, "an assigned page went back to the host"
@@ -40,7 +56,7 @@ def check_invariants(snp: SnpVm) -> None:
 
 
 @pytest.mark.parametrize(("backend", "bounce_pages"), [("snp", 1), ("snp", 3), ("snp-hugepage", 512)])
-def test_snp_guest_lifecycle(backend: str, bounce_pages: int) -> None:
+def test_snp_guest_lifecycle(backend: str, bounce_pages: int, rmp_checker: guestmem_snp.RmpChecker) -> None:
     """Launch, accept memory, share and unshare a bounce buffer, punch, tear down (2.2-2.6).
 
     On the hugepage backend the bounce buffer is a whole 2 MiB folio: a partial punch of a
@@ -122,3 +138,4 @@ def test_snp_guest_lifecycle(backend: str, bounce_pages: int) -> None:
     vm.close()
     assert rmp.assigned_pages(asid) == 0
     assert not sev.host.freed_while_assigned and not sev.host.leaked
+    assert rmp_checker.checked > 20
