@@ -87,7 +87,14 @@ class SnpPolicy:
 
     @hookimpl
     def guestmem_fault(self, vm: ModelVm, fault: Fault) -> None:
-        """Nothing beyond prepare: KVM performs no RMP change on the fault path."""
+        """No RMP change on the fault path; on hugepage gmem, allow the folio's mapping size.
+
+        ``kvm_mmu_faultin_pfn_gmem`` sets ``max_level = kvm_max_level_for_order(max_order)``;
+        with order-9 folios (``snp-hugepage``) that is 2M, then limited by the RMP page
+        size (``sev_gmem_max_mapping_level``).  Linux 6.18 folios are order 0 (H-1).
+        """
+        if fault.is_private and vm.type_info.gmem_folio_order >= uapi.PMD_ORDER and _sev(vm) is not None:
+            fault.max_level = max(fault.max_level, uapi.PG_LEVEL_2M)
 
     # --- host side -----------------------------------------------------------------------------
     @hookimpl

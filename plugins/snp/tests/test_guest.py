@@ -152,3 +152,21 @@ def test_pvalidate_of_a_page_the_host_reassigned_is_an_rmp_violation(snp: SnpVm)
     assert rmp.make_private(pfn, 0, uapi.PG_LEVEL_4K, snp.sev.asid + 1, immutable=False) == 0
     with pytest.raises(RmpViolation, match="ASID"):
         snp.guest.pvalidate(0)
+
+
+def test_npt_level_follows_the_rmp_page_size(snp_huge: SnpVm) -> None:
+    """2.3 max mapping level: NPT 2M over a 2M RMP entry; after PSMASH + zap, 4K."""
+    snp = snp_huge
+    snp.private(0, 2 * MIB)
+    snp.vcpu.access(0x1000, private=True)
+    assert snp.vm.mapping_level(1) == uapi.PG_LEVEL_2M
+    assert snp.guest.pvalidate(0x1000) == 0  # 4K PVALIDATE: SIZEM #NPF, PSMASH, zap
+    assert snp.vm.mapping_level(1) == uapi.PG_LEVEL_4K
+    assert snp.rmp.lookup(snp.pfn(0x1000)).level == uapi.PG_LEVEL_4K
+
+
+def test_6_18_maps_private_memory_at_4k(snp: SnpVm) -> None:
+    """H-1: order-0 gmem folios: private mappings are 4K."""
+    snp.private(0, 2 * MIB)
+    snp.vcpu.access(0x1000, private=True)
+    assert snp.vm.mapping_level(1) == uapi.PG_LEVEL_4K
