@@ -282,7 +282,12 @@ class ModelVm(api.Vm):
         return table
 
     def _flush_slot(self, slot: Memslot) -> None:
-        """``kvm_arch_flush_shadow_memslot``: zap every leaf of *slot*."""
+        """``kvm_invalidate_memslot``: mark the slot INVALID, then zap every leaf of it.
+
+        A fault that meets the slot meanwhile retries (G-8); the flag goes again when the
+        delete or move is committed.
+        """
+        slot.flags |= uapi.KVM_MEMSLOT_INVALID
         self.mmu.invalidate_begin()
         self.mmu.unmap_gfn_range(GfnRange(slot, slot.base_gfn, slot.end_gfn))
         self.mmu.invalidate_end()
@@ -313,7 +318,7 @@ class ModelVm(api.Vm):
             self._slots(slot.as_id).erase(slot.base_gfn, slot.end_gfn)
             slot.base_gfn = moved.base_gfn
             self._slots(slot.as_id).set(slot.base_gfn, slot.end_gfn, slot)
-        slot.flags = mem.flags
+        slot.flags = mem.flags  # also drops KVM_MEMSLOT_INVALID
         self.trace("memslot_" + change.value, slot=slot.id, as_id=slot.as_id)
 
     def slot_overlapping(self, as_id: int, start: int, end: int, exclude_id: int = -1) -> Memslot | None:
@@ -450,6 +455,10 @@ class ModelVm(api.Vm):
             if fault.is_private:
                 raise self._memory_fault(fault, errno.EFAULT, "G-4", "no memslot for a private access")
             raise _Emulate("no memslot")
+        if slot.flags & uapi.KVM_MEMSLOT_INVALID:  # G-8: being deleted or moved
+            if fault.prefetch:
+                raise kvm_error(errno.EAGAIN, "G-8", f"{slot.describe()} is being deleted or moved")
+            return None
         if mmu.retry_gfn(fault.mmu_seq, gfn):
             return None
         gmem_path = fault.is_private or (slot.gmem_only and self.profile.gmem_only_faults_from_gmem)
