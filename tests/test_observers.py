@@ -92,3 +92,20 @@ def test_trace_round_trip() -> None:
     back = [event_from_json(line) for line in out.getvalue().splitlines()]
     assert back == events
     assert event_to_json(back[0]) == event_to_json(events[0])
+
+
+def test_discard_drops_shared_contents_but_zap_keeps_them(kvm: Any) -> None:
+    """MADV_REMOVE vs MADV_DONTNEED on shared anonymous memory, as seen by host and guest."""
+    vm = kvm.create_vm(uapi.KVM_X86_DEFAULT_VM)
+    shared = kvm.mmap_anonymous(MiB)
+    vm.set_user_memory_region(0, 0, 0, MiB, shared.address)
+    vcpu = vm.create_vcpu(0)
+    shared.write(0x1000, b"keep")
+    shared.write(0x2000, b"drop")
+    assert vcpu.access(0x2000, 4) == b"drop"
+    shared.zap(0x1000, 0x1000)
+    shared.discard(0x2000, 0x1000)
+    assert shared.read(0x1000, 4) == b"keep"
+    assert shared.read(0x2000, 4) == bytes(4)
+    assert not vm.is_mapped(2)  # the mmu notifier zapped the guest's leaf
+    assert vcpu.access(0x2000, 4) == bytes(4)

@@ -9,6 +9,7 @@ method is the ioctl or file operation of the same name; failures raise
 from __future__ import annotations
 
 import abc
+import errno
 from types import TracebackType
 from typing import Any, Self
 
@@ -113,6 +114,17 @@ class Vcpu(_Closable):
     @abc.abstractmethod
     def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> int:
         """``KVM_PRE_FAULT_MEMORY``: map ``[gpa, gpa+size)``; returns the size left (PF-4)."""
+
+    def hypercall(self, nr: int, *args: int) -> int:
+        """The guest executes hypercall *nr* (``vmcall``/``vmmcall``/``hvc``) with *args*.
+
+        Returns the guest's return register.  A request the backend hands to userspace
+        raises :class:`guestmem.HypercallExit`.  Backends without guest hypercalls
+        refuse with ENOSYS.
+        """
+        from guestmem.errors import kvm_error
+
+        raise kvm_error(errno.ENOSYS, "", f"backend has no guest hypercall entry (nr {nr})")
 
 
 class Vm(_Closable):

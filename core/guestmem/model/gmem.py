@@ -123,6 +123,9 @@ class GmemInode:
         start, end = self.folio_bounds(index)
         if ent is not None:
             return max(ent[0], start), min(ent[1], end), ent[2]
+        if start != end - 1 and self.pages.overlaps(start, end):
+            # what is left of a split large folio: allocate only the hole around index
+            start, end = next((s, e) for s, e in self.pages.gaps(start, end) if s <= index < e)
         pfn = self.host.alloc(end - start)
         folio = Folio(pfn - start)
         self.pages.set(start, end, folio)
@@ -161,24 +164,17 @@ class GmemInode:
             self.owner.count("zeroed_bytes", (e - s) * PAGE_SIZE)
 
     def truncate(self, start: int, end: int) -> None:
-        """``truncate_inode_pages_range``: unmap from host VMAs, free whole folios (L-5).
+        """``truncate_inode_pages_range``: unmap from host VMAs, free the folios (L-5).
 
         Each freed pfn run reaches ``guestmem_gmem_invalidate`` (``free_folio``).  A large
-        folio only partly inside the range is zeroed there instead of freed.
+        folio (opt-in hugepage policy) only partly inside the range is split and its
+        punched part freed, as the hugepage guest_memfd proposals do, so an ownership
+        table sees every freed page and no page is written behind its back.
         """
         for vma in list(self.vmas):
             vma.zap_indices(start, end)
-        nr = 1 << self.folio_order
-        whole_start = (start + nr - 1) & ~(nr - 1)
-        whole_end = end & ~(nr - 1) if end < self.npages else end
-        if whole_start > start:
-            self.zero(start, min(whole_start, end))
-        if whole_end < end and whole_end >= whole_start:
-            self.zero(whole_end, end)
-        if whole_start >= whole_end:
-            return
-        freed = list(self.pages.items(whole_start, whole_end))
-        self.pages.erase(whole_start, whole_end)
+        freed = list(self.pages.items(start, end))
+        self.pages.erase(start, end)
         for s, e, folio in freed:
             self.free_pfns(s + folio.delta, e + folio.delta)
 
@@ -326,12 +322,16 @@ def get_pfn(vm: ModelVm, slot: Memslot, gfn: int) -> tuple[int, int]:
         raise kvm_error(errno.EIO, "G-12", f"gmem index {index:#x} is not bound to {slot.describe()}")
     inode = file.inode
     start, end, folio = inode.get_folio(index)
+    order = inode.folio_order
+    if end - start != 1 << order:
+        # a large folio that was split (punched or partly populated): order-0 pieces
+        start, end, order = index, index + 1, 0
     if folio.hwpoison:
         raise kvm_error(EHWPOISON, "E-2", f"gmem page {index:#x} is hardware-poisoned")
     if not folio.uptodate:
         inode.zero(start, end)
         folio_gfn = slot.base_gfn + start - slot.gmem_pgoff
-        vm.hooks.gmem_prepare(vm=vm, gfn=folio_gfn, pfn=start + folio.delta, order=inode.folio_order)
+        vm.hooks.gmem_prepare(vm=vm, gfn=folio_gfn, pfn=start + folio.delta, order=order)
         inode.set_state(start, end, uptodate=True)
         vm.count("gmem_prepare")
-    return index + folio.delta, inode.folio_order
+    return index + folio.delta, order

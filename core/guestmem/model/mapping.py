@@ -44,6 +44,10 @@ class Vma(abc.ABC):
         """MADV_DONTNEED: drop the faulted-in pages of ``[offset, offset+length)``."""
         self.kvm.mmu_notifier_invalidate(self.address + offset, length)
 
+    def discard(self, offset: int, length: int) -> None:
+        """MADV_REMOVE: free the backing of ``[offset, offset+length)`` (reads zero after)."""
+        self.zap(offset, length)
+
     def unmap(self) -> None:
         """munmap."""
         if self.unmapped:
@@ -75,6 +79,15 @@ class AnonVma(Vma):
             base = self.kvm.host.alloc(_THP_PAGES)
             self._chunks[chunk] = base
         return base + (hpage & (_THP_PAGES - 1))
+
+    def discard(self, offset: int, length: int) -> None:
+        super().discard(offset, length)
+        first = offset >> PAGE_SHIFT
+        for page in range(first, first + ((length + PAGE_SIZE - 1) >> PAGE_SHIFT)):
+            hpage = (self.address >> PAGE_SHIFT) + page
+            base = self._chunks.get(hpage >> uapi.PMD_ORDER)
+            if base is not None:
+                self.kvm.host.zero(base + (hpage & (_THP_PAGES - 1)), 1)
 
     def host_level(self, page: int) -> int:
         hpage = (self.address >> PAGE_SHIFT) + page
@@ -120,6 +133,11 @@ class GmemVma(Vma):
     def zap(self, offset: int, length: int) -> None:
         first = self.pgoff + (offset >> PAGE_SHIFT)
         self.zap_indices(first, first + ((length + PAGE_SIZE - 1) >> PAGE_SHIFT))
+
+    def discard(self, offset: int, length: int) -> None:
+        pages = (length + PAGE_SIZE - 1) >> PAGE_SHIFT
+        start = (self.pgoff << PAGE_SHIFT) + (offset & ~(PAGE_SIZE - 1))
+        self.file.inode.punch_hole(start, pages << PAGE_SHIFT)
 
     def fault(self, page: int, write: bool) -> int:
         return self.fault_index(self.pgoff + page, write)
@@ -216,8 +234,15 @@ class ModelHostMapping(api.HostMapping):
         vma_access(self._vma, offset, len(data), bytes(data))
 
     def zap(self, offset: int = 0, length: int | None = None) -> None:
-        """``madvise(MADV_DONTNEED)``: drop the faulted-in pages (model only)."""
+        """``madvise(MADV_DONTNEED)``: unmap the faulted-in pages; shared memory keeps its
+        contents (model only)."""
         self._vma.zap(offset, self.length - offset if length is None else length)
+
+    def discard(self, offset: int = 0, length: int | None = None) -> None:
+        """``madvise(MADV_REMOVE)``: free the backing, as a VMM discards the shared copy of
+        memory converted to private (QEMU ``ram_block_discard_range``); later reads see
+        zeroes.  On a guest_memfd mapping this punches a hole (model only)."""
+        self._vma.discard(offset, self.length - offset if length is None else length)
 
     def close(self) -> None:
         self._vma.unmap()

@@ -47,7 +47,8 @@ class Fault:
     prefetch: bool = False
     slot: Memslot | None = None
     pfn: int | None = None
-    max_level: int = uapi.PG_LEVEL_4K
+    #: KVM_MAX_HUGEPAGE_LEVEL until the pfn's source (folio, host mapping) bounds it.
+    max_level: int = uapi.PG_LEVEL_1G
     map_writable: bool = True
     mmu_seq: int = 0
     vcpu: Any = None

@@ -111,7 +111,7 @@ class ModelVcpu(api.Vcpu):
             raise kvm_error(errno.EINVAL, "PF-1", f"flags must be 0, got {flags:#x}")
         if gpa % PAGE_SIZE or size % PAGE_SIZE or size == 0 or gpa + size > uapi.U64_MAX:
             raise kvm_error(errno.EINVAL, "PF-1", "gpa/size unaligned, size zero, or gpa + size wraps")
-        if not vm.type_info.pre_fault_allowed:
+        if not vm.pre_fault_allowed:
             raise kvm_error(errno.EOPNOTSUPP, "PF-2", "KVM_PRE_FAULT_MEMORY is not allowed for this VM type")
         if vm.profile.pre_fault_enospc_before_first_memslot and not vm.had_memslot:
             raise kvm_error(errno.ENOSPC, "PF-2", "no MMU root can be loaded before the first memslot")

@@ -31,6 +31,15 @@ _MAX_FAULT_RETRIES = 16
 _LEVEL_PAGES = {uapi.PG_LEVEL_4K: 1, uapi.PG_LEVEL_2M: 1 << 9, uapi.PG_LEVEL_1G: 1 << 18}
 
 
+def _level_for_order(order: int) -> int:
+    """``kvm_max_level_for_order``."""
+    if order >= uapi.PUD_ORDER:
+        return uapi.PG_LEVEL_1G
+    if order >= uapi.PMD_ORDER:
+        return uapi.PG_LEVEL_2M
+    return uapi.PG_LEVEL_4K
+
+
 class _Emulate(Exception):
     """The fault needs emulation (MMIO, or a write to a read-only slot)."""
 
@@ -64,6 +73,9 @@ class ModelVm(api.Vm):
         #: ``pre_fault_enospc_before_first_memslot``).
         self.had_memslot = False
         self.max_gfn = (1 << (self.profile.phys_bits - PAGE_SHIFT)) - 1
+        #: ``kvm->arch.pre_fault_allowed``: from the VM type; a backend may change it (SNP
+        #: allows pre-faulting once the launch is finished).
+        self.pre_fault_allowed = type_info.pre_fault_allowed
         self.arch: Any = None
         try:
             self.arch = self.hooks.vm_init(vm=self)
@@ -470,7 +482,8 @@ class ModelVm(api.Vm):
             except KvmError as exc:
                 raise self._memory_fault(fault, exc.errno or errno.EFAULT, exc.rule, exc.detail) from None
             fault.map_writable = not slot.flags & uapi.KVM_MEM_READONLY
-            host_level = uapi.PG_LEVEL_2M if order >= uapi.PMD_ORDER else uapi.PG_LEVEL_4K
+            # kvm_max_level_for_order (G-6): the folio bounds the mapping
+            fault.max_level = min(fault.max_level, _level_for_order(order))
         else:
             if fault.write and slot.flags & uapi.KVM_MEM_READONLY:
                 raise _Emulate("write to a read-only memslot")
@@ -482,15 +495,14 @@ class ModelVm(api.Vm):
                 raise
             # hva_to_pfn: a read-only memslot maps read-only; a later store re-faults and emulates
             fault.map_writable = not slot.flags & uapi.KVM_MEM_READONLY
+            fault.max_level = min(fault.max_level, host_level)  # host_pfn_mapping_level
         fault.pfn = pfn
         if mmu.retry_gfn(fault.mmu_seq, gfn):
             return None
         self.hooks.fault(vm=self, fault=fault)
         if mmu.retry_gfn(fault.mmu_seq, gfn):  # is_page_fault_stale, under mmu_lock
             return None
-        level = self._mapping_level(
-            fault, slot, pfn, min(host_level, fault.max_level if gmem_path else host_level), gmem_path
-        )
+        level = self._mapping_level(fault, slot, pfn, fault.max_level, gmem_path)
         npages = _LEVEL_PAGES[level]
         start = gfn & ~(npages - 1)
         mmu.install(start, npages, pfn - (gfn - start), fault.is_private, fault.map_writable, level)
@@ -599,7 +611,10 @@ class ModelVm(api.Vm):
                     raise kvm_error(EHWPOISON, "E-2", f"gmem page {index:#x} is hardware-poisoned")
                 if folio.uptodate:
                     raise kvm_error(errno.EEXIST, "P-4", f"gmem page {index:#x} is already prepared")
-                n = min(end - index, npages - done)
+                # the largest aligned power of two the folio and the request allow
+                n = 1 << (min(end - index, npages - done).bit_length() - 1)
+                while index % n:
+                    n //= 2
                 while n > 1 and not self.attributes.covers(cur, cur + n, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE):
                     n //= 2
                 if not self.is_private(cur):

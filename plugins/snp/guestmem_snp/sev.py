@@ -306,6 +306,9 @@ class SevVm:
             self.vmsa_pfns[vcpu_id] = pfn
         self._psp("SNP_LAUNCH_FINISH")
         self.snp_finished = True
+        # sev.c snp_launch_finish: no more LAUNCH_UPDATE, so private pages may now be handed
+        # out by marking the RMP entry private, on first access or by KVM_PRE_FAULT_MEMORY.
+        self.vm.pre_fault_allowed = True
         self.vm.trace("snp_launch_finish", digest=self.launch_digest.hex(), vcpus=len(self.vmsa_pfns))
         return self.launch_digest
 

@@ -58,12 +58,20 @@ def test_s4_no_readonly_memslots(vm_type: int) -> None:
         assert info.value.errno == errno.EINVAL
 
 
-def test_pf2_pre_fault_refused_on_snp(snp: SnpVm) -> None:
-    """PF-2: KVM_PRE_FAULT_MEMORY on an SNP VM is EOPNOTSUPP."""
+def test_pf2_pre_fault_refused_on_snp_until_launch_finish(snp: SnpVm) -> None:
+    """PF-2: KVM_PRE_FAULT_MEMORY on an SNP VM is EOPNOTSUPP until SNP_LAUNCH_FINISH.
+
+    sev.c ``snp_launch_finish`` sets ``kvm->arch.pre_fault_allowed``: afterwards a
+    pre-fault assigns the RMP entries like a first access does.
+    """
     snp.private(0, MIB)
     with pytest.raises(KvmError) as info:
         snp.vcpu.pre_fault_memory(0, MIB)
     assert info.value.errno == errno.EOPNOTSUPP
+    snp.sev.snp_launch_start()
+    snp.sev.snp_launch_finish()
+    assert snp.vcpu.pre_fault_memory(0, MIB) == 0
+    assert snp.vm.is_mapped(MIB // 4096 - 1)
 
 
 def test_exit_hypercall_capability(snp: SnpVm) -> None:
