@@ -23,6 +23,17 @@ _CAPS = (
 )
 
 
+_SHORT_CAPS = {
+    "KVM_CAP_GUEST_MEMFD": "GUEST_MEMFD",
+    "KVM_CAP_GUEST_MEMFD_FLAGS": "GMEM_FLAGS",
+    "KVM_CAP_MEMORY_ATTRIBUTES": "MEM_ATTRS",
+    "KVM_CAP_VM_TYPES": "VM_TYPES",
+    "KVM_CAP_PRE_FAULT_MEMORY": "PRE_FAULT",
+    "KVM_CAP_USER_MEMORY2": "USER_MEM2",
+    "KVM_CAP_MEMORY_FAULT_INFO": "FAULT_INFO",
+}
+
+
 def configure_logging(json_logs: bool) -> None:
     """structlog for the CLI: quiet unless asked, console on a TTY, JSON otherwise."""
     import logging
@@ -75,18 +86,17 @@ def cmd_backends(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title="guestmem backends")
-    for col in ("name", "version", "distribution", "VM types", "capabilities"):
-        table.add_column(col)
+    for col in ("backend", "distribution", "VM types", "capabilities"):
+        table.add_column(col, overflow="fold")
     for row in rows:
         caps = row.get("capabilities")
         cap_text = (
-            "\n".join(f"{k.removeprefix('KVM_CAP_')}={v:#x}" for k, v in caps.items())
+            "\n".join(f"{_SHORT_CAPS.get(k, k)}={v:#x}" for k, v in caps.items())
             if caps
             else f"unavailable: {row.get('error', '')}"
         )
-        table.add_row(
-            row["name"], row["version"], row["distribution"], "\n".join(row["vm_types"].values()), cap_text
-        )
+        types = "\n".join(name.removeprefix("KVM_") for name in row["vm_types"].values())
+        table.add_row(row["name"], f"{row['distribution']} {row['version']}", types, cap_text)
     Console().print(table)
     return 0
 

@@ -108,7 +108,10 @@ class ModelKvm(api.Kvm):
     # --- capabilities (2.A) -----------------------------------------------------------------
     def attributes_built(self, vm: ModelVm | None) -> bool:
         """CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES for this kernel and architecture (A-1)."""
-        arch_ok = True if vm is None else vm.type_info.memory_attributes
+        if vm is None:  # the architecture has it if any of its VM types does
+            arch_ok = any(t.memory_attributes for t in self.backend_info.vm_types)
+        else:
+            arch_ok = vm.type_info.memory_attributes
         return self.profile.memory_attributes and arch_ok
 
     def gmem_supported_flags(self, vm: ModelVm | None) -> int:
