@@ -104,7 +104,10 @@ class Vcpu(_Closable):
         data: bytes | None = None,
         private: bool | None = None,
     ) -> bytes | None:
-        """A guest load (returns the bytes) or store (``write=True``; returns None).
+        """A guest load (returns the bytes) or store (*data* given; returns None).
+
+        Passing *data* makes the access a store of ``len(data)`` bytes (``write=True`` is
+        implied); ``write=True`` without data is an error.
 
         ``private=None`` lets the VM's attributes decide (SW_PROTECTED semantics, G-1).  An
         unresolvable fault raises :class:`guestmem.MemoryFault`; an access that exits for

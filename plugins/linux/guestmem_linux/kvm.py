@@ -263,6 +263,8 @@ class LinuxVcpu(_FdOwner, api.Vcpu):
         """
         if private:
             raise KvmError(errno.EINVAL, "a KVM_X86_DEFAULT_VM guest cannot make private accesses")
+        if data is not None:  # data means a store, as on every backend (api.Vcpu.access)
+            write = True
         if write:
             if data is None:
                 raise KvmError(errno.EINVAL, "a guest store needs data")
