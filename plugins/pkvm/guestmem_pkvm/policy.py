@@ -79,6 +79,11 @@ _HVC_NAMES = {
     abi.ARM_SMCCC_VENDOR_HYP_KVM_MEM_UNSHARE_FUNC_ID: "mem_unshare",
     abi.ARM_SMCCC_VENDOR_HYP_KVM_MEM_RELINQUISH_FUNC_ID: "mem_relinquish",
 }
+#: What the hypervisor answers for a non-protected guest (``kvm_hyp_handle_hvc64``).
+_NP_VM_CALLS = (
+    abi.ARM_SMCCC_VENDOR_HYP_KVM_HYP_MEMINFO_FUNC_ID,
+    abi.ARM_SMCCC_VENDOR_HYP_KVM_MEM_RELINQUISH_FUNC_ID,
+)
 
 
 @attrs.define(eq=False)
@@ -295,16 +300,25 @@ class PkvmPolicy:
         if name is None:
             return abi.SMCCC_RET_NOT_SUPPORTED
         vm.count(f"pkvm.hvc.{name}")
-        if nr == abi.ARM_SMCCC_VENDOR_HYP_KVM_HYP_MEMINFO_FUNC_ID:
-            return PAGE_SIZE  # the sharing granule
-        if not state.protected and nr != abi.ARM_SMCCC_VENDOR_HYP_KVM_MEM_RELINQUISH_FUNC_ID:
+        if not state.protected and nr not in _NP_VM_CALLS:
             return abi.SMCCC_RET_NOT_SUPPORTED  # only protected guests get MEM_SHARE/UNSHARE
-        ipa = args[0] if args else 0
-        nr_pages = (args[1] if len(args) > 1 else 0) or 1
+        # x1..x3; a guest passing fewer leaves the rest zero.
+        ipa, arg2, arg3 = (*args, 0, 0, 0)[:3]
+        nr_pages = arg2 or 1  # "Legacy guests have arg2 set to 0"
         try:
+            if nr == abi.ARM_SMCCC_VENDOR_HYP_KVM_HYP_MEMINFO_FUNC_ID:
+                if ipa or arg2 or arg3:
+                    raise HypError(errno.EINVAL, name, "HYP_MEMINFO arguments must be zero")
+                state.last_error = None
+                return PAGE_SIZE  # the sharing granule
+            if nr == abi.ARM_SMCCC_VENDOR_HYP_KVM_MEM_RELINQUISH_FUNC_ID and (arg2 or arg3):
+                raise HypError(errno.EINVAL, name, "MEM_RELINQUISH takes one page: x2 and x3 must be zero")
+            if arg3:
+                raise HypError(errno.EINVAL, name, "x3 must be zero")
             if ipa & (PAGE_SIZE - 1) or ipa < 0:
                 raise HypError(errno.EINVAL, name, f"ipa {ipa:#x} is not page aligned")
             if nr == abi.ARM_SMCCC_VENDOR_HYP_KVM_MEM_RELINQUISH_FUNC_ID:
+                nr_pages = 1
                 self._relinquish(vm, state, ipa >> PAGE_SHIFT)
                 exit_bit = 0
             else:
