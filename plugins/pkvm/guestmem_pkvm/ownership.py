@@ -522,23 +522,28 @@ class Hypervisor:
         """``__pkvm_host_reclaim_page_guest`` (teardown): take a page back from a dying VM.
 
         Guest OWNED pages are zeroed and cleaned to PoC first; SHARED_OWNED ones come back as
-        they are (the host already sees them).  EPERM unless teardown started, ENOENT for an
-        unmapped gfn, EBUSY for a shared page the host does not borrow.  Returns the pfn.
+        they are (the host already sees them).  EINVAL unless teardown started
+        (``__pkvm_reclaim_dying_guest_page``), ENOENT for an unmapped gfn, E2BIG for a block
+        over smaller mappings, EBUSY for a shared page the host does not borrow; a poisoned
+        gfn is a success that changes nothing (``-EHWPOISON`` is ignored).  Returns the pfn.
         """
         call = "__pkvm_host_reclaim_page_guest"
         _transition_size(0, gfn, nr_pages, call)
         return self._reclaim_run(vm, gfn, nr_pages, call)
 
     def _reclaim_run(self, vm: HypVm, gfn: int, nr_pages: int, call: str) -> int:
-        if not vm.dying:
-            raise HypError(errno.EPERM, call, "VM is not dying")
+        if not vm.dying:  # __pkvm_reclaim_dying_guest_page
+            raise HypError(errno.EINVAL, call, "VM is not dying")
         page = vm.state(gfn)
         entry = vm.guest.entry(gfn)
         if page.state == PageState.NOPAGE:
             raise HypError(errno.ENOENT, call, f"gfn {gfn:#x} is not mapped")
-        if entry is None or entry[1] < gfn + nr_pages:
-            raise HypError(errno.EINVAL, call, "range is not one mapping")
         pfn = page.pfn(gfn)
+        if page.state == PageState.POISON:
+            # -EHWPOISON is success: the force reclaim already gave the page back.
+            return pfn
+        if entry is None or entry[1] < gfn + nr_pages:
+            raise HypError(errno.E2BIG, call, "the guest maps that range with smaller pages")
         if page.state == PageState.SHARED_OWNED:
             # Presumably lent on (FF-A): the hypervisor leaves it to another path.
             self._host_check(

@@ -367,8 +367,31 @@ def test_host_hyp_selftest_matrix_3_2(hyp: Hypervisor) -> None:
 
 # --- reclaim --------------------------------------------------------------------------------
 def test_reclaim_needs_a_dying_vm_3_6(hyp: Hypervisor, pvm: HypVm) -> None:
+    """``__pkvm_reclaim_dying_guest_page``: ``if (!hyp_vm || !hyp_vm->is_dying)`` -> -EINVAL."""
     hyp.host_donate_guest(pvm, PFN, GFN)
-    refused(hyp, errno.EPERM, lambda: hyp.host_reclaim_page_guest(pvm, GFN))
+    refused(hyp, errno.EINVAL, lambda: hyp.host_reclaim_page_guest(pvm, GFN))
+
+
+def test_reclaim_of_a_poisoned_gfn_succeeds_3_6(hyp: Hypervisor, pvm: HypVm, mem: Memory) -> None:
+    """``__pkvm_host_reclaim_page_guest``: ``return ret && ret != -EHWPOISON ? ret : 0``.
+
+    The page under a poisoned PTE went back to the host at the force reclaim; reclaiming
+    it at teardown is a success that changes nothing.
+    """
+    hyp.host_donate_guest(pvm, PFN, GFN)
+    hyp.host_force_reclaim_page_guest(pvm, GFN)
+    hyp.start_teardown_vm(pvm)
+    before = snapshot(hyp)
+    assert hyp.host_reclaim_page_guest(pvm, GFN) == PFN
+    assert snapshot(hyp) == before and mem.zeroed == [(PFN, 1)]
+    assert pvm.counters["reclaims"] == 0
+
+
+def test_reclaim_of_a_block_over_page_mappings_is_e2big_3_6(hyp: Hypervisor, pvm: HypVm) -> None:
+    """``get_valid_guest_pte``: ``kvm_granule_size(level) != size`` -> -E2BIG."""
+    hyp.host_donate_guest(pvm, PFN, 0x200)
+    hyp.start_teardown_vm(pvm)
+    refused(hyp, errno.E2BIG, lambda: hyp.host_reclaim_page_guest(pvm, 0x200, PMD_NR_PAGES))
 
 
 def test_reclaim_owned_page_is_zeroed_shared_page_is_not_3_6(
