@@ -447,19 +447,23 @@ class Hypervisor:
     def guest_relinquish_to_host(self, vm: HypVm, gfn: int) -> int | None:
         """``__pkvm_guest_relinquish_to_host`` (HVC MEM_RELINQUISH): give one page back early.
 
-        A protected guest's OWNED page is zeroed, unmapped from the guest and returned to the
-        host; returns its pfn.  An unmapped gfn, or any call of a non-protected VM, does
-        nothing (None).  Any other state fails with EPERM (the hypervisor's walker).
+        The expected guest state depends on the VM type (``relinquish_walker``): a protected
+        guest's OWNED page is zeroed, unmapped from the guest and returned to the host; a
+        non-protected guest's SHARED_BORROWED page is unmapped and the host's share dropped
+        (not zeroed: it is the host's memory).  Returns the pfn; an unmapped gfn does
+        nothing (None).  Any other state fails with EPERM.
         """
         call = "__pkvm_guest_relinquish_to_host"
-        if not vm.protected:
-            return None
+        expected = PageState.OWNED if vm.protected else PageState.SHARED_BORROWED
         page = vm.state(gfn)
         if page.state in (PageState.NOPAGE, PageState.POISON):
             return None
-        if page.state != PageState.OWNED:
-            raise HypError(errno.EPERM, call, f"gfn {gfn:#x} is guest {page.state.name}, not OWNED")
+        if page.state != expected:
+            raise HypError(errno.EPERM, call, f"gfn {gfn:#x} is guest {page.state.name}, not {expected.name}")
         self._count(vm, "relinquished_pages")
+        if not vm.protected:
+            self.host_unshare_guest(vm, gfn)
+            return page.pfn(gfn)
         return self._give_back(vm, gfn, 1, page, PageState.NOPAGE)
 
     def _give_back(self, vm: HypVm, gfn: int, npages: int, page: GuestPage, leave: PageState) -> int:

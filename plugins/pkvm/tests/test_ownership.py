@@ -286,11 +286,21 @@ def test_relinquish_shared_page_is_eperm_3_2(hyp: Hypervisor, pvm: HypVm) -> Non
     refused(hyp, errno.EPERM, lambda: hyp.guest_relinquish_to_host(pvm, GFN))
 
 
-def test_relinquish_of_non_protected_vm_does_nothing_3_2(hyp: Hypervisor, npvm: HypVm) -> None:
+def test_relinquish_of_non_protected_vm_returns_a_borrowed_page_3_2(
+    hyp: Hypervisor, npvm: HypVm, mem: Memory
+) -> None:
+    """``__pkvm_guest_relinquish_to_host``: the expected state "depends on VM type".
+
+    A non-protected guest gives back a page the host shares with it (SHARED_BORROWED):
+    the guest PTE goes, the host has the page to itself again, nothing is zeroed.
+    """
     hyp.host_share_guest(npvm, PFN, GFN)
-    before = snapshot(hyp)
-    assert hyp.guest_relinquish_to_host(npvm, GFN) is None
-    assert snapshot(hyp) == before
+    mem.write(PFN, 0, b"host data")
+    assert hyp.guest_relinquish_to_host(npvm, GFN) == PFN
+    assert (guest(npvm), hyp.host_state(PFN)) == (PageState.NOPAGE, HOST_OWNED)
+    assert mem.zeroed == [] and bytes(mem.page(PFN)[:9]) == b"host data"
+    assert npvm.counters["relinquished_pages"] == 1
+    assert hyp.guest_relinquish_to_host(npvm, GFN) is None  # nothing mapped: a no-op
 
 
 # --- host <-> non-protected guest ------------------------------------------------------------

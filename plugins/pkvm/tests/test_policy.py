@@ -205,7 +205,12 @@ def test_normal_vm_shares_pages_and_unshares_on_invalidation_3_2(kvm: Any, check
     assert page.state == PageState.SHARED_BORROWED
     assert state.hyp.host_state(page.pfn(GPA >> 12)).share_count == 1
     assert g.vcpu.hypercall(SHARE, GPA, 1, 0) == abi.SMCCC_RET_NOT_SUPPORTED
-    assert g.vcpu.hypercall(RELINQUISH, GPA, 0, 0) == abi.SMCCC_RET_SUCCESS  # a no-op
+    # MEM_RELINQUISH of a non-protected guest gives the shared page back to the host
+    # (kvm_hyp_handle_hvc64 -> pkvm_memrelinquish_call; expected state SHARED_BORROWED).
+    assert g.vcpu.hypercall(RELINQUISH, GPA, 0, 0) == abi.SMCCC_RET_SUCCESS
+    assert state.hvm.state(GPA >> 12).state == PageState.NOPAGE and not g.vm.is_mapped(GPA >> 12)
+    assert len(state.hyp.host) == 0 and g.vm.counters["pkvm.zeroed_bytes"] == 0
+    assert g.vcpu.access(GPA, 2) == b"np"  # shared again at the next fault
     g.gmem.fallocate(uapi.FALLOC_FL_PUNCH_HOLE | uapi.FALLOC_FL_KEEP_SIZE, 0, PAGE)
     assert state.hvm.state(GPA >> 12).state == PageState.NOPAGE
     assert len(state.hyp.host) == 0
