@@ -15,6 +15,10 @@ from guestmem.ranges import RangeMap
 from guestmem_snp.asid import AsidAllocator
 from guestmem_snp.rmp import PTRS_PER_PMD, RmpEntry, RmpTable
 
+# SEV_FEATURES bits of the VMSA (arch/x86/include/asm/svm.h).
+SVM_SEV_FEAT_DEBUG_SWAP = 1 << 5
+SVM_SEV_FEAT_SECURE_TSC = 1 << 9
+
 if TYPE_CHECKING:
     from guestmem.model.vm import ModelVm
 
@@ -33,6 +37,8 @@ class SnpHost:
     def __init__(self, asids: AsidAllocator | None = None) -> None:
         self.rmp = RmpTable(on_change=self._changed)
         self.asids = asids if asids is not None else AsidAllocator()
+        #: ``sev_supported_vmsa_features``: DebugSwap, and Secure TSC (SNP guests only).
+        self.vmsa_features = SVM_SEV_FEAT_DEBUG_SWAP | SVM_SEV_FEAT_SECURE_TSC
         self.direct_map_split: RangeMap[bool] = RangeMap()
         self.freed_while_assigned: RangeMap[bool] = RangeMap()
         self.freed: RangeMap[bool] = RangeMap()

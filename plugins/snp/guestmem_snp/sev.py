@@ -28,7 +28,7 @@ import structlog
 from guestmem import uapi
 from guestmem.errors import KvmError, kvm_error
 from guestmem_snp.ghcb import KVM_EXIT_HYPERCALL_VALID_MASK, PscBuffer, PscEngine
-from guestmem_snp.host import SnpHost, snp_host
+from guestmem_snp.host import SVM_SEV_FEAT_SECURE_TSC, SnpHost, snp_host
 from guestmem_snp.rmp import PTRS_PER_PMD, RMP_RC_NAMES, RMP_SUCCESS, RmpEntry
 
 if TYPE_CHECKING:
@@ -51,11 +51,26 @@ KVM_SEV_SNP_PAGE_TYPE_CPUID: Final = 0x6
 _USER_PAGE_TYPES = frozenset({0x1, 0x3, 0x4, 0x5, 0x6})
 
 # Guest policy bits (SEV-SNP firmware ABI; arch/x86/kvm/svm/sev.c SNP_POLICY_MASK_*).
+SNP_POLICY_MASK_API_MINOR: Final = 0xFF
+SNP_POLICY_MASK_API_MAJOR: Final = 0xFF << 8
 SNP_POLICY_MASK_SMT: Final = 1 << 16
 SNP_POLICY_MASK_RSVD_MBO: Final = 1 << 17
+SNP_POLICY_MASK_MIGRATE_MA: Final = 1 << 18
+SNP_POLICY_MASK_DEBUG: Final = 1 << 19
 SNP_POLICY_MASK_SINGLE_SOCKET: Final = 1 << 20
-SNP_POLICY_MASK_VALID: Final = (1 << 21) - 1
+SNP_POLICY_MASK_VALID: Final = (
+    SNP_POLICY_MASK_API_MINOR
+    | SNP_POLICY_MASK_API_MAJOR
+    | SNP_POLICY_MASK_SMT
+    | SNP_POLICY_MASK_RSVD_MBO
+    | SNP_POLICY_MASK_DEBUG
+    | SNP_POLICY_MASK_SINGLE_SOCKET
+)
+"""What Linux 6.18 accepts (``SNP_POLICY_MASK_VALID``); MIGRATE_MA and bits >= 21 are refused."""
 SNP_POLICY_DEFAULT: Final = SNP_POLICY_MASK_RSVD_MBO | SNP_POLICY_MASK_SMT
+
+# SEV_FEATURES of the VMSA (arch/x86/include/asm/svm.h SVM_SEV_FEAT_*).
+SVM_SEV_FEAT_SNP_ACTIVE: Final = 1 << 0
 
 INITIAL_VMSA_GPA: Final = 0xFFFFFFFFF000
 SNP_CPUID_COUNT_MAX: Final = 64
@@ -175,22 +190,30 @@ class SevVm:
         self.hypercall_exit_enabled = mask
 
     def init2(self, vmsa_features: int = 0, ghcb_version: int = 0, flags: int = 0) -> None:
-        """``KVM_SEV_INIT2`` (``sev_guest_init2``): allocate the ASID and activate SEV."""
+        """``KVM_SEV_INIT2`` (``sev_guest_init2`` / ``__sev_guest_init``): allocate the ASID."""
         self._command()
+        if self.snp_active:
+            # sev_mem_enc_ioctl: once an SNP guest, only the SNP commands (id >= 100) are allowed.
+            raise kvm_error(errno.EPERM, "", "KVM_SEV_INIT2 on an initialised SNP VM")
         if not self.need_init or self.active:
             raise kvm_error(errno.EINVAL, "", "KVM_SEV_INIT2: the VM is already initialised")
+        if self.vm.vcpus:
+            raise kvm_error(errno.EINVAL, "", "KVM_SEV_INIT2 must come before KVM_CREATE_VCPU")
         if flags:
             raise kvm_error(errno.EINVAL, "", f"KVM_SEV_INIT2: flags must be 0, got {flags:#x}")
-        if not self.es and vmsa_features:
-            raise kvm_error(errno.EINVAL, "", "KVM_SEV_INIT2: vmsa_features need an SEV-ES or SNP VM")
+        valid = self.host.vmsa_features if self.es else 0
+        if not self.snp:
+            valid &= ~SVM_SEV_FEAT_SECURE_TSC
+        if vmsa_features & ~valid:
+            raise kvm_error(
+                errno.EINVAL, "", f"KVM_SEV_INIT2: vmsa_features {vmsa_features:#x} not in {valid:#x}"
+            )
         if ghcb_version > GHCB_VERSION_MAX or (not self.es and ghcb_version):
             raise kvm_error(errno.EINVAL, "", f"KVM_SEV_INIT2: bad ghcb_version {ghcb_version}")
-        if self.snp and ghcb_version == 0:
+        if self.es and ghcb_version == 0:
             ghcb_version = 2
         if self.snp and ghcb_version < 2:
             raise kvm_error(errno.EINVAL, "", "KVM_SEV_INIT2: SNP needs GHCB protocol version 2")
-        if self.vm.vcpus:
-            raise kvm_error(errno.EINVAL, "", "KVM_SEV_INIT2 must come before KVM_CREATE_VCPU")
         recycles = self.host.asids.stats["asid_recycle"]
         self.asid = self.host.asids.allocate(es=self.es, snp=self.snp)
         if self.host.asids.stats["asid_recycle"] != recycles:
@@ -198,7 +221,7 @@ class SevVm:
             self.vm.count("wbinvd")
             self.vm.count("df_flush")
         self.ghcb_version = ghcb_version
-        self.vmsa_features = vmsa_features
+        self.vmsa_features = vmsa_features | (SVM_SEV_FEAT_SNP_ACTIVE if self.snp else 0)
         self.active = True
         self.need_init = False
         self.vm.trace("sev_init", asid=self.asid, snp=self.snp, es=self.es)
@@ -216,8 +239,6 @@ class SevVm:
             raise kvm_error(errno.EINVAL, "", f"SNP policy {policy:#x} has unknown bits")
         if not policy & SNP_POLICY_MASK_RSVD_MBO:
             raise kvm_error(errno.EINVAL, "", "SNP policy lacks the must-be-one bit 17")
-        if policy & SNP_POLICY_MASK_SINGLE_SOCKET:
-            raise kvm_error(errno.EINVAL, "", "SNP policy SINGLE_SOCKET is not supported by KVM")
         pfn = self.vm.host.alloc(1)
         with self.host.acting(self.vm):
             rc = self.host.rmp.mark_firmware(pfn)

@@ -14,7 +14,7 @@ from guestmem import uapi
 from guestmem.errors import HostCrash, HostSigbus, KvmError
 from guestmem.registry import get_registry
 from guestmem_snp.asid import AsidAllocator
-from guestmem_snp.host import snp_host
+from guestmem_snp.host import SVM_SEV_FEAT_DEBUG_SWAP, SVM_SEV_FEAT_SECURE_TSC, snp_host
 from guestmem_snp.rmp import RmpState
 
 
@@ -95,6 +95,39 @@ def test_init2_allocates_an_snp_asid_once() -> None:
         assert s.asid in s.host.asids.range_for(es=True, snp=True)
         with pytest.raises(KvmError):
             s.init2()
+
+
+def test_init2_on_an_snp_guest_is_eperm_others_einval() -> None:
+    """sev_mem_enc_ioctl: an initialised SNP VM takes only SNP commands (EPERM); SEV-ES re-init EINVAL."""
+    with guestmem.open("snp") as kvm:
+        for vm_type, err in ((uapi.KVM_X86_SNP_VM, errno.EPERM), (uapi.KVM_X86_SEV_ES_VM, errno.EINVAL)):
+            with kvm.create_vm(vm_type) as vm:
+                s = guestmem_snp.sev(vm)
+                s.init2()
+                with pytest.raises(KvmError) as info:
+                    s.init2()
+                assert info.value.errno == err
+
+
+def test_init2_vmsa_features_must_be_supported() -> None:
+    """__sev_guest_init: vmsa_features outside the supported set -> EINVAL; Secure TSC is SNP-only."""
+    with guestmem.open("snp") as kvm:
+        for vm_type, features, ok in (
+            (uapi.KVM_X86_SNP_VM, SVM_SEV_FEAT_DEBUG_SWAP | SVM_SEV_FEAT_SECURE_TSC, True),
+            (uapi.KVM_X86_SNP_VM, 1 << 0, False),  # SNP_ACTIVE is KVM's to set
+            (uapi.KVM_X86_SNP_VM, 1 << 12, False),
+            (uapi.KVM_X86_SEV_ES_VM, SVM_SEV_FEAT_DEBUG_SWAP, True),
+            (uapi.KVM_X86_SEV_ES_VM, SVM_SEV_FEAT_SECURE_TSC, False),
+        ):
+            with kvm.create_vm(vm_type) as vm:
+                s = guestmem_snp.sev(vm)
+                if ok:
+                    s.init2(vmsa_features=features)
+                    assert s.vmsa_features & features == features
+                else:
+                    with pytest.raises(KvmError) as info:
+                        s.init2(vmsa_features=features)
+                    assert info.value.errno == errno.EINVAL and not s.active
 
 
 def test_sev_vm_gets_an_sev_asid_and_no_vmsa_features() -> None:

@@ -19,6 +19,8 @@ from guestmem_snp.sev import (
     KVM_SEV_SNP_PAGE_TYPE_ZERO,
     SEV_RET_INVALID_PARAM,
     SNP_POLICY_DEFAULT,
+    SNP_POLICY_MASK_DEBUG,
+    SNP_POLICY_MASK_MIGRATE_MA,
     SNP_POLICY_MASK_RSVD_MBO,
     SNP_POLICY_MASK_SINGLE_SOCKET,
     SnpLaunchUpdate,
@@ -164,12 +166,28 @@ def test_command_order() -> None:
     [
         SNP_POLICY_DEFAULT & ~SNP_POLICY_MASK_RSVD_MBO,
         SNP_POLICY_DEFAULT | 1 << 30,
-        SNP_POLICY_DEFAULT | SNP_POLICY_MASK_SINGLE_SOCKET,
+        SNP_POLICY_DEFAULT | 1 << 21,
+        SNP_POLICY_DEFAULT | SNP_POLICY_MASK_MIGRATE_MA,
     ],
 )
 def test_launch_start_policy_checks(snp: SnpVm, policy: int) -> None:
+    """snp_launch_start: bits outside SNP_POLICY_MASK_VALID (6.18: no MIGRATE_MA) or no MBO -> EINVAL."""
     assert errno_of(lambda: snp.sev.snp_launch_start(policy)) == errno.EINVAL
     assert snp.sev.gctx_pfn is None
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        SNP_POLICY_MASK_RSVD_MBO,  # SMT=0 is fine: 6.18 requires only the MBO bit
+        SNP_POLICY_DEFAULT | SNP_POLICY_MASK_SINGLE_SOCKET,
+        SNP_POLICY_DEFAULT | SNP_POLICY_MASK_DEBUG | 0xFFFF,  # API major/minor, DEBUG
+    ],
+)
+def test_launch_start_accepts_every_bit_of_the_6_18_mask(snp: SnpVm, policy: int) -> None:
+    """snp_launch_start: SNP_POLICY_MASK_VALID has SMT, DEBUG and SINGLE_SOCKET; none is refused."""
+    snp.sev.snp_launch_start(policy)
+    assert snp.sev.policy == policy and snp.sev.gctx_pfn is not None
 
 
 def test_launch_start_creates_a_firmware_context_page(snp: SnpVm) -> None:
