@@ -339,3 +339,79 @@ def test_A7_64GiB_guest_attributes_are_ranges(protected_vm: Any) -> None:
     assert list(vm.attributes.items()) == [(0, size // PAGE, PRIVATE)]
     vm.set_user_memory_region2(0, 0, 0, 0, 0)
     assert vm.mmu.invalidate_in_progress == 0
+
+
+# --- x86 kvm_arch_pre/post_set_memory_attributes (A-10, spec 3.5, 3.6) ---------------------------
+class UnmapAndPostSpy:
+    """Observer: the ``kvm_unmap_gfn_range`` calls and the MMU counters each hook saw."""
+
+    def __init__(self) -> None:
+        self.unmaps: list[tuple[int, int, int, int, int, int]] = []
+        self.posts: list[tuple[int, int]] = []
+
+    @guestmem.hookimpl
+    def guestmem_unmap_gfn_range(self, vm: Any, range: Any) -> None:  # noqa: A002
+        mmu = vm.mmu
+        busy, lo, hi = mmu.invalidate_in_progress, mmu.range_start, mmu.range_end
+        self.unmaps.append((range.start, range.end, range.attr_filter, busy, lo, hi))
+
+    @guestmem.hookimpl
+    def guestmem_post_set_memory_attributes(self, vm: Any, range: Any) -> None:  # noqa: A002
+        self.posts.append((vm.mmu.invalidate_in_progress, vm.mmu.invalidate_seq))
+
+
+def test_A10_pre_hook_unmaps_the_old_type_through_kvm_unmap_gfn_range(protected_vm: Any) -> None:
+    """A-10 / x86 ``kvm_arch_pre_set_memory_attributes``: the old attribute's mappings go through
+    ``kvm_unmap_gfn_range`` (the ``guestmem_unmap_gfn_range`` hook), once per overlapping slot,
+    inside the invalidation, with filter SHARED when becoming private and PRIVATE when shared."""
+    gmem_slot(protected_vm, MiB)
+    gmem_slot(protected_vm, MiB, slot=1, gpa=MiB)
+    spy = UnmapAndPostSpy()
+    with plugin(spy):
+        protected_vm.set_memory_attributes(MiB - 2 * PAGE, 4 * PAGE, PRIVATE)
+        to_private = list(spy.unmaps)
+        spy.unmaps.clear()
+        protected_vm.set_memory_attributes(MiB - 2 * PAGE, 4 * PAGE, 0)
+    slot_end = MiB // PAGE
+    assert [(s, e, f, n) for s, e, f, n, _, _ in to_private] == [
+        (slot_end - 2, slot_end, uapi.KVM_FILTER_SHARED, 1),
+        (slot_end, slot_end + 2, uapi.KVM_FILTER_SHARED, 1),
+    ]
+    assert [(s, e, f) for s, e, f, _, _, _ in spy.unmaps] == [
+        (slot_end - 2, slot_end, uapi.KVM_FILTER_PRIVATE),
+        (slot_end, slot_end + 2, uapi.KVM_FILTER_PRIVATE),
+    ]
+    assert protected_vm.mmu.invalidate_in_progress == 0
+
+
+def test_A10_head_and_tail_hugepage_frames_join_the_invalidation(protected_vm: Any) -> None:
+    """H-4 / ``kvm_arch_pre_set_memory_attributes``: the 2M frames holding the head and the tail
+    of the range, wholly inside the slot and not mixed, are added to the in-progress range, so
+    no fault maps them huge meanwhile; a frame that is already mixed or leaves the slot is not."""
+    gmem_slot(protected_vm, 4 * MiB)
+    frame = 512  # pages in a 2M frame
+    spy = UnmapAndPostSpy()
+    with plugin(spy):
+        protected_vm.set_memory_attributes(3 * PAGE, (frame + 2) * PAGE, PRIVATE)  # gfns [3, 517)
+    (_, _, _, _, start, end), = spy.unmaps
+    assert (start, end) == (0, 2 * frame)
+    spy.unmaps.clear()
+    gmem_slot(protected_vm, MiB, slot=1, gpa=5 * MiB)  # gfns [1280, 1536): frame [1024, 1536) leaves it
+    with plugin(spy):
+        protected_vm.set_memory_attributes(600 * PAGE, 4 * PAGE, PRIVATE)  # frame [512, 1024) is mixed
+        protected_vm.set_memory_attributes(1290 * PAGE, 2 * PAGE, PRIVATE)
+    assert [(start, end) for _, _, _, _, start, end in spy.unmaps] == [(600, 604), (1290, 1292)]
+
+
+def test_A10_post_hooks_run_after_the_invalidation_ended(protected_vm: Any) -> None:
+    """3.5: the post pass's ``on_lock`` is ``kvm_mmu_invalidate_end``, so
+    ``kvm_arch_post_set_memory_attributes`` runs with the sequence already bumped and nothing
+    in progress, once per slot; the sequence moves by exactly one per conversion."""
+    gmem_slot(protected_vm, MiB)
+    gmem_slot(protected_vm, MiB, slot=1, gpa=MiB)
+    seq = protected_vm.mmu.invalidate_seq
+    spy = UnmapAndPostSpy()
+    with plugin(spy):
+        protected_vm.set_memory_attributes(0, 2 * MiB, PRIVATE)
+    assert spy.posts == [(0, seq + 1), (0, seq + 1)]
+    assert protected_vm.mmu.invalidate_seq == seq + 1

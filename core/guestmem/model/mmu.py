@@ -101,10 +101,14 @@ class Mmu:
         self._range_added = True
 
     def invalidate_end(self) -> None:
-        """``kvm_mmu_invalidate_end``: bump the sequence, then drop in-progress."""
+        """``kvm_mmu_invalidate_end``: bump the sequence, then drop in-progress.
+
+        As the kernel WARNs, every invalidation must have added a range before its end.
+        """
         self.invalidate_seq += 1
         self.invalidate_in_progress -= 1
         assert self.invalidate_in_progress >= 0, "unbalanced mmu invalidation"
+        assert self.range_start != INVALID_GFN, "mmu invalidation ended without a range"
 
     def retry_gfn(self, seq: int, gfn: int) -> bool:
         """``mmu_invalidate_retry_gfn``: must a fault that snapshotted *seq* retry?"""
@@ -114,8 +118,16 @@ class Mmu:
 
     # --- stage-2 updates -----------------------------------------------------------------
     def unmap_gfn_range(self, rng: GfnRange) -> bool:
-        """``kvm_mmu_unmap_gfn_range``: range_add + zap leaves + the arch hook."""
+        """``kvm_mmu_unmap_gfn_range``: range_add, then :meth:`kvm_unmap_gfn_range`."""
         self.invalidate_range_add(rng.start, rng.end)
+        return self.kvm_unmap_gfn_range(rng)
+
+    def kvm_unmap_gfn_range(self, rng: GfnRange) -> bool:
+        """The arch ``kvm_unmap_gfn_range``: zap the leaves, then the backend's hook.
+
+        Called inside an MMU invalidation, or (memslot delete/move) under slots_lock alone.
+        Returns True if a TLB flush is needed.
+        """
         flush = self.zap(rng.start, rng.end)
         results = self.vm.hooks.unmap_gfn_range(vm=self.vm, range=rng)
         return flush or any(results)

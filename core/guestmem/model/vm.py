@@ -382,7 +382,14 @@ class ModelVm(api.Vm):
         self._set_mem_attributes(address >> PAGE_SHIFT, (address + size) >> PAGE_SHIFT, attributes)
 
     def _set_mem_attributes(self, start: int, end: int, attributes: int) -> None:
-        """``kvm_vm_set_mem_attributes`` (A-7..A-10, H-4)."""
+        """``kvm_vm_set_mem_attributes`` (A-7..A-10, H-4; spec 3.5).
+
+        Both passes are ``kvm_handle_gfn_range`` over the memslots overlapping the range:
+        the pre pass begins the invalidation at its first slot (``on_lock``) and runs
+        ``kvm_pre_set_memory_attributes`` per slot; the post pass ends the invalidation at
+        its first slot (``on_lock`` = ``kvm_mmu_invalidate_end``) and only then runs
+        ``kvm_arch_post_set_memory_attributes`` per slot.
+        """
         if self.attributes.covers(start, end, attributes or None):
             return  # A-8
         slots = [
@@ -391,30 +398,60 @@ class ModelVm(api.Vm):
             for s, e, slot in self._slots(as_id).items(start, end)
         ]
         flush = False
-        if slots:
-            self.mmu.invalidate_begin()
-        for s, e, slot in slots:
-            rng = GfnRange(
-                slot,
-                s,
-                e,
-                attributes=attributes,
-                attr_filter=uapi.KVM_FILTER_SHARED if attributes else uapi.KVM_FILTER_PRIVATE,
-            )
+        for i, (s, e, slot) in enumerate(slots):
+            if i == 0:
+                self.mmu.invalidate_begin()
+            rng = GfnRange(slot, s, e, attributes=attributes)
+            # kvm_pre_set_memory_attributes: range_add, then the arch pre hook
             self.mmu.invalidate_range_add(s, e)
-            flush |= self.mmu.zap(s, e)
+            flush |= self._arch_pre_set_memory_attributes(rng)
             flush |= any(self.hooks.pre_set_memory_attributes(vm=self, range=rng))
         if flush:
             self.count("remote_tlb_flushes")
         self.attributes.set(start, end, attributes or None)
-        if slots:
-            for s, e, slot in slots:
-                self.hooks.post_set_memory_attributes(
-                    vm=self, range=GfnRange(slot, s, e, attributes=attributes)
-                )
-            self.mmu.invalidate_end()
+        for i, (s, e, slot) in enumerate(slots):
+            if i == 0:
+                self.mmu.invalidate_end()
+            self.hooks.post_set_memory_attributes(vm=self, range=GfnRange(slot, s, e, attributes=attributes))
         self.count("set_memory_attributes")
         self.trace("set_memory_attributes", gfn_start=start, gfn_end=end, attributes=attributes)
+
+    def _arch_pre_set_memory_attributes(self, rng: GfnRange) -> bool:
+        """x86 ``kvm_arch_pre_set_memory_attributes``; True if a TLB flush is needed.
+
+        The head and tail hugepage frames that currently allow a huge mapping join the
+        invalidation (so no fault installs a huge leaf over them meanwhile), then the old
+        attribute's mappings are unmapped through ``kvm_unmap_gfn_range`` (the
+        ``guestmem_unmap_gfn_range`` hook).
+        """
+        if not self.has_private_mem or rng.end <= rng.start:  # WARN_ON_ONCE in the kernel
+            return False
+        slot = rng.slot
+        assert slot is not None
+        for level in (uapi.PG_LEVEL_2M, uapi.PG_LEVEL_1G):
+            n = _LEVEL_PAGES[level]
+            head = rng.start & ~(n - 1)
+            tail = (rng.end - 1) & ~(n - 1)
+            if (
+                (head != rng.start or head + n > rng.end)
+                and head >= slot.base_gfn
+                and head + n <= slot.end_gfn
+                and not self._hugepage_mixed(head, n)
+            ):
+                self.mmu.invalidate_range_add(head, head + n)
+            if tail == head:
+                continue
+            if tail + n > rng.end and tail + n <= slot.end_gfn and not self._hugepage_mixed(tail, n):
+                self.mmu.invalidate_range_add(tail, tail + n)
+        if rng.attributes & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE:
+            rng.attr_filter = uapi.KVM_FILTER_SHARED
+        else:
+            rng.attr_filter = uapi.KVM_FILTER_PRIVATE
+        return self.mmu.kvm_unmap_gfn_range(rng)
+
+    def _hugepage_mixed(self, start: int, npages: int) -> bool:
+        """``hugepage_test_mixed`` (H-3): the frame ``[start, start+npages)`` has mixed attributes."""
+        return not self.attributes.covers(start, start + npages, self.attributes.get(start))
 
     # --- vCPUs ---------------------------------------------------------------------------------
     def create_vcpu(self, vcpu_id: int) -> ModelVcpu:
