@@ -74,6 +74,7 @@ SVM_SEV_FEAT_SNP_ACTIVE: Final = 1 << 0
 
 INITIAL_VMSA_GPA: Final = 0xFFFFFFFFF000
 SNP_CPUID_COUNT_MAX: Final = 64
+SEV_RET_INVALID_GUEST_STATE: Final = 0x2
 SEV_RET_INVALID_PARAM: Final = 0x16
 GHCB_VERSION_MAX: Final = 2
 _DIGEST_SIZE: Final = 48
@@ -255,10 +256,13 @@ class SevVm:
         """``KVM_SEV_SNP_LAUNCH_UPDATE`` (P-1..P-5 through ``kvm_gmem_populate``).
 
         On partial progress *params* is advanced (``gfn_start``, ``data``, ``len``) and the
-        call returns normally, as the kernel does; call again until ``len == 0``.
+        call returns normally, as the kernel does; call again until ``len == 0``.  When
+        ``kvm_gmem_populate`` fails before the first page (whatever its reason: a shared or
+        already prepared gfn, an unreadable source, a firmware error) the ioctl fails with
+        ``EIO`` and ``params.error`` holds the firmware's error, as ``snp_launch_update`` does.
         """
         self._command()
-        if not self.snp_active or self.gctx_pfn is None or self.snp_finished:
+        if not self.snp_active or self.gctx_pfn is None:
             raise kvm_error(errno.EINVAL, "", "KVM_SEV_SNP_LAUNCH_UPDATE outside of a launch")
         if params.flags or params.type not in _USER_PAGE_TYPES:
             raise kvm_error(errno.EINVAL, "", f"KVM_SEV_SNP_LAUNCH_UPDATE: bad type {params.type} or flags")
@@ -267,17 +271,20 @@ class SevVm:
                 errno.EINVAL, "", f"KVM_SEV_SNP_LAUNCH_UPDATE: len {params.len:#x} not page aligned"
             )
         npages = params.len >> PAGE_SHIFT
-        src = None if params.type == KVM_SEV_SNP_PAGE_TYPE_ZERO else params.data
-        if src is not None and len(src) < params.len:
-            raise kvm_error(errno.EFAULT, "", "KVM_SEV_SNP_LAUNCH_UPDATE: the source is shorter than len")
-        if src is None and params.type != KVM_SEV_SNP_PAGE_TYPE_ZERO:
-            raise kvm_error(errno.EFAULT, "", "KVM_SEV_SNP_LAUNCH_UPDATE: no source data")
+        # ``data`` stands for the memory at uaddr: bytes past its end (or None) are unreadable,
+        # so copy_from_user faults on the page that reaches them (sev_gmem_post_populate).
+        src = None if params.type == KVM_SEV_SNP_PAGE_TYPE_ZERO else params.data or b""
         slot = self.vm.slot_for_gfn(params.gfn_start)
         if slot is None or not slot.has_gmem:
             raise kvm_error(errno.EINVAL, "P-2", f"gfn {params.gfn_start:#x} is not in a guest_memfd memslot")
         params.error = 0
         opaque = _Populate(params, params.gfn_start, npages)
-        count = self.vm.gmem_populate(params.gfn_start, src, npages, opaque)
+        try:
+            count = self.vm.gmem_populate(params.gfn_start, src, npages, opaque)
+        except KvmError as exc:
+            raise kvm_error(
+                errno.EIO, exc.rule, f"KVM_SEV_SNP_LAUNCH_UPDATE: kvm_gmem_populate failed: {exc.strerror}"
+            ) from exc
         params.gfn_start += count
         params.len -= count * PAGE_SIZE
         if params.data is not None and params.type != KVM_SEV_SNP_PAGE_TYPE_ZERO:
@@ -428,32 +435,27 @@ class SevVm:
         self.vm.count("clflush_bytes", (end - start) * PAGE_SIZE)
 
     def post_populate(self, gfn: int, pfn: int, src: bytes | None, order: int, opaque: Any) -> int:
-        """``sev_gmem_post_populate``: copy, RMPUPDATE (Pre-Guest), LAUNCH_UPDATE, per 4K page."""
+        """``sev_gmem_post_populate``: per 4K page, copy, RMPUPDATE (Pre-Guest), LAUNCH_UPDATE.
+
+        A failing page is left shared (the firmware's failure reclaims it); the pages of this
+        folio launched before it go back to shared (kernel: ``err:``).
+        """
         if not isinstance(opaque, _Populate):
             raise kvm_error(errno.EINVAL, "P-5", "kvm_gmem_populate on an SNP VM outside LAUNCH_UPDATE")
         params = opaque.params
-        if src is not None:
-            npages = len(src) >> PAGE_SHIFT
-        else:
-            folio = 1 << order
-            npages = min(folio - gfn % folio, opaque.start_gfn + opaque.npages - gfn)
-        rmp = self.host.rmp
+        if src is None and params.type != KVM_SEV_SNP_PAGE_TYPE_ZERO:
+            raise kvm_error(errno.EINVAL, "", "sev_gmem_post_populate: no source for a non-ZERO page")
+        npages = 1 << order
         done = 0
         with self.host.acting(self.vm):
             try:
                 for i in range(npages):
-                    self._populate_one(
-                        params,
-                        gfn + i,
-                        pfn + i,
-                        None if src is None else src[i * PAGE_SIZE : (i + 1) * PAGE_SIZE],
-                    )
+                    page = None if src is None else src[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+                    self._populate_one(params, gfn + i, pfn + i, page)
                     done += 1
             except KvmError:
-                # Pages launched before the failing one go back to shared (kernel: "err:").
                 if done:
-                    rmp.make_shared(pfn, uapi.PG_LEVEL_4K, npages=done)
-                    self.vm.count("rmpupdate", done)
+                    self._kvm_rmp_make_shared(pfn, done)
                 raise
         return 0
 
@@ -465,25 +467,28 @@ class SevVm:
             raise kvm_error(errno.EEXIST, "", f"sev_gmem_post_populate: pfn {pfn:#x} is already assigned")
         page_type = params.type
         if src is not None:
+            if len(src) < PAGE_SIZE:
+                raise kvm_error(errno.EFAULT, "", f"sev_gmem_post_populate: gfn {gfn:#x}: source unreadable")
             host.write(pfn, 0, src)
             self.vm.count("copied_bytes", PAGE_SIZE)
         rc = rmp.make_private(pfn, gfn << PAGE_SHIFT, uapi.PG_LEVEL_4K, self.asid, immutable=True)
         self.vm.count("rmpupdate")
         if rc:
             raise kvm_error(
-                errno.EINVAL, "", f"sev_gmem_post_populate: RMPUPDATE of pfn {pfn:#x} failed ({rc})"
+                errno.EFAULT, "", f"sev_gmem_post_populate: RMPUPDATE of pfn {pfn:#x} failed ({rc})"
             )
         self._psp("SNP_LAUNCH_UPDATE")
-        if page_type == KVM_SEV_SNP_PAGE_TYPE_CPUID:
+        fw_error = 0
+        if self.snp_finished:
+            fw_error = SEV_RET_INVALID_GUEST_STATE  # the guest context is no longer launching
+        elif page_type == KVM_SEV_SNP_PAGE_TYPE_CPUID:
             (count,) = struct.unpack_from("<I", host.read(pfn, 0, 4))
             if count > SNP_CPUID_COUNT_MAX:
-                params.error = SEV_RET_INVALID_PARAM
-                self._page_reclaim(pfn)
-                raise kvm_error(
-                    errno.EIO,
-                    "",
-                    f"SNP_LAUNCH_UPDATE: CPUID table has {count} entries (max {SNP_CPUID_COUNT_MAX})",
-                )
+                fw_error = SEV_RET_INVALID_PARAM
+        if fw_error:
+            params.error = fw_error
+            self._page_reclaim(pfn)
+            raise kvm_error(errno.EIO, "", f"SNP_LAUNCH_UPDATE of gfn {gfn:#x}: firmware error {fw_error:#x}")
         if page_type == KVM_SEV_SNP_PAGE_TYPE_ZERO:
             host.zero(pfn, 1)
             self.vm.count("zeroed_bytes", PAGE_SIZE)
@@ -499,19 +504,34 @@ class SevVm:
         assert rc == RMP_SUCCESS
         self.launch_digest = page_info_digest(self.launch_digest, contents, page_type, gfn << PAGE_SHIFT)
 
-    def _page_reclaim(self, pfn: int, npages: int = 1) -> bool:
-        """``snp_page_reclaim``: PAGE_RECLAIM then shared; on failure the pages are leaked."""
-        rmp = self.host.rmp
+    def _kvm_rmp_make_shared(self, pfn: int, npages: int = 1, *, bug_vm: bool = True) -> bool:
+        """``kvm_rmp_make_shared``: 4K RMPUPDATEs to shared; a failure bugs the VM, leaks the page."""
+        rc = self.host.rmp.make_shared(pfn, uapi.PG_LEVEL_4K, npages=npages)
+        self.vm.count("rmpupdate", npages)
+        self.vm.count("direct_map_splits", self.host.split_direct_map(pfn, npages))
+        if rc:
+            self._rmp_failed("kvm_rmp_make_shared", pfn, rc)
+            self.host.leaked.set(pfn, pfn + npages, True)
+            if bug_vm:
+                self.vm.kill(f"KVM_BUG_ON: RMPUPDATE of pfn {pfn:#x} to shared failed ({rc})")
+            return False
+        return True
+
+    def _page_reclaim(self, pfn: int, npages: int = 1, *, bug_vm: bool = True) -> bool:
+        """``snp_page_reclaim``: PAGE_RECLAIM then shared; a failure bugs the VM, leaks the pages.
+
+        ``bug_vm=False`` is ``snp_reclaim_pages`` of the firmware driver (the guest context
+        at teardown): leak, no VM to bug.
+        """
         self._psp("SNP_PAGE_RECLAIM", npages)
-        rc = rmp.page_reclaim(pfn, npages)
-        if rc == RMP_SUCCESS:
-            rc = rmp.make_shared(pfn, uapi.PG_LEVEL_4K, npages=npages)
-            self.vm.count("rmpupdate", npages)
+        rc = self.host.rmp.page_reclaim(pfn, npages)
         if rc:
             self._rmp_failed("snp_page_reclaim", pfn, rc)
             self.host.leaked.set(pfn, pfn + npages, True)
+            if bug_vm:
+                self.vm.kill(f"KVM_BUG: SNP_PAGE_RECLAIM of pfn {pfn:#x} failed")
             return False
-        return True
+        return self._kvm_rmp_make_shared(pfn, npages, bug_vm=bug_vm)
 
     def max_mapping_level(self, pfn: int, is_private: bool) -> int | None:
         """``sev_gmem_max_mapping_level``: the RMP page size; unassigned -> 4K."""
@@ -548,22 +568,17 @@ class SevVm:
 
     def destroy(self) -> None:
         """``sev_free_vcpu`` + ``sev_vm_destroy``: VMSAs and GCTX back to the host, ASID freed."""
-        rmp = self.host.rmp
         host = self.vm.host
         with self.host.acting(self.vm):
             for pfn in self.vmsa_pfns.values():
-                rc = rmp.make_shared(pfn)
-                self.vm.count("rmpupdate")
-                if rc:
-                    self._rmp_failed("sev_free_vcpu", pfn, rc)
-                    self.host.leaked.set(pfn, pfn + 1, True)
+                if not self._kvm_rmp_make_shared(pfn, bug_vm=False):
                     continue
                 host.free(pfn, 1)
                 self.host.freed.set(pfn, pfn + 1, True)
             self.vmsa_pfns.clear()
             if self.gctx_pfn is not None:
                 self._psp("SNP_DECOMMISSION")
-                if self._page_reclaim(self.gctx_pfn):
+                if self._page_reclaim(self.gctx_pfn, bug_vm=False):
                     host.free(self.gctx_pfn, 1)
                     self.host.freed.set(self.gctx_pfn, self.gctx_pfn + 1, True)
                 self.gctx_pfn = None

@@ -17,6 +17,7 @@ from guestmem_snp.sev import (
     KVM_SEV_SNP_PAGE_TYPE_SECRETS,
     KVM_SEV_SNP_PAGE_TYPE_UNMEASURED,
     KVM_SEV_SNP_PAGE_TYPE_ZERO,
+    SEV_RET_INVALID_GUEST_STATE,
     SEV_RET_INVALID_PARAM,
     SNP_POLICY_DEFAULT,
     SNP_POLICY_MASK_DEBUG,
@@ -110,22 +111,74 @@ def test_bad_cpuid_page_is_reclaimed_and_reported() -> None:
 
 
 def test_partial_progress_advances_the_parameters() -> None:
-    """P-5: a failure after >= 1 page returns the count; the struct is advanced, call again."""
+    """P-5: a failure after >= 1 page returns the count; the struct is advanced, call again.
+
+    The next call fails at its first page (P-3, kvm_gmem_populate -EINVAL): snp_launch_update
+    turns every negative count into -EIO.
+    """
     snp = make_snp_vm()
     snp.private(0, 2 * PAGE)  # the third page is shared: P-3 stops there
     snp.sev.snp_launch_start()
     params = SnpLaunchUpdate(0, b"z" * 3 * PAGE, 3 * PAGE)
     snp.sev.snp_launch_update(params)
     assert (params.gfn_start, params.len, len(params.data or b"")) == (2, PAGE, PAGE)
-    assert errno_of(lambda: snp.sev.snp_launch_update(params)) == errno.EINVAL
+    assert errno_of(lambda: snp.sev.snp_launch_update(params)) == errno.EIO
+    assert params.gfn_start == 2 and params.error == 0  # not a firmware error
 
 
-def test_launch_update_of_a_prepared_page_is_eexist(snp: SnpVm) -> None:
-    """P-4: populating a folio that was already prepared (faulted) fails with EEXIST."""
+def test_launch_update_of_a_prepared_page_is_eio(snp: SnpVm) -> None:
+    """P-4: kvm_gmem_populate refuses a prepared folio (-EEXIST); snp_launch_update says -EIO."""
     snp.private(0, MIB)
     snp.vcpu.access(0, private=True)
     snp.sev.snp_launch_start()
-    assert errno_of(lambda: snp.sev.launch_update_data(0, b"q" * PAGE)) == errno.EEXIST
+    assert errno_of(lambda: snp.sev.launch_update_data(0, b"q" * PAGE)) == errno.EIO
+
+
+def test_unreadable_source_stops_at_its_page(snp: SnpVm) -> None:
+    """sev_gmem_post_populate: copy_from_user faults on the page past the readable source.
+
+    Pages before it are launched and counted (partial progress, success); the next call
+    fails at its first page with -EIO and leaves that page unassigned.
+    """
+    snp.private(0, MIB)
+    snp.sev.snp_launch_start()
+    params = SnpLaunchUpdate(0, b"r" * (PAGE + 100), 3 * PAGE)
+    snp.sev.snp_launch_update(params)
+    assert (params.gfn_start, params.len) == (1, 2 * PAGE)
+    assert snp.rmp.lookup(snp.pfn(0)).validated
+    assert errno_of(lambda: snp.sev.snp_launch_update(params)) == errno.EIO
+    assert not snp.rmp.is_assigned(snp.pfn(PAGE)) and params.gfn_start == 1
+
+
+def test_launch_update_after_finish_is_a_firmware_error(snp: SnpVm) -> None:
+    """snp_launch_update checks only the context; the firmware refuses a launched guest.
+
+    SNP_LAUNCH_UPDATE fails with INVALID_GUEST_STATE: the page is reclaimed (snp_page_reclaim)
+    and the ioctl returns -EIO with the firmware error in ``error``.
+    """
+    snp.sev.snp_launch_start()
+    snp.sev.snp_launch_finish()
+    snp.private(0, MIB)
+    params = SnpLaunchUpdate(0, b"x" * PAGE, PAGE)
+    before = snp.vm.counters["psp_commands"]
+    assert errno_of(lambda: snp.sev.snp_launch_update(params)) == errno.EIO
+    assert params.error == SEV_RET_INVALID_GUEST_STATE and params.len == PAGE
+    assert not snp.rmp.is_assigned(snp.pfn(0))
+    assert snp.vm.counters["psp_commands"] - before == 2  # LAUNCH_UPDATE, PAGE_RECLAIM
+    assert not snp.vm.dead
+
+
+def test_failed_page_reclaim_bugs_the_vm_and_leaks(snp: SnpVm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """snp_page_reclaim: SNP_PAGE_RECLAIM failing is KVM_BUG (VM dead) + snp_leak_pages."""
+    snp.private(0, MIB)
+    snp.sev.snp_launch_start()
+    monkeypatch.setattr(snp.rmp, "page_reclaim", lambda pfn, npages=1: 1)
+    table = struct.pack("<I", 65) + bytes(PAGE - 4)
+    params = SnpLaunchUpdate(0, table, PAGE, KVM_SEV_SNP_PAGE_TYPE_CPUID)
+    assert errno_of(lambda: snp.sev.snp_launch_update(params)) == errno.EIO
+    pfn = snp.pfn(0)
+    assert snp.vm.dead and snp.sev.host.leaked.get(pfn)
+    assert snp.rmp.lookup(pfn).state is RmpState.PRE_GUEST  # never given back
 
 
 @pytest.mark.parametrize(
@@ -135,7 +188,8 @@ def test_launch_update_of_a_prepared_page_is_eexist(snp: SnpVm) -> None:
         (SnpLaunchUpdate(0, b"x" * PAGE, PAGE, flags=1), errno.EINVAL),
         (SnpLaunchUpdate(0, b"x" * PAGE, 100), errno.EINVAL),
         (SnpLaunchUpdate(0, b"x" * PAGE, 0), errno.EINVAL),
-        (SnpLaunchUpdate(0, b"x", PAGE), errno.EFAULT),
+        (SnpLaunchUpdate(0, b"x", PAGE), errno.EIO),  # copy_from_user -EFAULT, count < 0
+        (SnpLaunchUpdate(0, None, PAGE), errno.EIO),
         (SnpLaunchUpdate(0x10000, b"x" * PAGE, PAGE), errno.EINVAL),  # P-2: no memslot there
     ],
 )
@@ -157,7 +211,7 @@ def test_command_order() -> None:
     assert errno_of(snp.sev.snp_launch_start) == errno.EINVAL
     snp.sev.snp_launch_finish()
     snp.private(0, MIB)
-    assert errno_of(lambda: snp.sev.launch_update_data(0, b"x" * PAGE)) == errno.EINVAL
+    assert errno_of(lambda: snp.sev.launch_update_data(0, b"x" * PAGE)) == errno.EIO  # firmware
     assert errno_of(snp.sev.snp_launch_finish) == errno.EINVAL
 
 
