@@ -42,6 +42,9 @@ PAGE_SIZE = 1 << PAGE_SHIFT
 PMD_NR_PAGES = 512
 #: ``HANDLE_OFFSET`` of ``nvhe/pkvm.c``: handle = VM table index + 0x1000.
 HANDLE_OFFSET = 0x1000
+#: Leaf entries one guest share/unshare request may cover: ``GUEST_WALKER_DATA_INIT`` sets
+#: ``max_ptes = 512`` and ``guest_request_walker`` spends two per leaf.
+GUEST_REQUEST_MAX_LEAVES = 256
 #: ``KVM_MAX_PVMS``: size of the hypervisor's VM table.
 KVM_MAX_PVMS = 255
 
@@ -284,8 +287,9 @@ class Hypervisor:
     def _guest_run(self, vm: HypVm, gfn: int, npages: int, want: PageState, call: str) -> GuestPage:
         """The single guest entry covering ``[gfn, gfn+npages)`` in state *want*.
 
-        A gfn with no valid mapping fails with ENOENT, another state with EPERM (the
-        guest request walker), a physically discontiguous range with EINVAL.
+        For host-initiated calls (``__check_host_shared_guest``, ``get_valid_guest_pte``): a
+        gfn with no valid mapping fails with ENOENT, another state with EPERM, a range that
+        is not one mapping with EINVAL.
         """
         entry = vm.guest.entry(gfn)
         page = entry[2] if entry is not None else GUEST_NOPAGE
@@ -296,6 +300,36 @@ class Hypervisor:
         if entry is None or entry[1] < gfn + npages:
             raise HypError(errno.EINVAL, call, f"gfns [{gfn:#x}, +{npages}) are not one {want.name} run")
         return page
+
+    def guest_request(
+        self, vm: HypVm, gfn: int, npages: int, want: PageState, call: str
+    ) -> tuple[GuestPage, int]:
+        """``__guest_request_page_transition``: the run of *want* pages a guest request covers.
+
+        Walks the guest's leaves from *gfn* as Android's ``guest_request_walker`` does: a
+        leaf not in state *want* fails the whole request, with EFAULT for one that has no
+        valid mapping (MEM_SHARE then has the host map the range and retries) and EPERM
+        otherwise; the walk stops, successfully, at the first physically discontiguous leaf
+        or after :data:`GUEST_REQUEST_MAX_LEAVES` leaves.  Returns the entry at *gfn* and
+        the number of pages covered (at least one, at most *npages*); changes nothing.
+        """
+        limit = min(gfn + npages, gfn + GUEST_REQUEST_MAX_LEAVES)
+        first: GuestPage | None = None
+        pos = gfn
+        for start, stop, page in vm.guest.items(gfn, limit):
+            if start > pos:
+                break  # a gap: the leaf at pos has no valid mapping
+            if page.state != want:
+                err = errno.EFAULT if page.state == PageState.POISON else errno.EPERM
+                raise HypError(err, call, f"gfn {start:#x} is guest {page.state.name}, not {want.name}")
+            if first is None:
+                first = page
+            elif page.delta != first.delta:
+                return first, pos - gfn  # -E2BIG from the walker: physically discontiguous
+            pos = stop
+        if first is None or pos < limit:
+            raise HypError(errno.EFAULT, call, f"gfn {pos:#x} has no valid stage-2 mapping")
+        return first, pos - gfn
 
     def _guest_check_nopage(self, vm: HypVm, gfn: int, npages: int, call: str) -> None:
         if vm.guest.overlaps(gfn, gfn + npages):
@@ -409,10 +443,13 @@ class Hypervisor:
 
     def guest_share_host(self, vm: HypVm, gfn: int, nr_pages: int = 1) -> int:
         """``__pkvm_guest_share_host`` (guest HVC MEM_SHARE): guest OWNED -> SHARED_OWNED,
-        host NOPAGE -> SHARED_BORROWED.  In place: same page, contents kept.  Returns pages shared.
+        host NOPAGE -> SHARED_BORROWED.  In place: same page, contents kept.
+
+        Shares the run :meth:`guest_request` finds (possibly fewer than *nr_pages* pages)
+        and returns its length, the ``nr_shared`` the guest gets in x1.
         """
         call = "__pkvm_guest_share_host"
-        page = self._guest_run(vm, gfn, nr_pages, PageState.OWNED, call)
+        page, nr_pages = self.guest_request(vm, gfn, nr_pages, PageState.OWNED, call)
         pfn = page.pfn(gfn)
         self._host_check(
             pfn,
@@ -430,10 +467,12 @@ class Hypervisor:
 
     def guest_unshare_host(self, vm: HypVm, gfn: int, nr_pages: int = 1) -> int:
         """``__pkvm_guest_unshare_host`` (HVC MEM_UNSHARE): guest SHARED_OWNED -> OWNED,
-        host SHARED_BORROWED -> NOPAGE (re-annotated to the guest).  Returns pages unshared.
+        host SHARED_BORROWED -> NOPAGE (re-annotated to the guest).
+
+        Unshares the run :meth:`guest_request` finds and returns its length (``nr_unshared``).
         """
         call = "__pkvm_guest_unshare_host"
-        page = self._guest_run(vm, gfn, nr_pages, PageState.SHARED_OWNED, call)
+        page, nr_pages = self.guest_request(vm, gfn, nr_pages, PageState.SHARED_OWNED, call)
         pfn = page.pfn(gfn)
         self._host_check(
             pfn, nr_pages, call, lambda p: p.state == PageState.SHARED_BORROWED, want="SHARED_BORROWED"

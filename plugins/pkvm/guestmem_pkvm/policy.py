@@ -96,6 +96,10 @@ class PkvmVm:
     exit_mask: int = abi.KVM_EXIT_HYPERCALL_VALID_MASK
     #: The errno behind the last refused guest hypercall.
     last_error: KvmError | None = None
+    #: x0..x3 the guest got back from its last KVM vendor hypercall (``smccc_set_retval``);
+    #: ``vcpu.hypercall`` returns x0 only.  x1 is ``nr_shared``/``nr_unshared`` after
+    #: MEM_SHARE/MEM_UNSHARE and ``KVM_FUNC_HAS_RANGE`` after HYP_MEMINFO.
+    ret: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     @property
     def protected(self) -> bool:
@@ -305,11 +309,13 @@ class PkvmPolicy:
         # x1..x3; a guest passing fewer leaves the rest zero.
         ipa, arg2, arg3 = (*args, 0, 0, 0)[:3]
         nr_pages = arg2 or 1  # "Legacy guests have arg2 set to 0"
+        done = 0
         try:
             if nr == abi.ARM_SMCCC_VENDOR_HYP_KVM_HYP_MEMINFO_FUNC_ID:
                 if ipa or arg2 or arg3:
                     raise HypError(errno.EINVAL, name, "HYP_MEMINFO arguments must be zero")
                 state.last_error = None
+                state.ret = (PAGE_SIZE, abi.KVM_FUNC_HAS_RANGE, 0, 0)
                 return PAGE_SIZE  # the sharing granule
             if nr == abi.ARM_SMCCC_VENDOR_HYP_KVM_MEM_RELINQUISH_FUNC_ID and (arg2 or arg3):
                 raise HypError(errno.EINVAL, name, "MEM_RELINQUISH takes one page: x2 and x3 must be zero")
@@ -323,52 +329,75 @@ class PkvmPolicy:
                 exit_bit = 0
             else:
                 share = nr == abi.ARM_SMCCC_VENDOR_HYP_KVM_MEM_SHARE_FUNC_ID
-                self._convert(vcpu, state, ipa >> PAGE_SHIFT, nr_pages, share=share)
+                done = self._convert(vcpu, state, ipa >> PAGE_SHIFT, nr_pages, share=share)
                 exit_bit = 1 << (
                     abi.ARM_SMCCC_KVM_FUNC_MEM_SHARE if share else abi.ARM_SMCCC_KVM_FUNC_MEM_UNSHARE
                 )
         except KvmError as exc:
             state.last_error = exc
+            state.ret = (abi.SMCCC_RET_INVALID_PARAMETER, 0, 0, 0)
             vm.count("pkvm.hvc_refused")
             vm.trace("pkvm_hvc", call=name, ipa=ipa, npages=nr_pages, errno=exc.errno, rule=exc.rule)
             return abi.SMCCC_RET_INVALID_PARAMETER
         state.last_error = None
-        vm.trace("pkvm_hvc", call=name, ipa=ipa, npages=nr_pages, errno=0)
+        state.ret = (abi.SMCCC_RET_SUCCESS, done, 0, 0)
+        vm.trace("pkvm_hvc", call=name, ipa=ipa, npages=nr_pages, done=done, errno=0)
         if state.exit_mask & exit_bit:
+            # Userspace is told what was converted: the pages the hypervisor actually did.
             vm.count("pkvm.userspace_exits")
-            raise HypercallExit(nr, (ipa, nr_pages, 0), ret=abi.SMCCC_RET_SUCCESS)
+            raise HypercallExit(nr, (ipa, done, 0), ret=abi.SMCCC_RET_SUCCESS)
         return abi.SMCCC_RET_SUCCESS
 
-    def _convert(self, vcpu: ModelVcpu, state: PkvmVm, gfn: int, nr_pages: int, *, share: bool) -> None:
-        """MEM_SHARE / MEM_UNSHARE of ``[gfn, gfn+nr_pages)``: same pages, contents kept."""
+    def _convert(self, vcpu: ModelVcpu, state: PkvmVm, gfn: int, nr_pages: int, *, share: bool) -> int:
+        """MEM_SHARE / MEM_UNSHARE from *gfn*: same pages, contents kept.
+
+        Converts the run the hypervisor's walker accepts (``Hypervisor.guest_request``: it
+        may stop short of *nr_pages*) and returns its length, the guest's x1.
+        """
         vm = vcpu.vm
         hyp, hvm = state.hyp, state.hvm
-        before = [vm.mmu.lookup(g) for g in (gfn, gfn + nr_pages - 1)]
+        before = {g: vm.mmu.lookup(g) for g in (gfn, gfn + nr_pages - 1)}
         if share:
-            for g in range(gfn, gfn + nr_pages):
-                if hvm.state(g).state == PageState.NOPAGE:
-                    # Not faulted yet: the hypervisor exits to the host as a data abort, the
-                    # host donates the page, the guest's HVC is retried (pkvm_memshare_call).
-                    vm.count("pkvm.memshare_fault_in")
-                    try:
-                        vcpu.translate(g << PAGE_SHIFT)
-                    except GuestExit as exc:  # no memory there (an MMIO exit): nothing to share
-                        raise HypError(errno.EFAULT, "pkvm_memshare_call", str(exc)) from None
-            hyp.guest_share_host(hvm, gfn, nr_pages)
+            try:
+                done = hyp.guest_share_host(hvm, gfn, nr_pages)
+            except HypError as exc:
+                if exc.errno != errno.EFAULT:
+                    raise
+                # Not faulted yet: the hypervisor asks the host to map the range
+                # (KVM_HYP_REQ_TYPE_MAP), the host donates the pages, the HVC is retried.
+                self._fault_in(vcpu, hvm, gfn, gfn + nr_pages)
+                done = hyp.guest_share_host(hvm, gfn, nr_pages)
         else:
-            for g in range(gfn, gfn + nr_pages):
+            done = hyp.guest_request(hvm, gfn, nr_pages, PageState.SHARED_OWNED, "__pkvm_guest_unshare_host")[
+                1
+            ]
+            for g in range(gfn, gfn + done):
                 loc = vm.gfn_to_gmem(g)
                 if loc is not None and loc.inode.host_mapped(loc.index):
                     # Restricted mapping: to-private is refused while the folio is mapped.
                     vm.count("pkvm.unshare_refused_mapped")
                     raise KvmError(errno.EAGAIN, f"gfn {g:#x}: the host still maps this page", "pKVM-3.3")
-            hyp.guest_unshare_host(hvm, gfn, nr_pages)
-        after = [vm.mmu.lookup(g) for g in (gfn, gfn + nr_pages - 1)]
+            hyp.guest_unshare_host(hvm, gfn, done)
+        # In place: a page mapped before the call is the same page after it.
+        pfns = {g: (before[g], vm.mmu.lookup(g)) for g in before if g < gfn + done}
         moved = sum(
-            b is not None and a is not None and a[0] != b[0] for a, b in zip(after, before, strict=True)
+            1 for old, new in pfns.values() if old is not None and new is not None and old[0] != new[0]
         )
         vm.count("pkvm.copies", moved * PAGE_SIZE)
-        vm.count("pkvm.converted_pages", nr_pages)
+        vm.count("pkvm.converted_pages", done)
+        return done
+
+    @staticmethod
+    def _fault_in(vcpu: ModelVcpu, hvm: HypVm, start: int, end: int) -> None:
+        """The host handles the hypervisor's map request for gfns ``[start, end)``."""
+        vm = vcpu.vm
+        for gap_start, gap_end in list(hvm.guest.gaps(start, end)):
+            for g in range(gap_start, gap_end):  # one stage-2 fault (donation) per page
+                vm.count("pkvm.memshare_fault_in")
+                try:
+                    vcpu.translate(g << PAGE_SHIFT)
+                except GuestExit as exc:  # no memory there (an MMIO exit): nothing to share
+                    raise HypError(errno.EFAULT, "pkvm_memshare_call", str(exc)) from None
 
     def _relinquish(self, vm: ModelVm, state: PkvmVm, gfn: int) -> None:
         pfn = state.hyp.guest_relinquish_to_host(state.hvm, gfn)

@@ -212,8 +212,11 @@ def test_share_a_range_3_3(hyp: Hypervisor, pvm: HypVm) -> None:
     assert host(hyp, PFN + 0x20) == PageState.NOPAGE
 
 
-def test_share_unmapped_gfn_is_enoent_3_2(hyp: Hypervisor, pvm: HypVm) -> None:
-    refused(hyp, errno.ENOENT, lambda: hyp.guest_share_host(pvm, GFN))
+def test_share_unmapped_gfn_is_efault_3_2(hyp: Hypervisor, pvm: HypVm) -> None:
+    """``guest_request_walker``: a leaf with the NOPAGE meta-state is -EFAULT (map and retry)."""
+    refused(hyp, errno.EFAULT, lambda: hyp.guest_share_host(pvm, GFN))
+    hyp.host_donate_guest(pvm, PFN, GFN)
+    refused(hyp, errno.EFAULT, lambda: hyp.guest_share_host(pvm, GFN, 2))  # the second leaf
 
 
 def test_share_twice_is_eperm_3_2(hyp: Hypervisor, pvm: HypVm) -> None:
@@ -222,17 +225,32 @@ def test_share_twice_is_eperm_3_2(hyp: Hypervisor, pvm: HypVm) -> None:
     refused(hyp, errno.EPERM, lambda: hyp.guest_share_host(pvm, GFN))
 
 
-def test_share_range_of_mixed_states_is_refused_3_2(hyp: Hypervisor, pvm: HypVm) -> None:
+def test_share_range_of_mixed_states_is_eperm_3_2(hyp: Hypervisor, pvm: HypVm) -> None:
+    """``guest_request_walker``: any leaf in another (valid) state fails the whole request."""
     hyp.host_donate_guest(pvm, PFN, GFN)
     hyp.host_donate_guest(pvm, PFN + 1, GFN + 1)  # contiguous: merges
     hyp.guest_share_host(pvm, GFN + 1)
-    refused(hyp, errno.EINVAL, lambda: hyp.guest_share_host(pvm, GFN, 2))
+    refused(hyp, errno.EPERM, lambda: hyp.guest_share_host(pvm, GFN, 2))
 
 
-def test_share_physically_discontiguous_range_is_einval_3_2(hyp: Hypervisor, pvm: HypVm) -> None:
+def test_share_stops_at_a_physically_discontiguous_page_3_3(hyp: Hypervisor, pvm: HypVm) -> None:
+    """``__guest_request_page_transition``: -E2BIG from the walker is success for the run so far.
+
+    The guest gets ``nr_shared`` (x1) and asks again for the rest.
+    """
     hyp.host_donate_guest(pvm, PFN, GFN)
     hyp.host_donate_guest(pvm, PFN + 7, GFN + 1)
-    refused(hyp, errno.EINVAL, lambda: hyp.guest_share_host(pvm, GFN, 2))
+    assert hyp.guest_share_host(pvm, GFN, 2) == 1
+    assert (guest(pvm, GFN), guest(pvm, GFN + 1)) == (PageState.SHARED_OWNED, PageState.OWNED)
+    assert hyp.guest_share_host(pvm, GFN + 1, 1) == 1
+    assert hyp.guest_unshare_host(pvm, GFN, 2) == 1
+
+
+def test_share_request_covers_at_most_256_leaves_3_3(hyp: Hypervisor, pvm: HypVm) -> None:
+    """``GUEST_WALKER_DATA_INIT``: ``max_ptes = 512``, two spent per leaf."""
+    hyp.host_donate_guest(pvm, PFN, 0x200, PMD_NR_PAGES)
+    assert hyp.guest_share_host(pvm, 0x200, PMD_NR_PAGES) == 256
+    assert guest(pvm, 0x2FF) == PageState.SHARED_OWNED and guest(pvm, 0x300) == PageState.OWNED
 
 
 def test_unshare_owned_page_is_eperm_3_2(hyp: Hypervisor, pvm: HypVm) -> None:
@@ -240,8 +258,8 @@ def test_unshare_owned_page_is_eperm_3_2(hyp: Hypervisor, pvm: HypVm) -> None:
     refused(hyp, errno.EPERM, lambda: hyp.guest_unshare_host(pvm, GFN))
 
 
-def test_unshare_unmapped_gfn_is_enoent_3_2(hyp: Hypervisor, pvm: HypVm) -> None:
-    refused(hyp, errno.ENOENT, lambda: hyp.guest_unshare_host(pvm, GFN))
+def test_unshare_unmapped_gfn_is_efault_3_2(hyp: Hypervisor, pvm: HypVm) -> None:
+    refused(hyp, errno.EFAULT, lambda: hyp.guest_unshare_host(pvm, GFN))
 
 
 def test_share_when_host_annotation_disagrees_is_eperm_3_2(hyp: Hypervisor, pvm: HypVm) -> None:
@@ -450,7 +468,7 @@ def test_force_reclaim_poisons_the_guest_pte_3_2(hyp: Hypervisor, pvm: HypVm, me
     assert guest(pvm) == PageState.POISON
     assert hyp.host_state(PFN) == HOST_OWNED and mem.zeroed == [(PFN, 1)]
     refused(hyp, errno.EPERM, lambda: hyp.host_force_reclaim_page_guest(pvm, GFN))
-    refused(hyp, errno.ENOENT, lambda: hyp.guest_share_host(pvm, GFN))  # invalid PTE
+    refused(hyp, errno.EFAULT, lambda: hyp.guest_share_host(pvm, GFN))  # invalid PTE
     refused(hyp, errno.EPERM, lambda: hyp.host_donate_guest(pvm, PFN + 1, GFN))
     refused(hyp, errno.ENOENT, lambda: hyp.host_force_reclaim_page_guest(pvm, GFN + 1))
     hyp.start_teardown_vm(pvm)

@@ -89,7 +89,7 @@ def test_meminfo_and_unknown_functions(guest: Guest) -> None:
     ("nr", "args", "err"),
     [
         (SHARE, (GPA + 1, 1, 0), errno.EINVAL),  # unaligned ipa
-        (UNSHARE, (GPA, 1, 0), errno.ENOENT),  # never faulted: no valid PTE
+        (UNSHARE, (GPA, 1, 0), errno.EFAULT),  # never faulted: no valid PTE
         (RELINQUISH, (GPA + 3, 0, 0), errno.EINVAL),
         (SHARE, (GPA + SIZE, 1, 0), errno.EFAULT),  # no memslot: nothing to fault in
     ],

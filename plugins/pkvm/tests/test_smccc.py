@@ -15,6 +15,7 @@ import pytest
 
 from guestmem import uapi
 from guestmem_pkvm import abi
+from guestmem_pkvm.exits import HypercallExit
 from guestmem_pkvm.ownership import PageState
 from guestmem_pkvm.policy import enable_exit_hypercall, pkvm_state
 
@@ -58,3 +59,61 @@ def test_relinquish_with_nonzero_arg2_or_arg3_is_invalid_parameter(
     assert guest.vcpu.hypercall(RELINQUISH, *args) == abi.SMCCC_RET_INVALID_PARAMETER
     assert pkvm_state(guest.vm).hvm.state(GPA >> 12).state == PageState.OWNED
     assert guest.vcpu.access(GPA, 4) == b"kept"
+
+
+def test_meminfo_returns_the_granule_and_has_range_in_x1(guest: Guest) -> None:
+    """``pkvm_meminfo_call``: ``smccc_set_retval(vcpu, PAGE_SIZE, KVM_FUNC_HAS_RANGE, 0, 0)``."""
+    assert guest.vcpu.hypercall(MEMINFO) == PAGE
+    assert pkvm_state(guest.vm).ret == (PAGE, abi.KVM_FUNC_HAS_RANGE, 0, 0)
+
+
+def _fault_in_reversed(guest: Guest, first: int, n: int) -> list[int]:
+    """Touch pages ``first+n-1`` down to ``first``: their host pages come out in reverse order."""
+    for i in reversed(range(n)):
+        guest.vcpu.access(GPA + (first + i) * PAGE, data=bytes([i + 1]))
+    hvm = pkvm_state(guest.vm).hvm
+    return [hvm.state((GPA >> 12) + first + i).pfn((GPA >> 12) + first + i) for i in range(n)]
+
+
+def test_share_of_a_discontiguous_range_shares_the_first_run_and_returns_it_in_x1(guest: Guest) -> None:
+    """``pkvm_memshare_call``: ``smccc_set_retval(vcpu, SMCCC_RET_SUCCESS, nr_shared, 0, 0)``.
+
+    ``__guest_request_page_transition`` stops at the first physically discontiguous leaf;
+    the guest asks again for the rest.  Userspace is told the pages actually shared.
+    """
+    pfns = _fault_in_reversed(guest, 8, 3)
+    assert pfns[1] != pfns[0] + 1  # not physically contiguous
+    gpa = GPA + 8 * PAGE
+    with pytest.raises(HypercallExit) as info:
+        guest.vcpu.hypercall(SHARE, gpa, 3, 0)
+    state = pkvm_state(guest.vm)
+    assert info.value.args == (gpa, 1, 0)
+    assert state.ret == (abi.SMCCC_RET_SUCCESS, 1, 0, 0)
+    assert [state.hvm.state((gpa >> 12) + i).state for i in range(3)] == [
+        PageState.SHARED_OWNED,
+        PageState.OWNED,
+        PageState.OWNED,
+    ]
+    shared = 1
+    while shared < 3:  # what a guest does with x1
+        with pytest.raises(HypercallExit):
+            guest.vcpu.hypercall(SHARE, gpa + shared * PAGE, 3 - shared, 0)
+        shared += state.ret[1]
+    assert [guest.map.read((8 + i) * PAGE, 1) for i in range(3)] == [b"\x01", b"\x02", b"\x03"]
+    assert guest.vm.counters["pkvm.converted_pages"] == 3
+
+
+def test_unshare_checks_host_mappings_of_the_run_it_converts(guest: Guest) -> None:
+    """MEM_UNSHARE of a range converts the walker's run; a host mapping past it does not matter."""
+    enable_exit_hypercall(guest.vm, 0)
+    _fault_in_reversed(guest, 8, 2)
+    gpa = GPA + 8 * PAGE
+    for i in range(2):
+        assert guest.vcpu.hypercall(SHARE, gpa + i * PAGE, 1, 0) == abi.SMCCC_RET_SUCCESS
+    assert guest.map.read(9 * PAGE, 1) == b"\x02"  # the host maps the second page only
+    assert guest.vcpu.hypercall(UNSHARE, gpa, 2, 0) == abi.SMCCC_RET_SUCCESS
+    state = pkvm_state(guest.vm)
+    assert state.ret == (abi.SMCCC_RET_SUCCESS, 1, 0, 0)
+    assert state.hvm.state(gpa >> 12).state == PageState.OWNED
+    assert guest.vcpu.hypercall(UNSHARE, gpa + PAGE, 1, 0) == abi.SMCCC_RET_INVALID_PARAMETER
+    assert state.last_error is not None and state.last_error.errno == errno.EAGAIN
