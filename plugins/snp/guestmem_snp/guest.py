@@ -186,14 +186,17 @@ class SnpGuest:
         return 0
 
     def _handle_rmp_fault(self, pfn: int, gfn: int) -> None:
-        """``sev_handle_rmp_fault`` for a size mismatch: PSMASH the 2M entry, zap 512 gfns."""
+        """``sev_handle_rmp_fault`` for a size mismatch: PSMASH the 2M entry, zap 512 gfns.
+
+        The zap is ``kvm_zap_gfn_range(gfn, gfn + 512)`` from the faulting gfn, not from its
+        2M boundary: a huge leaf of the next 2M block that the range reaches goes too.
+        """
         rmp = self.sev.host.rmp
         self.vm.count("rmp_npf")
         with self.sev.host.acting(self.vm):
             rmp.psmash(pfn - pfn % PTRS_PER_PMD)
         self.vm.count("psmash")
-        base = gfn - gfn % PTRS_PER_PMD
-        self.vm.zap_gfn_range(base, base + PTRS_PER_PMD)
+        self.vm.zap_gfn_range(gfn, gfn + PTRS_PER_PMD)
         self.vm.trace("snp_rmp_fault", gpa=gfn << PAGE_SHIFT, pfn=pfn, psmash=True)
 
     # --- accesses --------------------------------------------------------------------------------

@@ -175,6 +175,14 @@ class SevVm:
         self.vm.count("psp_commands", n)
         self.vm.trace("snp_psp_command", command=command, n=n)
 
+    def _adjust_direct_map(self, pfn: int, npages: int) -> None:
+        """``adjust_direct_map`` before 4K RMPUPDATEs: split the 2M direct-map blocks they hit.
+
+        ``rmpupdate()`` does it for every 4K update (to private or to shared, before the
+        instruction and whatever its outcome); 2M updates and PSMASH leave the direct map alone.
+        """
+        self.vm.count("direct_map_splits", self.host.split_direct_map(pfn, npages))
+
     def _rmp_failed(self, what: str, pfn: int, rc: int) -> None:
         self.vm.count("rmp_update_failures")
         self.vm.trace("snp_rmp_warn", what=what, pfn=pfn, rc=RMP_RC_NAMES.get(rc, str(rc)))
@@ -241,6 +249,7 @@ class SevVm:
         if not policy & SNP_POLICY_MASK_RSVD_MBO:
             raise kvm_error(errno.EINVAL, "", "SNP policy lacks the must-be-one bit 17")
         pfn = self.vm.host.alloc(1)
+        self._adjust_direct_map(pfn, 1)
         with self.host.acting(self.vm):
             rc = self.host.rmp.mark_firmware(pfn)
         assert rc == RMP_SUCCESS, "a freshly allocated page is never assigned"
@@ -320,6 +329,7 @@ class SevVm:
             pfn = self.vm.host.alloc(1)
             vmsa = struct.pack("<QQ", vcpu_id, self.vmsa_features)
             self.vm.host.write(pfn, 0, vmsa)
+            self._adjust_direct_map(pfn, 1)
             with self.host.acting(self.vm):
                 rc = rmp.make_private(pfn, INITIAL_VMSA_GPA, uapi.PG_LEVEL_4K, self.asid, immutable=True)
                 self.vm.count("rmpupdate")
@@ -374,11 +384,11 @@ class SevVm:
                 # entry gets 4K entries for its unassigned pages (prepare runs once per folio).
                 for s, e in list(rmp.unassigned(pfn, pfn + npages)):
                     gpa = (gfn + s - pfn) << PAGE_SHIFT
+                    self._adjust_direct_map(s, e - s)
                     rc = rmp.make_private(s, gpa, uapi.PG_LEVEL_4K, self.asid, immutable=False, npages=e - s)
                     self.vm.count("rmpupdate", e - s)
                     if rc:
                         break
-                    self.vm.count("direct_map_splits", self.host.split_direct_map(s, e - s))
         if rc:
             self._rmp_failed("sev_gmem_prepare", pfn, rc)
             raise kvm_error(errno.EINVAL, "", f"sev_gmem_prepare: RMPUPDATE of pfn {pfn:#x} failed ({rc})")
@@ -393,6 +403,7 @@ class SevVm:
             for s, e, entry in list(rmp.runs(start, end)):
                 if entry.immutable:
                     # RMPUPDATE FAIL_PERMISSION: WARN, the folio is freed anyway.
+                    self._adjust_direct_map(s, e - s)
                     self.vm.count("rmpupdate", e - s)
                     self._rmp_failed("sev_gmem_invalidate", s, 2)
                     self.host.freed_while_assigned.set(s, e, True)
@@ -425,6 +436,7 @@ class SevVm:
         return end
 
     def _make_shared_4k(self, start: int, end: int) -> None:
+        self._adjust_direct_map(start, end - start)
         rc = self.host.rmp.make_shared(start, uapi.PG_LEVEL_4K, npages=end - start)
         self.vm.count("rmpupdate", end - start)
         if rc:
@@ -471,6 +483,7 @@ class SevVm:
                 raise kvm_error(errno.EFAULT, "", f"sev_gmem_post_populate: gfn {gfn:#x}: source unreadable")
             host.write(pfn, 0, src)
             self.vm.count("copied_bytes", PAGE_SIZE)
+        self._adjust_direct_map(pfn, 1)
         rc = rmp.make_private(pfn, gfn << PAGE_SHIFT, uapi.PG_LEVEL_4K, self.asid, immutable=True)
         self.vm.count("rmpupdate")
         if rc:
@@ -504,18 +517,20 @@ class SevVm:
         assert rc == RMP_SUCCESS
         self.launch_digest = page_info_digest(self.launch_digest, contents, page_type, gfn << PAGE_SHIFT)
 
+    def _leak(self, what: str, pfn: int, npages: int, rc: int, bug_vm: bool) -> bool:
+        """``snp_leak_pages`` (never back to the host) and, for KVM's own paths, ``KVM_BUG``."""
+        self._rmp_failed(what, pfn, rc)
+        self.host.leaked.set(pfn, pfn + npages, True)
+        if bug_vm:
+            self.vm.kill(f"KVM_BUG: {what} of pfn {pfn:#x} failed ({rc})")
+        return False
+
     def _kvm_rmp_make_shared(self, pfn: int, npages: int = 1, *, bug_vm: bool = True) -> bool:
         """``kvm_rmp_make_shared``: 4K RMPUPDATEs to shared; a failure bugs the VM, leaks the page."""
+        self._adjust_direct_map(pfn, npages)
         rc = self.host.rmp.make_shared(pfn, uapi.PG_LEVEL_4K, npages=npages)
         self.vm.count("rmpupdate", npages)
-        self.vm.count("direct_map_splits", self.host.split_direct_map(pfn, npages))
-        if rc:
-            self._rmp_failed("kvm_rmp_make_shared", pfn, rc)
-            self.host.leaked.set(pfn, pfn + npages, True)
-            if bug_vm:
-                self.vm.kill(f"KVM_BUG_ON: RMPUPDATE of pfn {pfn:#x} to shared failed ({rc})")
-            return False
-        return True
+        return self._leak("kvm_rmp_make_shared", pfn, npages, rc, bug_vm) if rc else True
 
     def _page_reclaim(self, pfn: int, npages: int = 1, *, bug_vm: bool = True) -> bool:
         """``snp_page_reclaim``: PAGE_RECLAIM then shared; a failure bugs the VM, leaks the pages.
@@ -526,11 +541,7 @@ class SevVm:
         self._psp("SNP_PAGE_RECLAIM", npages)
         rc = self.host.rmp.page_reclaim(pfn, npages)
         if rc:
-            self._rmp_failed("snp_page_reclaim", pfn, rc)
-            self.host.leaked.set(pfn, pfn + npages, True)
-            if bug_vm:
-                self.vm.kill(f"KVM_BUG: SNP_PAGE_RECLAIM of pfn {pfn:#x} failed")
-            return False
+            return self._leak("snp_page_reclaim", pfn, npages, rc, bug_vm)
         return self._kvm_rmp_make_shared(pfn, npages, bug_vm=bug_vm)
 
     def max_mapping_level(self, pfn: int, is_private: bool) -> int | None:

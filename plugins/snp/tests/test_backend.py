@@ -17,6 +17,8 @@ from guestmem_snp.asid import AsidAllocator
 from guestmem_snp.host import SVM_SEV_FEAT_DEBUG_SWAP, SVM_SEV_FEAT_SECURE_TSC, snp_host
 from guestmem_snp.rmp import RmpState
 
+PAGE = uapi.PAGE_SIZE
+
 
 def test_backends_and_vm_types_registered() -> None:
     """CAP-5/CAP-3/S-4/PF-2: the VmTypeInfo flags of SEV, SEV-ES and SNP."""
@@ -187,6 +189,23 @@ def test_hugepage_folio_gets_a_2m_entry(snp_huge: SnpVm) -> None:
     assert (entry.level, entry.gpa) == (uapi.PG_LEVEL_2M, 2 * MIB)
     assert snp.sev.max_mapping_level(entry.pfn, True) == uapi.PG_LEVEL_2M
     assert snp.vm.counters["direct_map_splits"] == 0
+
+
+def test_every_4k_rmpupdate_splits_the_direct_map(snp_huge: SnpVm) -> None:
+    """rmpupdate() -> adjust_direct_map(): a 4K RMPUPDATE (private or shared) splits its 2M block.
+
+    The 2M entry leaves the direct map whole; freeing a 4K hole in it (PSMASH, then a 4K
+    RMPUPDATE to shared) splits it; so does the 4K firmware page of SNP_LAUNCH_START.
+    """
+    snp = snp_huge
+    snp.private(0, 2 * MIB)
+    snp.vcpu.access(0, private=True)
+    assert snp.vm.counters["direct_map_splits"] == 0
+    snp.gmem.fallocate(uapi.FALLOC_FL_PUNCH_HOLE | uapi.FALLOC_FL_KEEP_SIZE, 0x3000, PAGE)
+    assert snp.vm.counters["psmash"] == 1 and snp.vm.counters["direct_map_splits"] == 1
+    snp.sev.snp_launch_start()
+    gctx = snp.sev.gctx_pfn
+    assert gctx is not None and snp.sev.host.direct_map_split.get(gctx // 512)
 
 
 def test_no_2m_entry_before_init2() -> None:

@@ -165,6 +165,22 @@ def test_npt_level_follows_the_rmp_page_size(snp_huge: SnpVm) -> None:
     assert snp.rmp.lookup(snp.pfn(0x1000)).level == uapi.PG_LEVEL_4K
 
 
+def test_rmp_fault_zaps_512_gfns_from_the_faulting_gfn(snp_huge: SnpVm) -> None:
+    """sev_handle_rmp_fault: kvm_zap_gfn_range(gfn, gfn + 512) is not 2M-aligned.
+
+    A SIZEM #NPF at gfn 5 zaps [5, 517): the 2M leaf of the next block goes as well (the TDP
+    MMU drops any leaf overlapping the range); its RMP entry stays 2M.
+    """
+    snp = snp_huge
+    snp.private(0, 4 * MIB)
+    snp.vcpu.access(0x5000, private=True)
+    snp.vcpu.access(2 * MIB + 0x1000, private=True)
+    assert snp.vm.mapping_level(512 + 1) == uapi.PG_LEVEL_2M
+    assert snp.guest.pvalidate(0x5000) == 0
+    assert not snp.vm.is_mapped(512 + 1)
+    assert snp.rmp.lookup(snp.pfn(2 * MIB)).level == uapi.PG_LEVEL_2M
+
+
 def test_6_18_maps_private_memory_at_4k(snp: SnpVm) -> None:
     """H-1: order-0 gmem folios: private mappings are 4K."""
     snp.private(0, 2 * MIB)
