@@ -607,20 +607,32 @@ class Hypervisor:
         return self._give_back(vm, gfn, nr_pages, page, PageState.NOPAGE)
 
     def host_force_reclaim_page_guest(self, vm: HypVm, gfn: int) -> int:
-        """``__pkvm_host_force_reclaim_page_guest``: the host takes a page from a live guest.
+        """``__pkvm_host_force_reclaim_page_guest``: the host takes a donated page from a live guest.
 
-        The guest PTE becomes POISON (a later guest access is a poison fault), an OWNED page
-        is zeroed first, the host owns the page again.  ENOENT if unmapped, EPERM for a page
-        the host lent (SHARED_BORROWED) or one already poisoned.  Returns the pfn.
+        Only a page the host cannot access is taken: EAGAIN when its host state is not
+        NOPAGE (the guest shares it, the host already got it back, or it is the host's page
+        lent to a normal VM), EPERM when the guest does not own it.  The guest PTE becomes
+        POISON (a later guest access is a poison fault), the page is zeroed and the host
+        owns it again.  ENOENT if *gfn* maps nothing.  Returns the pfn.
         """
-        return self._force_reclaim_run(vm, gfn, 1, "__pkvm_host_force_reclaim_page_guest")
-
-    def _force_reclaim_run(self, vm: HypVm, gfn: int, nr_pages: int, call: str) -> int:
+        call = "__pkvm_host_force_reclaim_page_guest"
         page = vm.state(gfn)
         if page.state == PageState.NOPAGE:
             raise HypError(errno.ENOENT, call, f"gfn {gfn:#x} is not mapped")
-        if page.state not in (PageState.OWNED, PageState.SHARED_OWNED):
-            raise HypError(errno.EPERM, call, f"gfn {gfn:#x} is guest {page.state.name}")
+        host = self.host_state(page.pfn(gfn))
+        if host.state != PageState.NOPAGE:
+            raise HypError(errno.EAGAIN, call, f"pfn {page.pfn(gfn):#x} is host {host.state.name}")
+        if host.owner != Component.GUEST or host.handle != vm.handle or page.state != PageState.OWNED:
+            raise HypError(errno.EPERM, call, f"gfn {gfn:#x} is guest {page.state.name}, not OWNED")
+        return self._force_reclaim_run(vm, gfn, 1)
+
+    def _force_reclaim_run(self, vm: HypVm, gfn: int, nr_pages: int) -> int:
+        """Poison the guest PTEs of one run and give its pages back (zeroed if OWNED).
+
+        The range form also takes SHARED_OWNED runs: when the VMM frees guest_memfd under a
+        live guest, no guest PTE may keep pointing at a freed page.
+        """
+        page = vm.state(gfn)
         self._count(vm, "force_reclaims", nr_pages)
         return self._give_back(vm, gfn, nr_pages, page, PageState.POISON)
 
@@ -639,7 +651,7 @@ class Hypervisor:
             elif page.state == PageState.SHARED_BORROWED:
                 self.host_unshare_guest(vm, s, e - s)
             else:
-                self._force_reclaim_run(vm, s, e - s, "__pkvm_host_force_reclaim_page_guest")
+                self._force_reclaim_run(vm, s, e - s)
             done += e - s
         return done
 

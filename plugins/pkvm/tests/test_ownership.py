@@ -467,12 +467,27 @@ def test_force_reclaim_poisons_the_guest_pte_3_2(hyp: Hypervisor, pvm: HypVm, me
     assert hyp.host_force_reclaim_page_guest(pvm, GFN) == PFN
     assert guest(pvm) == PageState.POISON
     assert hyp.host_state(PFN) == HOST_OWNED and mem.zeroed == [(PFN, 1)]
-    refused(hyp, errno.EPERM, lambda: hyp.host_force_reclaim_page_guest(pvm, GFN))
+    # The host owns the page again: "host state no longer PKVM_NOPAGE" is -EAGAIN.
+    refused(hyp, errno.EAGAIN, lambda: hyp.host_force_reclaim_page_guest(pvm, GFN))
     refused(hyp, errno.EFAULT, lambda: hyp.guest_share_host(pvm, GFN))  # invalid PTE
     refused(hyp, errno.EPERM, lambda: hyp.host_donate_guest(pvm, PFN + 1, GFN))
     refused(hyp, errno.ENOENT, lambda: hyp.host_force_reclaim_page_guest(pvm, GFN + 1))
     hyp.start_teardown_vm(pvm)
     hyp.finalize_teardown_vm(pvm)  # a poisoned PTE holds no page
+
+
+def test_force_reclaim_of_a_page_the_host_can_access_is_eagain_3_2(
+    hyp: Hypervisor, pvm: HypVm, npvm: HypVm
+) -> None:
+    """``__pkvm_host_force_reclaim_page_guest``: only a donated page (host NOPAGE, guest
+    OWNED) is taken by force; a page the host already maps (guest SHARED_OWNED, or a page it
+    shares with a normal VM) is -EAGAIN: the faulting host access is simply retried.
+    """
+    hyp.host_donate_guest(pvm, PFN, GFN)
+    hyp.guest_share_host(pvm, GFN)
+    refused(hyp, errno.EAGAIN, lambda: hyp.host_force_reclaim_page_guest(pvm, GFN))
+    hyp.host_share_guest(npvm, PFN + 1, GFN)
+    refused(hyp, errno.EAGAIN, lambda: hyp.host_force_reclaim_page_guest(npvm, GFN))
 
 
 def test_finalize_without_start_is_eperm_3_1(hyp: Hypervisor, pvm: HypVm) -> None:
