@@ -91,3 +91,14 @@ def test_partial_punch_splits_and_frees_only_the_hole(huge: Any) -> None:
     assert rec.prepared[-1] == (2, 0)
     assert vm.gmem_pfn(2) not in range(base, base + 512)
     assert vm.mapping_level(2) == uapi.PG_LEVEL_4K
+
+
+def test_gfn_and_userspace_addr_incongruent_disallows_huge_gmem_mappings(huge: Any) -> None:
+    """``kvm_alloc_memslot_metadata``: when ``base_gfn`` and ``userspace_addr`` disagree modulo a
+    frame, ``disallow_lpage`` is set for the whole slot at that level, gmem slots included, so
+    even a 2 MiB folio maps 4 KiB."""
+    vm, gmem, vcpu, _ = huge
+    vm.set_user_memory_region2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, 0, 0, gmem, 0)
+    vm.set_user_memory_region2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, 8 * MiB, 0x1000, gmem, 0)
+    vcpu.access(0x1000, data=b"x")
+    assert vm.mapping_level(1) == uapi.PG_LEVEL_4K

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from gmem_helpers import INIT_SHARED, MMAP, PAGE, PRIVATE, MiB, anon_slot, gmem_slot
+from gmem_helpers import INIT_SHARED, MMAP, PAGE, PRIVATE, MiB, anon_slot, gmem_slot, plugin
 
+import guestmem
 from guestmem import uapi
 
 L4K, L2M = uapi.PG_LEVEL_4K, uapi.PG_LEVEL_2M
@@ -134,3 +135,55 @@ def test_H6_default_vm_ignores_attributes(default_vm: Any) -> None:
     anon_slot(default_vm, 4 * MiB, gpa=4 * MiB, align=2 * MiB)
     default_vm.set_memory_attributes(2 * FRAME * PAGE, PAGE, 0)
     assert touch(default_vm, 2 * FRAME + 1) == [L2M]
+
+
+# --- kvm_mmu_hugepage_adjust / kvm_mmu_slot_apply_flags: dirty logging ------------------------------
+def test_H2_dirty_logged_slot_maps_4K(default_vm: Any) -> None:
+    """``kvm_mmu_hugepage_adjust``: ``kvm_slot_dirty_track_enabled`` keeps every mapping at 4 KiB,
+    even in an aligned THP-backed frame (H-2 would allow 2 MiB)."""
+    anon_slot(default_vm, 4 * MiB, gpa=4 * MiB, align=2 * MiB, flags=uapi.KVM_MEM_LOG_DIRTY_PAGES)
+    assert touch(default_vm, 2 * FRAME + 7) == [L4K]
+    assert not default_vm.is_mapped(2 * FRAME)
+
+
+def test_H2_enabling_dirty_logging_splits_huge_leaves(default_vm: Any) -> None:
+    """``kvm_mmu_slot_apply_flags`` (S-13 FLAGS_ONLY, LOG_DIRTY_PAGES on): eager page split to
+    4 KiB and write protection; the pages stay mapped, a store re-faults at 4 KiB."""
+    hva = anon_slot(default_vm, 4 * MiB, gpa=4 * MiB, align=2 * MiB)
+    assert touch(default_vm, 2 * FRAME + 7) == [L2M]
+    pfn = default_vm.mmu.lookup(2 * FRAME + 7)[0]
+    default_vm.set_user_memory_region2(0, uapi.KVM_MEM_LOG_DIRTY_PAGES, 4 * MiB, 4 * MiB, hva)
+    assert default_vm.mapping_level(2 * FRAME) == L4K
+    assert default_vm.mmu.lookup(2 * FRAME + 7) == (pfn, default_vm.mmu.lookup(2 * FRAME + 7)[1])
+    assert not default_vm.mmu.lookup(2 * FRAME + 7)[1].writable
+    faults = default_vm.counters["faults"]
+    default_vm.vcpus[0].access((2 * FRAME + 7) * PAGE, data=b"d")
+    assert default_vm.counters["faults"] == faults + 1
+    assert default_vm.mapping_level(2 * FRAME + 7) == L4K
+    assert default_vm.mapping_level(2 * FRAME + 8) == L4K
+
+
+class _LowerLevelOnceThenInvalidate:
+    """Observer: the first fault attempt is limited to 4K and an unrelated invalidation ends
+    meanwhile (the sequence moves), so the fault retries."""
+
+    def __init__(self) -> None:
+        self.fired = False
+
+    @guestmem.hookimpl
+    def guestmem_fault(self, vm: Any, fault: Any) -> None:
+        if not self.fired:
+            self.fired = True
+            fault.max_level = L4K
+            vm.zap_gfn_range(0, 1)
+
+
+def test_3_3_a_retried_fault_starts_from_a_fresh_kvm_page_fault(default_vm: Any) -> None:
+    """3.3: ``kvm_tdp_map_page``/``kvm_mmu_do_page_fault`` build a new ``kvm_page_fault`` for
+    every attempt (``max_level = KVM_MAX_HUGEPAGE_LEVEL``), so a level lowered during an attempt
+    that retried does not limit the retry."""
+    anon_slot(default_vm, 4 * MiB, gpa=4 * MiB, align=2 * MiB)
+    spy = _LowerLevelOnceThenInvalidate()
+    with plugin(spy):
+        assert touch(default_vm, 2 * FRAME + 7) == [L2M]
+    assert spy.fired and default_vm.counters["fault_retries"] == 1

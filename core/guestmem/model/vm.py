@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from guestmem import api, uapi
 from guestmem.errors import EHWPOISON, KvmError, MemoryFault, kvm_error
 from guestmem.model import gmem as gmem_mod
@@ -330,7 +332,12 @@ class ModelVm(api.Vm):
             self._slots(slot.as_id).erase(slot.base_gfn, slot.end_gfn)
             slot.base_gfn = moved.base_gfn
             self._slots(slot.as_id).set(slot.base_gfn, slot.end_gfn, slot)
+        enable_dirty_log = (mem.flags & ~slot.flags) & uapi.KVM_MEM_LOG_DIRTY_PAGES
         slot.flags = mem.flags  # also drops KVM_MEMSLOT_INVALID
+        if change is Change.FLAGS_ONLY and enable_dirty_log:
+            # kvm_mmu_slot_apply_flags: eager split to 4K, then write-protect the leaves
+            for s, e, spte in list(self.mmu.sptes.items(slot.base_gfn, slot.end_gfn)):
+                self.mmu.sptes.set(s, e, attrs.evolve(spte, level=uapi.PG_LEVEL_4K, writable=False))
         self.trace("memslot_" + change.value, slot=slot.id, as_id=slot.as_id)
 
     def slot_overlapping(self, as_id: int, start: int, end: int, exclude_id: int = -1) -> Memslot | None:
@@ -474,7 +481,13 @@ class ModelVm(api.Vm):
         Raises :class:`MemoryFault` (memory-fault exit), :class:`KvmError` (plain errno),
         or ``_Emulate`` (MMIO / read-only write).
         """
+        max_level = fault.max_level
         for _ in range(_MAX_FAULT_RETRIES):
+            # each attempt of kvm_mmu_do_page_fault starts from a fresh kvm_page_fault
+            fault.max_level = max_level
+            fault.slot = None
+            fault.pfn = None
+            fault.map_writable = True
             pfn = self._faultin(fault)
             if pfn is not None:
                 return pfn
@@ -563,25 +576,35 @@ class ModelVm(api.Vm):
         return pfn, vma.host_level(page)
 
     def _mapping_level(self, fault: Fault, slot: Memslot, pfn: int, max_level: int, gmem_path: bool) -> int:
-        """``kvm_mmu_max_mapping_level`` (H-1..H-3): the largest level allowed at this gfn."""
-        gfn = fault.gfn
-        for level in (uapi.PG_LEVEL_1G, uapi.PG_LEVEL_2M):
-            if level > max_level:
-                continue
-            n = _LEVEL_PAGES[level]
-            start = gfn & ~(n - 1)
-            if start < slot.base_gfn or start + n > slot.end_gfn or (pfn - gfn) % n:
-                continue
-            if self.has_private_mem and not self.attributes.covers(
-                start, start + n, self.attributes.get(gfn)
-            ):
-                continue  # H-3: mixed frame
-            if gmem_path:
-                limit = self.hooks.max_mapping_level(vm=self, pfn=pfn, is_private=fault.is_private)
-                if limit and limit < level:
-                    continue
-            return level
-        return uapi.PG_LEVEL_4K
+        """``kvm_mmu_hugepage_adjust`` + ``kvm_mmu_max_mapping_level`` (H-1..H-3).
+
+        No huge mapping in a dirty-logged slot; otherwise step down from *max_level* while the
+        frame is disallowed (``lpage_info``), then, on the gmem path, the vendor's
+        ``gmem_max_mapping_level`` (called once, only for a level above 4K) may lower it.
+        On the hva path *max_level* already holds ``host_pfn_mapping_level``.
+        """
+        if max_level <= uapi.PG_LEVEL_4K or slot.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
+            return uapi.PG_LEVEL_4K
+        level = min(max_level, uapi.PG_LEVEL_1G)
+        while level > uapi.PG_LEVEL_4K and self._lpage_disallowed(slot, fault.gfn, pfn, level):
+            level -= 1
+        if level > uapi.PG_LEVEL_4K and gmem_path:
+            limit = self.hooks.max_mapping_level(vm=self, pfn=pfn, is_private=fault.is_private)
+            if limit:
+                level = min(level, limit)
+        return level
+
+    def _lpage_disallowed(self, slot: Memslot, gfn: int, pfn: int, level: int) -> bool:
+        """``lpage_info_slot(gfn, slot, level)->disallow_lpage`` (plus pfn alignment)."""
+        n = _LEVEL_PAGES[level]
+        start = gfn & ~(n - 1)
+        if start < slot.base_gfn or start + n > slot.end_gfn:
+            return True  # the frame is not wholly inside the slot
+        if (slot.base_gfn ^ (slot.userspace_addr >> PAGE_SHIFT)) & (n - 1):
+            return True  # kvm_alloc_memslot_metadata: gfn and hva disagree modulo the frame
+        if (pfn - gfn) % n:
+            return True  # the host pages cannot back one huge leaf (VM_BUG_ON in the kernel)
+        return self.has_private_mem and self._hugepage_mixed(start, n)  # H-3
 
     def mapping_level(self, gfn: int) -> int | None:
         """Level of the stage-2 leaf mapping *gfn*, or None."""
