@@ -231,9 +231,17 @@ def complete_psc_msr(ret: int) -> int:
     return GHCB_MSR_PSC_RESP_ERROR if ret else GHCB_MSR_PSC_RESP
 
 
+_U64 = (1 << 64) - 1
+
+
 def check_map_gpa_range(gpa: int, npages: int, attrs_: int) -> int | MapGpaRange:
-    """``KVM_HC_MAP_GPA_RANGE`` in ``__kvm_emulate_hypercall``: ``-KVM_EINVAL`` or the exit."""
-    end_gfn = (gpa >> PAGE_SHIFT) + npages
-    if gpa % (1 << PAGE_SHIFT) or npages <= 0 or end_gfn <= gpa >> PAGE_SHIFT or end_gfn >= 1 << 52:
+    """``KVM_HC_MAP_GPA_RANGE`` in ``__kvm_emulate_hypercall``: ``-KVM_EINVAL`` or the exit.
+
+    The arguments are the guest's 64-bit registers; the only range check is that
+    ``gfn + npages`` does not wrap around in u64 (userspace validates the rest).
+    """
+    gpa, npages, attrs_ = gpa & _U64, npages & _U64, attrs_ & _U64
+    gfn = gpa >> PAGE_SHIFT
+    if gpa % (1 << PAGE_SHIFT) or not npages or (gfn + npages) & _U64 <= gfn:
         return -KVM_EINVAL
     return MapGpaRange(gpa, npages, attrs_)

@@ -155,9 +155,19 @@ def test_msr_protocol() -> None:
     assert complete_psc_msr(5) == GHCB_MSR_PSC_RESP_ERROR
 
 
-@pytest.mark.parametrize(("gpa", "npages"), [(0x1001, 1), (0x1000, 0), (0x1000, -1)])
+@pytest.mark.parametrize(
+    ("gpa", "npages"),
+    [(0x1001, 1), (0x1000, 0), (0x1000, -1), (0x1000, (1 << 64) - 1), (1 << 63, (1 << 64) - (1 << 51))],
+)
 def test_map_gpa_range_argument_checks(gpa: int, npages: int) -> None:
+    """__kvm_emulate_hypercall: unaligned gpa, npages 0 or gfn + npages wrapping in u64: -KVM_EINVAL."""
     assert check_map_gpa_range(gpa, npages, 0) == -KVM_EINVAL
+
+
+def test_map_gpa_range_leaves_large_ranges_to_userspace() -> None:
+    """__kvm_emulate_hypercall checks only the u64 wrap: a range past MAXPHYADDR still exits."""
+    assert check_map_gpa_range(0x1000, 1 << 60, 0) == MapGpaRange(0x1000, 1 << 60, 0)
+    assert check_map_gpa_range((1 << 52) - 0x1000, 2, 0) == MapGpaRange((1 << 52) - 0x1000, 2, 0)
 
 
 def test_map_gpa_range_exit() -> None:
