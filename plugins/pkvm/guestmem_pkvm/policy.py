@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from guestmem import uapi
-from guestmem.errors import EHWPOISON, GuestExit, KvmError, MemoryFault
+from guestmem.errors import GuestExit, KvmError, MemoryFault
 from guestmem.hookspecs import hookimpl
 from guestmem.registry import VmTypeInfo
 from guestmem_pkvm import abi
@@ -210,10 +210,9 @@ class PkvmPolicy:
         assert pfn is not None
         page = state.hvm.state(gfn)
         if page.state == PageState.POISON:
-            vm.count("pkvm.userspace_exits")
-            raise MemoryFault(
-                EHWPOISON, gfn << PAGE_SHIFT, PAGE_SIZE, 0, RULE, "the host force-reclaimed this page"
-            )
+            # __pkvm_vcpu_in_poison_fault: KVM_RUN returns -EFAULT, no memory-fault exit.
+            vm.count("pkvm.poison_faults")
+            raise KvmError(errno.EFAULT, f"gfn {gfn:#x}: the host force-reclaimed this page", "pKVM-3.2")
         if page.state != PageState.NOPAGE:
             if page.pfn(gfn) != pfn:
                 raise KvmError(errno.EFAULT, f"gfn {gfn:#x} is owned at another pfn", RULE)
