@@ -514,9 +514,10 @@ class Hypervisor:
         if page.state == PageState.OWNED:
             self._zero_pages(vm, pfn, npages)
         self._set_guest(vm, gfn, npages, GuestPage(leave, page.delta))
-        self._count(vm, "stage2_unmap")
+        # The kernel gives pages back one hypercall each: costs are per page.
+        self._count(vm, "stage2_unmap", npages)
         self._set_host(vm, pfn, npages, HOST_OWNED)
-        self._count(vm, "host_stage2_map")
+        self._count(vm, "host_stage2_map", npages)
         return pfn
 
     # --- host <-> non-protected guest ---------------------------------------------------------
