@@ -410,12 +410,15 @@ class Hypervisor:
     def host_donate_guest(self, vm: HypVm, pfn: int, gfn: int, nr_pages: int = 1) -> None:
         """``__pkvm_host_donate_guest``: host OWNED -> NOPAGE (owner guest), guest NOPAGE -> OWNED.
 
-        Contents are kept (no copy); pages of the pvmfw range receive the firmware.
+        Contents are kept (no copy); pages of the pvmfw range receive the firmware.  EINVAL
+        for a non-protected or dying VM (the hypercall handler), EPERM on a state mismatch.
         """
         call = "__pkvm_host_donate_guest"
+        if not vm.protected or vm.dying:
+            # handle___pkvm_host_donate_guest: no loaded vCPU (a dying VM cannot load one)
+            # or a non-protected one.
+            raise HypError(errno.EINVAL, call, "needs a loaded vCPU of a live protected VM")
         _transition_size(pfn, gfn, nr_pages, call)
-        if vm.dying:
-            raise HypError(errno.EPERM, call, "VM is being torn down")
         self._host_check(pfn, nr_pages, call, lambda p: p == HOST_OWNED, want="OWNED")
         self._guest_check_nopage(vm, gfn, nr_pages, call)
         delta = pfn - gfn
@@ -524,9 +527,9 @@ class Hypervisor:
     def host_share_guest(self, vm: HypVm, pfn: int, gfn: int, nr_pages: int = 1) -> None:
         """``__pkvm_host_share_guest``: host OWNED/SHARED_OWNED (count+1), guest NOPAGE -> SHARED_BORROWED."""
         call = "__pkvm_host_share_guest"
+        if vm.protected:  # handle___pkvm_host_share_guest
+            raise HypError(errno.EINVAL, call, "protected guests get pages by donation")
         _transition_size(pfn, gfn, nr_pages, call)
-        if vm.protected:
-            raise HypError(errno.EPERM, call, "protected guests get pages by donation")
         entries = self._host_check(
             pfn,
             nr_pages,
@@ -544,6 +547,8 @@ class Hypervisor:
     def host_unshare_guest(self, vm: HypVm, gfn: int, nr_pages: int = 1) -> None:
         """``__pkvm_host_unshare_guest``: guest SHARED_BORROWED -> NOPAGE, host count-1 (OWNED at 0)."""
         call = "__pkvm_host_unshare_guest"
+        if vm.protected:  # handle___pkvm_host_unshare_guest: get_np_pkvm_hyp_vm
+            raise HypError(errno.EINVAL, call, "not a non-protected VM")
         page = self._guest_run(vm, gfn, nr_pages, PageState.SHARED_BORROWED, call)
         pfn = page.pfn(gfn)
         entries = self._host_check(

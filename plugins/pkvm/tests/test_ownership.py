@@ -174,9 +174,20 @@ def test_donate_page_shared_with_hyp_or_np_guest_is_eperm_3_2(
     refused(hyp, errno.EPERM, lambda: hyp.host_donate_guest(pvm, PFN + 1, GFN))
 
 
-def test_donate_to_dying_vm_is_eperm_3_1(hyp: Hypervisor, pvm: HypVm) -> None:
+def test_donate_to_dying_vm_is_einval_3_1(hyp: Hypervisor, pvm: HypVm) -> None:
+    """``pkvm_load_hyp_vcpu`` fails for a dying VM; without a loaded vCPU the handler is -EINVAL."""
     hyp.start_teardown_vm(pvm)
-    refused(hyp, errno.EPERM, lambda: hyp.host_donate_guest(pvm, PFN, GFN))
+    refused(hyp, errno.EINVAL, lambda: hyp.host_donate_guest(pvm, PFN, GFN))
+
+
+def test_handlers_check_the_vm_kind_3_2(hyp: Hypervisor, pvm: HypVm, npvm: HypVm) -> None:
+    """``hyp-main.c``: ``handle___pkvm_host_donate_guest`` rejects non-protected VMs, the
+    share/unshare-with-guest handlers reject protected ones (``get_np_pkvm_hyp_vm``): -EINVAL.
+    """
+    refused(hyp, errno.EINVAL, lambda: hyp.host_donate_guest(npvm, PFN, GFN))
+    refused(hyp, errno.EINVAL, lambda: hyp.host_share_guest(pvm, PFN, GFN))
+    hyp.host_donate_guest(pvm, PFN, GFN)
+    refused(hyp, errno.EINVAL, lambda: hyp.host_unshare_guest(pvm, GFN))
 
 
 def test_donate_block_over_partly_owned_range_is_eperm_and_atomic_3_2(hyp: Hypervisor, pvm: HypVm) -> None:
@@ -346,7 +357,6 @@ def test_host_share_guest_block_3_2(hyp: Hypervisor, npvm: HypVm) -> None:
 
 
 def test_host_share_guest_illegal_3_2(hyp: Hypervisor, npvm: HypVm, pvm: HypVm) -> None:
-    refused(hyp, errno.EPERM, lambda: hyp.host_share_guest(pvm, PFN, GFN))  # pVMs get donations
     hyp.host_share_guest(npvm, PFN, GFN)
     refused(hyp, errno.EPERM, lambda: hyp.host_share_guest(npvm, PFN + 1, GFN))  # gfn taken
     hyp.host_share_hyp(PFN + 2)
@@ -356,10 +366,8 @@ def test_host_share_guest_illegal_3_2(hyp: Hypervisor, npvm: HypVm, pvm: HypVm) 
     refused(hyp, errno.EINVAL, lambda: hyp.host_share_guest(npvm, PFN + 4, GFN + 4, 3))
 
 
-def test_host_unshare_guest_illegal_3_2(hyp: Hypervisor, npvm: HypVm, pvm: HypVm) -> None:
+def test_host_unshare_guest_illegal_3_2(hyp: Hypervisor, npvm: HypVm) -> None:
     refused(hyp, errno.ENOENT, lambda: hyp.host_unshare_guest(npvm, GFN))
-    hyp.host_donate_guest(pvm, PFN, GFN)
-    refused(hyp, errno.EPERM, lambda: hyp.host_unshare_guest(pvm, GFN))  # guest OWNED
 
 
 # --- host <-> hypervisor --------------------------------------------------------------------
