@@ -155,7 +155,10 @@ def test_3_2_unbound_file_invalidates_nothing(protected_vm: Any) -> None:
     ["punch", "memory-failure", "release", "delete-slot", "move-slot", "convert", "host-zap"],
 )
 def test_3_1_every_invalidating_operation_is_balanced_and_bumps_seq(pvm: Any, operation: str) -> None:
-    """3.1: begin/end pairs: after each operation in_progress is 0 and seq rose by exactly one."""
+    """3.1: begin/end pairs: after each operation in_progress is 0 and seq rose by exactly one.
+
+    Memslot delete and move zap without an MMU invalidation (``kvm_invalidate_memslot`` ->
+    ``kvm_mmu_zap_memslot`` -> ``kvm_unmap_gfn_range`` under mmu_lock): seq does not move."""
     vm = pvm
     vcpu = vm.create_vcpu(0)
     vcpu.access(0, 1)
@@ -185,7 +188,7 @@ def test_3_1_every_invalidating_operation_is_balanced_and_bumps_seq(pvm: Any, op
         vma.zap(0, PAGE)
         gone = (4 * MiB) >> 12
     assert not vm.is_mapped(gone)
-    assert vm.mmu.invalidate_seq == seq + 1
+    assert vm.mmu.invalidate_seq == seq + (0 if operation in ("delete-slot", "move-slot") else 1)
     balanced(vm)
 
 
@@ -261,3 +264,91 @@ def test_3_protocol_invariants_hold_after_every_operation(ops: list[tuple[Any, .
                     if spte.private:
                         assert pfn == vm.gmem_pfn(gfn), (op, gfn)
                     assert vm.host.is_allocated(pfn), (op, gfn)
+
+
+# --- memslot delete/move and the mmu notifier (kvm_invalidate_memslot, __kvm_handle_hva_range) ------
+class _UnmapCounters:
+    """Observer: MMU counters seen by each ``kvm_unmap_gfn_range`` call."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, int, int]] = []
+
+    @guestmem.hookimpl
+    def guestmem_unmap_gfn_range(self, vm: Any, range: Any) -> None:  # noqa: A002
+        self.seen.append((range.start, range.end, range.attr_filter, vm.mmu.invalidate_in_progress))
+
+
+def test_S9_delete_zaps_through_kvm_unmap_gfn_range_without_an_invalidation(pvm: Any) -> None:
+    """S-9: ``kvm_mmu_zap_memslot`` calls ``kvm_unmap_gfn_range`` over the whole slot, both
+    filters, under mmu_lock only: nothing in progress, ``mmu_invalidate_seq`` unchanged."""
+    vcpu = pvm.create_vcpu(0)
+    vcpu.access(4 * MiB, 1)
+    seq = pvm.mmu.invalidate_seq
+    spy = _UnmapCounters()
+    with plugin(spy):
+        pvm.set_user_memory_region2(1, 0, 4 * MiB, 0, 0)
+    both = uapi.KVM_FILTER_PRIVATE | uapi.KVM_FILTER_SHARED
+    assert spy.seen == [((4 * MiB) >> 12, (5 * MiB) >> 12, both, 0)]
+    assert pvm.mmu.invalidate_seq == seq
+    assert not pvm.is_mapped((4 * MiB) >> 12)
+
+
+class _DeleteSlotDuringFault:
+    """Observer: while a fault on the slot is being resolved, userspace deletes the slot."""
+
+    def __init__(self) -> None:
+        self.fired = False
+
+    @guestmem.hookimpl
+    def guestmem_fault(self, vm: Any, fault: Any) -> None:
+        if not self.fired:
+            self.fired = True
+            vm.set_user_memory_region2(1, 0, 4 * MiB, 0, 0)
+
+
+def test_3_3_fault_racing_a_slot_delete_installs_nothing(pvm: Any) -> None:
+    """3.3 / S-9: SRCU keeps a memslot update from overtaking an in-flight fault, so no leaf of
+    the deleted slot survives; the retried access finds no memslot (a shared access: MMIO)."""
+    race = _DeleteSlotDuringFault()
+    with plugin(race), pytest.raises(GuestExit):
+        pvm.create_vcpu(0).access(4 * MiB, 1)
+    assert race.fired
+    assert not pvm.is_mapped((4 * MiB) >> 12)
+    assert pvm.mmu.sptes.first() is None
+
+
+def test_3_1_one_host_event_is_one_invalidation_per_vm(default_vm: Any) -> None:
+    """``kvm_mmu_notifier_invalidate_range_start``: one ``kvm_mmu_invalidate_begin`` per VM at
+    the first memslot whose hva range overlaps, then every such slot is unmapped (SHARED
+    filter); the seq moves by one however many slots the host range covers."""
+    mapping = default_vm.kvm.mmap_anonymous(2 * MiB)
+    default_vm.set_user_memory_region2(0, 0, 0, MiB, mapping.address)
+    default_vm.set_user_memory_region2(1, 0, 16 * MiB, MiB, mapping.address + MiB)
+    vcpu = default_vm.create_vcpu(0)
+    vcpu.access(0, 1)
+    vcpu.access(16 * MiB, 1)
+    seq = default_vm.mmu.invalidate_seq
+    spy = _UnmapCounters()
+    with plugin(spy):
+        mapping.zap(0, 2 * MiB)
+    assert [(s, e, f, n) for s, e, f, n in spy.seen] == [
+        (0, MiB >> 12, uapi.KVM_FILTER_SHARED, 1),
+        ((16 * MiB) >> 12, (17 * MiB) >> 12, uapi.KVM_FILTER_SHARED, 1),
+    ]
+    assert default_vm.mmu.invalidate_seq == seq + 1
+    assert not default_vm.is_mapped(0) and not default_vm.is_mapped((16 * MiB) >> 12)
+
+
+def test_3_1_host_zap_of_a_gmem_only_slots_hva_zaps_its_shared_mappings(default_vm: Any) -> None:
+    """``__kvm_handle_hva_range`` walks every memslot in the hva interval tree, gmem-only ones
+    included: MADV_DONTNEED on the guest_memfd mapping that is the slot's userspace_addr zaps the
+    slot's (gmem-backed, shared) leaves."""
+    gmem = default_vm.create_guest_memfd(MiB, uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED)
+    host = gmem.mmap(MiB)
+    default_vm.set_user_memory_region2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, MiB, host.address, gmem, 0)
+    default_vm.create_vcpu(0).access(0, data=b"g")
+    assert host.read(0, 1) == b"g"
+    seq = default_vm.mmu.invalidate_seq
+    host.zap(0, PAGE)
+    assert not default_vm.is_mapped(0)
+    assert default_vm.mmu.invalidate_seq == seq + 1

@@ -206,18 +206,9 @@ class ModelKvm(api.Kvm):
 
     def mmu_notifier_invalidate(self, address: int, length: int) -> None:
         """``mmu_notifier_invalidate_range``: zap guest mappings of host ``[address, +length)``."""
-        end = address + length
-        for vm in self.vms:
-            if vm.destroyed:
-                continue
-            for slot in list(vm.memslots.values()):
-                lo = max(address, slot.userspace_addr)
-                hi = min(end, slot.userspace_addr + slot.npages * uapi.PAGE_SIZE)
-                if lo >= hi or (slot.gmem_only and vm.profile.gmem_only_faults_from_gmem):
-                    continue
-                first = slot.base_gfn + ((lo - slot.userspace_addr) >> uapi.PAGE_SHIFT)
-                last = slot.base_gfn + ((hi - slot.userspace_addr + uapi.PAGE_SIZE - 1) >> uapi.PAGE_SHIFT)
-                vm.zap_gfn_range(first, last, uapi.KVM_FILTER_SHARED)
+        for vm in list(self.vms):
+            if not vm.destroyed:
+                vm.mmu_notifier_invalidate_range(address, address + length)
 
     def vm_destroyed(self, vm: ModelVm) -> None:
         """Forget *vm* once its last reference is gone."""

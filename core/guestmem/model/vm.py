@@ -68,6 +68,9 @@ class ModelVm(api.Vm):
         self.memslots: dict[tuple[int, int], Memslot] = {}
         self._slot_index: dict[int, RangeMap[Memslot]] = {}
         self.nr_memslot_pages = 0
+        #: Bumped by every memslot update (``kvm_swap_active_memslots``): a fault that saw
+        #: another generation retries, as SRCU would have kept the update from overtaking it.
+        self.memslots_gen = 0
         self.attributes: RangeMap[int] = RangeMap()
         self.mmu = Mmu(self)
         self.vcpus: dict[int, ModelVcpu] = {}
@@ -228,6 +231,7 @@ class ModelVm(api.Vm):
         change, old = check_region(self, mem)
         if change is Change.NONE:
             return
+        self.memslots_gen += 1
         if change is Change.DELETE:
             assert old is not None
             self._delete_slot(old)
@@ -298,13 +302,15 @@ class ModelVm(api.Vm):
     def _flush_slot(self, slot: Memslot) -> None:
         """``kvm_invalidate_memslot``: mark the slot INVALID, then zap every leaf of it.
 
-        A fault that meets the slot meanwhile retries (G-8); the flag goes again when the
-        delete or move is committed.
+        ``kvm_arch_flush_shadow_memslot`` (x86 ``kvm_mmu_zap_memslot``) calls
+        ``kvm_unmap_gfn_range`` under mmu_lock only: no MMU invalidation, so
+        ``mmu_invalidate_seq`` does not move.  A fault that meets the slot meanwhile retries
+        (G-8); the flag goes again when the delete or move is committed.
         """
         slot.flags |= uapi.KVM_MEMSLOT_INVALID
-        self.mmu.invalidate_begin()
-        self.mmu.unmap_gfn_range(GfnRange(slot, slot.base_gfn, slot.end_gfn))
-        self.mmu.invalidate_end()
+        self.memslots_gen += 1
+        if self.mmu.kvm_unmap_gfn_range(GfnRange(slot, slot.base_gfn, slot.end_gfn)):
+            self.count("remote_tlb_flushes")
 
     def _delete_slot(self, slot: Memslot) -> None:
         """S-9: invalidate, zap, free, unbind (B-8..B-10)."""
@@ -506,6 +512,7 @@ class ModelVm(api.Vm):
         """One pass of ``kvm_mmu_faultin_pfn`` + ``is_page_fault_stale`` + map; None = retry."""
         gfn = fault.gfn
         mmu = self.mmu
+        gen = self.memslots_gen
         fault.mmu_seq = mmu.invalidate_seq
         if fault.is_private != self.is_private(gfn):
             raise self._memory_fault(
@@ -547,10 +554,10 @@ class ModelVm(api.Vm):
             fault.map_writable = not slot.flags & uapi.KVM_MEM_READONLY
             fault.max_level = min(fault.max_level, host_level)  # host_pfn_mapping_level
         fault.pfn = pfn
-        if mmu.retry_gfn(fault.mmu_seq, gfn):
+        if mmu.retry_gfn(fault.mmu_seq, gfn) or self.memslots_gen != gen:
             return None
         self.hooks.fault(vm=self, fault=fault)
-        if mmu.retry_gfn(fault.mmu_seq, gfn):  # is_page_fault_stale, under mmu_lock
+        if mmu.retry_gfn(fault.mmu_seq, gfn) or self.memslots_gen != gen:  # is_page_fault_stale
             return None
         level = self._mapping_level(fault, slot, pfn, fault.max_level, gmem_path)
         npages = _LEVEL_PAGES[level]
@@ -629,6 +636,31 @@ class ModelVm(api.Vm):
             self.mmu.invalidate_range_add(start, end)
             self.mmu.zap(start, end)
         self.mmu.invalidate_end()
+
+    def mmu_notifier_invalidate_range(self, start: int, end: int) -> None:
+        """``kvm_mmu_notifier_invalidate_range_start``/``_end`` for host ``[start, end)``.
+
+        ``__kvm_handle_hva_range``: every memslot (each address space) whose userspace range
+        overlaps is unmapped with ``KVM_FILTER_SHARED``, inside one MMU invalidation that
+        begins at the first such slot; no overlapping slot, no invalidation.
+        """
+        slots = sorted(self.memslots.values(), key=lambda slot: (slot.as_id, slot.userspace_addr))
+        found = flush = False
+        for slot in slots:
+            lo = max(start, slot.userspace_addr)
+            hi = min(end, slot.userspace_addr + (slot.npages << PAGE_SHIFT))
+            if lo >= hi:
+                continue
+            if not found:
+                found = True
+                self.mmu.invalidate_begin()
+            first = slot.base_gfn + ((lo - slot.userspace_addr) >> PAGE_SHIFT)
+            last = slot.base_gfn + ((hi + PAGE_SIZE - 1 - slot.userspace_addr) >> PAGE_SHIFT)
+            flush |= self.mmu.unmap_gfn_range(GfnRange(slot, first, last, attr_filter=uapi.KVM_FILTER_SHARED))
+        if flush:
+            self.count("remote_tlb_flushes")
+        if found:
+            self.mmu.invalidate_end()
 
     # --- gmem services for backends ---------------------------------------------------------
     def gfn_to_gmem(self, gfn: int) -> GmemLocation | None:
