@@ -66,8 +66,8 @@ ARM_SMCCC_VENDOR_HYP_KVM_MEM_RELINQUISH_FUNC_ID: Final = ARM_SMCCC_CALL_VAL(
     ARM_SMCCC_FAST_CALL, ARM_SMCCC_SMC_64, ARM_SMCCC_OWNER_VENDOR_HYP, ARM_SMCCC_KVM_FUNC_MEM_RELINQUISH
 )
 
-#: ``KVM_EXIT_HYPERCALL`` mask bits userspace enables with ``KVM_CAP_EXIT_HYPERCALL`` (the
-#: kvmtool side of the restricted-mapping series uses exactly these two).
+#: ``KVM_EXIT_HYPERCALL`` mask bits userspace may enable with ``KVM_CAP_EXIT_HYPERCALL`` on a
+#: protected VM of this backend (a model choice: the capability is x86-only in Linux 6.18).
 KVM_EXIT_HYPERCALL_VALID_MASK: Final = (1 << ARM_SMCCC_KVM_FUNC_MEM_SHARE) | (
     1 << ARM_SMCCC_KVM_FUNC_MEM_UNSHARE
 )

@@ -139,7 +139,7 @@ def enable_exit_hypercall(vm: Any, mask: int) -> None:
     """``KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL, mask)``: which conversions exit to userspace.
 
     EINVAL for bits outside ``KVM_EXIT_HYPERCALL_VALID_MASK``.  By default both share and
-    unshare exit (as the restricted-mapping series' kvmtool enables them).
+    unshare exit, so that userspace hears of every conversion (a model choice, see README).
     """
     if mask & ~abi.KVM_EXIT_HYPERCALL_VALID_MASK:
         raise KvmError(errno.EINVAL, f"exit mask {mask:#x} has unsupported bits", RULE)
