@@ -143,6 +143,8 @@ class SevVm:
         self.hypercall_exit_enabled = 0
         self.policy = 0
         self.gctx_pfn: int | None = None
+        self.guest_req_pfn: int | None = None
+        self.guest_resp_pfn: int | None = None
         self.snp_finished = False
         self.launch_digest = bytes(_DIGEST_SIZE)
         self.vmsa_pfns: dict[int, int] = {}
@@ -182,6 +184,26 @@ class SevVm:
         instruction and whatever its outcome); 2M updates and PSMASH leave the direct map alone.
         """
         self.vm.count("direct_map_splits", self.host.split_direct_map(pfn, npages))
+
+    def _alloc_firmware_page(self) -> int:
+        """``snp_alloc_firmware_page``: a new page, Firmware in the RMP (``rmp_mark_pages_firmware``)."""
+        pfn = self.vm.host.alloc(1)
+        self._adjust_direct_map(pfn, 1)
+        with self.host.acting(self.vm):
+            rc = self.host.rmp.mark_firmware(pfn)
+        self.vm.count("rmpupdate")
+        assert rc == RMP_SUCCESS, "a freshly allocated page is never assigned"
+        return pfn
+
+    def _free_firmware_page(self, pfn: int) -> None:
+        """``snp_free_firmware_page``: PAGE_RECLAIM + shared (``snp_reclaim_pages``), then free.
+
+        A page that cannot be reclaimed is leaked, never given back to the host.
+        """
+        with self.host.acting(self.vm):
+            if self._page_reclaim(pfn, bug_vm=False):
+                self.vm.host.free(pfn, 1)
+                self.host.freed.set(pfn, pfn + 1, True)
 
     def _rmp_failed(self, what: str, pfn: int, rc: int) -> None:
         self.vm.count("rmp_update_failures")
@@ -231,6 +253,11 @@ class SevVm:
             self.vm.count("df_flush")
         self.ghcb_version = ghcb_version
         self.vmsa_features = vmsa_features | (SVM_SEV_FEAT_SNP_ACTIVE if self.snp else 0)
+        if self.snp:
+            # snp_guest_req_init: the bounce pages of SNP guest requests; the response page
+            # is a firmware page for the guest's whole life.
+            self.guest_req_pfn = self.vm.host.alloc(1)
+            self.guest_resp_pfn = self._alloc_firmware_page()
         self.active = True
         self.need_init = False
         self.vm.trace("sev_init", asid=self.asid, snp=self.snp, es=self.es)
@@ -248,11 +275,7 @@ class SevVm:
             raise kvm_error(errno.EINVAL, "", f"SNP policy {policy:#x} has unknown bits")
         if not policy & SNP_POLICY_MASK_RSVD_MBO:
             raise kvm_error(errno.EINVAL, "", "SNP policy lacks the must-be-one bit 17")
-        pfn = self.vm.host.alloc(1)
-        self._adjust_direct_map(pfn, 1)
-        with self.host.acting(self.vm):
-            rc = self.host.rmp.mark_firmware(pfn)
-        assert rc == RMP_SUCCESS, "a freshly allocated page is never assigned"
+        pfn = self._alloc_firmware_page()
         self.gctx_pfn = pfn
         self.policy = policy
         self.launch_digest = bytes(_DIGEST_SIZE)
@@ -587,12 +610,16 @@ class SevVm:
                 host.free(pfn, 1)
                 self.host.freed.set(pfn, pfn + 1, True)
             self.vmsa_pfns.clear()
-            if self.gctx_pfn is not None:
-                self._psp("SNP_DECOMMISSION")
-                if self._page_reclaim(self.gctx_pfn, bug_vm=False):
-                    host.free(self.gctx_pfn, 1)
-                    self.host.freed.set(self.gctx_pfn, self.gctx_pfn + 1, True)
-                self.gctx_pfn = None
+        if self.guest_resp_pfn is not None:  # snp_guest_req_cleanup
+            self._free_firmware_page(self.guest_resp_pfn)
+            self.guest_resp_pfn = None
+        if self.guest_req_pfn is not None:
+            host.free(self.guest_req_pfn, 1)
+            self.guest_req_pfn = None
+        if self.gctx_pfn is not None:  # snp_decommission_context
+            self._psp("SNP_DECOMMISSION")
+            self._free_firmware_page(self.gctx_pfn)
+            self.gctx_pfn = None
         if self.active:
             self.vm.count("wbinvd")  # WBNOINVD on the CPUs that ran the VM
             self.host.asids.free(self.asid)
