@@ -62,6 +62,12 @@ _libc.mmap.argtypes = [
 _libc.mmap.restype = ctypes.c_void_p
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.munmap.restype = ctypes.c_int
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
+_libc.ioctl.restype = ctypes.c_int
+_libc.ftruncate.argtypes = [ctypes.c_int, ctypes.c_int64]
+_libc.ftruncate.restype = ctypes.c_int
+_libc.read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+_libc.read.restype = ctypes.c_ssize_t
 
 
 def u64(value: int) -> int:
@@ -92,11 +98,12 @@ def error(err: int, what: str, rule: str = "") -> KvmError:
 
 
 def ioctl_int(fd: int, request: int, arg: int = 0) -> int:
-    """An ioctl whose argument is an integer; returns the kernel's return value."""
-    try:
-        return int(fcntl.ioctl(fd, request, arg))
-    except OSError as exc:
-        raise error(exc.errno or errno.EIO, ioctl_name(request)) from None
+    """An ioctl whose argument is an integer, passed as the ``unsigned long`` the kernel
+    reads (any Python int: two's complement, truncated); returns the kernel's return value."""
+    ret = _libc.ioctl(fd, request, u64(arg))
+    if ret < 0:
+        raise error(ctypes.get_errno() or errno.EIO, ioctl_name(request))
+    return int(ret)
 
 
 def ioctl_buf(fd: int, request: int, buf: bytearray) -> int:
@@ -113,11 +120,30 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise error(ctypes.get_errno(), f"fallocate(mode={mode:#x}, offset={offset:#x}, len={length:#x})")
 
 
+def ftruncate(fd: int, length: int) -> None:
+    """``ftruncate(2)`` with *length* as the ``loff_t`` the kernel reads."""
+    if _libc.ftruncate(fd, s64(length)) != 0:
+        raise error(ctypes.get_errno(), f"ftruncate(length={length:#x})", "F-3")
+
+
+def read(fd: int, count: int) -> bytes:
+    """``read(2)`` of *count* bytes, *count* as the ``size_t`` the kernel reads.
+
+    A count beyond what the process would buffer is passed with a NULL buffer: the kernel
+    checks the file's mode first and would fail a real transfer with EFAULT, never
+    touching memory.
+    """
+    count = u64(count)
+    buf = ctypes.create_string_buffer(count) if count <= 1 << 20 else None
+    n = _libc.read(fd, buf, count)
+    if n < 0:
+        raise error(ctypes.get_errno(), "read", "F-1")
+    return b"" if buf is None else buf.raw[:n]
+
+
 def mmap(length: int, prot: int, flags: int, fd: int, offset: int) -> int:
     """``mmap(2)`` through the C library; returns the address."""
-    if length <= 0:
-        raise error(errno.EINVAL, f"mmap(length={length:#x})")
-    addr = _libc.mmap(None, length, prot, flags, fd, s64(offset))
+    addr = _libc.mmap(None, u64(length), prot, flags, fd, s64(offset))
     if addr is None or addr == MAP_FAILED:
         raise error(ctypes.get_errno(), f"mmap(length={length:#x}, offset={offset:#x}, flags={flags:#x})")
     return int(addr)

@@ -67,13 +67,14 @@ class _FdOwner:
 class LinuxHostMapping(api.HostMapping):
     """A real host mapping: anonymous memory or a guest_memfd range.
 
+    ``length`` is the mapped length, a whole number of pages as the kernel maps them.
     *gmem* (size, flags, file offset) lets a SIGBUS be attributed to the spec rule that
     produced it (M-3 beyond EOF, M-4 file not INIT_SHARED).
     """
 
     def __init__(self, address: int, length: int, gmem: tuple[int, int, int] | None = None) -> None:
         self.address = address
-        self.length = length
+        self.length = (length + uapi.PAGE_SIZE - 1) & ~(uapi.PAGE_SIZE - 1)  # mmap maps whole pages
         self._gmem = gmem
         self._mem: int | None = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
 
@@ -152,10 +153,7 @@ class LinuxGuestMemfd(_FdOwner, api.GuestMemfd):
         _sys.fallocate(self.fileno(), mode, offset, length)
 
     def read(self, n: int) -> bytes:
-        try:
-            return os.read(self.fileno(), n)
-        except OSError as exc:
-            raise _sys.error(exc.errno or errno.EINVAL, "read(guest_memfd)", "F-1") from None
+        return _sys.read(self.fileno(), n)
 
     def write(self, data: bytes) -> int:
         try:
@@ -166,11 +164,12 @@ class LinuxGuestMemfd(_FdOwner, api.GuestMemfd):
     def fstat(self) -> os.stat_result:
         return os.fstat(self.fileno())
 
+    def dup(self) -> LinuxGuestMemfd:
+        """``dup(2)``: a second descriptor of the same guest_memfd file (``os.dup``)."""
+        return LinuxGuestMemfd(os.dup(self.fileno()), self.size, self.flags)
+
     def truncate(self, size: int) -> None:
-        try:
-            os.ftruncate(self.fileno(), size)
-        except OSError as exc:
-            raise _sys.error(exc.errno or errno.EINVAL, "ftruncate(guest_memfd)", "F-3") from None
+        _sys.ftruncate(self.fileno(), size)
 
     def mmap(self, length: int, offset: int = 0, shared: bool = True) -> LinuxHostMapping:
         flags = _sys.MAP_SHARED if shared else _sys.MAP_PRIVATE
@@ -261,19 +260,20 @@ class LinuxVcpu(_FdOwner, api.Vcpu):
         The real ``KVM_X86_DEFAULT_VM`` makes shared accesses only: ``private=True`` raises
         ``KvmError(EINVAL)``; ``private=False`` is the same as ``None``.
         """
-        if private:
-            raise KvmError(errno.EINVAL, "a KVM_X86_DEFAULT_VM guest cannot make private accesses")
+        if write and data is None:  # arguments the uAPI face refuses, as the model does
+            raise ValueError("a guest store needs data")
         if data is not None:  # data means a store, as on every backend (api.Vcpu.access)
             write = True
-        if write:
-            if data is None:
-                raise KvmError(errno.EINVAL, "a guest store needs data")
             length = len(data)
-        if length <= 0 or length > guest.BOUNCE_SIZE:
+        if length <= 0 or gpa < 0:
+            raise ValueError("length must be positive and gpa non-negative")
+        if private:
+            raise KvmError(errno.EINVAL, "a KVM_X86_DEFAULT_VM guest cannot make private accesses")
+        if length > guest.BOUNCE_SIZE:
             raise KvmError(
                 errno.EINVAL, f"guest access length {length:#x} outside [1, {guest.BOUNCE_SIZE:#x}]"
             )
-        if gpa < 0 or gpa + length > guest.RUNNER_GPA:
+        if gpa + length > guest.RUNNER_GPA:
             raise KvmError(
                 errno.EINVAL,
                 f"gpa range [{gpa:#x}, {gpa + length:#x}) not below the runner slot at {guest.RUNNER_GPA:#x}",
