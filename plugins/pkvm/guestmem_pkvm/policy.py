@@ -332,6 +332,9 @@ class PkvmPolicy:
                 exit_bit = 1 << (
                     abi.ARM_SMCCC_KVM_FUNC_MEM_SHARE if share else abi.ARM_SMCCC_KVM_FUNC_MEM_UNSHARE
                 )
+        except MemoryFault:
+            # The host's fault-in for MEM_SHARE ended KVM_RUN: the HVC is retried later.
+            raise
         except KvmError as exc:
             state.last_error = exc
             state.ret = (abi.SMCCC_RET_INVALID_PARAMETER, 0, 0, 0)
@@ -388,7 +391,11 @@ class PkvmPolicy:
 
     @staticmethod
     def _fault_in(vcpu: ModelVcpu, hvm: HypVm, start: int, end: int) -> None:
-        """The host handles the hypervisor's map request for gfns ``[start, end)``."""
+        """The host handles the hypervisor's map request for gfns ``[start, end)``.
+
+        Each page is a stage-2 fault: a memory-fault exit (a page the VMM still maps)
+        leaves ``KVM_RUN`` with the guest's HVC not done, to be retried.
+        """
         vm = vcpu.vm
         for gap_start, gap_end in list(hvm.guest.gaps(start, end)):
             for g in range(gap_start, gap_end):  # one stage-2 fault (donation) per page

@@ -13,7 +13,7 @@ import errno
 
 import pytest
 
-from guestmem import uapi
+from guestmem import MemoryFault, uapi
 from guestmem_pkvm import abi
 from guestmem_pkvm.exits import HypercallExit
 from guestmem_pkvm.ownership import PageState
@@ -117,3 +117,25 @@ def test_unshare_checks_host_mappings_of_the_run_it_converts(guest: Guest) -> No
     assert state.hvm.state(gpa >> 12).state == PageState.OWNED
     assert guest.vcpu.hypercall(UNSHARE, gpa + PAGE, 1, 0) == abi.SMCCC_RET_INVALID_PARAMETER
     assert state.last_error is not None and state.last_error.errno == errno.EAGAIN
+
+
+def test_share_fault_in_of_a_host_mapped_page_exits_to_userspace_3_5(guest: Guest) -> None:
+    """``pkvm_memshare_call``: -EFAULT makes the host map the range and the HVC is retried.
+
+    The host maps it as a stage-2 fault, so a page the VMM still maps ends ``KVM_RUN`` with
+    the same memory-fault exit a guest access gets (pKVM-3.5); the guest's HVC has not
+    completed and nothing changed.  Once the VMM unmaps, the retried HVC goes through.
+    """
+    guest.map.write(5 * PAGE, b"vmm data")
+    gpa = GPA + 5 * PAGE
+    with pytest.raises(MemoryFault) as info:
+        guest.vcpu.hypercall(SHARE, gpa, 1, 0)
+    assert info.value.errno == errno.EFAULT and info.value.rule == "pKVM-3.5"
+    assert info.value.gpa == gpa
+    state = pkvm_state(guest.vm)
+    assert state.hvm.state(gpa >> 12).state == PageState.NOPAGE
+    assert guest.vm.counters["pkvm.hvc_refused"] == 0
+    guest.map.zap(5 * PAGE, PAGE)
+    with pytest.raises(HypercallExit):
+        guest.vcpu.hypercall(SHARE, gpa, 1, 0)
+    assert guest.map.read(5 * PAGE, 8) == b"vmm data"
