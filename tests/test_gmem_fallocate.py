@@ -283,7 +283,14 @@ def _expected_fallocate_error(mode: int, offset: int, length: int, size: int) ->
         return errno.EINVAL, "FA-1"
     if mode & ~_VFS_MODES:
         return errno.EOPNOTSUPP, None
-    if mode & uapi.FALLOC_FL_PUNCH_HOLE and not mode & KEEP:
+    # vfs_fallocate: modes are exclusive; PUNCH_HOLE needs KEEP_SIZE, COLLAPSE (0x08),
+    # INSERT (0x20) and WRITE_ZEROES (0x80) refuse it; all before EFBIG.
+    single = mode & ~KEEP
+    if single not in (0, 0x10, 0x40, uapi.FALLOC_FL_PUNCH_HOLE, 0x08, 0x20, 0x80):
+        return errno.EOPNOTSUPP, None
+    if single == uapi.FALLOC_FL_PUNCH_HOLE and not mode & KEEP:
+        return errno.EOPNOTSUPP, None
+    if single in (0x08, 0x20, 0x80) and mode & KEEP:
         return errno.EOPNOTSUPP, None
     if offset + length > uapi.LOFF_MAX:
         return errno.EFBIG, None

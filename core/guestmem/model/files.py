@@ -17,8 +17,31 @@ if TYPE_CHECKING:
     from guestmem.model.kvm import ModelKvm
 
 PAGE_SIZE = uapi.PAGE_SIZE
+PAGE_SHIFT = uapi.PAGE_SHIFT
 # fs/open.c vfs_fallocate: FALLOC_FL_MODE_MASK | FALLOC_FL_KEEP_SIZE (6.18).
 _VFS_FALLOC_MODES = 0x01 | 0x02 | 0x08 | 0x10 | 0x20 | 0x40 | 0x80
+
+
+def mmap_length(length: int, offset: int = 0) -> int:
+    """The checks of ``mmap(2)`` before the file is involved (``ksys_mmap_pgoff``,
+    ``do_mmap``, ``get_unmapped_area``); returns the page-aligned length.
+
+    *length* is a ``size_t`` and *offset* an ``off_t``, read as the kernel reads them.
+    """
+    offset &= uapi.U64_MAX
+    length &= uapi.U64_MAX
+    if offset % PAGE_SIZE:
+        raise kvm_error(errno.EINVAL, "", f"mmap offset {offset:#x} is not page aligned")
+    if length == 0:
+        raise kvm_error(errno.EINVAL, "", "mmap length is zero")
+    length = (length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1) & uapi.U64_MAX
+    if length == 0:
+        raise kvm_error(errno.ENOMEM, "", "mmap length overflows when rounded to pages")
+    if (offset >> PAGE_SHIFT) + (length >> PAGE_SHIFT) > uapi.U64_MAX:
+        raise kvm_error(errno.EOVERFLOW, "", "mmap page offset + length overflows")
+    if length > uapi.TASK_SIZE:
+        raise kvm_error(errno.ENOMEM, "", f"mmap length {length:#x} exceeds the user address space")
+    return length
 
 
 class ModelGuestMemfd(api.GuestMemfd):
@@ -101,8 +124,20 @@ class ModelGuestMemfd(api.GuestMemfd):
             raise kvm_error(errno.EINVAL, "FA-1", "offset < 0 or len <= 0")
         if mode & ~_VFS_FALLOC_MODES:
             raise kvm_error(errno.EOPNOTSUPP, "FA-1", f"unknown fallocate mode bits {mode:#x}")
-        if mode & uapi.FALLOC_FL_PUNCH_HOLE and not mode & uapi.FALLOC_FL_KEEP_SIZE:
-            raise kvm_error(errno.EOPNOTSUPP, "FA-1", "PUNCH_HOLE requires KEEP_SIZE")
+        # vfs_fallocate: the modes are exclusive; PUNCH_HOLE needs KEEP_SIZE, COLLAPSE/INSERT/
+        # WRITE_ZEROES refuse it.  All before the EFBIG check.
+        keep = bool(mode & uapi.FALLOC_FL_KEEP_SIZE)
+        match mode & ~uapi.FALLOC_FL_KEEP_SIZE:
+            case 0x00 | 0x10 | 0x40:  # ALLOCATE_RANGE, ZERO_RANGE, UNSHARE_RANGE
+                pass
+            case uapi.FALLOC_FL_PUNCH_HOLE if not keep:
+                raise kvm_error(errno.EOPNOTSUPP, "FA-1", "PUNCH_HOLE requires KEEP_SIZE")
+            case 0x08 | 0x20 | 0x80 if keep:  # COLLAPSE_RANGE, INSERT_RANGE, WRITE_ZEROES
+                raise kvm_error(errno.EOPNOTSUPP, "FA-1", f"mode {mode:#x} does not take KEEP_SIZE")
+            case uapi.FALLOC_FL_PUNCH_HOLE | 0x08 | 0x20 | 0x80:
+                pass
+            case _:
+                raise kvm_error(errno.EOPNOTSUPP, "FA-1", f"fallocate modes are exclusive: {mode:#x}")
         if offset + length > uapi.LOFF_MAX:
             raise kvm_error(errno.EFBIG, "FA-1", "offset + len beyond the maximum file size")
         if not mode & uapi.FALLOC_FL_KEEP_SIZE:
@@ -132,14 +167,18 @@ class ModelGuestMemfd(api.GuestMemfd):
     def mmap(self, length: int, offset: int = 0, shared: bool = True) -> ModelHostMapping:
         """``mmap(2)`` of the file (M-1, M-2)."""
         self._check()
-        if length <= 0 or offset < 0 or offset % PAGE_SIZE:
-            raise kvm_error(errno.EINVAL, "", "mmap length must be positive and offset page aligned")
+        length = mmap_length(length, offset)
+        # do_mmap -> file_mmap_ok: the file range must stay within MAX_LFS_FILESIZE
+        pgoff = (offset & uapi.U64_MAX) >> PAGE_SHIFT
+        if length > uapi.LOFF_MAX or pgoff > (uapi.LOFF_MAX - length) >> PAGE_SHIFT:
+            raise kvm_error(
+                errno.EOVERFLOW, "", f"mmap of [{offset:#x}, +{length:#x}) is beyond the maximum file size"
+            )
         if not self.file.inode.mmap_allowed:
             raise kvm_error(errno.ENODEV, "M-1", "guest_memfd was created without GUEST_MEMFD_FLAG_MMAP")
         if not shared:
             raise kvm_error(errno.EINVAL, "M-2", "guest_memfd can only be mapped MAP_SHARED")
-        length = (length + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
-        vma = GmemVma(self.kvm, self.file, length, offset // PAGE_SIZE)
+        vma = GmemVma(self.kvm, self.file, length, pgoff)
         self.kvm.mm.insert(vma)
         return ModelHostMapping(vma)
 
