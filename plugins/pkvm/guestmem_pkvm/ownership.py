@@ -371,21 +371,38 @@ class Hypervisor:
         self.counters["init_vm"] += 1
         return vm
 
+    def _table_entry(self, vm: HypVm, call: str) -> None:
+        """ENOENT unless *vm* is (still) in the VM table (``get_vm_by_handle``)."""
+        idx = vm.handle - HANDLE_OFFSET
+        if not (0 <= idx < len(self.vm_table) and self.vm_table[idx] is vm):
+            raise HypError(errno.ENOENT, call, f"no VM with handle {vm.handle:#x}")
+
     def start_teardown_vm(self, vm: HypVm) -> None:
-        """``__pkvm_start_teardown_vm``: the VM will not run again; its pages may be reclaimed."""
-        self.vm(vm.handle)
+        """``__pkvm_start_teardown_vm``: the VM will not run again; its pages may be reclaimed.
+
+        ENOENT for a VM no longer in the table, EINVAL if teardown already started.
+        """
+        call = "__pkvm_start_teardown_vm"
+        self._table_entry(vm, call)
+        if vm.dying:
+            raise HypError(errno.EINVAL, call, "teardown already started")
         vm.dying = True
 
     def finalize_teardown_vm(self, vm: HypVm) -> None:
         """``__pkvm_finalize_teardown_vm``: free the handle once no page is left to reclaim.
 
-        EBUSY while the guest still maps a page (the host must reclaim every page first).
+        ENOENT for a VM no longer in the table, EBUSY unless teardown started.  EBUSY too
+        while the guest still maps a page: the kernel's host reclaims every page first and
+        the hypervisor does not check it (a page left would stay the dead guest's forever);
+        the model refuses instead of leaking it.
         """
+        call = "__pkvm_finalize_teardown_vm"
+        self._table_entry(vm, call)
         if not vm.dying:
-            raise HypError(errno.EPERM, "__pkvm_finalize_teardown_vm", "teardown was not started")
+            raise HypError(errno.EBUSY, call, "teardown was not started")
         left = next(vm.mapped(), None)
         if left is not None:
-            raise HypError(errno.EBUSY, "__pkvm_finalize_teardown_vm", f"gfn {left[0]:#x} still holds a page")
+            raise HypError(errno.EBUSY, call, f"gfn {left[0]:#x} still holds a page")
         vm.guest.clear()
         self.vm_table[vm.handle - HANDLE_OFFSET] = None
         self.counters["teardown_vm"] += 1

@@ -498,8 +498,18 @@ def test_force_reclaim_of_a_page_the_host_can_access_is_eagain_3_2(
     refused(hyp, errno.EAGAIN, lambda: hyp.host_force_reclaim_page_guest(npvm, GFN))
 
 
-def test_finalize_without_start_is_eperm_3_1(hyp: Hypervisor, pvm: HypVm) -> None:
-    refused(hyp, errno.EPERM, lambda: hyp.finalize_teardown_vm(pvm))
+def test_finalize_without_start_is_ebusy_3_1(hyp: Hypervisor, pvm: HypVm) -> None:
+    """``__pkvm_finalize_teardown_vm``: ``else if (!hyp_vm->is_dying) err = -EBUSY``."""
+    refused(hyp, errno.EBUSY, lambda: hyp.finalize_teardown_vm(pvm))
+
+
+def test_start_teardown_twice_is_einval_and_unknown_handle_enoent_3_1(hyp: Hypervisor, pvm: HypVm) -> None:
+    """``__pkvm_start_teardown_vm``: -ENOENT without a VM, -EINVAL if it is already dying."""
+    hyp.start_teardown_vm(pvm)
+    refused(hyp, errno.EINVAL, lambda: hyp.start_teardown_vm(pvm))
+    hyp.finalize_teardown_vm(pvm)
+    refused(hyp, errno.ENOENT, lambda: hyp.start_teardown_vm(pvm))
+    refused(hyp, errno.ENOENT, lambda: hyp.finalize_teardown_vm(pvm))
 
 
 # --- pvmfw (3.4) ------------------------------------------------------------------------------
