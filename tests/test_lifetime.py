@@ -6,7 +6,7 @@ import errno
 from typing import Any
 
 import pytest
-from gmem_helpers import throwaway_backend, x86_type
+from gmem_helpers import plugin, throwaway_backend, x86_type
 from gmem_support import (
     GMEM_SLOT,
     INIT_SHARED,
@@ -261,3 +261,63 @@ def test_L5_each_freed_folio_reaches_arch_invalidate() -> None:
         gmem.close()
         freed = sorted(p for s, e in policy.freed[1:] for p in range(s, e))
         assert freed == [pfns[0], pfns[2], pfns[3]]
+
+
+class _DestroyAndFreeOrder:
+    """Observer: the order in which the VM is destroyed and its gmem folios are freed."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    @guestmem.hookimpl
+    def guestmem_vm_destroy(self, vm: Any) -> None:
+        self.events.append("vm_destroy")
+
+    @guestmem.hookimpl
+    def guestmem_gmem_invalidate(self, vm: Any, start_pfn: int, end_pfn: int) -> None:
+        self.events.append("free_folio")
+
+
+def test_L1_L5_last_gmem_close_destroys_the_vm_before_freeing_folios(kvm: Any) -> None:
+    """L-1/L-5: ``kvm_gmem_release`` (``->release``) ends with ``kvm_put_kvm``; the inode and
+    its folios go later in ``__fput`` (``dput``/``iput`` -> eviction -> ``free_folio``).  So when
+    the gmem file held the last VM reference, ``kvm_arch_destroy_vm`` runs before the folios
+    reach ``kvm_arch_gmem_invalidate``."""
+    vm, gmem, vcpu = private_guest(kvm, 2)
+    vcpu.access(0, data=b"x")
+    vcpu.close()
+    vm.close()
+    spy = _DestroyAndFreeOrder()
+    with plugin(spy):
+        gmem.close()
+    assert spy.events == ["vm_destroy", "free_folio"]
+
+
+class _CloseDuringPrepare:
+    """Observer: userspace closes the guest_memfd while KVM prepares one of its folios."""
+
+    def __init__(self, gmem: Any) -> None:
+        self.gmem = gmem
+        self.prepared_when_freed: list[bool] = []
+
+    @guestmem.hookimpl
+    def guestmem_gmem_prepare(self, vm: Any, gfn: int, pfn: int, order: int) -> None:
+        if not self.gmem.closed:
+            self.gmem.close()
+
+    @guestmem.hookimpl
+    def guestmem_gmem_invalidate(self, vm: Any, start_pfn: int, end_pfn: int) -> None:
+        self.prepared_when_freed.append(vm.counters["gmem_prepare"] == 1)
+
+
+def test_L3_close_during_get_pfn_releases_when_get_pfn_drops_its_reference(kvm: Any) -> None:
+    """L-3/L-4: ``kvm_gmem_get_pfn`` holds a file reference (``kvm_gmem_get_file`` ... ``fput``),
+    so a close meanwhile releases the file only after the folio was prepared; the fault then
+    retries and exits with L-4 EFAULT."""
+    vm, gmem, vcpu = private_guest(kvm, 1)
+    spy = _CloseDuringPrepare(gmem)
+    with plugin(spy), pytest.raises(MemoryFault) as info:
+        vcpu.access(0, 1)
+    assert (info.value.errno, info.value.rule) == (errno.EFAULT, "L-4")
+    assert spy.prepared_when_freed == [True]
+    assert not vm.is_mapped(0) and vm.mmu.invalidate_in_progress == 0

@@ -10,8 +10,10 @@ import errno
 from typing import Any
 
 import pytest
+from gmem_helpers import plugin
 from gmem_support import INIT_SHARED, MMAP, PAGE, PRIVATE, PUNCH, bind, pattern, raises_kvm
 
+import guestmem
 from guestmem import HostSigbus, MemoryFault, uapi
 from guestmem.errors import EHWPOISON
 
@@ -131,3 +133,25 @@ def test_E1_injection_outside_the_file_EINVAL(private_guest: tuple[Any, Any, Any
     with raises_kvm(errno.EINVAL, "E-1"):
         gmem.inject_memory_failure(offset)
     assert not any(gmem.file.inode.is_poisoned(i) for i in range(8))
+
+
+class _PoisonSeenByUnmap:
+    """Observer: is the folio already poisoned when its mappings are zapped?"""
+
+    def __init__(self, gmem: Any) -> None:
+        self.gmem = gmem
+        self.seen: list[bool] = []
+
+    @guestmem.hookimpl
+    def guestmem_unmap_gfn_range(self, vm: Any, range: Any) -> None:  # noqa: A002
+        self.seen.append(self.gmem.file.inode.is_poisoned(0))
+
+
+def test_E1_folio_is_poisoned_before_its_mappings_are_zapped(private_guest: tuple[Any, Any, Any]) -> None:
+    """E-1: memory_failure() sets PG_hwpoison first, then unmaps the page and calls
+    ``error_remove_folio`` (``kvm_gmem_error_folio``: invalidate begin/end): the zap sees it."""
+    _, gmem, _ = private_guest
+    spy = _PoisonSeenByUnmap(gmem)
+    with plugin(spy):
+        gmem.inject_memory_failure(0)
+    assert spy.seen == [True]

@@ -304,3 +304,48 @@ def test_PF4_private_gfn_without_memslot_is_EFAULT(protected_vm: Any) -> None:
     with pytest.raises(KvmError) as info:
         protected_vm.create_vcpu(0).pre_fault_memory(8 * MiB, PAGE)
     assert info.value.errno == errno.EFAULT
+
+
+class _ReturnsErrno(LaunchPolicy):
+    """A post_populate that fails by returning ``-EIO`` (the kernel callback's convention)."""
+
+    @guestmem.hookimpl
+    def guestmem_post_populate(
+        self, vm: Any, gfn: int, pfn: int, src: bytes | None, order: int, opaque: Any
+    ) -> int:
+        return -errno.EIO if gfn == self.fail_gfn else 0
+
+
+def test_P5_nonzero_post_populate_return_fails_the_page() -> None:
+    """P-5: ``ret = post_populate(...); if (!ret) kvm_gmem_mark_prepared(folio); ... if (ret)
+    break``: a nonzero return stops the loop, that folio stays unprepared, and the count of pages
+    done is returned (the error if none)."""
+    policy = _ReturnsErrno()
+    with throwaway_backend("t-populate-ret", x86_type(1), policy=policy) as kvm, kvm.create_vm(1) as vm:
+        gmem = gmem_slot(vm, 16 * PAGE)
+        vm.set_memory_attributes(0, 8 * PAGE, PRIVATE)
+        policy.fail_gfn = 2
+        assert vm.gmem_populate(0, None, 4) == 2
+        inode = gmem.file.inode
+        assert [inode.is_prepared(i) for i in range(3)] == [True, True, False]
+        populate_fails(vm, 2, 1, errno.EIO, "P-5")
+        assert not inode.is_prepared(2)
+
+
+class _KillAfterFirstFault:
+    """Observer: the backend kills the VM while the first page is being pre-faulted."""
+
+    @guestmem.hookimpl
+    def guestmem_fault(self, vm: Any, fault: Any) -> None:
+        vm.kill("test")
+
+
+def test_PF4_vm_killed_during_pre_fault_stops_after_the_mapped_page(protected_vm: Any) -> None:
+    """PF-4 / ``kvm_tdp_map_page``: each attempt checks KVM_REQ_VM_DEAD (-EIO); the ioctl stops
+    there and, one page being mapped, returns success with the rest left in ``size``."""
+    anon_slot(protected_vm, MiB)
+    vcpu = protected_vm.create_vcpu(0)
+    with plugin(_KillAfterFirstFault()):
+        left = vcpu.pre_fault_memory(0, 2 * PAGE)
+    assert left == PAGE
+    assert protected_vm.is_mapped(0) and not protected_vm.is_mapped(1)

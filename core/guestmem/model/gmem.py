@@ -230,10 +230,10 @@ class GmemInode:
     def memory_failure(self, index: int) -> None:
         """``kvm_gmem_error_folio`` (E-1): zap the folio's mappings, keep it, poison it."""
         start, end, _ = self.get_folio(index)
+        self.set_state(start, end, hwpoison=True)  # TestSetPageHWPoison comes first
         for vma in list(self.vmas):
             vma.zap_indices(start, end)
         self.invalidate_begin(start, end)
-        self.set_state(start, end, hwpoison=True)
         self.invalidate_end(start, end)
 
 
@@ -275,9 +275,11 @@ class GmemFile:
         inode.views.remove(self)
         self.bindings.clear()
         vm.trace("gmem_release", ino=inode.ino)
+        # kvm_put_kvm ends ->release; the inode (and its folios) goes after it, in __fput's
+        # dput/iput, so a VM destroyed by this put is gone before its folios are freed.
+        vm.put()
         if not inode.views:
             inode.evict()
-        vm.put()
 
     # --- binding (B-4..B-11) -------------------------------------------------------------------
     def bind(self, slot: Memslot, offset: int) -> None:
@@ -317,6 +319,14 @@ def get_pfn(vm: ModelVm, slot: Memslot, gfn: int) -> tuple[int, int]:
     file = slot.gmem_file
     if file is None or file.released:
         raise kvm_error(errno.EFAULT, "L-4", f"the guest_memfd of {slot.describe()} was closed")
+    file.get()  # kvm_gmem_get_file: a close meanwhile releases the file when this returns
+    try:
+        return _get_pfn(vm, slot, file, gfn)
+    finally:
+        file.put()
+
+
+def _get_pfn(vm: ModelVm, slot: Memslot, file: GmemFile, gfn: int) -> tuple[int, int]:
     index = slot.gfn_to_index(gfn)
     if file.bindings.get(index) is not slot:
         raise kvm_error(errno.EIO, "G-12", f"gmem index {index:#x} is not bound to {slot.describe()}")

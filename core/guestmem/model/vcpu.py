@@ -124,6 +124,8 @@ class ModelVcpu(api.Vcpu):
             gfn = gpa >> PAGE_SHIFT
             private = vm.has_private_mem and vm.is_private(gfn)  # PF-3
             try:
+                if vm.dead:  # kvm_tdp_map_page: KVM_REQ_VM_DEAD before each attempt
+                    raise kvm_error(errno.EIO, "PF-4", f"VM is dead: {vm.dead_reason}")
                 vm.page_fault(Fault(gpa=gpa, is_private=private, write=False, prefetch=True, vcpu=self))
             except _Emulate:
                 err: KvmError = kvm_error(errno.ENOENT, "PF-4", f"no memslot at gpa {gpa:#x}")

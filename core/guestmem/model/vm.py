@@ -688,6 +688,7 @@ class ModelVm(api.Vm):
         npages = min(npages, slot.end_gfn - gfn)
         inode = file.inode
         done = 0
+        file.get()  # kvm_gmem_get_file: a close meanwhile releases the file only at the end
         try:
             while done < npages:
                 # The kernel's order: __kvm_gmem_get_pfn (binding, allocation, poison), then
@@ -712,7 +713,7 @@ class ModelVm(api.Vm):
                 if not self.is_private(cur):
                     raise kvm_error(errno.EINVAL, "P-3", f"gfn {cur:#x} is not private")
                 chunk = None if src is None else src[done * PAGE_SIZE : (done + n) * PAGE_SIZE]
-                self.hooks.post_populate(
+                ret = self.hooks.post_populate(
                     vm=self,
                     gfn=cur,
                     pfn=index + folio.delta,
@@ -720,10 +721,14 @@ class ModelVm(api.Vm):
                     order=n.bit_length() - 1,
                     opaque=opaque,
                 )
+                if ret:  # a nonzero return is the callback's -errno: not prepared, stop
+                    raise kvm_error(abs(int(ret)), "P-5", f"post_populate of gfn {cur:#x} returned {ret}")
                 inode.set_state(index, index + n, uptodate=True)
                 done += n
         except KvmError:
             if done == 0:
                 raise
+        finally:
+            file.put()
         self.count("gmem_populated_pages", done)
         return done
