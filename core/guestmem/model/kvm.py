@@ -97,11 +97,12 @@ class ModelKvm(api.Kvm):
         return vm
 
     def mmap_anonymous(self, length: int) -> ModelHostMapping:
-        """Anonymous shared host memory (for ``userspace_addr``)."""
-        self._check()
-        if length <= 0:
-            raise kvm_error(errno.EINVAL, "", "mmap length must be positive")
-        vma = AnonVma(self, (length + uapi.PAGE_SIZE - 1) // uapi.PAGE_SIZE * uapi.PAGE_SIZE)
+        """Anonymous shared host memory (for ``userspace_addr``); ``mmap(2)`` needs no
+        ``/dev/kvm``, so it works after :meth:`close` too."""
+        self.host.check_alive()
+        from guestmem.model.files import mmap_length
+
+        vma = AnonVma(self, mmap_length(length))
         self.mm.insert(vma)
         return ModelHostMapping(vma)
 
