@@ -300,11 +300,13 @@ class PkvmPolicy:
         vm = vcpu.vm
         state = pkvm_state(vm)
         name = _HVC_NAMES.get(nr)
-        if name is None:
+        if name is not None:
+            vm.count(f"pkvm.hvc.{name}")
+        if name is None or (not state.protected and nr not in _NP_VM_CALLS):
+            # Unknown here, or MEM_SHARE/UNSHARE from a non-protected guest: the host's
+            # handler answers SMCCC_RET_NOT_SUPPORTED.
+            state.ret = (abi.SMCCC_RET_NOT_SUPPORTED, 0, 0, 0)
             return abi.SMCCC_RET_NOT_SUPPORTED
-        vm.count(f"pkvm.hvc.{name}")
-        if not state.protected and nr not in _NP_VM_CALLS:
-            return abi.SMCCC_RET_NOT_SUPPORTED  # only protected guests get MEM_SHARE/UNSHARE
         # x1..x3; a guest passing fewer leaves the rest zero.
         ipa, arg2, arg3 = (*args, 0, 0, 0)[:3]
         nr_pages = arg2 or 1  # "Legacy guests have arg2 set to 0"

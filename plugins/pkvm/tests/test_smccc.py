@@ -139,3 +139,10 @@ def test_share_fault_in_of_a_host_mapped_page_exits_to_userspace_3_5(guest: Gues
     with pytest.raises(HypercallExit):
         guest.vcpu.hypercall(SHARE, gpa, 1, 0)
     assert guest.map.read(5 * PAGE, 8) == b"vmm data"
+
+
+def test_not_supported_is_what_the_guest_gets_in_x0_for_unknown_calls(guest: Guest) -> None:
+    """``val[0] = SMCCC_RET_NOT_SUPPORTED`` for a function the hypervisor does not handle."""
+    guest.vcpu.hypercall(MEMINFO)
+    assert guest.vcpu.hypercall(0xC6000005) == abi.SMCCC_RET_NOT_SUPPORTED  # MMIO_GUARD_INFO
+    assert pkvm_state(guest.vm).ret == (abi.SMCCC_RET_NOT_SUPPORTED, 0, 0, 0)
