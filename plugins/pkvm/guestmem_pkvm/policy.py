@@ -17,9 +17,10 @@ What is modelled (backends.md section 3):
   (the core's whole-file INIT_SHARED rule, M-4).
 
 Guest hypercall results are SMCCC return codes as the hypervisor hands them back: 0 on
-success, ``SMCCC_RET_INVALID_PARAMETER`` for a refused transition (the errno behind it is
-kept in :attr:`PkvmVm.last_error` and in the ``pkvm_hvc`` trace event),
-``SMCCC_RET_NOT_SUPPORTED`` for an unknown function.
+success, ``SMCCC_RET_INVALID_PARAMETER`` for refused arguments or a refused transition (the
+errno behind it is kept in :attr:`PkvmVm.last_error` and in the ``pkvm_hvc`` trace event),
+``SMCCC_RET_NOT_SUPPORTED`` for an unknown function.  ``vcpu.hypercall`` returns x0; all of
+x0..x3 (x1: pages converted) are in :attr:`PkvmVm.ret`.
 """
 
 from __future__ import annotations
