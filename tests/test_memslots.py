@@ -443,3 +443,20 @@ def test_S16_not_applied_without_the_arch_rule(protected_vm: Any) -> None:
     """S-16 is arch-specific: x86 (sw) accepts a non-mmap gmem slot."""
     gmem_slot(protected_vm, MiB)
     assert not protected_vm.memslots[(0, 0)].gmem_only
+
+
+def test_S13_S7_failed_move_keeps_the_slot_but_its_mappings_are_gone(default_vm: Any) -> None:
+    """S-13/S-7: ``kvm_set_memslot`` invalidates the old slot (zapping its leaves) before
+    ``kvm_prepare_memory_region``; a MOVE beyond MAXPHYADDR then fails with EINVAL and the old
+    slot is reactivated unchanged (not INVALID, same gpa), but its mappings were zapped."""
+    vm = default_vm
+    hva = anon_slot(vm, MiB, gpa=0)
+    vcpu = vm.create_vcpu(0)
+    vcpu.access(0, data=b"stay")
+    top = 1 << vm.profile.phys_bits
+    rejects(vm.set_user_memory_region2, 0, 0, top - PAGE, MiB, hva, rule="S-7")
+    slot = vm.memslots[(0, 0)]
+    assert (slot.base_gfn, slot.flags) == (0, 0)
+    assert not vm.is_mapped(0)
+    assert vcpu.access(0, 4) == b"stay"
+    assert vm.mmu.invalidate_in_progress == 0

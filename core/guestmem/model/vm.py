@@ -333,8 +333,16 @@ class ModelVm(api.Vm):
                 mem.flags,
                 slot.userspace_addr,
             )
-            self._prepare_memory_region(moved)
+            # kvm_set_memslot: kvm_invalidate_memslot (zap) comes before
+            # kvm_prepare_memory_region; if that fails, the old slot is reactivated
+            # (kvm_activate_memslot) but its mappings stay zapped.
             self._flush_slot(slot)
+            try:
+                self._prepare_memory_region(moved)
+            except KvmError:
+                slot.flags &= ~uapi.KVM_MEMSLOT_INVALID
+                self.memslots_gen += 1
+                raise
             self._slots(slot.as_id).erase(slot.base_gfn, slot.end_gfn)
             slot.base_gfn = moved.base_gfn
             self._slots(slot.as_id).set(slot.base_gfn, slot.end_gfn, slot)
