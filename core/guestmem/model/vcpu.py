@@ -37,7 +37,8 @@ class ModelVcpu(api.Vcpu):
         if self._closed:
             return
         self._closed = True
-        self.vm.vcpus.pop(self.vcpu_id, None)
+        # kvm_vcpu_release only drops the VM reference: the vCPU stays in the VM (its id
+        # stays taken, KVM_CREATE_VCPU of it is EEXIST) until the VM is destroyed.
         self.vm.put()
 
     def _run(self) -> None:
