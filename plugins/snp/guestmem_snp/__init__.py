@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from guestmem_snp._compat import HypercallExit
+from guestmem.errors import HypercallExit
 from guestmem_snp.asid import AsidAllocator, AsidRange
 from guestmem_snp.ghcb import MapGpaRange, PscBuffer, PscEngine, PscEntry
 from guestmem_snp.guest import SnpGuest, UnvalidatedAccess

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from guestmem import hookimpl, uapi
-from guestmem_snp._compat import HypercallExit
+from guestmem.errors import HypercallExit
 from guestmem_snp.ghcb import (
     GHCB_MSR_INFO_MASK,
     GHCB_MSR_PSC_REQ,

@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 
 from guestmem import uapi
-from guestmem_snp._compat import HypercallExit
+from guestmem.errors import HypercallExit
 from guestmem_snp.ghcb import KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED
 
 PAGE_SHIFT = uapi.PAGE_SHIFT
