@@ -285,7 +285,11 @@ class GmemFile:
     def bind(self, slot: Memslot, offset: int) -> None:
         """``kvm_gmem_bind`` after the fd checks (B-4, B-5, B-6)."""
         size = slot.npages << PAGE_SHIFT
-        if offset > uapi.LOFF_MAX or offset % PAGE_SIZE or offset + size > self.inode.size:
+        # loff_t arithmetic: offset + size wraps negative past LOFF_MAX (the kernel builds with
+        # -fno-strict-overflow), and the wrapped end passes the i_size check.
+        end = (offset + size) & uapi.U64_MAX
+        end = end - (1 << 64) if end > uapi.LOFF_MAX else end
+        if offset > uapi.LOFF_MAX or offset % PAGE_SIZE or end > self.inode.size:
             raise kvm_error(
                 errno.EINVAL,
                 "B-4",
