@@ -151,10 +151,21 @@ class RangeMap(Generic[V]):
             return
         m = self._map
         head = self._floor(start)
+        head_end = start
         if head is not None:
             head_end, head_value = m[head]
             if head_end >= end and head_value == value:
                 return  # already holds value: nothing to do
+        if value is not None and ((head == start and head_end == end) or head_end <= start):
+            # Fast path (a fault's folio, leaf or page run): [start, end) is exactly one entry,
+            # or lies in a gap when no entry starts inside it.
+            if head == start:
+                del m[start]
+                self._put(start, end, value, self._floor(start - 1) if start > 0 else None)
+                return
+            if end - start == 1 or self._floor(end - 1) == head:
+                self._put(start, end, value, head)  # head is also the floor of start - 1
+                return
         # Split the entry straddling start (the floor found above) and the one at end.
         if head is not None and head < start < m[head][0]:
             head_end, head_value = m[head]
@@ -164,19 +175,22 @@ class RangeMap(Generic[V]):
         inner = list(m.irange(start, end, inclusive=(True, False)))
         for s in inner:
             del m[s]
-        if value is None:
-            return
-        new_start, new_end = start, end
-        prev = self._floor(start - 1) if start > 0 else None
+        if value is not None:
+            self._put(start, end, value, self._floor(start - 1) if start > 0 else None)
+
+    def _put(self, start: int, end: int, value: V, prev: int | None) -> None:
+        """Store *value* over ``[start, end)``, which holds nothing, merging with equal
+        neighbours; *prev* is the start of the last entry before *start* (or None)."""
+        m = self._map
         if prev is not None:
-            pend, pval = m[prev]
-            if pend == start and pval == value:
-                new_start = prev
+            prev_end, prev_value = m[prev]
+            if prev_end == start and prev_value == value:
+                start = prev
         nxt = m.get(end)
         if nxt is not None and nxt[1] == value:
             del m[end]
-            new_end = nxt[0]
-        m[new_start] = (new_end, value)
+            end = nxt[0]
+        m[start] = (end, value)
 
     def erase(self, start: int, end: int) -> None:
         """Remove every value in ``[start, end)``."""

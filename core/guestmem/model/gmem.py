@@ -150,10 +150,10 @@ class GmemInode:
     ) -> None:
         """Change the flags of the folios in ``[start, end)`` (which must exist)."""
         for s, e, folio in list(self.pages.items(start, end)):
-            new = attrs.evolve(
-                folio,
-                uptodate=folio.uptodate if uptodate is None else uptodate,
-                hwpoison=folio.hwpoison if hwpoison is None else hwpoison,
+            new = Folio(
+                folio.delta,
+                folio.uptodate if uptodate is None else uptodate,
+                folio.hwpoison if hwpoison is None else hwpoison,
             )
             self.pages.set(s, e, new)
 
@@ -343,9 +343,15 @@ def _get_pfn(vm: ModelVm, slot: Memslot, file: GmemFile, gfn: int) -> tuple[int,
     if folio.hwpoison:
         raise kvm_error(EHWPOISON, "E-2", f"gmem page {index:#x} is hardware-poisoned")
     if not folio.uptodate:
-        inode.zero(start, end)
+        # kvm_gmem_prepare_folio; [start, end) lies inside the one entry get_folio returned
+        vm.host.zero(start + folio.delta, end - start)
+        vm.count("zeroed_bytes", (end - start) * PAGE_SIZE)
         folio_gfn = slot.base_gfn + start - slot.gmem_pgoff
         vm.hooks.gmem_prepare(vm=vm, gfn=folio_gfn, pfn=start + folio.delta, order=order)
-        inode.set_state(start, end, uptodate=True)
+        ent = inode.pages.entry(index)  # a hook may have punched or poisoned it meanwhile
+        if ent is not None and ent[2] is folio and ent[0] <= start and end <= ent[1]:
+            inode.pages.set(start, end, Folio(folio.delta, True, folio.hwpoison))
+        else:
+            inode.set_state(start, end, uptodate=True)
         vm.count("gmem_prepare")
     return index + folio.delta, order
