@@ -52,6 +52,10 @@ class Fault:
     map_writable: bool = True
     mmu_seq: int = 0
     vcpu: Any = None
+    #: Pages ``[gfn, gfn + npages)`` this fault maps at once (``ModelVm.fault_range``, for a
+    #: backend whose policy sets ``guestmem_range_faults = True``); a ``guestmem_fault`` hook
+    #: may lower it.  1 for every fault a vCPU takes.
+    npages: int = 1
 
     @property
     def gfn(self) -> int:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from guestmem import api, uapi
-from guestmem.errors import EHWPOISON, KvmError, MemoryFault, kvm_error
+from guestmem.errors import EHWPOISON, GuestExit, KvmError, MemoryFault, MmioExit, kvm_error
 from guestmem.model import gmem as gmem_mod
 from guestmem.model.events import Counters, make_event
 from guestmem.model.gmem import GmemFile, GmemInode, GmemLocation
@@ -620,6 +620,119 @@ class ModelVm(api.Vm):
         if (pfn - gfn) % n:
             return True  # the host pages cannot back one huge leaf (VM_BUG_ON in the kernel)
         return self.has_private_mem and self._hugepage_mixed(start, n)  # H-3
+
+    # --- range faults for backends -----------------------------------------------------------
+    def fault_range(
+        self, gfn: int, npages: int, *, private: bool, write: bool = False, vcpu: Any = None
+    ) -> int:
+        """Map ``[gfn, gfn + npages)`` as *npages* guest accesses in that order would.
+
+        Each page not already mapped for the access (same privateness, writable for a
+        *write*) takes the stage-2 fault of spec 2.J with every check and hook of a vCPU
+        fault; already-mapped pages are passed over, as the guest would not fault on them.
+        Returns the number of pages mapped from *gfn* on: the first page that cannot be
+        mapped raises (:class:`MemoryFault`, :class:`KvmError`, :class:`MmioExit`) if it is
+        *gfn* itself, and otherwise ends the range.
+
+        Range-based where the state is uniform: a run of gmem-path pages in one memslot and
+        one attribute run, bound to it, whose order-0 folios are all prepared (no
+        ``guestmem_gmem_prepare`` is due), not poisoned and unmapped, with no invalidation in
+        progress, is resolved with one lookup of each map and installed as one leaf range.
+        The ``guestmem_fault`` hook then sees it as one :class:`Fault` with ``npages`` set
+        if the VM's backend policy declares ``guestmem_range_faults = True`` (the hook may
+        lower ``fault.npages``); otherwise each page is faulted on its own.  Counters
+        (``faults``, ``stage2_mapped_pages``) add up as for single faults; a run is one
+        ``fault`` trace event with an ``npages`` field.
+        """
+        if npages <= 0:
+            raise ValueError("npages must be positive")
+        if self.dead:
+            raise kvm_error(errno.EIO, "CAP-9", f"VM is dead: {self.dead_reason}")
+        ranges = bool(getattr(self.backend.policy, "guestmem_range_faults", False))
+        end = gfn + npages
+        cur = gfn
+        while cur < end:
+            try:
+                if self.dead:  # a hook killed the VM
+                    raise kvm_error(errno.EIO, "CAP-9", f"VM is dead: {self.dead_reason}")
+                run = self._uniform_run(cur, end, private) if ranges else None
+                if run is not None:
+                    cur += self._fault_run(cur, run, private, write, vcpu)
+                else:
+                    cur = self._fault_one(cur, end, private, write, vcpu)
+            except (KvmError, GuestExit):
+                if cur == gfn:
+                    raise
+                break
+        return cur - gfn
+
+    def _fault_one(self, gfn: int, end: int, private: bool, write: bool, vcpu: Any) -> int:
+        """One vCPU access at *gfn*; returns the first gfn its leaf does not satisfy."""
+        ent = self.mmu.sptes.entry(gfn)
+        if ent is None or ent[2].private != private or not (ent[2].writable or not write):
+            try:
+                self.page_fault(Fault(gpa=gfn << PAGE_SHIFT, is_private=private, write=write, vcpu=vcpu))
+            except _Emulate:
+                raise MmioExit(gfn << PAGE_SHIFT, 0, write) from None
+            ent = self.mmu.sptes.entry(gfn)
+            if ent is None:
+                return gfn + 1
+        return min(ent[1], end)
+
+    def _uniform_run(self, gfn: int, end: int, private: bool) -> tuple[int, Memslot, int, bool] | None:
+        """``(end, slot, pfn, writable)`` of the uniform gmem run at *gfn* (2+ pages), or None."""
+        if self.mmu.invalidate_in_progress or private != self.is_private(gfn):
+            return None
+        if self.has_private_mem:
+            attr = self.attributes.entry(gfn)
+            if attr is not None:
+                end = min(end, attr[1])
+            else:
+                nxt = next(self.attributes.items(gfn, end), None)
+                end = end if nxt is None else nxt[0]
+        slot = self.slot_for_gfn(gfn)
+        if slot is None or slot.flags & uapi.KVM_MEMSLOT_INVALID:
+            return None
+        if not (private or (slot.gmem_only and self.profile.gmem_only_faults_from_gmem)):
+            return None
+        file = slot.gmem_file
+        if not slot.has_gmem or file is None or file.released or file.inode.folio_order:
+            return None
+        index = slot.gfn_to_index(gfn)
+        bound = file.bindings.entry(index)
+        folio = file.inode.pages.entry(index)
+        if bound is None or bound[2] is not slot or folio is None:
+            return None
+        if not folio[2].uptodate or folio[2].hwpoison:
+            return None
+        end = min(end, slot.end_gfn, gfn + bound[1] - index, gfn + folio[1] - index)
+        leaf = next(self.mmu.sptes.items(gfn, end), None)
+        if leaf is not None:
+            end = leaf[0]
+        if end - gfn < 2:
+            return None
+        return end, slot, index + folio[2].delta, not slot.flags & uapi.KVM_MEM_READONLY
+
+    def _fault_run(
+        self, gfn: int, run: tuple[int, Memslot, int, bool], private: bool, write: bool, vcpu: Any
+    ) -> int:
+        """The fault of a uniform run (see :meth:`fault_range`); returns the pages mapped."""
+        end, slot, pfn, writable = run
+        fault = Fault(gpa=gfn << PAGE_SHIFT, is_private=private, write=write, vcpu=vcpu, npages=end - gfn)
+        fault.mmu_seq = self.mmu.invalidate_seq
+        gen = self.memslots_gen
+        fault.slot, fault.pfn, fault.map_writable = slot, pfn, writable
+        fault.max_level = _level_for_order(0)  # kvm_max_level_for_order(max_order = 0)
+        self.hooks.fault(vm=self, fault=fault)
+        if self.mmu.retry_gfn(fault.mmu_seq, gfn) or self.memslots_gen != gen:
+            return self._fault_one(gfn, gfn + 1, private, write, vcpu) - gfn
+        n = max(1, min(fault.npages, end - gfn))
+        self.mmu.install(gfn, n, pfn, private, fault.map_writable, uapi.PG_LEVEL_4K)
+        self.count("faults", n)
+        level = uapi.PG_LEVEL_4K
+        gpa = gfn << PAGE_SHIFT
+        self.trace("fault", gpa=gpa, pfn=pfn, private=private, level=level, write=write, npages=n)
+        return n
 
     def mapping_level(self, gfn: int) -> int | None:
         """Level of the stage-2 leaf mapping *gfn*, or None."""
