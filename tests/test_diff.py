@@ -70,7 +70,7 @@ def test_outcomes_cover_errno_sigbus_and_guest_exits() -> None:
     assert outcomes[3] == ("sigbus", 1)  # M-4, reported by the page of the mapping
     assert outcomes[4] == ("errno", "EINVAL")  # FA-4
     assert outcomes[6] == ("mmio", 0x3000, False)  # G-4, no memslot
-    assert outcomes[7] == ("ok", (2 * page, page))
+    assert outcomes[7] == ("ok", (2 * page, page, 0, 0o100600, 1))  # size, blksize, blocks, mode, nlink
 
 
 def test_generated_programs_are_reproducible() -> None:
