@@ -118,10 +118,12 @@ def guestmem_max_mapping_level(vm: ModelVm, pfn: int, is_private: bool) -> int |
 def guestmem_unmap_gfn_range(vm: ModelVm, range: GfnRange) -> bool | None:  # noqa: A002
     """``kvm_unmap_gfn_range``: stage-2 mappings of *range* are being zapped.
 
-    The "invalidate" hook: reached from punch hole, release, memory failure, memslot
-    deletion and attribute changes, inside ``mmu_invalidate_begin``/``end``.
-    ``range.attr_filter`` tells which of private/shared mappings go.  TDX removes Secure-EPT
-    leaves here.  Return ``True`` if a TLB flush is needed.
+    The "invalidate" hook.  Reached from punch hole, release and memory failure (inside
+    the guest_memfd ``invalidate_begin``/``end``), from the host mmu notifier and
+    attribute changes (inside an MMU invalidation), and from memslot deletion and moves,
+    which zap under the MMU lock without an invalidation (``kvm_mmu_zap_memslot``).
+    ``range.attr_filter`` tells which of private/shared mappings go.  TDX removes
+    Secure-EPT leaves here.  Return ``True`` if a TLB flush is needed.
     """
 
 
@@ -134,6 +136,11 @@ def guestmem_fault(vm: ModelVm, fault: Fault) -> None:
     mapping is installed.  Raise :class:`guestmem.MemoryFault` or
     :class:`guestmem.KvmError` to make the fault fail; set ``fault.max_level`` lower to
     restrict the mapping size.
+
+    ``fault.npages`` is 1 unless the policy object declares ``guestmem_range_faults =
+    True``: then :meth:`ModelVm.fault_range` may hand it a run of pages
+    ``[fault.gfn, fault.gfn + fault.npages)`` with contiguous pfns from ``fault.pfn``, and
+    the hook may lower ``fault.npages`` to map fewer.
     """
 
 
