@@ -39,7 +39,9 @@ Outcome = tuple[Any, ...]
 
 #: Capabilities compared by ``check_extension`` ops.
 CAPS = (
+    uapi.KVM_CAP_USER_MEMORY,
     uapi.KVM_CAP_USER_MEMORY2,
+    uapi.KVM_CAP_EXIT_HYPERCALL,
     uapi.KVM_CAP_MEMORY_FAULT_INFO,
     uapi.KVM_CAP_MEMORY_ATTRIBUTES,
     uapi.KVM_CAP_GUEST_MEMFD,
@@ -473,6 +475,7 @@ class Generator:
         #: on fresh host memory, side by side above the other memslots (_RAM_PAGES).
         self.ram: list[tuple[int, int, int, int, int | None]] = []
         self.ram_next: dict[int, tuple[int, int]] = {}  # vm id -> (next slot id, next gpa page)
+        self.writable: set[tuple[int, int]] = set()  # (vm id, gpa page) of RAM memslots without READONLY
 
     def _op(self, name: str, *args: Any) -> int:
         op_id = len(self.ops)
@@ -766,6 +769,8 @@ class Generator:
         else:
             self._op("set_user_memory_region2", vm, slot, flags, gpa, size, ("map", map_id, 0), target, 0)
         self.ram.append((vm, gpa, size, map_id, gmem))
+        if not flags & uapi.KVM_MEM_READONLY:
+            self.writable.update((vm, p) for p in range(page, page + pages))
         self.slots.append((vm, gpa, size))
         self.ram_next[vm] = (slot + 1, page + pages)
 
@@ -785,6 +790,10 @@ class Generator:
         if r < 0.35:
             vcpu, _ = self._vcpu(vm)
             n = min(rng.randrange(1, 16), PAGE - (gpa + offset) % PAGE)
+            page = (gpa + offset) // PAGE
+            if {(vm, page), (vm, page + 1)} <= self.writable and rng.random() < 0.5:
+                # across two pages of writable RAM (maybe two memslots): no partial store
+                n = rng.randrange(1, 24)
             style = self._pick(("write", "data", "data", "length", "other_length"))
             self._op("access_write", vcpu, gpa + offset, rng.randbytes(n), style)
         elif r < 0.65:
