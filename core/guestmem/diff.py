@@ -382,6 +382,7 @@ _SLOT_IDS = (0, 1, 2, 3, 4, 5)
 _RAM_SLOT = 8  # guest RAM memslots: ids 8..15, gpa pages [_GPA_PAGES, _GPA_PAGES + _RAM_PAGES)
 _RAM_PAGES = 32
 _MMAP_SHARED = uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
+_MODIFY_KINDS = ("same", "log_dirty", "log_dirty", "readonly", "move", "move", "delete", "other_ioctl")
 #: Slot ids (bits 15:0) and address spaces (bits 31:16) at the limits (S-3, S-7).  The id
 #: ``KVM_USER_MEM_SLOTS - 1`` is left out: the ``linux`` backend's guest runner owns it.
 _ODD_SLOTS = (
@@ -667,6 +668,10 @@ class Generator:
             self.slots[-1] = (vm, gpa, size)
             if rng.random() < 0.3:
                 self._op("set_user_memory_region", vm, slot, flags, gpa, size, address)
+            elif self.gmems and rng.random() < 0.15:  # without GUEST_MEMFD the fd and offset are not read
+                ignored = ("gmem", self._pick(self.gmems)[0])
+                offset = self._pick(_ODD_GMEM_OFFSETS)
+                self._op("set_user_memory_region2", vm, slot, flags, gpa, size, address, ignored, offset)
             else:
                 self._op("set_user_memory_region2", vm, slot, flags, gpa, size, address, None, 0)
             return
@@ -808,23 +813,29 @@ class Generator:
             self._op("fallocate", gmem, _PUNCH, offset & ~(PAGE - 1), PAGE)
 
     def _modify_slot(self, vm: int) -> None:
-        """An earlier memslot op of *vm* again: unchanged (S-13 no-op), LOG_DIRTY_PAGES or
-        READONLY toggled (FLAGS_ONLY, S-12), moved (MOVE, S-14) or through the other ioctl."""
+        """An earlier memslot op of *vm* (guest RAM included) again: unchanged (S-13 no-op),
+        LOG_DIRTY_PAGES or READONLY toggled (FLAGS_ONLY, S-12), moved (MOVE, S-14), deleted,
+        or through the other ioctl."""
         earlier = [
             op
             for op in self.ops
             if op.name.startswith("set_user_memory_region") and op.args[0] == vm
-            and 0 < op.args[4] <= 16 * PAGE and op.args[3] + op.args[4] <= _GPA_PAGES * PAGE
+            and 0 < op.args[4] <= 16 * PAGE and op.args[3] + op.args[4] <= (_GPA_PAGES + _RAM_PAGES) * PAGE
         ]
         if not earlier:
             return
         op = self._pick(earlier)
         args = list(op.args) + [None, 0][len(op.args) - 6 :]
-        how = self._pick(("same", "log_dirty", "log_dirty", "readonly", "move", "move", "other_ioctl"))
+        how = self._pick(_MODIFY_KINDS)
+        if how in ("move", "delete"):  # the old range is no longer known to be writable RAM
+            first = args[3] // PAGE
+            self.writable.difference_update((vm, p) for p in range(first, first + args[4] // PAGE))
         if how == "log_dirty":
             args[2] ^= uapi.KVM_MEM_LOG_DIRTY_PAGES
         elif how == "readonly":
             args[2] ^= uapi.KVM_MEM_READONLY
+        elif how == "delete":
+            args[4] = 0
         elif how == "move":
             args[3] = self._slot_gpa(vm, args[4])
             self.slots.append((vm, args[3], args[4]))
