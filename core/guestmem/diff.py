@@ -959,11 +959,11 @@ class Generator:
 
 
 def generate(rng: random.Random, steps: int) -> list[Op]:
-    """A random program of about *steps* ops."""
+    """A random program of *steps* ops (a step of several ops may be cut at the end)."""
     gen = Generator(rng)
     while len(gen.ops) < steps:
         gen.step()
-    return gen.ops
+    return gen.ops[:steps]
 
 
 # --- campaigns and the CLI ------------------------------------------------------------------
