@@ -90,3 +90,9 @@ def test_G13_memory_fault_exits_carry_reason_39_and_only_efault_or_ehwpoison(pro
     with pytest.raises(guestmem.KvmError) as plain:
         vcpu.access(0x5000, 1)
     assert plain.value.errno == errno.EFAULT and not isinstance(plain.value, guestmem.MemoryFault)
+
+
+@pytest.mark.parametrize(("nr", "expected"), [(1, 0), (5, 0), (11, 0), (12, -1000), (9, -1000), (77, -1000)])
+def test_sw_hypercalls_as_kvm_emulate_hypercall(protected_vm: Any, nr: int, expected: int) -> None:
+    """x86 ``__kvm_emulate_hypercall``: VAPIC_POLL_IRQ, KICK_CPU, SCHED_YIELD succeed, others -KVM_ENOSYS."""
+    assert protected_vm.create_vcpu(0).hypercall(nr, 0, 0) == expected

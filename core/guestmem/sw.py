@@ -28,8 +28,26 @@ SW_PROTECTED_VM = VmTypeInfo(
 )
 
 
+# include/uapi/linux/kvm_para.h
+KVM_HC_VAPIC_POLL_IRQ = 1
+KVM_HC_KICK_CPU = 5
+KVM_HC_SCHED_YIELD = 11
+
+
 class SwPolicy:
-    """The arch policy of ``sw``: upstream x86 behaviour needs no hook of its own."""
+    """The arch policy of ``sw``: upstream x86 behaviour needs no ownership hooks."""
+
+    @hookimpl
+    def guestmem_hypercall(self, vcpu: object, nr: int, args: tuple[int, ...]) -> int | None:
+        """``__kvm_emulate_hypercall``: the calls that succeed without userspace.
+
+        KICK_CPU and SCHED_YIELD return 0 because PV feature CPUID is not enforced by
+        default; everything else (MAP_GPA_RANGE included, until userspace enables its
+        exit) is ``-KVM_ENOSYS``, which the core answers for an unhandled call.
+        """
+        if nr in (KVM_HC_VAPIC_POLL_IRQ, KVM_HC_KICK_CPU, KVM_HC_SCHED_YIELD):
+            return 0
+        return None
 
 
 POLICY = SwPolicy()
