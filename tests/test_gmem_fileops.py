@@ -80,3 +80,19 @@ def test_F4_closed_fd_number_is_EBADF(protected_vm: Any) -> None:
         bind(vm, number, 0, PAGE)
     assert not vm.memslots
     vm.set_memory_attributes(0, PAGE, PRIVATE)  # the VM is still usable
+
+
+def test_F4_dup_is_another_descriptor_of_the_same_file(protected_vm: Any) -> None:
+    """F-4: dup(2) gives a new fd number on the same file; the file lives until both close."""
+    gmem = protected_vm.create_guest_memfd(1 << 20)
+    twin = gmem.dup()
+    assert twin.fileno() != gmem.fileno()
+    assert twin.fstat().st_ino == gmem.fstat().st_ino
+    gmem.close()
+    bind(protected_vm, twin, 0, 1 << 20)
+    assert not twin.file.released
+    twin.close()
+    assert twin.file.released
+    with pytest.raises(OSError) as info:
+        twin.dup()
+    assert info.value.errno == errno.EBADF

@@ -85,6 +85,10 @@ class GuestMemfd(_Closable):
         """``ftruncate(2)``: always fails with EINVAL (F-3)."""
 
     @abc.abstractmethod
+    def dup(self) -> GuestMemfd:
+        """``dup(2)``: a second descriptor of the same open file (F-4); EBADF once closed."""
+
+    @abc.abstractmethod
     def mmap(self, length: int, offset: int = 0, shared: bool = True) -> HostMapping:
         """``mmap(2)`` of the file (M-1, M-2); faults follow M-3..M-5."""
 

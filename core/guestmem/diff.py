@@ -258,29 +258,9 @@ def _execute(session: _Session, op: Op) -> Any:
             s.kvm.close()
             return None
         case "dup_gmem":
-            s.keep(op, _dup(s.get(a[0], api.GuestMemfd)))
+            s.keep(op, s.get(a[0], api.GuestMemfd).dup())
             return None
     raise ValueError(f"unknown op {op.name!r}")
-
-
-def _dup(gmem: api.GuestMemfd) -> api.GuestMemfd:
-    """``dup(2)`` of a guest_memfd: a second descriptor of the same open file.
-
-    The uAPI face has no ``dup``: the model's descriptor is another ``ModelGuestMemfd`` of
-    the same file (one more file reference, the lowest free fd number); a backend offers
-    ``dup()`` on its own objects (the ``linux`` backend: ``os.dup``).
-    """
-    from guestmem.model.files import ModelGuestMemfd
-
-    if isinstance(gmem, ModelGuestMemfd):
-        if gmem.closed:
-            raise KvmError(errno.EBADF, "dup of a closed guest_memfd")
-        return ModelGuestMemfd(gmem.kvm, gmem.file)
-    dup = getattr(gmem, "dup", None)
-    if dup is None:
-        raise _Skip
-    result: api.GuestMemfd = dup()
-    return result
 
 
 def _outcome(session: _Session, op: Op) -> Outcome:

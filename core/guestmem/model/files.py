@@ -84,6 +84,11 @@ class ModelGuestMemfd(api.GuestMemfd):
         self._fd = None
         self.file.put()
 
+    def dup(self) -> ModelGuestMemfd:
+        """``dup(2)``: another descriptor (the lowest free number) of the same file (F-4)."""
+        self._check()
+        return ModelGuestMemfd(self.kvm, self.file)
+
     def read(self, n: int) -> bytes:
         """F-1: guest_memfd has no read op."""
         self._check()
