@@ -50,20 +50,3 @@ def pattern(tag: int, n: int = 16) -> bytes:
 def inode_state(gmem: Any) -> list[tuple[int, int, Any]]:
     """The folio ranges of *gmem*'s inode (page index ranges -> Folio)."""
     return list(gmem.file.inode.pages.items())
-
-
-def vm_snapshot(vm: Any) -> tuple[Any, ...]:
-    """Memslots, attributes, stage-2 leaves and every gmem view's bindings of *vm*."""
-    slots = sorted(
-        (k, s.base_gfn, s.npages, s.flags, s.userspace_addr, s.gmem_pgoff, id(s.gmem_file))
-        for k, s in vm.memslots.items()
-    )
-    files = {id(s.gmem_file): s.gmem_file for s in vm.memslots.values() if s.gmem_file is not None}
-    bindings = sorted((fid, list(f.bindings.items())) for fid, f in files.items())
-    return (
-        slots,
-        list(vm.attributes.items()),
-        list(vm.mmu.sptes.items()),
-        bindings,
-        vm.mmu.invalidate_seq,
-    )

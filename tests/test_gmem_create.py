@@ -16,7 +16,8 @@ import stat
 from typing import Any
 
 import pytest
-from gmem_support import GMEM_SLOT, INIT_SHARED, MMAP, PAGE, PRIVATE, bind, raises_kvm, vm_snapshot
+from gmem_helpers import vm_state
+from gmem_support import GMEM_SLOT, INIT_SHARED, MMAP, PAGE, PRIVATE, bind, raises_kvm
 
 import guestmem
 from guestmem import MemoryFault, uapi
@@ -122,7 +123,7 @@ def test_CAP9_dead_vm_ioctls_are_EIO_and_change_nothing(kvm: Any) -> None:
     gmem = vm.create_guest_memfd(4 * PAGE)
     vcpu = vm.create_vcpu(0)
     vm.kill("test")
-    before = vm_snapshot(vm)
+    before = vm_state(vm, gmem)
     calls = [
         lambda: vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD),
         lambda: vm.create_guest_memfd(PAGE),
@@ -136,7 +137,7 @@ def test_CAP9_dead_vm_ioctls_are_EIO_and_change_nothing(kvm: Any) -> None:
     for call in calls:
         with raises_kvm(errno.EIO, "CAP-9"):
             call()
-    assert vm_snapshot(vm) == before
+    assert vm_state(vm, gmem) == before
     assert not vm.memslots
     assert list(kvm.vms) == [vm]
     for ref in (gmem, vcpu, vm):  # a dead VM is still torn down by its last reference
