@@ -67,11 +67,18 @@ def run_demo(backend: str = "sw", console: Console | None = None, trace: IO[str]
     *trace* receives every modelled event as a JSON line.
     """
     out = console or Console()
-    checker = InvariantChecker()
     registry = guestmem.get_registry()
+    vm_type = _pick_vm_type(registry.backend(backend))
+    if vm_type is None:
+        out.print(
+            f"[red]backend {backend!r} has no private-memory VM type with memory attributes; "
+            "the demo needs one (try --backend sw)[/]"
+        )
+        return 2
+    checker = InvariantChecker()
     registry.add_plugin(checker, name="guestmem.demo.invariants", distribution="guestmem")
     try:
-        status = _demo(backend, out, trace)
+        status = _demo(backend, vm_type, out, trace)
     finally:
         registry.remove_plugin(checker)
     out.print(
@@ -81,12 +88,7 @@ def run_demo(backend: str = "sw", console: Console | None = None, trace: IO[str]
     return status
 
 
-def _demo(backend: str, out: Console, trace: IO[str] | None) -> int:
-    info_backend = guestmem.get_registry().backend(backend)
-    vm_type = _pick_vm_type(info_backend)
-    if vm_type is None:
-        out.print(f"[red]backend {backend!r} has no private-memory VM type with memory attributes[/]")
-        return 2
+def _demo(backend: str, vm_type: guestmem.VmTypeInfo, out: Console, trace: IO[str] | None) -> int:
     step = 0
 
     def say(text: str) -> None:
