@@ -92,6 +92,16 @@ class GuestMemfd(_Closable):
     def mmap(self, length: int, offset: int = 0, shared: bool = True) -> HostMapping:
         """``mmap(2)`` of the file (M-1, M-2); faults follow M-3..M-5."""
 
+    def inject_memory_failure(self, offset: int) -> None:
+        """Poison the page at *offset* as a hardware memory error would (E-1, E-2).
+
+        The model backends implement it; on a real host this would need ``MADV_HWPOISON``
+        on live memory, so the default refuses with EOPNOTSUPP.
+        """
+        from guestmem.errors import kvm_error
+
+        raise kvm_error(errno.EOPNOTSUPP, "E-1", "this backend cannot inject memory failures")
+
 
 class Vcpu(_Closable):
     """A vCPU; its accesses really run the guest (model or kernel)."""
