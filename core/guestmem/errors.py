@@ -9,7 +9,6 @@ classes so a caller can tell them from a failed ioctl.
 from __future__ import annotations
 
 import errno as _errno
-import os
 
 from guestmem import uapi
 
@@ -149,8 +148,3 @@ _NAMES = {**_errno.errorcode, EHWPOISON: "EHWPOISON", EOPNOTSUPP: "EOPNOTSUPP"}
 def errno_name(err: int) -> str:
     """The symbolic name of *err* (``EINVAL``), or the number as text."""
     return _NAMES.get(err, str(err))
-
-
-def strerror(err: int) -> str:
-    """``os.strerror`` with the symbolic name first, e.g. ``EINVAL (Invalid argument)``."""
-    return f"{errno_name(err)} ({os.strerror(err)})"

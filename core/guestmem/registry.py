@@ -101,7 +101,6 @@ class Registry:
         self._backends: dict[str, Backend] | None = None
         self._lock = threading.RLock()
         self._dists: dict[int, tuple[str, str]] = {}
-        self._generation = 0
         #: Bumped whenever plugins are added or removed at run time (VmHooks re-derive then).
         self.revision = 0
         #: id(plugin) -> the policies of the backends it registered in the last collection.
@@ -202,7 +201,6 @@ class Registry:
                 if not self._dists:
                     self._load()
                 self._backends = self._collect()
-                self._generation += 1
             return self._backends
 
     def backend(self, name: str) -> Backend:

@@ -91,10 +91,6 @@ class HostMemory:
         for key in list(self._pages.irange(src, src + npages, inclusive=(True, False))):
             self._pages[dst + key - src] = bytearray(self._pages[key])
 
-    def resident_pages(self) -> int:
-        """Pages that hold non-zero bytes (what the model actually stores)."""
-        return len(self._pages)
-
     # --- modelled hardware outcomes ------------------------------------------------------------
     def crash(self, verdict: str) -> None:
         """Record that the host went down with *verdict* and raise :class:`HostCrash`."""

@@ -83,7 +83,6 @@ class Mmu:
         self.invalidate_seq = 0
         self.range_start = INVALID_GFN
         self.range_end = INVALID_GFN
-        self._range_added = False
 
     # --- invalidation counters (KM kvm_mmu_invalidate_*) ----------------------------------
     def invalidate_begin(self) -> None:
@@ -92,7 +91,6 @@ class Mmu:
         if self.invalidate_in_progress == 1:
             self.range_start = INVALID_GFN
             self.range_end = INVALID_GFN
-            self._range_added = False
 
     def invalidate_range_add(self, start: int, end: int) -> None:
         """``kvm_mmu_invalidate_range_add``: widen the in-progress range to the union."""
@@ -102,7 +100,6 @@ class Mmu:
         else:
             self.range_start = min(self.range_start, start)
             self.range_end = max(self.range_end, end)
-        self._range_added = True
 
     def invalidate_end(self) -> None:
         """``kvm_mmu_invalidate_end``: bump the sequence, then drop in-progress.
