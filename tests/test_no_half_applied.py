@@ -164,7 +164,7 @@ class RefusingPolicy:
 
     @guestmem.hookimpl
     def guestmem_vm_init(self, vm: Any) -> None:
-        raise KvmError(errno.ENOSPC, "no ASID left", "")
+        raise KvmError(errno.ENOSPC, "", "no ASID left")
 
 
 def test_vm_init_refusal_leaves_nothing_behind() -> None:

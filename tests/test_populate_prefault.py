@@ -28,7 +28,7 @@ class LaunchPolicy:
         self, vm: Any, gfn: int, pfn: int, src: bytes | None, order: int, opaque: Any
     ) -> int:
         if gfn == self.fail_gfn:
-            raise KvmError(errno.EIO, "measurement failed", "P-5")
+            raise KvmError(errno.EIO, "P-5", "measurement failed")
         self.populated.append((gfn, pfn, src, order, opaque))
         if src is not None:
             vm.host.write(pfn, 0, src[: PAGE << order])

@@ -98,9 +98,9 @@ class GuestMemfd(_Closable):
         The model backends implement it; on a real host this would need ``MADV_HWPOISON``
         on live memory, so the default refuses with EOPNOTSUPP.
         """
-        from guestmem.errors import kvm_error
+        from guestmem.errors import KvmError
 
-        raise kvm_error(errno.EOPNOTSUPP, "E-1", "this backend cannot inject memory failures")
+        raise KvmError(errno.EOPNOTSUPP, "E-1", "this backend cannot inject memory failures")
 
 
 class Vcpu(_Closable):
@@ -139,9 +139,9 @@ class Vcpu(_Closable):
         raises :class:`guestmem.HypercallExit`.  Backends without guest hypercalls
         refuse with ENOSYS.
         """
-        from guestmem.errors import kvm_error
+        from guestmem.errors import KvmError
 
-        raise kvm_error(errno.ENOSYS, "", f"backend has no guest hypercall entry (nr {nr})")
+        raise KvmError(errno.ENOSYS, "", f"backend has no guest hypercall entry (nr {nr})")
 
 
 class Vm(_Closable):

@@ -16,20 +16,15 @@ from guestmem import uapi
 class KvmError(OSError):
     """An ioctl or file operation failed with the kernel's *errno*.
 
-    ``rule`` is the spec rule ID that decided the outcome (``""`` when the error does not
-    come from a numbered rule).
+    ``KvmError(errno, rule, message)``: *rule* is the ID of the rule of ``docs/rules.md``
+    that decided the outcome (``""`` when no numbered rule did), *message* says why.
     """
 
-    def __init__(self, err: int, message: str, rule: str = "") -> None:
+    def __init__(self, err: int, rule: str, message: str) -> None:
         self.rule = rule
         self.detail = message
         text = f"[{rule}] {message}" if rule else message
         super().__init__(err, f"{errno_name(err)}: {text}")
-
-
-def kvm_error(err: int, rule: str, message: str) -> KvmError:
-    """Build the error for *rule* failing with *err* (use as ``raise kvm_error(...)``)."""
-    return KvmError(err, message, rule)
 
 
 class MemoryFault(KvmError):
@@ -47,7 +42,7 @@ class MemoryFault(KvmError):
         self.flags = flags
         kind = "private" if flags & uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE else "shared"
         detail = f"memory fault exit: gpa={gpa:#x} size={size:#x} {kind}"
-        super().__init__(err, f"{detail}{': ' + why if why else ''}", rule)
+        super().__init__(err, rule, f"{detail}{': ' + why if why else ''}")
 
     @property
     def is_private(self) -> bool:
@@ -64,7 +59,7 @@ class HostSigbus(KvmError):
 
     def __init__(self, address: int, rule: str, why: str) -> None:
         self.address = address
-        super().__init__(_errno.EFAULT, f"SIGBUS at host address {address:#x}: {why}", rule)
+        super().__init__(_errno.EFAULT, rule, f"SIGBUS at host address {address:#x}: {why}")
 
 
 class GuestExit(Exception):

@@ -9,7 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 from guestmem import api, uapi
-from guestmem.errors import kvm_error
+from guestmem.errors import KvmError
 from guestmem.model.mapping import GmemVma, ModelHostMapping
 
 if TYPE_CHECKING:
@@ -31,16 +31,16 @@ def mmap_length(length: int, offset: int = 0) -> int:
     offset &= uapi.U64_MAX
     length &= uapi.U64_MAX
     if offset % PAGE_SIZE:
-        raise kvm_error(errno.EINVAL, "", f"mmap offset {offset:#x} is not page aligned")
+        raise KvmError(errno.EINVAL, "", f"mmap offset {offset:#x} is not page aligned")
     if length == 0:
-        raise kvm_error(errno.EINVAL, "", "mmap length is zero")
+        raise KvmError(errno.EINVAL, "", "mmap length is zero")
     length = (length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1) & uapi.U64_MAX
     if length == 0:
-        raise kvm_error(errno.ENOMEM, "", "mmap length overflows when rounded to pages")
+        raise KvmError(errno.ENOMEM, "", "mmap length overflows when rounded to pages")
     if (offset >> PAGE_SHIFT) + (length >> PAGE_SHIFT) > uapi.U64_MAX:
-        raise kvm_error(errno.EOVERFLOW, "", "mmap page offset + length overflows")
+        raise KvmError(errno.EOVERFLOW, "", "mmap page offset + length overflows")
     if length > uapi.TASK_SIZE:
-        raise kvm_error(errno.ENOMEM, "", f"mmap length {length:#x} exceeds the user address space")
+        raise KvmError(errno.ENOMEM, "", f"mmap length {length:#x} exceeds the user address space")
     return length
 
 
@@ -74,7 +74,7 @@ class ModelGuestMemfd(api.GuestMemfd):
 
     def _check(self) -> None:
         if self._fd is None:
-            raise kvm_error(errno.EBADF, "", "guest_memfd is closed")
+            raise KvmError(errno.EBADF, "", "guest_memfd is closed")
         self.kvm.host.check_alive()
 
     def close(self) -> None:
@@ -92,17 +92,17 @@ class ModelGuestMemfd(api.GuestMemfd):
     def read(self, n: int) -> bytes:
         """F-1: guest_memfd has no read op."""
         self._check()
-        raise kvm_error(errno.EINVAL, "F-1", "guest_memfd does not support read()")
+        raise KvmError(errno.EINVAL, "F-1", "guest_memfd does not support read()")
 
     def write(self, data: bytes) -> int:
         """F-1: guest_memfd has no write op."""
         self._check()
-        raise kvm_error(errno.EINVAL, "F-1", "guest_memfd does not support write()")
+        raise KvmError(errno.EINVAL, "F-1", "guest_memfd does not support write()")
 
     def truncate(self, size: int) -> None:
         """F-3: ``kvm_gmem_setattr`` refuses every change."""
         self._check()
-        raise kvm_error(errno.EINVAL, "F-3", "guest_memfd size can never change")
+        raise KvmError(errno.EINVAL, "F-3", "guest_memfd size can never change")
 
     def fstat(self) -> os.stat_result:
         """F-2: ``st_size`` = create size, ``st_blksize`` = PAGE_SIZE, distinct ``st_ino``."""
@@ -126,9 +126,9 @@ class ModelGuestMemfd(api.GuestMemfd):
         """``fallocate(2)`` (FA-1..FA-11)."""
         self._check()
         if offset < 0 or length <= 0:
-            raise kvm_error(errno.EINVAL, "FA-1", "offset < 0 or len <= 0")
+            raise KvmError(errno.EINVAL, "FA-1", "offset < 0 or len <= 0")
         if mode & ~_VFS_FALLOC_MODES:
-            raise kvm_error(errno.EOPNOTSUPP, "FA-1", f"unknown fallocate mode bits {mode:#x}")
+            raise KvmError(errno.EOPNOTSUPP, "FA-1", f"unknown fallocate mode bits {mode:#x}")
         # vfs_fallocate: the modes are exclusive; PUNCH_HOLE needs KEEP_SIZE, COLLAPSE/INSERT/
         # WRITE_ZEROES refuse it.  All before the EFBIG check.
         keep = bool(mode & uapi.FALLOC_FL_KEEP_SIZE)
@@ -136,23 +136,23 @@ class ModelGuestMemfd(api.GuestMemfd):
             case 0x00 | 0x10 | 0x40:  # ALLOCATE_RANGE, ZERO_RANGE, UNSHARE_RANGE
                 pass
             case uapi.FALLOC_FL_PUNCH_HOLE if not keep:
-                raise kvm_error(errno.EOPNOTSUPP, "FA-1", "PUNCH_HOLE requires KEEP_SIZE")
+                raise KvmError(errno.EOPNOTSUPP, "FA-1", "PUNCH_HOLE requires KEEP_SIZE")
             case 0x08 | 0x20 | 0x80 if keep:  # COLLAPSE_RANGE, INSERT_RANGE, WRITE_ZEROES
-                raise kvm_error(errno.EOPNOTSUPP, "FA-1", f"mode {mode:#x} does not take KEEP_SIZE")
+                raise KvmError(errno.EOPNOTSUPP, "FA-1", f"mode {mode:#x} does not take KEEP_SIZE")
             case uapi.FALLOC_FL_PUNCH_HOLE | 0x08 | 0x20 | 0x80:
                 pass
             case _:
-                raise kvm_error(errno.EOPNOTSUPP, "FA-1", f"fallocate modes are exclusive: {mode:#x}")
+                raise KvmError(errno.EOPNOTSUPP, "FA-1", f"fallocate modes are exclusive: {mode:#x}")
         if offset + length > uapi.LOFF_MAX:
-            raise kvm_error(errno.EFBIG, "FA-1", "offset + len beyond the maximum file size")
+            raise KvmError(errno.EFBIG, "FA-1", "offset + len beyond the maximum file size")
         if not mode & uapi.FALLOC_FL_KEEP_SIZE:
-            raise kvm_error(errno.EOPNOTSUPP, "FA-2", "guest_memfd size can't change: KEEP_SIZE is required")
+            raise KvmError(errno.EOPNOTSUPP, "FA-2", "guest_memfd size can't change: KEEP_SIZE is required")
         if mode & ~(uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE):
-            raise kvm_error(
+            raise KvmError(
                 errno.EOPNOTSUPP, "FA-3", f"mode {mode:#x} has bits other than KEEP_SIZE|PUNCH_HOLE"
             )
         if offset % PAGE_SIZE or length % PAGE_SIZE:
-            raise kvm_error(errno.EINVAL, "FA-4", "offset and len must be page aligned")
+            raise KvmError(errno.EINVAL, "FA-4", "offset and len must be page aligned")
         inode = self.file.inode
         vm = inode.owner
         if mode & uapi.FALLOC_FL_PUNCH_HOLE:
@@ -162,7 +162,7 @@ class ModelGuestMemfd(api.GuestMemfd):
             vm.trace("punch_hole", ino=inode.ino, offset=offset, length=length)
             return
         if offset + length > inode.size:
-            raise kvm_error(
+            raise KvmError(
                 errno.EINVAL, "FA-5", f"[{offset:#x}, {offset + length:#x}) beyond size {inode.size:#x}"
             )
         inode.allocate(offset // PAGE_SIZE, (offset + length) // PAGE_SIZE)
@@ -176,13 +176,13 @@ class ModelGuestMemfd(api.GuestMemfd):
         # do_mmap -> file_mmap_ok: the file range must stay within MAX_LFS_FILESIZE
         pgoff = (offset & uapi.U64_MAX) >> PAGE_SHIFT
         if length > uapi.LOFF_MAX or pgoff > (uapi.LOFF_MAX - length) >> PAGE_SHIFT:
-            raise kvm_error(
+            raise KvmError(
                 errno.EOVERFLOW, "", f"mmap of [{offset:#x}, +{length:#x}) is beyond the maximum file size"
             )
         if not self.file.inode.mmap_allowed:
-            raise kvm_error(errno.ENODEV, "M-1", "guest_memfd was created without GUEST_MEMFD_FLAG_MMAP")
+            raise KvmError(errno.ENODEV, "M-1", "guest_memfd was created without GUEST_MEMFD_FLAG_MMAP")
         if not shared:
-            raise kvm_error(errno.EINVAL, "M-2", "guest_memfd can only be mapped MAP_SHARED")
+            raise KvmError(errno.EINVAL, "M-2", "guest_memfd can only be mapped MAP_SHARED")
         vma = GmemVma(self.kvm, self.file, length, pgoff)
         self.kvm.mm.insert(vma)
         return ModelHostMapping(vma)
@@ -192,6 +192,6 @@ class ModelGuestMemfd(api.GuestMemfd):
         self._check()
         inode = self.file.inode
         if offset < 0 or offset >= inode.size:
-            raise kvm_error(errno.EINVAL, "E-1", f"offset {offset:#x} is outside the file")
+            raise KvmError(errno.EINVAL, "E-1", f"offset {offset:#x} is outside the file")
         inode.memory_failure(offset // PAGE_SIZE)
         inode.owner.trace("memory_failure", ino=inode.ino, offset=offset)

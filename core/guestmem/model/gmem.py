@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from guestmem import uapi
-from guestmem.errors import EHWPOISON, kvm_error
+from guestmem.errors import EHWPOISON, KvmError
 from guestmem.model.mmu import GfnRange
 from guestmem.ranges import RangeMap
 
@@ -290,7 +290,7 @@ class GmemFile:
         end = (offset + size) & uapi.U64_MAX
         end = end - (1 << 64) if end > uapi.LOFF_MAX else end
         if offset > uapi.LOFF_MAX or offset % PAGE_SIZE or end > self.inode.size:
-            raise kvm_error(
+            raise KvmError(
                 errno.EINVAL,
                 "B-4",
                 f"guest_memfd_offset {offset:#x} + size {size:#x} outside the file "
@@ -300,7 +300,7 @@ class GmemFile:
         end = start + slot.npages
         clash = next(self.bindings.items(start, end), None)
         if clash is not None:
-            raise kvm_error(
+            raise KvmError(
                 errno.EINVAL,
                 "B-5",
                 f"gmem pages [{start:#x}, {end:#x}) overlap pages bound to {clash[2].describe()}",
@@ -322,7 +322,7 @@ def get_pfn(vm: ModelVm, slot: Memslot, gfn: int) -> tuple[int, int]:
     """``kvm_gmem_get_pfn`` (G-5, G-11, G-12, L-4, E-2): ``(pfn, max_order)`` or KvmError."""
     file = slot.gmem_file
     if file is None or file.released:
-        raise kvm_error(errno.EFAULT, "L-4", f"the guest_memfd of {slot.describe()} was closed")
+        raise KvmError(errno.EFAULT, "L-4", f"the guest_memfd of {slot.describe()} was closed")
     file.get()  # kvm_gmem_get_file: a close meanwhile releases the file when this returns
     try:
         return _get_pfn(vm, slot, file, gfn)
@@ -333,7 +333,7 @@ def get_pfn(vm: ModelVm, slot: Memslot, gfn: int) -> tuple[int, int]:
 def _get_pfn(vm: ModelVm, slot: Memslot, file: GmemFile, gfn: int) -> tuple[int, int]:
     index = slot.gfn_to_index(gfn)
     if file.bindings.get(index) is not slot:
-        raise kvm_error(errno.EIO, "G-12", f"gmem index {index:#x} is not bound to {slot.describe()}")
+        raise KvmError(errno.EIO, "G-12", f"gmem index {index:#x} is not bound to {slot.describe()}")
     inode = file.inode
     start, end, folio = inode.get_folio(index)
     order = inode.folio_order
@@ -341,7 +341,7 @@ def _get_pfn(vm: ModelVm, slot: Memslot, file: GmemFile, gfn: int) -> tuple[int,
         # a large folio that was split (punched or partly populated): order-0 pieces
         start, end, order = index, index + 1, 0
     if folio.hwpoison:
-        raise kvm_error(EHWPOISON, "E-2", f"gmem page {index:#x} is hardware-poisoned")
+        raise KvmError(EHWPOISON, "E-2", f"gmem page {index:#x} is hardware-poisoned")
     if not folio.uptodate:
         # kvm_gmem_prepare_folio; [start, end) lies inside the one entry get_folio returned
         vm.host.zero(start + folio.delta, end - start)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from guestmem import api, uapi
-from guestmem.errors import kvm_error
+from guestmem.errors import KvmError
 from guestmem.model.events import TraceEvent
 from guestmem.model.host import AddressSpace, HostMemory
 from guestmem.model.mapping import AnonVma, ModelHostMapping
@@ -74,7 +74,7 @@ class ModelKvm(api.Kvm):
 
     def _check(self) -> None:
         if self._closed:
-            raise kvm_error(errno.EBADF, "", "/dev/kvm is closed")
+            raise KvmError(errno.EBADF, "", "/dev/kvm is closed")
         self.host.check_alive()
 
     def check_extension(self, cap: int) -> int:
@@ -86,9 +86,9 @@ class ModelKvm(api.Kvm):
         self._check()
         info = self.backend_info.vm_type(vm_type)
         if info is None or (self.profile.vm_types is not None and vm_type not in self.profile.vm_types):
-            raise kvm_error(errno.EINVAL, "CAP-6", f"VM type {vm_type} is not supported by {self.backend!r}")
+            raise KvmError(errno.EINVAL, "CAP-6", f"VM type {vm_type} is not supported by {self.backend!r}")
         if info.type == uapi.KVM_X86_SW_PROTECTED_VM and not self.profile.tdp_mmu:
-            raise kvm_error(errno.EINVAL, "CAP-6", "KVM_X86_SW_PROTECTED_VM needs the TDP MMU")
+            raise KvmError(errno.EINVAL, "CAP-6", "KVM_X86_SW_PROTECTED_VM needs the TDP MMU")
         from guestmem.model.vm import ModelVm
 
         vm = ModelVm(self, info, next(self._vm_ids))

@@ -12,7 +12,7 @@ import errno
 from typing import TYPE_CHECKING
 
 from guestmem import api, uapi
-from guestmem.errors import HostSigbus, kvm_error
+from guestmem.errors import HostSigbus, KvmError
 from guestmem.ranges import RangeMap
 
 if TYPE_CHECKING:
@@ -215,9 +215,9 @@ class ModelHostMapping(api.HostMapping):
 
     def _check(self, offset: int, n: int) -> None:
         if self._vma.unmapped:
-            raise kvm_error(errno.EFAULT, "", "access to an unmapped host mapping (SIGSEGV)")
+            raise KvmError(errno.EFAULT, "", "access to an unmapped host mapping (SIGSEGV)")
         if offset < 0 or n < 0 or offset + n > self.length:
-            raise kvm_error(
+            raise KvmError(
                 errno.EFAULT,
                 "",
                 f"[{offset:#x}, {offset + n:#x}) is outside the {self.length:#x}-byte mapping",

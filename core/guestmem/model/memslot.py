@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from guestmem import uapi
-from guestmem.errors import kvm_error
+from guestmem.errors import KvmError
 
 if TYPE_CHECKING:
     from guestmem.model.gmem import GmemFile
@@ -107,7 +107,7 @@ def check_flags(vm: ModelVm, flags: int) -> None:
     if vm.type_info.readonly_mem and not flags & uapi.KVM_MEM_GUEST_MEMFD:
         valid |= uapi.KVM_MEM_READONLY
     if flags & ~valid:
-        raise kvm_error(
+        raise KvmError(
             errno.EINVAL, "S-4", f"memslot flags {flags:#x} not in the valid set {valid:#x} for this VM"
         )
 
@@ -120,11 +120,11 @@ def check_region(vm: ModelVm, mem: Region) -> tuple[Change, Memslot | None]:
     check_flags(vm, mem.flags)
     u64 = uapi.U64_MAX
     if mem.memory_size % PAGE_SIZE or mem.memory_size > uapi.ULONG_MAX:
-        raise kvm_error(errno.EINVAL, "S-5", f"memory_size {mem.memory_size:#x} is not page aligned")
+        raise KvmError(errno.EINVAL, "S-5", f"memory_size {mem.memory_size:#x} is not page aligned")
     if mem.guest_phys_addr % PAGE_SIZE:
-        raise kvm_error(errno.EINVAL, "S-5", f"guest_phys_addr {mem.guest_phys_addr:#x} is not page aligned")
+        raise KvmError(errno.EINVAL, "S-5", f"guest_phys_addr {mem.guest_phys_addr:#x} is not page aligned")
     if mem.userspace_addr % PAGE_SIZE or not access_ok(mem.userspace_addr, mem.memory_size):
-        raise kvm_error(
+        raise KvmError(
             errno.EINVAL,
             "S-5",
             f"userspace_addr {mem.userspace_addr:#x} (+{mem.memory_size:#x}) "
@@ -133,21 +133,21 @@ def check_region(vm: ModelVm, mem: Region) -> tuple[Change, Memslot | None]:
     if mem.flags & uapi.KVM_MEM_GUEST_MEMFD and (
         mem.guest_memfd_offset % PAGE_SIZE or mem.guest_memfd_offset + mem.memory_size > u64
     ):
-        raise kvm_error(
+        raise KvmError(
             errno.EINVAL, "S-6", f"guest_memfd_offset {mem.guest_memfd_offset:#x} unaligned or wraps"
         )
     nr_as_ids = vm.type_info.nr_memslot_as_ids if vm.profile.smm else 1
     if mem.as_id >= nr_as_ids or mem.id >= uapi.KVM_MEM_SLOTS_NUM:
-        raise kvm_error(errno.EINVAL, "S-7", f"address space {mem.as_id} / slot id {mem.id} out of range")
+        raise KvmError(errno.EINVAL, "S-7", f"address space {mem.as_id} / slot id {mem.id} out of range")
     if mem.guest_phys_addr + mem.memory_size > u64:
-        raise kvm_error(errno.EINVAL, "S-7", "guest_phys_addr + memory_size wraps")
+        raise KvmError(errno.EINVAL, "S-7", "guest_phys_addr + memory_size wraps")
     if mem.id < uapi.KVM_USER_MEM_SLOTS and mem.memory_size >> uapi.PAGE_SHIFT > uapi.KVM_MEM_MAX_NR_PAGES:
-        raise kvm_error(errno.EINVAL, "S-7", "memslot larger than KVM_MEM_MAX_NR_PAGES")
+        raise KvmError(errno.EINVAL, "S-7", "memslot larger than KVM_MEM_MAX_NR_PAGES")
 
     old = vm.memslots.get((mem.as_id, mem.id))
     if mem.memory_size == 0:
         if old is None:
-            raise kvm_error(errno.EINVAL, "S-8", f"deleting slot {mem.as_id}:{mem.id}, which does not exist")
+            raise KvmError(errno.EINVAL, "S-8", f"deleting slot {mem.as_id}:{mem.id}, which does not exist")
         return Change.DELETE, old
 
     base_gfn = mem.guest_phys_addr >> uapi.PAGE_SHIFT
@@ -155,16 +155,16 @@ def check_region(vm: ModelVm, mem: Region) -> tuple[Change, Memslot | None]:
     if old is None:
         change = Change.CREATE
         if vm.nr_memslot_pages + npages > uapi.ULONG_MAX:
-            raise kvm_error(errno.EINVAL, "S-10", "total memslot pages overflow")
+            raise KvmError(errno.EINVAL, "S-10", "total memslot pages overflow")
     else:
         if mem.flags & uapi.KVM_MEM_GUEST_MEMFD:
-            raise kvm_error(errno.EINVAL, "S-11", "private memslots are immutable, they can only be deleted")
+            raise KvmError(errno.EINVAL, "S-11", "private memslots are immutable, they can only be deleted")
         if (
             mem.userspace_addr != old.userspace_addr
             or npages != old.npages
             or (mem.flags ^ old.flags) & (uapi.KVM_MEM_READONLY | uapi.KVM_MEM_GUEST_MEMFD)
         ):
-            raise kvm_error(
+            raise KvmError(
                 errno.EINVAL, "S-12", "modifying a memslot may change only its gpa or LOG_DIRTY_PAGES"
             )
         if base_gfn != old.base_gfn:
@@ -177,5 +177,5 @@ def check_region(vm: ModelVm, mem: Region) -> tuple[Change, Memslot | None]:
     if change in (Change.CREATE, Change.MOVE):
         other = vm.slot_overlapping(mem.as_id, base_gfn, base_gfn + npages, exclude_id=mem.id)
         if other is not None:
-            raise kvm_error(errno.EEXIST, "S-14", f"gpa range overlaps {other.describe()}")
+            raise KvmError(errno.EEXIST, "S-14", f"gpa range overlaps {other.describe()}")
     return change, old

@@ -6,7 +6,7 @@ import errno
 from typing import TYPE_CHECKING
 
 from guestmem import api, uapi
-from guestmem.errors import KvmError, MemoryFault, MmioExit, kvm_error
+from guestmem.errors import KvmError, MemoryFault, MmioExit
 from guestmem.model.mmu import Fault
 
 if TYPE_CHECKING:
@@ -44,10 +44,10 @@ class ModelVcpu(api.Vcpu):
     def _run(self) -> None:
         """The checks of KVM_RUN before entering the guest."""
         if self._closed:
-            raise kvm_error(errno.EBADF, "", "vCPU file descriptor is closed")
+            raise KvmError(errno.EBADF, "", "vCPU file descriptor is closed")
         self.vm.host.check_alive()
         if self.vm.dead:
-            raise kvm_error(errno.EIO, "CAP-9", f"VM is dead: {self.vm.dead_reason}")
+            raise KvmError(errno.EIO, "CAP-9", f"VM is dead: {self.vm.dead_reason}")
 
     def translate(self, gpa: int, *, write: bool = False, private: bool | None = None) -> int:
         """The host pfn the guest reaches at *gpa*, faulting it in like a real access."""
@@ -109,15 +109,15 @@ class ModelVcpu(api.Vcpu):
         self._run()
         vm = self.vm
         if flags:
-            raise kvm_error(errno.EINVAL, "PF-1", f"flags must be 0, got {flags:#x}")
+            raise KvmError(errno.EINVAL, "PF-1", f"flags must be 0, got {flags:#x}")
         if gpa % PAGE_SIZE or size % PAGE_SIZE or size == 0 or gpa + size > uapi.U64_MAX:
-            raise kvm_error(errno.EINVAL, "PF-1", "gpa/size unaligned, size zero, or gpa + size wraps")
+            raise KvmError(errno.EINVAL, "PF-1", "gpa/size unaligned, size zero, or gpa + size wraps")
         if not vm.pre_fault_allowed:
-            raise kvm_error(errno.EOPNOTSUPP, "PF-2", "KVM_PRE_FAULT_MEMORY is not allowed for this VM type")
+            raise KvmError(errno.EOPNOTSUPP, "PF-2", "KVM_PRE_FAULT_MEMORY is not allowed for this VM type")
         if vm.profile.pre_fault_enospc_before_first_memslot and not vm.had_memslot:
-            raise kvm_error(errno.ENOSPC, "PF-2", "no MMU root can be loaded before the first memslot")
+            raise KvmError(errno.ENOSPC, "PF-2", "no MMU root can be loaded before the first memslot")
         if not vm.profile.tdp_mmu:
-            raise kvm_error(errno.EOPNOTSUPP, "PF-2", "pre-faulting needs the TDP MMU")
+            raise KvmError(errno.EOPNOTSUPP, "PF-2", "pre-faulting needs the TDP MMU")
         full = size
         from guestmem.model.vm import _Emulate
 
@@ -126,12 +126,12 @@ class ModelVcpu(api.Vcpu):
             private = vm.has_private_mem and vm.is_private(gfn)  # PF-3
             try:
                 if vm.dead:  # kvm_tdp_map_page: KVM_REQ_VM_DEAD before each attempt
-                    raise kvm_error(errno.EIO, "PF-4", f"VM is dead: {vm.dead_reason}")
+                    raise KvmError(errno.EIO, "PF-4", f"VM is dead: {vm.dead_reason}")
                 vm.page_fault(Fault(gpa=gpa, is_private=private, write=False, prefetch=True, vcpu=self))
             except _Emulate:
-                err: KvmError = kvm_error(errno.ENOENT, "PF-4", f"no memslot at gpa {gpa:#x}")
+                err: KvmError = KvmError(errno.ENOENT, "PF-4", f"no memslot at gpa {gpa:#x}")
             except MemoryFault as exc:  # pre-fault reports the errno, no exit
-                err = kvm_error(exc.errno or errno.EFAULT, exc.rule, f"pre-fault of gpa {gpa:#x} failed")
+                err = KvmError(exc.errno or errno.EFAULT, exc.rule, f"pre-fault of gpa {gpa:#x} failed")
             except KvmError as exc:
                 err = exc
             else:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from guestmem import api, uapi
-from guestmem.errors import EHWPOISON, GuestExit, KvmError, MemoryFault, MmioExit, kvm_error
+from guestmem.errors import EHWPOISON, GuestExit, KvmError, MemoryFault, MmioExit
 from guestmem.model import gmem as gmem_mod
 from guestmem.model.events import Counters, make_event
 from guestmem.model.gmem import GmemFile, GmemInode, GmemLocation
@@ -144,10 +144,10 @@ class ModelVm(api.Vm):
     def _ioctl(self) -> None:
         """The checks of ``kvm_vm_ioctl`` before any command (fd open; CAP-9)."""
         if self.fd_closed:
-            raise kvm_error(errno.EBADF, "", "VM file descriptor is closed")
+            raise KvmError(errno.EBADF, "", "VM file descriptor is closed")
         self.host.check_alive()
         if self.dead:
-            raise kvm_error(errno.EIO, "CAP-9", f"VM is dead: {self.dead_reason}")
+            raise KvmError(errno.EIO, "CAP-9", f"VM is dead: {self.dead_reason}")
 
     # --- api.Vm -----------------------------------------------------------------------------
     @property
@@ -178,11 +178,11 @@ class ModelVm(api.Vm):
         self._ioctl()
         supported = self.kvm.gmem_supported_flags(self)
         if flags & ~supported:
-            raise kvm_error(
+            raise KvmError(
                 errno.EINVAL, "C-3", f"guest_memfd flags {flags:#x} not in supported {supported:#x}"
             )
         if size <= 0 or size > uapi.LOFF_MAX or size % PAGE_SIZE:
-            raise kvm_error(errno.EINVAL, "C-4", f"guest_memfd size {size:#x} is zero, negative or unaligned")
+            raise KvmError(errno.EINVAL, "C-4", f"guest_memfd size {size:#x} is zero, negative or unaligned")
         inode = GmemInode(self, size, flags, self.type_info.gmem_folio_order)
         file = GmemFile(self, inode)
         self.trace("gmem_create", ino=inode.ino, size=size, flags=flags)
@@ -197,7 +197,7 @@ class ModelVm(api.Vm):
         self._ioctl()
         v1_flags = uapi.KVM_MEM_LOG_DIRTY_PAGES | uapi.KVM_MEM_READONLY
         if flags & ~v1_flags:
-            raise kvm_error(
+            raise KvmError(
                 errno.EINVAL, "S-2", f"flags {flags:#x} not allowed in KVM_SET_USER_MEMORY_REGION"
             )
         self._set_region(Region(slot, flags, guest_phys_addr, memory_size, userspace_addr))
@@ -222,12 +222,12 @@ class ModelVm(api.Vm):
     def _set_region(self, mem: Region) -> None:
         for name in ("slot", "flags"):
             if not 0 <= getattr(mem, name) <= 0xFFFFFFFF:
-                raise kvm_error(errno.EINVAL, "S-1", f"{name} does not fit the u32 field")
+                raise KvmError(errno.EINVAL, "S-1", f"{name} does not fit the u32 field")
         for name in ("guest_phys_addr", "memory_size", "userspace_addr", "guest_memfd_offset"):
             if not 0 <= getattr(mem, name) <= uapi.U64_MAX:
-                raise kvm_error(errno.EINVAL, "S-1", f"{name} does not fit the u64 field")
+                raise KvmError(errno.EINVAL, "S-1", f"{name} does not fit the u64 field")
         if mem.id >= uapi.KVM_USER_MEM_SLOTS:
-            raise kvm_error(errno.EINVAL, "S-3", f"slot id {mem.id} >= KVM_USER_MEM_SLOTS")
+            raise KvmError(errno.EINVAL, "S-3", f"slot id {mem.id} >= KVM_USER_MEM_SLOTS")
         change, old = check_region(self, mem)
         if change is Change.NONE:
             return
@@ -275,21 +275,21 @@ class ModelVm(api.Vm):
         """The fd checks of ``kvm_gmem_bind`` (B-1..B-3)."""
         obj = self.kvm.fd_lookup(fd)
         if obj is None:
-            raise kvm_error(errno.EBADF, "B-1", f"guest_memfd {fd} is not an open file descriptor")
+            raise KvmError(errno.EBADF, "B-1", f"guest_memfd {fd} is not an open file descriptor")
         from guestmem.model.files import ModelGuestMemfd
 
         if not isinstance(obj, ModelGuestMemfd):
-            raise kvm_error(errno.EINVAL, "B-2", f"fd {fd} is not a guest_memfd ({type(obj).__name__})")
+            raise KvmError(errno.EINVAL, "B-2", f"fd {fd} is not a guest_memfd ({type(obj).__name__})")
         if obj.file.vm is not self:
-            raise kvm_error(errno.EINVAL, "B-3", f"guest_memfd {fd} belongs to another VM")
+            raise KvmError(errno.EINVAL, "B-3", f"guest_memfd {fd} belongs to another VM")
         return obj.file
 
     def _prepare_memory_region(self, new: Memslot) -> None:
         """``kvm_arch_prepare_memory_region`` for create/move (S-7 max gfn, S-16)."""
         if new.end_gfn - 1 > self.max_gfn:
-            raise kvm_error(errno.EINVAL, "S-7", f"{new.describe()} exceeds the guest physical address width")
+            raise KvmError(errno.EINVAL, "S-7", f"{new.describe()} exceeds the guest physical address width")
         if self.type_info.gmem_slot_requires_mmap and new.has_gmem and not new.gmem_only:
-            raise kvm_error(
+            raise KvmError(
                 errno.EINVAL, "S-16", "a guest_memfd memslot needs a GUEST_MEMFD_FLAG_MMAP file here"
             )
 
@@ -380,7 +380,7 @@ class ModelVm(api.Vm):
         """``KVM_SET_MEMORY_ATTRIBUTES`` (A-1..A-12)."""
         self._ioctl()
         if not self.kvm.attributes_built(self):
-            raise kvm_error(errno.ENOTTY, "A-1", "KVM_SET_MEMORY_ATTRIBUTES is not supported by this kernel")
+            raise KvmError(errno.ENOTTY, "A-1", "KVM_SET_MEMORY_ATTRIBUTES is not supported by this kernel")
         for name, value in (
             ("address", address),
             ("size", size),
@@ -388,18 +388,18 @@ class ModelVm(api.Vm):
             ("flags", flags),
         ):
             if not 0 <= value <= uapi.U64_MAX:
-                raise kvm_error(errno.EINVAL, "A-2", f"{name} does not fit the u64 field")
+                raise KvmError(errno.EINVAL, "A-2", f"{name} does not fit the u64 field")
         if flags:
-            raise kvm_error(errno.EINVAL, "A-3", f"flags must be 0, got {flags:#x}")
+            raise KvmError(errno.EINVAL, "A-3", f"flags must be 0, got {flags:#x}")
         supported = self.supported_attributes()
         if attributes & ~supported:
-            raise kvm_error(
+            raise KvmError(
                 errno.EINVAL, "A-4", f"attributes {attributes:#x} not in supported {supported:#x}"
             )
         if size == 0 or address + size > uapi.U64_MAX:
-            raise kvm_error(errno.EINVAL, "A-5", "size is zero or address + size wraps")
+            raise KvmError(errno.EINVAL, "A-5", "size is zero or address + size wraps")
         if address % PAGE_SIZE or size % PAGE_SIZE:
-            raise kvm_error(errno.EINVAL, "A-6", "address and size must be page aligned")
+            raise KvmError(errno.EINVAL, "A-6", "address and size must be page aligned")
         self._set_mem_attributes(address >> PAGE_SHIFT, (address + size) >> PAGE_SHIFT, attributes)
 
     def _set_mem_attributes(self, start: int, end: int, attributes: int) -> None:
@@ -481,9 +481,9 @@ class ModelVm(api.Vm):
         from guestmem.model.vcpu import ModelVcpu
 
         if not 0 <= vcpu_id < 4096:
-            raise kvm_error(errno.EINVAL, "", f"vcpu id {vcpu_id} out of range")
+            raise KvmError(errno.EINVAL, "", f"vcpu id {vcpu_id} out of range")
         if vcpu_id in self.vcpus:
-            raise kvm_error(errno.EEXIST, "", f"vcpu {vcpu_id} already exists")
+            raise KvmError(errno.EEXIST, "", f"vcpu {vcpu_id} already exists")
         vcpu = ModelVcpu(self, vcpu_id)
         self.vcpus[vcpu_id] = vcpu
         return vcpu
@@ -506,7 +506,7 @@ class ModelVm(api.Vm):
             if pfn is not None:
                 return pfn
             self.count("fault_retries")
-        raise kvm_error(
+        raise KvmError(
             errno.EAGAIN, "3.3", f"fault at gpa {fault.gpa:#x} kept retrying: an invalidation is in progress"
         )
 
@@ -534,7 +534,7 @@ class ModelVm(api.Vm):
             raise _Emulate("no memslot")
         if slot.flags & uapi.KVM_MEMSLOT_INVALID:  # G-8: being deleted or moved
             if fault.prefetch:
-                raise kvm_error(errno.EAGAIN, "G-8", f"{slot.describe()} is being deleted or moved")
+                raise KvmError(errno.EAGAIN, "G-8", f"{slot.describe()} is being deleted or moved")
             return None
         if mmu.retry_gfn(fault.mmu_seq, gfn):
             return None
@@ -582,12 +582,12 @@ class ModelVm(api.Vm):
         hva = slot.gfn_to_hva(gfn)
         vma = self.kvm.mm.find(hva)
         if vma is None:
-            raise kvm_error(errno.EFAULT, "G-7", f"no host mapping at hva {hva:#x} for gfn {gfn:#x}")
+            raise KvmError(errno.EFAULT, "G-7", f"no host mapping at hva {hva:#x} for gfn {gfn:#x}")
         page = (hva - vma.address) >> PAGE_SHIFT
         try:
             pfn = vma.fault(page, write)
         except KvmError as exc:
-            raise kvm_error(errno.EFAULT, "G-7", f"host fault at hva {hva:#x} failed: {exc.detail}") from None
+            raise KvmError(errno.EFAULT, "G-7", f"host fault at hva {hva:#x} failed: {exc.detail}") from None
         return pfn, vma.host_level(page)
 
     def _mapping_level(self, fault: Fault, slot: Memslot, pfn: int, max_level: int, gmem_path: bool) -> int:
@@ -647,14 +647,14 @@ class ModelVm(api.Vm):
         if npages <= 0:
             raise ValueError("npages must be positive")
         if self.dead:
-            raise kvm_error(errno.EIO, "CAP-9", f"VM is dead: {self.dead_reason}")
+            raise KvmError(errno.EIO, "CAP-9", f"VM is dead: {self.dead_reason}")
         ranges = bool(getattr(self.backend.policy, "guestmem_range_faults", False))
         end = gfn + npages
         cur = gfn
         while cur < end:
             try:
                 if self.dead:  # a hook killed the VM
-                    raise kvm_error(errno.EIO, "CAP-9", f"VM is dead: {self.dead_reason}")
+                    raise KvmError(errno.EIO, "CAP-9", f"VM is dead: {self.dead_reason}")
                 run = self._uniform_run(cur, end, private) if ranges else None
                 if run is not None:
                     cur += self._fault_run(cur, run, private, write, vcpu)
@@ -799,13 +799,13 @@ class ModelVm(api.Vm):
     def gmem_populate(self, gfn: int, src: bytes | None, npages: int, opaque: Any = None) -> int:
         """``kvm_gmem_populate`` (P-1..P-5); returns the number of pages populated."""
         if npages <= 0:
-            raise kvm_error(errno.EINVAL, "P-1", "npages must be positive")
+            raise KvmError(errno.EINVAL, "P-1", "npages must be positive")
         slot = self.slot_for_gfn(gfn)
         if slot is None or not slot.has_gmem:
-            raise kvm_error(errno.EINVAL, "P-2", f"gfn {gfn:#x} is not in a guest_memfd memslot")
+            raise KvmError(errno.EINVAL, "P-2", f"gfn {gfn:#x} is not in a guest_memfd memslot")
         file = slot.gmem_file
         if file is None or file.released:
-            raise kvm_error(errno.EFAULT, "P-2", "the memslot's guest_memfd was closed")
+            raise KvmError(errno.EFAULT, "P-2", "the memslot's guest_memfd was closed")
         npages = min(npages, slot.end_gfn - gfn)
         inode = file.inode
         done = 0
@@ -817,14 +817,14 @@ class ModelVm(api.Vm):
                 cur = gfn + done
                 index = slot.gfn_to_index(cur)
                 if file.bindings.get(index) is not slot:
-                    raise kvm_error(
+                    raise KvmError(
                         errno.EIO, "G-12", f"gmem index {index:#x} is not bound to {slot.describe()}"
                     )
                 _, end, folio = inode.get_folio(index)
                 if folio.hwpoison:
-                    raise kvm_error(EHWPOISON, "E-2", f"gmem page {index:#x} is hardware-poisoned")
+                    raise KvmError(EHWPOISON, "E-2", f"gmem page {index:#x} is hardware-poisoned")
                 if folio.uptodate:
-                    raise kvm_error(errno.EEXIST, "P-4", f"gmem page {index:#x} is already prepared")
+                    raise KvmError(errno.EEXIST, "P-4", f"gmem page {index:#x} is already prepared")
                 # the largest aligned power of two the folio and the request allow
                 n = 1 << (min(end - index, npages - done).bit_length() - 1)
                 while index % n:
@@ -832,7 +832,7 @@ class ModelVm(api.Vm):
                 while n > 1 and not self.attributes.covers(cur, cur + n, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE):
                     n //= 2
                 if not self.is_private(cur):
-                    raise kvm_error(errno.EINVAL, "P-3", f"gfn {cur:#x} is not private")
+                    raise KvmError(errno.EINVAL, "P-3", f"gfn {cur:#x} is not private")
                 chunk = None if src is None else src[done * PAGE_SIZE : (done + n) * PAGE_SIZE]
                 ret = self.hooks.post_populate(
                     vm=self,
@@ -843,7 +843,7 @@ class ModelVm(api.Vm):
                     opaque=opaque,
                 )
                 if ret:  # a nonzero return is the callback's -errno: not prepared, stop
-                    raise kvm_error(abs(int(ret)), "P-5", f"post_populate of gfn {cur:#x} returned {ret}")
+                    raise KvmError(abs(int(ret)), "P-5", f"post_populate of gfn {cur:#x} returned {ret}")
                 inode.set_state(index, index + n, uptodate=True)
                 done += n
         except KvmError:

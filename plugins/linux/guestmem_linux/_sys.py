@@ -94,7 +94,7 @@ def ioctl_name(request: int) -> str:
 
 def error(err: int, what: str, rule: str = "") -> KvmError:
     """The :class:`KvmError` for *what* failing with *err*."""
-    return KvmError(err, f"{what}: {os.strerror(err)}", rule)
+    return KvmError(err, rule, f"{what}: {os.strerror(err)}")
 
 
 def ioctl_int(fd: int, request: int, arg: int = 0) -> int:

@@ -33,7 +33,7 @@ DEV_KVM = "/dev/kvm"
 
 
 def _closed(what: str) -> KvmError:
-    return KvmError(errno.EBADF, f"{what} is closed")
+    return KvmError(errno.EBADF, "", f"{what} is closed")
 
 
 class _FdOwner:
@@ -93,10 +93,11 @@ class LinuxHostMapping(api.HostMapping):
 
     def _check(self, offset: int, n: int) -> int:
         if self._mem is None:
-            raise KvmError(errno.EFAULT, "access to an unmapped host mapping (SIGSEGV)")
+            raise KvmError(errno.EFAULT, "", "access to an unmapped host mapping (SIGSEGV)")
         if offset < 0 or n < 0 or offset + n > self.length:
             raise KvmError(
                 errno.EFAULT,
+                "",
                 f"host access [{offset:#x}, {offset + n:#x}) outside the mapping of {self.length:#x} bytes",
             )
         return self._mem
@@ -186,7 +187,7 @@ def _fd_of(guest_memfd: Any) -> int:
         return 0xFFFF_FFFF  # what a closed fd number reads as: fget fails (B-1), after S-1..S-14
     fileno = getattr(guest_memfd, "fileno", None)
     if fileno is None:
-        raise KvmError(errno.EBADF, f"guest_memfd {guest_memfd!r} is neither an fd nor has fileno()", "B-1")
+        raise KvmError(errno.EBADF, "B-1", f"guest_memfd {guest_memfd!r} is neither an fd nor has fileno()")
     return int(fileno())
 
 
@@ -268,14 +269,15 @@ class LinuxVcpu(_FdOwner, api.Vcpu):
         if length <= 0 or gpa < 0:
             raise ValueError("length must be positive and gpa non-negative")
         if private:
-            raise KvmError(errno.EINVAL, "a KVM_X86_DEFAULT_VM guest cannot make private accesses")
+            raise KvmError(errno.EINVAL, "", "a KVM_X86_DEFAULT_VM guest cannot make private accesses")
         if length > guest.BOUNCE_SIZE:
             raise KvmError(
-                errno.EINVAL, f"guest access length {length:#x} outside [1, {guest.BOUNCE_SIZE:#x}]"
+                errno.EINVAL, "", f"guest access length {length:#x} outside [1, {guest.BOUNCE_SIZE:#x}]"
             )
         if gpa + length > guest.RUNNER_GPA:
             raise KvmError(
                 errno.EINVAL,
+                "",
                 f"gpa range [{gpa:#x}, {gpa + length:#x}) not below the runner slot at {guest.RUNNER_GPA:#x}",
             )
         bounce = self._vm._runner()
@@ -413,6 +415,7 @@ class LinuxVm(_FdOwner, api.Vm):
                 _sys.munmap(memory, guest.RUNNER_SIZE)
                 raise KvmError(
                     exc.errno or errno.EINVAL,
+                    "",
                     f"cannot install the guest runner (slot {guest.RUNNER_SLOT}, gpa {guest.RUNNER_GPA:#x}"
                     f"+{guest.RUNNER_SIZE:#x}; keep both free for Vcpu.access): {exc.strerror}",
                 ) from None
@@ -432,7 +435,7 @@ class LinuxKvm(_FdOwner, api.Kvm):
         except OSError as exc:
             err = exc.errno or errno.ENOENT
             raise KvmError(
-                err, f"cannot open {path} ({os.strerror(err)}): the linux backend needs a kernel with KVM"
+                err, "", f"cannot open {path} ({os.strerror(err)}): the linux backend needs a kernel with KVM"
             ) from None
         self._fd = fd
         self.path = path

@@ -156,7 +156,7 @@ def test_memory_fault_exit_is_reported_as_memory_fault(vm: LinuxVm, monkeypatch:
 
     def failing_run(fd: int, request: int, arg: int = 0) -> int:
         assert request == uapi.KVM_RUN
-        raise KvmError(errno.EFAULT, "KVM_RUN")
+        raise KvmError(errno.EFAULT, "", "KVM_RUN")
 
     monkeypatch.setattr(linux_kvm._sys, "ioctl_int", failing_run)
     with pytest.raises(MemoryFault) as info:

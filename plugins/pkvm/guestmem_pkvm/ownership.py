@@ -116,7 +116,7 @@ class HypError(KvmError):
 
     def __init__(self, err: int, call: str, why: str) -> None:
         self.call = call
-        super().__init__(err, f"{call}: {why}", "pKVM-3.2")
+        super().__init__(err, "pKVM-3.2", f"{call}: {why}")
 
 
 #: ``listener(table, pfn, npages, old, new)``: a table entry changed over ``[pfn, pfn+npages)``.

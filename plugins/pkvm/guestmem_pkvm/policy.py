@@ -143,7 +143,7 @@ def enable_exit_hypercall(vm: Any, mask: int) -> None:
     unshare exit, so that userspace hears of every conversion (a model choice, see README).
     """
     if mask & ~abi.KVM_EXIT_HYPERCALL_VALID_MASK:
-        raise KvmError(errno.EINVAL, f"exit mask {mask:#x} has unsupported bits", RULE)
+        raise KvmError(errno.EINVAL, RULE, f"exit mask {mask:#x} has unsupported bits")
     pkvm_state(vm).exit_mask = mask
 
 
@@ -213,10 +213,10 @@ class PkvmPolicy:
         if page.state == PageState.POISON:
             # __pkvm_vcpu_in_poison_fault: KVM_RUN returns -EFAULT, no memory-fault exit.
             vm.count("pkvm.poison_faults")
-            raise KvmError(errno.EFAULT, f"gfn {gfn:#x}: the host force-reclaimed this page", "pKVM-3.2")
+            raise KvmError(errno.EFAULT, "pKVM-3.2", f"gfn {gfn:#x}: the host force-reclaimed this page")
         if page.state != PageState.NOPAGE:
             if page.pfn(gfn) != pfn:
-                raise KvmError(errno.EFAULT, f"gfn {gfn:#x} is owned at another pfn", RULE)
+                raise KvmError(errno.EFAULT, RULE, f"gfn {gfn:#x} is owned at another pfn")
             return  # the hypervisor already gave it: only the stage-2 leaf is rebuilt
         fault.max_level = uapi.PG_LEVEL_4K
         if not state.protected:
@@ -381,7 +381,7 @@ class PkvmPolicy:
                 if loc is not None and loc.inode.host_mapped(loc.index):
                     # Restricted mapping: to-private is refused while the folio is mapped.
                     vm.count("pkvm.unshare_refused_mapped")
-                    raise KvmError(errno.EAGAIN, f"gfn {g:#x}: the host still maps this page", "pKVM-3.3")
+                    raise KvmError(errno.EAGAIN, "pKVM-3.3", f"gfn {g:#x}: the host still maps this page")
             hyp.guest_unshare_host(hvm, gfn, done)
         # In place: a page mapped before the call is the same page after it.
         pfns = {g: (before[g], vm.mmu.lookup(g)) for g in before if g < gfn + done}

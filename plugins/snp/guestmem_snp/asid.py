@@ -75,7 +75,7 @@ class AsidAllocator:
         """``sev_asid_new()``: the lowest free ASID of the range; recycles once if full."""
         rng = self.range_for(es=es, snp=snp)
         if rng.size == 0:
-            raise KvmError(errno.ENOTTY, f"no ASIDs for this guest type ({rng.min_asid}..{rng.max_asid})")
+            raise KvmError(errno.ENOTTY, "", f"no ASIDs for this guest type ({rng.min_asid}..{rng.max_asid})")
         for attempt in range(2):
             for asid in range(rng.min_asid, rng.max_asid + 1):
                 if asid not in self._used:
@@ -83,7 +83,7 @@ class AsidAllocator:
                     return asid
             if attempt == 0 and not self._recycle(rng):
                 break
-        raise KvmError(errno.EBUSY, f"all {rng.size} ASIDs {rng.min_asid}..{rng.max_asid} are in use")
+        raise KvmError(errno.EBUSY, "", f"all {rng.size} ASIDs {rng.min_asid}..{rng.max_asid} are in use")
 
     def _recycle(self, rng: AsidRange) -> bool:
         """``__sev_recycle_asids()``: flush, then free every reclaimed ASID (of any range)."""

@@ -14,7 +14,7 @@ import errno
 from typing import TYPE_CHECKING, Any
 
 from guestmem import uapi
-from guestmem.errors import kvm_error
+from guestmem.errors import KvmError
 from guestmem_snp.ghcb import (
     KVM_HC_MAP_GPA_RANGE,
     SVM_EXIT_VMGEXIT,
@@ -54,7 +54,7 @@ class SnpGuest:
         self.vm = vcpu.vm
         self.sev: SevVm = as_sev(vcpu.vm)
         if not self.sev.snp:
-            raise kvm_error(errno.ENOTTY, "", "PVALIDATE and page-state changes need an SNP VM")
+            raise KvmError(errno.ENOTTY, "", "PVALIDATE and page-state changes need an SNP VM")
 
     @property
     def state(self) -> SevVcpu:
@@ -73,7 +73,7 @@ class SnpGuest:
             raise RuntimeError("resume() without a pending KVM_EXIT_HYPERCALL")
         self.vm.host.check_alive()
         if self.vm.dead:
-            raise kvm_error(errno.EIO, "CAP-9", f"VM is dead: {self.vm.dead_reason}")
+            raise KvmError(errno.EIO, "CAP-9", f"VM is dead: {self.vm.dead_reason}")
         self.state.pending = None
         return pending(ret)
 

@@ -26,7 +26,7 @@ import attrs
 import structlog
 
 from guestmem import uapi
-from guestmem.errors import KvmError, kvm_error
+from guestmem.errors import KvmError
 from guestmem_snp.ghcb import KVM_EXIT_HYPERCALL_VALID_MASK, PscBuffer, PscEngine
 from guestmem_snp.host import SVM_SEV_FEAT_SECURE_TSC, SnpHost, snp_host
 from guestmem_snp.rmp import PTRS_PER_PMD, RMP_RC_NAMES, RMP_SUCCESS, RmpEntry
@@ -171,7 +171,7 @@ class SevVm:
         """The checks of ``sev_mem_enc_ioctl`` before a command."""
         self.vm.host.check_alive()
         if self.vm.dead:
-            raise kvm_error(errno.EIO, "CAP-9", f"VM is dead: {self.vm.dead_reason}")
+            raise KvmError(errno.EIO, "CAP-9", f"VM is dead: {self.vm.dead_reason}")
 
     def _psp(self, command: str, n: int = 1) -> None:
         self.vm.count("psp_commands", n)
@@ -215,7 +215,7 @@ class SevVm:
         """``KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)``: which hypercalls exit to userspace."""
         self._command()
         if mask & ~KVM_EXIT_HYPERCALL_VALID_MASK:
-            raise kvm_error(
+            raise KvmError(
                 errno.EINVAL, "", f"hypercall exit mask {mask:#x} not in {KVM_EXIT_HYPERCALL_VALID_MASK:#x}"
             )
         self.hypercall_exit_enabled = mask
@@ -225,26 +225,26 @@ class SevVm:
         self._command()
         if self.snp_active:
             # sev_mem_enc_ioctl: once an SNP guest, only the SNP commands (id >= 100) are allowed.
-            raise kvm_error(errno.EPERM, "", "KVM_SEV_INIT2 on an initialised SNP VM")
+            raise KvmError(errno.EPERM, "", "KVM_SEV_INIT2 on an initialised SNP VM")
         if not self.need_init or self.active:
-            raise kvm_error(errno.EINVAL, "", "KVM_SEV_INIT2: the VM is already initialised")
+            raise KvmError(errno.EINVAL, "", "KVM_SEV_INIT2: the VM is already initialised")
         if self.vm.vcpus:
-            raise kvm_error(errno.EINVAL, "", "KVM_SEV_INIT2 must come before KVM_CREATE_VCPU")
+            raise KvmError(errno.EINVAL, "", "KVM_SEV_INIT2 must come before KVM_CREATE_VCPU")
         if flags:
-            raise kvm_error(errno.EINVAL, "", f"KVM_SEV_INIT2: flags must be 0, got {flags:#x}")
+            raise KvmError(errno.EINVAL, "", f"KVM_SEV_INIT2: flags must be 0, got {flags:#x}")
         valid = self.host.vmsa_features if self.es else 0
         if not self.snp:
             valid &= ~SVM_SEV_FEAT_SECURE_TSC
         if vmsa_features & ~valid:
-            raise kvm_error(
+            raise KvmError(
                 errno.EINVAL, "", f"KVM_SEV_INIT2: vmsa_features {vmsa_features:#x} not in {valid:#x}"
             )
         if ghcb_version > GHCB_VERSION_MAX or (not self.es and ghcb_version):
-            raise kvm_error(errno.EINVAL, "", f"KVM_SEV_INIT2: bad ghcb_version {ghcb_version}")
+            raise KvmError(errno.EINVAL, "", f"KVM_SEV_INIT2: bad ghcb_version {ghcb_version}")
         if self.es and ghcb_version == 0:
             ghcb_version = 2
         if self.snp and ghcb_version < 2:
-            raise kvm_error(errno.EINVAL, "", "KVM_SEV_INIT2: SNP needs GHCB protocol version 2")
+            raise KvmError(errno.EINVAL, "", "KVM_SEV_INIT2: SNP needs GHCB protocol version 2")
         recycles = self.host.asids.stats["asid_recycle"]
         self.asid = self.host.asids.allocate(es=self.es, snp=self.snp)
         if self.host.asids.stats["asid_recycle"] != recycles:
@@ -266,15 +266,15 @@ class SevVm:
         """``KVM_SEV_SNP_LAUNCH_START``: create the guest context (a firmware page), bind the ASID."""
         self._command()
         if not self.snp_active:
-            raise kvm_error(errno.ENOTTY, "", "KVM_SEV_SNP_LAUNCH_START needs an initialised SNP VM")
+            raise KvmError(errno.ENOTTY, "", "KVM_SEV_SNP_LAUNCH_START needs an initialised SNP VM")
         if self.gctx_pfn is not None:
-            raise kvm_error(errno.EINVAL, "", "KVM_SEV_SNP_LAUNCH_START: the launch already started")
+            raise KvmError(errno.EINVAL, "", "KVM_SEV_SNP_LAUNCH_START: the launch already started")
         if flags:
-            raise kvm_error(errno.EINVAL, "", f"KVM_SEV_SNP_LAUNCH_START: flags must be 0, got {flags:#x}")
+            raise KvmError(errno.EINVAL, "", f"KVM_SEV_SNP_LAUNCH_START: flags must be 0, got {flags:#x}")
         if policy & ~SNP_POLICY_MASK_VALID:
-            raise kvm_error(errno.EINVAL, "", f"SNP policy {policy:#x} has unknown bits")
+            raise KvmError(errno.EINVAL, "", f"SNP policy {policy:#x} has unknown bits")
         if not policy & SNP_POLICY_MASK_RSVD_MBO:
-            raise kvm_error(errno.EINVAL, "", "SNP policy lacks the must-be-one bit 17")
+            raise KvmError(errno.EINVAL, "", "SNP policy lacks the must-be-one bit 17")
         pfn = self._alloc_firmware_page()
         self.gctx_pfn = pfn
         self.policy = policy
@@ -295,11 +295,11 @@ class SevVm:
         """
         self._command()
         if not self.snp_active or self.gctx_pfn is None:
-            raise kvm_error(errno.EINVAL, "", "KVM_SEV_SNP_LAUNCH_UPDATE outside of a launch")
+            raise KvmError(errno.EINVAL, "", "KVM_SEV_SNP_LAUNCH_UPDATE outside of a launch")
         if params.flags or params.type not in _USER_PAGE_TYPES:
-            raise kvm_error(errno.EINVAL, "", f"KVM_SEV_SNP_LAUNCH_UPDATE: bad type {params.type} or flags")
+            raise KvmError(errno.EINVAL, "", f"KVM_SEV_SNP_LAUNCH_UPDATE: bad type {params.type} or flags")
         if params.len <= 0 or params.len % PAGE_SIZE:
-            raise kvm_error(
+            raise KvmError(
                 errno.EINVAL, "", f"KVM_SEV_SNP_LAUNCH_UPDATE: len {params.len:#x} not page aligned"
             )
         npages = params.len >> PAGE_SHIFT
@@ -308,13 +308,13 @@ class SevVm:
         src = None if params.type == KVM_SEV_SNP_PAGE_TYPE_ZERO else params.data or b""
         slot = self.vm.slot_for_gfn(params.gfn_start)
         if slot is None or not slot.has_gmem:
-            raise kvm_error(errno.EINVAL, "P-2", f"gfn {params.gfn_start:#x} is not in a guest_memfd memslot")
+            raise KvmError(errno.EINVAL, "P-2", f"gfn {params.gfn_start:#x} is not in a guest_memfd memslot")
         params.error = 0
         opaque = _Populate(params, params.gfn_start, npages)
         try:
             count = self.vm.gmem_populate(params.gfn_start, src, npages, opaque)
         except KvmError as exc:
-            raise kvm_error(
+            raise KvmError(
                 errno.EIO, exc.rule, f"KVM_SEV_SNP_LAUNCH_UPDATE: kvm_gmem_populate failed: {exc.strerror}"
             ) from exc
         params.gfn_start += count
@@ -342,11 +342,11 @@ class SevVm:
         """``KVM_SEV_SNP_LAUNCH_FINISH``: measure every vCPU's VMSA, seal; returns the digest."""
         self._command()
         if not self.snp_active:
-            raise kvm_error(errno.ENOTTY, "", "KVM_SEV_SNP_LAUNCH_FINISH needs an initialised SNP VM")
+            raise KvmError(errno.ENOTTY, "", "KVM_SEV_SNP_LAUNCH_FINISH needs an initialised SNP VM")
         if self.gctx_pfn is None or self.snp_finished:
-            raise kvm_error(errno.EINVAL, "", "KVM_SEV_SNP_LAUNCH_FINISH outside of a launch")
+            raise KvmError(errno.EINVAL, "", "KVM_SEV_SNP_LAUNCH_FINISH outside of a launch")
         if flags:
-            raise kvm_error(errno.EINVAL, "", f"KVM_SEV_SNP_LAUNCH_FINISH: flags must be 0, got {flags:#x}")
+            raise KvmError(errno.EINVAL, "", f"KVM_SEV_SNP_LAUNCH_FINISH: flags must be 0, got {flags:#x}")
         rmp = self.host.rmp
         for vcpu_id in sorted(self.vm.vcpus):
             pfn = self.vm.host.alloc(1)
@@ -357,7 +357,7 @@ class SevVm:
                 rc = rmp.make_private(pfn, INITIAL_VMSA_GPA, uapi.PG_LEVEL_4K, self.asid, immutable=True)
                 self.vm.count("rmpupdate")
                 if rc:
-                    raise kvm_error(errno.EINVAL, "", f"VMSA of vCPU {vcpu_id}: RMPUPDATE failed ({rc})")
+                    raise KvmError(errno.EINVAL, "", f"VMSA of vCPU {vcpu_id}: RMPUPDATE failed ({rc})")
                 rmp.launch_update(pfn, vmsa=True)
             self._psp("SNP_LAUNCH_UPDATE(VMSA)")
             contents = hashlib.sha384(self.vm.host.read(pfn, 0, PAGE_SIZE)).digest()
@@ -414,7 +414,7 @@ class SevVm:
                         break
         if rc:
             self._rmp_failed("sev_gmem_prepare", pfn, rc)
-            raise kvm_error(errno.EINVAL, "", f"sev_gmem_prepare: RMPUPDATE of pfn {pfn:#x} failed ({rc})")
+            raise KvmError(errno.EINVAL, "", f"sev_gmem_prepare: RMPUPDATE of pfn {pfn:#x} failed ({rc})")
 
     def gmem_invalidate(self, start: int, end: int) -> None:
         """``sev_gmem_invalidate``: every assigned pfn back to shared, PSMASH where partial, clflush."""
@@ -476,10 +476,10 @@ class SevVm:
         folio launched before it go back to shared (kernel: ``err:``).
         """
         if not isinstance(opaque, _Populate):
-            raise kvm_error(errno.EINVAL, "P-5", "kvm_gmem_populate on an SNP VM outside LAUNCH_UPDATE")
+            raise KvmError(errno.EINVAL, "P-5", "kvm_gmem_populate on an SNP VM outside LAUNCH_UPDATE")
         params = opaque.params
         if src is None and params.type != KVM_SEV_SNP_PAGE_TYPE_ZERO:
-            raise kvm_error(errno.EINVAL, "", "sev_gmem_post_populate: no source for a non-ZERO page")
+            raise KvmError(errno.EINVAL, "", "sev_gmem_post_populate: no source for a non-ZERO page")
         npages = 1 << order
         done = 0
         with self.host.acting(self.vm):
@@ -499,18 +499,18 @@ class SevVm:
         host = self.vm.host
         self.host.freed.erase(pfn, pfn + 1)
         if rmp.is_assigned(pfn):
-            raise kvm_error(errno.EEXIST, "", f"sev_gmem_post_populate: pfn {pfn:#x} is already assigned")
+            raise KvmError(errno.EEXIST, "", f"sev_gmem_post_populate: pfn {pfn:#x} is already assigned")
         page_type = params.type
         if src is not None:
             if len(src) < PAGE_SIZE:
-                raise kvm_error(errno.EFAULT, "", f"sev_gmem_post_populate: gfn {gfn:#x}: source unreadable")
+                raise KvmError(errno.EFAULT, "", f"sev_gmem_post_populate: gfn {gfn:#x}: source unreadable")
             host.write(pfn, 0, src)
             self.vm.count("copied_bytes", PAGE_SIZE)
         self._adjust_direct_map(pfn, 1)
         rc = rmp.make_private(pfn, gfn << PAGE_SHIFT, uapi.PG_LEVEL_4K, self.asid, immutable=True)
         self.vm.count("rmpupdate")
         if rc:
-            raise kvm_error(
+            raise KvmError(
                 errno.EFAULT, "", f"sev_gmem_post_populate: RMPUPDATE of pfn {pfn:#x} failed ({rc})"
             )
         self._psp("SNP_LAUNCH_UPDATE")
@@ -524,7 +524,7 @@ class SevVm:
         if fw_error:
             params.error = fw_error
             self._page_reclaim(pfn)
-            raise kvm_error(errno.EIO, "", f"SNP_LAUNCH_UPDATE of gfn {gfn:#x}: firmware error {fw_error:#x}")
+            raise KvmError(errno.EIO, "", f"SNP_LAUNCH_UPDATE of gfn {gfn:#x}: firmware error {fw_error:#x}")
         if page_type == KVM_SEV_SNP_PAGE_TYPE_ZERO:
             host.zero(pfn, 1)
             self.vm.count("zeroed_bytes", PAGE_SIZE)
@@ -631,5 +631,5 @@ def as_sev(vm: Any) -> SevVm:
     """``vm.arch`` of an SEV VM, or ``ENOTTY`` (``KVM_MEMORY_ENCRYPT_OP`` on another VM)."""
     arch = getattr(vm, "arch", None)
     if not isinstance(arch, SevVm):
-        raise kvm_error(errno.ENOTTY, "", f"{vm!r} is not an SEV/SEV-ES/SNP VM of the snp backend")
+        raise KvmError(errno.ENOTTY, "", f"{vm!r} is not an SEV/SEV-ES/SNP VM of the snp backend")
     return arch
