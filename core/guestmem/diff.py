@@ -24,7 +24,7 @@ import errno
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -1040,7 +1040,3 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     print(summary.render())
     return 1 if summary.disagreements else 0
 
-
-def format_program(program: Iterable[Op]) -> str:
-    """One op per line."""
-    return "\n".join(str(op) for op in program)
