@@ -31,11 +31,10 @@ import attrs
 
 import guestmem
 from guestmem import api, uapi
+from guestmem.diff.program import Disagreement, Op, Outcome
 from guestmem.errors import GuestExit, HostSigbus, InternalErrorExit, KvmError, MemoryFault, MmioExit
 
 PAGE = uapi.PAGE_SIZE
-#: Outcome of one op: a tuple whose first item is its kind ("ok", "errno", "sigbus", ...).
-Outcome = tuple[Any, ...]
 
 #: Capabilities compared by ``check_extension`` ops.
 CAPS = (
@@ -52,51 +51,6 @@ CAPS = (
     uapi.KVM_CAP_READONLY_MEM,
     uapi.KVM_CAP_MULTI_ADDRESS_SPACE,
 )
-
-
-@attrs.frozen
-class Op:
-    """One uAPI operation; ``id`` names the object it creates (if any)."""
-
-    id: int
-    name: str
-    args: tuple[Any, ...] = ()
-
-    def __str__(self) -> str:
-        shown = ", ".join(_show(a) for a in self.args)
-        return f"#{self.id} {self.name}({shown})"
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return repr(value)
-    if isinstance(value, int):
-        return hex(value) if abs(value) >= 10 else str(value)
-    if isinstance(value, tuple):
-        return "(" + ", ".join(_show(v) for v in value) + ")"
-    return repr(value)
-
-
-@attrs.frozen
-class Disagreement:
-    """The first op of *program* whose outcomes differ between the two backends."""
-
-    program: tuple[Op, ...]
-    index: int
-    left: Outcome
-    right: Outcome
-
-    @property
-    def op(self) -> Op:
-        """The op that disagreed."""
-        return self.program[self.index]
-
-    def render(self, left: str = "left", right: str = "right") -> str:
-        """A reproducer: the program and both outcomes of its disagreeing op."""
-        lines = [f"  {op}" for op in self.program[: self.index + 1]]
-        lines.append(f"  -> {left}: {self.left}")
-        lines.append(f"  -> {right}: {self.right}")
-        return "\n".join(lines)
 
 
 # --- backends -------------------------------------------------------------------------------
