@@ -31,6 +31,7 @@ import guestmem
 from guestmem import uapi
 from guestmem.diff.interpreter import Opener, compare, host_profile, opener, run_program
 from guestmem.diff.program import Disagreement, Op, Outcome
+from guestmem.diff.shrink import shrink
 
 __all__ = [
     "CAPS",
@@ -67,27 +68,6 @@ CAPS = (
     uapi.KVM_CAP_READONLY_MEM,
     uapi.KVM_CAP_MULTI_ADDRESS_SPACE,
 )
-
-
-def shrink(left: Opener, right: Opener, found: Disagreement) -> Disagreement:
-    """Delete ops while a disagreement on the same kind of op remains (greedy, one pass per size)."""
-    program = list(found.program[: found.index + 1])
-    best = Disagreement(tuple(program), found.index, found.left, found.right)
-    name = found.op.name
-    chunk = max(1, len(program) // 2)
-    while chunk >= 1:
-        start = len(program) - 1 - chunk
-        while start >= 0:
-            candidate = program[:start] + program[start + chunk :]
-            result = compare(left, right, candidate)
-            if result is not None and result.op.name == name:
-                program = list(result.program[: result.index + 1])
-                best = result
-                start = min(start, len(program) - 1) - chunk
-            else:
-                start -= 1
-        chunk //= 2
-    return best
 
 
 # --- random programs ------------------------------------------------------------------------
