@@ -6,7 +6,9 @@ that two kernel profiles really have, shrink it, and find none between equal bac
 
 from __future__ import annotations
 
+import ast
 import random
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +86,25 @@ def test_cli_diff(capsys: pytest.CaptureFixture[str]) -> None:
     assert "sw[kvm_pvm-6.18] vs sw" in out
     assert "operations:    300" in out
     assert "minimal reproducer" in out
+
+
+#: The harness's modules and those each may import: one job a module, no cycles.
+_LAYERS = {
+    "program": set(),
+    "interpreter": {"program"},
+    "shrink": {"program", "interpreter"},
+    "generator": {"program"},
+    "campaign": {"program", "interpreter", "shrink", "generator"},
+    "cli": {"interpreter", "campaign"},
+}
+
+
+def test_harness_modules_import_only_their_layers() -> None:
+    package = Path(diff.__file__).parent
+    assert {p.stem for p in package.glob("*.py")} - {"__init__"} == set(_LAYERS)
+    for name, allowed in _LAYERS.items():
+        tree = ast.parse((package / f"{name}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        used = {m.removeprefix("guestmem.diff.") for m in imported if m.startswith("guestmem.diff")}
+        assert used <= allowed, f"guestmem.diff.{name} imports {sorted(used - allowed)}"
