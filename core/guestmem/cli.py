@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Core modules that contribute subcommands through ``add_cli(subparsers)``.
-_SUBCOMMAND_MODULES: tuple[str, ...] = ("guestmem.diff",)
+_SUBCOMMAND_MODULES: tuple[str, ...] = ("guestmem.diff", "guestmem.rules")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
