@@ -81,6 +81,13 @@ def test_every_rule_the_code_and_docs_cite_is_documented() -> None:
     assert _undocumented(cited) == []
 
 
+def test_docs_rules_md_is_generated_from_rules_toml() -> None:
+    doc = ROOT / "docs" / "rules.md"
+    assert doc.read_text(encoding="utf-8") == rules.render_markdown(), (
+        "docs/rules.md is stale: run `guestmem rules --markdown > docs/rules.md`"
+    )
+
+
 def test_every_rule_is_complete() -> None:
     all_rules = rules.all_rules()
     assert len(all_rules) == len({r.id for r in all_rules})
