@@ -162,3 +162,41 @@ def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
 def test_cli_markdown(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["rules", "--markdown"]) == 0
     assert capsys.readouterr().out == rules.render_markdown()
+
+
+def test_readme_rule_ids_reads_the_rules_table() -> None:
+    readme = textwrap.dedent(
+        """\
+        # guestmem-x
+
+        ## Rules
+
+        Prose may cite `Z-9`.
+
+        | rule | meaning |
+        |---|---|
+        | `Z-1` | one |
+        | `Z-2` | two |
+
+        ## Tests
+
+        | `Z-3` | another table |
+        """
+    )
+    assert rules.readme_rule_ids(readme) == {"Z-1", "Z-2"}
+    assert rules.readme_rule_ids("# no rules section\n") == set()
+
+
+def test_readme_rule_problems_compares_the_table_with_the_code(tmp_path: pathlib.Path) -> None:
+    package = tmp_path / "guestmem_x"
+    package.mkdir()
+    (package / "policy.py").write_text(
+        'RULE = "X-1"\n\ndef refuse() -> None:\n    raise KvmError(1, "X-2", "no")\n'
+    )
+    (tmp_path / "README.md").write_text(
+        "# x\n\n## Rules\n\n| rule | meaning |\n|---|---|\n| `X-1` | one |\n| `X-3` | gone |\n"
+    )
+    assert rules.readme_rule_problems(package) == [
+        "X-2: raised (policy.py:4) but not in the README's Rules table",
+        "X-3: in the README's Rules table but never raised",
+    ]

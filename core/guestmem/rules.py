@@ -6,7 +6,7 @@ group it belongs to, its condition, the errno it produces and the kernel functio
 implements it.  :func:`lookup` finds one rule, :func:`render_markdown` writes
 ``docs/rules.md``, ``guestmem rules ID`` prints one on the command line, and
 :func:`raised_rule_ids` finds the IDs a source tree raises, so tests can keep the
-reference complete.
+reference (and a backend's README, :func:`readme_rule_problems`) complete.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import importlib.resources
 import inspect
 import json
 import pathlib
+import re
 import shutil
 import sys
 import textwrap
@@ -315,6 +316,37 @@ def raised_rule_ids(root: pathlib.Path) -> dict[str, list[str]]:
         for rule_id, where in scan.found:
             found.setdefault(rule_id, []).append(where)
     return dict(sorted(found.items()))
+
+
+def readme_rule_ids(readme: str) -> set[str]:
+    """The rule IDs a backend's README lists: the first column of the table under ``## Rules``.
+
+    A backend documents each ID it raises as a row ``| `pKVM-3.5` | what it means |``.
+    """
+    _, _, rest = readme.partition("\n## Rules\n")
+    section = rest.split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `([^`]+)` \|", section, re.MULTILINE))
+
+
+def readme_rule_problems(package: pathlib.Path) -> list[str]:
+    """What the README of a backend distribution gets wrong about the rules it raises.
+
+    *package* is the backend's import package; its README is ``README.md`` in the
+    distribution directory that holds it.  One line per rule ID the package raises
+    (:func:`raised_rule_ids`) that the README's ``## Rules`` table lacks, and per ID the
+    table lists that the package never raises; empty when the two agree.
+    """
+    raised = raised_rule_ids(package)
+    listed = readme_rule_ids((package.parent / "README.md").read_text(encoding="utf-8"))
+    problems = [
+        f"{rule_id}: raised ({', '.join(where)}) but not in the README's Rules table"
+        for rule_id, where in raised.items()
+        if rule_id not in listed
+    ]
+    problems += [
+        f"{rule_id}: in the README's Rules table but never raised" for rule_id in sorted(listed - set(raised))
+    ]
+    return problems
 
 
 # --- guestmem rules ------------------------------------------------------------------------
