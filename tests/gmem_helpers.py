@@ -33,11 +33,11 @@ def vm_state(vm: Any, *gmems: Any) -> dict[str, Any]:
     return {
         "memslots": {key: attrs.asdict(slot, recurse=False) for key, slot in vm.memslots.items()},
         "slot_index": {
-            as_id: [(s, e, id(slot)) for s, e, slot in table.items()]
-            for as_id, table in vm._slot_index.items()
-            if table
+            as_id: [(s, e, id(slot)) for s, e, slot in vm.slots.table(as_id).items()]
+            for as_id in (0, 1)
+            if vm.slots.table(as_id)
         },
-        "nr_memslot_pages": vm.nr_memslot_pages,
+        "nr_memslot_pages": vm.slots.nr_pages,
         "attributes": list(vm.attributes.items()),
         "sptes": list(vm.mmu.sptes.items()),
         "mmu": (vm.mmu.invalidate_in_progress, vm.mmu.invalidate_seq),
@@ -65,16 +65,28 @@ def plugin(obj: object, distribution: str = "guestmem-tests") -> Iterator[object
 class BackendPlugin:
     """A throwaway backend plugin: registers one backend whose policy is *policy*."""
 
-    def __init__(self, name: str, vm_types: tuple[guestmem.VmTypeInfo, ...], policy: object) -> None:
+    def __init__(
+        self,
+        name: str,
+        vm_types: tuple[guestmem.VmTypeInfo, ...],
+        policy: object,
+        *,
+        range_faults: bool = False,
+    ) -> None:
         self.name = name
         self.vm_types = vm_types
         self.policy = policy
+        self.range_faults = range_faults
 
     @guestmem.hookimpl
     def guestmem_register_backends(self, register: Callable[[guestmem.Backend], None]) -> None:
         register(
             guestmem.Backend(
-                name=self.name, summary="throwaway test backend", vm_types=self.vm_types, policy=self.policy
+                name=self.name,
+                summary="throwaway test backend",
+                vm_types=self.vm_types,
+                policy=self.policy,
+                range_faults=self.range_faults,
             )
         )
 
@@ -98,10 +110,15 @@ def x86_type(vm_type: int = 1, **overrides: Any) -> guestmem.VmTypeInfo:
 
 @contextmanager
 def throwaway_backend(
-    name: str, *vm_types: guestmem.VmTypeInfo, policy: object | None = None, **open_options: Any
+    name: str,
+    *vm_types: guestmem.VmTypeInfo,
+    policy: object | None = None,
+    range_faults: bool = False,
+    **open_options: Any,
 ) -> Iterator[Any]:
     """Register a throwaway backend and yield its opened ``/dev/kvm``; all undone on exit."""
-    with plugin(BackendPlugin(name, vm_types or (x86_type(),), policy or NoHooks())):
+    backend = BackendPlugin(name, vm_types or (x86_type(),), policy or NoHooks(), range_faults=range_faults)
+    with plugin(backend):
         kvm = guestmem.open(name, **open_options)
         try:
             yield kvm

@@ -44,11 +44,13 @@ class AttrObserver:
 
     @guestmem.hookimpl
     def guestmem_pre_set_memory_attributes(self, vm: Any, range: Any) -> None:  # noqa: A002
+        vm = vm._vm  # the core's tests look inside the model
         assert vm.mmu.invalidate_in_progress == 1
         self.calls.append(("pre", range.slot.id, range.start, range.end, range.attributes))
 
     @guestmem.hookimpl
     def guestmem_post_set_memory_attributes(self, vm: Any, range: Any) -> None:  # noqa: A002
+        vm = vm._vm  # the core's tests look inside the model
         assert vm.attributes.covers(range.start, range.end, range.attributes or None)
         self.calls.append(("post", range.slot.id, range.start, range.end, range.attributes))
 
@@ -351,12 +353,14 @@ class UnmapAndPostSpy:
 
     @guestmem.hookimpl
     def guestmem_unmap_gfn_range(self, vm: Any, range: Any) -> None:  # noqa: A002
+        vm = vm._vm  # the core's tests look inside the model
         mmu = vm.mmu
         busy, lo, hi = mmu.invalidate_in_progress, mmu.range_start, mmu.range_end
         self.unmaps.append((range.start, range.end, range.attr_filter, busy, lo, hi))
 
     @guestmem.hookimpl
     def guestmem_post_set_memory_attributes(self, vm: Any, range: Any) -> None:  # noqa: A002
+        vm = vm._vm  # the core's tests look inside the model
         self.posts.append((vm.mmu.invalidate_in_progress, vm.mmu.invalidate_seq))
 
 
@@ -393,7 +397,7 @@ def test_A10_head_and_tail_hugepage_frames_join_the_invalidation(protected_vm: A
     spy = UnmapAndPostSpy()
     with plugin(spy):
         protected_vm.set_memory_attributes(3 * PAGE, (frame + 2) * PAGE, PRIVATE)  # gfns [3, 517)
-    (_, _, _, _, start, end), = spy.unmaps
+    ((_, _, _, _, start, end),) = spy.unmaps
     assert (start, end) == (0, 2 * frame)
     spy.unmaps.clear()
     gmem_slot(protected_vm, MiB, slot=1, gpa=5 * MiB)  # gfns [1280, 1536): frame [1024, 1536) leaves it

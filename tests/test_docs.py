@@ -1,4 +1,8 @@
-"""The Python examples of README.md and docs/*.md run as written."""
+"""The Python examples of README.md and docs/*.md run as written.
+
+The blocks of one page run in order in one namespace, as a reader pastes them; the
+conformance-kit snippets (``class Test...``) are collected where they belong, not run.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +13,19 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"```python\n(.*?)```", re.S)
-SOURCES = [ROOT / "README.md", ROOT / "docs" / "backends.md"]
+SOURCES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def _blocks() -> list[tuple[str, str]]:
-    found = []
-    for path in SOURCES:
-        for i, code in enumerate(BLOCK.findall(path.read_text())):
-            if "class Test" in code:  # conformance-kit snippets are collected, not run
-                continue
-            found.append((f"{path.name}#{i}", code))
-    return found
+def page_code(path: pathlib.Path) -> list[str]:
+    """The runnable Python blocks of *path*, in order."""
+    return [code for code in BLOCK.findall(path.read_text()) if "class Test" not in code]
 
 
-@pytest.mark.parametrize(("where", "code"), _blocks(), ids=[w for w, _ in _blocks()])
-def test_example_runs(where: str, code: str) -> None:
-    exec(compile(code, where, "exec"), {"__name__": f"docs_{where}"})
+PAGES = [path for path in SOURCES if page_code(path)]
+
+
+@pytest.mark.parametrize("path", PAGES, ids=[p.name for p in PAGES])
+def test_examples_run(path: pathlib.Path) -> None:
+    namespace = {"__name__": f"docs_{path.stem}"}
+    for i, code in enumerate(page_code(path)):
+        exec(compile(code, f"{path.name}#{i}", "exec"), namespace)

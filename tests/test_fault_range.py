@@ -2,7 +2,7 @@
 
 The contract: the same end state, counters and errors as the same number of guest
 accesses in order; range-based (one hook call, one leaf range) only where the state is
-uniform and the backend's policy declares ``guestmem_range_faults``.
+uniform and the backend declares ``Backend.range_faults``.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ PAGES = 256
 class RangePolicy:
     """A backend policy that handles range faults; populate marks folios prepared."""
 
-    guestmem_range_faults = True
+    range_faults = True
 
     def __init__(self) -> None:
         self.faults: list[tuple[int, int]] = []
         self.prepares = 0
+        self.prepared: list[tuple[int, int]] = []
         self.limit: int | None = None
 
     @guestmem.hookimpl
@@ -38,8 +39,9 @@ class RangePolicy:
         self.faults.append((fault.gfn, fault.npages))
 
     @guestmem.hookimpl
-    def guestmem_gmem_prepare(self, vm: Any, gfn: int, pfn: int, order: int) -> None:
+    def guestmem_gmem_prepare(self, vm: Any, gfn: int, pfn: int, order: int, npages: int) -> None:
         self.prepares += 1
+        self.prepared.append((gfn, npages))
 
     @guestmem.hookimpl
     def guestmem_post_populate(
@@ -51,7 +53,7 @@ class RangePolicy:
 class PerPagePolicy(RangePolicy):
     """The same hooks, without declaring range support."""
 
-    guestmem_range_faults = False
+    range_faults = False
 
 
 def _private_vm(kvm: Any, populated: int = PAGES) -> Any:
@@ -66,7 +68,8 @@ def _private_vm(kvm: Any, populated: int = PAGES) -> Any:
 @pytest.fixture(params=[RangePolicy, PerPagePolicy], ids=["range", "per-page"])
 def backend(request: pytest.FixtureRequest) -> Iterator[tuple[Any, RangePolicy]]:
     policy = request.param()
-    with throwaway_backend(f"t-range-{request.param.__name__}", x86_type(1), policy=policy) as kvm:
+    name = f"t-range-{request.param.__name__}"
+    with throwaway_backend(name, x86_type(1), policy=policy, range_faults=policy.range_faults) as kvm:
         yield kvm, policy
 
 
@@ -95,21 +98,21 @@ def test_fault_range_equals_accesses_in_order(backend: tuple[Any, RangePolicy]) 
 
 
 def test_range_backend_sees_one_fault_per_uniform_run() -> None:
-    """A policy declaring ``guestmem_range_faults`` gets one ``guestmem_fault`` per uniform run
-    (``fault.npages``); pages needing a prepare are faulted one by one."""
+    """A backend declaring ``range_faults`` gets one ``guestmem_fault`` per uniform run
+    (``fault.npages``), and one ``guestmem_gmem_prepare`` for a run of pages that need one."""
     policy = RangePolicy()
-    with throwaway_backend("t-range-runs", x86_type(1), policy=policy) as kvm:
+    with throwaway_backend("t-range-runs", x86_type(1), policy=policy, range_faults=True) as kvm:
         vm = _private_vm(kvm, 100)
         assert vm.fault_range(0, 102, private=True) == 102
-    assert policy.faults == [(0, 100), (100, 1), (101, 1)]
-    assert policy.prepares == 2
+    assert policy.faults == [(0, 100), (100, 2)]
+    assert policy.prepared == [(100, 2)]
 
 
 def test_range_hook_may_shorten_the_run() -> None:
     """The hook lowering ``fault.npages`` limits that run; the rest is faulted after it."""
     policy = RangePolicy()
     policy.limit = 64
-    with throwaway_backend("t-range-limit", x86_type(1), policy=policy) as kvm:
+    with throwaway_backend("t-range-limit", x86_type(1), policy=policy, range_faults=True) as kvm:
         vm = _private_vm(kvm)
         assert vm.fault_range(0, 200, private=True) == 200
     assert policy.faults == [(0, 64), (64, 64), (128, 64), (192, 8)]
@@ -186,13 +189,13 @@ def test_64_GiB_of_prepared_private_memory_is_range_based() -> None:
     """Scale: 64 GiB of populated private memory map as one run and one leaf range."""
     policy = RangePolicy()
     size = 64 << 30
-    with throwaway_backend("t-range-64g", x86_type(1), policy=policy) as kvm:
+    with throwaway_backend("t-range-64g", x86_type(1), policy=policy, range_faults=True) as kvm:
         vm = kvm.create_vm(1)
         gmem_slot(vm, size)
         vm.set_memory_attributes(0, size, PRIVATE)
-        gmem = vm.gfn_to_gmem(0)
-        gmem.inode.allocate(0, size >> 12)
-        gmem.inode.set_state(0, size >> 12, uptodate=True)
+        inode = vm.slot_for_gfn(0).gmem_file.inode
+        inode.allocate(0, size >> 12)
+        inode.set_state(0, size >> 12, uptodate=True)
         assert vm.fault_range(0, size >> 12, private=True) == size >> 12
         assert len(vm.mmu.sptes) == 1 and policy.faults == [(0, size >> 12)]
         assert vm.counters["faults"] == size >> 12
@@ -214,11 +217,11 @@ class _InvalidateOnce(RangePolicy):
 
 
 def test_3_3_a_stale_run_is_not_installed() -> None:
-    """3.3: a run whose ``mmu_invalidate_seq`` moved during its fault is not installed; its first
-    page is faulted again on its own, then the rest as a run."""
+    """3.3: a run whose ``mmu_invalidate_seq`` moved during its fault is not installed; the
+    fault is retried from a fresh start, as a run again."""
     policy = _InvalidateOnce()
-    with throwaway_backend("t-range-stale", x86_type(1), policy=policy) as kvm:
+    with throwaway_backend("t-range-stale", x86_type(1), policy=policy, range_faults=True) as kvm:
         vm = _private_vm(kvm, 16)
         assert vm.fault_range(0, 16, private=True) == 16
-        assert policy.faults == [(0, 16), (0, 1), (1, 15)]
+        assert policy.faults == [(0, 16), (0, 16)]
         assert vm.counters["faults"] == 16 and vm.mmu.invalidate_in_progress == 0

@@ -247,7 +247,7 @@ def test_S9_delete_zaps_unbinds_and_keeps_gmem_pages(protected_vm: Any) -> None:
     assert gmem.file.inode.pfn(0) == pfn
     assert vm.host.read(pfn, 0, 4) == b"kept"
     assert other.file.bindings.get(0) is vm.memslots[(0, 1)]
-    assert vm.nr_memslot_pages == MiB // PAGE
+    assert vm.slots.nr_pages == MiB // PAGE
 
 
 def test_S9_delete_plain_slot_by_flags_zero(default_vm: Any) -> None:
@@ -261,7 +261,7 @@ def test_S9_delete_plain_slot_by_flags_zero(default_vm: Any) -> None:
 # --- S-10 ----------------------------------------------------------------------------------
 def test_S10_total_pages_overflow(default_vm: Any) -> None:
     """S-10: nr_memslot_pages + npages overflowing is EINVAL (state forced near the limit)."""
-    default_vm.nr_memslot_pages = uapi.ULONG_MAX
+    default_vm.slots.nr_pages = uapi.ULONG_MAX
     rejects(default_vm.set_user_memory_region2, 0, 0, 0, PAGE, 0, rule="S-10")
     assert not default_vm.memslots
 

@@ -228,3 +228,121 @@ def test_recollection_does_not_leave_old_policies_behind() -> None:
     assert any(p.vms for p in fresh.policies)
     registry = guestmem.get_registry()
     assert not any(registry.pm.is_registered(p) for p in fresh.policies)
+
+
+# --- containment: a broken installed plugin never takes the others down ------------------------------
+class FakeDist:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.version = "9.9"
+
+
+class FakeEntryPoint:
+    """An installed plugin's entry point: *load* is what importing it gives (or raises)."""
+
+    def __init__(self, name: str, dist: str, load: Callable[[], object]) -> None:
+        self.name = name
+        self.dist = FakeDist(dist)
+        self._load = load
+
+    def load(self) -> object:
+        return self._load()
+
+
+def _sw_entry_point() -> FakeEntryPoint:
+    from guestmem import sw
+
+    return FakeEntryPoint("sw", "guestmem", lambda: sw)
+
+
+def _raise_import_error() -> object:
+    raise ImportError("No module named 'guestmem_missing'")
+
+
+class UnmarkedHook:
+    def guestmem_fault(self, vm: Any, fault: Any) -> None:
+        raise AssertionError("never called")
+
+
+class NearMiss:
+    @guestmem.hookimpl
+    def guestmem_faults(self, vm: Any, fault: Any) -> None:
+        raise AssertionError("never called")
+
+
+class Wrapper:
+    @guestmem.hookimpl(wrapper=True)
+    def guestmem_trace(self, event: Any) -> Any:
+        return (yield)
+
+
+class PolicyHooksAtModuleLevel(BackendPlugin):
+    """A backend plugin that also implements a VM hook itself (it would observe every VM)."""
+
+    @guestmem.hookimpl
+    def guestmem_gmem_prepare(self, vm: Any, gfn: int) -> None:
+        raise AssertionError("never called")
+
+
+BROKEN = [
+    ("missing", _raise_import_error, "failed to import: ImportError"),
+    ("unmarked", UnmarkedHook, "not marked with @hookimpl"),
+    ("nearmiss", NearMiss, "did you mean guestmem_fault"),
+    ("wrapper", Wrapper, "hook wrapper"),
+    (
+        "modlevel",
+        lambda: PolicyHooksAtModuleLevel("t-mod", (x86_type(1),), RecordingPolicy()),
+        "module level",
+    ),
+    (
+        "dup",
+        lambda: BackendPlugin("sw", (x86_type(1),), RecordingPolicy()),
+        "already registered by distribution",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "load", "why"), BROKEN, ids=[b[0] for b in BROKEN])
+def test_a_broken_installed_plugin_is_left_out_with_a_warning(
+    name: str, load: Callable[[], object], why: str
+) -> None:
+    good = FakeEntryPoint(
+        "t-good", "guestmem-good", lambda: BackendPlugin("t-good", (x86_type(1),), RecordingPolicy())
+    )
+    bad = FakeEntryPoint(name, f"guestmem-{name}", load)
+    registry = guestmem.registry.Registry(entry_points=lambda: [_sw_entry_point(), bad, good])
+    with pytest.warns(
+        guestmem.errors.PluginWarning, match=f"guestmem-{name}.*{why}.*GUESTMEM_DISABLE_PLUGINS={name}"
+    ):
+        backends = registry.backends()
+    assert {"sw", "t-good"} <= set(backends) and backends["sw"].distribution == "guestmem"
+    assert set(registry.broken) == {name} and why in registry.broken[name].error
+
+
+def test_backends_command_lists_the_broken_plugin_and_exits_0(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = FakeEntryPoint("broken", "guestmem-broken", _raise_import_error)
+    registry = guestmem.registry.Registry(entry_points=lambda: [_sw_entry_point(), bad])
+    monkeypatch.setattr(guestmem.registry, "_default", registry)
+    assert main(["backends", "--json"]) == 0
+    out, err = capsys.readouterr()
+    rows = {row["name"]: row for row in json.loads(out)}
+    assert rows["sw"]["available"] is True
+    assert rows["broken"]["distribution"] == "guestmem-broken" and "ImportError" in rows["broken"]["broken"]
+    assert err.count("\n") == 1 and err.startswith("guestmem: warning: ") and "Traceback" not in err
+    with guestmem.open("sw") as kvm:
+        exercise(kvm)
+
+
+def test_disabled_plugins_are_not_loaded() -> None:
+    bad = FakeEntryPoint("broken", "guestmem-broken", _raise_import_error)
+    registry = guestmem.registry.Registry(entry_points=lambda: [_sw_entry_point(), bad])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GUESTMEM_DISABLE_PLUGINS", "guestmem-broken")
+        assert set(registry.backends()) == {"sw"} and not registry.broken
+
+
+@pytest.mark.parametrize("bad", [UnmarkedHook, NearMiss, Wrapper], ids=["unmarked", "near-miss", "wrapper"])
+def test_add_plugin_refuses_what_loading_leaves_out(bad: Callable[[], object]) -> None:
+    add_fails(bad(), "guestmem-refused-dist")

@@ -19,7 +19,9 @@ from typing import Any
 
 from guestmem import uapi
 from guestmem.api import GuestMemfd, HostMapping, Kvm, Vcpu, Vm
+from guestmem.backend import Backend, VmTypeInfo, hookimpl
 from guestmem.errors import (
+    BackendError,
     GuestExit,
     HostCrash,
     HostSigbus,
@@ -28,13 +30,14 @@ from guestmem.errors import (
     KvmError,
     MemoryFault,
     MmioExit,
+    ObserverError,
     PluginError,
 )
-from guestmem.hookspecs import hookimpl
-from guestmem.registry import Backend, VmTypeInfo, get_registry
+from guestmem.registry import get_registry
 
 __all__ = [
     "Backend",
+    "BackendError",
     "GuestExit",
     "GuestMemfd",
     "HostCrash",
@@ -46,6 +49,7 @@ __all__ = [
     "KvmError",
     "MemoryFault",
     "MmioExit",
+    "ObserverError",
     "PluginError",
     "Vcpu",
     "Vm",

@@ -143,6 +143,16 @@ class Vcpu(_Closable):
 
         raise KvmError(errno.ENOSYS, "", f"backend has no guest hypercall entry (nr {nr})")
 
+    def memory_encrypt_op(self, cmd: Any) -> int:
+        """``KVM_MEMORY_ENCRYPT_OP`` on the vCPU fd (TDX ``KVM_TDX_INIT_VCPU``...).
+
+        *cmd* is the backend's command value, updated in place where the kernel copies
+        back.  ENOTTY where the VM type has no such commands.
+        """
+        from guestmem.errors import KvmError
+
+        raise KvmError(errno.ENOTTY, "", "KVM_MEMORY_ENCRYPT_OP is not supported here")
+
 
 class Vm(_Closable):
     """A VM file descriptor (``KVM_CREATE_VM``)."""
@@ -187,6 +197,19 @@ class Vm(_Closable):
     @abc.abstractmethod
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
         """``KVM_CREATE_VCPU``."""
+
+    @abc.abstractmethod
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> int:
+        """``KVM_ENABLE_CAP`` on the VM fd (``struct kvm_enable_cap``: *cap*, *flags*,
+        ``args[0..3]``); e.g. ``enable_cap(KVM_CAP_EXIT_HYPERCALL, 1 << KVM_HC_MAP_GPA_RANGE)``."""
+
+    def memory_encrypt_op(self, cmd: Any) -> int:
+        """``KVM_MEMORY_ENCRYPT_OP`` on the VM fd: a confidential-computing command (SEV
+        ``KVM_SEV_*``, TDX ``KVM_TDX_*``) as a backend's command value, updated in place
+        where the kernel copies back.  ENOTTY where the VM type has no such commands."""
+        from guestmem.errors import KvmError
+
+        raise KvmError(errno.ENOTTY, "", "KVM_MEMORY_ENCRYPT_OP is not supported here")
 
 
 class Kvm(_Closable):

@@ -6,11 +6,14 @@ import argparse
 import importlib
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 from guestmem import uapi
-from guestmem.registry import Backend, get_registry
+from guestmem.backend import Backend
+from guestmem.errors import BackendError, PluginError, PluginWarning
+from guestmem.registry import DISABLE_ENV, get_registry
 
 _CAPS = (
     uapi.KVM_CAP_GUEST_MEMFD,
@@ -77,10 +80,20 @@ def backend_row(backend: Backend) -> dict[str, Any]:
     return row
 
 
+def broken_rows() -> list[dict[str, Any]]:
+    """Installed plugins the registry left out, as ``guestmem backends`` reports them."""
+    return [
+        {"name": b.name, "distribution": b.distribution, "broken": b.error, "hint": b.hint}
+        for b in sorted(get_registry().broken.values(), key=lambda b: b.name)
+    ]
+
+
 def cmd_backends(args: argparse.Namespace) -> int:
-    rows = [backend_row(b) for b in sorted(get_registry().backends().values(), key=lambda b: b.name)]
+    registry = get_registry()
+    rows = [backend_row(b) for b in sorted(registry.backends().values(), key=lambda b: b.name)]
+    broken = broken_rows()
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows + broken, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -97,6 +110,10 @@ def cmd_backends(args: argparse.Namespace) -> int:
         )
         types = "\n".join(name.removeprefix("KVM_") for name in row["vm_types"].values())
         table.add_row(row["name"], f"{row['distribution']} {row['version']}", types, cap_text)
+    for row in broken:
+        table.add_row(
+            row["name"], row["distribution"], "-", f"[red]broken[/red]: {row['broken']} ({row['hint']})"
+        )
     Console().print(table)
     return 0
 
@@ -133,17 +150,32 @@ def build_parser() -> argparse.ArgumentParser:
 _SUBCOMMAND_MODULES: tuple[str, ...] = ("guestmem.diff", "guestmem.rules")
 
 
+def _warn_in_one_line(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, *_: Any, **__: Any
+) -> None:
+    print(f"guestmem: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``guestmem`` script."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.log or args.log_json:
         configure_logging(args.log_json)
-    try:
-        result: int = args.func(args)
-    except LookupError as exc:
-        print(f"guestmem: {exc}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", PluginWarning)
+        warnings.showwarning = _warn_in_one_line
+        try:
+            result: int = args.func(args)
+        except LookupError as exc:
+            print(f"guestmem: {exc}", file=sys.stderr)
+            return 2
+        except PluginError as exc:
+            print(f"guestmem: {exc} (set {DISABLE_ENV}=NAME to leave a plugin out)", file=sys.stderr)
+            return 2
+        except BackendError as exc:
+            print(f"guestmem: {exc}", file=sys.stderr)
+            return 1
     return result
 
 

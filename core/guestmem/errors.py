@@ -16,8 +16,8 @@ from guestmem import uapi
 class KvmError(OSError):
     """An ioctl or file operation failed with the kernel's *errno*.
 
-    ``KvmError(errno, rule, message)``: *rule* is the ID of the rule of ``docs/rules.md``
-    that decided the outcome (``""`` when no numbered rule did), *message* says why.
+    ``KvmError(errno, rule, message)``: *rule* is the ID of the rule that decided the
+    outcome (``""`` when no numbered rule did), *message* says why.
     """
 
     def __init__(self, err: int, rule: str, message: str) -> None:
@@ -87,19 +87,20 @@ class MmioExit(GuestExit):
 class HypercallExit(GuestExit):
     """The guest's hypercall left to userspace as ``KVM_EXIT_HYPERCALL`` (e.g. MAP_GPA_RANGE).
 
-    ``nr`` and ``args`` are ``kvm_run.hypercall.nr``/``args``.  The VMM handles the request
-    and may set ``ret`` (``kvm_run.hypercall.ret``) before handing the exit back to the
-    backend that raised it, if that backend offers a way to resume.
+    ``nr``, ``args`` and ``flags`` are ``kvm_run.hypercall.nr``/``args``/``flags``.  The
+    VMM handles the request and may set ``ret`` (``kvm_run.hypercall.ret``) before handing
+    the exit back to the backend that raised it, if that backend offers a way to resume.
     """
 
     exit_reason = uapi.KVM_EXIT_HYPERCALL
 
-    def __init__(self, nr: int, args: tuple[int, ...], message: str = "") -> None:
+    def __init__(self, nr: int, args: tuple[int, ...], message: str = "", *, flags: int = 0) -> None:
         shown = ", ".join(f"{a:#x}" for a in args)
         text = message or f"KVM_EXIT_HYPERCALL nr={nr} args=({shown})"
         super().__init__(text)
         self.nr = nr
         self.args = tuple(args)  # after Exception.__init__, which sets its own args
+        self.flags = flags
         self.ret: int | None = None
         self._text = text
 
@@ -133,6 +134,40 @@ class HostCrash(RuntimeError):
 
 class PluginError(RuntimeError):
     """A plugin failed validation at load; the message names its distribution."""
+
+
+class PluginWarning(UserWarning):
+    """An installed plugin was left out (it failed to load or to validate); the message names
+    its distribution and what to do."""
+
+
+class BackendError(RuntimeError):
+    """A backend's hook raised something other than the kernel's outcomes: a bug in the
+    backend, reported with its name and distribution (the original is ``__cause__``)."""
+
+    def __init__(self, backend: str, distribution: str, hook: str, error: BaseException) -> None:
+        self.backend = backend
+        self.distribution = distribution
+        self.hook = hook
+        self.error = error
+        dist = f" (distribution {distribution!r})" if distribution else ""
+        super().__init__(f"{backend}{dist} failed in {hook}: {type(error).__name__}: {error}")
+
+
+class ObserverError(RuntimeError):
+    """An observer plugin raised while watching an operation.
+
+    Raised once the operation has finished (the model is consistent again), naming the
+    plugin; the observer's exception is ``error`` and ``__cause__``.
+    """
+
+    def __init__(self, plugin: str, distribution: str, hook: str, error: BaseException) -> None:
+        self.plugin = plugin
+        self.distribution = distribution
+        self.hook = hook
+        self.error = error
+        dist = f" (distribution {distribution!r})" if distribution else ""
+        super().__init__(f"observer {plugin}{dist} failed in {hook}: {type(error).__name__}: {error}")
 
 
 EHWPOISON = getattr(_errno, "EHWPOISON", 133)

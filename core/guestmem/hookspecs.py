@@ -1,221 +1,478 @@
-"""Hook specifications: the plugin author's reference.
+"""Hook specifications: the backend author's reference.
 
-A guestmem plugin is any object (usually a module) whose functions are marked with
-:data:`guestmem.hookimpl` and named after a spec below.  Plugins are found through the
-``guestmem`` entry-point group; the core itself never imports a plugin.
+A guestmem plugin is an object (usually a module or a class instance) whose functions are
+marked with :data:`guestmem.backend.hookimpl` and named after a spec below.  Plugins are
+found through the ``guestmem`` entry-point group; the core never imports a plugin.
 
-There are two kinds of plugin:
+Two kinds of plugin:
 
-* A **backend** registers one or more :class:`guestmem.Backend` objects in
+* A **backend** registers :class:`~guestmem.backend.Backend` objects in
   :func:`guestmem_register_backends`.  A backend's ``policy`` object carries the *arch
-  policy* hooks (everything below taking a ``vm``).  Those are called only for VMs created
-  through that backend: installing ten backends never slows or changes one VM.
-* An **observer** (tracer, cost counter, invariant checker) is a plugin that is not a
-  backend's policy.  It sees the hook calls of every VM, after the backend's own
-  implementation has run (observers should use ``trylast=True`` when they return values).
+  policy* hooks (every hook below but registration).  They are called only for hosts and
+  VMs opened through that backend: installing ten backends never slows or changes one VM.
+* An **observer** (tracer, cost counter, invariant checker) is any other plugin.  It sees
+  the hook calls of every host and VM, always *after* the backend's policy, and never
+  answers: return values of observers are ignored, and an exception an observer raises
+  is reported when the operation that triggered it has finished (an
+  :class:`~guestmem.invariants.InvariantViolation` as itself, anything else as
+  :class:`guestmem.ObserverError` naming the plugin).
 
 Arguments are passed by keyword; an implementation may accept any subset of them.
-Unless a spec says ``firstresult``, every implementation is called and return values are
-ignored; ``firstresult`` specs stop at the first non-``None`` result.
+``firstresult`` hooks are answered by the policy alone: ``None`` means "not handled"
+and the core does what the kernel does without the arch hook.
 
-Kernel names are kept: the hook named after a kernel function is called where the kernel
-calls that function (spec section 3.6), with the same meaning of its arguments.  An
-implementation that must fail the operation raises :class:`guestmem.KvmError` with the
-errno the kernel would return.
+The hooks keep the kernel's names and are called where the kernel calls the function they
+are named after, with the same meaning of their arguments ("Called from" in each
+docstring).  An implementation that must fail the operation raises
+:class:`guestmem.KvmError` with the errno the kernel would return (or a
+:class:`guestmem.GuestExit`); any other exception is reported as a
+:class:`guestmem.BackendError` naming the backend and its distribution, and the core
+leaves no invalidation open behind it.
+
+The arguments are the views and values of :mod:`guestmem.backend`, documented there field
+by field.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import pluggy
+from guestmem.backend import (
+    Backend,
+    Fault,
+    GfnRange,
+    GmemView,
+    HostFault,
+    HostView,
+    Leaf,
+    OwnershipEvent,
+    SlotView,
+    TraceEvent,
+    VcpuView,
+    VmView,
+    hookspec,
+)
 
-if TYPE_CHECKING:
-    from guestmem.model.events import TraceEvent
-    from guestmem.model.mmu import Fault, GfnRange
-    from guestmem.model.vcpu import ModelVcpu
-    from guestmem.model.vm import ModelVm
-    from guestmem.registry import Backend
 
-PROJECT = "guestmem"
-hookspec = pluggy.HookspecMarker(PROJECT)
-hookimpl = pluggy.HookimplMarker(PROJECT)
-
-
-# --- registration -----------------------------------------------------------------------
+# --- registration --------------------------------------------------------------------------
 @hookspec
 def guestmem_register_backends(register: Callable[[Backend], None]) -> None:
     """Register backends by calling ``register(Backend(...))`` once per backend.
 
-    Called once, when the registry is first used (lazily, idempotently).  The registry
-    records the distribution the plugin came from; a second backend with the same name is
-    a :class:`guestmem.PluginError` naming both distributions.
+    Called when the registry is first used (lazily, once per collection).  The registry
+    records the distribution the plugin came from; a backend whose name another
+    distribution registered first is skipped with a warning naming both.
+
+    :param register: the callback taking one :class:`~guestmem.backend.Backend`.
     """
 
 
-# --- VM lifetime ------------------------------------------------------------------------
+# --- host and VM lifetime ------------------------------------------------------------------
 @hookspec(firstresult=True)
-def guestmem_vm_init(vm: ModelVm) -> Any | None:
-    """``kvm_arch_init_vm``: set up per-VM architecture state and return it.
+def guestmem_host_init(host: HostView) -> Any | None:
+    """Set up the per-host architecture state and return it: it becomes ``host.arch``.
 
-    The first non-``None`` result becomes ``vm.arch`` (the place for an ASID, a VMID, a
-    launch state machine, an ownership table...).  Raise :class:`guestmem.KvmError` to refuse
-    creation (``KVM_CREATE_VM`` then fails with that errno and nothing is left behind).
+    Called once per ``guestmem.open()`` of the backend, before anything else (the kernel's
+    ``hardware_setup`` / firmware init: an RMP table and ASID space, a TDX module with its
+    KeyID pool and PAMT, a pKVM hypervisor, a Gunyah resource manager).
+
+    :param host: the new machine.
+    """
+
+
+@hookspec(firstresult=True)
+def guestmem_vm_init(vm: VmView) -> Any | None:
+    """``kvm_arch_init_vm``: set up per-VM architecture state and return it (``vm.arch``).
+
+    Raise :class:`guestmem.KvmError` to refuse ``KVM_CREATE_VM``: it fails with that errno
+    and nothing is left behind.
+
+    :param vm: the VM being created (no memslots, vCPUs or files yet).
     """
 
 
 @hookspec
-def guestmem_vm_destroy(vm: ModelVm) -> None:
-    """``kvm_arch_destroy_vm``: the last reference to *vm* is gone (L-1, L-9).
+def guestmem_vm_pre_destroy(vm: VmView) -> None:
+    """``kvm_arch_pre_destroy_vm``: the last reference is gone; nothing is torn down yet.
 
-    Called after every gmem file of the VM was released and its memslots freed; release
-    per-VM resources here (ASID back to the pool, VMID, ...).
+    Called from ``kvm_destroy_vm`` before the MMU is zapped (``kvm_flush_shadow_all``)
+    and before ``guestmem_vm_destroy``: TDX releases the HKID here, so the zap that
+    follows reclaims private pages instead of removing them one by one.
+
+    :param vm: the dying VM; every guest_memfd file of it was already released (L-1).
+    """
+
+
+@hookspec
+def guestmem_vm_destroy(vm: VmView) -> None:
+    """``kvm_arch_destroy_vm``: free per-VM resources (ASID, HKID, VMID, control pages).
+
+    Called after ``guestmem_vm_pre_destroy``, after every stage-2 leaf was zapped and
+    after ``guestmem_vcpu_destroy`` for each vCPU; the memslots are freed after it.
+
+    :param vm: the dying VM.
     """
 
 
 @hookspec(firstresult=True)
-def guestmem_check_extension(vm: ModelVm | None, cap: int) -> int | None:
+def guestmem_vcpu_init(vcpu: VcpuView) -> Any | None:
+    """``kvm_arch_vcpu_create``: per-vCPU architecture state (``vcpu.arch``).
+
+    Raise :class:`guestmem.KvmError` to make ``KVM_CREATE_VCPU`` fail (TDX before
+    ``KVM_TDX_INIT_VM``); the id stays free.
+
+    :param vcpu: the vCPU being created.
+    """
+
+
+@hookspec
+def guestmem_vcpu_destroy(vcpu: VcpuView) -> None:
+    """``kvm_arch_vcpu_destroy``, called from ``kvm_arch_destroy_vm`` for each vCPU.
+
+    :param vcpu: a vCPU of the dying VM.
+    """
+
+
+@hookspec(firstresult=True)
+def guestmem_check_extension(host: HostView, vm: VmView | None, cap: int) -> int | None:
     """``KVM_CHECK_EXTENSION``: the backend's value for *cap*, or ``None`` for the core's.
 
-    *vm* is ``None`` for the system (``/dev/kvm``) query.
+    :param host: the machine.
+    :param vm: the VM for a VM-fd query, ``None`` for ``/dev/kvm``.
+    :param cap: the ``KVM_CAP_*`` number.
     """
 
 
-# --- gmem folio lifetime (spec 3.6) -------------------------------------------------------
+# --- arch ioctls -----------------------------------------------------------------------------
+@hookspec(firstresult=True)
+def guestmem_vm_ioctl(vm: VmView, request: int, arg: Any) -> int | None:
+    """``kvm_arch_vm_ioctl``: an architecture VM ioctl (``KVM_MEMORY_ENCRYPT_OP``,
+    ``KVM_ENABLE_CAP`` of an arch capability).
+
+    Return the ioctl's non-negative result; raise :class:`guestmem.KvmError` for an error;
+    ``None`` means the backend does not know the request (``ENOTTY``, ``EINVAL`` for an
+    unknown capability).  *arg* is updated in place where the kernel copies back.
+
+    :param vm: the VM.
+    :param request: ``uapi.KVM_MEMORY_ENCRYPT_OP`` or ``uapi.KVM_ENABLE_CAP``.
+    :param arg: the backend's command value (e.g. an SEV or TDX command) or a
+        :class:`guestmem.uapi.KvmEnableCap`.
+    """
+
+
+@hookspec(firstresult=True)
+def guestmem_vcpu_ioctl(vcpu: VcpuView, request: int, arg: Any) -> int | None:
+    """``kvm_arch_vcpu_ioctl``: an architecture vCPU ioctl (``KVM_MEMORY_ENCRYPT_OP`` on a
+    vCPU fd: ``KVM_TDX_INIT_VCPU``, ``KVM_TDX_INIT_MEM_REGION``).  As
+    ``guestmem_vm_ioctl``.
+
+    :param vcpu: the vCPU.
+    :param request: the ioctl.
+    :param arg: the backend's command value.
+    """
+
+
 @hookspec
-def guestmem_gmem_prepare(vm: ModelVm, gfn: int, pfn: int, order: int) -> None:
-    """``kvm_arch_gmem_prepare``: a gmem folio is about to be mapped for the first time.
+def guestmem_vcpu_pre_run(vcpu: VcpuView) -> None:
+    """The checks of ``KVM_RUN`` before the guest is entered (``kvm_x86_ops.vcpu_pre_run``).
+
+    Raise :class:`guestmem.KvmError` to fail ``KVM_RUN`` (a TD vCPU before
+    ``KVM_TDX_INIT_VCPU``, an SEV-ES vCPU before its VMSA is encrypted...).  Called for
+    every guest access and hypercall of the vCPU.
+
+    :param vcpu: the vCPU about to run.
+    """
+
+
+# --- memslots and bindings -----------------------------------------------------------------
+@hookspec
+def guestmem_prepare_memory_region(
+    vm: VmView, old: SlotView | None, new: SlotView | None, change: str
+) -> None:
+    """``kvm_arch_prepare_memory_region``: a memslot update passed the generic checks.
+
+    Raise :class:`guestmem.KvmError` to refuse it (nothing is changed; a MOVE that is
+    refused leaves the old slot active with its mappings zapped, as the kernel does).
+
+    :param vm: the VM.
+    :param old: the slot as it is (None for a create).
+    :param new: the slot as it will be (None for a delete).
+    :param change: ``"create"``, ``"delete"``, ``"move"`` or ``"flags_only"``.
+    """
+
+
+@hookspec
+def guestmem_gmem_bind(vm: VmView, slot: SlotView, gmem: GmemView, pgoff: int, npages: int) -> None:
+    """``kvm_gmem_bind``: gmem pages ``[pgoff, pgoff + npages)`` are about to back *slot*.
+
+    Called after the generic checks (B-1..B-6); raise :class:`guestmem.KvmError` to
+    refuse the memslot (Gunyah: a page bound to another VM).
+
+    :param vm: the VM.
+    :param slot: the new memslot.
+    :param gmem: the file's inode.
+    :param pgoff: first page index bound.
+    :param npages: number of pages bound.
+    """
+
+
+@hookspec
+def guestmem_gmem_unbind(vm: VmView, slot: SlotView, gmem: GmemView) -> None:
+    """``kvm_gmem_unbind``: *slot* no longer uses *gmem* (memslot deleted or VM destroyed).
+
+    Not called when the file was released first (the release unbinds, L-3).
+
+    :param vm: the VM.
+    :param slot: the memslot going away.
+    :param gmem: the file's inode.
+    """
+
+
+# --- gmem folio lifetime -------------------------------------------------------------------
+@hookspec
+def guestmem_gmem_prepare(vm: VmView, gfn: int, pfn: int, order: int, npages: int) -> None:
+    """``kvm_arch_gmem_prepare``: gmem folios are about to be mapped for the first time.
 
     Called from ``kvm_gmem_get_pfn`` after the folio was zeroed, only while it is not yet
-    "prepared" (uptodate) in 6.18 (G-11).  *gfn* is the folio's first gfn in the faulting
-    memslot, *pfn* its first host pfn, *order* its folio order.  SNP assigns the RMP entries
-    here.  Raise :class:`guestmem.KvmError` to fail the fault with that errno.
+    prepared ("uptodate", G-11).  Covers pages ``[gfn, gfn + npages)`` backed by pfns
+    ``[pfn, pfn + npages)`` made of folios of *order*; *npages* is one folio (``1 <<
+    order``, or what is left of a split one) unless the backend declares ``range_faults``.
+    SNP assigns the RMP entries here.  Raise :class:`guestmem.KvmError` to fail the fault.
+
+    :param vm: the VM of the faulting memslot.
+    :param gfn: first gfn.
+    :param pfn: first host pfn.
+    :param order: folio order.
+    :param npages: pages to prepare.
     """
 
 
 @hookspec
-def guestmem_gmem_invalidate(vm: ModelVm, start_pfn: int, end_pfn: int) -> None:
+def guestmem_gmem_invalidate(vm: VmView, start_pfn: int, end_pfn: int) -> None:
     """``kvm_arch_gmem_invalidate``: host pfns ``[start_pfn, end_pfn)`` leave guest_memfd.
 
-    Called when a gmem folio is freed (punch hole, inode eviction; L-5), after the
-    mappings were zapped.  SNP reclaims the RMP entries to shared here, TDX clears pages.
-    *vm* is the VM that created the gmem file.  Must not fail: the kernel only WARNs.
+    Called from ``kvm_gmem_free_folio`` when folios are freed (punch hole, inode
+    eviction; L-5), after their mappings were zapped, once per contiguous run.  SNP
+    reclaims the RMP entries to shared here.  Must not fail: the kernel only WARNs.
+
+    :param vm: the VM that created the file.
+    :param start_pfn: first pfn freed.
+    :param end_pfn: one past the last.
     """
 
 
 @hookspec(firstresult=True)
-def guestmem_max_mapping_level(vm: ModelVm, pfn: int, is_private: bool) -> int | None:
-    """``.gmem_max_mapping_level``: the largest level (``PG_LEVEL_*``) *pfn* may be mapped at.
+def guestmem_max_mapping_level(vm: VmView, pfn: int, is_private: bool) -> int | None:
+    """``gmem_max_mapping_level``: the largest level (``PG_LEVEL_*``) *pfn* may be mapped at.
 
-    ``None`` or 0 means no extra restriction (H-2).  Only consulted for mappings larger
-    than 4 KiB.
+    Called from ``kvm_mmu_max_mapping_level`` on the gmem path, only when a level above
+    4 KiB is possible.  ``None`` or 0 means no extra limit (H-2).
+
+    :param vm: the VM.
+    :param pfn: the folio's pfn.
+    :param is_private: a private mapping.
     """
 
 
-# --- MMU notifier protocol (spec 3.1-3.3, 3.5) ---------------------------------------------
+# --- the MMU ---------------------------------------------------------------------------------
 @hookspec
-def guestmem_unmap_gfn_range(vm: ModelVm, range: GfnRange) -> bool | None:  # noqa: A002
-    """``kvm_unmap_gfn_range``: stage-2 mappings of *range* are being zapped.
+def guestmem_fault(vm: VmView, fault: Fault) -> None:
+    """The architecture's part of a guest stage-2 fault, once its pfn is known.
 
-    The "invalidate" hook.  Reached from punch hole, release and memory failure (inside
-    the guest_memfd ``invalidate_begin``/``end``), from the host mmu notifier and
-    attribute changes (inside an MMU invalidation), and from memslot deletion and moves,
-    which zap under the MMU lock without an invalidation (``kvm_mmu_zap_memslot``).
-    ``range.attr_filter`` tells which of private/shared mappings go.  TDX removes
-    Secure-EPT leaves here.  Return ``True`` if a TLB flush is needed.
-    """
+    Called from the end of ``kvm_mmu_faultin_pfn`` (arm64: ``gmem_abort`` before the map):
+    after the retry checks of rule 3.3 and before the mapping level is chosen.  pKVM
+    donates the page here, Gunyah demand-pages it.  Raise :class:`guestmem.MemoryFault` or
+    :class:`guestmem.KvmError` to fail the fault; lower ``fault.max_level`` (or, with
+    ``range_faults``, ``fault.npages``) to map less.
 
-
-@hookspec
-def guestmem_fault(vm: ModelVm, fault: Fault) -> None:
-    """A guest stage-2 fault resolved its pfn and is about to install the mapping.
-
-    This is the architecture's private-fault operation (TDX PAGE.AUG, pKVM donation,
-    Gunyah demand paging).  It runs after the retry checks of spec 3.3 and before the
-    mapping is installed.  Raise :class:`guestmem.MemoryFault` or
-    :class:`guestmem.KvmError` to make the fault fail; set ``fault.max_level`` lower to
-    restrict the mapping size.
-
-    ``fault.npages`` is 1 unless the policy object declares ``guestmem_range_faults =
-    True``: then :meth:`ModelVm.fault_range` may hand it a run of pages
-    ``[fault.gfn, fault.gfn + fault.npages)`` with contiguous pfns from ``fault.pfn``, and
-    the hook may lower ``fault.npages`` to map fewer.
+    :param vm: the VM.
+    :param fault: the fault (see :class:`~guestmem.backend.Fault`).
     """
 
 
 @hookspec
-def guestmem_pre_set_memory_attributes(vm: ModelVm, range: GfnRange) -> bool | None:  # noqa: A002
+def guestmem_set_external_spte(vm: VmView, leaf: Leaf) -> None:
+    """``kvm_x86_ops.set_external_spte``: private leaves are being installed in the mirror
+    root (VM types with ``has_mirrored_tdp``).
+
+    Called after the mapping level was chosen, before the leaves become visible; TDX
+    issues TDH.MEM.PAGE.AUG (or counts a pre-mapped page before finalize) here.  Raise
+    :class:`guestmem.KvmError` to fail the fault (nothing is installed).
+
+    :param vm: the VM.
+    :param leaf: the leaves (a run of one level; the kernel calls once per leaf).
+    """
+
+
+@hookspec
+def guestmem_remove_external_spte(vm: VmView, leaf: Leaf) -> None:
+    """``kvm_x86_ops.remove_external_spte``: private leaves of the mirror root are zapped.
+
+    Called for every zap that reaches the mirror root: an invalidation whose
+    ``attr_filter`` includes ``KVM_FILTER_PRIVATE``, a memslot delete or move, VM
+    teardown.  TDX runs BLOCK, TRACK, REMOVE, WBINVD and clears the page (or RECLAIMs it
+    after the HKID is gone).  Must not fail: on a hardware error the backend marks the
+    VM bugged (``vm.bug``) and leaks the page.
+
+    :param vm: the VM.
+    :param leaf: the leaves removed.
+    """
+
+
+@hookspec
+def guestmem_unmap_gfn_range(vm: VmView, range: GfnRange) -> bool | None:  # noqa: A002
+    """``kvm_unmap_gfn_range``: the arch part of an unmap of ``[range.start, range.end)``.
+
+    Reached from punch hole, release and memory failure (inside the guest_memfd
+    invalidation), from the host mmu notifier and attribute changes (inside an MMU
+    invalidation), and from memslot deletion and moves (under the MMU lock alone).  The
+    core has zapped its leaves first.  pKVM reclaims guest pages here, Gunyah launders.
+    Return ``True`` if a TLB flush is needed.
+
+    :param vm: the VM.
+    :param range: the range; ``range.attr_filter`` says which mappings go.
+    """
+
+
+@hookspec
+def guestmem_pre_set_memory_attributes(vm: VmView, range: GfnRange) -> bool | None:  # noqa: A002
     """``kvm_arch_pre_set_memory_attributes``: attributes of *range* are about to change.
 
-    ``range.attributes`` holds the new value.  Called inside the invalidation, once per
-    memslot overlapping the change (A-10).  Return ``True`` if a flush is needed.
+    Called inside the MMU invalidation, once per memslot overlapping the change (A-10),
+    after the core's x86 pre pass.  Return ``True`` if a flush is needed.
+
+    :param vm: the VM.
+    :param range: the range; ``range.attributes`` is the new value.
     """
 
 
 @hookspec
-def guestmem_post_set_memory_attributes(vm: ModelVm, range: GfnRange) -> None:  # noqa: A002
-    """``kvm_arch_post_set_memory_attributes``: *range* now holds ``range.attributes``."""
+def guestmem_post_set_memory_attributes(vm: VmView, range: GfnRange) -> None:  # noqa: A002
+    """``kvm_arch_post_set_memory_attributes``: *range* now holds ``range.attributes``.
+
+    :param vm: the VM.
+    :param range: the range.
+    """
 
 
-# --- host side -------------------------------------------------------------------------
+# --- host side -------------------------------------------------------------------------------
 @hookspec(firstresult=True)
-def guestmem_host_mappable(vm: ModelVm, inode: Any, index: int) -> bool | None:
-    """May the host map gmem page *index* of *inode* (``kvm_gmem_fault_user_mapping``)?
+def guestmem_gmem_fault_user_mapping(vm: VmView, gmem: GmemView, index: int) -> HostFault | None:
+    """``kvm_gmem_fault_user_mapping``: may the host map gmem page *index*?
 
-    ``None`` leaves it to the core rule (M-3..M-5: mappable iff the file is INIT_SHARED
-    and the index is below i_size).  Returning ``False`` makes the host access SIGBUS.
-    The index-beyond-i_size check (M-3) always runs first.
+    ``None`` leaves it to the core rule (M-4: mappable iff the file is INIT_SHARED).  The
+    index-beyond-i_size check (M-3) runs first; a poisoned folio is SIGBUS after it (E-1).
+    :attr:`~guestmem.backend.HostFault.RECLAIM` takes the page back from the guest and
+    asks again.
+
+    :param vm: the VM that created the file.
+    :param gmem: the file's inode.
+    :param index: the page index faulted.
     """
 
 
 @hookspec(firstresult=True)
-def guestmem_host_access(vm: ModelVm, pfn: int, write: bool) -> str | None:
-    """The host touched gmem-backed host page *pfn*.
+def guestmem_host_access(host: HostView, pfn: int, write: bool) -> str | None:
+    """The host touched page *pfn* of guest_memfd or, through its direct map, any page.
 
-    Return ``None`` if the access is fine, or a verdict string for a modelled hardware
-    outcome that takes the host down (an SNP RMP #PF on a write to an assigned page).
-    The core records the verdict on the host and raises :class:`guestmem.HostCrash`.
+    Return ``None`` if the access is fine, or a verdict for a modelled hardware outcome
+    that takes the host down (an RMP #PF on a write to an assigned page).  The core
+    records it and raises :class:`guestmem.HostCrash`.  A backend whose hardware does not
+    stop the access but remembers it (TDX poisons the line) records that and returns None.
+
+    :param host: the machine.
+    :param pfn: the page touched.
+    :param write: a store.
     """
 
 
-# --- population and hypercalls -----------------------------------------------------------
+# --- the guest -------------------------------------------------------------------------------
+@hookspec
+def guestmem_guest_access(vcpu: VcpuView, gfn: int, pfn: int, write: bool, private: bool) -> None:
+    """A guest load or store reaches host page *pfn* through a present leaf.
+
+    Called for every page of every guest access, mapped before or just faulted in: the
+    hardware's own checks of a mapped page (a TDX PENDING page, an unvalidated SNP page).
+    Raise :class:`guestmem.KvmError` or :class:`guestmem.GuestExit` to stop the access.
+
+    :param vcpu: the accessing vCPU.
+    :param gfn: the gfn accessed.
+    :param pfn: the page it maps to.
+    :param write: a store.
+    :param private: a private access.
+    """
+
+
+@hookspec(firstresult=True)
+def guestmem_hypercall(vcpu: VcpuView, nr: int, args: tuple[int, ...]) -> int | None:
+    """A guest hypercall (``vmcall``/``vmmcall``/``hvc``/``tdcall``) number *nr*.
+
+    Return the value placed in the guest's return register.  ``None`` leaves it to the
+    architecture's generic code (x86 ``__kvm_emulate_hypercall``: ``KVM_HC_MAP_GPA_RANGE``
+    exits when enabled, unknown calls are ``-KVM_ENOSYS``).  Raise
+    :class:`guestmem.HypercallExit` to leave to userspace.
+
+    :param vcpu: the calling vCPU.
+    :param nr: the hypercall number (the SMCCC function id on arm64).
+    :param args: its arguments.
+    """
+
+
 @hookspec(firstresult=True)
 def guestmem_post_populate(
-    vm: ModelVm, gfn: int, pfn: int, src: bytes | None, order: int, opaque: Any
+    vm: VmView, gfn: int, pfn: int, src: bytes | None, order: int, opaque: Any
 ) -> int | None:
     """The ``post_populate`` callback of ``kvm_gmem_populate`` (P-5).
 
-    Called per folio under the invalidate lock, *src* is the source bytes of this folio
-    (``None`` for a zero page).  Return 0 (or ``None``) on success or raise
-    :class:`guestmem.KvmError`; the core then marks the folio prepared.
+    Called per folio under the invalidate lock.  Return 0 (or ``None``) on success, a
+    negative errno, or raise :class:`guestmem.KvmError`; on success the core marks the
+    folio prepared.
+
+    :param vm: the VM.
+    :param gfn: first gfn of the folio.
+    :param pfn: its first pfn.
+    :param src: the source bytes of this folio, ``None`` for a zero page.
+    :param order: pages ``1 << order``.
+    :param opaque: what the caller of ``gmem_populate`` passed.
     """
 
 
-@hookspec(firstresult=True)
-def guestmem_hypercall(vcpu: ModelVcpu, nr: int, args: tuple[int, ...]) -> int | None:
-    """A guest hypercall (``vmcall``/``vmmcall``/``hvc``) number *nr* with *args*.
-
-    Return the value placed in the guest's return register.  ``None`` means unhandled:
-    the core answers ``-KVM_ENOSYS``.  Raise :class:`guestmem.GuestExit` subclasses to
-    leave to userspace.
-    """
-
-
-# --- observers -------------------------------------------------------------------------
+# --- observers -------------------------------------------------------------------------------
 @hookspec
-def guestmem_ownership_update(vm: ModelVm, table: str, pfn: int, npages: int, old: Any, new: Any) -> None:
-    """A backend changed its hardware ownership table (RMP, Secure-EPT, pKVM stage-2...).
+def guestmem_ownership_update(host: HostView, vm: VmView | None, event: OwnershipEvent) -> None:
+    """A backend changed its hardware ownership table (RMP, S-EPT/PAMT, pKVM stage-2...).
 
-    Backends call :meth:`ModelVm.ownership_update`, which fans this out to observers
-    (tracing, invariant checking).  *table* names the table (``"rmp"``, ``"sept"``...),
-    *old*/*new* are the backend's entry values.
+    For observers (tracing, invariant checking); backends emit it through
+    ``vm.ownership_update`` or ``host.ownership_update``.
+
+    :param host: the machine.
+    :param vm: the VM the change was for, or None.
+    :param event: what changed.
     """
 
 
 @hookspec
-def guestmem_trace(vm: ModelVm | None, event: TraceEvent) -> None:
-    """Every modelled event (ioctl, fault, exit, invalidation, counter change) of *vm*.
+def guestmem_trace(host: HostView, vm: VmView | None, event: TraceEvent) -> None:
+    """Every modelled event (ioctl, fault, exit, invalidation, counter change).
 
-    For tracers and cost counters.  Must not raise.
+    For tracers and cost counters.
+
+    :param host: the machine.
+    :param vm: the VM, or None for a host-level event.
+    :param event: the event.
+    """
+
+
+@hookspec
+def guestmem_operation_done(host: HostView, operation: str) -> None:
+    """One call of the uAPI face finished: a syscall (an ioctl, ``fallocate``, ``mmap``,
+    ``close``...), a guest access or a host access, with all it caused.
+
+    Not a kernel function: the point where the model is consistent again (no MMU
+    invalidation open, nothing half done), for invariant checkers.  Called whether the
+    call succeeded or failed, before what observers raised is reported.
+
+    :param host: the machine.
+    :param operation: what ran, e.g. ``"ModelVm.set_memory_attributes"``.
     """

@@ -1,204 +1,257 @@
-"""The backend registry: plugin discovery, validation and per-VM hook callers.
+"""The backend registry: plugin discovery, validation, containment and the hook callers.
 
-Plugins come from the ``guestmem`` entry-point group plus the built-in ``sw`` backend.
-Loading is lazy and idempotent.  ``GUESTMEM_DISABLE_PLUGINS`` (comma-separated entry-point
-or distribution names) keeps installed plugins out, like tox's plugin block list.
+Plugins come from the ``guestmem`` entry-point group; the core declares its own ``sw``
+backend there too, so the registry knows no backend by name.  Loading is lazy and
+idempotent.  ``GUESTMEM_DISABLE_PLUGINS`` (comma-separated entry-point or distribution
+names) keeps installed plugins out, like tox's plugin block list.
+
+A broken installed plugin (it fails to import, a hook is misspelt or unmarked, a policy
+hook sits at module level, its backend name is taken) never takes the others down: it is
+left out with a :class:`guestmem.errors.PluginWarning` naming its distribution and the fix,
+and listed in :attr:`Registry.broken`.  A plugin added at run time with
+:meth:`Registry.add_plugin` is checked the same way but refused with a
+:class:`guestmem.PluginError`, since its caller is there to hear it.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import attrs
 import pluggy
 
 from guestmem import hookspecs
-from guestmem.errors import PluginError
+from guestmem.backend import PROJECT, Backend, VmTypeInfo
+from guestmem.errors import PluginError, PluginWarning
+from guestmem.hooks import HOOK_NAMES, Hooks, ObserverFailure
 
 if TYPE_CHECKING:
-    from guestmem.api import Kvm
+    from importlib.metadata import EntryPoint
+
+__all__ = ["Backend", "BrokenPlugin", "Registry", "VmTypeInfo", "get_registry"]
 
 ENTRY_POINT_GROUP = "guestmem"
-_DISABLE_ENV = "GUESTMEM_DISABLE_PLUGINS"
-BUILTIN_DISTRIBUTION = "guestmem"
+DISABLE_ENV = "GUESTMEM_DISABLE_PLUGINS"
+_SPEC_NAMES = frozenset(f"guestmem_{name}" for name in (*HOOK_NAMES, "register_backends"))
+_OBSERVER_HOOKS = frozenset({"guestmem_trace", "guestmem_ownership_update", "guestmem_operation_done"})
+_POLICY_HOOKS = frozenset(f"guestmem_{name}" for name in HOOK_NAMES) - _OBSERVER_HOOKS
 
 
 @attrs.frozen
-class VmTypeInfo:
-    """What the core needs to know about one VM type a backend offers.
+class BrokenPlugin:
+    """An installed plugin the registry left out, and why."""
 
-    The flags mirror the kernel's per-VM predicates (spec CAP-3..CAP-6, S-4, S-7, PF-2).
-    """
-
-    type: int
     name: str
-    has_private_mem: bool = False
-    #: ``kvm_arch_supports_gmem_init_shared`` (x86: ``not has_private_mem``).
-    supports_init_shared: bool | None = None
-    #: ``kvm_arch_has_readonly_mem`` (x86: ``not has_protected_state``).
-    readonly_mem: bool = True
-    #: ``KVM_PRE_FAULT_MEMORY`` allowed (SNP: never).
-    pre_fault_allowed: bool = True
-    #: ``kvm_arch_nr_memslot_as_ids`` (x86: 2 with SMM, 1 for private-mem VMs).
-    nr_memslot_as_ids: int = 2
-    #: Folio order of this VM type's gmem files (0 in 6.18; 9 models hugepage gmem).
-    gmem_folio_order: int = 0
-    #: arm64 ``kvm_arch_prepare_memory_region``: GUEST_MEMFD slots must be gmem-only (S-16).
-    gmem_slot_requires_mmap: bool = False
-    #: ``KVM_CAP_MEMORY_ATTRIBUTES`` exists on this architecture (x86 only in 6.18).
-    memory_attributes: bool = True
+    distribution: str
+    error: str
 
     @property
-    def init_shared_allowed(self) -> bool:
-        """Resolved ``kvm_arch_supports_gmem_init_shared``."""
-        if self.supports_init_shared is None:
-            return not self.has_private_mem
-        return self.supports_init_shared
+    def hint(self) -> str:
+        """What the user can do about it."""
+        return f"fix or uninstall {self.distribution!r}, or set {DISABLE_ENV}={self.name}"
 
 
-def _as_tuple(types: Iterable[VmTypeInfo]) -> tuple[VmTypeInfo, ...]:
-    return tuple(types)
+def _entry_points() -> Iterable[EntryPoint]:
+    return importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
 
 
-@attrs.frozen
-class Backend:
-    """A backend, as a plugin registers it.
+def _hookimpl_names(obj: object) -> list[str]:
+    return [name for name in dir(obj) if name.startswith("guestmem_")]
 
-    ``policy`` is the object carrying the arch policy hookimpls; it is registered with the
-    plugin manager and reached only by VMs of this backend.  ``opener`` builds the
-    :class:`guestmem.api.Kvm` for :func:`guestmem.open`; ``None`` means the core model,
-    driven by ``policy``.
+
+def check_plugin(obj: object, *, policy: bool) -> None:
+    """The registry's checks of a plugin (or, *policy*, a backend's policy) object.
+
+    Catches what pluggy would silently accept: a ``guestmem_*`` function without
+    ``@hookimpl`` (never called), a near-miss hook name, a hook wrapper (observers run
+    after the policy, they do not wrap it), and VM policy hooks at module level of a
+    plugin that registers backends (they would observe every VM of every backend).
+    Raises :class:`PluginError` with the bare reason.
     """
-
-    name: str
-    summary: str
-    vm_types: tuple[VmTypeInfo, ...] = attrs.field(converter=_as_tuple)
-    policy: object | None = None
-    opener: Callable[..., Kvm] | None = None
-    #: Filled in by the registry.
-    distribution: str = ""
-    version: str = ""
-
-    def vm_type(self, vm_type: int) -> VmTypeInfo | None:
-        """The info of *vm_type*, or None if the backend does not offer it."""
-        for info in self.vm_types:
-            if info.type == vm_type:
-                return info
-        return None
+    names = _hookimpl_names(obj)
+    for name in names:
+        member = getattr(obj, name, None)
+        if not callable(member):
+            continue
+        options = getattr(member, f"{PROJECT}_impl", None)
+        if options is None:
+            raise PluginError(f"{name} is not marked with @hookimpl: it would never be called")
+        if name not in _SPEC_NAMES:
+            close = difflib.get_close_matches(name, sorted(_SPEC_NAMES), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise PluginError(f"{name} is not a guestmem hook{hint}")
+        if options.get("wrapper") or options.get("hookwrapper"):
+            raise PluginError(
+                f"{name} is a hook wrapper: guestmem observers run after the backend, not around it"
+            )
+        if policy and name == "guestmem_register_backends":
+            raise PluginError("a backend's policy object must not register backends")
+    if not policy and "guestmem_register_backends" in names:
+        stray = sorted(set(names) & _POLICY_HOOKS)
+        if stray:
+            raise PluginError(
+                f"{', '.join(stray)} at module level of a plugin that registers backends would observe "
+                "every VM of every backend: put the policy hooks on the Backend's policy object"
+            )
 
 
 class Registry:
-    """The plugin manager and the table of backends."""
+    """The plugin manager, the table of backends and what was left out.
 
-    def __init__(self, *, load_entry_points: bool = True) -> None:
-        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+    *entry_points* returns the installed plugins' entry points (default: the ``guestmem``
+    group of the installed distributions).
+    """
+
+    def __init__(self, *, entry_points: Callable[[], Iterable[EntryPoint]] = _entry_points) -> None:
+        self.pm = pluggy.PluginManager(PROJECT)
         self.pm.add_hookspecs(hookspecs)
-        self._load_entry_points = load_entry_points
+        self._entry_points = entry_points
+        self._loaded = False
         self._backends: dict[str, Backend] | None = None
         self._lock = threading.RLock()
-        self._dists: dict[int, tuple[str, str]] = {}
-        #: Bumped whenever plugins are added or removed at run time (VmHooks re-derive then).
+        #: id(plugin) -> (plugin name, distribution, version)
+        self._dists: dict[int, tuple[str, str, str]] = {}
+        #: Plugins added at run time (their failures raise instead of warning).
+        self._explicit: set[int] = set()
+        #: Bumped whenever plugins are added or removed (hook callers re-derive then).
         self.revision = 0
         #: id(plugin) -> the policies of the backends it registered in the last collection.
         self._owned: dict[int, list[object]] = {}
+        #: id(policy) -> (backend name, distribution)
+        self._policies: dict[int, tuple[str, str]] = {}
+        #: Installed plugins left out, by entry-point name.
+        self.broken: dict[str, BrokenPlugin] = {}
 
-    # --- plugin loading ------------------------------------------------------------------
-    def _load(self) -> None:
-        from guestmem import sw
-
-        self._register(sw, "guestmem.sw", (BUILTIN_DISTRIBUTION, _core_version()))
-        if not self._load_entry_points:
+    # --- plugin loading ----------------------------------------------------------------------
+    def _leave_out(self, name: str, distribution: str, error: str) -> None:
+        if name in self.broken:
             return
-        blocked = {n.strip() for n in os.environ.get(_DISABLE_ENV, "").split(",") if n.strip()}
-        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        broken = BrokenPlugin(name, distribution, error)
+        self.broken[name] = broken
+        warnings.warn(
+            f"guestmem plugin {name!r} from distribution {distribution!r} was left out: {error} "
+            f"({broken.hint})",
+            PluginWarning,
+            stacklevel=4,
+        )
+
+    def _load(self) -> None:
+        self._loaded = True
+        blocked = {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
+        for ep in self._entry_points():
             dist = ep.dist
             dist_name = dist.name if dist is not None else "<unknown>"
-            if ep.name in blocked or dist_name in blocked:
-                continue
-            if self.pm.has_plugin(ep.name):
+            version = dist.version if dist is not None else ""
+            if ep.name in blocked or dist_name in blocked or self.pm.has_plugin(ep.name):
                 continue
             try:
                 plugin = ep.load()
-            except Exception as exc:
-                raise PluginError(
-                    f"plugin {ep.name!r} from distribution {dist_name!r} failed to import: {exc}"
-                ) from exc
-            self._register(plugin, ep.name, (dist_name, dist.version if dist else ""))
+            except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the others down
+                self._leave_out(ep.name, dist_name, f"failed to import: {type(exc).__name__}: {exc}")
+                continue
+            try:
+                self._register(plugin, ep.name, dist_name, version)
+            except PluginError as exc:
+                self._leave_out(ep.name, dist_name, str(exc))
 
-    def _register(self, plugin: object, name: str, dist: tuple[str, str]) -> None:
+    def _register(self, plugin: object, name: str, dist: str, version: str) -> None:
+        """Validate and register *plugin*; :class:`PluginError` (bare reason) leaves nothing."""
+        check_plugin(plugin, policy=False)
         try:
             self.pm.register(plugin, name=name)
             self.pm.check_pending()
-        except pluggy.PluginValidationError as exc:
+        except (pluggy.PluginValidationError, ValueError) as exc:
             if self.pm.is_registered(plugin):  # pluggy >= 1.7 refuses bad signatures in register()
                 self.pm.unregister(plugin)
-            raise PluginError(f"plugin {name!r} from distribution {dist[0]!r} is invalid: {exc}") from exc
-        self._dists[id(plugin)] = dist
+            raise PluginError(str(exc)) from exc
+        self._dists[id(plugin)] = (name, dist, version)
 
     def _collect(self) -> dict[str, Backend]:
         backends: dict[str, Backend] = {}
         owners: dict[str, object] = {}
-        caller = self.pm.hook.guestmem_register_backends
-        for impl in caller.get_hookimpls():
-            dist_name, version = self._dists.get(id(impl.plugin), ("<unregistered>", ""))
-
-            def register(
-                backend: Backend, _dist: str = dist_name, _ver: str = version, _owner: object = impl.plugin
-            ) -> None:
-                if not isinstance(backend, Backend):
-                    raise PluginError(
-                        f"distribution {_dist!r} registered {backend!r}, which is not a guestmem.Backend"
-                    )
-                if backend.name in backends:
-                    other = backends[backend.name].distribution
-                    raise PluginError(f"backend {backend.name!r} registered by both {other!r} and {_dist!r}")
-                if backend.policy is None and backend.opener is None:
-                    raise PluginError(
-                        f"backend {backend.name!r} of {_dist!r} has neither a policy nor an opener"
-                    )
+        for (
+            impl
+        ) in self.pm.hook.guestmem_register_backends.get_hookimpls():  # oldest first: first come, first named
+            name, dist, version = self._dists.get(id(impl.plugin), (impl.plugin_name, "<unregistered>", ""))
+            found: list[Backend] = []
+            try:
+                impl.function(register=found.append)
+                for backend in found:
+                    self._check_backend(backend, dist, backends)
+            except Exception as exc:
+                reason = str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
+                if id(impl.plugin) in self._explicit:
+                    raise PluginError(f"plugin {name!r} from distribution {dist!r}: {reason}") from exc
+                self._leave_out(name, dist, reason)
+                continue
+            for backend in found:
                 backends[backend.name] = attrs.evolve(
-                    backend, distribution=_dist, version=backend.version or _ver
+                    backend, distribution=dist, version=backend.version or version
                 )
-                owners[backend.name] = _owner
+                owners[backend.name] = impl.plugin
+        self._sync_policies(backends, owners)
+        return backends
 
-            impl.function(register=register)
+    @staticmethod
+    def _check_backend(backend: object, dist: str, taken: dict[str, Backend]) -> None:
+        if not isinstance(backend, Backend):
+            raise PluginError(f"registered {backend!r}, which is not a guestmem.backend.Backend")
+        if backend.name in taken:
+            other = taken[backend.name].distribution
+            raise PluginError(f"backend {backend.name!r} is already registered by distribution {other!r}")
+        if backend.policy is None and backend.opener is None:
+            raise PluginError(f"backend {backend.name!r} has neither a policy nor an opener")
+        if backend.policy is not None:
+            check_plugin(backend.policy, policy=True)
+
+    def _sync_policies(self, backends: dict[str, Backend], owners: dict[str, object]) -> None:
+        """Register this collection's policies; unregister any earlier policy left over (a
+        plugin may hand out a new policy per collection, and a stale one registered would
+        act as an observer of every VM)."""
         owned: dict[int, list[object]] = {}
         for backend in backends.values():
             if backend.policy is not None:
                 owned.setdefault(id(owners[backend.name]), []).append(backend.policy)
-        # A plugin may hand out a new policy object per collection: the old one must not stay
-        # registered, where it would act as an observer of every VM.
         keep = {id(p) for policies in owned.values() for p in policies}
         for policies in self._owned.values():
             for stale in policies:
                 if id(stale) not in keep and self.pm.is_registered(stale):
                     self.pm.unregister(stale)
         self._owned = owned
-        for backend in backends.values():
+        self._policies = {}
+        for name, backend in list(backends.items()):
             policy = backend.policy
-            if policy is not None and not self.pm.is_registered(policy):
-                pname = f"guestmem.backend.{backend.name}"
+            if policy is None:
+                continue
+            if not self.pm.is_registered(policy):
                 try:
-                    self.pm.register(policy, name=pname)
+                    self.pm.register(policy, name=f"guestmem.backend.{name}")
                     self.pm.check_pending()
-                except pluggy.PluginValidationError as exc:
+                except (pluggy.PluginValidationError, ValueError) as exc:
                     if self.pm.is_registered(policy):
                         self.pm.unregister(policy)
-                    raise PluginError(
-                        f"policy of backend {backend.name!r} from distribution "
-                        f"{backend.distribution!r} is invalid: {exc}"
-                    ) from exc
-        return backends
+                    owner = owners[name]
+                    reason = f"the policy of backend {name!r} is invalid: {exc}"
+                    if id(owner) in self._explicit:
+                        raise PluginError(f"distribution {backend.distribution!r}: {reason}") from exc
+                    self._leave_out(
+                        self._dists.get(id(owner), (name, "", ""))[0], backend.distribution, reason
+                    )
+                    del backends[name]
+                    continue
+            self._policies[id(policy)] = (name, backend.distribution)
 
     def backends(self) -> dict[str, Backend]:
         """All registered backends by name (loads plugins on first use)."""
         with self._lock:
             if self._backends is None:
-                if not self._dists:
+                if not self._loaded:
                     self._load()
                 self._backends = self._collect()
             return self._backends
@@ -210,18 +263,27 @@ class Registry:
             return table[name]
         except KeyError:
             known = ", ".join(sorted(table)) or "none"
-            raise LookupError(f"no guestmem backend named {name!r} (installed: {known})") from None
+            broken = [b for b in self.broken.values() if b.name == name]
+            why = f"; plugin {name!r} was left out: {broken[0].error}" if broken else ""
+            raise LookupError(f"no guestmem backend named {name!r} (installed: {known}){why}") from None
 
-    # --- throwaway plugins (tests, notebooks) -----------------------------------------------
+    # --- throwaway plugins (tests, notebooks) ----------------------------------------------------
     def add_plugin(self, plugin: object, *, name: str | None = None, distribution: str = "<local>") -> None:
         """Register *plugin* at run time (a backend or an observer) and refresh the table.
 
         The plugin and the policies of the backends it registers are validated at once: a
-        :class:`PluginError` (naming *distribution*) leaves the registry as it was.
+        :class:`PluginError` naming *distribution* leaves the registry as it was.
         """
         with self._lock:
             self.backends()
-            self._register(plugin, name or f"local.{id(plugin):x}", (distribution, ""))
+            plugin_name = name or f"local.{id(plugin):x}"
+            try:
+                self._register(plugin, plugin_name, distribution, "")
+            except PluginError as exc:
+                raise PluginError(
+                    f"plugin {plugin_name!r} from distribution {distribution!r}: {exc}"
+                ) from exc
+            self._explicit.add(id(plugin))
             self._backends = None
             self.revision += 1
             try:
@@ -235,100 +297,39 @@ class Registry:
         with self._lock:
             owned = {id(plugin)} | {id(p) for p in self._owned.pop(id(plugin), [])}
             self._dists.pop(id(plugin), None)
+            self._explicit.discard(id(plugin))
             for p in list(self.pm.get_plugins()):
                 if id(p) in owned and self.pm.is_registered(p):
                     self.pm.unregister(p)
             self._backends = None
             self.revision += 1
 
-    # --- per-VM hook callers ----------------------------------------------------------------
-    def policies(self) -> set[object]:
-        """Every backend policy object (what a VM's hooks exclude, but for its own)."""
-        return {b.policy for b in self.backends().values() if b.policy is not None}
+    # --- hook dispatch -----------------------------------------------------------------------------
+    def dispatch_plugins(self, backend: str | None) -> tuple[object | None, str, dict[int, tuple[str, str]]]:
+        """``(policy, its distribution, observers)`` for hosts of *backend*.
 
-    def hooks_for(self, backend: Backend) -> VmHooks:
-        """Hook callers that reach *backend*'s policy and the observers, nothing else."""
-        return VmHooks(self, backend.policy)
-
-
-class VmHooks:
-    """A typed facade over the subset hook callers of one backend (see tox's manager).
-
-    Each attribute calls the hook of the same name (without the ``guestmem_`` prefix)
-    on the backend's own policy and every observer.  The set of other backends' policies
-    to leave out is re-derived when plugins are added or removed, so a backend that
-    appears later never reaches VMs of this one.
-    """
-
-    def __init__(self, registry: Registry, policy: object | None) -> None:
-        self._registry = registry
-        self._policy = policy
-        self._revision = -1
-        self._callers: dict[str, Any] = {}
-
-    def _refresh(self) -> None:
-        registry = self._registry
-        remove = list(registry.policies() - {self._policy})
-        pm = registry.pm
-        self._callers = {
-            name: pm.subset_hook_caller(f"guestmem_{name}", remove)
-            if remove
-            else getattr(pm.hook, f"guestmem_{name}")
-            for name in _HOOK_NAMES
+        Observers are every registered plugin that is no backend's policy, by id, with their
+        plugin name and distribution.
+        """
+        table = self.backends()
+        info = table.get(backend) if backend is not None else None
+        policy = info.policy if info is not None else None
+        observers = {
+            id(p): (f"plugin {self._dists[id(p)][0]!r}", self._dists[id(p)][1])
+            for p in self.pm.get_plugins()
+            if id(p) not in self._policies and id(p) in self._dists
         }
-        self._revision = registry.revision
+        return policy, info.distribution if info is not None else "", observers
 
-    def __getattr__(self, name: str) -> Any:
-        if name not in _HOOK_SET:
-            raise AttributeError(name)
-        if self._revision != self._registry.revision:
-            self._refresh()
-        return self._callers[name]
+    def hooks_for(self, backend: Backend, on_observer_error: Callable[[ObserverFailure], None]) -> Hooks:
+        """Hook callers reaching *backend*'s policy and the observers, nothing else."""
+        return Hooks(self, backend.name, on_observer_error)
 
-    vm_init: Any
-    vm_destroy: Any
-    check_extension: Any
-    gmem_prepare: Any
-    gmem_invalidate: Any
-    max_mapping_level: Any
-    unmap_gfn_range: Any
-    fault: Any
-    pre_set_memory_attributes: Any
-    post_set_memory_attributes: Any
-    host_mappable: Any
-    host_access: Any
-    post_populate: Any
-    hypercall: Any
-    ownership_update: Any
-    trace: Any
-
-
-_HOOK_NAMES = (
-    "vm_init",
-    "vm_destroy",
-    "check_extension",
-    "gmem_prepare",
-    "gmem_invalidate",
-    "max_mapping_level",
-    "unmap_gfn_range",
-    "fault",
-    "pre_set_memory_attributes",
-    "post_set_memory_attributes",
-    "host_mappable",
-    "host_access",
-    "post_populate",
-    "hypercall",
-    "ownership_update",
-    "trace",
-)
-_HOOK_SET = frozenset(_HOOK_NAMES)
-
-
-def _core_version() -> str:
-    try:
-        return importlib.metadata.version("guestmem")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
+    def hook_names(self, backend: Backend) -> list[str]:
+        """The hooks *backend*'s policy implements (``guestmem_`` names)."""
+        return (
+            sorted(n for n in _hookimpl_names(backend.policy) if n in _SPEC_NAMES) if backend.policy else []
+        )
 
 
 _default: Registry | None = None

@@ -8,7 +8,7 @@ from typing import IO, Any
 
 import cattrs
 
-from guestmem.model.events import TraceEvent
+from guestmem.backend import TraceEvent
 
 _converter = cattrs.Converter(forbid_extra_keys=True)
 
@@ -23,7 +23,7 @@ def event_to_json(event: TraceEvent) -> str:
 def event_from_json(line: str) -> TraceEvent:
     """Parse a line written by :func:`event_to_json`."""
     data = json.loads(line)
-    head = {k: data.pop(k) for k in ("seq", "kind", "vm")}
+    head = {k: data.pop(k) for k in ("seq", "kind", "vm", "ts") if k in data}
     try:
         return _converter.structure({**head, "fields": data}, TraceEvent)
     except cattrs.BaseValidationError as exc:

@@ -2,8 +2,10 @@
 
 SW_PROTECTED is upstream's hardware-free private-memory VM: attributes are the only
 source of privateness (G-1), there is no ownership table and nothing to prepare, and
-private pages are simply not host-mappable (the core rule M-4).  The policy therefore
-implements no arch hooks: it is the reference every hardware backend is compared to.
+private pages are simply not host-mappable (the core rule M-4).  Its policy therefore
+implements no hook at all: what it does is the core's generic x86 KVM, the reference
+every hardware backend is compared to.  The core declares it through its own entry
+point, like any other backend.
 """
 
 from __future__ import annotations
@@ -11,8 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from guestmem import uapi
-from guestmem.hookspecs import hookimpl
-from guestmem.registry import Backend, VmTypeInfo
+from guestmem.backend import Backend, VmTypeInfo, hookimpl
 
 DEFAULT_VM = VmTypeInfo(
     type=uapi.KVM_X86_DEFAULT_VM,
@@ -28,26 +29,8 @@ SW_PROTECTED_VM = VmTypeInfo(
 )
 
 
-# include/uapi/linux/kvm_para.h
-KVM_HC_VAPIC_POLL_IRQ = 1
-KVM_HC_KICK_CPU = 5
-KVM_HC_SCHED_YIELD = 11
-
-
 class SwPolicy:
-    """The arch policy of ``sw``: upstream x86 behaviour needs no ownership hooks."""
-
-    @hookimpl
-    def guestmem_hypercall(self, vcpu: object, nr: int, args: tuple[int, ...]) -> int | None:
-        """``__kvm_emulate_hypercall``: the calls that succeed without userspace.
-
-        KICK_CPU and SCHED_YIELD return 0 because PV feature CPUID is not enforced by
-        default; everything else (MAP_GPA_RANGE included, until userspace enables its
-        exit) is ``-KVM_ENOSYS``, which the core answers for an unhandled call.
-        """
-        if nr in (KVM_HC_VAPIC_POLL_IRQ, KVM_HC_KICK_CPU, KVM_HC_SCHED_YIELD):
-            return 0
-        return None
+    """The arch policy of ``sw``: upstream x86 needs no hook beyond the core's own code."""
 
 
 POLICY = SwPolicy()
@@ -62,5 +45,6 @@ def guestmem_register_backends(register: Callable[[Backend], None]) -> None:
             summary="Linux 6.18 x86 KVM without hardware: DEFAULT and SW_PROTECTED VMs",
             vm_types=(DEFAULT_VM, SW_PROTECTED_VM),
             policy=POLICY,
+            range_faults=True,
         )
     )

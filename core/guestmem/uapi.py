@@ -1,13 +1,16 @@
 """Kernel uAPI constants, with the kernel's names and values.
 
 Sources: ``include/uapi/linux/kvm.h``, ``arch/x86/include/uapi/asm/kvm.h`` and
-``include/uapi/linux/falloc.h`` (spec section 1).  Everything here is a plain ``int`` so
-values can be compared with what the real kernel returns.
+``include/uapi/linux/falloc.h``, ``include/uapi/linux/kvm_para.h``.  Constants are plain
+``int`` so values can be compared with what the real kernel returns; structs an ioctl
+takes are frozen value classes with the kernel's field names.
 """
 
 from __future__ import annotations
 
 from typing import Final
+
+import attrs
 
 PAGE_SHIFT: Final = 12
 PAGE_SIZE: Final = 1 << PAGE_SHIFT
@@ -80,6 +83,34 @@ KVM_X86_SEV_ES_VM: Final = 3
 KVM_X86_SNP_VM: Final = 4
 KVM_X86_TDX_VM: Final = 5
 
+# --- VM ioctls with an argument the backend interprets -----------------------------------
+KVM_ENABLE_CAP: Final = 0x4068AEA3  # _IOW(KVMIO, 0xa3, struct kvm_enable_cap)
+KVM_MEMORY_ENCRYPT_OP: Final = 0xC008AEBA  # _IOWR(KVMIO, 0xba, unsigned long)
+
+# --- hypercalls (include/uapi/linux/kvm_para.h) ----------------------------------------
+KVM_ENOSYS: Final = 1000
+KVM_EFAULT: Final = 14
+KVM_EINVAL: Final = 22
+KVM_E2BIG: Final = 7
+KVM_EPERM: Final = 1
+KVM_EOPNOTSUPP: Final = 95
+KVM_HC_VAPIC_POLL_IRQ: Final = 1
+KVM_HC_KICK_CPU: Final = 5
+KVM_HC_SCHED_YIELD: Final = 11
+KVM_HC_MAP_GPA_RANGE: Final = 12
+KVM_MAP_GPA_RANGE_PAGE_SZ_4K: Final = 0
+KVM_MAP_GPA_RANGE_PAGE_SZ_2M: Final = 1 << 0
+KVM_MAP_GPA_RANGE_PAGE_SZ_1G: Final = 1 << 1
+KVM_MAP_GPA_RANGE_ENCRYPTED: Final = 1 << 4
+KVM_MAP_GPA_RANGE_DECRYPTED: Final = 0 << 4
+#: x86 ``KVM_EXIT_HYPERCALL_VALID_MASK``: only MAP_GPA_RANGE may exit to userspace.
+KVM_EXIT_HYPERCALL_VALID_MASK: Final = 1 << KVM_HC_MAP_GPA_RANGE
+KVM_EXIT_HYPERCALL_LONG_MODE: Final = 1 << 0
+
+# --- madvise(2) advice the host-mapping face takes --------------------------------------
+MADV_DONTNEED: Final = 4
+MADV_REMOVE: Final = 9
+
 # --- fallocate modes (include/uapi/linux/falloc.h) -------------------------------------
 FALLOC_FL_KEEP_SIZE: Final = 0x01
 FALLOC_FL_PUNCH_HOLE: Final = 0x02
@@ -116,6 +147,10 @@ CAP_NAMES: Final[dict[int, str]] = {
 }
 
 
-def page_aligned(value: int) -> bool:
-    """True iff *value* is a multiple of PAGE_SIZE (kernel ``PAGE_ALIGNED``)."""
-    return value & (PAGE_SIZE - 1) == 0
+@attrs.frozen
+class KvmEnableCap:
+    """``struct kvm_enable_cap``: the argument of ``KVM_ENABLE_CAP``."""
+
+    cap: int
+    flags: int = 0
+    args: tuple[int, ...] = ()

@@ -1,41 +1,26 @@
 """Trace events and cost counters of the model.
 
-Every modelled event goes three ways: a structlog event (``guestmem.<kind>``, never
-configured by the library), the ``guestmem_trace`` hook (observers), and, for the VM's
-own record, an optional in-memory trace list.
+Every modelled event goes three ways: the ``guestmem_trace`` hook (observers), a structlog
+event (``guestmem.<kind>``, only once the application configured structlog: the library
+never configures logging) and, with ``guestmem.open(..., record=True)``, the host's
+recorded trace.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 from collections import Counter
 from typing import Any
 
-import attrs
-import structlog
-
-log = structlog.get_logger("guestmem")
+from guestmem.backend import TraceEvent
 
 _seq = itertools.count()
 
 
-@attrs.frozen
-class TraceEvent:
-    """One modelled event: ``kind`` (e.g. ``"fault"``, ``"punch_hole"``) and its fields."""
-
-    seq: int
-    kind: str
-    vm: int | None
-    fields: dict[str, Any] = attrs.field(factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready form (``seq``, ``kind``, ``vm`` and the fields)."""
-        return {"seq": self.seq, "kind": self.kind, "vm": self.vm, **self.fields}
-
-
 def make_event(kind: str, vm: int | None, fields: dict[str, Any]) -> TraceEvent:
-    """A new event with the next global sequence number."""
-    return TraceEvent(next(_seq), kind, vm, fields)
+    """A new event with the next sequence number of the process and a monotonic timestamp."""
+    return TraceEvent(next(_seq), kind, vm, fields, time.monotonic_ns())
 
 
 class Counters(Counter[str]):

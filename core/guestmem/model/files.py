@@ -9,8 +9,10 @@ import time
 from typing import TYPE_CHECKING
 
 from guestmem import api, uapi
+from guestmem.backend import GmemView
 from guestmem.errors import KvmError
 from guestmem.model.mapping import GmemVma, ModelHostMapping
+from guestmem.model.operation import uapi_call
 
 if TYPE_CHECKING:
     from guestmem.model.gmem import GmemFile
@@ -67,6 +69,11 @@ class ModelGuestMemfd(api.GuestMemfd):
         """The :class:`~guestmem.model.gmem.GmemInode` behind this fd."""
         return self.file.inode
 
+    @property
+    def backend_view(self) -> GmemView:
+        """:func:`guestmem.backend.view` of this file: its inode."""
+        return self.file.inode.view
+
     def fileno(self) -> int:
         if self._fd is None:
             raise ValueError("I/O operation on closed guest_memfd")
@@ -77,6 +84,7 @@ class ModelGuestMemfd(api.GuestMemfd):
             raise KvmError(errno.EBADF, "", "guest_memfd is closed")
         self.kvm.host.check_alive()
 
+    @uapi_call
     def close(self) -> None:
         if self._fd is None:
             return
@@ -84,26 +92,31 @@ class ModelGuestMemfd(api.GuestMemfd):
         self._fd = None
         self.file.put()
 
+    @uapi_call
     def dup(self) -> ModelGuestMemfd:
         """``dup(2)``: another descriptor (the lowest free number) of the same file (F-4)."""
         self._check()
         return ModelGuestMemfd(self.kvm, self.file)
 
+    @uapi_call
     def read(self, n: int) -> bytes:
         """F-1: guest_memfd has no read op."""
         self._check()
         raise KvmError(errno.EINVAL, "F-1", "guest_memfd does not support read()")
 
+    @uapi_call
     def write(self, data: bytes) -> int:
         """F-1: guest_memfd has no write op."""
         self._check()
         raise KvmError(errno.EINVAL, "F-1", "guest_memfd does not support write()")
 
+    @uapi_call
     def truncate(self, size: int) -> None:
         """F-3: ``kvm_gmem_setattr`` refuses every change."""
         self._check()
         raise KvmError(errno.EINVAL, "F-3", "guest_memfd size can never change")
 
+    @uapi_call
     def fstat(self) -> os.stat_result:
         """F-2: ``st_size`` = create size, ``st_blksize`` = PAGE_SIZE, distinct ``st_ino``."""
         self._check()
@@ -122,6 +135,7 @@ class ModelGuestMemfd(api.GuestMemfd):
             },
         )
 
+    @uapi_call
     def fallocate(self, mode: int, offset: int, length: int) -> None:
         """``fallocate(2)`` (FA-1..FA-11)."""
         self._check()
@@ -169,6 +183,7 @@ class ModelGuestMemfd(api.GuestMemfd):
         inode.mtime_ns = time.time_ns()  # FA-10 file_modified
         vm.trace("fallocate", ino=inode.ino, offset=offset, length=length)
 
+    @uapi_call
     def mmap(self, length: int, offset: int = 0, shared: bool = True) -> ModelHostMapping:
         """``mmap(2)`` of the file (M-1, M-2)."""
         self._check()
@@ -187,6 +202,7 @@ class ModelGuestMemfd(api.GuestMemfd):
         self.kvm.mm.insert(vma)
         return ModelHostMapping(vma)
 
+    @uapi_call
     def inject_memory_failure(self, offset: int) -> None:
         """Poison the page at *offset* as a hardware memory error would (E-1, E-2)."""
         self._check()

@@ -1,8 +1,10 @@
-"""guest_memfd: the inode (backing folios) and the file (one VM's view, with bindings).
+"""guest_memfd (``virt/kvm/guest_memfd.c``): the inode and its folios, the file (one VM's
+view, with bindings), invalidation, ``kvm_gmem_get_pfn`` and ``kvm_gmem_populate``.
 
 Folio state is a range map of page index -> :class:`Folio`, whose ``delta`` keeps
 ``pfn - index`` constant, so contiguous allocations of any size are one entry.  Rules:
-C-*, F-*, FA-*, M-*, B-*, L-*, E-* of the spec; invalidation as spec 3.2.
+C-*, F-*, FA-*, M-*, B-*, L-*, E-*, G-11, G-12, P-* of ``docs/rules.md``; invalidation
+as spec 3.2.
 """
 
 from __future__ import annotations
@@ -10,19 +12,21 @@ from __future__ import annotations
 import errno
 import itertools
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from guestmem import uapi
+from guestmem.backend import GfnRange, GmemView
 from guestmem.errors import EHWPOISON, KvmError
-from guestmem.model.mmu import GfnRange
 from guestmem.ranges import RangeMap
 
 if TYPE_CHECKING:
     from guestmem.model.host import HostMemory
     from guestmem.model.mapping import GmemVma
-    from guestmem.model.memslot import Memslot
+    from guestmem.model.memslots import Memslot
     from guestmem.model.vm import ModelVm
 
 PAGE_SHIFT = uapi.PAGE_SHIFT
@@ -37,15 +41,6 @@ class Folio:
     delta: int
     uptodate: bool = False
     hwpoison: bool = False
-
-
-@attrs.frozen
-class GmemLocation:
-    """Where a gfn lives in guest_memfd: its memslot, inode and page index."""
-
-    slot: Memslot
-    inode: GmemInode
-    index: int
 
 
 class GmemInode:
@@ -64,6 +59,7 @@ class GmemInode:
         self.evicted = False
         #: mtime = ctime (F-2 fstat), set at create and by each successful fallocate (FA-10).
         self.mtime_ns = time.time_ns()
+        self.view = GmemView(self)
 
     # --- properties --------------------------------------------------------------------------
     @property
@@ -92,6 +88,16 @@ class GmemInode:
         nr = 1 << self.folio_order
         start = index & ~(nr - 1)
         return start, min(start + nr, max(self.npages, index + 1))
+
+    def order_at(self, index: int) -> int:
+        """The order of the folio holding *index*: the file's, or 0 for what is left of a
+        large folio that was split (punched, or allocated or prepared only in part)."""
+        if not self.folio_order:
+            return 0
+        start, end = self.folio_bounds(index)
+        ent = self.pages.entry(index)
+        whole = end - start == 1 << self.folio_order and ent is not None and ent[0] <= start and end <= ent[1]
+        return self.folio_order if whole else 0
 
     def pfn(self, index: int) -> int | None:
         """The host pfn backing *index*, or None if no folio is allocated."""
@@ -131,6 +137,28 @@ class GmemInode:
         self.pages.set(start, end, folio)
         self.owner.count("gmem_folios_allocated")
         return start, end, folio
+
+    def get_run(self, index: int, limit: int) -> tuple[int, int, Folio]:
+        """The folio run from *index* (at most to *limit*), allocated if missing.
+
+        What ``kvm_gmem_get_folio`` for each page of ``[index, limit)`` in turn would
+        leave: order-0 folios missing in a row come from one pfn run (the model's
+        allocator hands out consecutive pfns anyway); a large folio is allocated whole.
+        Returns ``(index, end, folio)``, the run clipped to ``[index, limit)``.
+        """
+        ent = self.pages.entry(index)
+        if ent is not None:
+            return index, min(ent[1], limit), ent[2]
+        if self.folio_order:
+            _, end, folio = self.get_folio(index)
+            return index, min(end, limit), folio
+        nxt = next(self.pages.items(index, limit), None)
+        end = limit if nxt is None else nxt[0]
+        pfn = self.host.alloc(end - index, align=False)
+        folio = Folio(pfn - index)
+        self.pages.set(index, end, folio)
+        self.owner.count("gmem_folios_allocated", end - index)
+        return index, end, folio
 
     def allocate(self, start: int, end: int) -> None:
         """``kvm_gmem_allocate`` (FA-6): instantiate folios over ``[start, end)`` pages.
@@ -180,9 +208,12 @@ class GmemInode:
 
     def free_pfns(self, start_pfn: int, end_pfn: int) -> None:
         """``kvm_gmem_free_folio``: the arch invalidate hook, then back to the host."""
-        self.owner.hooks.gmem_invalidate(vm=self.owner, start_pfn=start_pfn, end_pfn=end_pfn)
-        self.host.free(start_pfn, end_pfn - start_pfn)
-        self.owner.count("gmem_pages_freed", end_pfn - start_pfn)
+        owner = self.owner
+        try:
+            owner.hooks.gmem_invalidate(owner.view, start_pfn, end_pfn)
+        finally:  # the kernel frees the folio whatever the arch code did
+            self.host.free(start_pfn, end_pfn - start_pfn)
+            owner.count("gmem_pages_freed", end_pfn - start_pfn)
 
     def evict(self) -> None:
         """Inode eviction: every folio is freed (L-5)."""
@@ -196,36 +227,40 @@ class GmemInode:
         self.owner.trace("gmem_evict", ino=self.ino, freed_pages=sum(e - s for s, e, _ in freed))
 
     # --- invalidation (spec 3.2) -------------------------------------------------------------
-    def invalidate_begin(self, start: int, end: int, views: list[GmemFile] | None = None) -> None:
-        """``kvm_gmem_invalidate_begin`` over the views' bindings in ``[start, end)``."""
-        flt = self.invalidate_filter
-        for view in self.views if views is None else views:
-            vm = view.vm
-            begun = False
-            flush = False
-            for s, e, slot in list(view.bindings.items(start, end)):
-                if not begun:
-                    vm.mmu.invalidate_begin()
-                    begun = True
-                gfn_start = slot.base_gfn + s - slot.gmem_pgoff
-                rng = GfnRange(slot, gfn_start, gfn_start + (e - s), attr_filter=flt)
-                flush |= vm.mmu.unmap_gfn_range(rng)
-            if flush:
-                vm.count("remote_tlb_flushes")
+    @contextmanager
+    def invalidating(self, start: int, end: int, views: list[GmemFile] | None = None) -> Iterator[None]:
+        """``kvm_gmem_invalidate_begin`` ... ``_end`` over the views' bindings in ``[start, end)``.
 
-    def invalidate_end(self, start: int, end: int, views: list[GmemFile] | None = None) -> None:
-        """``kvm_gmem_invalidate_end``."""
-        for view in self.views if views is None else views:
-            if view.bindings.overlaps(start, end):
+        Every VM whose bindings overlap begins an MMU invalidation and unmaps them
+        (``kvm_mmu_unmap_gfn_range`` with the file's filter); each one begun is ended when
+        the block leaves, whatever happened inside.
+        """
+        flt = self.invalidate_filter
+        begun: list[GmemFile] = []
+        try:
+            for view in list(self.views if views is None else views):
+                vm = view.vm
+                flush = False
+                for s, e, slot in list(view.bindings.items(start, end)):
+                    if view not in begun:
+                        vm.mmu.invalidate_begin()
+                        begun.append(view)
+                    gfn_start = slot.base_gfn + s - slot.gmem_pgoff
+                    rng = GfnRange(slot.view, gfn_start, gfn_start + (e - s), attr_filter=flt)
+                    flush |= vm.mmu.unmap_gfn_range(rng)
+                if flush:
+                    vm.count("remote_tlb_flushes")
+            yield
+        finally:
+            for view in begun:
                 view.vm.mmu.invalidate_end()
 
     def punch_hole(self, offset: int, length: int) -> None:
         """``kvm_gmem_punch_hole`` (FA-7, FA-8, M-10)."""
         start = offset >> PAGE_SHIFT
         end = min((offset + length) >> PAGE_SHIFT, uapi.LOFF_MAX >> PAGE_SHIFT)
-        self.invalidate_begin(start, end)
-        self.truncate(start, end)
-        self.invalidate_end(start, end)
+        with self.invalidating(start, end):
+            self.truncate(start, end)
 
     def memory_failure(self, index: int) -> None:
         """``kvm_gmem_error_folio`` (E-1): zap the folio's mappings, keep it, poison it."""
@@ -233,8 +268,8 @@ class GmemInode:
         self.set_state(start, end, hwpoison=True)  # TestSetPageHWPoison comes first
         for vma in list(self.vmas):
             vma.zap_indices(start, end)
-        self.invalidate_begin(start, end)
-        self.invalidate_end(start, end)
+        with self.invalidating(start, end):
+            pass
 
 
 class GmemFile:
@@ -269,21 +304,22 @@ class GmemFile:
         for _, _, slot in list(self.bindings.items()):
             slot.gmem_file = None
         end = uapi.ULONG_MAX >> PAGE_SHIFT
-        # The whole file is invalidated for this VM only (this view).
-        inode.invalidate_begin(0, end, [self])
-        inode.invalidate_end(0, end, [self])
-        inode.views.remove(self)
-        self.bindings.clear()
-        vm.trace("gmem_release", ino=inode.ino)
-        # kvm_put_kvm ends ->release; the inode (and its folios) goes after it, in __fput's
-        # dput/iput, so a VM destroyed by this put is gone before its folios are freed.
-        vm.put()
-        if not inode.views:
-            inode.evict()
+        try:
+            with inode.invalidating(0, end, [self]):  # the whole file, for this VM only
+                pass
+        finally:
+            inode.views.remove(self)
+            self.bindings.clear()
+            vm.trace("gmem_release", ino=inode.ino)
+            # kvm_put_kvm ends ->release; the inode (and its folios) goes after it, in __fput's
+            # dput/iput, so a VM destroyed by this put is gone before its folios are freed.
+            vm.put()
+            if not inode.views:
+                inode.evict()
 
     # --- binding (B-4..B-11) -------------------------------------------------------------------
     def bind(self, slot: Memslot, offset: int) -> None:
-        """``kvm_gmem_bind`` after the fd checks (B-4, B-5, B-6)."""
+        """``kvm_gmem_bind`` after the fd checks (B-4, B-5, B-6), then the backend's say."""
         size = slot.npages << PAGE_SHIFT
         # loff_t arithmetic: offset + size wraps negative past LOFF_MAX (the kernel builds with
         # -fno-strict-overflow), and the wrapped end passes the i_size check.
@@ -305,9 +341,10 @@ class GmemFile:
                 "B-5",
                 f"gmem pages [{start:#x}, {end:#x}) overlap pages bound to {clash[2].describe()}",
             )
-        slot.gmem_file = self
         slot.gmem_pgoff = start
         slot.gmem_only = self.inode.mmap_allowed
+        self.vm.hooks.gmem_bind(self.vm.view, slot.view, self.inode.view, start, slot.npages)
+        slot.gmem_file = self
         self.bindings.set(start, end, slot)
 
     def unbind(self, slot: Memslot) -> None:
@@ -316,42 +353,116 @@ class GmemFile:
             return
         self.bindings.erase(slot.gmem_pgoff, slot.gmem_pgoff + slot.npages)
         slot.gmem_file = None
+        self.vm.hooks.gmem_unbind(self.vm.view, slot.view, self.inode.view)
 
 
-def get_pfn(vm: ModelVm, slot: Memslot, gfn: int) -> tuple[int, int]:
-    """``kvm_gmem_get_pfn`` (G-5, G-11, G-12, L-4, E-2): ``(pfn, max_order)`` or KvmError."""
+# --- kvm_gmem_get_pfn ---------------------------------------------------------------------------
+def get_pfn(vm: ModelVm, slot: Memslot, gfn: int, max_pages: int = 1) -> tuple[int, int, int]:
+    """``kvm_gmem_get_pfn`` (G-5, G-11, G-12, L-4, E-2) for a run from *gfn*.
+
+    Returns ``(pfn, max_order, npages)``: the pfn of *gfn*, the order of its folio, and how
+    many pages from *gfn* (at most *max_pages*) the same call would have resolved to
+    contiguous pfns in the same prepared, unpoisoned state.
+    """
     file = slot.gmem_file
     if file is None or file.released:
         raise KvmError(errno.EFAULT, "L-4", f"the guest_memfd of {slot.describe()} was closed")
     file.get()  # kvm_gmem_get_file: a close meanwhile releases the file when this returns
     try:
-        return _get_pfn(vm, slot, file, gfn)
+        return _get_pfn(vm, slot, file, gfn, max_pages)
     finally:
         file.put()
 
 
-def _get_pfn(vm: ModelVm, slot: Memslot, file: GmemFile, gfn: int) -> tuple[int, int]:
+def _get_pfn(vm: ModelVm, slot: Memslot, file: GmemFile, gfn: int, max_pages: int) -> tuple[int, int, int]:
     index = slot.gfn_to_index(gfn)
-    if file.bindings.get(index) is not slot:
+    bound = file.bindings.entry(index)
+    if bound is None or bound[2] is not slot:
         raise KvmError(errno.EIO, "G-12", f"gmem index {index:#x} is not bound to {slot.describe()}")
     inode = file.inode
-    start, end, folio = inode.get_folio(index)
-    order = inode.folio_order
-    if end - start != 1 << order:
-        # a large folio that was split (punched or partly populated): order-0 pieces
-        start, end, order = index, index + 1, 0
+    _, end, folio = inode.get_run(index, min(index + max_pages, bound[1]))
+    order = inode.order_at(index)
     if folio.hwpoison:
         raise KvmError(EHWPOISON, "E-2", f"gmem page {index:#x} is hardware-poisoned")
     if not folio.uptodate:
-        # kvm_gmem_prepare_folio; [start, end) lies inside the one entry get_folio returned
-        vm.host.zero(start + folio.delta, end - start)
-        vm.count("zeroed_bytes", (end - start) * PAGE_SIZE)
-        folio_gfn = slot.base_gfn + start - slot.gmem_pgoff
-        vm.hooks.gmem_prepare(vm=vm, gfn=folio_gfn, pfn=start + folio.delta, order=order)
-        ent = inode.pages.entry(index)  # a hook may have punched or poisoned it meanwhile
-        if ent is not None and ent[2] is folio and ent[0] <= start and end <= ent[1]:
-            inode.pages.set(start, end, Folio(folio.delta, True, folio.hwpoison))
+        if order:
+            start, stop = inode.folio_bounds(index)
+        elif vm.hooks.policy_implements("gmem_prepare") and not vm.backend.range_faults:
+            start, stop = index, index + 1
         else:
-            inode.set_state(start, end, uptodate=True)
-        vm.count("gmem_prepare")
-    return index + folio.delta, order
+            start, stop = index, end
+        _prepare(vm, slot, inode, start, stop, folio, order)
+        ent = inode.pages.entry(index)
+        if ent is not None and ent[2].uptodate and not ent[2].hwpoison:
+            end, folio = min(end, ent[1]), ent[2]
+        else:  # a hook punched or poisoned it: the fault's retry check sees that invalidation
+            end = index + 1
+    return index + folio.delta, order, end - index
+
+
+def _prepare(
+    vm: ModelVm, slot: Memslot, inode: GmemInode, start: int, end: int, folio: Folio, order: int
+) -> None:
+    """``kvm_gmem_prepare_folio``: zero, ``kvm_arch_gmem_prepare``, mark uptodate (G-11)."""
+    vm.host.zero(start + folio.delta, end - start)
+    vm.count("zeroed_bytes", (end - start) * PAGE_SIZE)
+    gfn = slot.base_gfn + start - slot.gmem_pgoff
+    vm.hooks.gmem_prepare(vm.view, gfn, start + folio.delta, order, end - start)
+    ent = inode.pages.entry(start)
+    if ent is not None and ent[2] is folio and ent[0] <= start and end <= ent[1]:
+        inode.pages.set(start, end, Folio(folio.delta, True, folio.hwpoison))
+    else:
+        inode.set_state(start, end, uptodate=True)
+    vm.count("gmem_prepare", 1 if order else end - start)
+
+
+# --- kvm_gmem_populate --------------------------------------------------------------------------
+def populate(vm: ModelVm, gfn: int, src: bytes | None, npages: int, opaque: Any) -> int:
+    """``kvm_gmem_populate`` (P-1..P-5); returns the number of pages populated."""
+    if npages <= 0:
+        raise KvmError(errno.EINVAL, "P-1", "npages must be positive")
+    slot = vm.slots.for_gfn(gfn)
+    if slot is None or not slot.has_gmem:
+        raise KvmError(errno.EINVAL, "P-2", f"gfn {gfn:#x} is not in a guest_memfd memslot")
+    file = slot.gmem_file
+    if file is None or file.released:
+        raise KvmError(errno.EFAULT, "P-2", "the memslot's guest_memfd was closed")
+    npages = min(npages, slot.end_gfn - gfn)
+    inode = file.inode
+    done = 0
+    file.get()  # kvm_gmem_get_file: a close meanwhile releases the file only at the end
+    try:
+        while done < npages:
+            # The kernel's order: __kvm_gmem_get_pfn (binding, allocation, poison), then
+            # "already prepared", then the attribute check (which leaves the folio allocated).
+            cur = gfn + done
+            index = slot.gfn_to_index(cur)
+            if file.bindings.get(index) is not slot:
+                raise KvmError(errno.EIO, "G-12", f"gmem index {index:#x} is not bound to {slot.describe()}")
+            _, end, folio = inode.get_folio(index)
+            if folio.hwpoison:
+                raise KvmError(EHWPOISON, "E-2", f"gmem page {index:#x} is hardware-poisoned")
+            if folio.uptodate:
+                raise KvmError(errno.EEXIST, "P-4", f"gmem page {index:#x} is already prepared")
+            # the largest aligned power of two the folio and the request allow
+            n = 1 << (min(end - index, npages - done).bit_length() - 1)
+            while index % n:
+                n //= 2
+            while n > 1 and not vm.attributes.covers(cur, cur + n, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE):
+                n //= 2
+            if not vm.is_private(cur):
+                raise KvmError(errno.EINVAL, "P-3", f"gfn {cur:#x} is not private")
+            chunk = None if src is None else src[done * PAGE_SIZE : (done + n) * PAGE_SIZE]
+            order = n.bit_length() - 1
+            ret = vm.hooks.post_populate(vm.view, cur, index + folio.delta, chunk, order, opaque)
+            if ret:  # a nonzero return is the callback's -errno: not prepared, stop
+                raise KvmError(abs(int(ret)), "P-5", f"post_populate of gfn {cur:#x} returned {ret}")
+            inode.set_state(index, index + n, uptodate=True)
+            done += n
+    except KvmError:
+        if done == 0:
+            raise
+    finally:
+        file.put()
+    vm.count("gmem_populated_pages", done)
+    return done

@@ -7,7 +7,8 @@ hold bytes.  Allocated pfns are tracked as ranges.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, NoReturn
 
 from sortedcontainers import SortedDict
 
@@ -32,16 +33,19 @@ class HostMemory:
         self._pages: SortedDict = SortedDict()  # pfn -> bytearray(PAGE_SIZE)
         self.crashed: str | None = None
         self.allocated_pages = 0
+        #: pfns the host kernel's direct map does not cover (``set_direct_map_invalid_noflush``).
+        self.direct_map_invalid: RangeMap[bool] = RangeMap()
 
     # --- allocation ------------------------------------------------------------------------
-    def alloc(self, npages: int) -> int:
+    def alloc(self, npages: int, *, align: bool = True) -> int:
         """Allocate *npages* contiguous zeroed pages; returns the first pfn.
 
         A run of whole 2 MiB pages starts 2 MiB-aligned, as the buddy allocator hands out
-        large folios naturally aligned (2 MiB mappings and SNP 2 MiB RMP entries need it).
+        large folios naturally aligned (2 MiB mappings and SNP 2 MiB RMP entries need it);
+        ``align=False`` is a run of order-0 pages, which the buddy allocator does not align.
         """
         pfn = self._next_pfn
-        if npages % _PMD_PAGES == 0:
+        if align and npages % _PMD_PAGES == 0:
             pfn = -(-pfn // _PMD_PAGES) * _PMD_PAGES
         self._next_pfn = pfn + npages
         self._allocated.set(pfn, pfn + npages, True)
@@ -55,6 +59,10 @@ class HostMemory:
             self.allocated_pages -= e - s
         self._allocated.erase(pfn, pfn + npages)
 
+    def unallocated(self, start: int, end: int) -> Iterator[tuple[int, int]]:
+        """The runs of ``[start, end)`` that are not allocated."""
+        return self._allocated.gaps(start, end)
+
     def is_allocated(self, pfn: int) -> bool:
         """True iff *pfn* is currently allocated."""
         return self._allocated.get(pfn) is not None
@@ -67,6 +75,11 @@ class HostMemory:
     def zero(self, pfn: int, npages: int) -> None:
         """Clear ``[pfn, pfn+npages)`` (``clear_highpage`` per page)."""
         self._drop(pfn, npages)
+
+    def is_zero(self, pfn: int, npages: int) -> bool:
+        """True iff every byte of ``[pfn, pfn+npages)`` is zero."""
+        keys = self._pages.irange(pfn, pfn + npages, inclusive=(True, False))
+        return not any(any(self._pages[key]) for key in keys)
 
     def read(self, pfn: int, offset: int, n: int) -> bytes:
         """Bytes ``[offset, offset+n)`` of page *pfn* (must not cross the page)."""
@@ -92,7 +105,7 @@ class HostMemory:
             self._pages[dst + key - src] = bytearray(self._pages[key])
 
     # --- modelled hardware outcomes ------------------------------------------------------------
-    def crash(self, verdict: str) -> None:
+    def crash(self, verdict: str) -> NoReturn:
         """Record that the host went down with *verdict* and raise :class:`HostCrash`."""
         if self.crashed is None:
             self.crashed = verdict

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import errno
 import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from guestmem import api, uapi
-from guestmem.errors import KvmError
-from guestmem.model.events import TraceEvent
+from guestmem.backend import HostView, OwnershipEvent, TraceEvent, VmView
+from guestmem.errors import KvmError, ObserverError
+from guestmem.hooks import ObserverFailure
+from guestmem.model.events import Counters, make_event
 from guestmem.model.host import AddressSpace, HostMemory
 from guestmem.model.mapping import AnonVma, ModelHostMapping
+from guestmem.model.operation import uapi_call
 from guestmem.model.profile import KernelProfile, get_profile
 
 if TYPE_CHECKING:
@@ -41,16 +46,24 @@ class ModelKvm(api.Kvm):
         self.backend_info = backend
         self.backend = backend.name
         self.registry = registry
+        self.kvm = self  # every uAPI object of the model knows its host (operations)
         self.profile = get_profile(profile)
-        self.hooks = registry.hooks_for(backend)
         self.host = HostMemory()
         self.mm = AddressSpace()
         self.vms: list[ModelVm] = []
         self.events: list[TraceEvent] | None = [] if record else None
+        #: Host-level cost counters (direct-map changes...).
+        self.counters = Counters()
+        #: Depth of the uAPI operations under way, and what observers raised meanwhile.
+        self.op_depth = 0
+        self.observer_failures: list[ObserverFailure] = []
+        self.hooks = registry.hooks_for(backend, self.observer_failed)
         self._fds: dict[int, object] = {}
         self._vm_ids = itertools.count(1)
         self._closed = False
         self.fd = self.fd_install(self)  # /dev/kvm passed as guest_memfd is not one (B-2)
+        self.view = HostView(self)
+        self.view.arch = self.hooks.host_init(self.view)
 
     def __repr__(self) -> str:
         return f"<ModelKvm backend={self.backend!r} profile={self.profile.name!r}>"
@@ -66,6 +79,11 @@ class ModelKvm(api.Kvm):
             raise ValueError("I/O operation on closed /dev/kvm fd")
         return self.fd
 
+    @property
+    def backend_view(self) -> HostView:
+        """:func:`guestmem.backend.view` of this host."""
+        return self.view
+
     def close(self) -> None:
         """Close ``/dev/kvm`` (VMs and files stay alive while referenced, as in the kernel)."""
         if not self._closed:
@@ -77,10 +95,12 @@ class ModelKvm(api.Kvm):
             raise KvmError(errno.EBADF, "", "/dev/kvm is closed")
         self.host.check_alive()
 
+    @uapi_call
     def check_extension(self, cap: int) -> int:
         self._check()
         return self.extension(None, cap)
 
+    @uapi_call
     def create_vm(self, vm_type: int = uapi.KVM_X86_DEFAULT_VM) -> ModelVm:
         """``KVM_CREATE_VM`` (CAP-6: an unsupported type is EINVAL)."""
         self._check()
@@ -96,6 +116,7 @@ class ModelKvm(api.Kvm):
         vm.trace("vm_create", vm_type=vm_type, type_name=info.name)
         return vm
 
+    @uapi_call
     def mmap_anonymous(self, length: int) -> ModelHostMapping:
         """Anonymous shared host memory (for ``userspace_addr``); ``mmap(2)`` needs no
         ``/dev/kvm``, so it works after :meth:`close` too."""
@@ -136,7 +157,7 @@ class ModelKvm(api.Kvm):
 
     def extension(self, vm: ModelVm | None, cap: int) -> int:
         """``KVM_CHECK_EXTENSION`` on ``/dev/kvm`` (*vm* None) or a VM fd."""
-        override = self.hooks.check_extension(vm=vm, cap=cap)
+        override = self.hooks.check_extension(self.view, None if vm is None else vm.view, cap)
         if override is not None:
             return int(override)
         if cap in (uapi.KVM_CAP_USER_MEMORY, uapi.KVM_CAP_USER_MEMORY2, uapi.KVM_CAP_MEMORY_FAULT_INFO):
@@ -162,7 +183,7 @@ class ModelKvm(api.Kvm):
         if cap == uapi.KVM_CAP_READONLY_MEM:
             return 1 if vm is None else int(vm.type_info.readonly_mem)
         if cap == uapi.KVM_CAP_EXIT_HYPERCALL:
-            return 1 << 12  # KVM_EXIT_HYPERCALL_VALID_MASK: KVM_HC_MAP_GPA_RANGE
+            return uapi.KVM_EXIT_HYPERCALL_VALID_MASK
         return 0
 
     # --- the process: fds, mm, trace -------------------------------------------------------
@@ -216,9 +237,94 @@ class ModelKvm(api.Kvm):
         if vm in self.vms:
             self.vms.remove(vm)
 
-    def record(self, event: TraceEvent) -> None:
-        """Log *event* (structlog) and keep it when recording."""
+    # --- events, observers, the host kernel -------------------------------------------------
+    @property
+    def tracing(self) -> bool:
+        """Somebody listens to trace events: an observer or the policy, a recording, a
+        configured structlog."""
+        return self.events is not None or self.hooks.implemented("trace") or structlog.is_configured()
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add *n* to host-level cost counter *name*."""
+        if n:
+            self.counters[name] += n
+
+    def trace(self, vm: ModelVm | None, kind: str, fields: dict[str, Any]) -> None:
+        """Emit a trace event: recorded, logged (structlog, once configured), observed."""
+        if not self.tracing:
+            return
+        event = make_event(kind, None if vm is None else vm.vm_id, fields)
         if self.events is not None:
             self.events.append(event)
         if structlog.is_configured():  # unconfigured: the library stays silent
             log.debug(event.kind, vm=event.vm, **event.fields)
+        self.hooks.trace(self.view, None if vm is None else vm.view, event)
+
+    def ownership_update(self, vm: VmView | None, event: OwnershipEvent) -> None:
+        """Fan a backend's ownership-table change out to observers (and the trace)."""
+        self.hooks.ownership_update(self.view, vm, event)
+        if self.tracing:
+            fields = {
+                "table": event.table,
+                "pfn": event.pfn,
+                "npages": event.npages,
+                "old_owner": event.old_owner.value,
+                "new_owner": event.new_owner.value,
+            }
+            self.trace(None if vm is None else vm._vm, "ownership_update", fields)
+
+    @contextmanager
+    def operation(self) -> Iterator[None]:
+        """One operation (see :mod:`guestmem.model.operation`), for the views' entry points."""
+        self.op_depth += 1
+        try:
+            yield
+        finally:
+            self.op_depth -= 1
+            if not self.op_depth:
+                self.operation_done("operation")
+
+    def operation_done(self, operation: str) -> None:
+        """The outermost operation ended: ``guestmem_operation_done``, then what observers
+        raised meanwhile."""
+        if self.hooks.implemented("operation_done"):
+            self.hooks.operation_done(self.view, operation)
+        if self.observer_failures:
+            self.report_observer_failures()
+
+    def observer_failed(self, failure: ObserverFailure) -> None:
+        """Keep *failure* until the operation ends; outside any operation, report it now."""
+        self.observer_failures.append(failure)
+        if not self.op_depth:
+            self.report_observer_failures()
+
+    def report_observer_failures(self) -> None:
+        """Raise what observers raised during the operation that just ended.
+
+        An :class:`~guestmem.invariants.InvariantViolation` is raised as itself (with a
+        note naming the observer); anything else as :class:`ObserverError`.
+        """
+        from guestmem.invariants import InvariantViolation
+
+        failures, self.observer_failures[:] = list(self.observer_failures), []
+        first = failures[0]
+        more = f" (and {len(failures) - 1} more observer failure(s))" if len(failures) > 1 else ""
+        if isinstance(first.error, InvariantViolation):
+            first.error.add_note(f"reported by observer {first.plugin} in guestmem_{first.hook}{more}")
+            raise first.error
+        err = ObserverError(first.plugin, first.distribution, f"guestmem_{first.hook}", first.error)
+        if more:
+            err.add_note(more.strip(" ()"))
+        raise err from first.error
+
+    def kernel_access(self, pfn: int, offset: int, data: bytes) -> None:
+        """A host kernel store through the direct map (:meth:`HostView.kernel_write`)."""
+        self.host.check_alive()
+        if self.host.direct_map_invalid.get(pfn) is not None:
+            self.trace(None, "host_kernel_fault", {"pfn": pfn})
+            self.host.crash(f"kernel page fault: pfn {pfn:#x} is not in the host's direct map")
+        verdict = self.hooks.host_access(self.view, pfn, True)
+        if verdict is not None:
+            self.trace(None, "host_crash", {"pfn": pfn, "verdict": verdict})
+            self.host.crash(verdict)
+        self.host.write(pfn, offset, data)

@@ -12,7 +12,9 @@ import errno
 from typing import TYPE_CHECKING
 
 from guestmem import api, uapi
+from guestmem.backend import HostFault
 from guestmem.errors import HostSigbus, KvmError
+from guestmem.model.operation import uapi_call
 from guestmem.ranges import RangeMap
 
 if TYPE_CHECKING:
@@ -82,12 +84,14 @@ class AnonVma(Vma):
 
     def discard(self, offset: int, length: int) -> None:
         super().discard(offset, length)
-        first = offset >> PAGE_SHIFT
-        for page in range(first, first + ((length + PAGE_SIZE - 1) >> PAGE_SHIFT)):
-            hpage = (self.address >> PAGE_SHIFT) + page
-            base = self._chunks.get(hpage >> uapi.PMD_ORDER)
-            if base is not None:
-                self.kvm.host.zero(base + (hpage & (_THP_PAGES - 1)), 1)
+        first = (self.address + offset) >> PAGE_SHIFT
+        last = (self.address + offset + length + PAGE_SIZE - 1) >> PAGE_SHIFT
+        lo_chunk, hi_chunk = first >> uapi.PMD_ORDER, (last - 1) >> uapi.PMD_ORDER
+        for chunk, base in list(self._chunks.items()):
+            if lo_chunk <= chunk <= hi_chunk:
+                lo = max(first, chunk << uapi.PMD_ORDER)
+                hi = min(last, (chunk + 1) << uapi.PMD_ORDER)
+                self.kvm.host.zero(base + (lo & (_THP_PAGES - 1)), hi - lo)
 
     def host_level(self, page: int) -> int:
         hpage = (self.address >> PAGE_SHIFT) + page
@@ -150,11 +154,17 @@ class GmemVma(Vma):
         if not self.maps_index(index):
             if index >= inode.npages:
                 raise HostSigbus(address, "M-3", f"gmem page {index:#x} is beyond i_size {inode.size:#x}")
-            mappable = vm.hooks.host_mappable(vm=vm, inode=inode, index=index)
-            if mappable is None:
+            outcome = vm.hooks.gmem_fault_user_mapping(vm.view, inode.view, index)
+            if outcome is HostFault.RECLAIM:
+                self._reclaim(index)
+                outcome = vm.hooks.gmem_fault_user_mapping(vm.view, inode.view, index)
+                if outcome is HostFault.RECLAIM:
+                    outcome = HostFault.SIGBUS
+            if outcome is None:
                 mappable = inode.init_shared
                 rule = "M-4"
             else:
+                mappable = outcome is HostFault.ALLOW
                 rule = "host-mappability"
             if not mappable:
                 raise HostSigbus(address, rule, f"gmem page {index:#x} is private to the guest")
@@ -166,14 +176,28 @@ class GmemVma(Vma):
                 inode.set_state(start, end, uptodate=True)
             self.faulted.set(index, index + 1, True)
             vm.count("host_faults")
+            if vm.tracing:
+                vm.trace("host_map", ino=inode.ino, index=index, pfn=index + folio.delta)
         pfn = inode.pfn(index)
         assert pfn is not None
         if inode.is_poisoned(index):
             raise HostSigbus(address, "E-1", f"gmem page {index:#x} is hardware-poisoned")
-        verdict = vm.hooks.host_access(vm=vm, pfn=pfn, write=write)
+        verdict = vm.hooks.host_access(vm.kvm.view, pfn, write)
         if verdict is not None:
+            vm.trace("host_crash", pfn=pfn, verdict=verdict)
             vm.host.crash(verdict)
         return pfn
+
+    def _reclaim(self, index: int) -> None:
+        """Take the folio at *index* back from the guests before mapping it ("launder"):
+        every binding's guest mapping is invalidated, which reaches the backend's
+        ``guestmem_unmap_gfn_range``."""
+        inode = self.file.inode
+        start, end = inode.folio_bounds(index)
+        with inode.invalidating(start, end):
+            pass
+        inode.owner.count("host_fault_reclaims")
+        inode.owner.trace("host_fault_reclaim", ino=inode.ino, index=index)
 
     def unmap(self) -> None:
         if self.unmapped:
@@ -206,6 +230,7 @@ class ModelHostMapping(api.HostMapping):
 
     def __init__(self, vma: Vma) -> None:
         self._vma = vma
+        self.kvm = vma.kvm
         self.address = vma.address
         self.length = vma.length
 
@@ -223,26 +248,31 @@ class ModelHostMapping(api.HostMapping):
                 f"[{offset:#x}, {offset + n:#x}) is outside the {self.length:#x}-byte mapping",
             )
 
+    @uapi_call
     def read(self, offset: int, n: int) -> bytes:
         self._check(offset, n)
         self._vma.kvm.host.check_alive()
         return vma_access(self._vma, offset, n, None)
 
+    @uapi_call
     def write(self, offset: int, data: bytes) -> None:
         self._check(offset, len(data))
         self._vma.kvm.host.check_alive()
         vma_access(self._vma, offset, len(data), bytes(data))
 
+    @uapi_call
     def zap(self, offset: int = 0, length: int | None = None) -> None:
         """``madvise(MADV_DONTNEED)``: unmap the faulted-in pages; shared memory keeps its
         contents (model only)."""
         self._vma.zap(offset, self.length - offset if length is None else length)
 
+    @uapi_call
     def discard(self, offset: int = 0, length: int | None = None) -> None:
         """``madvise(MADV_REMOVE)``: free the backing, as a VMM discards the shared copy of
         memory converted to private (QEMU ``ram_block_discard_range``); later reads see
         zeroes.  On a guest_memfd mapping this punches a hole (model only)."""
         self._vma.discard(offset, self.length - offset if length is None else length)
 
+    @uapi_call
     def close(self) -> None:
         self._vma.unmap()

@@ -1,66 +1,39 @@
-"""Simulated stage-2 (TDP) mappings and the MMU invalidation protocol (spec 3.1-3.3).
+"""Simulated stage-2 (TDP) leaves and the MMU invalidation protocol (spec 3.1-3.3).
 
-Mappings are stored as gfn ranges whose value keeps ``pfn - gfn`` constant, so a
-contiguous mapping of any size is one entry.  The counters follow ``struct kvm``:
+Leaves are stored as gfn ranges whose value keeps ``pfn - gfn`` constant, so a contiguous
+mapping of any size is one entry.  The counters follow ``struct kvm``:
 ``mmu_invalidate_in_progress``, ``mmu_invalidate_seq`` and the in-progress gfn range; a
-fault snapshots the sequence number and retries if an invalidation covering its gfn ran
-or is running (``mmu_invalidate_retry_gfn``).
+fault snapshots the sequence number and retries if an invalidation covering its gfn ran or
+is running (``mmu_invalidate_retry_gfn``).
+
+On a VM type with a mirrored TDP (TDX) private leaves live in the mirror root: installing
+and zapping them goes through ``guestmem_set_external_spte`` and
+``guestmem_remove_external_spte``, and a zap reaches only the roots its ``attr_filter``
+names (``kvm_gfn_range_filter_to_root_types``).  Every other VM has one direct root that
+holds both kinds, and a zap removes whatever lies in its range, as the kernel does.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import attrs
 
 from guestmem import uapi
+from guestmem.backend import GfnRange, Leaf
 from guestmem.ranges import RangeMap
 
 if TYPE_CHECKING:
-    from guestmem.model.memslot import Memslot
     from guestmem.model.vm import ModelVm
 
 INVALID_GFN = -1
+_BOTH = uapi.KVM_FILTER_SHARED | uapi.KVM_FILTER_PRIVATE
 
 
-@attrs.define(eq=False)
-class GfnRange:
-    """``struct kvm_gfn_range``: the gfns ``[start, end)`` of *slot* being invalidated."""
-
-    slot: Memslot | None
-    start: int
-    end: int
-    attr_filter: int = uapi.KVM_FILTER_SHARED | uapi.KVM_FILTER_PRIVATE
-    #: New attribute value (attribute changes only).
-    attributes: int = 0
-    may_block: bool = True
-
-
-@attrs.define(eq=False)
-class Fault:
-    """``struct kvm_page_fault``: one guest stage-2 fault being resolved."""
-
-    gpa: int
-    is_private: bool
-    write: bool
-    exec: bool = False
-    prefetch: bool = False
-    slot: Memslot | None = None
-    pfn: int | None = None
-    #: KVM_MAX_HUGEPAGE_LEVEL until the pfn's source (folio, host mapping) bounds it.
-    max_level: int = uapi.PG_LEVEL_1G
-    map_writable: bool = True
-    mmu_seq: int = 0
-    vcpu: Any = None
-    #: Pages ``[gfn, gfn + npages)`` this fault maps at once (``ModelVm.fault_range``, for a
-    #: backend whose policy sets ``guestmem_range_faults = True``); a ``guestmem_fault`` hook
-    #: may lower it.  1 for every fault a vCPU takes.
-    npages: int = 1
-
-    @property
-    def gfn(self) -> int:
-        """The faulting gfn."""
-        return self.gpa >> uapi.PAGE_SHIFT
+def level_pages(level: int) -> int:
+    """Pages one leaf of *level* maps."""
+    return 1 << (9 * (level - 1))
 
 
 @attrs.frozen
@@ -83,8 +56,9 @@ class Mmu:
         self.invalidate_seq = 0
         self.range_start = INVALID_GFN
         self.range_end = INVALID_GFN
+        self.mirrored = vm.type_info.has_mirrored_tdp
 
-    # --- invalidation counters (KM kvm_mmu_invalidate_*) ----------------------------------
+    # --- invalidation counters (kvm_mmu_invalidate_*) -------------------------------------------
     def invalidate_begin(self) -> None:
         """``kvm_mmu_invalidate_begin``."""
         self.invalidate_in_progress += 1
@@ -117,7 +91,7 @@ class Mmu:
             return True
         return self.invalidate_seq != seq
 
-    # --- stage-2 updates -----------------------------------------------------------------
+    # --- stage-2 updates ------------------------------------------------------------------------
     def unmap_gfn_range(self, rng: GfnRange) -> bool:
         """``kvm_mmu_unmap_gfn_range``: range_add, then :meth:`kvm_unmap_gfn_range`."""
         self.invalidate_range_add(rng.start, rng.end)
@@ -129,12 +103,11 @@ class Mmu:
         Called inside an MMU invalidation, or (memslot delete/move) under slots_lock alone.
         Returns True if a TLB flush is needed.
         """
-        flush = self.zap(rng.start, rng.end)
-        results = self.vm.hooks.unmap_gfn_range(vm=self.vm, range=rng)
-        return flush or any(results)
+        flush = self.zap(rng.start, rng.end, rng.attr_filter)
+        return self.vm.hooks.unmap_gfn_range(self.vm.view, rng) or flush
 
-    def zap(self, start: int, end: int) -> bool:
-        """Drop every leaf overlapping ``[start, end)``; True if something was mapped.
+    def zap(self, start: int, end: int, attr_filter: int = _BOTH) -> bool:
+        """``tdp_mmu_zap_leafs`` over the roots *attr_filter* names; True if something went.
 
         A huge leaf goes as a whole, as the TDP MMU zaps any leaf SPTE overlapping the range.
         """
@@ -143,25 +116,71 @@ class Mmu:
         for gfn in (start, end - 1):
             spte = self.sptes.get(gfn)
             if spte is not None and spte.level > uapi.PG_LEVEL_4K:
-                n = 1 << (9 * (spte.level - 1))
+                n = level_pages(spte.level)
                 start, end = min(start, gfn & ~(n - 1)), max(end, (gfn & ~(n - 1)) + n)
-        zapped = sum(e - s for s, e, _ in self.sptes.items(start, end))
-        self.sptes.erase(start, end)
+        private_ok = bool(attr_filter & uapi.KVM_FILTER_PRIVATE) or not self.mirrored
+        shared_ok = bool(attr_filter & uapi.KVM_FILTER_SHARED) or not self.mirrored
+        gone = [
+            (s, e, spte)
+            for s, e, spte in self.sptes.items(start, end)
+            if (private_ok if spte.private else shared_ok)
+        ]
+        if not gone:
+            return False
+        external: list[Leaf] = []
+        for s, e, spte in gone:
+            self.sptes.erase(s, e)
+            if self.mirrored and spte.private:
+                external.append(Leaf(s, e - s, s + spte.delta, spte.level, True, spte.writable))
+        zapped = sum(e - s for s, e, _ in gone)
         self.vm.count("stage2_unmapped_pages", zapped)
         self.vm.count("tlb_flushes")
+        # remove_external_spte runs after the mirror leaf was zapped (handle_changed_spte)
+        for leaf in external:
+            self.vm.hooks.remove_external_spte(self.vm.view, leaf)
         return True
 
-    def install(self, gfn: int, npages: int, pfn: int, private: bool, writable: bool, level: int) -> None:
-        """Install a leaf for ``[gfn, gfn+npages)`` -> ``pfn``."""
-        self.sptes.set(gfn, gfn + npages, Spte(pfn - gfn, private, writable, level))
-        self.vm.count("stage2_mapped_pages", npages)
+    def install(self, leaf: Leaf) -> None:
+        """Install *leaf*; a private leaf of a mirrored VM reaches the backend first."""
+        if self.mirrored and leaf.private:
+            self.vm.hooks.set_external_spte(self.vm.view, leaf)
+        self.sptes.set(
+            leaf.gfn, leaf.end_gfn, Spte(leaf.pfn - leaf.gfn, leaf.private, leaf.writable, leaf.level)
+        )
+        self.vm.count("stage2_mapped_pages", leaf.npages)
 
+    def write_protect_4k(self, start: int, end: int) -> None:
+        """``kvm_mmu_slot_apply_flags`` turning on dirty logging: eager split to 4K, then
+        write-protect every leaf of ``[start, end)``."""
+        for s, e, spte in list(self.sptes.items(start, end)):
+            self.sptes.set(s, e, attrs.evolve(spte, level=uapi.PG_LEVEL_4K, writable=False))
+
+    def zap_all(self) -> None:
+        """``kvm_mmu_zap_all`` (``kvm_flush_shadow_all`` at VM destruction): every root."""
+        first = self.sptes.first()
+        if first is not None:
+            self.zap(first[0], 1 << 64)
+
+    # --- lookups ----------------------------------------------------------------------------------
     def lookup(self, gfn: int) -> tuple[int, Spte] | None:
         """``(pfn, spte)`` of the leaf mapping *gfn*, or None."""
         spte = self.sptes.get(gfn)
         if spte is None:
             return None
         return gfn + spte.delta, spte
+
+    def leaf(self, gfn: int) -> Leaf | None:
+        """The stored leaf run holding *gfn*."""
+        ent = self.sptes.entry(gfn)
+        if ent is None:
+            return None
+        s, e, spte = ent
+        return Leaf(s, e - s, s + spte.delta, spte.level, spte.private, spte.writable)
+
+    def leaves(self, start: int = 0, end: int | None = None) -> Iterator[Leaf]:
+        """The leaf runs overlapping ``[start, end)``, clipped to it."""
+        for s, e, spte in self.sptes.items(start, end):
+            yield Leaf(s, e - s, s + spte.delta, spte.level, spte.private, spte.writable)
 
     def mapped_pages(self) -> int:
         """Number of gfns with a leaf."""

@@ -1,20 +1,23 @@
-"""vCPUs of the model: guest loads/stores, pre-fault and hypercalls (spec 2.J, 2.M)."""
+"""vCPUs of the model: guest loads/stores, pre-fault, hypercalls and vCPU ioctls (spec 2.J, 2.M)."""
 
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from guestmem import api, uapi
+from guestmem.backend import Fault, VcpuView
 from guestmem.errors import KvmError, MemoryFault, MmioExit
-from guestmem.model.mmu import Fault
+from guestmem.model import fault as stage2
+from guestmem.model import x86
+from guestmem.model.operation import uapi_call
 
 if TYPE_CHECKING:
+    from guestmem.model.kvm import ModelKvm
     from guestmem.model.vm import ModelVm
 
 PAGE_SHIFT = uapi.PAGE_SHIFT
 PAGE_SIZE = uapi.PAGE_SIZE
-KVM_ENOSYS = 1000  # include/uapi/linux/kvm_para.h
 
 
 class ModelVcpu(api.Vcpu):
@@ -22,8 +25,11 @@ class ModelVcpu(api.Vcpu):
 
     def __init__(self, vm: ModelVm, vcpu_id: int) -> None:
         self.vm = vm
+        self.kvm: ModelKvm = vm.kvm
         self.vcpu_id = vcpu_id
         self._closed = False
+        self.view = VcpuView(self)
+        self.view.arch = vm.hooks.vcpu_init(self.view)
         vm.get()
 
     def __repr__(self) -> str:
@@ -33,6 +39,12 @@ class ModelVcpu(api.Vcpu):
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def backend_view(self) -> VcpuView:
+        """:func:`guestmem.backend.view` of this vCPU."""
+        return self.view
+
+    @uapi_call
     def close(self) -> None:
         if self._closed:
             return
@@ -41,32 +53,42 @@ class ModelVcpu(api.Vcpu):
         # stays taken, KVM_CREATE_VCPU of it is EEXIST) until the VM is destroyed.
         self.vm.put()
 
-    def _run(self) -> None:
-        """The checks of KVM_RUN before entering the guest."""
+    def _ioctl(self) -> None:
+        """The checks of ``kvm_vcpu_ioctl`` before any command."""
         if self._closed:
             raise KvmError(errno.EBADF, "", "vCPU file descriptor is closed")
         self.vm.host.check_alive()
         if self.vm.dead:
             raise KvmError(errno.EIO, "CAP-9", f"VM is dead: {self.vm.dead_reason}")
 
+    def _run(self) -> None:
+        """The checks of KVM_RUN before entering the guest (the backend's ``vcpu_pre_run``)."""
+        self._ioctl()
+        self.vm.hooks.vcpu_pre_run(self.view)
+
     def translate(self, gpa: int, *, write: bool = False, private: bool | None = None) -> int:
         """The host pfn the guest reaches at *gpa*, faulting it in like a real access."""
         self._run()
+        return self._translate(gpa, write, private)
+
+    def _translate(self, gpa: int, write: bool, private: bool | None) -> int:
         vm = self.vm
         gfn = gpa >> PAGE_SHIFT
         is_private = vm.is_private(gfn) if private is None else private
         hit = vm.mmu.lookup(gfn)
-        if hit is not None:
-            pfn, spte = hit
-            if spte.private == is_private and (spte.writable or not write):
-                return pfn
-        from guestmem.model.vm import _Emulate
+        if hit is None or hit[1].private != is_private or not (hit[1].writable or not write):
+            try:
+                stage2.page_fault(vm, Fault(gfn, is_private, write, vcpu=self.view))
+            except stage2.Emulate:
+                raise MmioExit(gpa, 0, write) from None
+            hit = vm.mmu.lookup(gfn)
+            assert hit is not None, "a fault that returned installed no leaf"
+        pfn = hit[0]
+        if vm.hooks.implemented("guest_access"):
+            vm.hooks.guest_access(self.view, gfn, pfn, write, is_private)
+        return pfn
 
-        try:
-            return vm.page_fault(Fault(gpa=gpa, is_private=is_private, write=write, vcpu=self))
-        except _Emulate:
-            raise MmioExit(gpa, 0, write) from None
-
+    @uapi_call
     def access(
         self,
         gpa: int,
@@ -84,14 +106,19 @@ class ModelVcpu(api.Vcpu):
             length = len(data)
         if length <= 0 or gpa < 0:
             raise ValueError("length must be positive and gpa non-negative")
+        self._run()
         pages = []
         pos = 0
-        self.vm.had_memslot = True  # the guest entered (KernelProfile.pre_fault_enospc_before_first_memslot)
+        self.vm.slots.ever_used = (
+            True  # the guest entered (KernelProfile.pre_fault_enospc_before_first_memslot)
+        )
         while pos < length:
+            if pos and self.vm.dead:  # a hook killed the VM in the middle of the access
+                raise KvmError(errno.EIO, "CAP-9", f"VM is dead: {self.vm.dead_reason}")
             cur = gpa + pos
             n = min(length - pos, PAGE_SIZE - (cur & (PAGE_SIZE - 1)))
             try:
-                pfn = self.translate(cur, write=write, private=private)
+                pfn = self._translate(cur, write, private)
             except MmioExit:
                 raise MmioExit(cur, n, write) from None
             pages.append((pfn, cur & (PAGE_SIZE - 1), pos, n))
@@ -104,9 +131,10 @@ class ModelVcpu(api.Vcpu):
             return None
         return b"".join(host.read(pfn, off, n) for pfn, off, _, n in pages)
 
+    @uapi_call
     def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> int:
         """``KVM_PRE_FAULT_MEMORY`` (PF-1..PF-4); returns the size left unfaulted."""
-        self._run()
+        self._ioctl()
         vm = self.vm
         if flags:
             raise KvmError(errno.EINVAL, "PF-1", f"flags must be 0, got {flags:#x}")
@@ -114,21 +142,19 @@ class ModelVcpu(api.Vcpu):
             raise KvmError(errno.EINVAL, "PF-1", "gpa/size unaligned, size zero, or gpa + size wraps")
         if not vm.pre_fault_allowed:
             raise KvmError(errno.EOPNOTSUPP, "PF-2", "KVM_PRE_FAULT_MEMORY is not allowed for this VM type")
-        if vm.profile.pre_fault_enospc_before_first_memslot and not vm.had_memslot:
+        if vm.profile.pre_fault_enospc_before_first_memslot and not vm.slots.ever_used:
             raise KvmError(errno.ENOSPC, "PF-2", "no MMU root can be loaded before the first memslot")
         if not vm.profile.tdp_mmu:
             raise KvmError(errno.EOPNOTSUPP, "PF-2", "pre-faulting needs the TDP MMU")
         full = size
-        from guestmem.model.vm import _Emulate
-
         while size:
             gfn = gpa >> PAGE_SHIFT
             private = vm.has_private_mem and vm.is_private(gfn)  # PF-3
             try:
                 if vm.dead:  # kvm_tdp_map_page: KVM_REQ_VM_DEAD before each attempt
                     raise KvmError(errno.EIO, "PF-4", f"VM is dead: {vm.dead_reason}")
-                vm.page_fault(Fault(gpa=gpa, is_private=private, write=False, prefetch=True, vcpu=self))
-            except _Emulate:
+                stage2.page_fault(vm, Fault(gfn, private, False, prefetch=True, vcpu=self.view))
+            except stage2.Emulate:
                 err: KvmError = KvmError(errno.ENOENT, "PF-4", f"no memslot at gpa {gpa:#x}")
             except MemoryFault as exc:  # pre-fault reports the errno, no exit
                 err = KvmError(exc.errno or errno.EFAULT, exc.rule, f"pre-fault of gpa {gpa:#x} failed")
@@ -147,9 +173,26 @@ class ModelVcpu(api.Vcpu):
         vm.count("pre_faulted_bytes", full - size)
         return size
 
+    @uapi_call
     def hypercall(self, nr: int, *args: int) -> int:
-        """The guest executes hypercall *nr*; the VM's backend answers (``-KVM_ENOSYS`` if none)."""
+        """The guest executes hypercall *nr*: the backend answers, else the architecture's
+        generic code (x86 ``__kvm_emulate_hypercall``), else ``-KVM_ENOSYS``."""
         self._run()
-        self.vm.count("hypercalls")
-        result = self.vm.hooks.hypercall(vcpu=self, nr=nr, args=tuple(args))
-        return -KVM_ENOSYS if result is None else int(result)
+        vm = self.vm
+        vm.count("hypercalls")
+        result = vm.hooks.hypercall(self.view, nr, tuple(args))
+        if result is not None:
+            return result
+        if vm.type_info.arch == "x86":
+            return x86.emulate_hypercall(self, nr, tuple(args))
+        return -uapi.KVM_ENOSYS
+
+    @uapi_call
+    def memory_encrypt_op(self, cmd: Any) -> int:
+        """``KVM_MEMORY_ENCRYPT_OP`` on the vCPU fd (``guestmem_vcpu_ioctl``); ENOTTY where
+        the backend has none."""
+        self._ioctl()
+        result = self.vm.hooks.vcpu_ioctl(self.view, uapi.KVM_MEMORY_ENCRYPT_OP, cmd)
+        if result is None:
+            raise KvmError(errno.ENOTTY, "", "KVM_MEMORY_ENCRYPT_OP is not supported on this vCPU")
+        return result

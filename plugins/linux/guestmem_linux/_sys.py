@@ -33,6 +33,7 @@ REGION2: Final = struct.Struct("<IIQQQQII112x")  # kvm_userspace_memory_region2,
 ATTRIBUTES: Final = struct.Struct("<QQQQ")  # kvm_memory_attributes, 32 bytes
 CREATE_GMEM: Final = struct.Struct("<QQ48x")  # kvm_create_guest_memfd, 64 bytes
 PRE_FAULT: Final = struct.Struct("<QQQ40x")  # kvm_pre_fault_memory, 64 bytes
+ENABLE_CAP: Final = struct.Struct("<II4Q64x")  # kvm_enable_cap, 104 bytes
 
 # kvm_run
 RUN_EXIT_REASON: Final = struct.Struct("<I")  # at offset 8

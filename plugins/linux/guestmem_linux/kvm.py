@@ -280,7 +280,7 @@ class LinuxVcpu(_FdOwner, api.Vcpu):
                 "",
                 f"gpa range [{gpa:#x}, {gpa + length:#x}) not below the runner slot at {guest.RUNNER_GPA:#x}",
             )
-        bounce = self._vm._runner()
+        bounce = self._vm.runner_buffer()
         fd = self.fileno()
         if self._sregs is None:
             sregs = bytearray(_sys.SREGS_SIZE)
@@ -392,13 +392,26 @@ class LinuxVm(_FdOwner, api.Vm):
         )
         _sys.ioctl_buf(self.fileno(), uapi.KVM_SET_MEMORY_ATTRIBUTES, buf)
 
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> int:
+        if len(args) > 4:
+            raise ValueError("struct kvm_enable_cap has four args")
+        values = [_sys.u64(a) for a in (*args, 0, 0, 0, 0)[:4]]
+        buf = bytearray(_sys.ENABLE_CAP.pack(cap & 0xFFFF_FFFF, flags & 0xFFFF_FFFF, *values))
+        return _sys.ioctl_buf(self.fileno(), uapi.KVM_ENABLE_CAP, buf)
+
+    def memory_encrypt_op(self, cmd: Any) -> int:
+        """``KVM_MEMORY_ENCRYPT_OP`` with *cmd* as the bytes of the vendor's command struct
+        (a ``bytearray`` is updated in place); a VM without such commands answers ENOTTY."""
+        buf = cmd if isinstance(cmd, bytearray) else bytearray(bytes(cmd) if cmd is not None else 64)
+        return _sys.ioctl_buf(self.fileno(), uapi.KVM_MEMORY_ENCRYPT_OP, buf)
+
     def create_vcpu(self, vcpu_id: int) -> LinuxVcpu:
         fd = _sys.ioctl_int(self.fileno(), uapi.KVM_CREATE_VCPU, vcpu_id)
         vcpu = LinuxVcpu(self, fd, vcpu_id, self._run_size)
         self._vcpus.append(vcpu)
         return vcpu
 
-    def _runner(self) -> int:
+    def runner_buffer(self) -> int:
         """Install the runner slot on first use; returns the host address of the bounce buffer."""
         if self._runner_memory is None:
             memory = _sys.mmap(

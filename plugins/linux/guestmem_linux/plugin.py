@@ -14,9 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 from guestmem import uapi
+from guestmem.backend import Backend, VmTypeInfo, hookimpl
 from guestmem.errors import KvmError
-from guestmem.hookspecs import hookimpl
-from guestmem.registry import Backend, VmTypeInfo
 from guestmem_linux.kvm import DEV_KVM, LinuxKvm
 
 #: x86 VM types with private memory (CAP-5).

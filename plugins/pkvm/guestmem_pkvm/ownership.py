@@ -10,7 +10,7 @@ This module is pure: it knows nothing about the guestmem core model.  A :class:`
 is given callbacks to zero/write host pages, to count costs and to report every table change,
 so it can be driven and tested on its own (``tests/test_ownership.py``).
 
-Storage is by ranges (:class:`guestmem.ranges.RangeMap`): a host page absent from the host
+Storage is by ranges (:class:`guestmem.backend.RangeMap`): a host page absent from the host
 table is host ``OWNED`` (pristine), a gfn absent from a guest table is ``NOPAGE``.  A guest
 mapping is stored as ``pfn - gfn`` so a physically contiguous run is one entry.
 
@@ -33,8 +33,8 @@ from typing import Any
 
 import attrs
 
+from guestmem.backend import RangeMap
 from guestmem.errors import KvmError
-from guestmem.ranges import RangeMap
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, cast
 
-from guestmem.hookspecs import hookimpl
-from guestmem.registry import Backend
+from guestmem.backend import Backend, hookimpl
 from guestmem_pkvm.policy import DEFAULT_VM, PROTECTED_VM, PkvmPolicy
 
-#: The policy object of the ``pkvm`` backend (one per process, like the kernel's hypervisor).
+#: The policy object of the ``pkvm`` backend.  It holds no state: each host's hypervisor is
+#: that host's ``host.arch`` (``guestmem_host_init``), each VM's state its ``vm.arch``.
 POLICY = PkvmPolicy()
 
 
@@ -20,8 +19,7 @@ def guestmem_register_backends(register: Callable[[Backend], None]) -> None:
         Backend(
             name="pkvm",
             summary="arm64 protected KVM (nVHE pKVM) with guest_memfd and restricted host mapping",
-            # cast: mypy cannot solve Backend's ``converter=tuple`` (reported to the core).
-            vm_types=cast(Any, (PROTECTED_VM, DEFAULT_VM)),
+            vm_types=(PROTECTED_VM, DEFAULT_VM),
             policy=POLICY,
         )
     )

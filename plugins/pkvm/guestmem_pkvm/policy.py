@@ -21,30 +21,51 @@ success, ``SMCCC_RET_INVALID_PARAMETER`` for refused arguments or a refused tran
 errno behind it is kept in :attr:`PkvmVm.last_error` and in the ``pkvm_hvc`` trace event),
 ``SMCCC_RET_NOT_SUPPORTED`` for an unknown function.  ``vcpu.hypercall`` returns x0; all of
 x0..x3 (x1: pages converted) are in :attr:`PkvmVm.ret`.
+
+The hypervisor belongs to the machine: ``guestmem_host_init`` makes one per
+``guestmem.open("pkvm")``, which is that host's ``host.arch``; each VM's ``vm.arch`` is a
+:class:`PkvmVm` naming it.  Every change of its tables reaches observers as a
+``guestmem_ownership_update`` with the pKVM entries and their :func:`owner_of`.
 """
 
 from __future__ import annotations
 
 import errno
-import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 
 from guestmem import uapi
+from guestmem.api import Vm
+from guestmem.backend import (
+    Fault,
+    GfnRange,
+    GmemView,
+    HostFault,
+    HostView,
+    Owner,
+    VcpuView,
+    VmTypeInfo,
+    VmView,
+    hookimpl,
+    view,
+)
 from guestmem.errors import GuestExit, KvmError, MemoryFault
-from guestmem.hookspecs import hookimpl
-from guestmem.registry import VmTypeInfo
 from guestmem_pkvm import abi
 from guestmem_pkvm.exits import HypercallExit
-from guestmem_pkvm.ownership import PAGE_SHIFT, PAGE_SIZE, HypError, Hypervisor, HypVm, PageState
-
-if TYPE_CHECKING:
-    from guestmem.model.gmem import GmemInode
-    from guestmem.model.kvm import ModelKvm
-    from guestmem.model.mmu import Fault, GfnRange
-    from guestmem.model.vcpu import ModelVcpu
-    from guestmem.model.vm import ModelVm
+from guestmem_pkvm.ownership import (
+    GUEST_TABLE,
+    HOST_TABLE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    Component,
+    GuestPage,
+    HostPage,
+    HypError,
+    Hypervisor,
+    HypVm,
+    PageState,
+)
 
 
 def _arm64_vm_type(vm_type: int, name: str, *, readonly_mem: bool) -> VmTypeInfo:
@@ -53,6 +74,8 @@ def _arm64_vm_type(vm_type: int, name: str, *, readonly_mem: bool) -> VmTypeInfo
     No ``kvm_arch_has_private_mem`` and no ``KVM_SET_MEMORY_ATTRIBUTES`` on arm64 (x86
     only); INIT_SHARED is the ``__weak`` default (allowed); one memslot address space;
     ``KVM_PRE_FAULT_MEMORY`` is x86 only; a GUEST_MEMFD slot must be gmem-only (MMAP).
+    The core runs arm64's generic code for it: no x86 hypercall emulation, and
+    ``KVM_ENABLE_CAP`` of a capability the policy does not take is EINVAL.
     """
     return VmTypeInfo(
         type=vm_type,
@@ -64,6 +87,7 @@ def _arm64_vm_type(vm_type: int, name: str, *, readonly_mem: bool) -> VmTypeInfo
         nr_memslot_as_ids=1,
         gmem_slot_requires_mmap=True,
         memory_attributes=False,
+        arch="arm64",
     )
 
 
@@ -119,11 +143,46 @@ class PkvmVm:
 
 
 def pkvm_state(vm: Any) -> PkvmVm:
-    """The pKVM state of *vm* (a VM of the ``pkvm`` backend); TypeError otherwise."""
-    arch = getattr(vm, "arch", None)
+    """The pKVM state of *vm*: a ``Vm`` of the ``pkvm`` backend or its view; TypeError otherwise."""
+    try:
+        arch = view(vm).arch
+    except TypeError:
+        arch = None
     if not isinstance(arch, PkvmVm):
         raise TypeError(f"{vm!r} is not a VM of the pkvm backend")
     return arch
+
+
+def hypervisor(host: HostView) -> Hypervisor:
+    """The EL2 hypervisor of *host* (``host.arch`` of a ``pkvm`` host); TypeError otherwise."""
+    hyp = host.arch
+    if not isinstance(hyp, Hypervisor):
+        raise TypeError(f"{host!r} is not a host of the pkvm backend")
+    return hyp
+
+
+def owner_of(table: str, entry: Any) -> Owner:
+    """Who an entry of one of the hypervisor's tables gives its page to, in the core's terms.
+
+    Host table: ``OWNED`` is the host's, ``SHARED_OWNED``/``SHARED_BORROWED`` shared, and
+    ``NOPAGE`` belongs to whoever the host stage-2 annotation names (a guest or the
+    hypervisor).  Guest table (reported by host pfn): ``OWNED`` is the guest's,
+    ``SHARED_*`` shared, no page (or a poisoned PTE) leaves the page with the host.  Hyp
+    table: ``OWNED`` is the hypervisor's, ``SHARED_*`` shared, ``NOPAGE`` the host's.
+    """
+    if table == HOST_TABLE:
+        assert isinstance(entry, HostPage)
+        if entry.state == PageState.OWNED:
+            return Owner.HOST
+        if entry.state != PageState.NOPAGE:
+            return Owner.SHARED
+        return Owner.HYPERVISOR if entry.owner == Component.HYP else Owner.GUEST
+    state = entry.state if isinstance(entry, GuestPage) else entry
+    if state in (PageState.SHARED_OWNED, PageState.SHARED_BORROWED):
+        return Owner.SHARED
+    if state == PageState.OWNED:
+        return Owner.GUEST if table == GUEST_TABLE else Owner.HYPERVISOR
+    return Owner.HOST
 
 
 def set_pvmfw(vm: Any, ipa: int, image: bytes) -> None:
@@ -136,54 +195,59 @@ def set_pvmfw(vm: Any, ipa: int, image: bytes) -> None:
     state.hyp.set_pvmfw(state.hvm, ipa, image)
 
 
-def enable_exit_hypercall(vm: Any, mask: int) -> None:
-    """``KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL, mask)``: which conversions exit to userspace.
+def enable_exit_hypercall(vm: Vm, mask: int) -> None:
+    """``KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL, mask)`` on *vm*: which conversions exit to
+    userspace (``vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, mask)``).
 
-    EINVAL for bits outside ``KVM_EXIT_HYPERCALL_VALID_MASK``.  By default both share and
-    unshare exit, so that userspace hears of every conversion (a model choice, see README).
+    EINVAL for bits outside ``KVM_EXIT_HYPERCALL_VALID_MASK`` and on a non-protected VM.  By
+    default both share and unshare exit, so that userspace hears of every conversion (a
+    model choice, see README).
     """
-    if mask & ~abi.KVM_EXIT_HYPERCALL_VALID_MASK:
-        raise KvmError(errno.EINVAL, RULE, f"exit mask {mask:#x} has unsupported bits")
-    pkvm_state(vm).exit_mask = mask
+    vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, mask)
 
 
 class PkvmPolicy:
-    """The arch policy hooks of the ``pkvm`` backend (one hypervisor per modelled host)."""
+    """The arch policy hooks of the ``pkvm`` backend; each host has its own hypervisor."""
 
-    def __init__(self) -> None:
-        self._hyps: weakref.WeakKeyDictionary[ModelKvm, Hypervisor] = weakref.WeakKeyDictionary()
-
-    def hypervisor(self, kvm: ModelKvm) -> Hypervisor:
-        """The EL2 hypervisor of the host behind *kvm* (created on first use)."""
-        hyp = self._hyps.get(kvm)
-        if hyp is None:
-            host = kvm.host
-            hyp = Hypervisor(zero=host.zero, write=host.write)
-            self._hyps[kvm] = hyp
-        return hyp
-
-    # --- VM lifetime ---------------------------------------------------------------------
+    # --- host and VM lifetime ----------------------------------------------------------------
     @hookimpl
-    def guestmem_vm_init(self, vm: ModelVm) -> PkvmVm:
+    def guestmem_host_init(self, host: HostView) -> Hypervisor:
+        """The machine's EL2 hypervisor: it becomes ``host.arch``.
+
+        Changes of the host and hyp tables made for no VM (host <-> hyp transitions) are
+        reported to observers as the host's.
+        """
+
+        def listener(table: str, pfn: int, npages: int, old: Any, new: Any) -> None:
+            host.ownership_update(
+                table, pfn, npages, old, new, old_owner=owner_of(table, old), new_owner=owner_of(table, new)
+            )
+
+        return Hypervisor(zero=host.zero, write=host.write, listener=listener)
+
+    @hookimpl
+    def guestmem_vm_init(self, vm: VmView) -> PkvmVm:
         """``kvm_arch_init_vm`` + ``__pkvm_init_vm``: a handle and VMID for every VM."""
-        hyp = self.hypervisor(vm.kvm)
+        hyp = hypervisor(vm.host)
         hvm = hyp.init_vm(protected=bool(vm.vm_type & abi.KVM_VM_TYPE_ARM_PROTECTED))
 
         def count(name: str, n: int) -> None:
             vm.count(f"pkvm.{name}", n)
 
         def listener(table: str, pfn: int, npages: int, old: Any, new: Any) -> None:
-            vm.ownership_update(table, pfn, npages, old, new)
+            vm.ownership_update(
+                table, pfn, npages, old, new, old_owner=owner_of(table, old), new_owner=owner_of(table, new)
+            )
 
         hvm.count = count
         hvm.listener = listener
         # Conversions never copy: shown as an explicit zero (see _convert).
-        vm.counters["pkvm.copies"] = 0
+        vm.count("pkvm.copies", 0)
         vm.trace("pkvm_init_vm", handle=hvm.handle, vmid=hvm.vmid, protected=hvm.protected)
         return PkvmVm(hyp, hvm)
 
     @hookimpl
-    def guestmem_vm_destroy(self, vm: ModelVm) -> None:
+    def guestmem_vm_destroy(self, vm: VmView) -> None:
         """Teardown: reclaim what is left, then ``__pkvm_finalize_teardown_vm``."""
         state = pkvm_state(vm)
         if not state.hvm.dying:
@@ -193,7 +257,7 @@ class PkvmPolicy:
         vm.trace("pkvm_teardown_vm", handle=state.handle)
 
     @hookimpl
-    def guestmem_check_extension(self, vm: ModelVm | None, cap: int) -> int | None:
+    def guestmem_check_extension(self, vm: VmView | None, cap: int) -> int | None:
         """arm64 answers where they differ from the x86-shaped core defaults."""
         if cap in (uapi.KVM_CAP_VM_TYPES, uapi.KVM_CAP_PRE_FAULT_MEMORY, uapi.KVM_CAP_MULTI_ADDRESS_SPACE):
             return 0  # x86-only capabilities
@@ -202,9 +266,32 @@ class PkvmPolicy:
             return abi.KVM_EXIT_HYPERCALL_VALID_MASK if protected else 0
         return None
 
+    # --- arch ioctls ---------------------------------------------------------------------------
+    @hookimpl
+    def guestmem_vm_ioctl(self, vm: VmView, request: int, arg: Any) -> int | None:
+        """``KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)``: the conversions that exit to userspace.
+
+        ``args[0]`` is the mask (the core refused non-zero flags already); EINVAL for bits
+        outside ``KVM_EXIT_HYPERCALL_VALID_MASK`` and on a non-protected VM (whose
+        ``KVM_CHECK_EXTENSION`` answers 0).  Anything else is not this backend's.
+        """
+        if request != uapi.KVM_ENABLE_CAP or not isinstance(arg, uapi.KvmEnableCap):
+            return None
+        if arg.cap != uapi.KVM_CAP_EXIT_HYPERCALL:
+            return None
+        state = pkvm_state(vm)
+        mask = arg.args[0] if arg.args else 0
+        if not state.protected:
+            raise KvmError(errno.EINVAL, RULE, "KVM_CAP_EXIT_HYPERCALL is offered to protected VMs only")
+        if mask & ~abi.KVM_EXIT_HYPERCALL_VALID_MASK:
+            raise KvmError(errno.EINVAL, RULE, f"exit mask {mask:#x} has unsupported bits")
+        state.exit_mask = mask
+        vm.trace("enable_cap", cap=arg.cap, args=list(arg.args))
+        return 0
+
     # --- guest stage-2 faults: donation (pVM) or share (normal VM) ------------------------------
     @hookimpl
-    def guestmem_fault(self, vm: ModelVm, fault: Fault) -> None:
+    def guestmem_fault(self, vm: VmView, fault: Fault) -> None:
         """Give the faulting page to the guest before KVM maps it (``gmem_abort``, 4K only)."""
         state = pkvm_state(vm)
         gfn, pfn = fault.gfn, fault.pfn
@@ -222,8 +309,7 @@ class PkvmPolicy:
         if not state.protected:
             state.hyp.host_share_guest(state.hvm, pfn, gfn)
             return
-        loc = vm.gfn_to_gmem(gfn)
-        if loc is not None and loc.inode.host_mapped(loc.index):
+        if host_maps(vm, gfn):
             # The donation would leave a host mapping of a guest-private page: userspace
             # must drop its mapping (munmap / MADV_DONTNEED) and run again.
             vm.count("pkvm.userspace_exits")
@@ -233,24 +319,24 @@ class PkvmPolicy:
         state.hyp.host_donate_guest(state.hvm, pfn, gfn)
 
     @hookimpl
-    def guestmem_max_mapping_level(self, vm: ModelVm, pfn: int, is_private: bool) -> int:
+    def guestmem_max_mapping_level(self, vm: VmView, pfn: int, is_private: bool) -> int:
         """arm64 ``gmem_abort`` maps 4K pages only (backends.md 3.3)."""
         return uapi.PG_LEVEL_4K
 
     # --- invalidation and reclaim --------------------------------------------------------------
     @hookimpl
-    def guestmem_unmap_gfn_range(self, vm: ModelVm, range: GfnRange) -> bool:  # noqa: A002
+    def guestmem_unmap_gfn_range(self, vm: VmView, range: GfnRange) -> bool:  # noqa: A002
         """The host removes guest pages: reclaim (VM closing) or force reclaim (VM alive)."""
         return self._reclaim(vm, pkvm_state(vm), range.start, range.end)
 
-    def _reclaim(self, vm: ModelVm, state: PkvmVm, start: int, end: int) -> bool:
+    def _reclaim(self, vm: VmView, state: PkvmVm, start: int, end: int) -> bool:
         hyp, hvm = state.hyp, state.hvm
-        if vm.fd_closed and not hvm.dying and hvm.guest.overlaps(start, end):
+        if vm.closed and not hvm.dying and hvm.guest.overlaps(start, end):
             hyp.start_teardown_vm(hvm)  # the VM is going away: a normal reclaim
         return hyp.reclaim_guest_range(hvm, start, end) > 0
 
     @hookimpl
-    def guestmem_gmem_invalidate(self, vm: ModelVm, start_pfn: int, end_pfn: int) -> None:
+    def guestmem_gmem_invalidate(self, vm: VmView, start_pfn: int, end_pfn: int) -> None:
         """A gmem folio is freed: no page may still belong to a guest (else reclaim it first)."""
         hyp = pkvm_state(vm).hyp
         for s, _, page in list(hyp.host_entries(start_pfn, end_pfn - start_pfn)):
@@ -265,28 +351,28 @@ class PkvmPolicy:
 
     # --- host side -----------------------------------------------------------------------------
     @hookimpl
-    def guestmem_host_mappable(self, vm: ModelVm, inode: GmemInode, index: int) -> bool | None:
+    def guestmem_gmem_fault_user_mapping(self, vm: VmView, gmem: GmemView, index: int) -> HostFault | None:
         """Restricted mapping (protected VMs): per page, from the host's ownership state.
 
         The file's INIT_SHARED flag is the initial state of its pages: without it a page
         the guest never shared stays SIGBUS (M-4); with it a page is mappable until the
         guest owns it.  Either way a page the guest shares is mappable, one it owns is not.
         """
-        state = pkvm_state(inode.owner)
+        state = pkvm_state(vm)
         if not state.protected:
             return None  # 6.18: whole-file INIT_SHARED (M-4)
-        pfn = inode.pfn(index)
+        pfn = gmem.pfn(index)
         if pfn is None:
-            return inode.init_shared
-        page = state.hyp.host_state(pfn)
-        if page.state == PageState.SHARED_BORROWED:
-            return True
-        return inode.init_shared and page.state != PageState.NOPAGE
+            mappable = gmem.init_shared
+        else:
+            page = state.hyp.host_state(pfn).state
+            mappable = page == PageState.SHARED_BORROWED or (gmem.init_shared and page != PageState.NOPAGE)
+        return HostFault.ALLOW if mappable else HostFault.SIGBUS
 
     @hookimpl
-    def guestmem_host_access(self, vm: ModelVm, pfn: int, write: bool) -> str | None:
+    def guestmem_host_access(self, host: HostView, pfn: int, write: bool) -> str | None:
         """A host access to a page not in the host stage-2 is a stage-2 abort (3.2)."""
-        page = pkvm_state(vm).hyp.host_state(pfn)
+        page = hypervisor(host).host_state(pfn)
         if page.state != PageState.NOPAGE:
             return None
         return (
@@ -296,7 +382,7 @@ class PkvmPolicy:
 
     # --- guest hypercalls ---------------------------------------------------------------------
     @hookimpl
-    def guestmem_hypercall(self, vcpu: ModelVcpu, nr: int, args: tuple[int, ...]) -> int:
+    def guestmem_hypercall(self, vcpu: VcpuView, nr: int, args: tuple[int, ...]) -> int:
         """The KVM vendor-hypervisor SMCCC services a pKVM guest uses for memory."""
         vm = vcpu.vm
         state = pkvm_state(vm)
@@ -353,7 +439,7 @@ class PkvmPolicy:
             raise HypercallExit(nr, (ipa, done, 0), ret=abi.SMCCC_RET_SUCCESS)
         return abi.SMCCC_RET_SUCCESS
 
-    def _convert(self, vcpu: ModelVcpu, state: PkvmVm, gfn: int, nr_pages: int, *, share: bool) -> int:
+    def _convert(self, vcpu: VcpuView, state: PkvmVm, gfn: int, nr_pages: int, *, share: bool) -> int:
         """MEM_SHARE / MEM_UNSHARE from *gfn*: same pages, contents kept.
 
         Converts the run the hypervisor's walker accepts (``Hypervisor.guest_request``: it
@@ -361,7 +447,7 @@ class PkvmPolicy:
         """
         vm = vcpu.vm
         hyp, hvm = state.hyp, state.hvm
-        before = {g: vm.mmu.lookup(g) for g in (gfn, gfn + nr_pages - 1)}
+        before = {g: _leaf_pfn(vm, g) for g in (gfn, gfn + nr_pages - 1)}
         if share:
             try:
                 done = hyp.guest_share_host(hvm, gfn, nr_pages)
@@ -377,23 +463,20 @@ class PkvmPolicy:
                 1
             ]
             for g in range(gfn, gfn + done):
-                loc = vm.gfn_to_gmem(g)
-                if loc is not None and loc.inode.host_mapped(loc.index):
+                if host_maps(vm, g):
                     # Restricted mapping: to-private is refused while the folio is mapped.
                     vm.count("pkvm.unshare_refused_mapped")
                     raise KvmError(errno.EAGAIN, "pKVM-3.3", f"gfn {g:#x}: the host still maps this page")
             hyp.guest_unshare_host(hvm, gfn, done)
         # In place: a page mapped before the call is the same page after it.
-        pfns = {g: (before[g], vm.mmu.lookup(g)) for g in before if g < gfn + done}
-        moved = sum(
-            1 for old, new in pfns.values() if old is not None and new is not None and old[0] != new[0]
-        )
+        pfns = {g: (before[g], _leaf_pfn(vm, g)) for g in before if g < gfn + done}
+        moved = sum(1 for old, new in pfns.values() if old is not None and new is not None and old != new)
         vm.count("pkvm.copies", moved * PAGE_SIZE)
         vm.count("pkvm.converted_pages", done)
         return done
 
     @staticmethod
-    def _fault_in(vcpu: ModelVcpu, hvm: HypVm, start: int, end: int) -> None:
+    def _fault_in(vcpu: VcpuView, hvm: HypVm, start: int, end: int) -> None:
         """The host handles the hypervisor's map request for gfns ``[start, end)``.
 
         Each page is a stage-2 fault: a memory-fault exit (a page the VMM still maps)
@@ -408,7 +491,19 @@ class PkvmPolicy:
                 except GuestExit as exc:  # no memory there (an MMIO exit): nothing to share
                     raise HypError(errno.EFAULT, "pkvm_memshare_call", str(exc)) from None
 
-    def _relinquish(self, vm: ModelVm, state: PkvmVm, gfn: int) -> None:
+    def _relinquish(self, vm: VmView, state: PkvmVm, gfn: int) -> None:
         pfn = state.hyp.guest_relinquish_to_host(state.hvm, gfn)
         if pfn is not None:
             vm.zap_gfn_range(gfn, gfn + 1)  # the guest's leaf is gone (KVM's copy of stage-2)
+
+
+def host_maps(vm: VmView, gfn: int) -> bool:
+    """Some host userspace mapping of *vm*'s guest_memfd has the page behind *gfn* faulted in."""
+    loc = vm.gfn_to_gmem(gfn)
+    return loc is not None and loc.gmem.host_mapped(loc.index)
+
+
+def _leaf_pfn(vm: VmView, gfn: int) -> int | None:
+    """The pfn *gfn*'s stage-2 leaf maps, or None."""
+    leaf = vm.leaf(gfn)
+    return None if leaf is None else leaf.pfn + (gfn - leaf.gfn)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -15,18 +16,25 @@ from guestmem_pkvm.invariants import IsolationChecker
 GPA = 0x8000_0000
 SIZE = 64 * uapi.PAGE_SIZE
 GMEM_FLAGS = uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def observing(plugin: T, name: str) -> Iterator[T]:
+    """*plugin* registered as an observer for the block, removed afterwards."""
+    registry = guestmem.get_registry()
+    registry.add_plugin(plugin, name=f"{name}-{id(plugin):x}")
+    try:
+        yield plugin
+    finally:
+        registry.remove_plugin(plugin)
 
 
 @pytest.fixture
 def checker() -> Iterator[IsolationChecker]:
     """The isolation observer, registered for the test and removed afterwards."""
-    checker = IsolationChecker()
-    registry = guestmem.get_registry()
-    registry.add_plugin(checker, name=f"pkvm-isolation-{id(checker):x}")
-    try:
+    with observing(IsolationChecker(), "pkvm-isolation") as checker:
         yield checker
-    finally:
-        registry.remove_plugin(checker)
     assert checker.violations == []
 
 

@@ -10,9 +10,9 @@ import pytest
 
 import guestmem
 from guestmem import HostSigbus, MemoryFault, uapi
-from guestmem_pkvm import abi
+from guestmem_pkvm import abi, policy
 from guestmem_pkvm.exits import HypercallExit
-from guestmem_pkvm.invariants import IsolationChecker
+from guestmem_pkvm.invariants import IsolationChecker, IsolationViolation
 from guestmem_pkvm.ownership import HOST_OWNED, PageState
 from guestmem_pkvm.policy import pkvm_state
 
@@ -121,24 +121,39 @@ def test_checker_catches_a_host_mapping_of_a_private_page_i_1(
     assert pfn is not None
     # A broken policy that would let the host map a donated page.
     original = state.hyp.host_state
-    state.hyp.host_state = lambda p: HOST_OWNED  # type: ignore[method-assign]
+    state.hyp.host_state = lambda pfn: HOST_OWNED  # type: ignore[method-assign]
+    checked = checker.checks["I-1"]
     try:
-        with pytest.raises(AssertionError, match="I-1"):
+        # Reported when the host's access (the operation that mapped the page) ends.
+        with pytest.raises(IsolationViolation, match="I-1: host maps gmem page 0x0 "):
             guest.map.read(0, 1)
+        assert checker.violations == [
+            f"I-1: host maps gmem page 0x0 (pfn {pfn:#x}) that a guest owns privately"
+        ]
+        assert checker.checks["I-1"] == checked + 1
     finally:
         state.hyp.host_state = original  # type: ignore[method-assign]
         checker.violations.clear()
 
 
+def test_checker_leaves_hosts_of_other_backends_alone(checker: IsolationChecker) -> None:
+    with guestmem.open("sw") as kvm:
+        vm = kvm.create_vm(uapi.KVM_X86_DEFAULT_VM)
+        gmem = vm.create_guest_memfd(SIZE, uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED)
+        with gmem.mmap(SIZE) as m:
+            m.write(0, b"sw")
+        gmem.close()
+        vm.close()
+    assert checker.checks["I-1"] == 0
+
+
 def test_checker_catches_a_donation_of_a_host_mapped_page_i_1(
-    guest: Guest, checker: IsolationChecker
+    guest: Guest, checker: IsolationChecker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     guest.map.write(0, b"mapped")
-    state = pkvm_state(guest.vm)
-    pfn = guest.vm.gmem_pfn(GPA >> 12)
-    assert pfn is not None
-    with pytest.raises(AssertionError, match="I-1"):
-        state.hyp.host_donate_guest(state.hvm, pfn, GPA >> 12)  # bypassing the policy's check
+    # A broken policy that would donate a page the host still maps.
+    monkeypatch.setattr(policy, "host_maps", lambda vm, gfn: False)
+    with pytest.raises(IsolationViolation, match=r"I-1: pfn .* is host-mapped but guest-private"):
+        guest.vcpu.access(GPA, 1)
+    assert len(checker.violations) == 1
     checker.violations.clear()
-    # The checker stopped the donation half way (host side done): undo it for the teardown.
-    state.hyp.host.erase(pfn, pfn + 1)

@@ -40,6 +40,7 @@ def test_backend_offers_protected_and_default_arm64_vm_types() -> None:
     for info in (protected, default):
         assert not info.memory_attributes and info.gmem_slot_requires_mmap
         assert info.nr_memslot_as_ids == 1 and info.init_shared_allowed
+        assert info.arch == "arm64"
 
 
 def test_vms_get_handles_and_vmids_3_1(kvm: Any) -> None:
@@ -52,7 +53,7 @@ def test_vms_get_handles_and_vmids_3_1(kvm: Any) -> None:
         False,
     )
     a.close()
-    assert kvm.create_vm(abi.KVM_VM_TYPE_ARM_PROTECTED).arch.vmid == 1  # slot freed at teardown
+    assert pkvm_state(kvm.create_vm(abi.KVM_VM_TYPE_ARM_PROTECTED)).vmid == 1  # slot freed at teardown
     b.close()
 
 
@@ -114,9 +115,52 @@ def test_share_twice_and_unshare_private_are_eperm_3_2(guest: Guest) -> None:
     assert guest.vm.counters["pkvm.userspace_exits"] == 0
 
 
-def test_exit_mask_rejects_unknown_bits() -> None:
-    with pytest.raises(KvmError):
-        enable_exit_hypercall(object(), 1 << 20)
+def test_exit_mask_rejects_unknown_bits(guest: Guest) -> None:
+    with pytest.raises(KvmError) as info:
+        enable_exit_hypercall(guest.vm, 1 << 20)
+    assert info.value.errno == errno.EINVAL
+    assert pkvm_state(guest.vm).exit_mask == abi.KVM_EXIT_HYPERCALL_VALID_MASK
+
+
+def test_exit_hypercall_is_kvm_enable_cap(guest: Guest) -> None:
+    """``KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL, mask)`` reaches the policy as an arch ioctl."""
+    vm, vcpu = guest.vm, guest.vcpu
+    vcpu.access(GPA, 1)
+    assert vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, 1 << abi.ARM_SMCCC_KVM_FUNC_MEM_SHARE) == 0
+    with pytest.raises(HypercallExit):
+        vcpu.hypercall(SHARE, GPA, 1, 0)
+    assert vcpu.hypercall(UNSHARE, GPA, 1, 0) == abi.SMCCC_RET_SUCCESS  # no exit for unshare now
+    assert vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, 0) == 0
+    assert vcpu.hypercall(SHARE, GPA, 1, 0) == abi.SMCCC_RET_SUCCESS
+    assert vm.counters["pkvm.userspace_exits"] == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "flags"),
+    [
+        ((1 << 20,), 0),  # a bit outside KVM_EXIT_HYPERCALL_VALID_MASK
+        ((1 << 12,), 0),  # x86's KVM_HC_MAP_GPA_RANGE bit
+        ((abi.KVM_EXIT_HYPERCALL_VALID_MASK,), 1),  # arm64 kvm_vm_ioctl_enable_cap: flags must be 0
+    ],
+)
+def test_enable_cap_exit_hypercall_bad_mask_or_flags_is_einval(
+    guest: Guest, args: tuple[int, ...], flags: int
+) -> None:
+    pkvm_state(guest.vm).exit_mask = 0
+    with pytest.raises(KvmError) as info:
+        guest.vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, *args, flags=flags)
+    assert info.value.errno == errno.EINVAL
+    assert pkvm_state(guest.vm).exit_mask == 0  # nothing changed
+
+
+def test_enable_cap_exit_hypercall_of_a_normal_vm_or_an_unknown_cap_is_einval(kvm: Any) -> None:
+    vm = kvm.create_vm(abi.KVM_VM_TYPE_ARM_DEFAULT)
+    assert vm.check_extension(uapi.KVM_CAP_EXIT_HYPERCALL) == 0
+    for cap in (uapi.KVM_CAP_EXIT_HYPERCALL, uapi.KVM_CAP_MEMORY_ATTRIBUTES):
+        with pytest.raises(KvmError) as info:
+            vm.enable_cap(cap, 0)
+        assert info.value.errno == errno.EINVAL
+    vm.close()
 
 
 def test_share_of_an_unfaulted_page_faults_it_in_first_3_2(guest: Guest) -> None:

@@ -1,7 +1,8 @@
 """guestmem-snp: an AMD SEV-SNP host for guestmem.
 
-* :func:`sev` gives a VM's SEV state (``KVM_MEMORY_ENCRYPT_OP`` commands: INIT2, SNP
-  launch) and :func:`guest` a vCPU's guest side (PVALIDATE, page-state changes).
+* :func:`sev` gives a VM's SEV commands (``KVM_MEMORY_ENCRYPT_OP``: INIT2, the SNP
+  launch; ``SevCmd`` values for ``vm.memory_encrypt_op`` directly) and what they left,
+  :func:`guest` a vCPU's guest side (PVALIDATE, page-state changes).
 * :mod:`guestmem_snp.rmp` (the RMP table) and :mod:`guestmem_snp.asid` (ASIDs) stand
   alone, without the core model.
 """
@@ -17,14 +18,33 @@ from guestmem_snp.guest import SnpGuest, UnvalidatedAccess
 from guestmem_snp.host import SnpHost, snp_host
 from guestmem_snp.invariants import RmpChecker, check_rmp
 from guestmem_snp.rmp import RmpEntry, RmpState, RmpTable, RmpViolation
-from guestmem_snp.sev import SevVm, SnpLaunchUpdate, as_sev
+from guestmem_snp.sev import (
+    KVM_SEV_INIT2,
+    KVM_SEV_SNP_LAUNCH_FINISH,
+    KVM_SEV_SNP_LAUNCH_START,
+    KVM_SEV_SNP_LAUNCH_UPDATE,
+    KvmSevInit,
+    KvmSevSnpLaunchFinish,
+    KvmSevSnpLaunchStart,
+    Sev,
+    SevCmd,
+    SevVm,
+    SnpLaunchUpdate,
+)
 from guestmem_snp.vmm import ConvertingVmm, RamRegion
 
 __all__ = [
+    "KVM_SEV_INIT2",
+    "KVM_SEV_SNP_LAUNCH_FINISH",
+    "KVM_SEV_SNP_LAUNCH_START",
+    "KVM_SEV_SNP_LAUNCH_UPDATE",
     "AsidAllocator",
     "AsidRange",
     "ConvertingVmm",
     "HypercallExit",
+    "KvmSevInit",
+    "KvmSevSnpLaunchFinish",
+    "KvmSevSnpLaunchStart",
     "MapGpaRange",
     "PscBuffer",
     "PscEngine",
@@ -35,6 +55,8 @@ __all__ = [
     "RmpState",
     "RmpTable",
     "RmpViolation",
+    "Sev",
+    "SevCmd",
     "SevVm",
     "SnpGuest",
     "SnpHost",
@@ -47,9 +69,10 @@ __all__ = [
 ]
 
 
-def sev(vm: Any) -> SevVm:
-    """The SEV state of *vm* (a VM of the ``snp`` backends): its ``KVM_MEMORY_ENCRYPT_OP`` face."""
-    return as_sev(vm)
+def sev(vm: Any) -> Sev:
+    """The SEV commands of *vm* (a VM of the ``snp`` backends), issued as
+    ``KVM_MEMORY_ENCRYPT_OP``; ``ENOTTY`` for any other VM."""
+    return Sev(vm)
 
 
 def guest(vcpu: Any) -> SnpGuest:

@@ -16,6 +16,7 @@ from typing import Final
 
 import attrs
 
+from guestmem import uapi
 from guestmem.uapi import PAGE_SHIFT
 
 # --- exit codes the guest uses (arch/x86/include/uapi/asm/svm.h) ---------------------------
@@ -25,15 +26,16 @@ SVM_VMGEXIT_PSC: Final = 0x80000010
 """VMGEXIT NAE event "page state change"; the descriptor is in the vCPU's GHCB."""
 
 # --- KVM hypercall ABI (include/uapi/linux/kvm_para.h) --------------------------------------
-KVM_HC_MAP_GPA_RANGE: Final = 12
-KVM_ENOSYS: Final = 1000
-KVM_EINVAL: Final = 22
-KVM_MAP_GPA_RANGE_PAGE_SZ_4K: Final = 0
-KVM_MAP_GPA_RANGE_PAGE_SZ_2M: Final = 1 << 0
-KVM_MAP_GPA_RANGE_PAGE_SZ_1G: Final = 1 << 1
-KVM_MAP_GPA_RANGE_ENCRYPTED: Final = 1 << 4
-KVM_MAP_GPA_RANGE_DECRYPTED: Final = 0 << 4
-KVM_EXIT_HYPERCALL_VALID_MASK: Final = 1 << KVM_HC_MAP_GPA_RANGE
+# The KVM hypercall ABI (include/uapi/linux/kvm_para.h), as the core's uAPI has it.
+KVM_HC_MAP_GPA_RANGE: Final = uapi.KVM_HC_MAP_GPA_RANGE
+KVM_ENOSYS: Final = uapi.KVM_ENOSYS
+KVM_EINVAL: Final = uapi.KVM_EINVAL
+KVM_MAP_GPA_RANGE_PAGE_SZ_4K: Final = uapi.KVM_MAP_GPA_RANGE_PAGE_SZ_4K
+KVM_MAP_GPA_RANGE_PAGE_SZ_2M: Final = uapi.KVM_MAP_GPA_RANGE_PAGE_SZ_2M
+KVM_MAP_GPA_RANGE_PAGE_SZ_1G: Final = uapi.KVM_MAP_GPA_RANGE_PAGE_SZ_1G
+KVM_MAP_GPA_RANGE_ENCRYPTED: Final = uapi.KVM_MAP_GPA_RANGE_ENCRYPTED
+KVM_MAP_GPA_RANGE_DECRYPTED: Final = uapi.KVM_MAP_GPA_RANGE_DECRYPTED
+KVM_EXIT_HYPERCALL_VALID_MASK: Final = uapi.KVM_EXIT_HYPERCALL_VALID_MASK
 
 # --- PSC descriptor (arch/x86/include/asm/sev-common.h) -------------------------------------
 VMGEXIT_PSC_MAX_ENTRY: Final = 64  # what Linux guests send per request

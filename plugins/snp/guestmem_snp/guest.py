@@ -14,6 +14,7 @@ import errno
 from typing import TYPE_CHECKING, Any
 
 from guestmem import uapi
+from guestmem.backend import VcpuView, VmView, view
 from guestmem.errors import KvmError
 from guestmem_snp.ghcb import (
     KVM_HC_MAP_GPA_RANGE,
@@ -51,8 +52,9 @@ class SnpGuest:
 
     def __init__(self, vcpu: Any) -> None:
         self.vcpu = vcpu
-        self.vm = vcpu.vm
-        self.sev: SevVm = as_sev(vcpu.vm)
+        self.cpu: VcpuView = view(vcpu)
+        self.vm: VmView = self.cpu.vm
+        self.sev: SevVm = as_sev(self.vm)
         if not self.sev.snp:
             raise KvmError(errno.ENOTTY, "", "PVALIDATE and page-state changes need an SNP VM")
 
@@ -97,39 +99,19 @@ class SnpGuest:
     # --- PVALIDATE ----------------------------------------------------------------------------
     def _translate(self, gpa: int) -> int:
         """The NPT walk of a private access: faults the page in (or raises MemoryFault)."""
-        return int(self.vcpu.translate(gpa, private=True))
+        return self.cpu.translate(gpa, private=True)
 
-    def _mapped_run(self, gfn: int, limit: int, fault_ahead: bool = True) -> tuple[int, int]:
+    def _mapped_run(self, gfn: int, limit: int) -> tuple[int, int]:
         """``(pfn, npages)``: the private mapping at *gfn* and how far it runs contiguously.
 
-        The first page is faulted in through the core.  Further pages of the same prepared
-        gmem folio run, private and in the same memslot, are mapped at 4 KiB at once: that is
-        the state their one-by-one faults would leave (a prepared folio is not prepared
-        again), without a per-page loop.  Not ahead of a 2M RMP entry: the first 4K
-        PVALIDATE there takes the SIZEM #NPF whose zap would drop them.
+        The NPT walks of the PVALIDATEs of ``[gfn, gfn + limit)`` in order: the core faults
+        them in as runs (one stage-2 fault per uniform run), raising if *gfn* itself cannot
+        be mapped; the result is the leaf run holding *gfn*, at most *limit* pages.
         """
-        pfn = self._translate(gfn << PAGE_SHIFT)
-        vm = self.vm
-        hit = vm.mmu.sptes.entry(gfn)
-        mapped_end = hit[1] if hit is not None else gfn + 1
-        loc = vm.gfn_to_gmem(gfn)
-        if loc is None or not fault_ahead or self.sev.host.rmp.lookup(pfn).level != uapi.PG_LEVEL_4K:
-            return pfn, max(1, min(mapped_end - gfn, limit))
-        folios = loc.inode.pages.entry(loc.index)
-        if folios is None or not folios[2].uptodate:
-            return pfn, max(1, min(mapped_end - gfn, limit))
-        slot = loc.slot
-        end = min(gfn + limit, slot.end_gfn, gfn + (folios[1] - loc.index))
-        private = vm.attributes.entry(gfn)
-        if private is None or not private[2] & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE:
-            return pfn, max(1, min(mapped_end - gfn, limit))
-        end = min(end, private[1])
-        if end > mapped_end and not vm.mmu.invalidate_in_progress:
-            unmapped = end - mapped_end
-            vm.mmu.install(mapped_end, unmapped, pfn + (mapped_end - gfn), True, True, uapi.PG_LEVEL_4K)
-            vm.count("faults", unmapped)
-            mapped_end = end
-        return pfn, max(1, min(mapped_end - gfn, limit))
+        self.vm.fault_range(gfn, limit, private=True, vcpu=self.cpu)
+        leaf = self.vm.leaf(gfn)
+        assert leaf is not None, "fault_range mapped gfn"
+        return leaf.pfn + gfn - leaf.gfn, max(1, min(limit, leaf.end_gfn - gfn))
 
     def pvalidate(self, gpa: int, page_size: int = uapi.PG_LEVEL_4K, validate: bool = True) -> int:
         """PVALIDATE one page at *gpa*; returns the instruction's code (0 on success)."""
@@ -159,8 +141,7 @@ class SnpGuest:
         rmp = self.sev.host.rmp
         gfn, end = gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT
         while gfn < end:
-            # 4K PVALIDATEs fault their pages one by one; a 2M one only walks to its gpa.
-            pfn, run = self._mapped_run(gfn, end - gfn, fault_ahead=step == 1)
+            pfn, run = self._mapped_run(gfn, end - gfn)
             count = max(1, run // step)
             try:
                 rc = rmp.pvalidate(pfn, gfn, self.sev.asid, page_size, validate, count=count)

@@ -1,26 +1,35 @@
 """Host-wide SEV state: one RMP table and one ASID space per simulated host.
 
-Both belong to the machine, not to a VM: every SEV VM on a host shares them.  They are
-kept per :class:`guestmem.model.host.HostMemory` object (one per ``guestmem.open``).
+Both belong to the machine, not to a VM: every SEV VM on a host shares them.  The
+policy's ``guestmem_host_init`` creates one :class:`SnpHost` per ``guestmem.open("snp")``;
+it is ``host.arch`` of that host's :class:`~guestmem.backend.HostView`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from guestmem.ranges import RangeMap
+from guestmem.backend import HostView, Owner, RangeMap, VmView, view
 from guestmem_snp.asid import AsidAllocator
-from guestmem_snp.rmp import PTRS_PER_PMD, RmpEntry, RmpTable
+from guestmem_snp.rmp import PTRS_PER_PMD, RmpEntry, RmpState, RmpTable
 
 # SEV_FEATURES bits of the VMSA (arch/x86/include/asm/svm.h).
 SVM_SEV_FEAT_DEBUG_SWAP = 1 << 5
 SVM_SEV_FEAT_SECURE_TSC = 1 << 9
 
-if TYPE_CHECKING:
-    from guestmem.model.vm import ModelVm
+#: The name of the RMP in ownership events.
+RMP_TABLE = "rmp"
+
+
+def rmp_owner(entry: RmpEntry | None) -> Owner:
+    """Who an RMP entry gives its page to, in the terms every backend shares."""
+    if entry is None or not entry.assigned:
+        return Owner.HOST
+    if entry.state in (RmpState.FIRMWARE, RmpState.RECLAIM):
+        return Owner.HYPERVISOR
+    return Owner.GUEST
 
 
 class SnpHost:
@@ -34,7 +43,8 @@ class SnpHost:
     again).
     """
 
-    def __init__(self, asids: AsidAllocator | None = None) -> None:
+    def __init__(self, host: HostView | None = None, asids: AsidAllocator | None = None) -> None:
+        self.host = host
         self.rmp = RmpTable(on_change=self._changed)
         self.asids = asids if asids is not None else AsidAllocator()
         #: ``sev_supported_vmsa_features``: DebugSwap, and Secure TSC (SNP guests only).
@@ -43,11 +53,11 @@ class SnpHost:
         self.freed_while_assigned: RangeMap[bool] = RangeMap()
         self.freed: RangeMap[bool] = RangeMap()
         self.leaked: RangeMap[bool] = RangeMap()
-        self._actor: ModelVm | None = None
+        self._actor: VmView | None = None
 
     @contextlib.contextmanager
-    def acting(self, vm: ModelVm) -> Iterator[None]:
-        """RMP changes inside the block are reported to *vm*'s observers."""
+    def acting(self, vm: VmView) -> Iterator[None]:
+        """RMP changes inside the block are reported as made for *vm*."""
         previous, self._actor = self._actor, vm
         try:
             yield
@@ -55,8 +65,11 @@ class SnpHost:
             self._actor = previous
 
     def _changed(self, pfn: int, npages: int, old: RmpEntry | None, new: RmpEntry | None) -> None:
+        owners = {"old_owner": rmp_owner(old), "new_owner": rmp_owner(new)}
         if self._actor is not None:
-            self._actor.ownership_update("rmp", pfn, npages, old, new)
+            self._actor.ownership_update(RMP_TABLE, pfn, npages, old, new, **owners)
+        elif self.host is not None:
+            self.host.ownership_update(RMP_TABLE, pfn, npages, old, new, **owners)
 
     def split_direct_map(self, pfn: int, npages: int) -> int:
         """``adjust_direct_map`` for 4 KiB private pages: returns the 2 MiB blocks newly split."""
@@ -66,13 +79,20 @@ class SnpHost:
         self.direct_map_split.set(first, last, True)
         return new
 
+    def host_write_verdict(self, pfn: int) -> str | None:
+        """A host write to *pfn*: the RMP #PF verdict if it is assigned, else None."""
+        entry = self.rmp.lookup(pfn)
+        if not entry.assigned:
+            return None
+        return (
+            f"RMP #PF: host write to pfn {pfn:#x}, assigned to ASID {entry.asid} "
+            f"({entry.state.value}, gpa {entry.gpa:#x})"
+        )
 
-_hosts: weakref.WeakKeyDictionary[Any, SnpHost] = weakref.WeakKeyDictionary()
 
-
-def snp_host(host: Any) -> SnpHost:
-    """The SEV state of simulated host memory *host* (created on first use)."""
-    state = _hosts.get(host)
-    if state is None:
-        state = _hosts[host] = SnpHost()
+def snp_host(kvm: Any) -> SnpHost:
+    """The SEV state of the host behind *kvm* (a ``Kvm`` of an snp backend, or its view)."""
+    state = view(kvm).arch
+    if not isinstance(state, SnpHost):
+        raise TypeError(f"{kvm!r} is not a host of the snp backends")
     return state

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from guestmem.hookspecs import hookimpl
+from guestmem.backend import GmemView, HostView, TraceEvent, VmView, hookimpl, view
 from guestmem.invariants import InvariantViolation
 from guestmem_snp.sev import SevVm
 
 
 def check_rmp(vm: Any, after: str = "") -> None:
-    """Raise :class:`guestmem.invariants.InvariantViolation` if an SNP invariant of *vm* fails."""
-    sev = getattr(vm, "arch", None)
+    """Raise :class:`guestmem.invariants.InvariantViolation` if an SNP invariant of *vm*
+    (a ``Vm`` of an snp backend, or its view) fails."""
+    vm = view(vm)
+    sev = vm.arch
     if not isinstance(sev, SevVm):
         return
     where = f" after {after}" if after else ""
@@ -31,28 +33,35 @@ def check_rmp(vm: Any, after: str = "") -> None:
             raise InvariantViolation(
                 f"rmp-freed{where}: an assigned RMP entry lies in freed [{start:#x}, {end:#x})"
             )
-    inodes = {
-        id(s.gmem_file.inode): s.gmem_file.inode for s in vm.memslots.values() if s.gmem_file is not None
-    }
-    for inode in inodes.values():
-        for vma in inode.vmas:
-            for s, e, _ in vma.faulted.items():
-                for fs, fe, folio in inode.pages.items(s, e):
-                    if rmp.any_assigned(fs + folio.delta, fe - fs):
-                        raise InvariantViolation(
-                            f"rmp-host-mapped{where}: private gmem pages [{fs:#x}, {fe:#x}) are host-mapped"
-                        )
+    files: dict[int, GmemView] = {}
+    for slot in vm.memslots():
+        if slot.gmem is not None:
+            files[slot.gmem.ino] = slot.gmem
+    for gmem in files.values():
+        for s, e in gmem.host_mapped_ranges():
+            for folio in gmem.folios(s, e):
+                if rmp.any_assigned(folio.pfn, folio.end - folio.start):
+                    raise InvariantViolation(
+                        f"rmp-host-mapped{where}: private gmem pages [{folio.start:#x}, {folio.end:#x}) "
+                        "are host-mapped"
+                    )
 
 
 class RmpChecker:
-    """An observer: :func:`check_rmp` after every event of every SNP VM."""
+    """An observer: :func:`check_rmp` after every event of every SNP VM and every operation."""
 
     def __init__(self) -> None:
         self.checked = 0
 
-    @hookimpl(trylast=True)
-    def guestmem_trace(self, vm: Any, event: Any) -> None:
-        if vm is None or getattr(vm, "destroyed", False):
-            return
+    @hookimpl
+    def guestmem_trace(self, vm: VmView | None, event: TraceEvent) -> None:
+        if vm is None or vm.destroyed or event.kind == "ownership_update":
+            return  # ownership updates come while a backend is changing its table
         check_rmp(vm, event.kind)
         self.checked += 1
+
+    @hookimpl
+    def guestmem_operation_done(self, host: HostView, operation: str) -> None:
+        for vm in host.vms():
+            check_rmp(vm, operation)
+            self.checked += 1

@@ -13,7 +13,6 @@ Registers two backends that share one policy:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import attrs
 
@@ -49,21 +48,18 @@ SNP_VM_HUGEPAGE = attrs.evolve(SNP_VM, gmem_folio_order=uapi.PMD_ORDER)
 
 POLICY = SnpPolicy()
 
-# Backend.vm_types has ``converter=tuple``, which mypy cannot type through: hand it Any.
-_SNP_TYPES: Any = (SEV_VM, SEV_ES_VM, SNP_VM)
-_SNP_HUGEPAGE_TYPES: Any = (SEV_VM, SEV_ES_VM, SNP_VM_HUGEPAGE)
 
 BACKENDS = (
     Backend(
         name="snp",
         summary="AMD SEV-SNP host (Linux 6.18): RMP, ASIDs, launch, PVALIDATE, page-state changes",
-        vm_types=_SNP_TYPES,
+        vm_types=(SEV_VM, SEV_ES_VM, SNP_VM),
         policy=POLICY,
     ),
     Backend(
         name="snp-hugepage",
         summary="AMD SEV-SNP host with hugepage guest_memfd (order-9 folios, 2 MiB RMP entries; unmerged)",
-        vm_types=_SNP_HUGEPAGE_TYPES,
+        vm_types=(SEV_VM, SEV_ES_VM, SNP_VM_HUGEPAGE),
         policy=POLICY,
     ),
 )

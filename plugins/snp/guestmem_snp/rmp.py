@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 
 import attrs
 
-from guestmem.ranges import RangeMap
+from guestmem.backend import RangeMap
 from guestmem.uapi import PAGE_SHIFT, PG_LEVEL_2M, PG_LEVEL_4K
 
 PTRS_PER_PMD = 512

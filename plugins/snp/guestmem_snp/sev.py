@@ -1,10 +1,12 @@
 """Per-VM SEV state (``struct kvm_sev_info``) and the ``KVM_MEMORY_ENCRYPT_OP`` commands.
 
 A :class:`SevVm` is what ``guestmem_vm_init`` returns for SEV, SEV-ES and SNP VMs (it is
-``vm.arch``); reach it with :func:`guestmem_snp.sev`.  Its public methods are the
-commands a VMM issues (``KVM_SEV_INIT2``, ``KVM_SEV_SNP_LAUNCH_START/UPDATE/FINISH``,
-``KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)``); the others are the kernel paths the policy
-hooks run (``sev_gmem_prepare``, ``sev_gmem_invalidate``, ``sev_gmem_post_populate``...).
+``vm.arch``).  A VMM reaches it through ``KVM_MEMORY_ENCRYPT_OP`` on the VM fd:
+``vm.memory_encrypt_op(SevCmd(KVM_SEV_INIT2, KvmSevInit(...)))``, which the policy hands
+to :meth:`SevVm.ioctl` (``sev_mem_enc_ioctl``), or through the :class:`Sev` helper that
+:func:`guestmem_snp.sev` returns and that issues those ioctls.  The other methods of
+:class:`SevVm` are the kernel paths the policy hooks run (``sev_gmem_prepare``,
+``sev_gmem_invalidate``, ``sev_gmem_post_populate``...).
 
 Costs go to ``vm.count``: ``rmpupdate``, ``psmash``, ``pvalidate``, ``psp_commands``,
 ``clflush``/``clflush_bytes``, ``direct_map_splits``, ``copied_bytes``, ``zeroed_bytes``,
@@ -26,20 +28,25 @@ import attrs
 import structlog
 
 from guestmem import uapi
+from guestmem.backend import VmView, view
 from guestmem.errors import KvmError
-from guestmem_snp.ghcb import KVM_EXIT_HYPERCALL_VALID_MASK, PscBuffer, PscEngine
-from guestmem_snp.host import SVM_SEV_FEAT_SECURE_TSC, SnpHost, snp_host
+from guestmem_snp.ghcb import PscBuffer, PscEngine
+from guestmem_snp.host import SVM_SEV_FEAT_SECURE_TSC, SnpHost
 from guestmem_snp.rmp import PTRS_PER_PMD, RMP_RC_NAMES, RMP_SUCCESS, RmpEntry
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from guestmem.model.vm import ModelVm
-
 log = structlog.get_logger("guestmem.snp")
 
 PAGE_SHIFT: Final = uapi.PAGE_SHIFT
 PAGE_SIZE: Final = uapi.PAGE_SIZE
+
+# enum sev_cmd_id (arch/x86/include/uapi/asm/kvm.h): the commands modelled.
+KVM_SEV_INIT2: Final = 22
+KVM_SEV_SNP_LAUNCH_START: Final = 100
+KVM_SEV_SNP_LAUNCH_UPDATE: Final = 101
+KVM_SEV_SNP_LAUNCH_FINISH: Final = 102
 
 # KVM_SEV_SNP_PAGE_TYPE_* (arch/x86/include/uapi/asm/kvm.h)
 KVM_SEV_SNP_PAGE_TYPE_NORMAL: Final = 0x1
@@ -79,6 +86,44 @@ SEV_RET_INVALID_PARAM: Final = 0x16
 GHCB_VERSION_MAX: Final = 2
 _DIGEST_SIZE: Final = 48
 _PAGE_INFO_LEN: Final = 0x70
+
+
+@attrs.define
+class SevCmd:
+    """``struct kvm_sev_cmd``: the argument of ``KVM_MEMORY_ENCRYPT_OP`` on an SEV host.
+
+    ``data`` is the command's own struct (:class:`KvmSevInit`, :class:`KvmSevSnpLaunchStart`,
+    :class:`SnpLaunchUpdate`, :class:`KvmSevSnpLaunchFinish`); ``error`` is the firmware
+    error the kernel copies back.
+    """
+
+    id: int
+    data: Any = None
+    error: int = 0
+
+
+@attrs.define
+class KvmSevInit:
+    """``struct kvm_sev_init`` (``KVM_SEV_INIT2``)."""
+
+    vmsa_features: int = 0
+    flags: int = 0
+    ghcb_version: int = 0
+
+
+@attrs.define
+class KvmSevSnpLaunchStart:
+    """``struct kvm_sev_snp_launch_start``."""
+
+    policy: int = 0
+    flags: int = 0
+
+
+@attrs.define
+class KvmSevSnpLaunchFinish:
+    """``struct kvm_sev_snp_launch_finish`` (the ID block and host data are not modelled)."""
+
+    flags: int = 0
 
 
 @attrs.define
@@ -130,9 +175,11 @@ def page_info_digest(current: bytes, contents: bytes, page_type: int, gpa: int) 
 class SevVm:
     """``struct kvm_sev_info`` of one SEV / SEV-ES / SNP VM."""
 
-    def __init__(self, vm: ModelVm) -> None:
+    def __init__(self, vm: VmView) -> None:
         self.vm = vm
-        self.host: SnpHost = snp_host(vm.host)
+        host = vm.host.arch
+        assert isinstance(host, SnpHost), "guestmem_host_init made the SNP host state"
+        self.host: SnpHost = host
         self.snp = vm.vm_type == uapi.KVM_X86_SNP_VM
         self.es = self.snp or vm.vm_type == uapi.KVM_X86_SEV_ES_VM
         self.need_init = True
@@ -140,7 +187,6 @@ class SevVm:
         self.asid = 0
         self.ghcb_version = 0
         self.vmsa_features = 0
-        self.hypercall_exit_enabled = 0
         self.policy = 0
         self.gctx_pfn: int | None = None
         self.guest_req_pfn: int | None = None
@@ -166,12 +212,6 @@ class SevVm:
         if state is None:
             state = self.vcpus[vcpu_id] = SevVcpu()
         return state
-
-    def _command(self) -> None:
-        """The checks of ``sev_mem_enc_ioctl`` before a command."""
-        self.vm.host.check_alive()
-        if self.vm.dead:
-            raise KvmError(errno.EIO, "CAP-9", f"VM is dead: {self.vm.dead_reason}")
 
     def _psp(self, command: str, n: int = 1) -> None:
         self.vm.count("psp_commands", n)
@@ -210,25 +250,40 @@ class SevVm:
         self.vm.trace("snp_rmp_warn", what=what, pfn=pfn, rc=RMP_RC_NAMES.get(rc, str(rc)))
         log.warning("rmp update failed", what=what, pfn=pfn, rc=rc, vm=self.vm.vm_id)
 
-    # --- uAPI: KVM_ENABLE_CAP / KVM_MEMORY_ENCRYPT_OP --------------------------------------
-    def enable_cap_exit_hypercall(self, mask: int) -> None:
-        """``KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)``: which hypercalls exit to userspace."""
-        self._command()
-        if mask & ~KVM_EXIT_HYPERCALL_VALID_MASK:
-            raise KvmError(
-                errno.EINVAL, "", f"hypercall exit mask {mask:#x} not in {KVM_EXIT_HYPERCALL_VALID_MASK:#x}"
-            )
-        self.hypercall_exit_enabled = mask
+    # --- uAPI: KVM_MEMORY_ENCRYPT_OP ---------------------------------------------------------
+    def ioctl(self, cmd: SevCmd) -> int:
+        """``sev_mem_enc_ioctl``: run one command; 0 on success, :class:`KvmError` otherwise."""
+        if self.snp_active and cmd.id < KVM_SEV_SNP_LAUNCH_START:
+            # Once an SNP guest, only the SNP commands (id >= 100) are allowed.
+            raise KvmError(errno.EPERM, "", f"SEV command {cmd.id} on an initialised SNP VM")
+        data = cmd.data
+        if cmd.id == KVM_SEV_INIT2:
+            init = data if isinstance(data, KvmSevInit) else KvmSevInit()
+            self.init2(init.vmsa_features, init.ghcb_version, init.flags)
+        elif cmd.id == KVM_SEV_SNP_LAUNCH_START:
+            start = data if isinstance(data, KvmSevSnpLaunchStart) else KvmSevSnpLaunchStart()
+            self.snp_launch_start(start.policy, start.flags)
+        elif cmd.id == KVM_SEV_SNP_LAUNCH_UPDATE:
+            if not isinstance(data, SnpLaunchUpdate):
+                raise KvmError(
+                    errno.EFAULT, "", "KVM_SEV_SNP_LAUNCH_UPDATE needs a kvm_sev_snp_launch_update"
+                )
+            try:
+                self.snp_launch_update(data)
+            finally:
+                cmd.error = data.error
+        elif cmd.id == KVM_SEV_SNP_LAUNCH_FINISH:
+            finish = data if isinstance(data, KvmSevSnpLaunchFinish) else KvmSevSnpLaunchFinish()
+            self.snp_launch_finish(finish.flags)
+        else:
+            raise KvmError(errno.EINVAL, "", f"SEV command {cmd.id} is not modelled")
+        return 0
 
     def init2(self, vmsa_features: int = 0, ghcb_version: int = 0, flags: int = 0) -> None:
         """``KVM_SEV_INIT2`` (``sev_guest_init2`` / ``__sev_guest_init``): allocate the ASID."""
-        self._command()
-        if self.snp_active:
-            # sev_mem_enc_ioctl: once an SNP guest, only the SNP commands (id >= 100) are allowed.
-            raise KvmError(errno.EPERM, "", "KVM_SEV_INIT2 on an initialised SNP VM")
         if not self.need_init or self.active:
             raise KvmError(errno.EINVAL, "", "KVM_SEV_INIT2: the VM is already initialised")
-        if self.vm.vcpus:
+        if self.vm.vcpus():
             raise KvmError(errno.EINVAL, "", "KVM_SEV_INIT2 must come before KVM_CREATE_VCPU")
         if flags:
             raise KvmError(errno.EINVAL, "", f"KVM_SEV_INIT2: flags must be 0, got {flags:#x}")
@@ -264,7 +319,6 @@ class SevVm:
 
     def snp_launch_start(self, policy: int = SNP_POLICY_DEFAULT, flags: int = 0) -> None:
         """``KVM_SEV_SNP_LAUNCH_START``: create the guest context (a firmware page), bind the ASID."""
-        self._command()
         if not self.snp_active:
             raise KvmError(errno.ENOTTY, "", "KVM_SEV_SNP_LAUNCH_START needs an initialised SNP VM")
         if self.gctx_pfn is not None:
@@ -293,7 +347,6 @@ class SevVm:
         already prepared gfn, an unreadable source, a firmware error) the ioctl fails with
         ``EIO`` and ``params.error`` holds the firmware's error, as ``snp_launch_update`` does.
         """
-        self._command()
         if not self.snp_active or self.gctx_pfn is None:
             raise KvmError(errno.EINVAL, "", "KVM_SEV_SNP_LAUNCH_UPDATE outside of a launch")
         if params.flags or params.type not in _USER_PAGE_TYPES:
@@ -322,25 +375,8 @@ class SevVm:
         if params.data is not None and params.type != KVM_SEV_SNP_PAGE_TYPE_ZERO:
             params.data = params.data[count * PAGE_SIZE :]
 
-    def launch_update_data(
-        self,
-        gpa: int,
-        data: bytes | None,
-        page_type: int = KVM_SEV_SNP_PAGE_TYPE_NORMAL,
-        *,
-        length: int | None = None,
-    ) -> None:
-        """LAUNCH_UPDATE of *data* (or *length* bytes of ZERO pages) at *gpa*, until done."""
-        size = len(data) if data is not None else length
-        if size is None:
-            raise ValueError("ZERO pages need a length")
-        params = SnpLaunchUpdate(gpa >> PAGE_SHIFT, data, size, page_type)
-        while params.len:
-            self.snp_launch_update(params)
-
     def snp_launch_finish(self, flags: int = 0) -> bytes:
         """``KVM_SEV_SNP_LAUNCH_FINISH``: measure every vCPU's VMSA, seal; returns the digest."""
-        self._command()
         if not self.snp_active:
             raise KvmError(errno.ENOTTY, "", "KVM_SEV_SNP_LAUNCH_FINISH needs an initialised SNP VM")
         if self.gctx_pfn is None or self.snp_finished:
@@ -348,7 +384,7 @@ class SevVm:
         if flags:
             raise KvmError(errno.EINVAL, "", f"KVM_SEV_SNP_LAUNCH_FINISH: flags must be 0, got {flags:#x}")
         rmp = self.host.rmp
-        for vcpu_id in sorted(self.vm.vcpus):
+        for vcpu_id in (vcpu.vcpu_id for vcpu in self.vm.vcpus()):
             pfn = self.vm.host.alloc(1)
             vmsa = struct.pack("<QQ", vcpu_id, self.vmsa_features)
             self.vm.host.write(pfn, 0, vmsa)
@@ -580,13 +616,7 @@ class SevVm:
 
     def host_write_verdict(self, pfn: int) -> str | None:
         """A host write to *pfn*: the RMP #PF verdict if it is assigned, else None."""
-        entry = self.host.rmp.lookup(pfn)
-        if not entry.assigned:
-            return None
-        return (
-            f"RMP #PF: host write to pfn {pfn:#x}, assigned to ASID {entry.asid} "
-            f"({entry.state.value}, gpa {entry.gpa:#x})"
-        )
+        return self.host.host_write_verdict(pfn)
 
     def host_kernel_write(self, pfn: int, data: bytes, offset: int = 0) -> None:
         """The host kernel stores *data* to *pfn* through its direct map.
@@ -594,11 +624,7 @@ class SevVm:
         An RMP-assigned page takes an RMP #PF: the host goes down with that verdict
         (``HostCrash``), as ``guestmem_host_access`` reports it for host mappings.
         """
-        verdict = self.host_write_verdict(pfn)
-        if verdict is not None:
-            self.vm.trace("rmp_pf", pfn=pfn)
-            self.vm.host.crash(verdict)
-        self.vm.host.write(pfn, offset, data)
+        self.vm.host.kernel_write(pfn, offset, data)
 
     def destroy(self) -> None:
         """``sev_free_vcpu`` + ``sev_vm_destroy``: VMSAs and GCTX back to the host, ASID freed."""
@@ -629,7 +655,115 @@ class SevVm:
 
 def as_sev(vm: Any) -> SevVm:
     """``vm.arch`` of an SEV VM, or ``ENOTTY`` (``KVM_MEMORY_ENCRYPT_OP`` on another VM)."""
-    arch = getattr(vm, "arch", None)
+    try:
+        arch = view(vm).arch
+    except TypeError:
+        arch = None
     if not isinstance(arch, SevVm):
         raise KvmError(errno.ENOTTY, "", f"{vm!r} is not an SEV/SEV-ES/SNP VM of the snp backend")
     return arch
+
+
+class Sev:
+    """A VMM's SEV commands on one VM: each is ``KVM_MEMORY_ENCRYPT_OP`` (or
+    ``KVM_ENABLE_CAP``) on the uAPI ``Vm``; what they changed is read from :attr:`state`.
+    """
+
+    def __init__(self, vm: Any) -> None:
+        self.vm = vm
+        self.state: SevVm = as_sev(vm)
+
+    def __repr__(self) -> str:
+        return f"<Sev {self.state!r}>"
+
+    def _op(self, cmd_id: int, data: Any) -> SevCmd:
+        cmd = SevCmd(cmd_id, data)
+        self.vm.memory_encrypt_op(cmd)
+        return cmd
+
+    # commands
+    def enable_cap_exit_hypercall(self, mask: int) -> None:
+        """``KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)``: which hypercalls exit to userspace."""
+        self.vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, mask)
+
+    def init2(self, vmsa_features: int = 0, ghcb_version: int = 0, flags: int = 0) -> None:
+        """``KVM_SEV_INIT2``."""
+        self._op(KVM_SEV_INIT2, KvmSevInit(vmsa_features, flags, ghcb_version))
+
+    def snp_launch_start(self, policy: int = SNP_POLICY_DEFAULT, flags: int = 0) -> None:
+        """``KVM_SEV_SNP_LAUNCH_START``."""
+        self._op(KVM_SEV_SNP_LAUNCH_START, KvmSevSnpLaunchStart(policy, flags))
+
+    def snp_launch_update(self, params: SnpLaunchUpdate) -> None:
+        """``KVM_SEV_SNP_LAUNCH_UPDATE``; *params* advances on partial progress."""
+        self._op(KVM_SEV_SNP_LAUNCH_UPDATE, params)
+
+    def launch_update_data(
+        self,
+        gpa: int,
+        data: bytes | None,
+        page_type: int = KVM_SEV_SNP_PAGE_TYPE_NORMAL,
+        *,
+        length: int | None = None,
+    ) -> None:
+        """LAUNCH_UPDATE of *data* (or *length* bytes of ZERO pages) at *gpa*, until done."""
+        size = len(data) if data is not None else length
+        if size is None:
+            raise ValueError("ZERO pages need a length")
+        params = SnpLaunchUpdate(gpa >> PAGE_SHIFT, data, size, page_type)
+        while params.len:
+            self.snp_launch_update(params)
+
+    def snp_launch_finish(self, flags: int = 0) -> bytes:
+        """``KVM_SEV_SNP_LAUNCH_FINISH``; returns the launch digest."""
+        self._op(KVM_SEV_SNP_LAUNCH_FINISH, KvmSevSnpLaunchFinish(flags))
+        return self.state.launch_digest
+
+    def host_kernel_write(self, pfn: int, data: bytes, offset: int = 0) -> None:
+        """The host kernel stores *data* to *pfn* (an RMP-assigned page crashes the host)."""
+        self.state.host_kernel_write(pfn, data, offset)
+
+    # what the commands left
+    @property
+    def host(self) -> SnpHost:
+        """The host's RMP and ASIDs."""
+        return self.state.host
+
+    @property
+    def asid(self) -> int:
+        """The ASID (0 before INIT2)."""
+        return self.state.asid
+
+    @property
+    def snp(self) -> bool:
+        """An SNP VM."""
+        return self.state.snp
+
+    @property
+    def policy(self) -> int:
+        """The guest policy of LAUNCH_START."""
+        return self.state.policy
+
+    @property
+    def gctx_pfn(self) -> int | None:
+        """The guest context page."""
+        return self.state.gctx_pfn
+
+    @property
+    def guest_resp_pfn(self) -> int | None:
+        """The guest-request response page (a firmware page)."""
+        return self.state.guest_resp_pfn
+
+    @property
+    def vmsa_pfns(self) -> dict[int, int]:
+        """vCPU id -> its VMSA page, after LAUNCH_FINISH."""
+        return self.state.vmsa_pfns
+
+    @property
+    def launch_digest(self) -> bytes:
+        """The launch measurement so far."""
+        return self.state.launch_digest
+
+    def rmp_entry(self, pfn: int) -> RmpEntry:
+        """The RMP entry of *pfn*."""
+        return self.state.rmp_entry(pfn)

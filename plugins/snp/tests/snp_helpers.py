@@ -25,8 +25,13 @@ class SnpVm:
     size: int
 
     @property
-    def sev(self) -> guestmem_snp.SevVm:
+    def sev(self) -> guestmem_snp.Sev:
         return guestmem_snp.sev(self.vm)
+
+    @property
+    def state(self) -> guestmem_snp.SevVm:
+        """The kernel's ``struct kvm_sev_info`` of the VM (its kernel paths, for white-box tests)."""
+        return self.sev.state
 
     @property
     def guest(self) -> guestmem_snp.SnpGuest:

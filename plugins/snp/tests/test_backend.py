@@ -9,8 +9,10 @@ import pytest
 from snp_helpers import MIB, SnpVm, make_snp_vm
 
 import guestmem
+import guestmem.backend
 import guestmem_snp
 from guestmem import uapi
+from guestmem.backend import Owner, OwnershipEvent
 from guestmem.errors import HostCrash, HostSigbus, KvmError
 from guestmem.registry import get_registry
 from guestmem_snp.asid import AsidAllocator
@@ -125,11 +127,11 @@ def test_init2_vmsa_features_must_be_supported() -> None:
                 s = guestmem_snp.sev(vm)
                 if ok:
                     s.init2(vmsa_features=features)
-                    assert s.vmsa_features & features == features
+                    assert s.state.vmsa_features & features == features
                 else:
                     with pytest.raises(KvmError) as info:
                         s.init2(vmsa_features=features)
-                    assert info.value.errno == errno.EINVAL and not s.active
+                    assert info.value.errno == errno.EINVAL and not s.state.active
 
 
 def test_init2_of_an_snp_vm_allocates_the_guest_request_firmware_page() -> None:
@@ -142,7 +144,7 @@ def test_init2_of_an_snp_vm_allocates_the_guest_request_firmware_page() -> None:
     s.init2()
     resp = s.guest_resp_pfn
     assert resp is not None and rmp.lookup(resp).state is RmpState.FIRMWARE
-    assert s.guest_req_pfn is not None and not rmp.is_assigned(s.guest_req_pfn)
+    assert s.state.guest_req_pfn is not None and not rmp.is_assigned(s.state.guest_req_pfn)
     vm.close()
     assert rmp.assigned_pages() == 0 and s.host.freed.get(resp)
     assert vm.counters["psp_commands"] == 1  # its SNP_PAGE_RECLAIM
@@ -163,7 +165,7 @@ def test_sev_vm_gets_an_sev_asid_and_no_vmsa_features() -> None:
 def test_asid_freed_at_destroy_and_recycled_after_flush() -> None:
     """2.1: a destroyed VM's ASID waits for WBINVD + DF_FLUSH before reuse; exhaustion is EBUSY."""
     kvm: Any = guestmem.open("snp")
-    host = snp_host(kvm.host)
+    host = snp_host(kvm)
     host.asids = AsidAllocator(max_sev_asid=10, min_sev_asid=3)  # SNP ASIDs 1..2
     vms: list[Any] = [kvm.create_vm(uapi.KVM_X86_SNP_VM) for _ in range(3)]
     guestmem_snp.sev(vms[0]).init2()
@@ -207,7 +209,7 @@ def test_hugepage_folio_gets_a_2m_entry(snp_huge: SnpVm) -> None:
     snp.vcpu.access(2 * MIB + 0x5000, private=True)
     entry = snp.rmp.lookup(snp.pfn(2 * MIB + 0x5000))
     assert (entry.level, entry.gpa) == (uapi.PG_LEVEL_2M, 2 * MIB)
-    assert snp.sev.max_mapping_level(entry.pfn, True) == uapi.PG_LEVEL_2M
+    assert snp.state.max_mapping_level(entry.pfn, True) == uapi.PG_LEVEL_2M
     assert snp.vm.counters["direct_map_splits"] == 0
 
 
@@ -254,7 +256,7 @@ def test_partial_free_of_a_2m_entry_psmashes(snp_huge: SnpVm) -> None:
     base = snp.pfn(0)
     rmp = snp.rmp
     # kvm_arch_gmem_invalidate on part of the folio (as a partial free would reach it)
-    snp.sev.gmem_invalidate(base + 16, base + 32)
+    snp.state.gmem_invalidate(base + 16, base + 32)
     assert snp.vm.counters["psmash"] == 1
     assert not rmp.is_assigned(base + 16) and not rmp.is_assigned(base + 31)
     assert rmp.lookup(base + 15).level == uapi.PG_LEVEL_4K and rmp.lookup(base + 32).assigned
@@ -312,7 +314,8 @@ def test_host_write_to_assigned_page_is_an_rmp_pf_host_crash(snp: SnpVm) -> None
     pfn = snp.pfn(0)
     policy = get_registry().backends()["snp"].policy
     assert policy is not None
-    assert policy.guestmem_host_access(vm=snp.vm, pfn=pfn, write=False) is None  # type: ignore[attr-defined]
+    host = guestmem.backend.view(snp.kvm)
+    assert policy.guestmem_host_access(host=host, pfn=pfn, write=False) is None  # type: ignore[attr-defined]
     with pytest.raises(HostCrash, match="RMP #PF"):
         snp.sev.host_kernel_write(pfn, b"oops")
     assert "RMP #PF" in (snp.kvm.host.crashed or "")
@@ -335,7 +338,7 @@ def test_partial_frees_at_both_ends_psmash_two_2m_pages(snp_huge: SnpVm) -> None
     snp.vcpu.access(2 * MIB, private=True)
     base = snp.pfn(0)
     assert snp.pfn(2 * MIB) == base + 512  # the folios are contiguous on the host
-    snp.sev.gmem_invalidate(base + 500, base + 520)
+    snp.state.gmem_invalidate(base + 500, base + 520)
     rmp = snp.rmp
     assert snp.vm.counters["psmash"] == 2
     assert [rmp.is_assigned(base + i) for i in (499, 500, 519, 520)] == [True, False, False, True]
@@ -348,7 +351,7 @@ def test_unreclaimable_entry_is_freed_anyway_and_a_later_host_write_crashes(snp:
     snp.sev.snp_launch_start()
     pfn = snp.kvm.host.alloc(1)
     assert snp.rmp.make_private(pfn, 0x9000, uapi.PG_LEVEL_4K, snp.sev.asid, immutable=True) == 0
-    snp.sev.gmem_invalidate(pfn, pfn + 1)
+    snp.state.gmem_invalidate(pfn, pfn + 1)
     assert snp.vm.counters["rmp_update_failures"] == 1
     assert snp.sev.host.freed_while_assigned.get(pfn)
     with pytest.raises(HostCrash, match="Pre-Guest"):
@@ -358,13 +361,13 @@ def test_unreclaimable_entry_is_freed_anyway_and_a_later_host_write_crashes(snp:
 def test_rmp_changes_reach_ownership_observers() -> None:
     """Every RMP change is fanned out through guestmem_ownership_update (table "rmp")."""
     seen: list[tuple[str, int, int, bool, bool]] = []
+    owners: list[tuple[Owner, Owner]] = []
 
     class Observer:
         @guestmem.hookimpl
-        def guestmem_ownership_update(
-            self, vm: Any, table: str, pfn: int, npages: int, old: Any, new: Any
-        ) -> None:
-            seen.append((table, pfn, npages, old is None, new is None))
+        def guestmem_ownership_update(self, event: OwnershipEvent) -> None:
+            seen.append((event.table, event.pfn, event.npages, event.old is None, event.new is None))
+            owners.append((event.old_owner, event.new_owner))
 
     observer = Observer()
     registry = get_registry()
@@ -379,6 +382,8 @@ def test_rmp_changes_reach_ownership_observers() -> None:
         registry.remove_plugin(observer)
     assert ("rmp", pfn, 1, True, False) in seen  # prepare: Hypervisor -> Guest-Invalid
     assert ("rmp", pfn, 1, False, True) in seen  # invalidate: back to Hypervisor
+    assert (Owner.HOST, Owner.GUEST) in owners and (Owner.GUEST, Owner.HOST) in owners
+    assert (Owner.HOST, Owner.HYPERVISOR) in owners  # INIT2's guest-request firmware page
 
 
 def test_guest_side_needs_an_snp_vm() -> None:
@@ -418,7 +423,7 @@ def test_no_2m_entry_when_a_subpage_is_already_assigned(snp_huge: SnpVm) -> None
     assert base % 512 == 0
     other = snp.rmp.make_private(base + 7, 0x7000_0000, uapi.PG_LEVEL_4K, snp.sev.asid, immutable=False)
     assert other == 0
-    snp.sev.gmem_prepare(0x400, base, uapi.PMD_ORDER)
+    snp.state.gmem_prepare(0x400, base, uapi.PMD_ORDER)
     assert snp.rmp.lookup(base).level == uapi.PG_LEVEL_4K
     assert snp.rmp.lookup(base + 8).gpa == (0x400 + 8) << 12
     assert snp.rmp.lookup(base + 7).gpa == 0x7000_0000  # left alone

@@ -30,7 +30,7 @@ def test_rmp_freed_catches_an_entry_on_a_freed_page(snp: SnpVm) -> None:
 def test_rmp_freed_catches_a_failed_reclaim(snp: SnpVm) -> None:
     pfn = snp.kvm.host.alloc(1)
     snp.rmp.mark_firmware(pfn)
-    snp.sev.gmem_invalidate(pfn, pfn + 1)
+    snp.state.gmem_invalidate(pfn, pfn + 1)
     with pytest.raises(InvariantViolation, match="freed while assigned"):
         guestmem_snp.check_rmp(snp.vm)
 

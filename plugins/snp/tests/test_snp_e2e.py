@@ -47,12 +47,12 @@ def check_invariants(snp: SnpVm) -> None:
     for start, end, _ in sev.host.rmp.runs():
         for pfn in range(start, end):  # test sizes only: a few thousand pages
             assert host.is_allocated(pfn), f"RMP-assigned pfn {pfn:#x} is free"
-    inode = snp.vm.gfn_to_gmem(0).inode
-    for start, end, folio in list(inode.pages.items()):
-        for index in range(start, end):
-            assert not inode.host_mapped(index)
+    gmem = snp.vm.gfn_to_gmem(0).gmem
+    for folio in list(gmem.folios()):
+        for index in range(folio.start, folio.end):
+            assert not gmem.host_mapped(index)
             if snp.vm.is_private(index):
-                assert sev.host.rmp.is_assigned(index + folio.delta) or not folio.uptodate
+                assert sev.host.rmp.is_assigned(folio.pfn + index - folio.start) or not folio.prepared
 
 
 @pytest.mark.parametrize(("backend", "bounce_pages"), [("snp", 1), ("snp", 3), ("snp-hugepage", 512)])

@@ -1,0 +1,37 @@
+"""Operations: the span of one uAPI call, at whose end what observers raised is reported.
+
+Every public method of the model's uAPI objects is an operation (:func:`uapi_call`); a
+hook that calls back into the model nests inside it.  An observer's exception is kept
+until the outermost operation ends, so the model is consistent (no invalidation left
+open, nothing half-applied) when the caller hears of it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+if TYPE_CHECKING:
+    from guestmem.model.kvm import ModelKvm
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def uapi_call(method: Callable[P, R]) -> Callable[P, R]:
+    """Make *method* (of an object with a ``kvm`` attribute) one operation."""
+
+    @functools.wraps(method)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        owner: Any = args[0]
+        kvm: ModelKvm = owner.kvm
+        kvm.op_depth += 1
+        try:
+            return method(*args, **kwargs)
+        finally:
+            kvm.op_depth -= 1
+            if not kvm.op_depth:
+                kvm.operation_done(method.__qualname__)
+
+    return call

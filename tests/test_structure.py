@@ -1,0 +1,61 @@
+"""The core's module graph: no import cycle, and the registry names no backend."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+CORE = Path(__file__).resolve().parents[1] / "core"
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Runtime (module-level) imports between the core's modules."""
+    modules = {}
+    for path in CORE.rglob("*.py"):
+        name = ".".join(path.relative_to(CORE).with_suffix("").parts).removesuffix(".__init__")
+        modules[name] = path
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.module:
+                subs = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules]
+                targets = subs if len(subs) == len(node.names) else [node.module, *subs]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            graph[name] |= {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every elementary cycle's members, found from each module."""
+    found = []
+    for start in graph:
+        stack = [(start, [start])]
+        seen = {start}
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    found.append(path)
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*path, nxt]))
+    return found
+
+
+def test_no_import_cycle_in_the_core() -> None:
+    graph = module_graph()
+    assert len(graph) > 30 and "guestmem.model.vm" in graph
+    assert cycles(graph) == []
+
+
+def test_the_cycle_check_can_fail() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}})
+
+
+def test_the_registry_knows_no_backend_by_name() -> None:
+    graph = module_graph()
+    assert "guestmem.sw" not in graph["guestmem.registry"]
+    assert not any(m.startswith("guestmem.model") for m in graph["guestmem.registry"])
