@@ -200,3 +200,16 @@ def test_readme_rule_problems_compares_the_table_with_the_code(tmp_path: pathlib
         "X-2: raised (policy.py:4) but not in the README's Rules table",
         "X-3: in the README's Rules table but never raised",
     ]
+
+
+def test_an_error_points_to_its_rule() -> None:
+    """The message of an error names its rule and the command that explains it."""
+    import guestmem
+    from guestmem import KvmError
+
+    with guestmem.open("sw") as kvm, kvm.create_vm(1) as vm, pytest.raises(KvmError) as info:
+        vm.set_memory_attributes(1, 4096, 0)
+    assert str(info.value).endswith("(guestmem rules A-6)")
+    assert info.value.explain().startswith("A-6: ")
+    undocumented = KvmError(22, "XYZ-1", "made up")
+    assert str(undocumented) == "[Errno 22] EINVAL: [XYZ-1] made up" and undocumented.explain() == ""

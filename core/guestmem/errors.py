@@ -16,15 +16,34 @@ from guestmem import uapi
 class KvmError(OSError):
     """An ioctl or file operation failed with the kernel's *errno*.
 
-    ``KvmError(errno, rule, message)``: *rule* is the ID of the rule that decided the
-    outcome (``""`` when no numbered rule did), *message* says why.
+    ``KvmError(errno, rule, message)``: *rule* is the ID of the rule of ``docs/rules.md``
+    that decided the outcome (``""`` when no numbered rule did), *message* says why.  The
+    message names the rule and, for one the project documents, the command that prints
+    it: ``EINVAL: [B-5] ... (guestmem rules B-5)``.
     """
 
     def __init__(self, err: int, rule: str, message: str) -> None:
         self.rule = rule
         self.detail = message
-        text = f"[{rule}] {message}" if rule else message
+        text = message
+        if rule:
+            text = f"[{rule}] {message}"
+            if _documented(rule):
+                text += f" (guestmem rules {rule})"
         super().__init__(err, f"{errno_name(err)}: {text}")
+
+    def explain(self) -> str:
+        """What the rule says (``docs/rules.md``), or ``""`` if it is not documented there."""
+        from guestmem.rules import lookup
+
+        found = lookup(self.rule) if self.rule else None
+        return "" if found is None else f"{found.id}: {found.condition}"
+
+
+def _documented(rule: str) -> bool:
+    from guestmem.rules import lookup
+
+    return lookup(rule) is not None
 
 
 class MemoryFault(KvmError):
