@@ -64,6 +64,8 @@ __all__ = [
     "VcpuView",
     "VmTypeInfo",
     "VmView",
+    "X86_DEFAULT_VM",
+    "X86_SW_PROTECTED_VM",
     "hookimpl",
     "hookspec",
     "view",
@@ -120,6 +122,21 @@ class VmTypeInfo:
         if self.supports_init_shared is None:
             return not self.has_private_mem
         return self.supports_init_shared
+
+
+#: x86 ``KVM_X86_DEFAULT_VM`` as Linux 6.18 has it.  A backend modelling an x86 host offers
+#: it next to its own VM types (every x86 host's /dev/kvm does, CAP-6); its policy leaves
+#: such VMs alone (``guestmem_vm_init`` returns None for them), so they behave exactly as
+#: on the built-in ``sw`` backend.
+X86_DEFAULT_VM = VmTypeInfo(type=uapi.KVM_X86_DEFAULT_VM, name="KVM_X86_DEFAULT_VM", nr_memslot_as_ids=2)
+#: x86 ``KVM_X86_SW_PROTECTED_VM`` (needs the TDP MMU): private memory decided by attributes
+#: alone, no hardware behind it.
+X86_SW_PROTECTED_VM = VmTypeInfo(
+    type=uapi.KVM_X86_SW_PROTECTED_VM,
+    name="KVM_X86_SW_PROTECTED_VM",
+    has_private_mem=True,
+    nr_memslot_as_ids=1,
+)
 
 
 def _as_tuple(types: Iterable[VmTypeInfo]) -> tuple[VmTypeInfo, ...]:

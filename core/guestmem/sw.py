@@ -12,21 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from guestmem import uapi
-from guestmem.backend import Backend, VmTypeInfo, hookimpl
+from guestmem.backend import X86_DEFAULT_VM, X86_SW_PROTECTED_VM, Backend, hookimpl
 
-DEFAULT_VM = VmTypeInfo(
-    type=uapi.KVM_X86_DEFAULT_VM,
-    name="KVM_X86_DEFAULT_VM",
-    has_private_mem=False,
-    nr_memslot_as_ids=2,
-)
-SW_PROTECTED_VM = VmTypeInfo(
-    type=uapi.KVM_X86_SW_PROTECTED_VM,
-    name="KVM_X86_SW_PROTECTED_VM",
-    has_private_mem=True,
-    nr_memslot_as_ids=1,
-)
+DEFAULT_VM = X86_DEFAULT_VM
+SW_PROTECTED_VM = X86_SW_PROTECTED_VM
 
 
 class SwPolicy:
