@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PROJECT",
+    "X86_DEFAULT_VM",
+    "X86_SW_PROTECTED_VM",
     "Backend",
     "Fault",
     "Folio",
@@ -64,8 +66,6 @@ __all__ = [
     "VcpuView",
     "VmTypeInfo",
     "VmView",
-    "X86_DEFAULT_VM",
-    "X86_SW_PROTECTED_VM",
     "hookimpl",
     "hookspec",
     "view",
