@@ -50,6 +50,7 @@ __all__ = [
     "X86_DEFAULT_VM",
     "X86_SW_PROTECTED_VM",
     "Backend",
+    "Conversion",
     "Fault",
     "Folio",
     "GfnRange",
@@ -79,6 +80,9 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 #: Which kernel architecture a VM type belongs to; decides the arch code the core runs.
 Arch = Literal["x86", "arm64"]
+#: What a conversion between private and shared does to a page's contents
+#: (:attr:`VmTypeInfo.conversion`).
+Conversion = Literal["destructive", "in_place"]
 
 
 # --- what a plugin registers ----------------------------------------------------------------
@@ -115,6 +119,22 @@ class VmTypeInfo:
     #: reach the backend through ``guestmem_set_external_spte``/``_remove_external_spte``,
     #: and a zap touches only the roots its ``attr_filter`` names.
     has_mirrored_tdp: bool = False
+    #: What a conversion between private and shared does to a page's contents; None for a
+    #: VM type without private memory.  ``"destructive"`` (x86 CoCo: SW_PROTECTED, SNP,
+    #: TDX; Arm CCA): the private and shared sides are different memory and nothing crosses
+    #: from one to the other; the side converted to reads zero once the VMM has discarded
+    #: the old side, as QEMU's ``kvm_convert_memory`` does (backends.md 0.2).
+    #: ``"in_place"`` (pKVM, Gunyah): the same page changes hands with its contents, and the
+    #: host sees what the guest wrote once it is shared (backends.md 3.3, 4.3).  The
+    #: conformance kit holds the backend to what it declares here.
+    conversion: Conversion | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.in_(("destructive", "in_place")))
+    )
+
+    @property
+    def private(self) -> bool:
+        """The VM type has guest-private memory the guest converts (``conversion`` is set)."""
+        return self.conversion is not None
 
     @property
     def init_shared_allowed(self) -> bool:
@@ -136,6 +156,7 @@ X86_SW_PROTECTED_VM = VmTypeInfo(
     name="KVM_X86_SW_PROTECTED_VM",
     has_private_mem=True,
     nr_memslot_as_ids=1,
+    conversion="destructive",
 )
 
 
@@ -173,6 +194,22 @@ class Backend:
             if info.type == vm_type:
                 return info
         return None
+
+    @property
+    def default_vm_type(self) -> VmTypeInfo:
+        """The VM type a tool uses for plain guest memory: the first one without private
+        memory (``KVM_X86_DEFAULT_VM``, ``KVM_VM_TYPE_ARM_IPA_SIZE(0)``), else the first."""
+        for info in self.vm_types:
+            if not info.private:
+                return info
+        if not self.vm_types:
+            raise LookupError(f"backend {self.name!r} offers no VM type")
+        return self.vm_types[0]
+
+    @property
+    def private_vm_types(self) -> tuple[VmTypeInfo, ...]:
+        """The VM types whose guests convert private memory (``conversion`` set), in order."""
+        return tuple(info for info in self.vm_types if info.private)
 
 
 # --- values hooks receive and answer --------------------------------------------------------

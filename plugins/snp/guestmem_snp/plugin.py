@@ -43,6 +43,7 @@ SNP_VM = VmTypeInfo(
     pre_fault_allowed=False,  # PF-2
     nr_memslot_as_ids=1,
     gmem_folio_order=0,  # H-1
+    conversion="destructive",  # backends.md 2.3: PSC + the VMM's discard of the old side
 )
 SNP_VM_HUGEPAGE = attrs.evolve(SNP_VM, gmem_folio_order=uapi.PMD_ORDER)
 
