@@ -86,6 +86,15 @@ Conversion = Literal["destructive", "in_place"]
 
 
 # --- what a plugin registers ----------------------------------------------------------------
+def _default_conversion(info: VmTypeInfo) -> Conversion | None:
+    return "destructive" if info.has_private_mem else None
+
+
+def _check_conversion(value: object) -> None:
+    if value not in (None, "destructive", "in_place"):
+        raise ValueError(f"VmTypeInfo.conversion must be 'destructive', 'in_place' or None, not {value!r}")
+
+
 @attrs.frozen
 class VmTypeInfo:
     """What the core needs to know about one VM type a backend offers.
@@ -125,10 +134,12 @@ class VmTypeInfo:
     #: from one to the other; the side converted to reads zero once the VMM has discarded
     #: the old side, as QEMU's ``kvm_convert_memory`` does (backends.md 0.2).
     #: ``"in_place"`` (pKVM, Gunyah): the same page changes hands with its contents, and the
-    #: host sees what the guest wrote once it is shared (backends.md 3.3, 4.3).  The
-    #: conformance kit holds the backend to what it declares here.
+    #: host sees what the guest wrote once it is shared (backends.md 3.3, 4.3).  Unless
+    #: given, a type with ``has_private_mem`` converts destructively (the mainline rule) and
+    #: any other has nothing to convert.  The conformance kit holds the backend to it.
     conversion: Conversion | None = attrs.field(
-        default=None, validator=attrs.validators.optional(attrs.validators.in_(("destructive", "in_place")))
+        default=attrs.Factory(_default_conversion, takes_self=True),
+        validator=lambda _, __, value: _check_conversion(value),
     )
 
     @property
