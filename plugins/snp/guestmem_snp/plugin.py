@@ -17,7 +17,10 @@ from collections.abc import Callable
 import attrs
 
 from guestmem import Backend, VmTypeInfo, hookimpl, uapi
+from guestmem_snp.conformance import guestmem_conformance_options
 from guestmem_snp.policy import SnpPolicy
+
+__all__ = ["BACKENDS", "POLICY", "guestmem_conformance_options", "guestmem_register_backends"]
 
 SEV_VM = VmTypeInfo(
     type=uapi.KVM_X86_SEV_VM,
