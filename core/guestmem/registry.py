@@ -360,6 +360,15 @@ class Registry:
             return dict(answer)
         return {}
 
+    def plugin_hook_names(self, backend: Backend) -> list[str]:
+        """The plugin-level hooks (``guestmem_register_backends``,
+        ``guestmem_conformance_options``) of the plugin that registered *backend*."""
+        self.backends()
+        registrar = self._registrars.get(backend.name)
+        if registrar is None:
+            return []
+        return sorted(n for n in _hookimpl_names(registrar) if n in _PLUGIN_HOOKS)
+
     def hook_names(self, backend: Backend) -> list[str]:
         """The hooks *backend*'s policy implements (``guestmem_`` names)."""
         return (
