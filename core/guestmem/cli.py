@@ -157,7 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Core modules that contribute subcommands through ``add_cli(subparsers)``.
-_SUBCOMMAND_MODULES: tuple[str, ...] = ("guestmem.diff", "guestmem.rules", "guestmem.hookref")
+_SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "guestmem.diff",
+    "guestmem.rules",
+    "guestmem.hookref",
+    "guestmem.fuzz",
+)
 
 
 def _warn_in_one_line(
