@@ -671,21 +671,32 @@ class GmemConformance:
         self.released(kvm, ledger, baseline)
 
     # --- the deep kit: the stateful machine --------------------------------------------------------
+    @classmethod
+    def machine(cls, info: VmTypeInfo, on_step: Callable[[], None] | None = None) -> type[Any]:
+        """The stateful machine of *info* configured as this kit is (driver, observers,
+        options); *on_step* is called after every step.  Needs Hypothesis."""
+        from guestmem.conformance.machine import machine_for
+
+        return machine_for(
+            cls.backend,
+            info,
+            vmm=cls.vmm,
+            open_options=cls.open_options,
+            observers=cls.observers if cls.invariants else (),
+            invariants=cls.invariants,
+            gmem_only_from_gmem=cls.gmem_only_from_gmem,
+            on_step=on_step,
+        )
+
     def test_stateful_machine(self, info: VmTypeInfo) -> None:
         """The core's stateful Hypothesis machine against this backend's own policy, with
         its reference model, the invariant observers and the leak check after every run."""
         pytest.importorskip("hypothesis")
-        from guestmem.conformance.machine import machine_for, run_machine
+        from guestmem.conformance.machine import run_machine
 
-        machine = machine_for(
-            self.backend,
-            info,
-            vmm=self.vmm,
-            open_options=self.open_options,
-            observers=self.observers if self.invariants else (),
-            invariants=self.invariants,
-            gmem_only_from_gmem=self.gmem_only_from_gmem,
-        )
         run_machine(
-            machine, examples=self.machine_examples, steps=self.machine_steps, shrink=self.machine_shrink
+            self.machine(info),
+            examples=self.machine_examples,
+            steps=self.machine_steps,
+            shrink=self.machine_shrink,
         )

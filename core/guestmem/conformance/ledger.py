@@ -49,6 +49,8 @@ class OwnershipLedger:
     def __init__(self, *, cross_check: bool = True) -> None:
         #: id(host view) -> table -> pfn runs -> last owner (HOST included)
         self._tables: dict[int, dict[str, RangeMap[Owner]]] = {}
+        #: The hosts seen, kept alive so that no later host reuses one's id.
+        self._hosts: list[HostView] = []
         self.events = 0
         self.cross_check = cross_check
         #: Cross-checks run (one per VM per operation of a host with tables).
@@ -56,6 +58,8 @@ class OwnershipLedger:
 
     @hookimpl
     def guestmem_ownership_update(self, host: HostView, vm: VmView | None, event: OwnershipEvent) -> None:
+        if id(host) not in self._tables:
+            self._hosts.append(host)
         table = self._tables.setdefault(id(host), {}).setdefault(event.table, RangeMap())
         table.set(event.pfn, event.pfn + event.npages, event.new_owner)
         self.events += 1

@@ -94,6 +94,22 @@ class GmemMachine(RuleBasedStateMachine):
         for plugin in plugins:
             registry.add_plugin(plugin, name=f"guestmem.machine.{id(plugin):x}")
             self.plugins.append(plugin)
+        try:
+            self._start()
+        except BaseException:
+            # Hypothesis calls no teardown for a machine that failed to start.
+            self._remove_plugins()
+            raise
+        # The reference.  Page contents are bytearrays (absent: zero).
+        self.side = dict.fromkeys(range(NPAGES), self.private_mode)  # True: private
+        self.private: dict[int, bytearray] = {}  # gmem side (file mode: the only side)
+        self.shared: dict[int, bytearray] = {}  # the anonymous shared side (destructive)
+        self.allocated: set[int] = set()  # gmem pages known to hold a folio
+        self.poisoned: set[int] = set()
+        self.closed = False
+
+    def _start(self) -> None:
+        """Open the host and make the guest, its RAM and (file mode) the host's mapping."""
         self.kvm = guestmem.open(self.backend, **self.open_options)
         self.baseline = allocated(self.kvm)
         self.guest = KitGuest(
@@ -114,16 +130,8 @@ class GmemMachine(RuleBasedStateMachine):
         self.probe: Callable[[int, int], bytes] | None = None
         if self.private_mode:
             self.probe = self.ram.gmem_read if self.ram.gmem_mappable else private_probe(self.guest)
-        # The reference.  Page contents are bytearrays (absent: zero).
-        self.side = dict.fromkeys(range(NPAGES), self.private_mode)  # True: private
-        self.private: dict[int, bytearray] = {}  # gmem side (file mode: the only side)
-        self.shared: dict[int, bytearray] = {}  # the anonymous shared side (destructive)
-        self.allocated: set[int] = set()  # gmem pages known to hold a folio
-        self.poisoned: set[int] = set()
-        self.closed = False
 
     def teardown(self) -> None:
-        registry = guestmem.get_registry()
         try:
             if self.view is not None:
                 self.view.close()
@@ -132,9 +140,14 @@ class GmemMachine(RuleBasedStateMachine):
                 self.closed = True
                 check_released(self.kvm, self.ledger, self.baseline)
         finally:
-            for plugin in reversed(self.plugins):
-                registry.remove_plugin(plugin)
+            self._remove_plugins()
             self.kvm.close()
+
+    def _remove_plugins(self) -> None:
+        registry = guestmem.get_registry()
+        for plugin in reversed(self.plugins):
+            registry.remove_plugin(plugin)
+        self.plugins.clear()
 
     # --- the reference --------------------------------------------------------------------------
     def _content(self, table: dict[int, bytearray], page: int, offset: int, n: int) -> bytes:

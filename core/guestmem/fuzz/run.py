@@ -18,8 +18,9 @@ from typing import Any
 
 import attrs
 
-from guestmem.conformance.machine import GmemMachine, machine_for, run_machine
+from guestmem.conformance.machine import GmemMachine, run_machine
 from guestmem.conformance.options import kit_for
+from guestmem.registry import get_registry
 
 #: Hypothesis's mark on invariant methods: their calls are left out of a reproducer.
 _INVARIANT_MARK = "hypothesis_stateful_invariant"
@@ -93,19 +94,11 @@ def fuzz_machine(
     """The machine of *backend*'s *vm_type* configured as its kit is (driver, observers,
     options): what ``guestmem fuzz`` runs and a reproducer replays."""
     kit = kit_for(backend, vm_type)
-    from guestmem.registry import get_registry
-
     info = get_registry().backend(backend).vm_type(kit.vm_type) if kit.vm_type is not None else None
-    return machine_for(
-        backend,
-        info,
-        vmm=kit.vmm,
-        open_options=kit.open_options,
-        observers=kit.observers if kit.invariants else (),
-        invariants=kit.invariants,
-        gmem_only_from_gmem=kit.gmem_only_from_gmem,
-        on_step=on_step,
-    )
+    if info is None:
+        info = get_registry().backend(backend).default_vm_type
+    machine: type[GmemMachine] = kit.machine(info, on_step)
+    return machine
 
 
 def _program(machine: type[GmemMachine], notes: list[str]) -> list[str]:
