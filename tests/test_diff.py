@@ -108,3 +108,24 @@ def test_harness_modules_import_only_their_layers() -> None:
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         used = {m.removeprefix("guestmem.diff.") for m in imported if m.startswith("guestmem.diff")}
         assert used <= allowed, f"guestmem.diff.{name} imports {sorted(used - allowed)}"
+
+
+def test_programs_use_the_base_backends_vm_types() -> None:
+    """An arm64 backend's programs create its VM types (pKVM: IPA_SIZE(0) mostly, PROTECTED
+    now and then), not x86 constants; sw's stay as they were."""
+    assert diff.backend_vm_types("sw") == (0, 1)
+    pkvm = diff.backend_vm_types("pkvm")
+    assert pkvm == (0, 1 << 31)
+    assert diff.vm_type_choices(0, (0, 1)) == (0, 0, 0, 1, 2, 3, 4, 5, 31, 32, 1 << 31, uapi.U64_MAX)
+    rng = random.Random(3)
+    made = [
+        op.args[0] for _ in range(60) for op in diff.generate(rng, 40, (0x100, 0)) if op.name == "create_vm"
+    ]
+    assert made.count(0x100) > len(made) // 2 and 0 in made
+
+
+def test_an_arm64_backend_agrees_with_itself() -> None:
+    summary = diff.run_campaign(
+        diff.opener("pkvm"), diff.opener("pkvm"), seed=2, steps=300, vm_types=diff.backend_vm_types("pkvm")
+    )
+    assert summary.operations >= 300 and summary.disagreements == []
