@@ -162,6 +162,7 @@ _SUBCOMMAND_MODULES: tuple[str, ...] = (
     "guestmem.rules",
     "guestmem.hookref",
     "guestmem.fuzz",
+    "guestmem.newbackend",
 )
 
 
