@@ -45,7 +45,7 @@ from guestmem.backend import VmTypeInfo, view
 from guestmem.conformance.kit import KitGuest, private_probe
 from guestmem.conformance.ledger import OwnershipLedger, allocated, check_released, has_views
 from guestmem.conformance.vmm import KitVmm
-from guestmem.errors import EHWPOISON, HostSigbus, KvmError, MemoryFault
+from guestmem.errors import EHWPOISON, GuestExit, HostSigbus, HypercallExit, KvmError, MemoryFault, MmioExit
 from guestmem.invariants import InvariantChecker
 
 PAGE = uapi.PAGE_SIZE
@@ -78,6 +78,8 @@ class GmemMachine(RuleBasedStateMachine):
     observers: ClassVar[tuple[Callable[[], object], ...]] = ()
     invariants_on: ClassVar[bool] = True
     gmem_only_from_gmem: ClassVar[bool] = True
+    #: The kit's ``private_unmap``: what a punch of a private page leaves the guest.
+    private_unmap: ClassVar[str] = "keep"
     #: Called after every step (a progress bar's advance).
     step_hooks: ClassVar[tuple[Callable[[], None], ...]] = ()
 
@@ -106,6 +108,12 @@ class GmemMachine(RuleBasedStateMachine):
         self.shared: dict[int, bytearray] = {}  # the anonymous shared side (destructive)
         self.allocated: set[int] = set()  # gmem pages known to hold a folio
         self.poisoned: set[int] = set()
+        #: Private pages a punch took from the guest (``private_unmap == "revoke"``): its
+        #: access may abort until a conversion gives them back.
+        self.revoked: set[int] = set()
+        #: Pages an aborted access may have faulted a folio in for (the model faults the
+        #: folio in before the backend's fault hook aborts).
+        self.maybe_allocated: set[int] = set()
         self.closed = False
 
     def _start(self) -> None:
@@ -176,9 +184,11 @@ class GmemMachine(RuleBasedStateMachine):
             page, lambda: self.guest.write(page, data, private=self.side[page], offset=offset)
         ):
             return
+        self.revoked.discard(page)
         self._store(self._guest_table(page), page, offset, data)
         if self._gmem_access(page):
             self.allocated.add(page)
+            self.maybe_allocated.discard(page)
 
     @rule(page=pages, offset=in_page, n=st.integers(1, 64))
     def guest_read(self, page: int, offset: int, n: int) -> None:
@@ -188,17 +198,27 @@ class GmemMachine(RuleBasedStateMachine):
             page, lambda: got.append(self.guest.read(page, n, private=self.side[page], offset=offset))
         ):
             return
+        self.revoked.discard(page)
         assert got == [self._content(self._guest_table(page), page, offset, n)], (
             f"guest read of page {page} ({'private' if self.side[page] else 'shared'})"
         )
         if self._gmem_access(page):
             self.allocated.add(page)
+            self.maybe_allocated.discard(page)
 
     def _guest_poisoned(self, page: int, access: Callable[[], object]) -> bool:
-        """Run *access*; True if it failed as E-2 requires for a poisoned page."""
+        """Run *access*; True if it failed as E-2 requires for a poisoned page, or as the
+        architecture may for a page a punch took away (``private_unmap == "revoke"``)."""
         try:
             access()
-        except MemoryFault as exc:
+        except (KvmError, GuestExit) as exc:
+            revoked = page in self.revoked and self.side[page]
+            exit_ = isinstance(exc, MemoryFault | MmioExit | HypercallExit)
+            if revoked and not exit_ and (not isinstance(exc, KvmError) or exc.errno == errno.EFAULT):
+                self.maybe_allocated.add(page)
+                return True
+            if not isinstance(exc, MemoryFault):
+                raise
             assert page in self.poisoned, f"unexpected memory-fault exit on page {page}: {exc}"
             assert (exc.errno, exc.gpa, exc.flags) == (EHWPOISON, self.ram.gpa_of(page), 0)
             return True
@@ -237,6 +257,7 @@ class GmemMachine(RuleBasedStateMachine):
         self.guest.convert(page, end - page, private=to_private)
         for p in range(page, end):
             self.side[p] = to_private
+            self.revoked.discard(p)
             if self.in_place:
                 continue
             if to_private:
@@ -244,6 +265,7 @@ class GmemMachine(RuleBasedStateMachine):
             else:
                 self.private.pop(p, None)
                 self.allocated.discard(p)
+                self.maybe_allocated.discard(p)
                 self.poisoned.discard(p)
 
     # --- guest_memfd ------------------------------------------------------------------------------
@@ -266,8 +288,11 @@ class GmemMachine(RuleBasedStateMachine):
         self.ram.gmem.fallocate(PUNCH, start * PAGE, n * PAGE)
         for p in range(start, start + n):
             self.allocated.discard(p)
+            self.maybe_allocated.discard(p)
             self.poisoned.discard(p)
             self.private.pop(p, None)
+            if self.private_mode and p < NPAGES and self.side[p] and self.private_unmap == "revoke":
+                self.revoked.add(p)
 
     @precondition(lambda self: self.file_mode)
     @rule(start=pages, n=counts, mode=st.sampled_from([KEEP, PUNCH]), skew=st.integers(1, PAGE - 1))
@@ -385,7 +410,7 @@ class GmemMachine(RuleBasedStateMachine):
             return
         gmem = view(self.ram.gmem)
         host = view(self.kvm)
-        have = {i for i in range(NPAGES + 4) if gmem.pfn(i) is not None}
+        have = {i for i in range(NPAGES + 4) if gmem.pfn(i) is not None} - self.maybe_allocated
         if self.in_place or self.vm_info.gmem_folio_order:
             # A conversion in place keeps folios; a large folio comes and stays whole.
             assert self.allocated <= have, f"pages {sorted(self.allocated - have)} lost their folio"
@@ -445,6 +470,7 @@ def machine_for(
     observers: tuple[Callable[[], object], ...] = (),
     invariants: bool = True,
     gmem_only_from_gmem: bool = True,
+    private_unmap: str = "keep",
     on_step: Callable[[], None] | None = None,
 ) -> type[GmemMachine]:
     """The machine for *info* (default: the backend's default VM type) of *backend*."""
@@ -456,6 +482,7 @@ def machine_for(
         "observers": tuple(observers),
         "invariants_on": invariants,
         "gmem_only_from_gmem": gmem_only_from_gmem,
+        "private_unmap": private_unmap,
         "step_hooks": () if on_step is None else (on_step,),
     }
     name = "GmemMachine_" + "".join(
