@@ -7,12 +7,13 @@ from typing import Any
 
 from guestmem.backend import Backend, VmTypeInfo, hookimpl
 from guestmem_cca.policy import CcaPolicy
+from guestmem_cca.rmi import KVM_VM_TYPE_ARM_NORMAL, KVM_VM_TYPE_ARM_REALM
 
-#: A normal arm64 VM as Linux 6.18 has it: no private memory, no memory attributes,
-#: gmem-only memslots (S-16), no KVM_PRE_FAULT_MEMORY, one address space.
+#: A normal arm64 VM on the CCA host, as Linux 6.18 has it: no private memory, no memory
+#: attributes, gmem-only memslots (S-16), no KVM_PRE_FAULT_MEMORY, one address space.
 DEFAULT_VM = VmTypeInfo(
-    type=0,
-    name="KVM_VM_TYPE_ARM_IPA_SIZE(0)",
+    type=KVM_VM_TYPE_ARM_NORMAL,
+    name="KVM_VM_TYPE_ARM_NORMAL",
     arch="arm64",
     supports_init_shared=True,
     pre_fault_allowed=False,
@@ -20,15 +21,15 @@ DEFAULT_VM = VmTypeInfo(
     gmem_slot_requires_mmap=True,
     memory_attributes=False,
 )
-#: The backend's confidential VM type (``KVM_VM_TYPE_ARM(2)``: change it to yours).  Here
-#: memory attributes decide privateness and conversions are destructive, as Arm CCA
-#: realms have it; a design that shares pages in place (pKVM, Gunyah) declares
-#: ``conversion="in_place"`` and converts through its own hypercalls.
-CCA_VM = VmTypeInfo(
-    type=0x200,
-    name="KVM_VM_TYPE_ARM_CCA",
+#: A realm (``KVM_VM_TYPE_ARM_REALM``): memory attributes decide privateness, as the RMM's
+#: RIPAS changes reach the VMM as memory-fault exits; conversions destroy the pages
+#: (DATA_DESTROY); guest_memfd of a realm has no INIT_SHARED (CAP-3).
+REALM_VM = VmTypeInfo(
+    type=KVM_VM_TYPE_ARM_REALM,
+    name="KVM_VM_TYPE_ARM_REALM",
     arch="arm64",
     has_private_mem=True,
+    readonly_mem=False,
     pre_fault_allowed=False,
     nr_memslot_as_ids=1,
     conversion="destructive",
@@ -44,8 +45,8 @@ def guestmem_register_backends(register: Callable[[Backend], None]) -> None:
     register(
         Backend(
             name="cca",
-            summary="Cca: a guestmem backend made with guestmem new-backend",
-            vm_types=(CCA_VM, DEFAULT_VM),
+            summary="Arm CCA host (KVM CCA series) with its RMM: granules, RTTs, RIPAS, realm lifecycle",
+            vm_types=(REALM_VM, DEFAULT_VM),
             policy=POLICY,
         )
     )
@@ -53,11 +54,16 @@ def guestmem_register_backends(register: Callable[[Backend], None]) -> None:
 
 @hookimpl
 def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[str, Any] | None:
-    """What the conformance kit cannot read from the VM types' declarations.
+    """A realm is driven by :class:`guestmem_cca.guest.CcaKitVmm` (created before its vCPUs,
+    RIPAS RAM and activated before it runs, converting through RSI) and loses a page a
+    memslot change unmapped (DATA_DESTROY leaves it DESTROYED: the realm's next access
+    aborts until it accepts the page again).  The granule checker watches every VM."""
+    if backend.name != "cca":
+        return None
+    from guestmem_cca.guest import CcaKitVmm
+    from guestmem_cca.invariants import GranuleChecker
 
-    Nothing yet: the kit's defaults drive the VMs as generic KVM does.  A backend whose
-    guests launch, convert or access memory in their own way names its driver here
-    (``{"vmm": MyKitVmm}``, a class with the methods of ``guestmem.conformance.KitVmm`` it
-    changes), and its own invariant checkers (``{"observers": (MyChecker,)}``).
-    """
-    return None
+    options: dict[str, Any] = {"observers": (GranuleChecker,)}
+    if vm_type.type == KVM_VM_TYPE_ARM_REALM:
+        options.update(vmm=CcaKitVmm, private_unmap="revoke")
+    return options

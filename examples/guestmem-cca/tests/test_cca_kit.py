@@ -1,30 +1,17 @@
-"""The guestmem conformance kit against both VM types of the ``cca`` backend.
-
-The kit's flags say what the backend supports; they start from what the VM types declare
-(``guestmem.conformance.declared_flags``).  Every deep test ends with the leak check, and
-the core's invariant checker watches every event.
-"""
+"""The guestmem conformance kit against both VM types of the ``cca`` backend, configured by
+its own ``guestmem_conformance_options`` (the realm driver, the granule checker): the uAPI
+rules, destructive conversion round trips through RSI, host access, memslot changes with
+mapped pages, release while bound, the leak check and the stateful machine."""
 
 from __future__ import annotations
 
-from guestmem import uapi
-from guestmem.conformance import GmemConformance
-from guestmem_cca import DEFAULT_VM, CCA_VM
+from guestmem.conformance import kit_for
+from guestmem_cca.rmi import KVM_VM_TYPE_ARM_NORMAL, KVM_VM_TYPE_ARM_REALM
 
 
-class TestCcaVm(GmemConformance):
-    """The confidential VM type: the uAPI rules, conversion round trips, host access,
-    memslot changes, release while bound, the leak check and the stateful machine."""
-
-    backend = "cca"
-    vm_type = CCA_VM.type
-    private_access = True
+class TestCcaRealm(kit_for("cca", KVM_VM_TYPE_ARM_REALM)):
+    """A realm: created before its vCPUs, RIPAS RAM and activated before it runs."""
 
 
-class TestCcaDefaultVm(GmemConformance):
-    """The default VM type: the same rules on plain guest_memfd memory."""
-
-    backend = "cca"
-    vm_type = DEFAULT_VM.type
-    # arm64 accepts only gmem-only (MMAP) guest_memfd memslots (S-16).
-    slot_gmem_flags = uapi.GUEST_MEMFD_FLAG_MMAP
+class TestCcaNormalVm(kit_for("cca", KVM_VM_TYPE_ARM_NORMAL)):
+    """A normal arm64 VM on the CCA host: the 6.18 rules on plain guest_memfd memory."""
