@@ -26,6 +26,7 @@ from guestmem_snp.ghcb import (
 )
 from guestmem_snp.guest import SnpGuest, UnvalidatedAccess
 from guestmem_snp.invariants import RmpChecker
+from guestmem_snp.rmp import PVALIDATE_FAIL_NOUPDATE
 from guestmem_snp.sev import Sev
 
 PAGE = uapi.PAGE_SIZE
@@ -55,7 +56,9 @@ class SnpKitVmm:
 
     def _access(self, vcpu: Any, gpa: int, private: bool, run: Any) -> Any:
         """Run a guest access; a private one of a page not yet validated takes the #VC the
-        guest answers with PVALIDATE, then runs again."""
+        guest answers with PVALIDATE, then runs again.  (A Linux guest validates its memory
+        once and would stop at a #VC on a page the host took away by punching it; the kit's
+        guest validates it again, so that the kit can go on.)"""
         try:
             return run()
         except UnvalidatedAccess as exc:
@@ -87,7 +90,9 @@ class SnpKitVmm:
         op = SNP_PAGE_STATE_PRIVATE if private else SNP_PAGE_STATE_SHARED
         for gfn in range(ram.gpa_of(page) >> PAGE_SHIFT, (ram.gpa_of(page) >> PAGE_SHIFT) + npages):
             if not private and gfn in self._validated:
-                if guest.pvalidate(gfn << PAGE_SHIFT, validate=False):
+                # A page the host took away meanwhile (a punch) came back unvalidated: there
+                # is nothing to rescind (PVALIDATE leaves it, FAIL_NOUPDATE).
+                if guest.pvalidate(gfn << PAGE_SHIFT, validate=False) not in (0, PVALIDATE_FAIL_NOUPDATE):
                     raise KvmError(0, "", f"PVALIDATE rescind of gfn {gfn:#x} failed")
                 self._validated.discard(gfn)
             try:
