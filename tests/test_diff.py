@@ -11,7 +11,9 @@ import random
 from pathlib import Path
 
 import pytest
+from gmem_helpers import BackendPlugin, NoHooks, plugin
 
+import guestmem
 from guestmem import diff, uapi
 from guestmem.cli import main
 
@@ -110,12 +112,33 @@ def test_harness_modules_import_only_their_layers() -> None:
         assert used <= allowed, f"guestmem.diff.{name} imports {sorted(used - allowed)}"
 
 
+ARM64_TYPES = (
+    guestmem.VmTypeInfo(
+        type=0,
+        name="ARM_VM",
+        arch="arm64",
+        memory_attributes=False,
+        gmem_slot_requires_mmap=True,
+        nr_memslot_as_ids=1,
+    ),
+    guestmem.VmTypeInfo(
+        type=1 << 31,
+        name="ARM_PRIVATE_VM",
+        arch="arm64",
+        memory_attributes=False,
+        gmem_slot_requires_mmap=True,
+        nr_memslot_as_ids=1,
+        conversion="in_place",
+    ),
+)
+
+
 def test_programs_use_the_base_backends_vm_types() -> None:
-    """An arm64 backend's programs create its VM types (pKVM: IPA_SIZE(0) mostly, PROTECTED
+    """An arm64 backend's programs create its VM types (its default mostly, the private one
     now and then), not x86 constants; sw's stay as they were."""
     assert diff.backend_vm_types("sw") == (0, 1)
-    pkvm = diff.backend_vm_types("pkvm")
-    assert pkvm == (0, 1 << 31)
+    with plugin(BackendPlugin("t-diff-arm", (ARM64_TYPES[1], ARM64_TYPES[0]), NoHooks())):
+        assert diff.backend_vm_types("t-diff-arm") == (0, 1 << 31)
     assert diff.vm_type_choices(0, (0, 1)) == (0, 0, 0, 1, 2, 3, 4, 5, 31, 32, 1 << 31, uapi.U64_MAX)
     rng = random.Random(3)
     made = [
@@ -125,7 +148,9 @@ def test_programs_use_the_base_backends_vm_types() -> None:
 
 
 def test_an_arm64_backend_agrees_with_itself() -> None:
-    summary = diff.run_campaign(
-        diff.opener("pkvm"), diff.opener("pkvm"), seed=2, steps=300, vm_types=diff.backend_vm_types("pkvm")
-    )
+    with plugin(BackendPlugin("t-diff-arm", ARM64_TYPES, NoHooks())):
+        both = diff.opener("t-diff-arm")
+        summary = diff.run_campaign(
+            both, both, seed=2, steps=300, vm_types=diff.backend_vm_types("t-diff-arm")
+        )
     assert summary.operations >= 300 and summary.disagreements == []

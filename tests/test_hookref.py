@@ -42,13 +42,23 @@ def test_every_hookspec_is_described_with_its_nature() -> None:
     assert "attr_filter" not in specs["guestmem_remove_external_spte"].kernel
 
 
+class WithOptions(BackendPlugin):
+    @hookimpl
+    def guestmem_conformance_options(self, backend: Any, vm_type: Any) -> None:
+        return None
+
+
 def test_implementers_name_the_backends_of_each_hook() -> None:
-    with plugin(BackendPlugin("t-hookref", (x86_type(1),), FaultOnly())):
+    with (
+        plugin(BackendPlugin("t-hookref", (x86_type(1),), FaultOnly())),
+        plugin(WithOptions("t-hookref-opts", (x86_type(1),), FaultOnly())),
+    ):
         used = hookref.implementers()
-    assert "t-hookref" in used["guestmem_fault"] and "pkvm" in used["guestmem_fault"]
-    assert "t-hookref" in used["guestmem_register_backends"]
+    assert {"t-hookref", "t-hookref-opts"} <= set(used["guestmem_fault"])
+    assert {"t-hookref", "sw"} <= set(used["guestmem_register_backends"])
     assert "t-hookref" not in used["guestmem_gmem_prepare"] and "sw" not in used["guestmem_gmem_prepare"]
-    assert {"pkvm", "snp"} <= set(used["guestmem_conformance_options"])
+    assert "t-hookref-opts" in used["guestmem_conformance_options"]
+    assert "t-hookref" not in used["guestmem_conformance_options"]
 
 
 def test_cli_hooks_text_and_json(capsys: pytest.CaptureFixture[str]) -> None:
@@ -61,7 +71,7 @@ def test_cli_hooks_text_and_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["hooks", "--json"]) == 0
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
     assert rows["guestmem_host_init"]["firstresult"] is True
-    assert "pkvm" in rows["guestmem_host_init"]["backends"]
+    assert "sw" in rows["guestmem_register_backends"]["backends"]
     assert rows["guestmem_fault"]["params"]["fault"] == "the fault (see `Fault`)."
 
 
