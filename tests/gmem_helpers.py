@@ -108,6 +108,20 @@ def x86_type(vm_type: int = 1, **overrides: Any) -> guestmem.VmTypeInfo:
     return guestmem.VmTypeInfo(**fields)
 
 
+def arm64_type(vm_type: int = 0, **overrides: Any) -> guestmem.VmTypeInfo:
+    """An arm64 VmTypeInfo as 6.18 has one (no attributes, gmem-only memslots) with *overrides*."""
+    fields: dict[str, Any] = {
+        "type": vm_type,
+        "name": f"ARM_VM_{vm_type:#x}",
+        "arch": "arm64",
+        "memory_attributes": False,
+        "gmem_slot_requires_mmap": True,
+        "nr_memslot_as_ids": 1,
+    }
+    fields.update(overrides)
+    return guestmem.VmTypeInfo(**fields)
+
+
 @contextmanager
 def throwaway_backend(
     name: str,

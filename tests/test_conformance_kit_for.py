@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gmem_helpers import BackendPlugin, NoHooks, plugin
+from gmem_helpers import BackendPlugin, NoHooks, arm64_type, plugin
 
 import guestmem
 from guestmem import uapi
@@ -18,18 +18,8 @@ from guestmem.backend import VmTypeInfo, hookimpl
 from guestmem.conformance import GmemConformance, KitVmm, kit_for, kits_for
 from guestmem.conformance.pytest_plugin import backend_names, kit_module
 
-ARM_PRIVATE = VmTypeInfo(
-    type=0x80000000,
-    name="ARM_PRIVATE_VM",
-    arch="arm64",
-    memory_attributes=False,
-    gmem_slot_requires_mmap=True,
-    nr_memslot_as_ids=1,
-    conversion="in_place",
-)
-ARM_PLAIN = VmTypeInfo(
-    type=0, name="ARM_VM", arch="arm64", memory_attributes=False, gmem_slot_requires_mmap=True
-)
+ARM_PRIVATE = arm64_type(0x80000000, name="ARM_PRIVATE_VM", conversion="in_place")
+ARM_PLAIN = arm64_type(0, name="ARM_VM")
 
 
 class MyVmm(KitVmm):

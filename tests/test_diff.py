@@ -11,9 +11,8 @@ import random
 from pathlib import Path
 
 import pytest
-from gmem_helpers import BackendPlugin, NoHooks, plugin
+from gmem_helpers import BackendPlugin, NoHooks, arm64_type, plugin
 
-import guestmem
 from guestmem import diff, uapi
 from guestmem.cli import main
 
@@ -112,25 +111,7 @@ def test_harness_modules_import_only_their_layers() -> None:
         assert used <= allowed, f"guestmem.diff.{name} imports {sorted(used - allowed)}"
 
 
-ARM64_TYPES = (
-    guestmem.VmTypeInfo(
-        type=0,
-        name="ARM_VM",
-        arch="arm64",
-        memory_attributes=False,
-        gmem_slot_requires_mmap=True,
-        nr_memslot_as_ids=1,
-    ),
-    guestmem.VmTypeInfo(
-        type=1 << 31,
-        name="ARM_PRIVATE_VM",
-        arch="arm64",
-        memory_attributes=False,
-        gmem_slot_requires_mmap=True,
-        nr_memslot_as_ids=1,
-        conversion="in_place",
-    ),
-)
+ARM64_TYPES = (arm64_type(0), arm64_type(1 << 31, conversion="in_place"))
 
 
 def test_programs_use_the_base_backends_vm_types() -> None:
