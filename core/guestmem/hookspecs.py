@@ -85,10 +85,13 @@ def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[
 
     * the kit's capability flags: ``guest_access``, ``private_access``,
       ``gmem_only_from_gmem``, ``init_shared_coherent``, ``slot_gmem_flags``,
-      ``open_options`` (see :class:`guestmem.conformance.GmemConformance`);
-    * ``vmm``: a class taking ``(kvm, vm, vm_type)`` that drives one VM the way this
-      architecture's VMM and guest do (launch, guest accesses, conversions): the methods of
-      :class:`guestmem.conformance.KitVmm`, which it may subclass or imitate;
+      ``private_unmap``, ``open_options``, ``machine_examples``, ``machine_steps``,
+      ``machine_shrink`` (see :class:`guestmem.conformance.GmemConformance`);
+    * ``vmm``: a class, constructed with ``(kvm, vm, vm_type)``, that drives one VM the way
+      this architecture's VMM and guest do (setup before the vCPUs, start before the first
+      run, guest accesses, conversions) with the methods of
+      :class:`guestmem.conformance.KitVmm` it changes; the kit mixes ``KitVmm`` in behind
+      it, so a backend's package need not import the kit;
     * ``observers``: callables returning observer plugins (the backend's own invariant
       checkers) the kit registers while it runs;
     * ``skip``: a reason to leave this VM type out of the kit.
