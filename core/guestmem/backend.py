@@ -404,12 +404,12 @@ class HostView:
     def set_direct_map_invalid(self, pfn: int, npages: int) -> None:
         """``set_direct_map_invalid_noflush``: the host kernel loses its mapping of the pages."""
         self._kvm.host.direct_map_invalid.set(pfn, pfn + npages, True)
-        self._kvm.count("direct_map_changes")
+        self.count("direct_map_changes")
 
     def set_direct_map_default(self, pfn: int, npages: int) -> None:
         """``set_direct_map_default_noflush``: the host kernel maps the pages again."""
         self._kvm.host.direct_map_invalid.erase(pfn, pfn + npages)
-        self._kvm.count("direct_map_changes")
+        self.count("direct_map_changes")
 
     def direct_map_valid(self, pfn: int) -> bool:
         """True iff the host kernel's direct map covers *pfn*."""
@@ -441,6 +441,15 @@ class HostView:
     def trace(self, kind: str, **fields: Any) -> None:
         """A host-level trace event (no VM)."""
         self._kvm.trace(None, kind, fields)
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """The host's own cost counters (a copy): work no single VM is charged with."""
+        return dict(self._kvm.counters)
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add *n* to the host's cost counter *name*."""
+        self._kvm.counters[name] += n
 
     def ownership_update(
         self, table: str, pfn: int, npages: int, old: Any, new: Any, *, old_owner: Owner, new_owner: Owner

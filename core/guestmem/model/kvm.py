@@ -244,11 +244,6 @@ class ModelKvm(api.Kvm):
         configured structlog."""
         return self.events is not None or self.hooks.implemented("trace") or structlog.is_configured()
 
-    def count(self, name: str, n: int = 1) -> None:
-        """Add *n* to host-level cost counter *name*."""
-        if n:
-            self.counters[name] += n
-
     def trace(self, vm: ModelVm | None, kind: str, fields: dict[str, Any]) -> None:
         """Emit a trace event: recorded, logged (structlog, once configured), observed."""
         if not self.tracing:
