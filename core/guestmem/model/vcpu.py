@@ -153,7 +153,15 @@ class ModelVcpu(api.Vcpu):
             try:
                 if vm.dead:  # kvm_tdp_map_page: KVM_REQ_VM_DEAD before each attempt
                     raise KvmError(errno.EIO, "PF-4", f"VM is dead: {vm.dead_reason}")
-                stage2.page_fault(vm, Fault(gfn, private, False, prefetch=True, vcpu=self.view))
+                leaf = vm.mmu.leaf(gfn)
+                if leaf is None or leaf.private != private:
+                    # one kvm_tdp_map_page per leaf; a run of uniform pages at once
+                    fault = Fault(
+                        gfn, private, False, prefetch=True, vcpu=self.view, npages=size >> PAGE_SHIFT
+                    )
+                    stage2.page_fault(vm, fault)
+                    leaf = vm.mmu.leaf(gfn)
+                    assert leaf is not None, "a pre-fault that returned installed no leaf"
             except stage2.Emulate:
                 err: KvmError = KvmError(errno.ENOENT, "PF-4", f"no memslot at gpa {gpa:#x}")
             except MemoryFault as exc:  # pre-fault reports the errno, no exit
@@ -161,9 +169,8 @@ class ModelVcpu(api.Vcpu):
             except KvmError as exc:
                 err = exc
             else:
-                level = vm.mapping_level(gfn) or uapi.PG_LEVEL_4K
-                span = PAGE_SIZE << (9 * (level - 1))
-                step = min(size, (gpa & ~(span - 1)) + span - gpa)
+                # the leaf's end (a present leaf is RET_PF_SPURIOUS: nothing changes)
+                step = min(size, (leaf.end_gfn - gfn) << PAGE_SHIFT)
                 gpa += step
                 size -= step
                 continue
