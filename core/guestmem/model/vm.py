@@ -19,7 +19,7 @@ from guestmem.errors import KvmError
 from guestmem.model import attributes, fault, gmem
 from guestmem.model.events import Counters
 from guestmem.model.gmem import GmemFile, GmemInode
-from guestmem.model.memslots import Memslots, Region
+from guestmem.model.memslots import Memslots, Region, guest_phys_shift
 from guestmem.model.mmu import Mmu
 from guestmem.model.operation import uapi_call
 from guestmem.ranges import RangeMap
@@ -60,7 +60,9 @@ class ModelVm(api.Vm):
         self.attributes: RangeMap[int] = RangeMap()
         self.mmu = Mmu(self)
         self.vcpus: dict[int, ModelVcpu] = {}
-        self.max_gfn = (1 << (self.profile.phys_bits - PAGE_SHIFT)) - 1
+        #: The last gfn a memslot may reach (x86 ``kvm_mmu_max_gfn``, arm64
+        #: ``kvm_phys_size >> PAGE_SHIFT`` minus one; S-7).
+        self.max_gfn = (1 << (guest_phys_shift(type_info, self.profile.phys_bits) - PAGE_SHIFT)) - 1
         #: ``kvm->arch.pre_fault_allowed``: from the VM type; a backend may change it (SNP
         #: allows pre-faulting once the launch is finished).
         self.pre_fault_allowed = type_info.pre_fault_allowed
