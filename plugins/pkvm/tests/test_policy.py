@@ -43,6 +43,18 @@ def test_backend_offers_protected_and_default_arm64_vm_types() -> None:
         assert info.arch == "arm64"
 
 
+@pytest.mark.parametrize("vm_type", [abi.KVM_VM_TYPE_ARM_PROTECTED, abi.KVM_VM_TYPE_ARM_DEFAULT])
+def test_memslot_beyond_the_40_bit_ipa_space_is_efault_s_7(kvm: Any, vm_type: int) -> None:
+    """arm64 ``kvm_arch_prepare_memory_region``: a memslot ending past the IPA space (40 bits
+    for a machine type asking for no size) is EFAULT, where x86 says EINVAL."""
+    vm = kvm.create_vm(vm_type)
+    with pytest.raises(KvmError) as info:
+        vm.set_user_memory_region2(0, 0, (1 << 40) - PAGE, 2 * PAGE, 0)
+    assert (info.value.errno, info.value.rule) == (errno.EFAULT, "S-7")
+    vm.set_user_memory_region2(0, 0, (1 << 40) - PAGE, PAGE, 0)
+    vm.close()
+
+
 def test_vms_get_handles_and_vmids_3_1(kvm: Any) -> None:
     a = kvm.create_vm(abi.KVM_VM_TYPE_ARM_PROTECTED)
     b = kvm.create_vm(abi.KVM_VM_TYPE_ARM_DEFAULT)
