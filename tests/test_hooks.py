@@ -15,7 +15,7 @@ import pytest
 from gmem_helpers import GMEM, PAGE, PRIVATE, MiB, plugin, throwaway_backend, x86_type
 
 import guestmem
-from guestmem import HypercallExit, KvmError, uapi
+from guestmem import FailEntryExit, HypercallExit, KvmError, uapi
 from guestmem.backend import (
     Fault,
     GfnRange,
@@ -157,6 +157,30 @@ def test_vcpu_pre_run_gates_guest_entry_not_other_vcpu_ioctls() -> None:
         assert vcpu.pre_fault_memory(0, PAGE) == 0  # KVM_PRE_FAULT_MEMORY is no KVM_RUN
         policy.ready = True
         assert vcpu.access(0, 1) == b"\0"
+
+
+class RefuseEntry:
+    @hookimpl
+    def guestmem_vcpu_pre_run(self, vcpu: VcpuView) -> None:
+        raise FailEntryExit(0xFFFF_FFFF_FFFF_FFFF, "VMRUN: VMEXIT_INVALID", cpu=vcpu.vcpu_id, rule="T-1")
+
+
+def test_vcpu_pre_run_may_answer_with_a_fail_entry_exit() -> None:
+    """A hardware refusal to enter the guest is ``KVM_RUN`` returning 0 with
+    ``KVM_EXIT_FAIL_ENTRY``: the exit reaches the caller as it is, nothing was faulted in."""
+    with throwaway_backend("t-failentry", x86_type(0), policy=RefuseEntry()) as kvm, kvm.create_vm(0) as vm:
+        vm.set_user_memory_region(0, 0, 0, MiB, kvm.mmap_anonymous(MiB).address)
+        vcpu = vm.create_vcpu(2)
+        with pytest.raises(FailEntryExit) as info:
+            vcpu.access(0, data=b"x")
+        exit_ = info.value
+        assert (exit_.exit_reason, exit_.hardware_entry_failure_reason) == (
+            uapi.KVM_EXIT_FAIL_ENTRY,
+            (1 << 64) - 1,
+        )
+        assert (exit_.cpu, exit_.rule) == (2, "T-1")
+        assert "[T-1]" in str(exit_)
+        assert not vm.is_mapped(0)
 
 
 # --- the mirror root (TDX) ------------------------------------------------------------------------

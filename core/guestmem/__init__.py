@@ -22,6 +22,7 @@ from guestmem.api import GuestMemfd, HostMapping, Kvm, Vcpu, Vm
 from guestmem.backend import Backend, VmTypeInfo, hookimpl
 from guestmem.errors import (
     BackendError,
+    FailEntryExit,
     GuestExit,
     HostCrash,
     HostSigbus,
@@ -38,6 +39,7 @@ from guestmem.registry import get_registry
 __all__ = [
     "Backend",
     "BackendError",
+    "FailEntryExit",
     "GuestExit",
     "GuestMemfd",
     "HostCrash",

@@ -139,6 +139,25 @@ class InternalErrorExit(GuestExit):
         super().__init__(f"KVM_EXIT_INTERNAL_ERROR suberror {suberror}{where}")
 
 
+class FailEntryExit(GuestExit):
+    """The hardware refused to enter the guest: ``KVM_RUN`` returned 0 with
+    ``KVM_EXIT_FAIL_ENTRY`` (SVM: VMRUN failed with ``VMEXIT_INVALID``; ``svm_handle_exit``).
+
+    ``hardware_entry_failure_reason`` and ``cpu`` are ``kvm_run.fail_entry``'s; ``rule`` names
+    the rule that decided it, as for :class:`KvmError`.
+    """
+
+    exit_reason = uapi.KVM_EXIT_FAIL_ENTRY
+
+    def __init__(self, hardware_entry_failure_reason: int, why: str, *, cpu: int = 0, rule: str = "") -> None:
+        self.hardware_entry_failure_reason = hardware_entry_failure_reason
+        self.cpu = cpu
+        self.rule = rule
+        tag = f"[{rule}] " if rule else ""
+        reason = f"hardware_entry_failure_reason={hardware_entry_failure_reason:#x}"
+        super().__init__(f"KVM_EXIT_FAIL_ENTRY {reason}: {tag}{why}")
+
+
 class HostCrash(RuntimeError):
     """A modelled hardware outcome that takes down the host (e.g. an RMP #PF in the kernel).
 

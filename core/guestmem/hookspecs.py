@@ -178,8 +178,10 @@ def guestmem_vcpu_pre_run(vcpu: VcpuView) -> None:
     """The checks of ``KVM_RUN`` before the guest is entered (``kvm_x86_ops.vcpu_pre_run``).
 
     Raise :class:`guestmem.KvmError` to fail ``KVM_RUN`` (a TD vCPU before
-    ``KVM_TDX_INIT_VCPU``, an SEV-ES vCPU before its VMSA is encrypted...).  Called for
-    every guest access and hypercall of the vCPU.
+    ``KVM_TDX_INIT_VCPU``, an SEV VM before ``KVM_SEV_INIT2``...), or a
+    :class:`guestmem.GuestExit` for an exit the hardware makes instead of entering the guest
+    (:class:`guestmem.FailEntryExit`: an SNP vCPU whose VMSA was never launched).  Called
+    for every guest access and hypercall of the vCPU.
 
     :param vcpu: the vCPU about to run.
     """
