@@ -363,6 +363,7 @@ def test_sw_enable_cap_exit_hypercall_makes_map_gpa_range_exit(kvm: Any) -> None
     assert info.value.errno == errno.EINVAL
 
 
+@pytest.mark.sw_host
 def test_sw_has_no_memory_encrypt_op(kvm: Any) -> None:
     vm, _, _, vcpu = private_vm(kvm)
     for target in (vm, vcpu):
