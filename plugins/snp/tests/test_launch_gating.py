@@ -29,7 +29,13 @@ from guestmem import uapi
 from guestmem.errors import FailEntryExit, KvmError
 from guestmem_snp.rmp import RmpState
 from guestmem_snp.sev import (
+    KVM_SEV_INIT2,
+    KVM_SEV_SNP_LAUNCH_FINISH,
+    KVM_SEV_SNP_LAUNCH_START,
+    KVM_SEV_SNP_LAUNCH_UPDATE,
     SVM_EXIT_ERR,
+    SevCmd,
+    SnpLaunchUpdate,
 )
 
 PAGE = uapi.PAGE_SIZE
@@ -135,3 +141,31 @@ def test_an_unlaunched_vmsa_is_freed_at_teardown() -> None:
     snp.gmem.close()
     snp.vm.close()
     assert not snp.kvm.host.is_allocated(vmsa)
+
+
+@pytest.mark.parametrize("vm_type", [uapi.KVM_X86_DEFAULT_VM, uapi.KVM_X86_SW_PROTECTED_VM])
+def test_sev_commands_on_a_vm_of_no_sev_type(vm_type: int) -> None:
+    """``sev_mem_enc_ioctl`` takes the commands on every VM of the host; a DEFAULT or
+    SW_PROTECTED VM has an all-zero ``kvm_sev_info``: INIT2 is EINVAL (``sev_guest_init2``:
+    no ``need_init``), LAUNCH_START and LAUNCH_FINISH ENOTTY (``!sev_snp_guest``),
+    LAUNCH_UPDATE EINVAL; its vCPUs are never gated."""
+    with guestmem.open("snp") as kvm, kvm.create_vm(vm_type) as vm:
+        expected = {
+            KVM_SEV_INIT2: errno.EINVAL,
+            KVM_SEV_SNP_LAUNCH_START: errno.ENOTTY,
+            KVM_SEV_SNP_LAUNCH_UPDATE: errno.EINVAL,
+            KVM_SEV_SNP_LAUNCH_FINISH: errno.ENOTTY,
+        }
+        for cmd_id, err in expected.items():
+            data = SnpLaunchUpdate(0, b"x" * PAGE, PAGE) if cmd_id == KVM_SEV_SNP_LAUNCH_UPDATE else None
+            with pytest.raises(KvmError) as info:
+                vm.memory_encrypt_op(SevCmd(cmd_id, data))
+            assert info.value.errno == err, cmd_id
+        with pytest.raises(KvmError) as info:
+            vm.memory_encrypt_op(SevCmd(KVM_SEV_INIT2))
+        assert info.value.rule == "SNP-2.1"
+        ram(kvm, vm, private=False)
+        vcpu = vm.create_vcpu(0)
+        vcpu.access(0x1000, data=b"plain")
+        assert vcpu.access(0x1000, 5) == b"plain"
+        assert guestmem.backend.view(vm).arch is None  # the policy keeps no SEV state for it
