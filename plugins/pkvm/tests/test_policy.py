@@ -55,18 +55,61 @@ def test_memslot_beyond_the_40_bit_ipa_space_is_efault_s_7(kvm: Any, vm_type: in
     vm.close()
 
 
-def test_vms_get_handles_and_vmids_3_1(kvm: Any) -> None:
+def _first_run(vm: Any) -> None:
+    """The first KVM_RUN of a new vCPU of *vm* (a HYP_MEMINFO call), then its fd is closed."""
+    with vm.create_vcpu(len(pkvm_state(vm).hyp.vm_table) + 7) as vcpu:
+        assert vcpu.hypercall(MEMINFO, 0, 0, 0) == PAGE
+
+
+def test_vms_get_handles_and_vmids_at_their_first_run_3_1(kvm: Any) -> None:
+    """``pkvm_create_hyp_vm`` runs at a VM's first KVM_RUN (``kvm_arch_vcpu_run_pid_change``):
+    the handle and VMID follow the order of first runs, not of KVM_CREATE_VM."""
     a = kvm.create_vm(abi.KVM_VM_TYPE_ARM_PROTECTED)
     b = kvm.create_vm(abi.KVM_VM_TYPE_ARM_DEFAULT)
-    assert (pkvm_state(a).handle, pkvm_state(a).vmid) == (HANDLE_OFFSET, 1)
-    assert (pkvm_state(b).handle, pkvm_state(b).vmid, pkvm_state(b).protected) == (
-        HANDLE_OFFSET + 1,
-        2,
-        False,
-    )
-    a.close()
-    assert pkvm_state(kvm.create_vm(abi.KVM_VM_TYPE_ARM_PROTECTED)).vmid == 1  # slot freed at teardown
+    assert (pkvm_state(a).handle, pkvm_state(b).handle) == (0, 0)
+    assert pkvm_state(a).hyp.vm_table == []
+    _first_run(b)
+    _first_run(a)
+    assert (pkvm_state(b).handle, pkvm_state(b).vmid, pkvm_state(b).protected) == (HANDLE_OFFSET, 1, False)
+    assert (pkvm_state(a).handle, pkvm_state(a).vmid) == (HANDLE_OFFSET + 1, 2)
+    _first_run(a)  # once per VM
+    assert pkvm_state(a).vmid == 2
     b.close()
+    c = kvm.create_vm(abi.KVM_VM_TYPE_ARM_PROTECTED)
+    _first_run(c)
+    assert pkvm_state(c).vmid == 1  # b's slot was freed at its teardown
+    a.close()
+    c.close()
+
+
+def test_a_full_vm_table_fails_the_first_run_not_the_create_3_1(kvm: Any) -> None:
+    """``__pkvm_init_vm``: ENOMEM once ``KVM_MAX_PVMS`` VMs hold a slot; it is the first
+    KVM_RUN that fails, and it can be retried once a slot is free."""
+    hyp = pkvm_state(kvm.create_vm(abi.KVM_VM_TYPE_ARM_DEFAULT)).hyp
+    hyp.max_vms = 1
+    a, b = kvm.create_vm(abi.KVM_VM_TYPE_ARM_PROTECTED), kvm.create_vm(abi.KVM_VM_TYPE_ARM_PROTECTED)
+    _first_run(a)
+    vcpu = b.create_vcpu(0)
+    with pytest.raises(KvmError) as info:
+        vcpu.hypercall(MEMINFO, 0, 0, 0)
+    assert info.value.errno == errno.ENOMEM and pkvm_state(b).hvm is None
+    a.close()
+    assert vcpu.hypercall(MEMINFO, 0, 0, 0) == PAGE
+    vcpu.close()
+    b.close()
+
+
+def test_pvmfw_address_is_fixed_once_the_vm_ran_3_4(guest: Guest) -> None:
+    """Android ``pkvm_vm_ioctl_set_fw_ipa``: the firmware address may change until the hyp VM
+    exists (the first KVM_RUN), then it is EBUSY (pKVM-3.4)."""
+    set_pvmfw(guest.vm, GPA + 8 * PAGE, b"old")
+    set_pvmfw(guest.vm, GPA + 16 * PAGE, b"pvmfw!")
+    assert guest.vcpu.hypercall(MEMINFO, 0, 0, 0) == PAGE
+    with pytest.raises(KvmError) as info:
+        set_pvmfw(guest.vm, GPA, b"late")
+    assert (info.value.errno, info.value.rule) == (errno.EBUSY, "pKVM-3.4")
+    assert guest.vcpu.access(GPA + 16 * PAGE, 6) == b"pvmfw!"
+    assert guest.vcpu.access(GPA + 8 * PAGE, 3) == bytes(3)
 
 
 def test_arm64_capabilities_cap_3_cap_4(kvm: Any) -> None:
