@@ -64,12 +64,14 @@ BACKENDS = (
         summary="AMD SEV-SNP host (Linux 6.18): RMP, ASIDs, launch, PVALIDATE, page-state changes",
         vm_types=(X86_DEFAULT_VM, X86_SW_PROTECTED_VM, SEV_VM, SEV_ES_VM, SNP_VM),
         policy=POLICY,
+        range_faults=True,  # sev_gmem_prepare takes runs of order-0 folios at once
     ),
     Backend(
         name="snp-hugepage",
         summary="AMD SEV-SNP host with hugepage guest_memfd (order-9 folios, 2 MiB RMP entries; unmerged)",
         vm_types=(X86_DEFAULT_VM, X86_SW_PROTECTED_VM, SEV_VM, SEV_ES_VM, SNP_VM_HUGEPAGE),
         policy=POLICY,
+        range_faults=True,  # sev_gmem_prepare takes runs of order-0 folios at once
     ),
 )
 

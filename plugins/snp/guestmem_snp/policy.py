@@ -92,11 +92,11 @@ class SnpPolicy:
 
     # --- gmem folio lifetime -------------------------------------------------------------------
     @hookimpl
-    def guestmem_gmem_prepare(self, vm: VmView, gfn: int, pfn: int, order: int) -> None:
-        """``sev_gmem_prepare``: RMP assign at the folio's first fault."""
+    def guestmem_gmem_prepare(self, vm: VmView, gfn: int, pfn: int, order: int, npages: int) -> None:
+        """``sev_gmem_prepare``: RMP assign at the folios' first fault (a run of them at once)."""
         sev = _sev(vm)
         if sev is not None:
-            sev.gmem_prepare(gfn, pfn, order)
+            sev.gmem_prepare(gfn, pfn, order, npages)
 
     @hookimpl
     def guestmem_gmem_invalidate(self, vm: VmView, start_pfn: int, end_pfn: int) -> None:

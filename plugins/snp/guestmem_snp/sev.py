@@ -486,20 +486,20 @@ class SevVm:
         return self.launch_digest
 
     # --- kernel paths run by the policy hooks -----------------------------------------------
-    def gmem_prepare(self, gfn: int, pfn: int, order: int) -> None:
-        """``sev_gmem_prepare``: make a new gmem folio private in the RMP (Guest-Invalid).
+    def gmem_prepare(self, gfn: int, pfn: int, order: int, npages: int) -> None:
+        """``sev_gmem_prepare``: make new gmem folios private in the RMP (Guest-Invalid).
 
         2 MiB iff the folio is 2 MiB (order >= 9), naturally aligned, and all 512 RMP
-        entries are unassigned (``is_large_rmp_possible``); else 4 KiB entries.
+        entries are unassigned (``is_large_rmp_possible``); else 4 KiB entries.  A run of
+        order-0 folios (the core hands them over at once) is each folio's 4K entry; a folio
+        already assigned is left alone, as the kernel's per-folio check does.
         """
         if not self.snp_active:
             return
         rmp = self.host.rmp
-        nr = 1 << order
-        self.host.freed.erase(pfn, pfn + nr - gfn % nr)
-        if rmp.is_assigned(pfn):
+        self.host.freed.erase(pfn, pfn + npages)
+        if order and rmp.is_assigned(pfn):
             return
-        npages = nr - gfn % nr  # the folio may reach prepare from a page inside it
         base_pfn = pfn - pfn % PTRS_PER_PMD
         large = (
             order >= uapi.PMD_ORDER
@@ -515,8 +515,8 @@ class SevVm:
                 )
                 self.vm.count("rmpupdate")
             else:
-                # 6.18 folios are order 0: one 4K entry.  A large folio that cannot take a 2M
-                # entry gets 4K entries for its unassigned pages (prepare runs once per folio).
+                # 6.18 folios are order 0: one 4K entry each.  A large folio that cannot take a
+                # 2M entry gets 4K entries for its unassigned pages (prepare runs once per folio).
                 for s, e in list(rmp.unassigned(pfn, pfn + npages)):
                     gpa = (gfn + s - pfn) << PAGE_SHIFT
                     self._adjust_direct_map(s, e - s)

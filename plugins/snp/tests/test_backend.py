@@ -240,7 +240,7 @@ def test_no_rmp_entry_before_init2() -> None:
     assert (info.value.errno, info.value.rule) == (errno.EINVAL, "SNP-2.1")
     assert snp.vm.gmem_pfn(0) is None
     pfn = snp.kvm.host.alloc(1)
-    snp.state.gmem_prepare(0, pfn, 0)
+    snp.state.gmem_prepare(0, pfn, 0, 1)
     assert not snp.rmp.is_assigned(pfn)
 
 
@@ -430,7 +430,7 @@ def test_no_2m_entry_when_a_subpage_is_already_assigned(snp_huge: SnpVm) -> None
     assert base % 512 == 0
     other = snp.rmp.make_private(base + 7, 0x7000_0000, uapi.PG_LEVEL_4K, snp.sev.asid, immutable=False)
     assert other == 0
-    snp.state.gmem_prepare(0x400, base, uapi.PMD_ORDER)
+    snp.state.gmem_prepare(0x400, base, uapi.PMD_ORDER, 512)
     assert snp.rmp.lookup(base).level == uapi.PG_LEVEL_4K
     assert snp.rmp.lookup(base + 8).gpa == (0x400 + 8) << 12
     assert snp.rmp.lookup(base + 7).gpa == 0x7000_0000  # left alone
