@@ -623,3 +623,30 @@ def test_views_of_uapi_objects(kvm: Any) -> None:
     assert isinstance(view(kvm), HostView) and view(vm).host is view(kvm)
     with pytest.raises(TypeError):
         view(object())
+
+
+def test_a_backend_operation_reports_observer_failures_when_it_ends(kvm: Any) -> None:
+    """``HostView.operation``: a backend's own call is one operation, like an ioctl."""
+    counter = CountsOperations()
+    vm, _, _, _ = private_vm(kvm)
+    host = view(kvm)
+    with plugin(counter), plugin(BrokenObserver(InvariantViolation("made up"))):
+        with pytest.raises(InvariantViolation, match="made up"), host.operation():
+            with host.operation():  # nests
+                view(vm).fault_range(0, 1, private=False)
+            steps = ["inside"]  # the failure is held until the outermost operation ends
+        assert steps == ["inside"]
+    assert counter.done == ["operation"]
+
+
+def test_unmap_mapping_range_drops_host_ptes_keeps_pages(kvm: Any) -> None:
+    vm = kvm.create_vm(0)
+    gmem = vm.create_guest_memfd(MiB, uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED)
+    mapping = gmem.mmap(MiB)
+    mapping.write(PAGE, b"kept")
+    inode = view(gmem)
+    pfn = inode.pfn(1)
+    assert inode.host_mapped(1)
+    inode.unmap_mapping_range(0, 4)
+    assert not inode.host_mapped(1) and inode.pfn(1) == pfn
+    assert mapping.read(PAGE, 4) == b"kept" and inode.host_mapped(1)  # faulted in again

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import attrs
@@ -423,6 +424,17 @@ class HostView:
         takes the host down (:class:`guestmem.HostCrash`).
         """
         self._kvm.kernel_access(pfn, offset, data)
+
+    def operation(self) -> AbstractContextManager[None]:
+        """One operation of the uAPI face, for a backend's own user-facing calls.
+
+        A backend's functions that change the model outside any ioctl (a firmware or
+        resource-manager call a VMM makes, a guest's call to a service VM) run inside it
+        (``with host.operation(): ...``): observers' failures are reported, and
+        ``guestmem_operation_done`` runs, when it ends, as for an ioctl.  It nests in
+        operations already under way.
+        """
+        return self._kvm.operation()
 
     # verdicts and events
     @property
@@ -838,6 +850,17 @@ class GmemView:
     def host_mapped(self, index: int) -> bool:
         """Some host userspace mapping has page *index* faulted in."""
         return self._inode.host_mapped(index)
+
+    def unmap_mapping_range(self, start: int, end: int) -> None:
+        """``unmap_mapping_range``: host userspace mappings drop pages ``[start, end)``.
+
+        What ``unmap_mapping_folio`` does before a folio becomes inaccessible to the host
+        (the guest_memfd library's ``guest_memfd_make_inaccessible``): the pages stay in the
+        file, the next host touch faults again (``guestmem_gmem_fault_user_mapping``).
+        Guest mappings through ``userspace_addr`` see the MMU notifier.
+        """
+        for vma in list(self._inode.vmas):
+            vma.zap_indices(start, end)
 
     def host_mapped_ranges(self) -> Iterator[tuple[int, int]]:
         """Page index runs ``[s, e)`` faulted into host userspace mappings."""
