@@ -650,3 +650,15 @@ def test_unmap_mapping_range_drops_host_ptes_keeps_pages(kvm: Any) -> None:
     inode.unmap_mapping_range(0, 4)
     assert not inode.host_mapped(1) and inode.pfn(1) == pfn
     assert mapping.read(PAGE, 4) == b"kept" and inode.host_mapped(1)  # faulted in again
+
+
+def test_gmem_allocate_instantiates_folios_like_fallocate(kvm: Any) -> None:
+    vm = kvm.create_vm(0)
+    gmem = vm.create_guest_memfd(MiB)
+    inode = view(gmem)
+    inode.allocate(2, 4)
+    assert inode.pfn(1) is None and inode.pfn(2) is not None and inode.pfn(3) == inode.pfn(2) + 1
+    assert not inode.is_prepared(2)
+    pfn = inode.pfn(2)
+    inode.allocate(0, 4)  # existing folios are untouched
+    assert inode.pfn(2) == pfn and inode.pfn(0) is not None

@@ -851,6 +851,16 @@ class GmemView:
         """Some host userspace mapping has page *index* faulted in."""
         return self._inode.host_mapped(index)
 
+    def allocate(self, start: int, end: int) -> None:
+        """``kvm_gmem_allocate``: folios over page indices ``[start, end)``, as
+        ``fallocate(FALLOC_FL_KEEP_SIZE)`` instantiates them (existing ones untouched, new
+        ones neither zeroed nor prepared: the first use does that).
+
+        For a backend that hands guest_memfd pages to firmware outside a guest fault (a
+        Gunyah memparcel built from the file's folios).
+        """
+        self._inode.allocate(start, end)
+
     def unmap_mapping_range(self, start: int, end: int) -> None:
         """``unmap_mapping_range``: host userspace mappings drop pages ``[start, end)``.
 
