@@ -42,6 +42,18 @@ GUNYAH_VM_SET_BOOT_CONTEXT: Final = _ioc(_IOC_WRITE, 0xA, 16)
 #: for future use" and must be 0 (``gunyah_dev_ioctl_create_vm``).
 GUNYAH_VM_TYPE: Final = 0
 
+# enum gunyah_vm_boot_context_reg (GUNYAH_VM_SET_BOOT_CONTEXT)
+REG_SET_X: Final = 0
+REG_SET_PC: Final = 1
+REG_SET_SP: Final = 2
+GUNYAH_VM_BOOT_CONTEXT_REG_SHIFT: Final = 8
+
+
+def GUNYAH_VM_BOOT_CONTEXT_REG(reg: int, idx: int) -> int:  # noqa: N802 - the uAPI macro's name
+    """The ``reg`` of ``struct gunyah_vm_boot_context``."""
+    return ((reg & 0xFF) << GUNYAH_VM_BOOT_CONTEXT_REG_SHIFT) | (idx & 0xFF)
+
+
 # enum gunyah_mem_flags (GUNYAH_CREATE_GUEST_MEM)
 GHMF_CLOEXEC: Final = 1 << 0
 GHMF_ALLOW_HUGEPAGE: Final = 1 << 1

@@ -170,7 +170,8 @@ class ResourceManager:
         self._handles = itertools.count(0)
         self.free_dynamic = set(range(abi.VMID_DYNAMIC_BASE, abi.VMID_DYNAMIC_END))
         self.subscribers: list[Subscriber] = []
-        #: Failures to inject, by RPC (the driver marks its RPCs ``ALLOW_ERROR_INJECTION``).
+        #: Failures to inject, by RPC: the driver's ``ALLOW_ERROR_INJECTION`` on its RPC
+        #: functions, so the RPC fails without reaching the RM (nothing changes here).
         self.inject: dict[Rpc, RmError] = {}
         #: Opens the span of one call (``HostView.operation`` on a model host), so observers
         #: see a whole RPC.
