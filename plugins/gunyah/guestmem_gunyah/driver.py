@@ -38,9 +38,9 @@ import attrs
 from guestmem.backend import Fault, GmemView, HostView, Owner, RangeMap, VmView
 from guestmem.errors import KvmError
 from guestmem_gunyah import abi
-from guestmem_gunyah.abi import Access, DonateType, Notification, VmStatus
+from guestmem_gunyah.abi import Access, DonateType, HypError, Notification, VmStatus
 from guestmem_gunyah.exits import PageFaultExit, SyncExternalAbort
-from guestmem_gunyah.hyp import Extent, ExtentKind, HypCallError, Hypervisor, VmResources
+from guestmem_gunyah.hyp import HLOS_MEMORY, Extent, ExtentKind, HypCallError, Hypervisor, VmResources
 from guestmem_gunyah.rm import RULE_VM, ResourceManager, RmCallError
 
 PAGE_SHIFT = abi.PAGE_SHIFT
@@ -531,6 +531,10 @@ class GunyahVm:
             )
         writable = bool(access & Access.W)
         if fault.write and not writable:
+            ent = self.bindings.entry(fault.gfn)
+            if ent is not None and not ent[2].write:
+                # The permission fault reaches gunyah_gmem_demand_page like any other.
+                raise self._page_fault_exit(fault, errno.EPERM, "a store to a read-only binding")
             self.count("aborts_injected")
             raise SyncExternalAbort(self.vmid, fault.gpa, True, "permission fault: the mapping is read-only")
         ent = self.hyp.stage2(self.vmid).entry(fault.gfn)
@@ -580,6 +584,11 @@ class GunyahVm:
         addrspace, guest, host_extent = self._extents(share)
         if self.mm.overlaps(gfn, gfn + npages):
             raise KvmError(errno.EAGAIN, RULE_BIND, f"gfn {gfn:#x} was provided already")
+        if not self.hyp.owned_by(pfn, npages, HLOS_MEMORY):
+            # A folio lent already (PG_private: a parcel holds it) is not lent again.
+            raise HypCallError(
+                HypError.MEMDB_NOT_OWNER, "memextent_donate", f"pfn {pfn:#x} is not the host's"
+            )
         if not share:
             self.host.host.set_direct_map_invalid(pfn, npages)
             self.count("direct_map_invalid", npages)
