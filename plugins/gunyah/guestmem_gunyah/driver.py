@@ -531,15 +531,15 @@ class GunyahVm:
             )
         writable = bool(access & Access.W)
         if fault.write and not writable:
-            ent = self.bindings.entry(fault.gfn)
-            if ent is not None and not ent[2].write:
+            bound = self.bindings.get(fault.gfn)
+            if bound is not None and not bound.write:
                 # The permission fault reaches gunyah_gmem_demand_page like any other.
                 raise self._page_fault_exit(fault, errno.EPERM, "a store to a read-only binding")
             self.count("aborts_injected")
             raise SyncExternalAbort(self.vmid, fault.gpa, True, "permission fault: the mapping is read-only")
-        ent = self.hyp.stage2(self.vmid).entry(fault.gfn)
-        assert ent is not None
-        fault.npages = min(fault.npages, ent[1] - fault.gfn)
+        mapping = self.hyp.stage2(self.vmid).entry(fault.gfn)
+        assert mapping is not None
+        fault.npages = min(fault.npages, mapping[1] - fault.gfn)
         fault.map_writable = writable
 
     def _page_fault_exit(self, fault: Fault, err: int, why: str) -> PageFaultExit:
