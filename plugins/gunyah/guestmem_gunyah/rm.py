@@ -211,9 +211,7 @@ class ResourceManager:
     def _charge(self, handle: int, caller: int) -> int:
         """Whom a parcel RPC is charged to: its first borrower, else the caller."""
         parcel = self.parcels.get(handle)
-        if parcel is None:
-            return caller
-        return next((i.vmid for i in parcel.acl if i.vmid != parcel.owner), caller)
+        return caller if parcel is None else _borrower(parcel)
 
     def _vm(self, rpc: Rpc, vmid: int) -> RmVm:
         vm = self.vms.get(vmid)
@@ -570,7 +568,7 @@ class ResourceManager:
                     parcel.regions.append(region)
                     added.append(region)
                     if parcel.sanitize_create:
-                        self.hyp.zero(pfn, n, self._zero, parcel.owner)
+                        self.hyp.zero(pfn, n, self._zero, _borrower(parcel))
         except RmCallError:
             for region in reversed(added):
                 self.hyp.donate_from_parcel(parcel.extent, parcel.source, region.pfn, region.npages)
@@ -801,7 +799,7 @@ class ResourceManager:
             self._vm(rpc, caller)
             for region in parcel.regions:  # region_list_cleanup_regions
                 if parcel.sanitize_reclaim:
-                    self.hyp.zero(region.pfn, region.npages, self._zero, caller)
+                    self.hyp.zero(region.pfn, region.npages, self._zero, _borrower(parcel))
                 self.hyp.donate_from_parcel(parcel.extent, parcel.source, region.pfn, region.npages)
                 if parcel.source != HLOS_MEMORY and not parcel.extent.shared:
                     self.hyp.map_for(
@@ -870,3 +868,8 @@ class ResourceManager:
     def set_lock(self, handle: int, locked: bool) -> None:
         """``memparcel_set_lock``: platform code pins a parcel (no caller in the public RM)."""
         self.parcels[handle].locked = locked
+
+
+def _borrower(parcel: Parcel) -> int:
+    """The parcel's first VM that is not its owner (whom its costs are charged to)."""
+    return next((i.vmid for i in parcel.acl if i.vmid != parcel.owner), parcel.owner)
