@@ -41,13 +41,13 @@ from guestmem_gunyah import abi
 from guestmem_gunyah.abi import Access, DonateType, HypError, Notification, VmStatus
 from guestmem_gunyah.exits import PageFaultExit, SyncExternalAbort
 from guestmem_gunyah.hyp import HLOS_MEMORY, Extent, ExtentKind, HypCallError, Hypervisor, VmResources
-from guestmem_gunyah.rm import RULE_VM, ResourceManager, RmCallError
+from guestmem_gunyah.rm import VM_RULE, ResourceManager, RmCallError
 
 PAGE_SHIFT = abi.PAGE_SHIFT
 #: Rule tag of the driver's binding and demand-paging refusals (backends.md 4.3).
-RULE_BIND = "Gunyah-4.3"
+BIND_RULE = "Gunyah-4.3"
 #: Rule tag of host-mappability decisions (backends.md 4.5).
-RULE_HOST = "Gunyah-4.5"
+HOST_RULE = "Gunyah-4.5"
 
 
 class Driver(enum.Enum):
@@ -251,7 +251,7 @@ class GunyahVm:
         """``(addrspace, guest extent, host extent)`` capabilities (``__first_resource``)."""
         res = self.resources
         if res is None:
-            raise KvmError(errno.ENODEV, RULE_VM, "no hypervisor resources: the VM was not started")
+            raise KvmError(errno.ENODEV, VM_RULE, "no hypervisor resources: the VM was not started")
         if share:
             return res.addrspace, res.guest_shared, res.host_shared
         return res.addrspace, res.guest_private, res.host_private
@@ -269,9 +269,9 @@ class GunyahVm:
         flags = self.pending.pop(slot, abi.GUNYAH_MEM_ALLOW_RWX | abi.GUNYAH_MEM_DEFAULT_ACCESS)
         binding = Binding(gfn, nr, i_off, flags, slot)
         if binding.lend and not self.host.can_set_direct_map:
-            raise KvmError(errno.EINVAL, RULE_BIND, "Cannot lend memory without rodata=full")
+            raise KvmError(errno.EINVAL, BIND_RULE, "Cannot lend memory without rodata=full")
         if self.bindings.overlaps(gfn, gfn + nr):  # mtree_insert_range
-            raise KvmError(errno.EEXIST, RULE_BIND, f"gfns [{gfn:#x}, {gfn + nr:#x}) are bound already")
+            raise KvmError(errno.EEXIST, BIND_RULE, f"gfns [{gfn:#x}, {gfn + nr:#x}) are bound already")
         self.bindings.set(gfn, gfn + nr, binding)
         self.view.trace("gunyah_map_mem", gfn=gfn, nr=nr, offset=i_off, flags=flags, lend=binding.lend)
         return binding
@@ -350,7 +350,7 @@ class GunyahVm:
         if self.status == VmStatus.NO_STATE:
             self.start()
         if self.status != VmStatus.RUNNING:
-            raise KvmError(errno.ENODEV, RULE_VM, f"the VM is {self.status.name}, not RUNNING")
+            raise KvmError(errno.ENODEV, VM_RULE, f"the VM is {self.status.name}, not RUNNING")
 
     def setup_demand_paging(self) -> None:
         """``gunyah_gmem_setup_demand_paging``: the lent bindings' ranges go to the RM
@@ -373,10 +373,10 @@ class GunyahVm:
         does; a VMM building its own parcels may).
         """
         if nr == 0:
-            raise KvmError(errno.EINVAL, RULE_BIND, "a parcel of no pages")
+            raise KvmError(errno.EINVAL, BIND_RULE, "a parcel of no pages")
         ent = self.bindings.entry(gfn)
         if ent is None or gfn + nr > ent[2].end:
-            raise KvmError(errno.ENOENT, RULE_BIND, f"gfns [{gfn:#x}, {gfn + nr:#x}) are not one binding")
+            raise KvmError(errno.ENOENT, BIND_RULE, f"gfns [{gfn:#x}, {gfn + nr:#x}) are not one binding")
         binding = ent[2]
         lend = force_lend or binding.lend
         gmem = self.gmem_of(binding)
@@ -384,7 +384,7 @@ class GunyahVm:
         gmem.allocate(first, first + nr)  # GUEST_MEMFD_GRAB_UPTODATE
         if lend and self._make_inaccessible(gmem, first, first + nr, gfn << PAGE_SHIFT) != first + nr:
             raise KvmError(
-                errno.EPERM, RULE_HOST, f"a folio of gfns [{gfn:#x}, {gfn + nr:#x}) is host mapped"
+                errno.EPERM, HOST_RULE, f"a folio of gfns [{gfn:#x}, {gfn + nr:#x}) is host mapped"
             )
         pfns = [self._pfn(gmem, first + i) for i in range(nr)]
         if lend:
@@ -497,7 +497,7 @@ class GunyahVm:
         if fault.write and not binding.write:
             raise self._page_fault_exit(fault, errno.EPERM, "a store to a read-only binding")
         if self.mm.get(gfn) is not None:  # provided, not mapped yet: another path is at it
-            raise KvmError(errno.EAGAIN, RULE_BIND, f"gfn {gfn:#x} is being provided")
+            raise KvmError(errno.EAGAIN, BIND_RULE, f"gfn {gfn:#x} is being provided")
         end = min(gfn + fault.npages, binding.end)
         for table in (self.hyp.stage2(self.vmid), self.mm):
             nxt = next(table.items(gfn, end), None)
@@ -526,7 +526,7 @@ class GunyahVm:
         if mapped_pfn != fault.pfn:
             raise KvmError(
                 errno.EFAULT,
-                RULE_BIND,
+                BIND_RULE,
                 f"gfn {fault.gfn:#x} maps pfn {mapped_pfn:#x}, its guest_memfd page is {fault.pfn:#x}",
             )
         writable = bool(access & Access.W)
@@ -567,7 +567,7 @@ class GunyahVm:
             return end
         if mapped[0][0] == start:
             raise KvmError(
-                errno.EPERM, RULE_HOST, f"gmem page {start:#x} (IPA {gpa:#x}) is mapped by the host"
+                errno.EPERM, HOST_RULE, f"gmem page {start:#x} (IPA {gpa:#x}) is mapped by the host"
             )
         return mapped[0][0]
 
@@ -583,7 +583,7 @@ class GunyahVm:
         host's direct map first (``gunyah_folio_lend_safe``)."""
         addrspace, guest, host_extent = self._extents(share)
         if self.mm.overlaps(gfn, gfn + npages):
-            raise KvmError(errno.EAGAIN, RULE_BIND, f"gfn {gfn:#x} was provided already")
+            raise KvmError(errno.EAGAIN, BIND_RULE, f"gfn {gfn:#x} was provided already")
         if not self.hyp.owned_by(pfn, npages, HLOS_MEMORY):
             # A folio lent already (PG_private: a parcel holds it) is not lent again.
             raise HypCallError(

@@ -25,7 +25,7 @@ from guestmem.api import GuestMemfd, Kvm, Vm
 from guestmem.backend import VmView, view
 from guestmem.errors import KvmError
 from guestmem_gunyah import abi
-from guestmem_gunyah.driver import RULE_BIND, Binding, Driver, GunyahVm, VmParcel
+from guestmem_gunyah.driver import BIND_RULE, Binding, Driver, GunyahVm, VmParcel
 from guestmem_gunyah.exits import PageFaultExit, SyncExternalAbort
 from guestmem_gunyah.policy import GunyahIoctl, gunyah_host, gunyah_state
 from guestmem_gunyah.rm import ResourceManager
@@ -40,9 +40,9 @@ def create_guest_mem(vm: Vm, size: int, flags: int = 0) -> GuestMemfd:
     (``GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED`` of the uAPI face).
     ``GHMF_ALLOW_HUGEPAGE`` is accepted; folios stay 4 KiB (README)."""
     if size % abi.PAGE_SIZE:
-        raise KvmError(errno.EINVAL, RULE_BIND, f"size {size:#x} is not page aligned")
+        raise KvmError(errno.EINVAL, BIND_RULE, f"size {size:#x} is not page aligned")
     if flags & ~(abi.GHMF_CLOEXEC | abi.GHMF_ALLOW_HUGEPAGE):
-        raise KvmError(errno.EINVAL, RULE_BIND, f"guest memory flags {flags:#x}")
+        raise KvmError(errno.EINVAL, BIND_RULE, f"guest memory flags {flags:#x}")
     return vm.create_guest_memfd(size, uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED)
 
 
@@ -106,32 +106,32 @@ class GunyahFace:
         (EEXIST), and the binding becomes a memslot of the uAPI face."""
         state = self.state
         if not isinstance(guest_mem, GuestMemfd) or guest_mem.closed:
-            raise KvmError(errno.EINVAL, RULE_BIND, "guest_mem_fd is not an open file")
+            raise KvmError(errno.EINVAL, BIND_RULE, "guest_mem_fd is not an open file")
         try:
             inode = view(guest_mem)
         except TypeError:
-            raise KvmError(errno.EINVAL, RULE_BIND, "not a Gunyah guest memory file") from None
+            raise KvmError(errno.EINVAL, BIND_RULE, "not a Gunyah guest memory file") from None
         if inode.owner.vm_id != state.view.vm_id:
-            raise KvmError(errno.EINVAL, RULE_BIND, "guest memory of another VM")
+            raise KvmError(errno.EINVAL, BIND_RULE, "guest memory of another VM")
         if flags & ~(abi.GUNYAH_MEM_ALLOW_RWX | abi.GUNYAH_MEM_UNMAP | abi.GUNYAH_MEM_ACCESS_MASK):
-            raise KvmError(errno.EINVAL, RULE_BIND, f"flags {flags:#x}")
+            raise KvmError(errno.EINVAL, BIND_RULE, f"flags {flags:#x}")
         if not flags & abi.GUNYAH_MEM_ALLOW_RWX:
-            raise KvmError(errno.EINVAL, RULE_BIND, "the VM needs some permission to the memory")
+            raise KvmError(errno.EINVAL, BIND_RULE, "the VM needs some permission to the memory")
         access = flags & abi.GUNYAH_MEM_ACCESS_MASK
         if access not in (
             abi.GUNYAH_MEM_DEFAULT_ACCESS,
             abi.GUNYAH_MEM_FORCE_LEND,
             abi.GUNYAH_MEM_FORCE_SHARE,
         ):
-            raise KvmError(errno.EINVAL, RULE_BIND, f"access {access:#x}")
+            raise KvmError(errno.EINVAL, BIND_RULE, f"access {access:#x}")
         if (guest_addr | offset | size) % abi.PAGE_SIZE:
-            raise KvmError(errno.EINVAL, RULE_BIND, "address, offset or size not page aligned")
+            raise KvmError(errno.EINVAL, BIND_RULE, "address, offset or size not page aligned")
         gfn, nr, i_off = guest_addr >> PAGE_SHIFT, size >> PAGE_SHIFT, offset >> PAGE_SHIFT
         if flags & abi.GUNYAH_MEM_UNMAP:
             self._remove_mapping(guest_mem, gfn, nr, i_off, flags & ~abi.GUNYAH_MEM_UNMAP)
             return
         if flags & abi.GUNYAH_MEM_FORCE_SHARE == 0 and not gunyah_host(state.view.host).can_set_direct_map:
-            raise KvmError(errno.EINVAL, RULE_BIND, "Cannot lend memory without rodata=full")
+            raise KvmError(errno.EINVAL, BIND_RULE, "Cannot lend memory without rodata=full")
         for b in self.bindings:
             loc = state.view.gfn_to_gmem(b.gfn)
             if (
@@ -141,7 +141,7 @@ class GunyahFace:
                 and i_off < b.i_off + b.nr
             ):
                 raise KvmError(
-                    errno.EEXIST, RULE_BIND, f"file pages [{i_off:#x}, +{nr:#x}) are bound already"
+                    errno.EEXIST, BIND_RULE, f"file pages [{i_off:#x}, +{nr:#x}) are bound already"
                 )
         self._bind(guest_mem, gfn, nr, i_off, flags)
 
@@ -168,7 +168,7 @@ class GunyahFace:
                 break
             end_delta = b.end - gfn - nr
             if start_delta and end_delta:
-                raise KvmError(errno.EINVAL, RULE_BIND, "cannot split a binding in two")
+                raise KvmError(errno.EINVAL, BIND_RULE, "cannot split a binding in two")
             self.vm.set_user_memory_region2(b.slot, _GMEM, b.gfn << PAGE_SHIFT, 0)
             if start_delta:  # keep the start
                 self._bind(guest_mem, b.gfn, start_delta, b.i_off, b.flags)
@@ -176,7 +176,7 @@ class GunyahFace:
                 self._bind(guest_mem, b.end - end_delta, end_delta, b.i_off + b.nr - end_delta, b.flags)
             return
         raise KvmError(
-            errno.ENOENT, RULE_BIND, f"no binding of gfns [{gfn:#x}, +{nr:#x}) with flags {flags:#x}"
+            errno.ENOENT, BIND_RULE, f"no binding of gfns [{gfn:#x}, +{nr:#x}) with flags {flags:#x}"
         )
 
     # --- the driver's parcels ------------------------------------------------------------------

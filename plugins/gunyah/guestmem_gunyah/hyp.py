@@ -405,7 +405,7 @@ class Hypervisor:
                     else:
                         self._unmap(source.vmid, lo - entry.delta, hi - lo)
         self._set_owner(pfn, npages, parcel, parcel.vmid)
-        self.count("hvc.memextent_donate", 1, None)
+        self.count("rm_donations", 1, None)
 
     def donate_from_parcel(self, parcel: Extent, target: Extent, pfn: int, npages: int) -> None:
         """``vm_memory_donate_extent(..., false)``: the pages go back to the owner's extent
@@ -421,14 +421,14 @@ class Hypervisor:
                     self._unmap(vmid, lo - entry.delta, hi - lo)
         self.hlos_borrowed.erase(pfn, pfn + npages)
         self._set_owner(pfn, npages, target, parcel.vmid)
-        self.count("hvc.memextent_donate", 1, None)
+        self.count("rm_donations", 1, None)
 
     def move_extent(self, parcel: Extent, target: Extent, pfn: int, npages: int) -> None:
         """A donation between two extents the RM holds (donate accept, image parcel to paged):
         ownership changes, every mapping of the old owner goes."""
         self._drop_mappings(parcel, pfn, npages)
         self._set_owner(pfn, npages, target, target.vmid)
-        self.count("hvc.memextent_donate", 1, None)
+        self.count("rm_donations", 1, None)
 
     def map_for(self, vmid: int, extent: Extent, gfn: int, pfn: int, npages: int, access: Access) -> None:
         """The RM maps *extent*'s pages into *vmid*'s stage-2 (``vm_memory_map_partial``);

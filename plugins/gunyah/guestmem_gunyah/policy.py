@@ -51,10 +51,10 @@ from guestmem_gunyah.abi import Access, VmStatus
 from guestmem_gunyah.driver import Driver, GunyahHost, GunyahVm
 from guestmem_gunyah.exits import SyncExternalAbort, VmStatusExit
 from guestmem_gunyah.hyp import ExtentKind, Hypervisor
-from guestmem_gunyah.rm import RULE_VM, ResourceManager
+from guestmem_gunyah.rm import VM_RULE, ResourceManager
 
 #: Rule tag of a uAPI call with no Gunyah counterpart.
-RULE_UAPI = "Gunyah-uapi"
+UAPI_RULE = "Gunyah-uapi"
 
 #: The one VM type: an arm64 VM as Linux 6.18 sees one (no memory attributes, one memslot
 #: address space, guest_memfd memslots must be gmem-only, no ``KVM_PRE_FAULT_MEMORY``).
@@ -160,14 +160,14 @@ class GunyahPolicy:
         if arg.request == abi.GUNYAH_VM_SET_DTB_CONFIG:
             gpa, size = arg.arg
             if gpa + size > uapi.U64_MAX:
-                raise KvmError(errno.EOVERFLOW, RULE_VM, "guest_phys_addr + size overflows")
+                raise KvmError(errno.EOVERFLOW, VM_RULE, "guest_phys_addr + size overflows")
             state.dtb_config = (gpa, size)
         elif arg.request == abi.GUNYAH_VM_START:
             state.ensure_started()
         elif arg.request == abi.GUNYAH_VM_SET_BOOT_CONTEXT:
             state.exit_info.setdefault("boot_context", []).append(arg.arg)
         else:
-            raise KvmError(errno.ENOTTY, RULE_UAPI, f"unknown Gunyah VM ioctl {arg.request:#x}")
+            raise KvmError(errno.ENOTTY, UAPI_RULE, f"unknown Gunyah VM ioctl {arg.request:#x}")
         vm.trace("gunyah_ioctl", request=arg.request)
         return 0
 
@@ -190,10 +190,10 @@ class GunyahPolicy:
         (EINVAL); a binding cannot move (EINVAL)."""
         if change == "create" and new is not None and not new.has_gmem:
             raise KvmError(
-                errno.EINVAL, RULE_UAPI, "Gunyah guest memory comes from guest_memfd bindings only"
+                errno.EINVAL, UAPI_RULE, "Gunyah guest memory comes from guest_memfd bindings only"
             )
         if change == "move":
-            raise KvmError(errno.EINVAL, RULE_UAPI, "a Gunyah binding cannot move")
+            raise KvmError(errno.EINVAL, UAPI_RULE, "a Gunyah binding cannot move")
 
     @hookimpl
     def guestmem_gmem_bind(self, vm: VmView, slot: SlotView, gmem: GmemView, pgoff: int, npages: int) -> None:
@@ -211,7 +211,7 @@ class GunyahPolicy:
         """Demand paging (``gunyah_gmem_demand_page``)."""
         state = gunyah_state(vm)
         if state.resources is None:
-            raise KvmError(errno.ENODEV, RULE_VM, "the VM has not started: no addrspace to map into")
+            raise KvmError(errno.ENODEV, VM_RULE, "the VM has not started: no addrspace to map into")
         state.demand_page(fault)
 
     @hookimpl

@@ -43,8 +43,8 @@ from guestmem_gunyah.abi import Access, Notification, RmError, Rpc, TransType, V
 from guestmem_gunyah.hyp import HLOS_MEMORY, Extent, ExtentKind, Hypervisor, VmResources
 
 #: Rule tags: VM identity and lifecycle (backends.md 4.1), parcel states (4.2).
-RULE_VM = "Gunyah-4.1"
-RULE_PARCEL = "Gunyah-4.2"
+VM_RULE = "Gunyah-4.1"
+PARCEL_RULE = "Gunyah-4.2"
 #: Where the RM's allocator puts a guest's accepted parcels when the guest names no IPA
 #: [U: the RM's per-VM IPA allocator is platform configuration].
 GUEST_IPA_ALLOC_BASE = 1 << 36
@@ -57,7 +57,7 @@ class RmCallError(KvmError):
     def __init__(self, error: RmError, rpc: Rpc, why: str) -> None:
         self.error = error
         self.rpc = rpc
-        rule = RULE_PARCEL if rpc.name.startswith("MEM_") else RULE_VM
+        rule = PARCEL_RULE if rpc.name.startswith("MEM_") else VM_RULE
         super().__init__(abi.rm_error_remap(error), rule, f"{rpc.name}: RM_ERROR_{error.name}: {why}")
 
 
