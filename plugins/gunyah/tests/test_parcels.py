@@ -336,3 +336,14 @@ def test_notify(rm: ResourceManager, vm: int) -> None:
     assert rm.vms[vm].inbox[-1][0] == Notification.MEM_RECALL
     expect(RmError.ARGUMENT_INVALID, rm.mem_notify, HLOS, handle, 3, [vm], mem_info_tag=5)
     expect(RmError.HANDLE_INVALID, rm.mem_notify, HLOS, 0x77, abi.MEM_NOTIFY_FLAG_SHARED, [vm])
+
+
+def test_an_init_parcel_can_be_accepted(rm: ResourceManager, vm: int) -> None:
+    """``memparcel_do_accept`` does not look at the state: a parcel still in INIT (appends
+    pending) is accepted like a complete one (the spec's table implies otherwise)."""
+    handle = rm.mem_lend(HLOS, [(vm, RW)], [(PA, PAGE)], flags=abi.MEM_CREATE_FLAG_APPEND)
+    assert rm.parcels[handle].state == ParcelState.INIT
+    rm.mem_accept(vm, handle, trans=LEND, sgl=[(1 << 30, PAGE)])
+    assert rm.parcels[handle].state == ParcelState.SHARED
+    rm.mem_release(vm, handle)
+    rm.mem_reclaim(HLOS, handle)
