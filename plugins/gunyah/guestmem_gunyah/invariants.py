@@ -14,7 +14,8 @@ RM's tables directly and the core through its views (backends.md 4.2, 4.5):
 * **G-2 core mirrors stage-2**: every stage-2 leaf the core holds for a Gunyah VM is
   mapped by the hypervisor to the same page (the core never reaches what Gunyah took);
 * **G-3 lent pages are the guest's**: a page of a guest private extent or of a lend parcel
-  is out of the host's direct map and in no host userspace mapping;
+  is out of the host's direct map (the first and last page of each run are read: the host
+  view answers page by page) and in no host userspace mapping;
 * **G-4 freed pages are the host's**: a page no longer allocated belongs to the HLOS and
   no stage-2 maps it;
 * **G-5 the driver's records** (between operations): every ``mm`` entry of a running VM is
@@ -33,7 +34,7 @@ from collections import Counter
 from guestmem.backend import HostView, OwnershipEvent, TraceEvent, VmView, hookimpl
 from guestmem.invariants import InvariantViolation
 from guestmem_gunyah.driver import GunyahHost, GunyahVm
-from guestmem_gunyah.hyp import HLOS_MEMORY, ExtentKind
+from guestmem_gunyah.hyp import HLOS_MEMORY, Extent, ExtentKind
 
 
 class GunyahViolation(InvariantViolation):
@@ -114,15 +115,12 @@ class GunyahChecker:
                     )
 
     def _lent_pages(self, machine: GunyahHost, where: str) -> None:
-        host = machine.host
-        lent = [
-            (s, e)
-            for s, e, owner in machine.hyp.memdb.items()
-            if owner.kind == ExtentKind.GUEST_PRIVATE
-            or (owner.kind == ExtentKind.PARCEL and not owner.shared)
-        ]
+        host, hyp = machine.host, machine.hyp
+        lent = [(s, e) for s, e, owner in hyp.memdb.items() if _lent(owner)]
         for s, e in lent:
             self.checked["G-3"] += 1
+            # The host view answers page by page: the ends of each run stand for it (the
+            # driver changes the direct map run by run).
             for pfn in (s, e - 1):
                 if host.direct_map_valid(pfn):
                     self._fail(f"G-3 {where}: lent pfn {pfn:#x} is in the host's direct map")
@@ -136,10 +134,10 @@ class GunyahChecker:
                 if gmem is None:
                     continue
                 for s, e in gmem.host_mapped_ranges():
-                    for index in range(s, e):
-                        page = gmem.pfn(index)
-                        if page is not None and not machine.hyp.host_accessible(page):
-                            self._fail(f"G-3 {where}: the host maps gmem page {index:#x}, lent pfn {page:#x}")
+                    for folio in gmem.folios(s, e):
+                        for ps, pe, owner in hyp.owner_runs(folio.pfn, folio.end - folio.start):
+                            if _lent(owner) and any(hyp.hlos_borrowed.gaps(ps, pe)):
+                                self._fail(f"G-3 {where}: the host maps lent pfns [{ps:#x}, {pe:#x})")
 
     def _freed_pages(self, machine: GunyahHost, where: str) -> None:
         host, hyp = machine.host, machine.hyp
@@ -181,3 +179,8 @@ class GunyahChecker:
         for parcel in machine.rm.parcels.values():
             if any(info.vmid == vmid for info in parcel.acl):
                 self._fail(f"G-6 {where}: parcel {parcel.handle:#x} still names destroyed VM {vmid:#x}")
+
+
+def _lent(owner: Extent) -> bool:
+    """A page the host may not reach: a guest's private extent's, a lend or donate parcel's."""
+    return owner.kind == ExtentKind.GUEST_PRIVATE or (owner.kind == ExtentKind.PARCEL and not owner.shared)

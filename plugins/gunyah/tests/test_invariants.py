@@ -32,6 +32,14 @@ def _break_direct_map(g: Guest) -> None:
     view(g.kvm).set_direct_map_default(g.vm.gmem_pfn(LENT_GFN + 1), 1)
 
 
+def _break_host_mapping(g: Guest) -> None:
+    mapping = g.mmap(g.lent)
+    mapping.read(10 * PAGE, 1)
+    pfn = g.vm.gmem_pfn(LENT_GFN + 10)
+    view(g.kvm).set_direct_map_invalid(pfn, 1)
+    machine(g.kvm).hyp.memdb.set(pfn, pfn + 1, Extent(ExtentKind.GUEST_PRIVATE, g.gh.vmid))
+
+
 def _break_freed(g: Guest) -> None:
     pfn = view(g.kvm).alloc(1)
     view(g.kvm).free(pfn, 1)
@@ -51,7 +59,8 @@ def _break_driver_records(g: Guest) -> None:
     [
         ("G-1", _break_stage2_owner),
         ("G-2", _break_core_mirror),
-        ("G-3", _break_direct_map),
+        ("G-3.*direct map", _break_direct_map),
+        ("G-3.*host maps", _break_host_mapping),
         ("G-4", _break_freed),
         ("G-5", _break_driver_records),
     ],
