@@ -656,14 +656,6 @@ class GunyahVm:
         self.mm.erase(gfn, gfn + npages)
         self.count("reclaimed_pages", npages)
 
-    def launder(self, gfn: int) -> int:
-        """``gunyah_gmem_launder_folio`` -> ``gunyah_vm_reclaim_folio``: one folio back."""
-        ent = self.mm.entry(gfn)
-        if ent is None:
-            return 0
-        self.count("launders")
-        return self.reclaim_range(gfn, 1)
-
     # --- teardown (_gunyah_vm_put) --------------------------------------------------------------
     def pre_destroy(self) -> None:
         """The head of ``_gunyah_vm_put``: stop a running VM (``VM_STOP``, forced), reclaim
