@@ -11,26 +11,33 @@ import pytest
 
 import guestmem
 from guestmem import KvmError, uapi
-from guestmem.backend import TraceEvent, hookimpl
 from guestmem_gunyah import VmStatusExit, abi, gunyah, gunyah_state, rm
 from guestmem_gunyah.abi import RmError, Rpc, VmStatus
 from guestmem_gunyah.hyp import ExtentKind
 from guestmem_gunyah.invariants import GunyahChecker, GunyahViolation
 from guestmem_gunyah.rm import RmCallError
 
-from .conftest import LENT_GPA, PAGE, SIZE, Guest, machine, observing
+from .conftest import LENT_GPA, PAGE, SHARED_GPA, SIZE, Guest, machine, observing
 
 
-class RpcLog:
-    """Records the RM RPCs of a VM in order (its ``gunyah.rm.*`` counters as they move)."""
+class CallLog:
+    """Records, in order, the RM RPCs and hypercalls a machine makes (wrapping its cost hook)."""
 
-    def __init__(self) -> None:
-        self.rpcs: list[str] = []
+    def __init__(self, kvm: Any) -> None:
+        self.calls: list[str] = []
+        m = machine(kvm)
+        inner = m.rm.count_fn
+        assert inner is not None
 
-    @hookimpl
-    def guestmem_trace(self, event: TraceEvent) -> None:
-        if event.kind.startswith("gunyah_"):
-            self.rpcs.append(event.kind)
+        def count(name: str, n: int, vmid: int | None) -> None:
+            if name.startswith(("rm.", "hvc.")):
+                self.calls.append(name)
+            inner(name, n, vmid)
+
+        m.rm.count_fn = m.hyp.count_fn = count
+
+    def rpcs(self) -> list[str]:
+        return [c.removeprefix("rm.") for c in self.calls if c.startswith("rm.")]
 
 
 def rpc_counts(vm: Any) -> dict[str, int]:
@@ -39,23 +46,26 @@ def rpc_counts(vm: Any) -> dict[str, int]:
 
 def test_start_sequence_of_gunyah_vm_start(guest: Guest) -> None:
     """VMID, DTB parcel lent (MEM_LEND), CONFIG_IMAGE, demand paging for the lent binding,
-    address layout, INIT (READY), hypervisor resources, START (RUNNING); the DTB pages are
-    the VM's memory from then on."""
+    address layout, INIT (READY), hypervisor resources, START (RUNNING), in that order; the
+    DTB pages are the VM's memory from then on."""
     gh, vm = guest.gh, guest.vm
+    log = CallLog(guest.kvm)
     assert gh.status == VmStatus.NO_STATE and gh.vmid == abi.GUNYAH_VMID_INVAL
     gh.start()
     assert gh.status == VmStatus.RUNNING and gh.vmid == abi.VMID_DYNAMIC_BASE
-    assert rpc_counts(vm) == {
-        "MEM_LEND": 1,
-        "VM_CONFIG_IMAGE": 1,
-        "VM_SET_DEMAND_PAGING": 1,
-        "VM_SET_ADDRESS_LAYOUT": 1,
-        "VM_INIT": 1,
-        "VM_GET_HYP_RESOURCES": 1,
-        "VM_START": 1,
-    }
+    assert log.rpcs() == [
+        "VM_ALLOC_VMID",
+        "MEM_LEND",
+        "VM_CONFIG_IMAGE",
+        "VM_SET_DEMAND_PAGING",
+        "VM_SET_ADDRESS_LAYOUT",
+        "VM_INIT",
+        "VM_GET_HYP_RESOURCES",
+        "VM_START",
+    ]
     m = machine(guest.kvm)
     assert m.counters["rm.VM_ALLOC_VMID"] == 1  # the VM has no VMID to charge it to yet
+    assert rpc_counts(vm)["VM_START"] == 1
     rm_vm = m.rm.vms[gh.vmid]
     assert rm_vm.state == VmStatus.RUNNING and rm_vm.demand_paging == [(LENT_GPA, SIZE)]
     dtb_pfn = vm.gmem_pfn(LENT_GPA >> 12)
@@ -139,26 +149,31 @@ def test_a_vm_that_failed_after_config_image_leaks_its_vmid(rpc: Rpc) -> None:
 
 
 def test_teardown_of_a_running_vm_follows_gunyah_vm_put(guest: Guest) -> None:
-    """Stop (EXITED), bindings reclaimed, reset (RESET), VMID freed: every page back with
-    the HLOS, in the host's direct map."""
+    """Stop (EXITED), bindings and everything reclaimed, reset (RESET), VMID freed: every
+    page back with the HLOS, in the host's direct map."""
     guest.vcpu.access(LENT_GPA + PAGE, data=b"lent")
-    guest.vcpu.access(LENT_GPA + 2 * PAGE, data=b"lent")
+    guest.vcpu.access(SHARED_GPA + PAGE, data=b"shared")
     m = machine(guest.kvm)
     vmid = guest.gh.vmid
     state = guest.gh.state
-    pfns = [guest.vm.gmem_pfn((LENT_GPA >> 12) + i) for i in range(3)]
-    log = RpcLog()
-    with observing(log, "rpc-log"):
-        guest.vcpu.close()
-        guest.vm.close()  # the files still pin the VM
-        assert state.status == VmStatus.RUNNING
-        guest.lent.close()  # release: the lent pages are laundered out of the running VM
-        assert not state.mm.overlaps(LENT_GPA >> 12, (LENT_GPA >> 12) + 3)
-        guest.shared.close()
-    assert log.rpcs[-1] == "gunyah_vm_put"
+    pfns = [guest.vm.gmem_pfn((LENT_GPA >> 12) + i) for i in range(2)]
+    log = CallLog(guest.kvm)
+    guest.vcpu.close()
+    guest.vm.close()  # the files pin the VM
+    guest.shared.close()  # release: its page is reclaimed out of the running VM
+    assert state.status == VmStatus.RUNNING and log.calls == ["hvc.addrspace_unmap", "hvc.memextent_donate"]
+    del log.calls[:]
+    guest.lent.close()  # the last reference: _gunyah_vm_put
+    assert log.calls == [
+        "hvc.addrspace_unmap",  # the release's reclaim (DTB page and the lent page: one run)
+        "hvc.memextent_donate",
+        "rm.VM_STOP",
+        "rm.VM_RESET",
+        "rm.VM_DEALLOC_VMID",
+    ]
     assert state.status == VmStatus.RESET and vmid not in m.rm.vms
     assert not m.hyp.memdb and vmid not in m.hyp.addrspaces
-    assert all(view_pfn is not None and m.host.direct_map_valid(view_pfn) for view_pfn in pfns)
+    assert all(pfn is not None and m.host.direct_map_valid(pfn) for pfn in pfns)
     assert not m.warnings
 
 
