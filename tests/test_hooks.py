@@ -484,6 +484,66 @@ class HostAccess:
         return set()
 
 
+class StageTwoAbort:
+    """A machine whose "hypervisor" takes pages from the host: userspace gets SIGSEGV, the
+    host kernel goes down (pKVM's ``host_inject_abort`` and arm64 ``do_page_fault``)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, bool, int | None]] = []
+
+    @hookimpl
+    def guestmem_host_init(self, host: HostView) -> set[int]:
+        return set()
+
+    @hookimpl
+    def guestmem_host_access(self, host: HostView, pfn: int, write: bool, address: int | None) -> str | None:
+        self.seen.append((pfn, write, address))
+        if pfn not in host.arch:
+            return None
+        if address is not None:
+            raise guestmem.HostSigsegv(address, "", "stage-2 fault")
+        return "access to hypervisor-protected memory"
+
+
+def test_every_host_userspace_access_meets_the_backend_with_its_address() -> None:
+    """``guestmem_host_access`` sees each page of every userspace load and store, anonymous
+    memory included, with the host address; a backend's HostSigsegv stops that access only
+    (nothing stored, the host goes on), while the kernel's own store (address None) may take
+    the host down.  KVM's hva fault path (get_user_pages) touches no data: no call."""
+    policy = StageTwoAbort()
+    with throwaway_backend("t-sigsegv", x86_type(0), policy=policy) as kvm, kvm.create_vm(0) as vm:
+        shared = kvm.mmap_anonymous(2 * PAGE)
+        vm.set_user_memory_region2(0, 0, 0, 2 * PAGE, shared.address)
+        vcpu = vm.create_vcpu(0)
+        vcpu.access(PAGE - 2, data=b"abcd")  # the hva path: no host access
+        assert policy.seen == []
+        shared.write(PAGE - 1, b"XY")  # one store over two pages: two host accesses
+        leaf = view(vm).leaf(0)
+        assert leaf is not None and leaf.npages >= 2
+        pfn0, pfn1 = leaf.pfn, leaf.pfn + 1
+        assert policy.seen == [(pfn0, True, shared.address + PAGE - 1), (pfn1, True, shared.address + PAGE)]
+        host = view(kvm)
+        host.arch.add(pfn1)
+        with pytest.raises(guestmem.HostSigsegv) as info:
+            shared.read(PAGE, 2)
+        exc = info.value
+        assert (exc.errno, exc.address, exc.si_code) == (
+            errno.EFAULT,
+            shared.address + PAGE,
+            uapi.SEGV_ACCERR,
+        )
+        assert isinstance(exc, KvmError) and "SIGSEGV" in str(exc)
+        with pytest.raises(guestmem.HostSigsegv):
+            shared.write(PAGE, b"z")
+        assert host.crashed is None and shared.read(0, PAGE) == bytes(PAGE - 2) + b"aX"
+        vm.mmu_notifier_invalidate_range(shared.address, shared.address + 2 * PAGE)
+        assert vcpu.access(PAGE, 1) == b"Y"  # the guest refaults through the hva path
+        policy.seen.clear()
+        with pytest.raises(guestmem.HostCrash, match="hypervisor-protected"):
+            host.kernel_write(pfn1, 0, b"k")
+        assert policy.seen == [(pfn1, True, None)] and host.crashed
+
+
 def test_host_kernel_writes_meet_the_direct_map_and_the_backend() -> None:
     with throwaway_backend("t-kwrite", policy=HostAccess()) as kvm:
         host = view(kvm)

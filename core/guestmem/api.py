@@ -39,7 +39,8 @@ class HostMapping(_Closable):
     """A host userspace mapping (``mmap``): anonymous memory or a guest_memfd range.
 
     Accesses are host loads/stores.  One the kernel would answer with SIGBUS raises
-    :class:`guestmem.HostSigbus`; the process never dies.
+    :class:`guestmem.HostSigbus`, one it would answer with SIGSEGV (a page the hardware
+    took from the host: arm64 pKVM) :class:`guestmem.HostSigsegv`; the process never dies.
     """
 
     address: int

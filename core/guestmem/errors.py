@@ -81,6 +81,24 @@ class HostSigbus(KvmError):
         super().__init__(_errno.EFAULT, rule, f"SIGBUS at host address {address:#x}: {why}")
 
 
+class HostSigsegv(KvmError):
+    """A host userspace access that the kernel answers with SIGSEGV.
+
+    The process never dies: the access raises this instead and changes nothing.  ``errno``
+    is ``EFAULT`` (what a ``process_vm_readv`` of the same address would report);
+    ``si_code`` is the signal's (``uapi.SEGV_ACCERR``: the address is mapped but the access
+    is not allowed).  arm64 pKVM answers a host access to a page the hypervisor took from
+    the host stage-2 this way: ``handle_host_mem_abort`` injects the abort back into the
+    host (``host_inject_abort``) and the host's ``do_page_fault`` sends the process
+    ``SIGSEGV``/``SEGV_ACCERR`` ("stage-2 fault").
+    """
+
+    def __init__(self, address: int, rule: str, why: str, *, si_code: int = uapi.SEGV_ACCERR) -> None:
+        self.address = address
+        self.si_code = si_code
+        super().__init__(_errno.EFAULT, rule, f"SIGSEGV at host address {address:#x}: {why}")
+
+
 class GuestExit(Exception):
     """``KVM_RUN`` returned 0 with an exit the access could not complete through."""
 

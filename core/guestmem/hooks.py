@@ -280,9 +280,9 @@ class Hooks:
             TypeError(f"returned {result!r}, not a HostFault or None"),
         )
 
-    def host_access(self, host: HostView, pfn: int, write: bool) -> str | None:
+    def host_access(self, host: HostView, pfn: int, write: bool, address: int | None) -> str | None:
         """``guestmem_host_access``."""
-        result = self._call("host_access", (host, pfn, write))
+        result = self._call("host_access", (host, pfn, write, address))
         return None if result is None else str(result)
 
     def guest_access(self, vcpu: VcpuView, gfn: int, pfn: int, write: bool, private: bool) -> None:

@@ -375,17 +375,29 @@ def guestmem_gmem_fault_user_mapping(vm: VmView, gmem: GmemView, index: int) -> 
 
 
 @hookspec(firstresult=True)
-def guestmem_host_access(host: HostView, pfn: int, write: bool) -> str | None:
-    """The host touched page *pfn* of guest_memfd or, through its direct map, any page.
+def guestmem_host_access(host: HostView, pfn: int, write: bool, address: int | None) -> str | None:
+    """The host touched page *pfn*: a load or store of host userspace through one of its
+    mappings (at host virtual *address*), or the host kernel's own store through its direct
+    map (*address* ``None``).
+
+    Called for every page of every host userspace access (anonymous memory and guest_memfd
+    mappings alike) once the page is faulted in, and for every host kernel store
+    (:meth:`~guestmem.backend.HostView.kernel_write`); not for the host's page-table walks
+    (get_user_pages of KVM's hva fault path), which touch no data.
 
     Return ``None`` if the access is fine, or a verdict for a modelled hardware outcome
-    that takes the host down (an RMP #PF on a write to an assigned page).  The core
-    records it and raises :class:`guestmem.HostCrash`.  A backend whose hardware does not
-    stop the access but remembers it (TDX poisons the line) records that and returns None.
+    that takes the host down (an RMP #PF on a write to an assigned page): the core records
+    it and raises :class:`guestmem.HostCrash`.  A backend whose hardware does not stop the
+    access but remembers it (TDX poisons the line) records that and returns None.  A
+    userspace access the host kernel answers with a signal to the process raises
+    :class:`guestmem.HostSigsegv` (or :class:`guestmem.HostSigbus`) with *address*: the
+    access does not happen and the host goes on (arm64 pKVM: ``host_inject_abort``, then
+    ``do_page_fault`` sends ``SIGSEGV``/``SEGV_ACCERR``).
 
     :param host: the machine.
     :param pfn: the page touched.
     :param write: a store.
+    :param address: the host virtual address of a userspace access; None for the host kernel.
     """
 
 
