@@ -50,7 +50,7 @@ from guestmem.backend import (
     hookimpl,
     view,
 )
-from guestmem.errors import GuestExit, KvmError, MemoryFault
+from guestmem.errors import GuestExit, HostSigsegv, KvmError, MemoryFault
 from guestmem_pkvm import abi
 from guestmem_pkvm.exits import HypercallExit
 from guestmem_pkvm.ownership import (
@@ -406,15 +406,26 @@ class PkvmPolicy:
         return HostFault.ALLOW if mappable else HostFault.SIGBUS
 
     @hookimpl
-    def guestmem_host_access(self, host: HostView, pfn: int, write: bool) -> str | None:
-        """A host access to a page not in the host stage-2 is a stage-2 abort (3.2)."""
+    def guestmem_host_access(self, host: HostView, pfn: int, write: bool, address: int | None) -> str | None:
+        """A host access to a page not in the host stage-2 is a stage-2 abort (3.2).
+
+        ``handle_host_mem_abort``: ``host_stage2_idmap`` refuses a page another component
+        owns (-EPERM) and ``host_inject_abort`` hands the abort back to the host kernel,
+        marked with ``ESR_ELx_S1PTW``.  arm64 ``do_page_fault`` then sends a userspace
+        access ``SIGSEGV``/``SEGV_ACCERR`` ("stage-2 fault"): the process is told, the host
+        goes on.  The host kernel's own access has no context to fix it up
+        (``__do_kernel_fault``): it dies with "access to hypervisor-protected memory".
+        """
         page = hypervisor(host).host_state(pfn)
         if page.state != PageState.NOPAGE:
             return None
-        return (
-            f"pKVM host stage-2 abort: pfn {pfn:#x} belongs to {page.owner.name.lower()} "
-            f"handle {page.handle:#x} (access to hypervisor-protected memory)"
-        )
+        owner = f"{page.owner.name.lower()} handle {page.handle:#x}"
+        if address is not None:
+            host.count("pkvm.host_stage2_aborts")
+            host.trace("pkvm_host_abort", pfn=pfn, address=address, write=write, owner=owner)
+            raise HostSigsegv(address, "pKVM-3.2", f"stage-2 fault: pfn {pfn:#x} belongs to {owner}")
+        why = "access to hypervisor-protected memory"
+        return f"pKVM host stage-2 abort: pfn {pfn:#x} belongs to {owner} ({why})"
 
     # --- guest hypercalls ---------------------------------------------------------------------
     @hookimpl

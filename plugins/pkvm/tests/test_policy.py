@@ -9,6 +9,7 @@ import pytest
 
 import guestmem
 from guestmem import HostSigbus, KvmError, MemoryFault, uapi
+from guestmem.backend import view
 from guestmem_pkvm import abi
 from guestmem_pkvm.exits import HypercallExit
 from guestmem_pkvm.ownership import HANDLE_OFFSET, PageState
@@ -342,3 +343,53 @@ def test_without_init_shared_only_shared_pages_are_host_mappable_m_4_3_5(kvm: An
     m.close()
     gmem.close()
     assert vm.destroyed
+
+
+# --- host access to a donated page (3.2: host_inject_abort, then the host's do_page_fault) -----
+def _plain_slot_vm(kvm: Any, backing: Any) -> tuple[Any, Any]:
+    """A protected VM whose memslot is a plain (hva) one over *backing*, and its vCPU."""
+    vm = kvm.create_vm(abi.KVM_VM_TYPE_ARM_PROTECTED)
+    vm.set_user_memory_region2(0, 0, GPA, backing.length, backing.address)
+    return vm, vm.create_vcpu(0)
+
+
+def test_host_userspace_access_to_a_donated_page_is_sigsegv_not_a_host_crash_3_2(kvm: Any) -> None:
+    """A plain memslot over a host mapping of guest_memfd: nothing in the hypervisor sees the
+    host's stage-1 mapping, so ``__pkvm_host_donate_guest`` (host OWNED, guest NOPAGE) donates
+    the page the host still maps.  The host's next access to it is a host stage-2 abort that
+    ``handle_host_mem_abort`` injects back (``host_inject_abort``); arm64 ``do_page_fault``
+    answers a userspace one with SIGSEGV/SEGV_ACCERR, and the machine goes on."""
+    gmem = kvm.create_vm(abi.KVM_VM_TYPE_ARM_PROTECTED).create_guest_memfd(SIZE, GMEM_FLAGS)
+    host_map = gmem.mmap(SIZE)
+    host_map.write(0, b"hello")
+    vm, vcpu = _plain_slot_vm(kvm, host_map)
+    assert vcpu.access(GPA, 5) == b"hello"
+    state = pkvm_state(vm)
+    pfn = state.hvm.state(GPA >> 12).pfn(GPA >> 12)
+    assert state.hyp.host_state(pfn).state == PageState.NOPAGE  # donated while host-mapped
+    for access in (lambda: host_map.read(0, 1), lambda: host_map.write(2, b"X")):
+        with pytest.raises(guestmem.HostSigsegv) as info:
+            access()
+        exc = info.value
+        assert (exc.errno, exc.si_code, exc.rule) == (errno.EFAULT, uapi.SEGV_ACCERR, "pKVM-3.2")
+        assert exc.address in (host_map.address, host_map.address + 2)
+    host = view(kvm)
+    assert host.crashed is None and host.counters["pkvm.host_stage2_aborts"] == 2
+    assert vcpu.access(GPA, 5) == b"hello"  # the refused store changed nothing
+    assert host_map.read(PAGE, 1) == b"\0"  # the rest of the mapping is the host's
+    with pytest.raises(guestmem.HostCrash, match="hypervisor-protected memory"):
+        host.kernel_write(pfn, 0, b"k")  # the host kernel's own access: __do_kernel_fault dies
+
+
+def test_guest_memory_behind_anonymous_host_memory_is_not_readable_by_the_host_3_2(kvm: Any) -> None:
+    """The same for a protected VM's ordinary (anonymous) memory: the host cannot read what
+    the guest stored in its private page, and gets it back zeroed at teardown."""
+    shared = kvm.mmap_anonymous(SIZE)
+    vm, vcpu = _plain_slot_vm(kvm, shared)
+    vcpu.access(GPA, data=b"secret")
+    with pytest.raises(guestmem.HostSigsegv):
+        shared.read(0, 6)
+    vcpu.close()
+    vm.close()  # teardown: __pkvm_host_reclaim_page_guest zeroes the page for the host
+    assert vm.destroyed and shared.read(0, 6) == bytes(6)
+    shared.close()
