@@ -44,6 +44,7 @@ from guestmem.backend import (
     HostFault,
     HostView,
     Owner,
+    SlotView,
     VcpuView,
     VmTypeInfo,
     VmView,
@@ -322,6 +323,25 @@ class PkvmPolicy:
         vm.trace("enable_cap", cap=arg.cap, args=list(arg.args))
         return 0
 
+    # --- memslots ------------------------------------------------------------------------------
+    @hookimpl
+    def guestmem_prepare_memory_region(
+        self, vm: VmView, old: SlotView | None, new: SlotView | None, change: str
+    ) -> None:
+        """Android's ``kvm_arch_prepare_memory_region`` under pKVM ("KVM: arm64: Do not allow
+        changes to private memory slots"): once a protected VM's hypervisor VM exists (its
+        first ``KVM_RUN``), its memslots may not be deleted or moved; no memslot of a
+        protected VM may log dirty pages.  Both are EPERM (pKVM-3.6)."""
+        state = pkvm_state(vm)
+        if not state.protected:
+            return
+        if change in ("delete", "move") and state.hvm is not None:
+            raise KvmError(
+                errno.EPERM, "pKVM-3.6", f"a protected VM that ran keeps its memslots (no {change})"
+            )
+        if new is not None and new.flags & (uapi.KVM_MEM_LOG_DIRTY_PAGES | uapi.KVM_MEM_READONLY):
+            raise KvmError(errno.EPERM, "pKVM-3.6", "a protected VM's memslots log no dirty pages")
+
     # --- guest stage-2 faults: donation (pVM) or share (normal VM) ------------------------------
     @hookimpl
     def guestmem_fault(self, vm: VmView, fault: Fault) -> None:
@@ -360,8 +380,18 @@ class PkvmPolicy:
     # --- invalidation and reclaim --------------------------------------------------------------
     @hookimpl
     def guestmem_unmap_gfn_range(self, vm: VmView, range: GfnRange) -> bool:  # noqa: A002
-        """The host removes guest pages: reclaim (VM closing) or force reclaim (VM alive)."""
-        return self._reclaim(vm, pkvm_state(vm), range.start, range.end)
+        """The host removes guest pages: reclaim (VM closing) or force reclaim (VM alive).
+
+        Not when a memslot of a protected VM is deleted or moved: ``kvm_set_memslot`` zaps
+        the slot (``kvm_arch_flush_shadow_memslot`` -> ``kvm_stage2_unmap_range``) before
+        ``kvm_arch_prepare_memory_region`` refuses the change (pKVM-3.6), and the host
+        cannot unmap a protected guest's memory (``pkvm_pgtable_stage2_unmap`` refuses a
+        protected VM): the pages stay the guest's, the zapped leaves are refaulted.
+        """
+        state = pkvm_state(vm)
+        if state.protected and range.slot.flags & uapi.KVM_MEMSLOT_INVALID:
+            return False
+        return self._reclaim(vm, state, range.start, range.end)
 
     def _reclaim(self, vm: VmView, state: PkvmVm, start: int, end: int) -> bool:
         hyp, hvm = state.hyp, state.hvm

@@ -393,3 +393,81 @@ def test_guest_memory_behind_anonymous_host_memory_is_not_readable_by_the_host_3
     vm.close()  # teardown: __pkvm_host_reclaim_page_guest zeroes the page for the host
     assert vm.destroyed and shared.read(0, 6) == bytes(6)
     shared.close()
+
+
+# --- memslot changes of a protected VM (3.6) -------------------------------------------------------
+def test_memslots_of_a_protected_vm_that_ran_are_kept_and_its_pages_untouched_3_6(kvm: Any) -> None:
+    """``kvm_set_memslot`` zaps a slot being deleted or moved (``kvm_arch_flush_shadow_memslot``)
+    before ``kvm_arch_prepare_memory_region``, which Android's pKVM makes refuse a DELETE or a
+    MOVE of a protected VM that ran with EPERM.  The zap does not take the guest's pages back
+    (``pkvm_pgtable_stage2_unmap`` refuses a protected VM): after a refused change, whatever
+    refused it, the guest still owns its page with its contents, nothing was poisoned."""
+    shared = kvm.mmap_anonymous(SIZE)
+    vm, vcpu = _plain_slot_vm(kvm, shared)
+    vcpu.access(GPA, data=b"secret")
+    hvm = pkvm_state(vm).hvm
+    owned = hvm.state(GPA >> 12)
+    refusals = [
+        ((0, 0, GPA + SIZE, SIZE, shared.address), errno.EPERM, "pKVM-3.6"),  # MOVE
+        ((0, 0, GPA, 0, 0), errno.EPERM, "pKVM-3.6"),  # DELETE
+        # A MOVE past the IPA space: arm64's own check in kvm_arch_prepare_memory_region
+        # (Android runs the pKVM check first; both refuse and change nothing).
+        ((0, 0, (1 << 40) - PAGE, SIZE, shared.address), errno.EFAULT, "S-7"),
+    ]
+    for args, err, rule in refusals:
+        with pytest.raises(KvmError) as info:
+            vm.set_user_memory_region2(*args)
+        assert (info.value.errno, info.value.rule) == (err, rule), args
+        assert hvm.state(GPA >> 12) == owned
+        assert vcpu.access(GPA, 6) == b"secret"
+    assert vm.counters["pkvm.force_reclaims"] == vm.counters["pkvm.poison_faults"] == 0
+    assert vm.memslots[(0, 0)].base_gfn == GPA >> 12
+    vcpu.close()
+    vm.close()
+    assert shared.read(0, 6) == bytes(6)  # reclaimed, zeroed, at teardown
+    shared.close()
+
+
+def test_memslots_change_freely_before_the_first_run_and_on_a_normal_vm_3_6(kvm: Any) -> None:
+    """No hyp VM yet: nothing was donated, DELETE and MOVE go through.  A normal VM's pages
+    are shared, not donated: its memslots change after it ran, unsharing what was mapped."""
+    shared = kvm.mmap_anonymous(SIZE)
+    vm, vcpu = _plain_slot_vm(kvm, shared)
+    vm.set_user_memory_region2(0, 0, GPA + SIZE, SIZE, shared.address)  # MOVE
+    vm.set_user_memory_region2(0, 0, GPA + SIZE, 0, 0)  # DELETE
+    vcpu.close()
+    vm.close()
+    normal = kvm.create_vm(abi.KVM_VM_TYPE_ARM_DEFAULT)
+    normal.set_user_memory_region2(0, 0, GPA, SIZE, shared.address)
+    nvcpu = normal.create_vcpu(0)
+    nvcpu.access(GPA, data=b"np")
+    state = pkvm_state(normal)
+    assert state.hvm.state(GPA >> 12).state == PageState.SHARED_BORROWED
+    normal.set_user_memory_region2(0, 0, GPA + SIZE, SIZE, shared.address)  # MOVE: unshared
+    assert state.hvm.state(GPA >> 12).state == PageState.NOPAGE and len(state.hyp.host) == 0
+    assert nvcpu.access(GPA + SIZE, 2) == b"np"
+    nvcpu.close()
+    normal.close()
+    shared.close()
+
+
+@pytest.mark.parametrize("vm_type", [abi.KVM_VM_TYPE_ARM_PROTECTED, abi.KVM_VM_TYPE_ARM_DEFAULT])
+def test_a_protected_vm_logs_no_dirty_pages_3_6(kvm: Any, vm_type: int) -> None:
+    """Android ``kvm_arch_prepare_memory_region``: ``KVM_MEM_LOG_DIRTY_PAGES`` on a memslot of
+    a protected VM is EPERM (create and flags change alike); a normal VM may log."""
+    shared = kvm.mmap_anonymous(SIZE)
+    vm = kvm.create_vm(vm_type)
+    dirty = uapi.KVM_MEM_LOG_DIRTY_PAGES
+    if vm_type == abi.KVM_VM_TYPE_ARM_PROTECTED:
+        with pytest.raises(KvmError) as info:
+            vm.set_user_memory_region2(0, dirty, GPA, SIZE, shared.address)  # CREATE
+        assert (info.value.errno, info.value.rule) == (errno.EPERM, "pKVM-3.6") and not vm.memslots
+        vm.set_user_memory_region2(0, 0, GPA, SIZE, shared.address)
+        with pytest.raises(KvmError) as info:
+            vm.set_user_memory_region2(0, dirty, GPA, SIZE, shared.address)  # FLAGS_ONLY
+        assert (info.value.errno, info.value.rule) == (errno.EPERM, "pKVM-3.6")
+        assert vm.memslots[(0, 0)].flags == 0
+    else:
+        vm.set_user_memory_region2(0, dirty, GPA, SIZE, shared.address)
+    vm.close()
+    shared.close()
