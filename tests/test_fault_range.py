@@ -179,6 +179,47 @@ def test_dead_vm_is_EIO(protected_vm: Any) -> None:
     assert info.value.errno == errno.EIO
 
 
+class PreRun:
+    def __init__(self) -> None:
+        self.runs = 0
+
+    @guestmem.hookimpl
+    def guestmem_vcpu_pre_run(self, vcpu: Any) -> None:
+        self.runs += 1
+
+
+def test_a_closed_vcpus_accesses_are_EBADF_and_map_nothing() -> None:
+    """The accesses of a vCPU run inside its ``KVM_RUN`` (``kvm_vcpu_ioctl``): once its fd is
+    closed they fail with EBADF before anything is mapped, through ``fault_range`` as through
+    ``VcpuView.check_run``, the checks a backend's guest-side instruction makes; an open vCPU
+    passes them and its backend's ``guestmem_vcpu_pre_run`` runs.  A destroyed VM maps
+    nothing either (EBADF: no fd reaches it)."""
+    policy = PreRun()
+    with throwaway_backend("t-closed-vcpu", x86_type(1), policy=policy) as kvm:
+        vm = kvm.create_vm(1)
+        gmem = gmem_slot(vm, MiB)
+        vm.set_memory_attributes(0, MiB, PRIVATE)
+        vcpu, other = vm.create_vcpu(0), vm.create_vcpu(1)
+        vm_view, vcpu_view = guestmem.backend.view(vm), guestmem.backend.view(vcpu)
+        vcpu_view.check_run()
+        assert policy.runs == 1
+        assert vm_view.fault_range(0, 1, private=True, vcpu=vcpu_view) == 1
+        vcpu.close()
+        for call in (vcpu_view.check_run, lambda: vm_view.fault_range(1, 4, private=True, vcpu=vcpu_view)):
+            with pytest.raises(guestmem.KvmError) as info:
+                call()
+            assert info.value.errno == errno.EBADF
+        assert vm_view.leaf(1) is None and vm.counters["faults"] == 1
+        assert vm_view.fault_range(1, 4, private=True, vcpu=guestmem.backend.view(other)) == 4
+        other.close()
+        vm.close()
+        gmem.close()
+        assert vm.destroyed
+        with pytest.raises(guestmem.KvmError) as info:
+            vm_view.fault_range(8, 1, private=True)
+        assert info.value.errno == errno.EBADF and vm_view.leaf(8) is None
+
+
 @pytest.mark.parametrize("npages", [0, -1])
 def test_npages_must_be_positive(protected_vm: Any, npages: int) -> None:
     with pytest.raises(ValueError):

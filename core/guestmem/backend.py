@@ -663,6 +663,8 @@ class VmView:
         stage-2 fault with all its checks and hooks.  Returns the pages mapped from *gfn*
         on; the first page's failure raises (:class:`guestmem.MemoryFault`,
         :class:`guestmem.KvmError`, :class:`guestmem.MmioExit`), a later one ends the range.
+        With *vcpu* the accesses are that vCPU's, inside its ``KVM_RUN``: first the checks
+        of :meth:`VcpuView.check_run` (EBADF once its fd is closed).  A destroyed VM is EBADF.
         """
         with self._vm.kvm.operation():
             model_vcpu = None if vcpu is None else vcpu._vcpu
@@ -702,6 +704,18 @@ class VcpuView:
     def closed(self) -> bool:
         """Userspace closed the vCPU fd."""
         return self._vcpu.closed
+
+    def check_run(self) -> None:
+        """The checks ``KVM_RUN`` makes before the guest is entered: EBADF once the vCPU fd is
+        closed, :class:`guestmem.HostCrash` on a crashed host, EIO (CAP-9) on a dead VM, then
+        the backend's ``guestmem_vcpu_pre_run``.
+
+        For a backend's guest-side functions that run inside ``KVM_RUN`` of this vCPU
+        without a uAPI call of their own (an instruction of the guest, a re-entry after an
+        exit to userspace).
+        """
+        with self._vcpu.vm.kvm.operation():
+            self._vcpu.check_run()
 
     def translate(self, gpa: int, *, write: bool = False, private: bool | None = None) -> int:
         """The host pfn the guest reaches at *gpa*, faulting it in as a guest access would.

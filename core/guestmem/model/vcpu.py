@@ -66,6 +66,11 @@ class ModelVcpu(api.Vcpu):
         self._ioctl()
         self.vm.hooks.vcpu_pre_run(self.view)
 
+    def check_run(self) -> None:
+        """The checks of ``KVM_RUN`` before the guest is entered, for what runs inside it
+        without a uAPI call of its own (:meth:`guestmem.backend.VcpuView.check_run`)."""
+        self._run()
+
     def translate(self, gpa: int, *, write: bool = False, private: bool | None = None) -> int:
         """The host pfn the guest reaches at *gpa*, faulting it in like a real access."""
         self._run()

@@ -304,7 +304,16 @@ class ModelVm(api.Vm):
     def fault_range(
         self, gfn: int, npages: int, *, private: bool, write: bool = False, vcpu: ModelVcpu | None = None
     ) -> int:
-        """:func:`guestmem.model.fault.fault_range` on this VM."""
+        """:func:`guestmem.model.fault.fault_range` on this VM.
+
+        The accesses of a vCPU run inside its ``KVM_RUN``: a closed vCPU fd is EBADF, a dead
+        VM EIO (:meth:`ModelVcpu.check_run`).  A destroyed VM has no fd left to reach it
+        (EBADF).
+        """
+        if self.destroyed:
+            raise KvmError(errno.EBADF, "", "the VM was destroyed")
+        if vcpu is not None:
+            vcpu.check_run()
         return fault.fault_range(self, gfn, npages, private=private, write=write, vcpu=vcpu)
 
     def gmem_populate(self, gfn: int, src: bytes | None, npages: int, opaque: Any = None) -> int:
