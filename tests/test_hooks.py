@@ -544,6 +544,37 @@ def test_every_host_userspace_access_meets_the_backend_with_its_address() -> Non
         assert policy.seen == [(pfn1, True, None)] and host.crashed
 
 
+@pytest.mark.parametrize("method", ["kernel_write", "write", "read"])
+def test_host_memory_accesses_take_integers_within_one_page(method: str) -> None:
+    """``HostView.read``/``write``/``kernel_write``: *pfn* and *offset* go through
+    ``operator.index`` (a string, a float is a TypeError naming the argument), *data* must
+    be bytes-like, and the span must lie within the page (ValueError), all before the host
+    memory or the backend is touched."""
+    policy = StageTwoAbort()
+    with throwaway_backend("t-kwrite-types", policy=policy) as kvm:
+        host = view(kvm)
+        pfn = host.alloc(1)
+        access = getattr(host, method)
+        last = b"x" if method != "read" else 1
+        for args, error, name in [
+            ((str(pfn), 0, last), TypeError, "pfn"),
+            ((float(pfn), 0, last), TypeError, "pfn"),
+            ((pfn, "8", last), TypeError, "offset"),
+            ((pfn, None, last), TypeError, "offset"),
+            ((pfn, PAGE - 1, b"xy" if method != "read" else 2), ValueError, "page"),
+            ((pfn, -1, last), ValueError, "page"),
+        ]:
+            with pytest.raises(error, match=name):
+                access(*args)
+        if method != "read":
+            with pytest.raises(TypeError, match="data"):
+                access(pfn, 0, "text")
+            access(pfn, 0, bytearray(b"ok"))
+        assert host.read(pfn, 0, 2) == (b"ok" if method != "read" else bytes(2))
+        assert policy.seen == ([(pfn, True, None)] if method == "kernel_write" else [])
+        assert host.crashed is None
+
+
 def test_host_kernel_writes_meet_the_direct_map_and_the_backend() -> None:
     with throwaway_backend("t-kwrite", policy=HostAccess()) as kvm:
         host = view(kvm)

@@ -28,6 +28,7 @@ project's tests check both for every plugin it ships.
 from __future__ import annotations
 
 import enum
+import operator
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
@@ -340,6 +341,30 @@ class GmemLocation:
 
 
 # --- views ----------------------------------------------------------------------------------
+def _integer(name: str, value: object) -> int:
+    """*value* as an ``int`` (``operator.index``), or TypeError naming the argument."""
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, not {type(value).__name__}") from None
+
+
+def _page_span(pfn: object, offset: object, *, n: object) -> tuple[int, int, int]:
+    """``(pfn, offset, n)`` of an access to bytes ``[offset, offset + n)`` of one page."""
+    pfn, offset, n = _integer("pfn", pfn), _integer("offset", offset), _integer("n", n)
+    if pfn < 0 or offset < 0 or n < 0 or offset + n > uapi.PAGE_SIZE:
+        raise ValueError(f"pfn {pfn:#x}: bytes [{offset:#x}, +{n:#x}) are not within one page")
+    return pfn, offset, n
+
+
+def _bytes_like(data: object) -> bytes:
+    """*data* as ``bytes``, or TypeError naming it."""
+    try:
+        return memoryview(data).tobytes()  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"data must be a bytes-like object, not {type(data).__name__}") from None
+
+
 class HostView:
     """The machine behind one ``guestmem.open()``: physical memory, the host kernel's
     direct map and the per-host architecture state (``arch``, from
@@ -374,11 +399,21 @@ class HostView:
         return self._kvm.host.is_allocated(pfn)
 
     def read(self, pfn: int, offset: int, n: int) -> bytes:
-        """Bytes ``[offset, offset + n)`` of page *pfn* (must not cross the page)."""
+        """Bytes ``[offset, offset + n)`` of page *pfn* (must not cross the page).
+
+        Integers only (``operator.index``: TypeError naming the argument); a span outside
+        the page is ValueError.
+        """
+        pfn, offset, n = _page_span(pfn, offset, n=n)
         return self._kvm.host.read(pfn, offset, n)
 
     def write(self, pfn: int, offset: int, data: bytes) -> None:
-        """Store *data* at *offset* of page *pfn* as hardware would: no checks."""
+        """Store *data* at *offset* of page *pfn* as hardware would: no hardware checks.
+
+        The arguments are checked first as :meth:`read`'s; *data* is any bytes-like object.
+        """
+        data = _bytes_like(data)
+        pfn, offset, _ = _page_span(pfn, offset, n=len(data))
         self._kvm.host.write(pfn, offset, data)
 
     def zero(self, pfn: int, npages: int) -> None:
@@ -421,8 +456,12 @@ class HostView:
 
         A page out of the direct map is a kernel page fault, and a page the backend's
         ``guestmem_host_access`` refuses is that backend's verdict (an RMP #PF...): either
-        takes the host down (:class:`guestmem.HostCrash`).
+        takes the host down (:class:`guestmem.HostCrash`).  The arguments are checked
+        first, as :meth:`write`'s: a non-integer *pfn* or *offset* is a TypeError naming it,
+        before the host kernel touches anything.
         """
+        data = _bytes_like(data)
+        pfn, offset, _ = _page_span(pfn, offset, n=len(data))
         self._kvm.kernel_access(pfn, offset, data)
 
     def operation(self) -> AbstractContextManager[None]:
