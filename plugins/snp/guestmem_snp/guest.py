@@ -65,23 +65,22 @@ class SnpGuest:
 
     # --- exits and re-entry ------------------------------------------------------------------
     def _enter(self) -> None:
+        self._run()
         if self.state.pending is not None:
             raise RuntimeError("the vCPU has an unfinished KVM_EXIT_HYPERCALL: resume() it first")
 
     def _run(self) -> None:
-        """``KVM_RUN`` before the guest executes: a live VM, then the SEV checks
+        """``KVM_RUN`` before the guest executes (``kvm_vcpu_ioctl``, ``kvm_arch_vcpu_ioctl_run``):
+        an open vCPU fd (EBADF), a live host and VM (EIO, CAP-9), then the SEV checks
         (``svm_vcpu_pre_run``, VMRUN of the VMSA) the policy's ``guestmem_vcpu_pre_run`` makes."""
-        self.vm.host.check_alive()
-        if self.vm.dead:
-            raise KvmError(errno.EIO, "CAP-9", f"VM is dead: {self.vm.dead_reason}")
-        self.sev.vcpu_pre_run(self.vcpu.vcpu_id)
+        self.cpu.check_run()
 
     def resume(self, ret: int = 0) -> int:
         """Re-enter after a ``KVM_EXIT_HYPERCALL`` with ``run->hypercall.ret = ret``."""
+        self._run()
         pending = self.state.pending
         if pending is None:
             raise RuntimeError("resume() without a pending KVM_EXIT_HYPERCALL")
-        self._run()
         self.state.pending = None
         return pending(ret)
 

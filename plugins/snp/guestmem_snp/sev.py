@@ -796,7 +796,11 @@ class Sev:
         return self.state.launch_digest
 
     def host_kernel_write(self, pfn: int, data: bytes, offset: int = 0) -> None:
-        """The host kernel stores *data* to *pfn* (an RMP-assigned page crashes the host)."""
+        """The host kernel stores *data* to *pfn* (an RMP-assigned page crashes the host).
+
+        A non-integer *pfn* or *offset*, or *data* that is not bytes-like, is a TypeError
+        naming it before anything is touched (``HostView.kernel_write``).
+        """
         self.state.host_kernel_write(pfn, data, offset)
 
     # what the commands left
