@@ -592,6 +592,16 @@ class VmView:
         """The last reference went and the VM was torn down."""
         return self._vm.destroyed
 
+    def check_ioctl(self) -> None:
+        """The checks ``kvm_vm_ioctl`` makes before any command: EBADF once the VM fd is
+        closed, :class:`guestmem.HostCrash` on a crashed host, EIO (CAP-9) on a dead VM.
+
+        For a backend's own user-facing command that is a VM ioctl in the kernel but has no
+        uAPI method here (Android pKVM's ``KVM_CAP_ARM_PROTECTED_VM`` firmware address).
+        """
+        with self._vm.kvm.operation():
+            self._vm.check_ioctl()
+
     @property
     def mmu_invalidate_in_progress(self) -> int:
         """``kvm->mmu_invalidate_in_progress``: MMU invalidations under way."""

@@ -158,6 +158,11 @@ class ModelVm(api.Vm):
         if self.dead:
             raise KvmError(errno.EIO, "CAP-9", f"VM is dead: {self.dead_reason}")
 
+    def check_ioctl(self) -> None:
+        """The checks of ``kvm_vm_ioctl``, for a backend's own command that is a VM ioctl
+        in the kernel (:meth:`guestmem.backend.VmView.check_ioctl`)."""
+        self._ioctl()
+
     # --- api.Vm -------------------------------------------------------------------------------
     @property
     def closed(self) -> bool:
