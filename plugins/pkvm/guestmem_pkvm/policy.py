@@ -203,10 +203,12 @@ def set_pvmfw(vm: Any, ipa: int, image: bytes) -> None:
     ``KVM_CAP_ARM_PROTECTED_VM_FLAGS_SET_FW_IPA``, ``pkvm_vm_ioctl_set_fw_ipa``).
 
     The hypervisor copies the image into each page of that range when the guest first
-    faults it (``pkvm_load_pvmfw_pages``).  EBUSY once the VM ran (the hyp VM exists,
-    pKVM-3.4); EINVAL for a non-protected VM, an unaligned *ipa* or an empty image.
+    faults it (``pkvm_load_pvmfw_pages``).  A VM ioctl: EBADF once the VM fd is closed, EIO
+    on a dead VM (``kvm_vm_ioctl``); EBUSY once the VM ran (the hyp VM exists, pKVM-3.4);
+    EINVAL for a non-protected VM, an unaligned *ipa* or an empty image.
     """
     state = pkvm_state(vm)
+    view(vm).check_ioctl()
     if state.hvm is not None:
         raise KvmError(
             errno.EBUSY, "pKVM-3.4", "the VM ran: its firmware address is fixed (pkvm_vm_ioctl_set_fw_ipa)"

@@ -113,6 +113,27 @@ def test_pvmfw_address_is_fixed_once_the_vm_ran_3_4(guest: Guest) -> None:
     assert guest.vcpu.access(GPA + 8 * PAGE, 3) == bytes(3)
 
 
+@pytest.mark.parametrize("gmem_open", [True, False], ids=["closed", "destroyed"])
+def test_pvmfw_and_exit_hypercall_on_a_closed_vm_are_ebadf_and_change_nothing(
+    kvm: Any, gmem_open: bool
+) -> None:
+    """Both are VM ioctls (``KVM_ENABLE_CAP``): on a closed VM fd ``kvm_vm_ioctl`` fails with
+    EBADF before the command, whether a guest_memfd keeps the VM alive or it was destroyed."""
+    vm = kvm.create_vm(abi.KVM_VM_TYPE_ARM_PROTECTED)
+    gmem = vm.create_guest_memfd(SIZE, GMEM_FLAGS)
+    vm.close()
+    if not gmem_open:
+        gmem.close()
+    assert vm.destroyed != gmem_open
+    state = pkvm_state(vm)
+    for call in (lambda: set_pvmfw(vm, GPA, b"fw"), lambda: enable_exit_hypercall(vm, 0)):
+        with pytest.raises(KvmError) as info:
+            call()
+        assert info.value.errno == errno.EBADF
+    assert state.pvmfw is None and state.exit_mask == abi.KVM_EXIT_HYPERCALL_VALID_MASK
+    assert state.hyp.vm_table == [] and len(state.hyp.host) == 0
+
+
 def test_arm64_capabilities_cap_3_cap_4(kvm: Any) -> None:
     vm = kvm.create_vm(abi.KVM_VM_TYPE_ARM_PROTECTED)
     assert vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS) == GMEM_FLAGS  # CAP-3 non-x86
