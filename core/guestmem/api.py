@@ -63,7 +63,11 @@ class GuestMemfd(_Closable):
 
     @abc.abstractmethod
     def fileno(self) -> int:
-        """The descriptor number (model: a simulated fd of the model's own table)."""
+        """The descriptor number (model: a simulated fd of the model's own table).
+
+        ValueError once closed, as a closed Python file object's ``fileno()``; a system call
+        on a closed file is EBADF.  ``Vm`` and ``Kvm`` answer the same.
+        """
 
     @abc.abstractmethod
     def fallocate(self, mode: int, offset: int, length: int) -> None:
