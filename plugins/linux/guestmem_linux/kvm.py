@@ -74,14 +74,16 @@ class _FdOwner:
 class LinuxHostMapping(api.HostMapping):
     """A real host mapping: anonymous memory or a guest_memfd range.
 
-    ``length`` is the mapped length, a whole number of pages as the kernel maps them.
-    *gmem* (size, flags, file offset) lets a SIGBUS be attributed to the spec rule that
-    produced it (M-3 beyond EOF, M-4 file not INIT_SHARED).
+    ``length`` is the mapped length as the kernel mapped it: the ``size_t`` ``mmap(2)``
+    read (the argument truncated to 64 bits), a whole number of pages; every host access is
+    bounded by it.  *gmem* (size, flags, file offset) lets a SIGBUS be attributed to the
+    spec rule that produced it (M-3 beyond EOF, M-4 file not INIT_SHARED).
     """
 
     def __init__(self, address: int, length: int, gmem: tuple[int, int, int] | None = None) -> None:
         self.address = address
-        self.length = (length + uapi.PAGE_SIZE - 1) & ~(uapi.PAGE_SIZE - 1)  # mmap maps whole pages
+        # ksys_mmap_pgoff reads a size_t; do_mmap maps PAGE_ALIGN(len) (0 never maps: EINVAL).
+        self.length = (_sys.u64(length) + uapi.PAGE_SIZE - 1) & ~(uapi.PAGE_SIZE - 1)
         self._gmem = gmem
         self._mem: int | None = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
 
