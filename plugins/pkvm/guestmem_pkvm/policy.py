@@ -333,7 +333,8 @@ class PkvmPolicy:
         """Android's ``kvm_arch_prepare_memory_region`` under pKVM ("KVM: arm64: Do not allow
         changes to private memory slots"): once a protected VM's hypervisor VM exists (its
         first ``KVM_RUN``), its memslots may not be deleted or moved; no memslot of a
-        protected VM may log dirty pages.  Both are EPERM (pKVM-3.6)."""
+        protected VM may log dirty pages (nor be read-only, which the protected VM type
+        already refuses earlier, S-4).  Both are EPERM (pKVM-3.6)."""
         state = pkvm_state(vm)
         if not state.protected:
             return
