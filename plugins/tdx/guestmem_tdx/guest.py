@@ -173,7 +173,7 @@ class TdxGuest:
             if td.leaf(pos) is not None:  # a blocked entry: KVM would re-enter forever
                 raise KvmError(errno.EAGAIN, "3.3", f"TDG.MEM.PAGE.ACCEPT at gfn {pos:#x} keeps exiting")
             nxt = next(td.leaves.items(pos, end), None)
-            run = (end if nxt is None else nxt[0]) - pos
+            run = self._faultable(pos, (end if nxt is None else nxt[0]) - pos)
             mapped = self.tdx.handle_accept_violation(self.cpu, pos, run)
             self._tdcalls(mapped - 1)  # one ACCEPT per page exited; the first is counted
         return st.TDX_SUCCESS
@@ -216,6 +216,20 @@ class TdxGuest:
         if hi >= lo:
             self._tdcalls((hi - lo) // _GIANT + 1)
 
+    def _faultable(self, gfn: int, npages: int) -> int:
+        """How much of ``[gfn, gfn + npages)`` one private fault run may cover before a page
+        whose fault would exit (a shared attribute, another memslot): at least 1.  (A later
+        page's exit would be counted though not raised.)"""
+        end = gfn + npages
+        slot = self.vm.slot_for_gfn(gfn)
+        if slot is not None:
+            end = min(end, slot.end_gfn)
+        for s, _, value in self.vm.attribute_runs(gfn, end):
+            if not value & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE:
+                end = s
+                break
+        return max(1, end - gfn)
+
     def _accept_pages(self, pos: int, stop: int, last: int) -> tuple[bool, int]:
         """4 KiB ACCEPTs over ``[pos, stop)`` (no 2 MiB-aligned position with 2 MiB left)."""
         status = st.TDX_SUCCESS
@@ -243,7 +257,7 @@ class TdxGuest:
         ACCEPTs exit for every other page.  KVM's faults are one run here."""
         total = n * _CHUNK
         try:
-            mapped = self.tdx.handle_accept_violation(self.cpu, pos, total)
+            mapped = self.tdx.handle_accept_violation(self.cpu, pos, self._faultable(pos, total))
         except BaseException:
             self._tdcalls(1)  # the 2 MiB ACCEPT whose exit could not be served
             self._count_giant(pos, pos + 1, last)

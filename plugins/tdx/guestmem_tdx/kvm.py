@@ -620,9 +620,13 @@ class KvmTdx:
             "TDH.MEM.RANGE.BLOCK", lambda p, n: self.module.range_block(td, p, n), pos, end
         )
         blocked = out.done
-        if blocked:
-            self._track(td, blocked)
-            self._drop(td, pos, pos + blocked, delta)
+        start = pos
+        while start < pos + blocked:
+            tracked = self._track(td, pos + blocked - start)
+            # A failed TRACK is followed by its leaf's REMOVE before any other TRACK.
+            stop = min(start + tracked + 1, pos + blocked)
+            self._drop(td, start, stop, delta)
+            start = stop
         pos += blocked
         if out.status == st.TDX_SUCCESS:
             return pos
@@ -668,57 +672,64 @@ class KvmTdx:
         more = self._retry_no_vcpus(leaf, call, pos + out.done + 1, end)
         return Outcome(more.status, out.done + 1 + more.done, more.state)
 
-    def _track(self, td: Td, times: int) -> None:
-        """``tdx_track`` once per blocked leaf: TDH.MEM.TRACK (busy: retried once with
-        vCPU entry blocked; an error is a KVM bug, and KVM goes on) and a kick of every
-        vCPU.  Nothing before FINALIZE: no vCPU has run."""
+    def _track(self, td: Td, times: int) -> int:
+        """``tdx_track`` once per blocked leaf: TDH.MEM.TRACK (busy: retried once with vCPU
+        entry blocked) and a kick of every vCPU.  Returns how many succeeded before one
+        failed (``KVM_BUG_ON``; KVM goes on to the REMOVE, which then finds the TLB not
+        tracked).  Nothing before FINALIZE: no vCPU has run."""
         if self.state is not TdState.RUNNABLE:
-            return
+            return times
         nvcpus = len(self.vm.vcpus())
-        remaining = times
-        while remaining:
-            out = self._outcome("TDH.MEM.TRACK", self.module.mem_track(td, remaining))
+        done = 0
+        while done < times:
+            out = self._outcome("TDH.MEM.TRACK", self.module.mem_track(td, times - done))
             self.vm.count("tdx.track_epochs", out.done)
             self.vm.count("tdx.vcpu_kicks", out.done * nvcpus)
-            remaining -= out.done
+            done += out.done
             if out.status == st.TDX_SUCCESS:
-                return
+                break
             err = out.status
             if st.is_busy(err):
                 self.vm.count("tdx.no_vcpus_enter")
                 self._kick()
                 err = self._outcome("TDH.MEM.TRACK", self.module.mem_track(td)).status
+            self._kick()
             if err:
                 self.bug("TDH.MEM.TRACK", err)
-            else:
-                self.vm.count("tdx.track_epochs")
-            self._kick()
-            remaining -= 1
+                return done
+            self.vm.count("tdx.track_epochs")
+            done += 1
+        return times
 
     def _drop(self, td: Td, start: int, end: int, delta: int) -> None:
         """``tdx_sept_drop_private_spte`` for blocked, tracked leaves ``[start, end)``:
-        REMOVE (busy: retried once with vCPU entry blocked), WBINVD with the HKID, clear."""
+        REMOVE (busy: retried once with vCPU entry blocked), then WBINVD and clear."""
         pos = start
         while pos < end:
             out = self._retry_no_vcpus(
                 "TDH.MEM.PAGE.REMOVE", lambda p, n: self.module.page_remove(td, p, n), pos, end
             )
-            removed = out.done
-            if removed:
-                wb = self._outcome(
-                    "TDH.PHYMEM.PAGE.WBINVD", self.module.page_wbinvd(self.hkid, pos + delta, removed)
-                )
-                if wb.done:
-                    self._clear(pos + delta, wb.done)
-                if wb.status:
-                    err = self.bug("TDH.PHYMEM.PAGE.WBINVD", wb.status)
-                    self.host.leak(pos + delta + wb.done, 1, err.detail)
-                    pos += wb.done + 1
-                    continue
-                self.vm.count("tdx.removed_pages", removed)
-            pos += removed
+            self._flush(pos, pos + out.done, delta)
+            pos += out.done
             if out.status:
                 err = self.bug("TDH.MEM.PAGE.REMOVE", out.status)
+                self.host.leak(pos + delta, 1, err.detail)
+                pos += 1
+
+    def _flush(self, start: int, end: int, delta: int) -> None:
+        """TDH.PHYMEM.PAGE.WBINVD with the HKID and ``tdx_clear_page`` of removed pages; a
+        page whose flush fails is not cleared: KVM_BUG_ON, leaked."""
+        pos = start
+        while pos < end:
+            wb = self._outcome(
+                "TDH.PHYMEM.PAGE.WBINVD", self.module.page_wbinvd(self.hkid, pos + delta, end - pos)
+            )
+            if wb.done:
+                self._clear(pos + delta, wb.done)
+                self.vm.count("tdx.removed_pages", wb.done)
+            pos += wb.done
+            if wb.status:
+                err = self.bug("TDH.PHYMEM.PAGE.WBINVD", wb.status)
                 self.host.leak(pos + delta, 1, err.detail)
                 pos += 1
 
