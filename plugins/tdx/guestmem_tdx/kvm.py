@@ -42,11 +42,11 @@ TDX_SEAMCALL_RETRIES: Final = 10000
 #: How often a busy SEAMCALL in the fault path is retried (the vCPU re-enters and
 #: faults again in the kernel) before the model reports ``EAGAIN`` (core rule 3.3).
 MAX_FAULT_RETRIES: Final = 16
-_RULE_LIFECYCLE: Final = "TDX-1.1"
-_RULE_SEPT: Final = "TDX-1.2"
-_RULE_CONVERT: Final = "TDX-1.3"
-_RULE_POPULATE: Final = "TDX-1.4"
-_RULE_REMOVE: Final = "TDX-1.6"
+#: Rule IDs (README "Rules"): named after the sections of backends.md part 1.
+_LIFECYCLE_RULE: Final = "TDX-1.1"
+_SEPT_RULE: Final = "TDX-1.2"
+_POPULATE_RULE: Final = "TDX-1.4"
+_REMOVE_RULE: Final = "TDX-1.6"
 
 
 class TdState(enum.Enum):
@@ -166,12 +166,12 @@ class KvmTdx:
         self.seamcalls(leaf, 1)
         return status
 
-    def bug(self, what: str, status: int) -> KvmError:
+    def bug(self, what: str, status: int, rule: str = _SEPT_RULE) -> KvmError:
         """``KVM_BUG_ON(err, kvm)`` (``pr_tdx_error``): the VM is bugged; the error to return."""
         reason = f"KVM_BUG_ON: {what} failed: {st.status_name(status)}"
         log.warning("tdx seamcall failed", what=what, status=st.status_name(status), vm=self.vm.vm_id)
         self.vm.bug(reason)
-        return KvmError(errno.EIO, _RULE_SEPT, reason)
+        return KvmError(errno.EIO, rule, reason)
 
     def _alloc(self, npages: int) -> int:
         return self.vm.host.alloc(npages)
@@ -191,14 +191,14 @@ class KvmTdx:
     def vm_ioctl(self, cmd: abi.TdxCmd) -> int:
         """``tdx_vm_ioctl``."""
         if cmd.hw_error:
-            raise KvmError(errno.EINVAL, _RULE_LIFECYCLE, "kvm_tdx_cmd.hw_error must be 0 on entry")
+            raise KvmError(errno.EINVAL, _LIFECYCLE_RULE, "kvm_tdx_cmd.hw_error must be 0 on entry")
         if cmd.id == abi.KVM_TDX_CAPABILITIES:
             return self.get_capabilities(cmd)
         if cmd.id == abi.KVM_TDX_INIT_VM:
             return self.td_init(cmd)
         if cmd.id == abi.KVM_TDX_FINALIZE_VM:
             return self.td_finalize(cmd)
-        raise KvmError(errno.EINVAL, _RULE_LIFECYCLE, f"TDX VM command {cmd.id} is not a VM command")
+        raise KvmError(errno.EINVAL, _LIFECYCLE_RULE, f"TDX VM command {cmd.id} is not a VM command")
 
     def supported_attrs(self) -> int:
         """``tdx_get_supported_attrs``."""
@@ -219,20 +219,20 @@ class KvmTdx:
     def get_capabilities(self, cmd: abi.TdxCmd) -> int:
         """``tdx_get_capabilities``: ``KVM_TDX_CAPABILITIES``."""
         if cmd.flags:
-            raise KvmError(errno.EINVAL, _RULE_LIFECYCLE, "KVM_TDX_CAPABILITIES: flags must be 0")
+            raise KvmError(errno.EINVAL, _LIFECYCLE_RULE, "KVM_TDX_CAPABILITIES: flags must be 0")
         caps = cmd.data
         if not isinstance(caps, abi.KvmTdxCapabilities):
-            raise KvmError(errno.EFAULT, _RULE_LIFECYCLE, "KVM_TDX_CAPABILITIES needs a kvm_tdx_capabilities")
+            raise KvmError(errno.EFAULT, _LIFECYCLE_RULE, "KVM_TDX_CAPABILITIES needs a kvm_tdx_capabilities")
         config = self.host.sysinfo.cpuid_config
         if caps.cpuid.nent < len(config):
             raise KvmError(
                 errno.E2BIG,
-                _RULE_LIFECYCLE,
+                _LIFECYCLE_RULE,
                 f"room for {caps.cpuid.nent} CPUID entries, {len(config)} needed",
             )
         attrs_, xfam = self.supported_attrs(), self.supported_xfam()
         if not attrs_ or not xfam:
-            raise KvmError(errno.EIO, _RULE_LIFECYCLE, "the TDX module supports no TD KVM can run")
+            raise KvmError(errno.EIO, _LIFECYCLE_RULE, "the TDX module supports no TD KVM can run")
         caps.supported_attrs, caps.supported_xfam = attrs_, xfam
         caps.user_tdvmcallinfo_1_r11 = abi.TDVMCALLINFO_SETUP_EVENT_NOTIFY_INTERRUPT
         entries = []
@@ -247,16 +247,16 @@ class KvmTdx:
     def td_init(self, cmd: abi.TdxCmd) -> int:
         """``tdx_td_init``: ``KVM_TDX_INIT_VM``."""
         if self.state is not TdState.UNINITIALIZED:
-            raise KvmError(errno.EINVAL, _RULE_LIFECYCLE, f"KVM_TDX_INIT_VM in {self.state.value}")
+            raise KvmError(errno.EINVAL, _LIFECYCLE_RULE, f"KVM_TDX_INIT_VM in {self.state.value}")
         if cmd.flags:
-            raise KvmError(errno.EINVAL, _RULE_LIFECYCLE, "KVM_TDX_INIT_VM: flags must be 0")
+            raise KvmError(errno.EINVAL, _LIFECYCLE_RULE, "KVM_TDX_INIT_VM: flags must be 0")
         init = cmd.data
         if not isinstance(init, abi.KvmTdxInitVm):
-            raise KvmError(errno.EFAULT, _RULE_LIFECYCLE, "KVM_TDX_INIT_VM needs a kvm_tdx_init_vm")
+            raise KvmError(errno.EFAULT, _LIFECYCLE_RULE, "KVM_TDX_INIT_VM needs a kvm_tdx_init_vm")
         if init.cpuid.nent > abi.KVM_MAX_CPUID_ENTRIES:
-            raise KvmError(errno.E2BIG, _RULE_LIFECYCLE, f"{init.cpuid.nent} CPUID entries")
+            raise KvmError(errno.E2BIG, _LIFECYCLE_RULE, f"{init.cpuid.nent} CPUID entries")
         if any(init.reserved) or init.cpuid.padding:
-            raise KvmError(errno.EINVAL, _RULE_LIFECYCLE, "KVM_TDX_INIT_VM: reserved fields must be 0")
+            raise KvmError(errno.EINVAL, _LIFECYCLE_RULE, "KVM_TDX_INIT_VM: reserved fields must be 0")
         attributes, xfam, gpaw52 = self._setup_tdparams(init)
         self._td_init(attributes, xfam, gpaw52, cmd)
         self.attributes, self.xfam, self.gpaw52 = attributes, xfam, gpaw52
@@ -270,18 +270,18 @@ class KvmTdx:
         """``setup_tdparams``: vCPUs, attributes, XFAM, GPAW and CPUID, in the kernel's order."""
         conf = self.host.sysinfo
         if self.vm.vcpus():
-            raise KvmError(errno.EBUSY, _RULE_LIFECYCLE, "KVM_TDX_INIT_VM after KVM_CREATE_VCPU")
+            raise KvmError(errno.EBUSY, _LIFECYCLE_RULE, "KVM_TDX_INIT_VM after KVM_CREATE_VCPU")
         if init.attributes & ~self.supported_attrs():
-            raise KvmError(errno.EINVAL, _RULE_LIFECYCLE, f"TD attributes {init.attributes:#x} not supported")
+            raise KvmError(errno.EINVAL, _LIFECYCLE_RULE, f"TD attributes {init.attributes:#x} not supported")
         if init.xfam & ~self.supported_xfam():
-            raise KvmError(errno.EINVAL, _RULE_LIFECYCLE, f"XFAM {init.xfam:#x} not supported")
+            raise KvmError(errno.EINVAL, _LIFECYCLE_RULE, f"XFAM {init.xfam:#x} not supported")
         entries = init.cpuid.entries[: init.cpuid.nent]
         gpaw = next((e for e in entries if e.function == 0x80000008 and e.index == 0), None)
         if gpaw is None:
-            raise KvmError(errno.EINVAL, _RULE_LIFECYCLE, "no CPUID 0x80000008: GPAW unknown")
+            raise KvmError(errno.EINVAL, _LIFECYCLE_RULE, "no CPUID 0x80000008: GPAW unknown")
         guest_pa = (gpaw.eax >> 16) & 0xFF
         if guest_pa not in (48, 52) or (guest_pa == 52 and not conf.ept_5level):
-            raise KvmError(errno.EINVAL, _RULE_LIFECYCLE, f"guest physical address bits {guest_pa}")
+            raise KvmError(errno.EINVAL, _LIFECYCLE_RULE, f"guest physical address bits {guest_pa}")
         copied = 0
         for function, subleaf in conf.cpuid_config:
             index = 0 if subleaf == abi.KVM_TDX_CPUID_NO_SUBLEAF else subleaf
@@ -289,10 +289,10 @@ class KvmTdx:
             if entry is None:
                 continue
             if function == 7 and index == 0 and (entry.ebx & 0x810 or entry.ecx & 0x20):
-                raise KvmError(errno.EINVAL, _RULE_LIFECYCLE, "TSX and WAITPKG cannot be given to a TD")
+                raise KvmError(errno.EINVAL, _LIFECYCLE_RULE, "TSX and WAITPKG cannot be given to a TD")
             copied += 1
         if copied != len(entries):
-            raise KvmError(errno.EINVAL, _RULE_LIFECYCLE, "CPUID entries the TDX module cannot configure")
+            raise KvmError(errno.EINVAL, _LIFECYCLE_RULE, "CPUID entries the TDX module cannot configure")
         return init.attributes | conf.attributes_fixed1, init.xfam | conf.xfam_fixed1, guest_pa == 52
 
     def _td_init(self, attributes: int, xfam: int, gpaw52: bool, cmd: abi.TdxCmd) -> None:
@@ -304,12 +304,13 @@ class KvmTdx:
         tdcs = [self._alloc(1) for _ in range(MIN_NUM_TDCS_PAGES)]
         if not all(self.host.online_packages):
             self._free_unused(tdr, tdcs)
-            raise KvmError(errno.EIO, _RULE_LIFECYCLE, "All packages need to have online CPU to create TD")
+            raise KvmError(errno.EIO, _LIFECYCLE_RULE, "All packages need to have online CPU to create TD")
         err, td = self.module.mng_create(tdr, self.hkid)
         self._status("TDH.MNG.CREATE", err)
         if err or td is None:
             self._free_unused(tdr, tdcs)
-            raise KvmError(errno.EIO, _RULE_LIFECYCLE, f"TDH.MNG.CREATE failed: {st.status_name(err)}")
+            code = errno.EAGAIN if err == st.TDX_RND_NO_ENTROPY else errno.EIO
+            raise KvmError(code, _LIFECYCLE_RULE, f"TDH.MNG.CREATE failed: {st.status_name(err)}")
         self.td, self.tdr = td, tdr
         self.host.bind(td, self.vm)
         for package in range(self.module.packages):
@@ -321,15 +322,16 @@ class KvmTdx:
             err = self._status("TDH.MNG.ADDCX", self.module.mng_addcx(td, pfn))
             if err:
                 self._teardown(tdcs[i:])
-                raise KvmError(errno.EIO, _RULE_LIFECYCLE, f"TDH.MNG.ADDCX failed: {st.status_name(err)}")
+                code = errno.EAGAIN if err == st.TDX_RND_NO_ENTROPY else errno.EIO
+                raise KvmError(code, _LIFECYCLE_RULE, f"TDH.MNG.ADDCX failed: {st.status_name(err)}")
             self.tdcs.append(pfn)
         err = self._status("TDH.MNG.INIT", self.module.mng_init(td, attributes, xfam, gpaw52))
         if err:
             self._teardown([])
             if st.status_class(err) == st.TDX_OPERAND_INVALID:
                 cmd.hw_error = err
-                raise KvmError(errno.EINVAL, _RULE_LIFECYCLE, f"TDH.MNG.INIT: {st.status_name(err)}")
-            raise KvmError(errno.EIO, _RULE_LIFECYCLE, f"TDH.MNG.INIT failed: {st.status_name(err)}")
+                raise KvmError(errno.EINVAL, _LIFECYCLE_RULE, f"TDH.MNG.INIT: {st.status_name(err)}")
+            raise KvmError(errno.EIO, _LIFECYCLE_RULE, f"TDH.MNG.INIT failed: {st.status_name(err)}")
 
     def _free_unused(self, tdr: int, tdcs: list[int]) -> None:
         """``free_tdcs``/``free_tdr``/``free_hkid``: nothing was given to the module."""
@@ -354,16 +356,16 @@ class KvmTdx:
     def td_finalize(self, cmd: abi.TdxCmd) -> int:
         """``tdx_td_finalize``: ``KVM_TDX_FINALIZE_VM``; pre-faulting is allowed afterwards."""
         if not self.hkid_assigned or self.state is TdState.RUNNABLE:
-            raise KvmError(errno.EINVAL, _RULE_LIFECYCLE, f"KVM_TDX_FINALIZE_VM in {self.state.value}")
+            raise KvmError(errno.EINVAL, _LIFECYCLE_RULE, f"KVM_TDX_FINALIZE_VM in {self.state.value}")
         if self.nr_premapped:
             raise KvmError(
                 errno.EINVAL,
-                _RULE_POPULATE,
+                _POPULATE_RULE,
                 f"{self.nr_premapped} page(s) mapped by KVM_TDX_INIT_MEM_REGION were never added",
             )
         cmd.hw_error = self._status("TDH.MR.FINALIZE", self.module.mr_finalize(self._td()))
         if st.is_busy(cmd.hw_error):
-            raise KvmError(errno.EBUSY, _RULE_LIFECYCLE, "TDH.MR.FINALIZE: operand busy")
+            raise KvmError(errno.EBUSY, _LIFECYCLE_RULE, "TDH.MR.FINALIZE: operand busy")
         if cmd.hw_error:
             raise self.bug("TDH.MR.FINALIZE", cmd.hw_error)
         self.state = TdState.RUNNABLE
@@ -381,10 +383,10 @@ class KvmTdx:
         """``kvm_vm_ioctl_create_vcpu`` (``max_vcpus``) and ``tdx_vcpu_create``."""
         if len(self.vm.vcpus()) >= self.host.sysinfo.nr_cpus:
             raise KvmError(
-                errno.EINVAL, _RULE_LIFECYCLE, "a TD has at most as many vCPUs as the host has CPUs"
+                errno.EINVAL, _LIFECYCLE_RULE, "a TD has at most as many vCPUs as the host has CPUs"
             )
         if self.state is not TdState.INITIALIZED:
-            raise KvmError(errno.EIO, _RULE_LIFECYCLE, f"KVM_CREATE_VCPU on a TD in {self.state.value}")
+            raise KvmError(errno.EIO, _LIFECYCLE_RULE, f"KVM_CREATE_VCPU on a TD in {self.state.value}")
         state = TdxVcpu(vcpu.vcpu_id)
         self.vcpus[vcpu.vcpu_id] = state
         return state
@@ -393,25 +395,25 @@ class KvmTdx:
         """``tdx_vcpu_ioctl`` (after ``vcpu_load``)."""
         tdx = self.vcpu_state(vcpu)
         if not self.hkid_assigned or self.state is TdState.RUNNABLE:
-            raise KvmError(errno.EINVAL, _RULE_LIFECYCLE, f"TDX vCPU command in {self.state.value}")
+            raise KvmError(errno.EINVAL, _LIFECYCLE_RULE, f"TDX vCPU command in {self.state.value}")
         tdx.cpu = 0
         if cmd.hw_error:
-            raise KvmError(errno.EINVAL, _RULE_LIFECYCLE, "kvm_tdx_cmd.hw_error must be 0 on entry")
+            raise KvmError(errno.EINVAL, _LIFECYCLE_RULE, "kvm_tdx_cmd.hw_error must be 0 on entry")
         if cmd.id == abi.KVM_TDX_INIT_VCPU:
             return self.vcpu_init(vcpu, cmd)
         if cmd.id == abi.KVM_TDX_INIT_MEM_REGION:
             return self.init_mem_region(vcpu, cmd)
         if cmd.id == abi.KVM_TDX_GET_CPUID:
             raise KvmError(errno.ENOTTY, "", "KVM_TDX_GET_CPUID is not modelled")
-        raise KvmError(errno.EINVAL, _RULE_LIFECYCLE, f"TDX vCPU command {cmd.id} is not a vCPU command")
+        raise KvmError(errno.EINVAL, _LIFECYCLE_RULE, f"TDX vCPU command {cmd.id} is not a vCPU command")
 
     def vcpu_init(self, vcpu: VcpuView, cmd: abi.TdxCmd) -> int:
         """``tdx_vcpu_init`` + ``tdx_td_vcpu_init``: ``KVM_TDX_INIT_VCPU``."""
         tdx = self.vcpu_state(vcpu)
         if cmd.flags:
-            raise KvmError(errno.EINVAL, _RULE_LIFECYCLE, "KVM_TDX_INIT_VCPU: flags must be 0")
+            raise KvmError(errno.EINVAL, _LIFECYCLE_RULE, "KVM_TDX_INIT_VCPU: flags must be 0")
         if tdx.state is not VcpuTdState.UNINITIALIZED:
-            raise KvmError(errno.EINVAL, _RULE_LIFECYCLE, f"vCPU {vcpu.vcpu_id} is already initialised")
+            raise KvmError(errno.EINVAL, _LIFECYCLE_RULE, f"vCPU {vcpu.vcpu_id} is already initialised")
         td = self._td()
         tdvpr = self._alloc(1)
         tdcx = [self._alloc(1) for _ in range(MIN_TDVPS_PAGES - 1)]
@@ -442,7 +444,7 @@ class KvmTdx:
         tdx = self.vcpu_state(vcpu)
         if tdx.state is not VcpuTdState.INITIALIZED or self.state is not TdState.RUNNABLE:
             raise KvmError(
-                errno.EINVAL, _RULE_LIFECYCLE, f"KVM_RUN: vCPU {tdx.state.value}, TD {self.state.value}"
+                errno.EINVAL, _LIFECYCLE_RULE, f"KVM_RUN: vCPU {tdx.state.value}, TD {self.state.value}"
             )
         tdx.cpu = 0
         if self.td is not None and self.td.fatal:
@@ -455,15 +457,15 @@ class KvmTdx:
         ``kvm_gmem_populate``; the region advances in place, even when a page fails."""
         tdx = self.vcpu_state(vcpu)
         if tdx.state is not VcpuTdState.INITIALIZED:
-            raise KvmError(errno.EINVAL, _RULE_POPULATE, "KVM_TDX_INIT_MEM_REGION before KVM_TDX_INIT_VCPU")
+            raise KvmError(errno.EINVAL, _POPULATE_RULE, "KVM_TDX_INIT_MEM_REGION before KVM_TDX_INIT_VCPU")
         if self.state is TdState.RUNNABLE:
-            raise KvmError(errno.EINVAL, _RULE_POPULATE, "KVM_TDX_INIT_MEM_REGION after KVM_TDX_FINALIZE_VM")
+            raise KvmError(errno.EINVAL, _POPULATE_RULE, "KVM_TDX_INIT_MEM_REGION after KVM_TDX_FINALIZE_VM")
         if cmd.flags & ~abi.KVM_TDX_MEASURE_MEMORY_REGION:
-            raise KvmError(errno.EINVAL, _RULE_POPULATE, f"KVM_TDX_INIT_MEM_REGION: flags {cmd.flags:#x}")
+            raise KvmError(errno.EINVAL, _POPULATE_RULE, f"KVM_TDX_INIT_MEM_REGION: flags {cmd.flags:#x}")
         region = cmd.data
         if not isinstance(region, abi.KvmTdxInitMemRegion):
             raise KvmError(
-                errno.EFAULT, _RULE_POPULATE, "KVM_TDX_INIT_MEM_REGION needs a kvm_tdx_init_mem_region"
+                errno.EFAULT, _POPULATE_RULE, "KVM_TDX_INIT_MEM_REGION needs a kvm_tdx_init_mem_region"
             )
         end = region.gpa + (region.nr_pages << PAGE_SHIFT)
         if (
@@ -474,13 +476,13 @@ class KvmTdx:
             or not self.is_private_gpa(region.gpa)
             or not self.is_private_gpa(end - 1)
         ):
-            raise KvmError(errno.EINVAL, _RULE_POPULATE, "KVM_TDX_INIT_MEM_REGION: bad source, gpa or size")
+            raise KvmError(errno.EINVAL, _POPULATE_RULE, "KVM_TDX_INIT_MEM_REGION: bad source, gpa or size")
         arg = PopulateArg(vcpu, cmd.flags)
         while region.nr_pages:
             page = None if region.source is None else region.source[:PAGE_SIZE]
             done = self.vm.gmem_populate(region.gpa >> PAGE_SHIFT, page, 1, arg)
             if done != 1:
-                raise KvmError(errno.EIO, _RULE_POPULATE, "kvm_gmem_populate added no page")
+                raise KvmError(errno.EIO, _POPULATE_RULE, "kvm_gmem_populate added no page")
             region.source_addr += PAGE_SIZE
             region.gpa += PAGE_SIZE
             region.nr_pages -= 1
@@ -603,7 +605,9 @@ class KvmTdx:
         if not self.hkid_assigned:
             # HKID is released after every private page was removed (6.18 has no
             # KVM_TDX_TERMINATE_VM): a zap after release is a KVM bug.
-            self.bug("tdx_sept_remove_private_spte without an HKID", st.TDX_LIFECYCLE_STATE_INCORRECT)
+            self.bug(
+                "tdx_sept_remove_private_spte without an HKID", st.TDX_LIFECYCLE_STATE_INCORRECT, _REMOVE_RULE
+            )
             self.host.leak(leaf.pfn, leaf.npages, "removed after the HKID was released")
             return
         td = self._td()
@@ -633,7 +637,7 @@ class KvmTdx:
         premap = self._premapped_run(td, out, pos, end)
         if premap:
             return pos + premap
-        err = self.bug("TDH.MEM.RANGE.BLOCK", out.status)
+        err = self.bug("TDH.MEM.RANGE.BLOCK", out.status, _REMOVE_RULE)
         self.host.leak(pos + delta, 1, err.detail)
         return pos + 1
 
@@ -695,7 +699,7 @@ class KvmTdx:
                 err = self._outcome("TDH.MEM.TRACK", self.module.mem_track(td)).status
             self._kick()
             if err:
-                self.bug("TDH.MEM.TRACK", err)
+                self.bug("TDH.MEM.TRACK", err, _REMOVE_RULE)
                 return done
             self.vm.count("tdx.track_epochs")
             done += 1
@@ -712,7 +716,7 @@ class KvmTdx:
             self._flush(pos, pos + out.done, delta)
             pos += out.done
             if out.status:
-                err = self.bug("TDH.MEM.PAGE.REMOVE", out.status)
+                err = self.bug("TDH.MEM.PAGE.REMOVE", out.status, _REMOVE_RULE)
                 self.host.leak(pos + delta, 1, err.detail)
                 pos += 1
 
@@ -729,7 +733,7 @@ class KvmTdx:
                 self.vm.count("tdx.removed_pages", wb.done)
             pos += wb.done
             if wb.status:
-                err = self.bug("TDH.PHYMEM.PAGE.WBINVD", wb.status)
+                err = self.bug("TDH.PHYMEM.PAGE.WBINVD", wb.status, _REMOVE_RULE)
                 self.host.leak(pos + delta, 1, err.detail)
                 pos += 1
 
@@ -886,7 +890,7 @@ class KvmTdx:
             log.warning(reason, vm=self.vm.vm_id)
             self.vm.count("ept_violation_exits")
             self.vm.kill(f"tdx_handle_ept_violation: {reason}")
-            raise KvmError(errno.EIO, _RULE_SEPT, f"tdx_handle_ept_violation: {reason}")
+            raise KvmError(errno.EIO, _SEPT_RULE, f"tdx_handle_ept_violation: {reason}")
         if self.host.is_poisoned(pfn):
             td.fatal = True
             verdict = (

@@ -281,8 +281,13 @@ def test_private_pages_are_never_host_mapped(td: TdVm) -> None:
     td.vm.set_user_memory_region2(1, uapi.KVM_MEM_GUEST_MEMFD, 1 << 30, MIB, 0, gmem, 0)
     td.vm.set_memory_attributes(1 << 30, MIB, PRIVATE)
     assert td.guest.accept(1 << 30) == 0
-    with gmem.mmap(MIB) as m, pytest.raises(HostSigbus):
-        m.read(0, 1)
+    with gmem.mmap(MIB) as m:
+        with pytest.raises(HostSigbus) as info:
+            m.read(0, 1)
+        assert info.value.rule == "host-mappability"  # the module owns it
+        with pytest.raises(HostSigbus) as info:
+            m.read(PAGE, 1)
+        assert info.value.rule == "M-4"
 
 
 # --- batched ACCEPTs are the single instructions ---------------------------------------------------

@@ -182,8 +182,8 @@ def test_every_package_needs_an_online_cpu(kvm: Any) -> None:
 
 def test_init_vm_failures_tear_the_td_down(kvm: Any) -> None:
     """MNG.INIT refusing TD_PARAMS (OPERAND_INVALID): EINVAL with hw_error, the TD torn down
-    (HKID back, pages reclaimed), and INIT_VM can be tried again.  KEY.CONFIG failing is
-    ``KVM_BUG_ON``: EIO and the VM is bugged."""
+    (HKID back, pages reclaimed), and INIT_VM can be tried again; MNG.CREATE without entropy
+    is EAGAIN.  KEY.CONFIG failing is ``KVM_BUG_ON``: EIO and the VM is bugged."""
     host = guestmem_tdx.tdx_host(kvm)
     with kvm.create_vm(uapi.KVM_X86_TDX_VM) as vm:
         host.module.inject("TDH.MNG.INIT", st.with_operand(st.TDX_OPERAND_INVALID, 0x40))
@@ -193,6 +193,9 @@ def test_init_vm_failures_tear_the_td_down(kvm: Any) -> None:
         assert not host.module.pamt and host.keyids.available == host.keyids.nr
         guestmem_tdx.tdx(vm).init_vm()
     with kvm.create_vm(uapi.KVM_X86_TDX_VM) as vm:
+        host.module.inject("TDH.MNG.CREATE", st.TDX_RND_NO_ENTROPY)
+        expect(errno.EAGAIN, guestmem_tdx.tdx(vm).init_vm)  # the user may retry
+        assert host.keyids.available == host.keyids.nr and not host.module.pamt
         host.module.inject("TDH.MNG.KEY.CONFIG", st.TDX_KEY_STATE_INCORRECT)
         expect(errno.EIO, guestmem_tdx.tdx(vm).init_vm)
         assert guestmem.backend.view(vm).bugged
