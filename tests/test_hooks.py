@@ -435,6 +435,46 @@ def test_guest_access_sees_mapped_pages_too() -> None:
         assert info.value.errno == errno.EIO and view(vm).dead
 
 
+class ByteRanges:
+    """Takes the byte-range arguments of the two access hooks (and leaves the rest out)."""
+
+    def __init__(self) -> None:
+        self.host: list[tuple[bool, int, int]] = []
+        self.guest: list[tuple[int, bool, int, int]] = []
+
+    @hookimpl
+    def guestmem_host_access(self, write: bool, offset: int, length: int) -> None:
+        self.host.append((write, offset, length))
+
+    @hookimpl
+    def guestmem_guest_access(self, gfn: int, write: bool, offset: int, length: int) -> None:
+        self.guest.append((gfn, write, offset, length))
+
+
+def test_accesses_say_which_bytes_they_touch() -> None:
+    """A guest access names the bytes of each page it reaches (0 bytes for a page walk:
+    ``VcpuView.translate``); a host kernel store and a host mapping's load name theirs
+    too (a backend that poisons lines, as TDX does, needs them)."""
+    policy = ByteRanges()
+    with throwaway_backend("t-bytes", x86_type(0), x86_type(1), policy=policy) as kvm:
+        vm, _, _, vcpu = private_vm(kvm)
+        vm.set_memory_attributes(0, MiB, PRIVATE)
+        vcpu.access(0x1FFE, data=b"abcd")
+        view(vcpu).translate(0x3010)
+        assert policy.guest == [(1, True, 0xFFE, 2), (2, True, 0, 2), (3, False, 0x10, 0)]
+        host = view(kvm)
+        pfn = host.alloc(1)
+        host.kernel_write(pfn, 0x40, b"xy")
+        assert policy.host == [(True, 0x40, 2)]
+        with kvm.create_vm(0) as plain:
+            shared = plain.create_guest_memfd(
+                MiB, uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
+            )
+            with shared.mmap(MiB) as mapping:
+                mapping.read(PAGE + 8, 3)
+        assert policy.host[-1] == (False, 8, 3)
+
+
 # --- host faults ----------------------------------------------------------------------------------
 class HostFaults:
     def __init__(self, answer: HostFault | None) -> None:

@@ -318,7 +318,7 @@ class ModelKvm(api.Kvm):
         if self.host.direct_map_invalid.get(pfn) is not None:
             self.trace(None, "host_kernel_fault", {"pfn": pfn})
             self.host.crash(f"kernel page fault: pfn {pfn:#x} is not in the host's direct map")
-        verdict = self.hooks.host_access(self.view, pfn, True, None)
+        verdict = self.hooks.host_access(self.view, pfn, True, None, offset, len(data))
         if verdict is not None:
             self.trace(None, "host_crash", {"pfn": pfn, "verdict": verdict})
             self.host.crash(verdict)

@@ -219,7 +219,7 @@ def vma_access(vma: Vma, offset: int, length: int, data: bytes | None) -> bytes:
         page, in_page = off >> PAGE_SHIFT, off & (PAGE_SIZE - 1)
         n = min(length - pos, PAGE_SIZE - in_page)
         pfn = vma.fault(page, data is not None)
-        verdict = kvm.hooks.host_access(kvm.view, pfn, data is not None, vma.address + off)
+        verdict = kvm.hooks.host_access(kvm.view, pfn, data is not None, vma.address + off, in_page, n)
         if verdict is not None:
             kvm.trace(None, "host_crash", {"pfn": pfn, "verdict": verdict})
             kvm.host.crash(verdict)

@@ -74,9 +74,9 @@ class ModelVcpu(api.Vcpu):
     def translate(self, gpa: int, *, write: bool = False, private: bool | None = None) -> int:
         """The host pfn the guest reaches at *gpa*, faulting it in like a real access."""
         self._run()
-        return self._translate(gpa, write, private)
+        return self._translate(gpa, write, private, 0)
 
-    def _translate(self, gpa: int, write: bool, private: bool | None) -> int:
+    def _translate(self, gpa: int, write: bool, private: bool | None, length: int) -> int:
         vm = self.vm
         gfn = gpa >> PAGE_SHIFT
         is_private = vm.is_private(gfn) if private is None else private
@@ -90,7 +90,7 @@ class ModelVcpu(api.Vcpu):
             assert hit is not None, "a fault that returned installed no leaf"
         pfn = hit[0]
         if vm.hooks.implemented("guest_access"):
-            vm.hooks.guest_access(self.view, gfn, pfn, write, is_private)
+            vm.hooks.guest_access(self.view, gfn, pfn, write, is_private, gpa & (PAGE_SIZE - 1), length)
         return pfn
 
     @uapi_call
@@ -123,7 +123,7 @@ class ModelVcpu(api.Vcpu):
             cur = gpa + pos
             n = min(length - pos, PAGE_SIZE - (cur & (PAGE_SIZE - 1)))
             try:
-                pfn = self._translate(cur, write, private)
+                pfn = self._translate(cur, write, private, n)
             except MmioExit:
                 raise MmioExit(cur, n, write) from None
             pages.append((pfn, cur & (PAGE_SIZE - 1), pos, n))
