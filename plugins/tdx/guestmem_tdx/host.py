@@ -17,6 +17,7 @@ from typing import Any, Final
 
 import attrs
 
+from guestmem import uapi
 from guestmem.backend import HostView, Owner, RangeMap, VmView, view
 from guestmem.errors import KvmError
 from guestmem_tdx.abi import (
@@ -33,6 +34,10 @@ from guestmem_tdx.abi import (
 from guestmem_tdx.module import Td, TdxModule
 from guestmem_tdx.sept import PamtEntry, SeptState, pamt_owner
 
+PAGE_SIZE: Final = uapi.PAGE_SIZE
+#: Bytes per cache line: the unit of TDX memory integrity (and of poison).
+CACHE_LINE: Final = 64
+LINES_PER_PAGE: Final = PAGE_SIZE // CACHE_LINE
 #: Ownership-table names in events: S-EPT leaves (by gfn), S-EPT page-table entries (by
 #: the first gfn they cover), PAMT (by pfn).
 SEPT_TABLE: Final = "sept"
@@ -115,8 +120,9 @@ class TdxHost:
     """The TDX state of one host.
 
     ``online_packages`` says which physical packages have an online CPU (``__tdx_td_init``
-    needs all of them); ``poisoned`` holds the pages a host write to TD memory poisoned
-    (``X86_BUG_TDX_PW_MCE``) until MOVDIR64B or the TD's own zeroing clears them;
+    needs all of them); ``poisoned`` holds the cache lines (``pfn * 64 + line``) a host
+    write to TD memory poisoned (``X86_BUG_TDX_PW_MCE``) until MOVDIR64B or the TD's own
+    zeroing rewrites them;
     ``leaked`` the pages KVM keeps away from the allocator because it failed to take
     them back from the module; ``mce`` the machine-check verdicts so far.
     """
@@ -174,21 +180,25 @@ class TdxHost:
         """The PAMT entry of *pfn* if the module gave it to a TD (``paddr_is_tdx_private``)."""
         return self.module.pamt_entry(pfn)
 
-    def host_write(self, pfn: int) -> None:
-        """A host store (a KeyID-0 write) to *pfn*: if the page is TD memory, the lines it
-        wrote lose their integrity and are poisoned; the store itself completes."""
-        if self.td_owned(pfn) is not None:
-            self.poisoned.set(pfn, pfn + 1, True)
-            self.host.trace("tdx_memory_poisoned", pfn=pfn)
+    def host_write(self, pfn: int, offset: int = 0, length: int = PAGE_SIZE) -> None:
+        """A host store (a KeyID-0 write) to bytes ``[offset, offset + length)`` of *pfn*: if
+        the page is TD memory, the lines written lose their integrity and are poisoned;
+        the store itself completes."""
+        if length > 0 and self.td_owned(pfn) is not None:
+            first, last = _lines(pfn, offset, length)
+            self.poisoned.set(first, last, True)
+            self.host.trace("tdx_memory_poisoned", pfn=pfn, offset=offset, length=length)
 
     def clear(self, pfn: int, npages: int) -> None:
         """Stores that rewrite whole lines with integrity (MOVDIR64B, the TD's own zeroing
         at ACCEPT, PAGE.ADD's copy): the poison of those pages is gone."""
-        self.poisoned.erase(pfn, pfn + npages)
+        self.poisoned.erase(pfn * LINES_PER_PAGE, (pfn + npages) * LINES_PER_PAGE)
 
-    def is_poisoned(self, pfn: int) -> bool:
-        """A line of *pfn* is poisoned."""
-        return self.poisoned.get(pfn) is not None
+    def is_poisoned(self, pfn: int, offset: int = 0, length: int = PAGE_SIZE) -> bool:
+        """A line of bytes ``[offset, offset + length)`` of *pfn* is poisoned."""
+        if length <= 0:
+            return False
+        return self.poisoned.overlaps(*_lines(pfn, offset, length))
 
     def leak(self, pfn: int, npages: int, why: str) -> None:
         """KVM keeps ``[pfn, pfn + npages)`` forever (its reference is never dropped)."""
@@ -198,6 +208,12 @@ class TdxHost:
     def leaked_runs(self) -> Iterator[tuple[int, int, str]]:
         """The leaked pfn runs and why."""
         return self.leaked.items()
+
+
+def _lines(pfn: int, offset: int, length: int) -> tuple[int, int]:
+    """The cache lines ``[first, last)`` (numbered ``pfn * 64 + line``) bytes touch."""
+    base = pfn * LINES_PER_PAGE
+    return base + offset // CACHE_LINE, base + (offset + length - 1) // CACHE_LINE + 1
 
 
 def _sept_owner(state: SeptState | None) -> Owner:

@@ -875,11 +875,14 @@ class KvmTdx:
         self.state = TdState.UNINITIALIZED
 
     # --- the guest ------------------------------------------------------------------------------
-    def guest_access(self, vcpu: VcpuView, gfn: int, pfn: int) -> None:
-        """A TD load/store reaching a private page: a PENDING page is an EPT violation
-        (``tdx_handle_ept_violation``: "Guest access before accepting" kills the VM with
-        ``SEPT_VE_DISABLE``, else the module injects #VE); a poisoned line is #MC in SEAM
-        non-root: the module marks the TD fatal and KVM reports an internal error."""
+    def guest_access(
+        self, vcpu: VcpuView, gfn: int, pfn: int, offset: int = 0, length: int = PAGE_SIZE
+    ) -> None:
+        """A TD load/store of bytes ``[offset, offset + length)`` of a private page: a PENDING
+        page is an EPT violation (``tdx_handle_ept_violation``: "Guest access before
+        accepting" kills the VM with ``SEPT_VE_DISABLE``, else the module injects #VE); a
+        poisoned line among them is #MC in SEAM non-root (a store reads the line first):
+        the module marks the TD fatal and KVM reports an internal error."""
         td = self._td()
         state = td.leaf_state(gfn)
         gpa = gfn << PAGE_SHIFT
@@ -891,15 +894,16 @@ class KvmTdx:
             self.vm.count("ept_violation_exits")
             self.vm.kill(f"tdx_handle_ept_violation: {reason}")
             raise KvmError(errno.EIO, _SEPT_RULE, f"tdx_handle_ept_violation: {reason}")
-        if self.host.is_poisoned(pfn):
+        if self.host.is_poisoned(pfn, offset, length):
             td.fatal = True
+            at = gpa + offset
             verdict = (
-                f"TDX #MC: TD {self.vm.vm_id} read poisoned private memory at gpa {gpa:#x} (pfn {pfn:#x})"
+                f"TDX #MC: TD {self.vm.vm_id} read poisoned private memory at gpa {at:#x} (pfn {pfn:#x})"
             )
             self.host.mce.append(verdict)
             log.warning("TDX private memory error. Possible kernel bug.", pfn=pfn, vm=self.vm.vm_id)
-            self.vm.trace("tdx_machine_check", gpa=gpa, pfn=pfn)
-            raise InternalErrorExit(abi.KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON, gpa)
+            self.vm.trace("tdx_machine_check", gpa=at, pfn=pfn)
+            raise InternalErrorExit(abi.KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON, at)
 
     def handle_accept_violation(self, vcpu: VcpuView, gfn: int, npages: int) -> int:
         """``tdx_handle_ept_violation`` for TDG.MEM.PAGE.ACCEPT of pages that are not AUGed

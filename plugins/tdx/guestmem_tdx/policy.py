@@ -140,21 +140,26 @@ class TdxPolicy:
         return None
 
     @hookimpl
-    def guestmem_host_access(self, host: HostView, pfn: int, write: bool) -> str | None:
+    def guestmem_host_access(
+        self, host: HostView, pfn: int, write: bool, offset: int, length: int
+    ) -> str | None:
         """A host store to TD memory does not fault: it poisons the lines it wrote
-        (``X86_BUG_TDX_PW_MCE``); the TD's next read of them is a machine check."""
+        (``X86_BUG_TDX_PW_MCE``); the TD's next access to them is a machine check."""
         state = host.arch
         if write and isinstance(state, TdxHost):
-            state.host_write(pfn)
+            state.host_write(pfn, offset, length)
         return None
 
     # --- the guest -------------------------------------------------------------------------------
     @hookimpl
-    def guestmem_guest_access(self, vcpu: VcpuView, gfn: int, pfn: int, write: bool, private: bool) -> None:
-        """What the CPU finds on a private page: PENDING (EPT violation or #VE), poison (#MC)."""
+    def guestmem_guest_access(
+        self, vcpu: VcpuView, gfn: int, pfn: int, private: bool, offset: int, length: int
+    ) -> None:
+        """What the CPU finds on a private page: PENDING (EPT violation or #VE), a poisoned
+        line among the bytes accessed (#MC)."""
         tdx = _tdx(vcpu.vm)
         if tdx is not None and private:
-            tdx.guest_access(vcpu, gfn, pfn)
+            tdx.guest_access(vcpu, gfn, pfn, offset, length)
 
     @hookimpl
     def guestmem_hypercall(self, vcpu: VcpuView, nr: int, args: tuple[int, ...]) -> int | None:

@@ -243,10 +243,12 @@ def test_host_write_poisons_and_the_td_read_is_a_machine_check(td: TdVm) -> None
     g = td.guest
     assert g.accept(0) == 0
     pfn = td.pfn(0)
-    td.kvm.backend_view.kernel_write(pfn, 8, b"oops")
+    td.kvm.backend_view.kernel_write(pfn, 0x48, b"oops")  # cache line 1 of the page
     assert td.kvm.backend_view.crashed is None and td.host.is_poisoned(pfn)
+    assert not td.host.is_poisoned(pfn, 0, 0x40) and td.host.is_poisoned(pfn, 0x7F, 1)
+    assert g.read(0, 0x40) == bytes(0x40) and g.read(0x80, 8) == bytes(8)  # clean lines
     with pytest.raises(InternalErrorExit) as info:
-        g.read(0, 1)
+        g.read(0x3C, 8)  # straddles into line 1
     assert info.value.suberror == abi.KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON
     assert _sept(td).fatal and td.host.mce
     with pytest.raises(InternalErrorExit):
