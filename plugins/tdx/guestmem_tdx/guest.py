@@ -79,25 +79,21 @@ class TdxGuest:
 
     # --- KVM_RUN ----------------------------------------------------------------------------------
     def _run(self) -> None:
-        """What ``KVM_RUN`` checks before the TD executes anything."""
-        self.vm.host.check_alive()
-        if self.vm.dead:
-            raise KvmError(errno.EIO, "CAP-9", f"VM is dead: {self.vm.dead_reason}")
+        """What ``KVM_RUN`` checks before the TD executes anything (``kvm_vcpu_ioctl``,
+        ``kvm_arch_vcpu_ioctl_run``): an open vCPU fd (EBADF), a live host and VM (EIO,
+        CAP-9), then ``tdx_vcpu_pre_run`` through the policy's ``guestmem_vcpu_pre_run``."""
+        self.cpu.check_run()
         if self.state.pending is not None:
             raise RuntimeError("the vCPU has an unfinished KVM_EXIT_HYPERCALL: resume() it first")
-        self.tdx.vcpu_pre_run(self.cpu)
 
     def resume(self, ret: int = 0) -> int:
         """Re-enter after ``KVM_EXIT_HYPERCALL`` with ``run->hypercall.ret = ret``; returns
         what the TD's TDG.VP.VMCALL returns (R10) or raises the next exit."""
+        self.cpu.check_run()
         pending = self.state.pending
         if pending is None:
             raise RuntimeError("resume() without a pending KVM_EXIT_HYPERCALL")
-        self.vm.host.check_alive()
-        if self.vm.dead:
-            raise KvmError(errno.EIO, "CAP-9", f"VM is dead: {self.vm.dead_reason}")
         self.state.pending = None
-        self.tdx.vcpu_pre_run(self.cpu)
         return pending(ret)
 
     def _tdcalls(self, n: int) -> None:
@@ -304,8 +300,7 @@ class TdxGuest:
     # --- TDG.VP.VMCALL ----------------------------------------------------------------------------
     def tdvmcall(self, leaf: int, *args: int) -> int:
         """TDG.VP.VMCALL with R10 = 0, R11 = *leaf*, R12... = *args*; returns R10."""
-        if self.state.pending is not None:
-            raise RuntimeError("the vCPU has an unfinished KVM_EXIT_HYPERCALL: resume() it first")
+        self._run()
         return int(self.vcpu.hypercall(abi.EXIT_REASON_TDCALL, leaf, *args))
 
     def kvm_hypercall(self, nr: int, *args: int) -> int:

@@ -502,7 +502,7 @@ class KvmTdx:
             raise KvmError(errno.EINVAL, "P-5", "KVM_TDX_INIT_MEM_REGION populates one page at a time")
         if src is None or len(src) < PAGE_SIZE:
             return -errno.EFAULT  # get_user_pages_fast: the source is not there
-        ret = self._tdp_map_page(gfn, opaque.vcpu)
+        ret = self._tdp_map_page(gfn)
         if ret:
             return ret
         td = self._td()
@@ -522,10 +522,12 @@ class KvmTdx:
                     return -errno.EIO
         return 0
 
-    def _tdp_map_page(self, gfn: int, vcpu: VcpuView) -> int:
-        """``kvm_tdp_map_page`` with ``PFERR_GUEST_FINAL_MASK | PFERR_PRIVATE_ACCESS``."""
+    def _tdp_map_page(self, gfn: int) -> int:
+        """``kvm_tdp_map_page`` with ``PFERR_GUEST_FINAL_MASK | PFERR_PRIVATE_ACCESS``: the
+        vCPU's MMU from its ioctl, outside ``KVM_RUN`` (none of its checks: the TD is not
+        runnable yet)."""
         try:
-            self.vm.fault_range(gfn, 1, private=True, vcpu=vcpu)
+            self.vm.fault_range(gfn, 1, private=True)
         except MemoryFault as exc:
             return -(exc.errno or errno.EFAULT)
         except MmioExit:
