@@ -266,3 +266,25 @@ def test_3_3_a_stale_run_is_not_installed() -> None:
         assert vm.fault_range(0, 16, private=True) == 16
         assert policy.faults == [(0, 16), (0, 16)]
         assert vm.counters["faults"] == 16 and vm.mmu.invalidate_in_progress == 0
+
+
+def test_only_an_exit_that_leaves_is_counted(protected_vm: Any) -> None:
+    """A memory-fault exit is counted when KVM_RUN returns with it: not when a bulk fault
+    merely stops at the page, nor for KVM_PRE_FAULT_MEMORY, which reports a plain errno."""
+    vm = protected_vm
+    gmem_slot(vm, MiB)
+    vm.set_memory_attributes(0, 8 * PAGE, PRIVATE)
+    assert vm.fault_range(0, 16, private=True) == 8  # stops at the shared gfn 8
+    assert vm.counters["memory_fault_exits"] == 0
+    anon_slot(vm, MiB, slot=1, gpa=4 * MiB)
+    vm.set_memory_attributes(4 * MiB, PAGE, PRIVATE)  # private, but the slot has no guest_memfd
+    vcpu = vm.create_vcpu(0)
+    with pytest.raises(guestmem.KvmError) as info:
+        vcpu.pre_fault_memory(4 * MiB, PAGE)
+    assert info.value.rule == "G-5" and not isinstance(info.value, MemoryFault)
+    assert vm.counters["memory_fault_exits"] == 0
+    with pytest.raises(MemoryFault):
+        vcpu.access(8 * PAGE, 1, private=True)
+    with pytest.raises(MemoryFault):
+        vm.fault_range(8, 4, private=True)
+    assert vm.counters["memory_fault_exits"] == 2

@@ -86,6 +86,9 @@ class ModelVcpu(api.Vcpu):
                 stage2.page_fault(vm, Fault(gfn, is_private, write, vcpu=self.view))
             except stage2.Emulate:
                 raise MmioExit(gpa, 0, write) from None
+            except MemoryFault as exc:
+                stage2.memory_fault_exit(vm, exc)
+                raise
             hit = vm.mmu.lookup(gfn)
             assert hit is not None, "a fault that returned installed no leaf"
         pfn = hit[0]
