@@ -321,3 +321,24 @@ def test_L3_close_during_get_pfn_releases_when_get_pfn_drops_its_reference(kvm: 
     assert (info.value.errno, info.value.rule) == (errno.EFAULT, "L-4")
     assert spy.prepared_when_freed == [True]
     assert not vm.is_mapped(0) and vm.mmu.invalidate_in_progress == 0
+
+
+def test_a_backends_own_vm_commands_check_the_fd_as_kvm_vm_ioctl_does(kvm: Any) -> None:
+    """``VmView.check_ioctl``: what ``kvm_vm_ioctl`` checks before a command, for a backend's
+    command that has no uAPI method: fine on an open VM, EIO on a dead one (CAP-9), EBADF
+    once the fd is closed (also while a guest_memfd keeps the VM alive, L-1)."""
+    vm = kvm.create_vm(SW_PROTECTED)
+    gmem = vm.create_guest_memfd(PAGE)
+    vm_view = guestmem.backend.view(vm)
+    vm_view.check_ioctl()
+    vm.close()
+    with raises_kvm(errno.EBADF):
+        vm_view.check_ioctl()
+    gmem.close()
+    with raises_kvm(errno.EBADF):
+        vm_view.check_ioctl()
+    dead = kvm.create_vm(SW_PROTECTED)
+    guestmem.backend.view(dead).kill("test")
+    with raises_kvm(errno.EIO):
+        guestmem.backend.view(dead).check_ioctl()
+    dead.close()

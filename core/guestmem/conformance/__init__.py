@@ -26,6 +26,8 @@ One module per job:
   conversions), and :class:`Ram`;
 - ``ledger``: the leak check, :class:`OwnershipLedger` and :func:`check_released`;
 - ``options``: :func:`kit_for`, :func:`kits_for`;
+- ``conversions``: :class:`ConversionReference`, what a guest reads back after conversions
+  and punches, and :func:`conversion_programs`, random programs for it;
 - ``machine``: the stateful Hypothesis machine (imported on demand: it needs Hypothesis);
 - ``pytest_plugin``: collecting the kit for named backends.
 
@@ -34,6 +36,12 @@ Requires pytest.
 
 from __future__ import annotations
 
+from guestmem.conformance.conversions import (
+    CONVERSION_PAGES,
+    CONVERSION_SLOT_PAGES,
+    ConversionReference,
+    conversion_programs,
+)
 from guestmem.conformance.kit import BASE_GPA, RAM_PAGES, GmemConformance, KitGuest, expect_errno
 from guestmem.conformance.ledger import LeakError, OwnershipLedger, allocated, check_ownership, check_released
 from guestmem.conformance.options import declared_flags, kit_for, kits_for
@@ -41,7 +49,10 @@ from guestmem.conformance.vmm import KitVmm, Ram
 
 __all__ = [
     "BASE_GPA",
+    "CONVERSION_PAGES",
+    "CONVERSION_SLOT_PAGES",
     "RAM_PAGES",
+    "ConversionReference",
     "GmemConformance",
     "KitGuest",
     "KitVmm",
@@ -51,6 +62,7 @@ __all__ = [
     "allocated",
     "check_ownership",
     "check_released",
+    "conversion_programs",
     "declared_flags",
     "expect_errno",
     "kit_for",

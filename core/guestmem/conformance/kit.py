@@ -301,6 +301,26 @@ class GmemConformance:
     def test_c3_unknown_flag_before_size(self, vm: Any) -> None:
         expect_errno(errno.EINVAL, vm.create_guest_memfd, 0, 1 << 40)
 
+    # --- closed descriptors -------------------------------------------------------------------
+    def test_closed_objects_fileno_is_valueerror_and_syscalls_ebadf(self, kvm: Any) -> None:
+        """A closed guest_memfd, VM or ``/dev/kvm`` answers ``fileno()`` with ValueError, as a
+        closed Python file object does (there is no descriptor to name), and every system
+        call on it with EBADF (``fdget`` fails); ``close()`` again is a no-op."""
+        vm = kvm.create_vm(self.vm_type)
+        gmem = vm.create_guest_memfd(MiB)
+        for obj, syscall in (
+            (gmem, lambda: gmem.fallocate(KEEP, 0, PAGE)),
+            (vm, lambda: vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD)),
+            (kvm, lambda: kvm.check_extension(uapi.KVM_CAP_GUEST_MEMFD)),
+        ):
+            assert isinstance(obj.fileno(), int) and not obj.closed
+            obj.close()
+            assert obj.closed
+            with pytest.raises(ValueError, match="closed"):
+                obj.fileno()
+            expect_errno(errno.EBADF, syscall)
+            obj.close()
+
     # --- plain file operations (F-1..F-3) ---------------------------------------------------
     def test_f1_read_write_fail(self, vm: Any) -> None:
         with vm.create_guest_memfd(MiB) as gmem:
