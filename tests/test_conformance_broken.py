@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from gmem_helpers import BackendPlugin, plugin
+from gmem_helpers import DEEP, BackendPlugin, plugin
 
 import guestmem
 from guestmem.backend import HostFault, Owner, VmTypeInfo, hookimpl
@@ -137,16 +137,6 @@ def run_kit_test(name: str, backend_name: str) -> None:
         registry.remove_plugin(ledger)
 
 
-DEEP = [
-    "test_conversion_private_to_shared_to_private",
-    "test_conversion_shared_to_private_to_shared",
-    "test_host_access_after_conversion",
-    "test_memslot_move_with_mapped_pages",
-    "test_memslot_delete_with_mapped_pages",
-    "test_gmem_release_while_bound",
-    "test_leak_check_after_a_lifecycle",
-    "test_stateful_machine",
-]
 LEAK = "ownership-released: after closing everything the tables still hold t "
 BROKEN: list[tuple[str, Callable[[], object], VmTypeInfo, str]] = [
     *[(test, Leaky, DESTRUCTIVE, LEAK) for test in DEEP],

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gmem_helpers import BackendPlugin, NoHooks, arm64_type, plugin
+from gmem_helpers import BackendPlugin, NoHooks, arm64_type, junit_outcomes, plugin
 
 import guestmem
 from guestmem import uapi
@@ -111,9 +111,29 @@ def _pytest(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.Compl
 
 def test_the_plugin_runs_the_kit_for_named_backends(tmp_path: Path) -> None:
     """No test file, no subclass: the environment names the backend."""
-    run = _pytest(tmp_path, {"GUESTMEM_KIT_BACKENDS": "sw"}, "-k", "conversion or leak or stateful")
+    report = tmp_path / "report.xml"
+    run = _pytest(
+        tmp_path,
+        {"GUESTMEM_KIT_BACKENDS": "sw"},
+        "-k",
+        "conversion or leak or stateful",
+        f"--junitxml={report}",
+    )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "7 passed, 3 skipped, 48 deselected" in run.stdout
+    outcomes = junit_outcomes(report)
+    conversions = (
+        "test_conversion_private_to_shared_to_private",
+        "test_conversion_shared_to_private_to_shared",
+    )
+    conversions += ("test_host_access_after_conversion",)
+    always = ("test_leak_check_after_a_lifecycle", "test_stateful_machine")
+    # The kit of each VM type ran: the private one converts, the default one has nothing to
+    # convert (VmTypeInfo.conversion is None), and both run the leak check and the machine.
+    want = {f"TestKit_sw_KVM_X86_SW_PROTECTED_VM::{name}": "passed" for name in conversions + always}
+    want |= {f"TestKit_sw_KVM_X86_DEFAULT_VM::{name}": "skipped" for name in conversions}
+    want |= {f"TestKit_sw_KVM_X86_DEFAULT_VM::{name}": "passed" for name in always}
+    assert {name: outcomes.get(name) for name in want} == want
+    assert not {name for name, outcome in outcomes.items() if outcome in ("failed", "error")}
     bad = _pytest(tmp_path, {"GUESTMEM_KIT_BACKENDS": "no-such"})
     assert (
         bad.returncode == 4 and "guestmem conformance kit: no guestmem backend named 'no-such'" in bad.stderr

@@ -10,10 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from gmem_helpers import DEEP, junit_outcomes
 from test_plugin_boundary import violations
 
 from guestmem import hookref, newbackend
 from guestmem.cli import main
+from guestmem.conformance import GmemConformance
 
 
 @pytest.mark.parametrize("arch", newbackend.ARCHES)
@@ -90,6 +92,7 @@ def test_the_generated_distributions_pass_the_kit_and_their_tests(tmp_path: Path
             "no:cacheprovider",
             "-W",
             "error",
+            f"--junitxml={tmp_path / 'report.xml'}",
             "x86/tests",
             "arm64/tests",
         ],
@@ -100,4 +103,16 @@ def test_the_generated_distributions_pass_the_kit_and_their_tests(tmp_path: Path
         check=False,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
-    assert "108 passed, 10 skipped" in run.stdout
+    outcomes = junit_outcomes(tmp_path / "report.xml")
+    assert not {name for name, outcome in outcomes.items() if outcome in ("failed", "error")}
+    ran = {name.split("[")[0] for name in outcomes}
+    kit = {name for name in dir(GmemConformance) if name.startswith("test_")}
+    for cls in ("TestDemoVm", "TestDemoDefaultVm", "TestDemoArmVm", "TestDemoArmDefaultVm"):
+        assert {f"{cls}::{name}" for name in kit} <= ran, f"{cls} runs the whole kit"
+    for cls in ("TestDemoVm", "TestDemoArmVm"):  # the confidential VM types: the deep kit runs
+        for name in DEEP:
+            assert outcomes[f"{cls}::{name}"] == "passed", f"{cls}::{name}"
+    for module in ("test_demo", "test_demo_arm"):
+        assert (
+            outcomes[f"{module}::test_a_guest_lifecycle_keeps_the_invariants_and_leaks_nothing"] == "passed"
+        )
