@@ -10,6 +10,7 @@ a failure here is the kit's assertion, not pytest machinery.
 from __future__ import annotations
 
 import builtins
+import errno
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from gmem_helpers import DEEP, BackendPlugin, plugin
 import guestmem
 from guestmem.backend import HostFault, Owner, VmTypeInfo, hookimpl
 from guestmem.conformance import GmemConformance, OwnershipLedger
+from guestmem.errors import KvmError
 from guestmem.invariants import InvariantChecker
 
 TYPE = 7
@@ -109,18 +111,53 @@ class ZeroOnUnmap(Sound):
                 vm.host.zero(pfn, 1)
 
 
+class LocksMemslots(Sound):
+    """Refuses to delete or move a memslot once the VM has a vCPU, as pKVM's protected VMs
+    once they ran (``kvm_arch_prepare_memory_region``, pKVM-3.6), with *err*."""
+
+    err = errno.EPERM
+
+    @hookimpl
+    def guestmem_prepare_memory_region(self, vm: Any, old: Any, new: Any, change: str) -> None:
+        if change in ("delete", "move") and vm.vcpus():
+            raise KvmError(self.err, "t-lock", f"no {change} once the VM ran")
+
+
+class LocksWithWrongErrno(LocksMemslots):
+    """Refuses the changes with another errno than the kit was told."""
+
+    err = errno.EINVAL
+
+
+class ScrubsThenLocks(LocksMemslots, ZeroOnUnmap):
+    """Scrubs the private pages the refused change zapped: the guest's bytes are gone."""
+
+
+class ReleasesThenLocks(LocksMemslots):
+    """Gives the zapped pages back to the host in its table, though the change is refused
+    and the guest keeps them."""
+
+    @hookimpl
+    def guestmem_unmap_gfn_range(self, vm: Any, range: Any) -> None:  # noqa: A002
+        for gfn in builtins.range(range.start, range.end):
+            pfn = vm.gmem_pfn(gfn)
+            if pfn is not None:
+                vm.ownership_update("t", pfn, 1, "g", None, old_owner=Owner.GUEST, new_owner=Owner.HOST)
+
+
 @contextmanager
 def backend(name: str, policy: object, info: VmTypeInfo = DESTRUCTIVE) -> Iterator[None]:
     with plugin(BackendPlugin(name, (info,), policy), distribution=f"guestmem-{name}"):
         yield
 
 
-def run_kit_test(name: str, backend_name: str) -> None:
-    """Call the kit's test *name* against *backend_name* as pytest would, observers on."""
+def run_kit_test(name: str, backend_name: str, **flags: Any) -> None:
+    """Call the kit's test *name* against *backend_name* as pytest would, observers on,
+    with the kit's *flags*."""
     kit = type(
         "Kit",
         (GmemConformance,),
-        {"backend": backend_name, "vm_type": TYPE, "machine_examples": 30, "machine_shrink": False},
+        {"backend": backend_name, "vm_type": TYPE, "machine_examples": 30, "machine_shrink": False, **flags},
     )()
     registry = guestmem.get_registry()
     ledger, checker = OwnershipLedger(), InvariantChecker()
@@ -208,3 +245,38 @@ def test_deep_kit_test_passes_on_the_sound_backend(test: str) -> None:
     the breakages'."""
     with backend("t-sound", Sound()):
         run_kit_test(test, "t-sound")
+
+
+MEMSLOT_TESTS = [
+    "test_memslot_move_with_mapped_pages",
+    "test_memslot_delete_with_mapped_pages",
+    "test_gmem_release_while_bound",
+]
+#: A kit told ``memslot_change_errno = EPERM``, against backends that do not refuse, refuse
+#: otherwise, or refuse but change something.
+LOCKED: list[tuple[str, Callable[[], object], str]] = [
+    *[(test, Sound, "DID NOT RAISE") for test in MEMSLOT_TESTS],
+    *[(test, LocksWithWrongErrno, "expected EPERM, got") for test in MEMSLOT_TESTS],
+    ("test_memslot_delete_with_mapped_pages", ScrubsThenLocks, "a refused memslot change changed the page"),
+    ("test_memslot_delete_with_mapped_pages", ReleasesThenLocks, "a refused memslot change moved pages"),
+]
+
+
+@pytest.mark.parametrize(
+    ("test", "policy", "message"),
+    LOCKED,
+    ids=[f"{test.removeprefix('test_')}-{policy.__name__}" for test, policy, _ in LOCKED],
+)
+def test_memslot_tests_of_a_locking_architecture_fail_on_a_broken_backend(
+    test: str, policy: Callable[[], object], message: str
+) -> None:
+    with backend("t-broken", policy()), pytest.raises((AssertionError, pytest.fail.Exception), match=message):
+        run_kit_test(test, "t-broken", memslot_change_errno=errno.EPERM)
+
+
+@pytest.mark.parametrize("test", DEEP)
+def test_the_deep_kit_passes_on_a_sound_locking_backend(test: str) -> None:
+    """The control: a backend that refuses memslot changes of a VM that ran and keeps
+    everything as it was passes the whole deep kit told so."""
+    with backend("t-locks", LocksMemslots()):
+        run_kit_test(test, "t-locks", memslot_change_errno=errno.EPERM)

@@ -85,8 +85,8 @@ def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[
 
     * the kit's capability flags: ``guest_access``, ``private_access``,
       ``gmem_only_from_gmem``, ``init_shared_coherent``, ``slot_gmem_flags``,
-      ``private_unmap``, ``open_options``, ``machine_examples``, ``machine_steps``,
-      ``machine_shrink`` (see :class:`guestmem.conformance.GmemConformance`);
+      ``private_unmap``, ``memslot_change_errno``, ``open_options``, ``machine_examples``,
+      ``machine_steps``, ``machine_shrink`` (see :class:`guestmem.conformance.GmemConformance`);
     * ``vmm``: a class, constructed with ``(kvm, vm, vm_type)``, that drives one VM the way
       this architecture's VMM and guest do (setup before the vCPUs, start before the first
       run, guest accesses, conversions) with the methods of

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any, ClassVar
 
 import pytest
@@ -196,6 +197,13 @@ class GmemConformance:
     #: force reclaim, CCA's DATA_DESTROY leaving the IPA DESTROYED).  Also what a punch hole
     #: of a private page does to the running guest's view of it.
     private_unmap: ClassVar[str] = "keep"
+    #: The errno with which the architecture refuses to delete or move a memslot of a VM
+    #: that ran (``kvm_arch_prepare_memory_region``: pKVM's protected VMs, EPERM,
+    #: pKVM-3.6), or 0 where memslots change freely.  The memslot tests then expect that
+    #: errno for every delete and move of the running guest's memslots, with nothing
+    #: changed: the guest reads its bytes back, its private pages stay out of the host's
+    #: reach and no ownership table moves a page.
+    memslot_change_errno: ClassVar[int] = 0
     #: The class driving the deep kit's VMs (the backend's ``guestmem_conformance_options``
     #: may name its own).
     vmm: ClassVar[Callable[..., Any]] = KitVmm
@@ -585,6 +593,18 @@ class GmemConformance:
         want = {"keep": [before], "destroy": [bytes(len(before))], "revoke": [bytes(len(before))]}[mode]
         assert got in want, f"private_unmap={mode!r}: after the memslot change the page holds {got!r}"
 
+    def _refused_change(
+        self, kvm: Any, ledger: OwnershipLedger, change: Callable[[], object], intact: Callable[[], None]
+    ) -> None:
+        """*change*, a delete or move of a memslot of the running guest, fails with
+        ``memslot_change_errno`` and changes nothing: no ownership table moves a page, and
+        *intact* (the guest's and the host's view of the pages) still holds."""
+        before = {name: list(table.items()) for name, table in ledger.tables(kvm).items()}
+        expect_errno(self.memslot_change_errno, change)
+        after = {name: list(table.items()) for name, table in ledger.tables(kvm).items()}
+        assert after == before, "a refused memslot change moved pages between owners"
+        intact()
+
     def test_memslot_move_with_mapped_pages(
         self, kvm: Any, info: VmTypeInfo, ledger: OwnershipLedger
     ) -> None:
@@ -609,6 +629,16 @@ class GmemConformance:
             return data
 
         assert read(PLAIN_GPA) == b"plain bytes"
+        if self.memslot_change_errno:
+
+            def intact() -> None:
+                assert read(PLAIN_GPA) == b"plain bytes", "a refused memslot change changed the page"
+
+            for args in ((1, 0, MOVED_GPA, 4 * PAGE, plain.address), (1, 0, PLAIN_GPA, 0, 0)):  # move, delete
+                self._refused_change(kvm, ledger, partial(g.vm.set_user_memory_region2, *args), intact)
+            g.close()
+            self.released(kvm, ledger, baseline)
+            return
         g.vm.set_user_memory_region2(1, 0, MOVED_GPA, 4 * PAGE, plain.address)  # KVM_MR_MOVE
         with pytest.raises(MmioExit):
             read(PLAIN_GPA)
@@ -643,6 +673,18 @@ class GmemConformance:
             0,
         )
         assert g.read(4, len(SECRET)) == SECRET, "a refused move left the page as it was"
+        if self.memslot_change_errno:
+
+            def intact() -> None:
+                assert g.read(4, len(SECRET)) == SECRET, "a refused memslot change changed the page"
+                if info.private and ram.gmem_mappable:
+                    with pytest.raises(HostSigbus):
+                        ram.gmem_read(4, len(SECRET))
+
+            self._refused_change(kvm, ledger, ram.unbind, intact)
+            g.close()
+            self.released(kvm, ledger, baseline)
+            return
         ram.unbind()
         with pytest.raises((MmioExit, MemoryFault)):
             g.read(4, len(SECRET))
@@ -675,7 +717,17 @@ class GmemConformance:
             with pytest.raises(MemoryFault) as exit_info:
                 g.read(5, len(SECRET))
             assert exit_info.value.errno == errno.EFAULT, "L-4: EFAULT once the file is gone"
-        g.ram.unbind()
+        if self.memslot_change_errno:
+            # The memslot stays, naming a file that is gone: the guest still gets EFAULT.
+
+            def intact() -> None:
+                with pytest.raises(MemoryFault) as again:
+                    g.read(6, len(HOSTDATA))
+                assert again.value.errno == errno.EFAULT, "L-4: the kept memslot names a released file"
+
+            self._refused_change(kvm, ledger, g.ram.unbind, intact)
+        else:
+            g.ram.unbind()
         g.close()
         self.released(kvm, ledger, baseline)
 

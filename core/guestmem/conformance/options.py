@@ -29,6 +29,7 @@ FLAGS = frozenset(
         "init_shared_coherent",
         "slot_gmem_flags",
         "private_unmap",
+        "memslot_change_errno",
         "open_options",
         "machine_examples",
         "machine_steps",
