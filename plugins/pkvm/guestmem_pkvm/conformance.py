@@ -10,6 +10,7 @@ rest (this package imports only the public API).
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from guestmem import uapi
@@ -76,12 +77,19 @@ class PkvmKitVmm:
 def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[str, Any] | None:
     """The kit's settings for the ``pkvm`` backend: the isolation checker watches every VM;
     a protected VM is driven by :class:`PkvmKitVmm`, keeps INIT_SHARED memory private
-    until the guest shares it (no M-7 coherence without a conversion), and loses a page
-    whose mapping a memslot change removes (the host reclaims it from the running guest:
-    zeroed, or poisoned for the guest, pKVM-3.2)."""
+    until the guest shares it (no M-7 coherence without a conversion), and loses a private
+    page the VMM punches (the host reclaims it from the running guest: zeroed, or
+    poisoned for the guest, pKVM-3.2); once it ran, its memslots may be neither deleted
+    nor moved (Android's ``kvm_arch_prepare_memory_region``: EPERM, pKVM-3.6), the guest
+    keeping its pages."""
     if backend.name != "pkvm":
         return None
     options: dict[str, Any] = {"observers": (IsolationChecker,)}
     if vm_type.type & abi.KVM_VM_TYPE_ARM_PROTECTED:
-        options.update(vmm=PkvmKitVmm, init_shared_coherent=False, private_unmap="revoke")
+        options.update(
+            vmm=PkvmKitVmm,
+            init_shared_coherent=False,
+            private_unmap="revoke",
+            memslot_change_errno=errno.EPERM,
+        )
     return options
