@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gmem_helpers import BackendPlugin, NoHooks, arm64_type, junit_outcomes, plugin
+from gmem_helpers import BackendPlugin, NoHooks, arm64_type, junit_outcomes, plugin, x86_type
 
 import guestmem
 from guestmem import uapi
-from guestmem.backend import VmTypeInfo, hookimpl
+from guestmem.backend import X86_DEFAULT_VM, X86_SW_PROTECTED_VM, VmTypeInfo, hookimpl
 from guestmem.conformance import GmemConformance, KitVmm, kit_for, kits_for
 from guestmem.conformance.pytest_plugin import backend_names, kit_module
 
@@ -43,6 +43,16 @@ def test_kit_for_sw_picks_the_private_type_first() -> None:
     plain = kit_for("sw", uapi.KVM_X86_DEFAULT_VM)
     assert (plain.vm_type, plain.private_access, plain.init_shared_coherent) == (0, False, True)
     assert [k.vm_type for k in kits_for("sw")] == [0, 1]
+
+
+def test_kit_for_picks_an_x86_backends_own_private_type() -> None:
+    """An x86 host offers the core's DEFAULT and SW_PROTECTED types next to its own: the
+    kit (and ``guestmem fuzz``) picks the backend's own private type, wherever it is listed."""
+    own = x86_type(5, name="OWN_VM")
+    with plugin(BackendPlugin("t-kitfor-x86", (X86_DEFAULT_VM, X86_SW_PROTECTED_VM, own), NoHooks())):
+        assert kit_for("t-kitfor-x86").vm_type == 5
+    with plugin(BackendPlugin("t-kitfor-x86", (X86_DEFAULT_VM, X86_SW_PROTECTED_VM), NoHooks())):
+        assert kit_for("t-kitfor-x86").vm_type == uapi.KVM_X86_SW_PROTECTED_VM
 
 
 def test_flags_come_from_the_declarations_then_the_options() -> None:

@@ -16,7 +16,7 @@ import pytest
 
 import guestmem
 from guestmem import uapi
-from guestmem.backend import Backend, VmTypeInfo
+from guestmem.backend import X86_SW_PROTECTED_VM, Backend, VmTypeInfo
 from guestmem.conformance.kit import GmemConformance
 from guestmem.errors import PluginError
 
@@ -78,16 +78,19 @@ def kit_for(
 ) -> type[GmemConformance]:
     """The conformance kit for *vm_type* of the installed *backend*, ready for pytest.
 
-    *vm_type* defaults to the backend's first private VM type (the one its users care
-    about), else its default VM type.  The class's flags come from :func:`declared_flags`,
-    then from the backend's ``guestmem_conformance_options`` (which may also name its
-    ``vmm`` driver and its ``observers``, or ``skip`` the type).  ``LookupError`` for an
+    *vm_type* defaults to the backend's first private VM type of its own (the one its
+    users care about: not the core's ``KVM_X86_SW_PROTECTED_VM``, which an x86 host offers
+    next to its own types), else its first private VM type, else its default VM type.
+    The class's flags come from :func:`declared_flags`, then from the backend's
+    ``guestmem_conformance_options`` (which may also name its ``vmm`` driver and its
+    ``observers``, or ``skip`` the type).  ``LookupError`` for an
     unknown backend or VM type, :class:`guestmem.PluginError` for bad options.
     """
     info_backend = guestmem.get_registry().backend(backend)
     if vm_type is None:
         private = info_backend.private_vm_types
-        info = private[0] if private else info_backend.default_vm_type
+        own = [t for t in private if t != X86_SW_PROTECTED_VM]
+        info = (own or private or [info_backend.default_vm_type])[0]
     else:
         found = info_backend.vm_type(vm_type)
         if found is None:

@@ -32,7 +32,8 @@ class FuzzConfig:
 
     #: The backend's name.
     backend: str
-    #: The ``KVM_CREATE_VM`` type; None: what the kit picks (the first private type).
+    #: The ``KVM_CREATE_VM`` type; None: what the kit picks (the backend's own first
+    #: private type, :func:`~guestmem.conformance.kit_for`).
     vm_type: int | None = None
     #: Steps in total (a step is one rule of the machine).
     steps: int = 1000
