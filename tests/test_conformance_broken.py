@@ -21,7 +21,7 @@ from gmem_helpers import DEEP, BackendPlugin, plugin
 
 import guestmem
 from guestmem.backend import HostFault, Owner, VmTypeInfo, hookimpl
-from guestmem.conformance import GmemConformance, OwnershipLedger
+from guestmem.conformance import GmemConformance, KitVmm, OwnershipLedger
 from guestmem.errors import KvmError
 from guestmem.invariants import InvariantChecker
 
@@ -280,3 +280,32 @@ def test_the_deep_kit_passes_on_a_sound_locking_backend(test: str) -> None:
     everything as it was passes the whole deep kit told so."""
     with backend("t-locks", LocksMemslots()):
         run_kit_test(test, "t-locks", memslot_change_errno=errno.EPERM)
+
+
+class DirtyFolios(Sound):
+    """Hands the guest new guest_memfd folios holding another's bytes (no clearing)."""
+
+    @hookimpl
+    def guestmem_gmem_prepare(self, vm: Any, gfn: int, pfn: int, order: int, npages: int) -> None:
+        super().guestmem_gmem_prepare(vm, gfn, pfn, order, npages)
+        for i in builtins.range(npages):
+            vm.host.write(pfn + i, 0, b"\xaa" * 64)
+
+
+class AcceptingVmm(KitVmm):
+    """A guest that touches all its private memory at boot (as a TD accepts it): guest_memfd
+    holds folios the guest never wrote."""
+
+    def start(self, vcpu: Any, ram: Any) -> None:
+        super().start(vcpu, ram)
+        for page in builtins.range(ram.npages):
+            self.guest_read(vcpu, ram.gpa_of(page), 1, private=True)
+
+
+def test_the_machine_takes_folios_a_guest_accepted_but_never_wrote() -> None:
+    """Folios of private pages the guest touched without writing are zero-filled pages the
+    reference does not count (they pass); holding other bytes, they fail."""
+    with backend("t-sound", Sound()):
+        run_kit_test("test_stateful_machine", "t-sound", vmm=AcceptingVmm)
+    with backend("t-broken", DirtyFolios()), pytest.raises(AssertionError, match="never wrote, is not zero"):
+        run_kit_test("test_stateful_machine", "t-broken", vmm=AcceptingVmm)
