@@ -75,7 +75,7 @@ class TdxKitVmm:
             status = TdxGuest(vcpu).accept(page)
             if status:
                 raise KvmError(0, "", f"TDG.MEM.PAGE.ACCEPT of {page:#x} after #VE: {status:#x}") from exc
-            return self._access(vcpu, run)
+        return run()
 
     def _gpa(self, vcpu: Any, gpa: int, private: bool) -> int:
         """The alias the TD uses: the shared bit set for a shared access."""
