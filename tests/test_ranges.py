@@ -55,6 +55,31 @@ def test_rangemap_queries(operations: list[tuple[int, int, int | None]], start: 
     gaps = {k for s, e in m.gaps(start, end) for k in range(s, e)}
     assert gaps == {k for k in range(start, end) if k not in ref}
     assert m.overlaps(start, end) == bool(clipped)
+    listed = list(m.items(start, end))
+    assert m.span(start, end) == listed
+    assert m.first_overlap(start, end) == (listed[0] if listed else None)
     for value in (None, 1):
         expect = all(ref.get(k) == value for k in range(start, end))
         assert m.covers(start, end, value) == expect
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops, st.lists(st.tuples(st.integers(0, 300), st.integers(1, 40)), max_size=30), st.sampled_from([4, 1000]))
+def test_erase_runs_matches_erasing_each_run(
+    operations: list[tuple[int, int, int | None]], runs: list[tuple[int, int]], load: int
+) -> None:
+    """``erase_runs`` (one sweep, one rebuild) leaves what erasing each run in turn leaves,
+    and counts the positions that held a value."""
+    m, ref = _build(operations, load)
+    spans = [(s, s + n) for s, n in runs]
+    held = m.erase_runs(spans)
+    gone = {k for s, e in spans for k in range(s, e) if k in ref}
+    assert held == len(gone)
+    for k in gone:
+        del ref[k]
+    for k in range(0, 380):
+        assert m.get(k) == ref.get(k)
+    items = list(m.items())
+    for (_, e1, v1), (s2, _, v2) in itertools.pairwise(items):
+        assert e1 <= s2 and not (e1 == s2 and v1 == v2)
+    assert sum(e - s for s, e, _ in items) == len(ref)

@@ -9,7 +9,7 @@ merged, so a uniform terabyte is one entry.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Generic, TypeVar
 
 from sortedcontainers import SortedDict
@@ -90,24 +90,63 @@ class RangeMap(Generic[V]):
         end, value = self._map[start]
         return (start, end, value) if pos < end else None
 
+    def _keys_between(self, lo: int, hi: int) -> list[int]:
+        """The stored starts in ``[lo, hi)``, in order (one slice of the sorted key list)."""
+        keys = self._map._list
+        return keys[keys.bisect_left(lo) : keys.bisect_left(hi)]  # type: ignore[no-any-return]
+
     def items(self, start: int | None = None, end: int | None = None) -> Iterator[tuple[int, int, V]]:
-        """Entries overlapping ``[start, end)``, clipped to it, in order."""
+        """Entries overlapping ``[start, end)``, clipped to it, in order.
+
+        The entries are taken when iteration starts, so the map may be changed meanwhile.
+        """
         if start is None:
-            for s, (e, v) in list(self._map.items()):
-                yield s, e, v
+            m = self._map
+            get = dict.__getitem__
+            yield from [(s, *get(m, s)) for s in list(m._list)]
             return
+        yield from self.span(start, end)
+
+    def span(self, start: int, end: int | None = None) -> list[tuple[int, int, V]]:
+        """``list(self.items(start, end))``, built at once (the bulk form)."""
         stop = end if end is not None else 1 << 128
         first = self._floor(start)
-        lo = first if first is not None else start
-        for s in list(self._map.irange(lo, stop, inclusive=(True, False))):
-            e, v = self._map[s]
-            if e <= start:
-                continue
-            yield max(s, start), min(e, stop), v
+        keys = self._keys_between(first if first is not None else start, stop)
+        if not keys:
+            return []
+        m = self._map
+        get = dict.__getitem__
+        out: list[tuple[int, int, V]] = [(s, *get(m, s)) for s in keys]
+        s, e, v = out[0]
+        if e <= start:
+            del out[0]
+            if not out:
+                return out
+        elif s < start:
+            out[0] = (start, e, v)
+        s, e, v = out[-1]
+        if e > stop:
+            out[-1] = (s, stop, v)
+        return out
+
+    def first_overlap(self, start: int, end: int) -> tuple[int, int, V] | None:
+        """The first entry overlapping ``[start, end)``, clipped to it, or None (O(log n))."""
+        ent = self.entry(start)
+        if ent is not None:
+            return start, min(ent[1], end), ent[2]
+        keys = self._map._list
+        i = keys.bisect_left(start)
+        if i == len(keys):
+            return None
+        s: int = keys[i]
+        if s >= end:
+            return None
+        e, v = self._map[s]
+        return s, min(e, end), v
 
     def overlaps(self, start: int, end: int) -> bool:
         """True iff any entry intersects ``[start, end)``."""
-        return next(self.items(start, end), None) is not None
+        return self.first_overlap(start, end) is not None
 
     def covers(self, start: int, end: int, value: V | None) -> bool:
         """True iff every position of ``[start, end)`` holds *value* (None: holds nothing)."""
@@ -172,11 +211,79 @@ class RangeMap(Generic[V]):
             m[head] = (start, head_value)
             m[start] = (head_end, head_value)
         self._split(end)
-        inner = list(m.irange(start, end, inclusive=(True, False)))
-        for s in inner:
-            del m[s]
+        self._delete_starts(self._keys_between(start, end))
         if value is not None:
             self._put(start, end, value, self._floor(start - 1) if start > 0 else None)
+
+    def _delete_starts(self, starts: list[int]) -> None:
+        """Remove the entries beginning at *starts* (sorted, all stored, one contiguous run
+        of keys): one slice of the key list, then the mapping's own entries."""
+        if not starts:
+            return
+        m = self._map
+        if len(starts) == 1:
+            del m[starts[0]]
+            return
+        keys = m._list
+        i = keys.bisect_left(starts[0])
+        del keys[i : i + len(starts)]  # a bulk delete: SortedList rebuilds when it pays
+        pop = dict.__delitem__
+        for key in starts:
+            pop(m, key)
+
+    def erase_runs(self, runs: Iterable[tuple[int, int]]) -> int:
+        """Remove every value in each ``[start, end)`` of *runs*; returns the positions that
+        held a value.  Many runs cost one sweep over them and the entries they touch, and
+        one rebuild of the key list, instead of one update each."""
+        ordered = sorted(runs)
+        if ordered and any(s >= e for s, e in ordered):
+            ordered = [(s, e) for s, e in ordered if s < e]
+        if not ordered:
+            return 0
+        if len(ordered) < 8:
+            held = 0
+            for s, e in ordered:
+                held += sum(b - a for a, b, _ in self.items(s, e))
+                self.set(s, e, None)
+            return held
+        lo = ordered[0][0]
+        hi = max(e for _, e in ordered)
+        survivors: list[tuple[int, int, V]] = []
+        held = 0
+        i = 0
+        n = len(ordered)
+        for s, e, value in self.span(lo, hi):
+            pos = s
+            while i < n and ordered[i][1] <= pos:
+                i += 1
+            j = i
+            while pos < e:
+                if j < n and ordered[j][0] < e:
+                    rs, re_ = ordered[j]
+                    if rs > pos:
+                        survivors.append((pos, rs, value))
+                        pos = rs
+                    cut_end = re_ if re_ < e else e
+                    if cut_end > pos:
+                        held += cut_end - pos
+                        pos = cut_end
+                    if re_ <= e:
+                        j += 1
+                    else:
+                        break
+                else:
+                    survivors.append((pos, e, value))
+                    pos = e
+            i = j
+        self.set(lo, hi, None)  # splits at the span's ends, then one slice delete
+        m = self._map
+        if len(survivors) < 8:
+            for s, e, value in survivors:
+                m[s] = (e, value)
+        else:
+            m._list.update(s for s, _, _ in survivors)
+            dict.update(m, ((s, (e, value)) for s, e, value in survivors))
+        return held
 
     def _put(self, start: int, end: int, value: V, prev: int | None) -> None:
         """Store *value* over ``[start, end)``, which holds nothing, merging with equal
