@@ -191,9 +191,9 @@ def _run_end(vm: ModelVm, slot: Memslot, fault: Fault) -> int:
         if ent is not None:
             end = min(end, ent[1])
         else:
-            nxt = next(vm.attributes.items(gfn, end), None)
+            nxt = vm.attributes.first_overlap(gfn, end)
             end = end if nxt is None else nxt[0]
-    leaf = next(vm.mmu.sptes.items(gfn, end), None)
+    leaf = vm.mmu.sptes.first_overlap(gfn, end)
     if leaf is not None:
         end = max(gfn + 1, leaf[0])
     return end

@@ -152,7 +152,7 @@ class GmemInode:
         if self.folio_order:
             _, end, folio = self.get_folio(index)
             return index, min(end, limit), folio
-        nxt = next(self.pages.items(index, limit), None)
+        nxt = self.pages.first_overlap(index, limit)
         end = limit if nxt is None else nxt[0]
         pfn = self.host.alloc(end - index, align=False)
         folio = Folio(pfn - index)
@@ -201,30 +201,31 @@ class GmemInode:
         """
         for vma in list(self.vmas):
             vma.zap_indices(start, end)
-        freed = list(self.pages.items(start, end))
+        freed = [(s + folio.delta, e - s) for s, e, folio in self.pages.span(start, end)]
         self.pages.erase(start, end)
-        for s, e, folio in freed:
-            self.free_pfns(s + folio.delta, e + folio.delta)
+        self.free_runs(freed)
 
-    def free_pfns(self, start_pfn: int, end_pfn: int) -> None:
-        """``kvm_gmem_free_folio``: the arch invalidate hook, then back to the host."""
+    def free_runs(self, runs: list[tuple[int, int]]) -> None:
+        """``kvm_gmem_free_folio`` for each ``(pfn, npages)`` run: the arch invalidate hook,
+        then back to the host."""
         owner = self.owner
         try:
-            owner.hooks.gmem_invalidate(owner.view, start_pfn, end_pfn)
+            if owner.hooks.implemented("gmem_invalidate"):
+                for pfn, npages in runs:
+                    owner.hooks.gmem_invalidate(owner.view, pfn, pfn + npages)
         finally:  # the kernel frees the folio whatever the arch code did
-            self.host.free(start_pfn, end_pfn - start_pfn)
-            owner.count("gmem_pages_freed", end_pfn - start_pfn)
+            self.host.free_runs(runs)
+            owner.count("gmem_pages_freed", sum(n for _, n in runs))
 
     def evict(self) -> None:
         """Inode eviction: every folio is freed (L-5)."""
         if self.evicted:
             return
         self.evicted = True
-        freed = list(self.pages.items())
+        freed = [(s + folio.delta, e - s) for s, e, folio in self.pages.items()]
         self.pages.clear()
-        for s, e, folio in freed:
-            self.free_pfns(s + folio.delta, e + folio.delta)
-        self.owner.trace("gmem_evict", ino=self.ino, freed_pages=sum(e - s for s, e, _ in freed))
+        self.free_runs(freed)
+        self.owner.trace("gmem_evict", ino=self.ino, freed_pages=sum(n for _, n in freed))
 
     # --- invalidation (spec 3.2) -------------------------------------------------------------
     @contextmanager
@@ -334,7 +335,7 @@ class GmemFile:
             )
         start = offset >> PAGE_SHIFT
         end = start + slot.npages
-        clash = next(self.bindings.items(start, end), None)
+        clash = self.bindings.first_overlap(start, end)
         if clash is not None:
             raise KvmError(
                 errno.EINVAL,

@@ -1,16 +1,16 @@
 """Host physical memory and the host process address space.
 
 Physical memory is sparse: pfns are handed out by a bump allocator (never reused, so a
-stale reference to a freed page is always detectable) and only pages that were written
-hold bytes.  Allocated pfns are tracked as ranges.
+stale reference to a freed page is always detectable) and only the written part of a page
+holds bytes (the window from its first to its last written byte; the rest reads zero), so
+a guest scattering small writes over a terabyte costs what it wrote.  Allocated pfns are
+tracked as ranges.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, NoReturn
-
-from sortedcontainers import SortedDict
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from guestmem import uapi
 from guestmem.errors import HostCrash
@@ -30,7 +30,8 @@ class HostMemory:
     def __init__(self) -> None:
         self._next_pfn = _FIRST_PFN
         self._allocated: RangeMap[bool] = RangeMap()
-        self._pages: SortedDict = SortedDict()  # pfn -> bytearray(PAGE_SIZE)
+        #: pfn -> [first byte held, the bytes from there]: a window of the page, zero outside.
+        self._pages: dict[int, list[Any]] = {}
         self.crashed: str | None = None
         self.allocated_pages = 0
         #: pfns the host kernel's direct map does not cover (``set_direct_map_invalid_noflush``).
@@ -54,10 +55,15 @@ class HostMemory:
 
     def free(self, pfn: int, npages: int) -> None:
         """Return ``[pfn, pfn+npages)`` to the allocator (contents are dropped)."""
-        self._drop(pfn, npages)
-        for s, e, _ in list(self._allocated.items(pfn, pfn + npages)):
-            self.allocated_pages -= e - s
-        self._allocated.erase(pfn, pfn + npages)
+        self.free_runs([(pfn, npages)])
+
+    def free_runs(self, runs: list[tuple[int, int]]) -> None:
+        """Return every ``(pfn, npages)`` run to the allocator (contents are dropped); many
+        runs leave the allocation map in one sweep."""
+        if self._pages:
+            for pfn, npages in runs:
+                self._drop(pfn, npages)
+        self.allocated_pages -= self._allocated.erase_runs([(pfn, pfn + n) for pfn, n in runs])
 
     def unallocated(self, start: int, end: int) -> Iterator[tuple[int, int]]:
         """The runs of ``[start, end)`` that are not allocated."""
@@ -69,8 +75,15 @@ class HostMemory:
 
     # --- contents ------------------------------------------------------------------------
     def _drop(self, pfn: int, npages: int) -> None:
-        for key in list(self._pages.irange(pfn, pfn + npages, inclusive=(True, False))):
-            del self._pages[key]
+        pages = self._pages
+        if not pages:
+            return
+        if npages <= len(pages):
+            for key in range(pfn, pfn + npages):
+                pages.pop(key, None)
+        else:
+            for key in [k for k in pages if pfn <= k < pfn + npages]:
+                del pages[key]
 
     def zero(self, pfn: int, npages: int) -> None:
         """Clear ``[pfn, pfn+npages)`` (``clear_highpage`` per page)."""
@@ -78,31 +91,54 @@ class HostMemory:
 
     def is_zero(self, pfn: int, npages: int) -> bool:
         """True iff every byte of ``[pfn, pfn+npages)`` is zero."""
-        keys = self._pages.irange(pfn, pfn + npages, inclusive=(True, False))
-        return not any(any(self._pages[key]) for key in keys)
+        pages = self._pages
+        if npages <= len(pages):
+            held = (pages.get(key) for key in range(pfn, pfn + npages))
+        else:
+            held = (page for key, page in pages.items() if pfn <= key < pfn + npages)
+        return not any(page is not None and any(page[1]) for page in held)
 
     def read(self, pfn: int, offset: int, n: int) -> bytes:
         """Bytes ``[offset, offset+n)`` of page *pfn* (must not cross the page)."""
         page = self._pages.get(pfn)
         if page is None:
             return bytes(n)
-        return bytes(page[offset : offset + n])
+        start, held = page
+        lo = offset - start
+        if lo >= 0 and lo + n <= len(held):
+            return bytes(held[lo : lo + n])
+        out = bytearray(n)
+        a, b = max(offset, start), min(offset + n, start + len(held))
+        if a < b:
+            out[a - offset : b - offset] = held[a - start : b - start]
+        return bytes(out)
 
     def write(self, pfn: int, offset: int, data: bytes) -> None:
         """Store *data* at *offset* of page *pfn* (must not cross the page)."""
         page = self._pages.get(pfn)
         if page is None:
-            if not any(data):
-                return
-            page = bytearray(PAGE_SIZE)
-            self._pages[pfn] = page
-        page[offset : offset + len(data)] = data
+            if any(data):
+                self._pages[pfn] = [offset, bytearray(data)]
+            return
+        start, held = page
+        if offset < start:
+            held[0:0] = bytes(start - offset)
+            page[0] = start = offset
+        lo = offset - start
+        if lo > len(held):
+            held.extend(bytes(lo - len(held)))
+        held[lo : lo + len(data)] = data
 
     def copy(self, dst: int, src: int, npages: int) -> None:
         """Copy *npages* whole pages from pfn *src* to pfn *dst*."""
         self._drop(dst, npages)
-        for key in list(self._pages.irange(src, src + npages, inclusive=(True, False))):
-            self._pages[dst + key - src] = bytearray(self._pages[key])
+        pages = self._pages
+        if npages <= len(pages):
+            found = [(key, pages[key]) for key in range(src, src + npages) if key in pages]
+        else:
+            found = [(key, page) for key, page in pages.items() if src <= key < src + npages]
+        for key, (start, held) in found:
+            pages[dst + key - src] = [start, bytearray(held)]
 
     # --- modelled hardware outcomes ------------------------------------------------------------
     def crash(self, verdict: str) -> NoReturn:
