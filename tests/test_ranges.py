@@ -64,7 +64,11 @@ def test_rangemap_queries(operations: list[tuple[int, int, int | None]], start: 
 
 
 @settings(max_examples=150, deadline=None)
-@given(ops, st.lists(st.tuples(st.integers(0, 300), st.integers(1, 40)), max_size=30), st.sampled_from([4, 1000]))
+@given(
+    ops,
+    st.lists(st.tuples(st.integers(0, 300), st.integers(1, 40)), max_size=30),
+    st.sampled_from([4, 1000]),
+)
 def test_erase_runs_matches_erasing_each_run(
     operations: list[tuple[int, int, int | None]], runs: list[tuple[int, int]], load: int
 ) -> None:
