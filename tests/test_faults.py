@@ -281,3 +281,35 @@ def test_G4_shared_gfn_beyond_slots_after_delete_is_mmio(pvm: Any) -> None:
     assert (exc.rule, exc.flags) == ("G-4", EXIT_PRIVATE)
     with pytest.raises(MmioExit):
         vcpu.access(MiB // 2)
+
+
+# --- the vCPU's translation cache never outlives what it caches ------------------------------
+def test_cached_translation_dropped_by_punch(pvm: Any, pgmem: Any) -> None:
+    """L-5 + G-11: after a punch, the next access faults a fresh, zeroed folio."""
+    vcpu = pvm.create_vcpu(0)
+    vcpu.access(0, data=b"secret")
+    assert vcpu.access(0, 6) == b"secret"  # a cached translation now
+    pgmem.fallocate(uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE, 0, PAGE)
+    assert vcpu.access(0, 6) == bytes(6)
+
+
+def test_cached_translation_dropped_by_attribute_change(pvm: Any) -> None:
+    """G-2: a cached private translation must not serve an access once the gfn is shared."""
+    vcpu = pvm.create_vcpu(0)
+    vcpu.access(0, 1)
+    assert vcpu.access(0, 1) == b"\0"
+    pvm.set_memory_attributes(0, PAGE, 0)
+    with pytest.raises(MemoryFault) as exc:
+        vcpu.access(0, 1, private=True)
+    assert exc.value.errno == errno.EFAULT and exc.value.rule == "G-2"
+
+
+def test_cached_translation_dropped_by_memslot_delete(pvm: Any) -> None:
+    """G-4: deleting the memslot zaps its leaves: the next private access has no memslot."""
+    vcpu = pvm.create_vcpu(0)
+    vcpu.access(PAGE * 10, data=b"x")
+    assert vcpu.access(PAGE * 10, 1) == b"x"
+    pvm.set_user_memory_region2(0, 0, 0, 0, 0)
+    with pytest.raises(MemoryFault) as exc:
+        vcpu.access(PAGE * 10, 1)
+    assert exc.value.rule == "G-4"

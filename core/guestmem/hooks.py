@@ -143,26 +143,32 @@ class Hooks:
                 elif id(impl.plugin) in observers:
                     plugin_name, dist = observers[id(impl.plugin)]
                     theirs.append(Impl(plugin_name, dist, impl.function, picks))
-            table[name] = (mine, tuple(theirs))
+            if mine is not None or theirs:
+                table[name] = (mine, tuple(theirs))  # absent: nobody implements it
         self._table = table
         self._revision = self._registry.revision
 
-    def _entry(self, name: str) -> tuple[Impl | None, tuple[Impl, ...]]:
+    def _entry(self, name: str) -> tuple[Impl | None, tuple[Impl, ...]] | None:
         if self._revision != self._registry.revision:
             self._refresh()
-        return self._table[name]
+        return self._table.get(name)
 
     def implemented(self, name: str) -> bool:
         """True iff the policy or an observer implements hook *name*."""
-        policy, observers = self._entry(name)
-        return policy is not None or bool(observers)
+        return self._entry(name) is not None
 
     def policy_implements(self, name: str) -> bool:
         """True iff the backend's own policy implements hook *name*."""
-        return self._entry(name)[0] is not None
+        entry = self._entry(name)
+        return entry is not None and entry[0] is not None
 
     def _call(self, name: str, args: tuple[Any, ...]) -> Any:
-        policy, observers = self._entry(name)
+        if self._revision != self._registry.revision:
+            self._refresh()
+        entry = self._table.get(name)
+        if entry is None:
+            return None
+        policy, observers = entry
         result = None
         if policy is not None:
             try:

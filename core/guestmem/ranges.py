@@ -199,8 +199,15 @@ class RangeMap(Generic[V]):
             # Fast path (a fault's folio, leaf or page run): [start, end) is exactly one entry,
             # or lies in a gap when no entry starts inside it.
             if head == start:
+                prev = self._floor(start - 1) if start > 0 else None
+                nxt = m.get(end)
+                if (prev is None or m[prev][0] != start or m[prev][1] != value) and (
+                    nxt is None or nxt[1] != value
+                ):
+                    dict.__setitem__(m, start, (end, value))  # in place: the key list stays
+                    return
                 del m[start]
-                self._put(start, end, value, self._floor(start - 1) if start > 0 else None)
+                self._put(start, end, value, prev)
                 return
             if end - start == 1 or self._floor(end - 1) == head:
                 self._put(start, end, value, head)  # head is also the floor of start - 1

@@ -81,6 +81,7 @@ def vm_set_mem_attributes(vm: ModelVm, start: int, end: int, attributes: int) ->
         if flush:
             vm.count("remote_tlb_flushes")
         vm.attributes.set(start, end, attributes or None)
+        mmu.gen += 1  # the vCPUs' cached privateness
     finally:
         if slots:
             mmu.invalidate_end()

@@ -57,6 +57,9 @@ class Mmu:
         self.range_start = INVALID_GFN
         self.range_end = INVALID_GFN
         self.mirrored = vm.type_info.has_mirrored_tdp
+        # Bumped whenever a leaf is installed, changed or zapped, or an attribute changes:
+        # the vCPUs' translation caches (ModelVcpu._tlb) are valid for one generation.
+        self.gen = 0
 
     # --- invalidation counters (kvm_mmu_invalidate_*) -------------------------------------------
     def invalidate_begin(self) -> None:
@@ -127,11 +130,13 @@ class Mmu:
         ]
         if not gone:
             return False
-        external: list[Leaf] = []
-        for s, e, spte in gone:
-            self.sptes.erase(s, e)
-            if self.mirrored and spte.private:
-                external.append(Leaf(s, e - s, s + spte.delta, spte.level, True, spte.writable))
+        self.gen += 1
+        self.sptes.erase_runs((s, e) for s, e, _ in gone)
+        external = [
+            Leaf(s, e - s, s + spte.delta, spte.level, True, spte.writable)
+            for s, e, spte in gone
+            if self.mirrored and spte.private
+        ]
         zapped = sum(e - s for s, e, _ in gone)
         self.vm.count("stage2_unmapped_pages", zapped)
         self.vm.count("tlb_flushes")
@@ -144,6 +149,7 @@ class Mmu:
         """Install *leaf*; a private leaf of a mirrored VM reaches the backend first."""
         if self.mirrored and leaf.private:
             self.vm.hooks.set_external_spte(self.vm.view, leaf)
+        self.gen += 1
         self.sptes.set(
             leaf.gfn, leaf.end_gfn, Spte(leaf.pfn - leaf.gfn, leaf.private, leaf.writable, leaf.level)
         )
@@ -152,6 +158,7 @@ class Mmu:
     def write_protect_4k(self, start: int, end: int) -> None:
         """``kvm_mmu_slot_apply_flags`` turning on dirty logging: eager split to 4K, then
         write-protect every leaf of ``[start, end)``."""
+        self.gen += 1
         for s, e, spte in list(self.sptes.items(start, end)):
             self.sptes.set(s, e, attrs.evolve(spte, level=uapi.PG_LEVEL_4K, writable=False))
 

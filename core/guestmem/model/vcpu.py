@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 PAGE_SHIFT = uapi.PAGE_SHIFT
 PAGE_SIZE = uapi.PAGE_SIZE
+TLB_ENTRIES = 4096  # bounds the cache; a full one is dropped at the next change
 
 
 class ModelVcpu(api.Vcpu):
@@ -28,6 +29,10 @@ class ModelVcpu(api.Vcpu):
         self.kvm: ModelKvm = vm.kvm
         self.vcpu_id = vcpu_id
         self._closed = False
+        # A translation cache (gfn -> (pfn, leaf, attribute privateness)), valid while the
+        # VM's Mmu.gen is _tlb_gen: every leaf or attribute change bumps it.
+        self._tlb: dict[int, tuple[int, Any, bool]] = {}
+        self._tlb_gen = -1
         self.view = VcpuView(self)
         self.view.arch = vm.hooks.vcpu_init(self.view)
         vm.get()
@@ -79,19 +84,33 @@ class ModelVcpu(api.Vcpu):
     def _translate(self, gpa: int, write: bool, private: bool | None, length: int) -> int:
         vm = self.vm
         gfn = gpa >> PAGE_SHIFT
-        is_private = vm.is_private(gfn) if private is None else private
-        hit = vm.mmu.lookup(gfn)
+        mmu = vm.mmu
+        if self._tlb_gen != mmu.gen:
+            self._tlb.clear()
+            self._tlb_gen = mmu.gen
+        cached = self._tlb.get(gfn)
+        if cached is None:
+            attr_private = vm.is_private(gfn)
+            hit = mmu.lookup(gfn)
+            if hit is not None and len(self._tlb) < TLB_ENTRIES:
+                self._tlb[gfn] = (hit[0], hit[1], attr_private)
+        else:
+            attr_private = cached[2]
+            hit = cached[0], cached[1]
+        is_private = attr_private if private is None else private
         if hit is None or hit[1].private != is_private or not (hit[1].writable or not write):
+            fault = Fault(gfn, is_private, write, vcpu=self.view)
             try:
-                stage2.page_fault(vm, Fault(gfn, is_private, write, vcpu=self.view))
+                stage2.page_fault(vm, fault)
             except stage2.Emulate:
                 raise MmioExit(gpa, 0, write) from None
             except MemoryFault as exc:
                 stage2.memory_fault_exit(vm, exc)
                 raise
-            hit = vm.mmu.lookup(gfn)
-            assert hit is not None, "a fault that returned installed no leaf"
-        pfn = hit[0]
+            assert fault.pfn is not None, "a fault that returned resolved no pfn"
+            pfn: int = fault.pfn
+        else:
+            pfn = hit[0]
         if vm.hooks.implemented("guest_access"):
             vm.hooks.guest_access(self.view, gfn, pfn, write, is_private, gpa & (PAGE_SIZE - 1), length)
         return pfn
@@ -115,11 +134,21 @@ class ModelVcpu(api.Vcpu):
         if length <= 0 or gpa < 0:
             raise ValueError("length must be positive and gpa non-negative")
         self._run()
+        vm = self.vm
+        vm.slots.ever_used = True  # the guest entered (KernelProfile.pre_fault_enospc_before_first_memslot)
+        offset = gpa & (PAGE_SIZE - 1)
+        if offset + length <= PAGE_SIZE:  # one page, the common case
+            try:
+                pfn = self._translate(gpa, write, private, length)
+            except MmioExit:
+                raise MmioExit(gpa, length, write) from None
+            vm.counters["guest_accesses"] += 1
+            if data is not None:
+                vm.host.write(pfn, offset, data)
+                return None
+            return vm.host.read(pfn, offset, length)
         pages = []
         pos = 0
-        self.vm.slots.ever_used = (
-            True  # the guest entered (KernelProfile.pre_fault_enospc_before_first_memslot)
-        )
         while pos < length:
             if pos and self.vm.dead:  # a hook killed the VM in the middle of the access
                 raise KvmError(errno.EIO, "CAP-9", f"VM is dead: {self.vm.dead_reason}")
