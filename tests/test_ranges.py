@@ -28,7 +28,7 @@ def _build(operations: list[tuple[int, int, int | None]], load: int) -> tuple[Ra
     return m, ref
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(ops, st.sampled_from([4, 1000]))
 def test_rangemap_matches_per_position_model(
     operations: list[tuple[int, int, int | None]], load: int

@@ -111,6 +111,10 @@ class RangeMap(Generic[V]):
         """``list(self.items(start, end))``, built at once (the bulk form)."""
         stop = end if end is not None else 1 << 128
         first = self._floor(start)
+        if first is not None:
+            first_end, value = self._map[first]
+            if start < first_end and stop <= first_end:  # inside one entry: the common case
+                return [(start, stop, value)] if start < stop else []
         keys = self._keys_between(first if first is not None else start, stop)
         if not keys:
             return []
@@ -212,6 +216,23 @@ class RangeMap(Generic[V]):
             if end - start == 1 or self._floor(end - 1) == head:
                 self._put(start, end, value, head)  # head is also the floor of start - 1
                 return
+        if head is not None and head_end >= end > start >= head and head_end > start:
+            # Inside one entry holding another value: cut it in up to three in place.
+            head_value = m[head][1]
+            if end < head_end:
+                m[end] = (head_end, head_value)
+            if head < start:
+                dict.__setitem__(m, head, (start, head_value))
+                if value is not None:
+                    if end < head_end:
+                        m[start] = (end, value)
+                    else:
+                        self._put(start, end, value, head)  # may merge with the next entry
+                return
+            del m[start]
+            if value is not None:
+                self._put(start, end, value, self._floor(start - 1) if start > 0 else None)
+            return
         # Split the entry straddling start (the floor found above) and the one at end.
         if head is not None and head < start < m[head][0]:
             head_end, head_value = m[head]

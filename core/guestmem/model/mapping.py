@@ -149,40 +149,47 @@ class GmemVma(Vma):
     def fault_index(self, index: int, write: bool) -> int:
         """``kvm_gmem_fault_user_mapping`` for gmem page *index*; returns its pfn (M-3..M-5)."""
         inode = self.file.inode
+        if self.faulted.get(index) is None:
+            self._fault_in(index)
+        folio = inode.pages.get(index)
+        assert folio is not None, "a host-mapped gmem page has no folio"
+        if folio.hwpoison:
+            address = self.address + (index - self.pgoff) * PAGE_SIZE
+            raise HostSigbus(address, "E-1", f"gmem page {index:#x} is hardware-poisoned")
+        return index + folio.delta
+
+    def _fault_in(self, index: int) -> None:
+        """The first touch of gmem page *index* through this VMA: ask the backend, allocate
+        and clear the folio, install the host PTE."""
+        inode = self.file.inode
         vm = inode.owner
         address = self.address + (index - self.pgoff) * PAGE_SIZE
-        if not self.maps_index(index):
-            if index >= inode.npages:
-                raise HostSigbus(address, "M-3", f"gmem page {index:#x} is beyond i_size {inode.size:#x}")
+        if index >= inode.npages:
+            raise HostSigbus(address, "M-3", f"gmem page {index:#x} is beyond i_size {inode.size:#x}")
+        outcome = vm.hooks.gmem_fault_user_mapping(vm.view, inode.view, index)
+        if outcome is HostFault.RECLAIM:
+            self._reclaim(index)
             outcome = vm.hooks.gmem_fault_user_mapping(vm.view, inode.view, index)
             if outcome is HostFault.RECLAIM:
-                self._reclaim(index)
-                outcome = vm.hooks.gmem_fault_user_mapping(vm.view, inode.view, index)
-                if outcome is HostFault.RECLAIM:
-                    outcome = HostFault.SIGBUS
-            if outcome is None:
-                mappable = inode.init_shared
-                rule = "M-4"
-            else:
-                mappable = outcome is HostFault.ALLOW
-                rule = "host-mappability"
-            if not mappable:
-                raise HostSigbus(address, rule, f"gmem page {index:#x} is private to the guest")
-            start, end, folio = inode.get_folio(index)
-            if folio.hwpoison:
-                raise HostSigbus(address, "E-1", f"gmem page {index:#x} is hardware-poisoned")
-            if not folio.uptodate:
-                inode.zero(start, end)
-                inode.set_state(start, end, uptodate=True)
-            self.faulted.set(index, index + 1, True)
-            vm.count("host_faults")
-            if vm.tracing:
-                vm.trace("host_map", ino=inode.ino, index=index, pfn=index + folio.delta)
-        pfn = inode.pfn(index)
-        assert pfn is not None
-        if inode.is_poisoned(index):
+                outcome = HostFault.SIGBUS
+        if outcome is None:
+            mappable = inode.init_shared
+            rule = "M-4"
+        else:
+            mappable = outcome is HostFault.ALLOW
+            rule = "host-mappability"
+        if not mappable:
+            raise HostSigbus(address, rule, f"gmem page {index:#x} is private to the guest")
+        start, end, folio = inode.get_folio(index)
+        if folio.hwpoison:
             raise HostSigbus(address, "E-1", f"gmem page {index:#x} is hardware-poisoned")
-        return pfn
+        if not folio.uptodate:
+            inode.zero(start, end)
+            inode.set_state(start, end, uptodate=True)
+        self.faulted.set(index, index + 1, True)
+        vm.count("host_faults")
+        if vm.tracing:
+            vm.trace("host_map", ino=inode.ino, index=index, pfn=index + folio.delta)
 
     def _reclaim(self, index: int) -> None:
         """Take the folio at *index* back from the guests before mapping it ("launder"):
@@ -212,21 +219,26 @@ def vma_access(vma: Vma, offset: int, length: int, data: bytes | None) -> bytes:
     the host raises the signal the host kernel sends, or takes the host down).
     """
     kvm = vma.kvm
+    write = data is not None
+    host_access = kvm.hooks.host_access if kvm.hooks.implemented("host_access") else None
     out = bytearray()
     pos = 0
     while pos < length:
         off = offset + pos
         page, in_page = off >> PAGE_SHIFT, off & (PAGE_SIZE - 1)
         n = min(length - pos, PAGE_SIZE - in_page)
-        pfn = vma.fault(page, data is not None)
-        verdict = kvm.hooks.host_access(kvm.view, pfn, data is not None, vma.address + off, in_page, n)
-        if verdict is not None:
-            kvm.trace(None, "host_crash", {"pfn": pfn, "verdict": verdict})
-            kvm.host.crash(verdict)
+        pfn = vma.fault(page, write)
+        if host_access is not None:
+            verdict = host_access(kvm.view, pfn, write, vma.address + off, in_page, n)
+            if verdict is not None:
+                kvm.trace(None, "host_crash", {"pfn": pfn, "verdict": verdict})
+                kvm.host.crash(verdict)
         if data is None:
-            out += vma.kvm.host.read(pfn, in_page, n)
+            if n == length:
+                return kvm.host.read(pfn, in_page, n)
+            out += kvm.host.read(pfn, in_page, n)
         else:
-            vma.kvm.host.write(pfn, in_page, data[pos : pos + n])
+            kvm.host.write(pfn, in_page, data[pos : pos + n] if n != length else data)
         pos += n
     return bytes(out)
 
