@@ -7,6 +7,11 @@ from typing import Any
 
 import pytest
 from gmem_support import MMAP, PAGE, PRIVATE, bind, pattern, raises_kvm
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import guestmem
+from guestmem import uapi
 
 
 @pytest.mark.parametrize("op", ["read", "write"])
@@ -96,3 +101,24 @@ def test_F4_dup_is_another_descriptor_of_the_same_file(protected_vm: Any) -> Non
     with pytest.raises(OSError) as info:
         twin.dup()
     assert info.value.errno == errno.EBADF
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 12), min_size=1, max_size=60))
+def test_fd_numbers_are_the_lowest_free(picks: list[int]) -> None:
+    """F-*: each new file gets the lowest unused descriptor number (get_unused_fd_flags),
+    however files were closed before."""
+    with guestmem.open("sw") as kvm:
+        vm = kvm.create_vm(uapi.KVM_X86_SW_PROTECTED_VM)
+        used = {vm.fileno(), kvm.fileno()}
+        files: list[Any] = []
+        for pick in picks:
+            if files and pick % 3 == 0:
+                victim = files.pop(pick % len(files))
+                used.discard(victim.fileno())
+                victim.close()
+            else:
+                gmem = vm.create_guest_memfd(PAGE)
+                assert gmem.fileno() == min(set(range(3, len(used) + 4)) - used)
+                used.add(gmem.fileno())
+                files.append(gmem)

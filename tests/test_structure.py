@@ -59,3 +59,18 @@ def test_the_registry_knows_no_backend_by_name() -> None:
     graph = module_graph()
     assert "guestmem.sw" not in graph["guestmem.registry"]
     assert not any(m.startswith("guestmem.model") for m in graph["guestmem.registry"])
+
+
+def test_import_guestmem_is_light() -> None:
+    """``import guestmem`` loads neither the plugin machinery nor the presentation
+    libraries: they come with the first use (``guestmem.open``, the CLI)."""
+    import subprocess
+    import sys
+
+    heavy = ["pluggy", "attrs", "attr", "importlib.metadata", "structlog", "rich", "sortedcontainers"]
+    code = f"import sys, guestmem; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]"
+    code = "import guestmem; guestmem.KvmError; guestmem.open('sw').close(); print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert out.stdout == "ok\n"

@@ -15,27 +15,71 @@ Quick use::
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from guestmem import uapi
-from guestmem.api import GuestMemfd, HostMapping, Kvm, Vcpu, Vm
-from guestmem.backend import Backend, VmTypeInfo, hookimpl
-from guestmem.errors import (
-    BackendError,
-    FailEntryExit,
-    GuestExit,
-    HostCrash,
-    HostSigbus,
-    HostSigsegv,
-    HypercallExit,
-    InternalErrorExit,
-    KvmError,
-    MemoryFault,
-    MmioExit,
-    ObserverError,
-    PluginError,
-)
-from guestmem.registry import get_registry
+
+if TYPE_CHECKING:
+    from guestmem.api import GuestMemfd, HostMapping, Kvm, Vcpu, Vm
+    from guestmem.backend import Backend, VmTypeInfo, hookimpl
+    from guestmem.errors import (
+        BackendError,
+        FailEntryExit,
+        GuestExit,
+        HostCrash,
+        HostSigbus,
+        HostSigsegv,
+        HypercallExit,
+        InternalErrorExit,
+        KvmError,
+        MemoryFault,
+        MmioExit,
+        ObserverError,
+        PluginError,
+    )
+    from guestmem.registry import get_registry
+
+# Imported on first use (PEP 562), so that ``import guestmem`` stays cheap: the plugin
+# registry (pluggy, importlib.metadata) and attrs load when something needs them.
+_LAZY = {
+    "GuestMemfd": "guestmem.api",
+    "HostMapping": "guestmem.api",
+    "Kvm": "guestmem.api",
+    "Vcpu": "guestmem.api",
+    "Vm": "guestmem.api",
+    "Backend": "guestmem.backend",
+    "VmTypeInfo": "guestmem.backend",
+    "hookimpl": "guestmem.backend",
+    "BackendError": "guestmem.errors",
+    "FailEntryExit": "guestmem.errors",
+    "GuestExit": "guestmem.errors",
+    "HostCrash": "guestmem.errors",
+    "HostSigbus": "guestmem.errors",
+    "HostSigsegv": "guestmem.errors",
+    "HypercallExit": "guestmem.errors",
+    "InternalErrorExit": "guestmem.errors",
+    "KvmError": "guestmem.errors",
+    "MemoryFault": "guestmem.errors",
+    "MmioExit": "guestmem.errors",
+    "ObserverError": "guestmem.errors",
+    "PluginError": "guestmem.errors",
+    "get_registry": "guestmem.registry",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'guestmem' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "Backend",
@@ -72,6 +116,8 @@ def open(backend: str = "sw", **options: Any) -> Kvm:  # noqa: A001 - mirrors op
     *options* go to the backend: the model backends accept ``profile=`` (a
     :class:`guestmem.model.profile.KernelProfile` or its name).
     """
+    from guestmem.registry import get_registry
+
     registry = get_registry()
     info = registry.backend(backend)
     if info.opener is not None:
@@ -83,4 +129,6 @@ def open(backend: str = "sw", **options: Any) -> Kvm:  # noqa: A001 - mirrors op
 
 def backends() -> dict[str, Backend]:
     """Every installed backend by name."""
+    from guestmem.registry import get_registry
+
     return dict(get_registry().backends())

@@ -9,9 +9,7 @@ takes are frozen value classes with the kernel's field names.
 
 from __future__ import annotations
 
-from typing import Final
-
-import attrs
+from typing import Final, NamedTuple
 
 PAGE_SHIFT: Final = 12
 PAGE_SIZE: Final = 1 << PAGE_SHIFT
@@ -152,8 +150,7 @@ CAP_NAMES: Final[dict[int, str]] = {
 }
 
 
-@attrs.frozen
-class KvmEnableCap:
+class KvmEnableCap(NamedTuple):
     """``struct kvm_enable_cap``: the argument of ``KVM_ENABLE_CAP``."""
 
     cap: int

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import errno
+import heapq
 import itertools
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
-
-import structlog
 
 from guestmem import api, uapi
 from guestmem.backend import HostView, OwnershipEvent, TraceEvent, VmView
@@ -24,7 +24,14 @@ if TYPE_CHECKING:
     from guestmem.model.vm import ModelVm
     from guestmem.registry import Backend, Registry
 
-log = structlog.get_logger("guestmem")
+
+def _structlog_configured() -> bool:
+    """True once the application configured structlog (it cannot be, if it was never
+    imported: the library then stays silent without importing it)."""
+    structlog = sys.modules.get("structlog")
+    return structlog is not None and bool(structlog.is_configured())
+
+
 _FIRST_FD = 3
 
 
@@ -59,6 +66,11 @@ class ModelKvm(api.Kvm):
         self.observer_failures: list[ObserverFailure] = []
         self.hooks = registry.hooks_for(backend, self.observer_failed)
         self._fds: dict[int, object] = {}
+        # O(1) in the number of open fds: the numbers freed below the high-water mark (a
+        # min-heap: the lowest comes first, as get_unused_fd_flags) and the owners by id.
+        self._free_fds: list[int] = []
+        self._next_fd = _FIRST_FD
+        self._fd_owners: dict[int, int] = {}
         self._vm_ids = itertools.count(1)
         self._closed = False
         self.fd = self.fd_install(self)  # /dev/kvm passed as guest_memfd is not one (B-2)
@@ -189,15 +201,24 @@ class ModelKvm(api.Kvm):
     # --- the process: fds, mm, trace -------------------------------------------------------
     def fd_install(self, obj: object) -> int:
         """Give *obj* the lowest free descriptor number (``get_unused_fd_flags``)."""
-        fd = _FIRST_FD
-        while fd in self._fds:
-            fd += 1
+        if self._free_fds:
+            fd = heapq.heappop(self._free_fds)
+        else:
+            fd = self._next_fd
+            self._next_fd += 1
         self._fds[fd] = obj
+        self._fd_owners[id(obj)] = self._fd_owners.get(id(obj), 0) + 1
         return fd
 
     def fd_remove(self, fd: int) -> None:
         """close(fd)."""
-        self._fds.pop(fd, None)
+        obj = self._fds.pop(fd, None)
+        if obj is None:
+            return
+        heapq.heappush(self._free_fds, fd)
+        left = self._fd_owners.pop(id(obj)) - 1
+        if left:
+            self._fd_owners[id(obj)] = left
 
     def fd_lookup(self, fd: int) -> object | None:
         """``fget``: the open file behind *fd* (0-2 are the process's stdio), or None."""
@@ -224,7 +245,7 @@ class ModelKvm(api.Kvm):
         return int(number) & 0xFFFFFFFF
 
     def _owns(self, obj: object) -> bool:
-        return any(o is obj for o in self._fds.values())
+        return id(obj) in self._fd_owners
 
     def mmu_notifier_invalidate(self, address: int, length: int) -> None:
         """``mmu_notifier_invalidate_range``: zap guest mappings of host ``[address, +length)``."""
@@ -242,7 +263,7 @@ class ModelKvm(api.Kvm):
     def tracing(self) -> bool:
         """Somebody listens to trace events: an observer or the policy, a recording, a
         configured structlog."""
-        return self.events is not None or self.hooks.implemented("trace") or structlog.is_configured()
+        return self.events is not None or self.hooks.implemented("trace") or _structlog_configured()
 
     def trace(self, vm: ModelVm | None, kind: str, fields: dict[str, Any]) -> None:
         """Emit a trace event: recorded, logged (structlog, once configured), observed."""
@@ -251,8 +272,8 @@ class ModelKvm(api.Kvm):
         event = make_event(kind, None if vm is None else vm.vm_id, fields)
         if self.events is not None:
             self.events.append(event)
-        if structlog.is_configured():  # unconfigured: the library stays silent
-            log.debug(event.kind, vm=event.vm, **event.fields)
+        if _structlog_configured():  # unconfigured: the library stays silent
+            sys.modules["structlog"].get_logger("guestmem").debug(event.kind, vm=event.vm, **event.fields)
         self.hooks.trace(self.view, None if vm is None else vm.view, event)
 
     def ownership_update(self, vm: VmView | None, event: OwnershipEvent) -> None:
