@@ -219,9 +219,9 @@ class RangeMap(Generic[V]):
         if head is not None and head_end >= end > start >= head and head_end > start:
             # Inside one entry holding another value: cut it in up to three in place.
             head_value = m[head][1]
-            if end < head_end:
-                m[end] = (head_end, head_value)
             if head < start:
+                if end < head_end:
+                    m[end] = (head_end, head_value)
                 dict.__setitem__(m, head, (start, head_value))
                 if value is not None:
                     if end < head_end:
@@ -229,9 +229,23 @@ class RangeMap(Generic[V]):
                     else:
                         self._put(start, end, value, head)  # may merge with the next entry
                 return
+            # head == start: the entry loses its front
+            prev = self._floor(start - 1) if start > 0 else None
+            joins_prev = value is not None and prev is not None and m[prev] == (start, value)
+            if end < head_end and (value is None or joins_prev):
+                # the key moves from start to end (nothing is stored between them)
+                self._rekey(start, end)
+                dict.__setitem__(m, end, (head_end, head_value))
+                if joins_prev:
+                    assert prev is not None
+                    dict.__setitem__(m, prev, (end, value))
+                return
+            if end < head_end:
+                m[end] = (head_end, head_value)
+                dict.__setitem__(m, start, (end, value))  # the key stays; the tail was cut
+                return
+            # end == head_end, value None: the whole entry goes
             del m[start]
-            if value is not None:
-                self._put(start, end, value, self._floor(start - 1) if start > 0 else None)
             return
         # Split the entry straddling start (the floor found above) and the one at end.
         if head is not None and head < start < m[head][0]:
@@ -242,6 +256,23 @@ class RangeMap(Generic[V]):
         self._delete_starts(self._keys_between(start, end))
         if value is not None:
             self._put(start, end, value, self._floor(start - 1) if start > 0 else None)
+
+    def _rekey(self, old: int, new: int) -> None:
+        """Move the entry at *old* to start *new*; no other entry starts between them.
+
+        One slot of the sorted key list changes in place (its order and the sublists'
+        lengths stay, so does sortedcontainers' positional index), where a delete and an
+        insert would each rebalance it.
+        """
+        keys = self._map._list
+        maxes = keys._maxes
+        i = bisect_left(maxes, old)
+        sub = keys._lists[i]
+        j = bisect_left(sub, old)
+        sub[j] = new
+        if j == len(sub) - 1:
+            maxes[i] = new
+        dict.__setitem__(self._map, new, dict.pop(self._map, old))
 
     def _delete_starts(self, starts: list[int]) -> None:
         """Remove the entries beginning at *starts* (sorted, all stored, one contiguous run

@@ -187,7 +187,7 @@ class GmemInode:
 
     def zero(self, start: int, end: int) -> None:
         """``clear_highpage`` over the allocated pages of ``[start, end)``."""
-        for s, e, folio in self.pages.items(start, end):
+        for s, e, folio in self.pages.span(start, end):
             self.host.zero(s + folio.delta, e - s)
             self.owner.count("zeroed_bytes", (e - s) * PAGE_SIZE)
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from guestmem import api, uapi
 from guestmem.backend import HostFault
 from guestmem.errors import HostSigbus, KvmError
+from guestmem.model.gmem import Folio
 from guestmem.model.operation import uapi_call
 from guestmem.ranges import RangeMap
 
@@ -183,9 +184,12 @@ class GmemVma(Vma):
         start, end, folio = inode.get_folio(index)
         if folio.hwpoison:
             raise HostSigbus(address, "E-1", f"gmem page {index:#x} is hardware-poisoned")
-        if not folio.uptodate:
+        if not folio.uptodate:  # kvm_gmem_fault_user_mapping clears a folio not yet uptodate
             inode.zero(start, end)
-            inode.set_state(start, end, uptodate=True)
+            if end - start == 1:
+                inode.pages.set(start, end, Folio(folio.delta, True, False))
+            else:
+                inode.set_state(start, end, uptodate=True)
         self.faulted.set(index, index + 1, True)
         vm.count("host_faults")
         if vm.tracing:
