@@ -73,3 +73,14 @@ def guestmem_register_backends(register: Callable[[Backend], None]) -> None:
     infos, summary = probe()
     vm_types: Any = infos  # attrs' tuple converter is not generic to mypy
     register(Backend(name="linux", summary=summary, vm_types=vm_types, opener=open_linux))
+
+
+@hookimpl
+def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[str, Any] | None:
+    """The kit's settings for the running kernel: whether a gmem-only memslot takes its
+    shared faults from guest_memfd (upstream) or from ``userspace_addr`` (a kernel with
+    the ``kvm_pvm`` module, docs/profiles.md), as ``guestmem.diff.host_profile`` tells
+    them apart."""
+    if backend.name != "linux":
+        return None
+    return {"gmem_only_from_gmem": not os.path.isdir("/sys/module/kvm_pvm")}
