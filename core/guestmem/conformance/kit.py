@@ -210,6 +210,11 @@ class GmemConformance:
     #: Factories of the backend's own observer plugins (invariant checkers) registered for
     #: every test next to the core's.
     observers: ClassVar[tuple[Callable[[], object], ...]] = ()
+    #: The backend's arch face for ``guestmem fuzz --hostile``: ``{name: (kind, call,
+    #: params)}`` (:mod:`guestmem.conformance.hostile`).
+    hostile_ops: ClassVar[dict[str, tuple[str, Any, tuple[str, ...]]]] = {}
+    #: Exception types that are the backend's modelled hardware verdicts.
+    hostile_outcomes: ClassVar[tuple[type[BaseException], ...]] = ()
     #: Run the core's invariant checker and the ownership cross-checks on every event.
     invariants: ClassVar[bool] = True
     #: Budget of the stateful machine test: examples and steps per example.
@@ -754,9 +759,12 @@ class GmemConformance:
 
     # --- the deep kit: the stateful machine --------------------------------------------------------
     @classmethod
-    def machine(cls, info: VmTypeInfo, on_step: Callable[[], None] | None = None) -> type[Any]:
+    def machine(
+        cls, info: VmTypeInfo, on_step: Callable[[], None] | None = None, *, hostile: bool = False
+    ) -> type[Any]:
         """The stateful machine of *info* configured as this kit is (driver, observers,
-        options); *on_step* is called after every step.  Needs Hypothesis."""
+        options); *on_step* is called after every step; *hostile* mixes in hostile calls
+        (:mod:`guestmem.conformance.hostile`).  Needs Hypothesis."""
         from guestmem.conformance.machine import machine_for
 
         return machine_for(
@@ -769,6 +777,9 @@ class GmemConformance:
             gmem_only_from_gmem=cls.gmem_only_from_gmem,
             private_unmap=cls.private_unmap,
             on_step=on_step,
+            hostile=hostile,
+            hostile_ops=cls.hostile_ops,
+            hostile_outcomes=cls.hostile_outcomes,
         )
 
     def test_stateful_machine(self, info: VmTypeInfo) -> None:

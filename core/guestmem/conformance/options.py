@@ -36,8 +36,10 @@ FLAGS = frozenset(
         "machine_shrink",
     }
 )
-#: The other keys: the VMM driver, the backend's observers, a reason to skip the VM type.
-EXTRA = frozenset({"vmm", "observers", "skip"})
+#: The other keys: the VMM driver, the backend's observers, a reason to skip the VM type,
+#: the backend's arch face and modelled verdicts for hostile calls
+#: (:mod:`guestmem.conformance.hostile`).
+EXTRA = frozenset({"vmm", "observers", "skip", "hostile_ops", "hostile_outcomes"})
 
 
 def declared_flags(info: VmTypeInfo) -> dict[str, Any]:
@@ -105,6 +107,10 @@ def kit_for(
     if "observers" in options:
         factories: tuple[Callable[[], object], ...] = tuple(options["observers"])
         attrs["observers"] = factories
+    if "hostile_ops" in options:
+        attrs["hostile_ops"] = dict(options["hostile_ops"])
+    if "hostile_outcomes" in options:
+        attrs["hostile_outcomes"] = tuple(options["hostile_outcomes"])
     if options.get("skip"):
         attrs["pytestmark"] = [pytest.mark.skip(reason=f"{backend} {info.name}: {options['skip']}")]
     attrs["__doc__"] = f"The conformance kit against {info.name} of backend {backend!r}."
