@@ -60,10 +60,22 @@ def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[
     aborts until it accepts the page again).  The granule checker watches every VM."""
     if backend.name != "cca":
         return None
-    from guestmem_cca.guest import CcaKitVmm
+    from guestmem_cca.guest import CcaKitVmm, RealmGuest, enable_rme
     from guestmem_cca.invariants import GranuleChecker
+    from guestmem_cca.policy import populate
 
     options: dict[str, Any] = {"observers": (GranuleChecker,)}
     if vm_type.type == KVM_VM_TYPE_ARM_REALM:
-        options.update(vmm=CcaKitVmm, private_unmap="revoke")
+        # The realm's arch face for ``guestmem fuzz --hostile``: KVM_CAP_ARM_RME commands,
+        # populating, and the realm's RSI_IPA_STATE_SET.
+        hostile_ops = {
+            "enable_rme": ("vm", enable_rme, ("u32", "u64")),
+            "populate": ("vm", populate, ("gpa", "data")),
+            "rsi.set_ipa_state": (
+                "vcpu",
+                lambda c, base, top, ripas: RealmGuest(c).set_ipa_state(base, top, ripas),
+                ("gpa", "gpa", "u32"),
+            ),
+        }
+        options.update(vmm=CcaKitVmm, private_unmap="revoke", hostile_ops=hostile_ops)
     return options

@@ -104,10 +104,31 @@ class GunyahKitVmm:
         self._touch_lent(ram)
 
 
+#: The Gunyah VM manager's ioctls and the driver's parcels for ``guestmem fuzz --hostile``,
+#: with their arguments' kinds (``guestmem.conformance.hostile``).
+HOSTILE_OPS: dict[str, tuple[str, Any, tuple[str, ...]]] = {
+    "set_dtb_config": ("vm", lambda vm, gpa, size: gunyah(vm).set_dtb_config(gpa, size), ("gpa", "size")),
+    "start": ("vm", lambda vm: gunyah(vm).start(), ()),
+    "set_boot_context": (
+        "vm",
+        lambda vm, reg, value: gunyah(vm).set_boot_context(reg, value),
+        ("u32", "u64"),
+    ),
+    "map_mem": (
+        "vm",
+        lambda vm, g, gpa, off, size, fl: gunyah(vm).map_mem(g, gpa, off, size, fl),
+        ("gmem", "gpa", "offset", "size", "u32"),
+    ),
+    "share_parcel": ("vm", lambda vm, gpa, size: gunyah(vm).share_parcel(gpa, size), ("gpa", "size")),
+    "reclaim_parcel": ("vm", lambda vm, handle, fl: gunyah(vm).reclaim_parcel(handle, fl), ("u32", "u32")),
+    "touch": ("vm", lambda vm, gpa, size: gunyah(vm).touch(gpa, size), ("gpa", "size")),
+}
+
+
 @hookimpl
 def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[str, Any] | None:
     """The kit's settings for the ``gunyah`` backend: the Gunyah checker watches every VM,
     which :class:`GunyahKitVmm` drives."""
     if backend.name != "gunyah":
         return None
-    return {"observers": (GunyahChecker,), "vmm": GunyahKitVmm}
+    return {"observers": (GunyahChecker,), "vmm": GunyahKitVmm, "hostile_ops": HOSTILE_OPS}

@@ -18,7 +18,7 @@ from guestmem.backend import Backend, VmTypeInfo, hookimpl
 from guestmem.errors import HypercallExit, KvmError
 from guestmem_pkvm import abi
 from guestmem_pkvm.invariants import IsolationChecker
-from guestmem_pkvm.policy import pkvm_state
+from guestmem_pkvm.policy import enable_exit_hypercall, pkvm_state, set_pvmfw
 
 PAGE = uapi.PAGE_SIZE
 
@@ -73,6 +73,14 @@ class PkvmKitVmm:
             left -= done
 
 
+#: The pKVM arch face for ``guestmem fuzz --hostile`` (guest hypercalls are the uAPI
+#: face's ``Vcpu.hypercall``), with their arguments' kinds (``guestmem.conformance.hostile``).
+HOSTILE_OPS: dict[str, tuple[str, Any, tuple[str, ...]]] = {
+    "set_pvmfw": ("vm", set_pvmfw, ("gpa", "data")),
+    "enable_exit_hypercall": ("vm", enable_exit_hypercall, ("u64",)),
+}
+
+
 @hookimpl
 def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[str, Any] | None:
     """The kit's settings for the ``pkvm`` backend: the isolation checker watches every VM;
@@ -91,5 +99,6 @@ def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[
             init_shared_coherent=False,
             private_unmap="revoke",
             memslot_change_errno=errno.EPERM,
+            hostile_ops=HOSTILE_OPS,
         )
     return options

@@ -27,7 +27,7 @@ from guestmem_snp.ghcb import (
 from guestmem_snp.guest import SnpGuest, UnvalidatedAccess
 from guestmem_snp.invariants import RmpChecker
 from guestmem_snp.rmp import PVALIDATE_FAIL_NOUPDATE
-from guestmem_snp.sev import Sev
+from guestmem_snp.sev import Sev, SnpLaunchUpdate
 
 PAGE = uapi.PAGE_SIZE
 PAGE_SHIFT = uapi.PAGE_SHIFT
@@ -107,13 +107,59 @@ class SnpKitVmm:
                 raise KvmError(0, "", f"page-state change of gfn {gfn:#x} answered {answer:#x}")
 
 
+#: The SEV arch face for ``guestmem fuzz --hostile``: the VMM's commands on a VM and the
+#: guest's instructions on a vCPU, with their arguments' kinds
+#: (``guestmem.conformance.hostile``).
+HOSTILE_OPS: dict[str, tuple[str, Any, tuple[str, ...]]] = {
+    "sev.init2": ("vm", lambda vm, f, v, fl: Sev(vm).init2(f, v, fl), ("u64", "u32", "u32")),
+    "sev.snp_launch_start": ("vm", lambda vm, p, fl: Sev(vm).snp_launch_start(p, fl), ("u64", "u32")),
+    "sev.snp_launch_update": (
+        "vm",
+        lambda vm, gfn, data, n, t: Sev(vm).snp_launch_update(SnpLaunchUpdate(gfn, data, n, t)),
+        ("gfn", "data", "size", "u32"),
+    ),
+    "sev.snp_launch_finish": ("vm", lambda vm, fl: Sev(vm).snp_launch_finish(fl), ("u32",)),
+    "sev.enable_cap_exit_hypercall": ("vm", lambda vm, m: Sev(vm).enable_cap_exit_hypercall(m), ("u64",)),
+    "sev.host_kernel_write": (
+        "vm",
+        lambda vm, pfn, d, o: Sev(vm).host_kernel_write(pfn, d, o),
+        ("pfn", "data", "length"),
+    ),
+    "guest.pvalidate": (
+        "vcpu",
+        lambda c, gpa, size, v: SnpGuest(c).pvalidate(gpa, size, v),
+        ("gpa", "u32", "bool"),
+    ),
+    "guest.psc_msr": ("vcpu", lambda c, gfn, op: SnpGuest(c).psc_msr(gfn, op), ("gfn", "u32")),
+    "guest.map_gpa_range": (
+        "vcpu",
+        lambda c, gpa, n, a: SnpGuest(c).map_gpa_range(gpa, n, a),
+        ("gpa", "u32", "u64"),
+    ),
+    "guest.resume": ("vcpu", lambda c, ret: SnpGuest(c).resume(ret), ("u64",)),
+    "guest.read": (
+        "vcpu",
+        lambda c, gpa, n, p: SnpGuest(c).read(gpa, n, private=p),
+        ("gpa", "length", "bool"),
+    ),
+    "guest.write": (
+        "vcpu",
+        lambda c, gpa, d, p: SnpGuest(c).write(gpa, d, private=p),
+        ("gpa", "data", "bool"),
+    ),
+}
+
+
 @hookimpl
 def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[str, Any] | None:
     """The kit's settings for the ``snp`` backends: the RMP checker watches every VM, and an
-    SNP VM is driven by :class:`SnpKitVmm`."""
+    SNP VM is driven by :class:`SnpKitVmm`; hostile calls reach the SEV commands and the
+    guest's instructions, and a #VC for an unvalidated page is the guest's outcome."""
     if not backend.name.startswith("snp"):
         return None
     options: dict[str, Any] = {"observers": (RmpChecker,)}
+    if vm_type.type == uapi.KVM_X86_SNP_VM:
+        options.update(hostile_ops=HOSTILE_OPS, hostile_outcomes=(UnvalidatedAccess,))
     if vm_type.type == uapi.KVM_X86_SNP_VM:
         options["vmm"] = SnpKitVmm
     return options

@@ -117,6 +117,26 @@ class TdxKitVmm:
             self._accept(vcpu, start, end)
 
 
+#: The TDX arch face for ``guestmem fuzz --hostile``: the VMM's ``KVM_TDX_*`` commands and
+#: the TD's TDCALLs, with their arguments' kinds (``guestmem.conformance.hostile``).
+HOSTILE_OPS: dict[str, tuple[str, Any, tuple[str, ...]]] = {
+    "tdx.init_vm": ("vm", lambda vm, a, x: Tdx(vm).init_vm(a, x), ("u64", "u64")),
+    "tdx.init_vcpu": ("vm", lambda vm, c, rcx: Tdx(vm).init_vcpu(c, rcx), ("vcpu", "u64")),
+    "tdx.init_mem_region": (
+        "vm",
+        lambda vm, c, gpa, d: Tdx(vm).init_mem_region(c, gpa, d),
+        ("vcpu", "gpa", "data"),
+    ),
+    "tdx.finalize": ("vm", lambda vm: Tdx(vm).finalize(), ()),
+    "tdx.enable_cap_exit_hypercall": ("vm", lambda vm, m: Tdx(vm).enable_cap_exit_hypercall(m), ("u64",)),
+    "guest.accept": ("vcpu", lambda c, gpa, level: TdxGuest(c).accept(gpa, level), ("gpa", "u32")),
+    "guest.map_gpa": ("vcpu", lambda c, gpa, size: TdxGuest(c).map_gpa(gpa, size), ("gpa", "size")),
+    "guest.tdvmcall": ("vcpu", lambda c, leaf, a: TdxGuest(c).tdvmcall(leaf, a), ("u64", "u64")),
+    "guest.resume": ("vcpu", lambda c, ret: TdxGuest(c).resume(ret), ("u64",)),
+    "guest.read": ("vcpu", lambda c, gpa, n: TdxGuest(c).read(gpa, n), ("gpa", "length")),
+}
+
+
 @hookimpl
 def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[str, Any] | None:
     """The kit's settings for the ``tdx`` backend: the TDX checker watches every VM; a TD is
@@ -127,5 +147,5 @@ def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[
         return None
     options: dict[str, Any] = {"observers": (TdxChecker,)}
     if vm_type.type == uapi.KVM_X86_TDX_VM:
-        options.update(vmm=TdxKitVmm, private_unmap="destroy")
+        options.update(vmm=TdxKitVmm, private_unmap="destroy", hostile_ops=HOSTILE_OPS)
     return options
