@@ -184,14 +184,12 @@ def _render(args: argparse.Namespace, merged: dict[str, Any], seconds: float) ->
         )
         print("  outcomes: " + ", ".join(f"{k} {v}" for k, v in group.get("outcomes", {}).items()))
         findings = group.get("findings", {})
-        print(
-            f"  finding classes: {len(findings)} ({group.get('well_typed_crash_classes', 0)} with well-typed input)"
-        )
+        typed_classes = group.get("well_typed_crash_classes", 0)
+        print(f"  finding classes: {len(findings)} ({typed_classes} with well-typed input)")
         for cls, entry in findings.items():
             typed = "well-typed" if entry.get("well_typed") else "wrong types"
-            print(
-                f"  {entry['count']:5d}  {cls}  [{typed}, {entry.get('steps')} steps: {entry.get('reproducer')}]"
-            )
+            shown = f"{typed}, {entry.get('steps')} steps: {entry.get('reproducer')}"
+            print(f"  {entry['count']:5d}  {cls}  [{shown}]")
     if args.hostile and merged.get("crash_classes"):
         print(f"reproducers in {args.crashes}/ (guestmem fuzz --replay FILE)")
     for failure in merged["worker_failures"]:
@@ -216,9 +214,8 @@ def _replay(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(replayed.to_json(), indent=2))
     elif replayed.reproduced:
-        print(
-            f"reproduced: {replayed.expected}\n  {replayed.message.splitlines()[0] if replayed.message else ''}"
-        )
+        first = replayed.message.splitlines()[0] if replayed.message else ""
+        print(f"reproduced: {replayed.expected}\n  {first}")
     else:
         print(f"not reproduced: {replayed.expected} (the replay ended with {replayed.got or 'no finding'})")
     return 1 if replayed.reproduced else 0
