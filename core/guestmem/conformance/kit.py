@@ -35,6 +35,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable, Iterator
 from functools import partial
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -222,6 +223,8 @@ class GmemConformance:
     machine_steps: ClassVar[int] = 20
     #: Shrink a failing run of the machine to a minimal program before reporting it.
     machine_shrink: ClassVar[bool] = True
+    #: Steps of the bounded ``guestmem fuzz --hostile`` run (``test_hostile_machine``).
+    hostile_steps: ClassVar[int] = 200
 
     # --- fixtures ----------------------------------------------------------------------------
     @pytest.fixture
@@ -781,6 +784,17 @@ class GmemConformance:
             hostile_ops=cls.hostile_ops,
             hostile_outcomes=cls.hostile_outcomes,
         )
+
+    def test_hostile_machine(self, info: VmTypeInfo, tmp_path: Path) -> None:
+        """A bounded run of ``guestmem fuzz --hostile`` on this kit's machine: wrong types,
+        edge integers, closed and foreign objects, reentrant hooks and the backend's arch
+        face are counted by outcome class; the invariant, no-half-applied and leak checks
+        run after every sequence; each finding class minimises to a reproducer that replays
+        to the same class.  (The classes found are the run's result, not a failure here.)"""
+        pytest.importorskip("hypothesis")
+        from guestmem.fuzz.hostile import check_hostile_run
+
+        check_hostile_run(self.machine(info, hostile=True), tmp_path, steps=self.hostile_steps)
 
     def test_stateful_machine(self, info: VmTypeInfo) -> None:
         """The core's stateful Hypothesis machine against this backend's own policy, with

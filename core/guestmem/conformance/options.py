@@ -34,6 +34,7 @@ FLAGS = frozenset(
         "machine_examples",
         "machine_steps",
         "machine_shrink",
+        "hostile_steps",
     }
 )
 #: The other keys: the VMM driver, the backend's observers, a reason to skip the VM type,

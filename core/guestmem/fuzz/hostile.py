@@ -296,12 +296,13 @@ def hostile_machine(config: FuzzConfig) -> type[GmemMachine]:
     return fuzz_machine(config.backend, config.vm_type, hostile=True, profile=config.profile)
 
 
-def run_hostile(config: FuzzConfig) -> HostileResult:
+def run_hostile(config: FuzzConfig, machine: type[GmemMachine] | None = None) -> HostileResult:
     """Sequences of ``config.run_length`` steps until ``config.steps`` steps ran; sequence
     *n* draws from ``random.Random(f"{config.seed}:{n}")``, so the result depends on the
-    config alone.  Findings are not minimised here (:func:`minimise`)."""
+    config alone.  Findings are not minimised here (:func:`minimise`).  *machine*: another
+    machine than :func:`hostile_machine`'s (a kit subclass's own)."""
     started = time.perf_counter()
-    machine = hostile_machine(config)
+    machine = machine or hostile_machine(config)
     result = HostileResult(config, machine.info.name if machine.info is not None else "")
     while result.steps < config.steps:
         rng = random.Random(f"{config.seed}:{result.sequences}")
@@ -394,9 +395,32 @@ def load_reproducer(path: str | Path) -> tuple[FuzzConfig, str, list[Step]]:
     return config, str(data["class"]), steps
 
 
-def replay(path: str | Path, *, timeout: float = 1.0) -> Replayed:
-    """Run a reproducer file again."""
+def replay(path: str | Path, *, timeout: float = 1.0, machine: type[GmemMachine] | None = None) -> Replayed:
+    """Run a reproducer file again (on *machine*, default the one its backend names)."""
     config, key, steps = load_reproducer(path)
-    played = play(hostile_machine(config), steps=steps, timeout=timeout)
+    played = play(machine or hostile_machine(config), steps=steps, timeout=timeout)
     got, message = played.finding if played.finding is not None else (None, "")
     return Replayed(key, got, message, len(played.steps))
+
+
+def check_hostile_run(
+    machine: type[GmemMachine], directory: Path, *, steps: int = 300, seed: int = 0, timeout: float = 1.0
+) -> HostileResult:
+    """A bounded hostile run of *machine*, checked as the conformance kit checks it
+    (``GmemConformance.test_hostile_machine``): the steps ran, outcomes were counted, and
+    every finding class minimises to a reproducer (written into *directory*) that replays
+    to the same class.  Finding classes themselves are not failures here: they are the
+    run's result.  Raises AssertionError naming what did not work."""
+    config = FuzzConfig(machine.backend, machine.info.type if machine.info else None, steps=steps, seed=seed)
+    config = attrs.evolve(config, hostile=True, call_timeout=timeout)
+    result = run_hostile(config, machine)
+    assert result.steps >= steps, f"the hostile run took {result.steps} of {steps} steps"
+    assert result.tally, "the hostile run counted no outcome"
+    hostile_calls = sum(n for key, n in result.tally.items() if not key.startswith("ok: "))
+    assert hostile_calls, "no hostile call failed: the hostile rules did not run"
+    for key, found in sorted(result.findings.items()):
+        found.steps = minimise(machine, found.steps, key, timeout=timeout, budget=40)
+        path = write_reproducer(directory, config, found)
+        replayed = replay(path, timeout=timeout, machine=machine)
+        assert replayed.reproduced, f"the reproducer of {key} replayed as {replayed.got} ({path})"
+    return result
