@@ -171,7 +171,7 @@ def _render(args: argparse.Namespace, merged: dict[str, Any], seconds: float) ->
         if not args.hostile:
             print(
                 f"guestmem fuzz: {where} {group['vm_type']}: {group['steps']} steps in "
-                f"{group.get('runs', 0)} run(s), seed {args.seed}"
+                f"{group['units']} unit(s), seed {args.seed}"
             )
             for failure in group.get("failures", []):
                 print(f"FAILED: {failure['failure']}")
