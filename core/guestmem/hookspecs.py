@@ -86,7 +86,8 @@ def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[
     * the kit's capability flags: ``guest_access``, ``private_access``,
       ``gmem_only_from_gmem``, ``init_shared_coherent``, ``slot_gmem_flags``,
       ``private_unmap``, ``memslot_change_errno``, ``open_options``, ``machine_examples``,
-      ``machine_steps``, ``machine_shrink`` (see :class:`guestmem.conformance.GmemConformance`);
+      ``machine_steps``, ``machine_shrink``, ``hostile_steps`` (see
+      :class:`guestmem.conformance.GmemConformance`);
     * ``vmm``: a class, constructed with ``(kvm, vm, vm_type)``, that drives one VM the way
       this architecture's VMM and guest do (setup before the vCPUs, start before the first
       run, guest accesses, conversions) with the methods of
@@ -94,7 +95,14 @@ def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[
       it, so a backend's package need not import the kit;
     * ``observers``: callables returning observer plugins (the backend's own invariant
       checkers) the kit registers while it runs;
-    * ``skip``: a reason to leave this VM type out of the kit.
+    * ``skip``: a reason to leave this VM type out of the kit;
+    * ``hostile_ops``: the backend's arch face for ``guestmem fuzz --hostile``,
+      ``{name: (kind, call, params)}``: *kind* ``"vm"`` or ``"vcpu"`` is the object
+      ``call(obj, *args)`` takes first, *params* the kinds of its arguments (see
+      ``guestmem.conformance.hostile``); e.g. guestmem-snp's SEV commands and
+      ``SnpGuest`` instructions;
+    * ``hostile_outcomes``: exception types that are this backend's modelled hardware
+      verdicts (counted as such by a hostile run, never as crashes).
 
     :param backend: the backend, as registered.
     :param vm_type: one of its VM types.
