@@ -56,6 +56,28 @@ class Failed(Generic[U]):
         return {"unit": shown, "error": self.error}
 
 
+def add_cli_options(parser: Any, *, unit: str, chunk: int) -> None:
+    """The options every sharded subcommand takes: ``--jobs``, ``--scheduler``, ``--chunk``
+    (*chunk* of *unit*, ``"steps"`` or ``"operations"``, per unit of work), ``--json`` and
+    ``--output``."""
+    parser.add_argument(
+        "--jobs", type=int, default=None, help="worker processes (default: one per CPU; 1: this process)"
+    )
+    parser.add_argument(
+        "--scheduler", metavar="ADDRESS", help="run on the Dask cluster at ADDRESS (tcp://HOST:PORT)"
+    )
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=chunk,
+        help=f"{unit} per unit of work (default {chunk}): the result depends on it, not on --jobs",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the merged result as JSON (no progress bar)"
+    )
+    parser.add_argument("--output", metavar="FILE", help="write the merged result as JSON to FILE")
+
+
 def default_jobs() -> int:
     """Worker processes by default: one per CPU."""
     return os.cpu_count() or 1

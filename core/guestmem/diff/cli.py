@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import guestmem
-from guestmem.campaign import run_units
+from guestmem.campaign import add_cli_options, run_units
 from guestmem.diff.campaign import diff_units, merge, render, run_unit
 from guestmem.diff.interpreter import host_profile
 
@@ -37,20 +37,7 @@ def add_cli(subparsers: Any) -> None:
         help="kernel profile of the model; repeat for several (default: this host's)",
     )
     p.add_argument("--no-shrink", action="store_true", help="report disagreements without minimising")
-    p.add_argument(
-        "--jobs", type=int, default=None, help="worker processes (default: one per CPU; 1: this process)"
-    )
-    p.add_argument(
-        "--scheduler", metavar="ADDRESS", help="run on the Dask cluster at ADDRESS (tcp://HOST:PORT)"
-    )
-    p.add_argument(
-        "--chunk",
-        type=int,
-        default=DEFAULT_CHUNK,
-        help=f"operations per unit (default {DEFAULT_CHUNK}): the result depends on it, not on --jobs",
-    )
-    p.add_argument("--json", action="store_true", help="print the merged result as JSON (no progress bar)")
-    p.add_argument("--output", metavar="FILE", help="write the merged result as JSON to FILE")
+    add_cli_options(p, unit="operations", chunk=DEFAULT_CHUNK)
     p.set_defaults(func=_cmd_diff)
 
 

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from guestmem.campaign import add_cli_options
+
 #: Steps per unit of a campaign by default.
 DEFAULT_CHUNK = 1000
 
@@ -38,18 +40,7 @@ def add_cli(subparsers: Any) -> None:
         "hooks, the arch face) and count outcome classes",
     )
     p.add_argument("--no-shrink", action="store_true", help="report failures without minimising them")
-    p.add_argument(
-        "--jobs", type=int, default=None, help="worker processes (default: one per CPU; 1: this process)"
-    )
-    p.add_argument(
-        "--scheduler", metavar="ADDRESS", help="run on the Dask cluster at ADDRESS (tcp://HOST:PORT)"
-    )
-    p.add_argument(
-        "--chunk",
-        type=int,
-        default=DEFAULT_CHUNK,
-        help=f"steps per unit of work (default {DEFAULT_CHUNK}): the result depends on it, not on --jobs",
-    )
+    add_cli_options(p, unit="steps", chunk=DEFAULT_CHUNK)
     p.add_argument(
         "--call-timeout",
         type=float,
@@ -66,8 +57,6 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument(
         "--reproducer", metavar="FILE", help="write the first failing program as a Python script to FILE"
     )
-    p.add_argument("--json", action="store_true", help="print the merged result as JSON (no progress bar)")
-    p.add_argument("--output", metavar="FILE", help="write the merged result as JSON to FILE")
     p.set_defaults(func=_cmd_fuzz)
 
 
