@@ -97,8 +97,9 @@ def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[
       checkers) the kit registers while it runs;
     * ``skip``: a reason to leave this VM type out of the kit;
     * ``hostile_ops``: the backend's arch face for ``guestmem fuzz --hostile``,
-      ``{name: (kind, call, params)}``: *kind* ``"vm"`` or ``"vcpu"`` is the object
-      ``call(obj, *args)`` takes first, *params* the kinds of its arguments (see
+      ``{name: (kind, call, params[, partial])}``: *kind* ``"vm"`` or ``"vcpu"`` is the
+      object ``call(obj, *args)`` takes first, *params* the kinds of its arguments,
+      *partial* True where a failure may leave progress behind as the kernel's does (see
       ``guestmem.conformance.hostile``); e.g. guestmem-snp's SEV commands and
       ``SnpGuest`` instructions;
     * ``hostile_outcomes``: exception types that are this backend's modelled hardware

@@ -212,8 +212,8 @@ class GmemConformance:
     #: every test next to the core's.
     observers: ClassVar[tuple[Callable[[], object], ...]] = ()
     #: The backend's arch face for ``guestmem fuzz --hostile``: ``{name: (kind, call,
-    #: params)}`` (:mod:`guestmem.conformance.hostile`).
-    hostile_ops: ClassVar[dict[str, tuple[str, Any, tuple[str, ...]]]] = {}
+    #: params[, partial])}`` (:mod:`guestmem.conformance.hostile`).
+    hostile_ops: ClassVar[dict[str, tuple[Any, ...]]] = {}
     #: Exception types that are the backend's modelled hardware verdicts.
     hostile_outcomes: ClassVar[tuple[type[BaseException], ...]] = ()
     #: Run the core's invariant checker and the ownership cross-checks on every event.

@@ -146,7 +146,7 @@ class GmemMachine(RuleBasedStateMachine):
     #: (:mod:`guestmem.conformance.hostile`).
     hostile: ClassVar[bool] = False
     #: The backend's arch face for hostile calls (``hostile_ops`` of its options).
-    hostile_ops: ClassVar[dict[str, tuple[str, Any, tuple[str, ...]]]] = {}
+    hostile_ops: ClassVar[dict[str, tuple[Any, ...]]] = {}
     #: The backend's modelled verdicts (``hostile_outcomes`` of its options).
     hostile_outcomes: ClassVar[tuple[type[BaseException], ...]] = ()
 
@@ -600,7 +600,7 @@ def machine_for(
     private_unmap: str = "keep",
     on_step: Callable[[], None] | None = None,
     hostile: bool = False,
-    hostile_ops: dict[str, tuple[str, Any, tuple[str, ...]]] | None = None,
+    hostile_ops: dict[str, tuple[Any, ...]] | None = None,
     hostile_outcomes: tuple[type[BaseException], ...] = (),
 ) -> type[GmemMachine]:
     """The machine for *info* (default: the backend's default VM type) of *backend*."""
