@@ -70,7 +70,7 @@ def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[
         # populating, and the realm's RSI_IPA_STATE_SET.
         hostile_ops = {
             "enable_rme": ("vm", enable_rme, ("u32", "u64")),
-            "populate": ("vm", populate, ("gpa", "data")),
+            "populate": ("vm", populate, ("gpa", "data"), True),  # as kvm_gmem_populate
             "rsi.set_ipa_state": (
                 "vcpu",
                 lambda c, base, top, ripas: RealmGuest(c).set_ipa_state(base, top, ripas),

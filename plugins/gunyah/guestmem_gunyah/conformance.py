@@ -106,7 +106,7 @@ class GunyahKitVmm:
 
 #: The Gunyah VM manager's ioctls and the driver's parcels for ``guestmem fuzz --hostile``,
 #: with their arguments' kinds (``guestmem.conformance.hostile``).
-HOSTILE_OPS: dict[str, tuple[str, Any, tuple[str, ...]]] = {
+HOSTILE_OPS: dict[str, tuple[Any, ...]] = {
     "set_dtb_config": ("vm", lambda vm, gpa, size: gunyah(vm).set_dtb_config(gpa, size), ("gpa", "size")),
     "start": ("vm", lambda vm: gunyah(vm).start(), ()),
     "set_boot_context": (

@@ -75,7 +75,7 @@ class PkvmKitVmm:
 
 #: The pKVM arch face for ``guestmem fuzz --hostile`` (guest hypercalls are the uAPI
 #: face's ``Vcpu.hypercall``), with their arguments' kinds (``guestmem.conformance.hostile``).
-HOSTILE_OPS: dict[str, tuple[str, Any, tuple[str, ...]]] = {
+HOSTILE_OPS: dict[str, tuple[Any, ...]] = {
     "set_pvmfw": ("vm", set_pvmfw, ("gpa", "data")),
     "enable_exit_hypercall": ("vm", enable_exit_hypercall, ("u64",)),
 }

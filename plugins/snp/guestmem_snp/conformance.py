@@ -110,13 +110,14 @@ class SnpKitVmm:
 #: The SEV arch face for ``guestmem fuzz --hostile``: the VMM's commands on a VM and the
 #: guest's instructions on a vCPU, with their arguments' kinds
 #: (``guestmem.conformance.hostile``).
-HOSTILE_OPS: dict[str, tuple[str, Any, tuple[str, ...]]] = {
+HOSTILE_OPS: dict[str, tuple[Any, ...]] = {
     "sev.init2": ("vm", lambda vm, f, v, fl: Sev(vm).init2(f, v, fl), ("u64", "u32", "u32")),
     "sev.snp_launch_start": ("vm", lambda vm, p, fl: Sev(vm).snp_launch_start(p, fl), ("u64", "u32")),
     "sev.snp_launch_update": (
         "vm",
         lambda vm, gfn, data, n, t: Sev(vm).snp_launch_update(SnpLaunchUpdate(gfn, data, n, t)),
         ("gfn", "data", "size", "u32"),
+        True,  # kvm_gmem_populate keeps the folio when SNP_LAUNCH_UPDATE fails
     ),
     "sev.snp_launch_finish": ("vm", lambda vm, fl: Sev(vm).snp_launch_finish(fl), ("u32",)),
     "sev.enable_cap_exit_hypercall": ("vm", lambda vm, m: Sev(vm).enable_cap_exit_hypercall(m), ("u64",)),

@@ -119,13 +119,14 @@ class TdxKitVmm:
 
 #: The TDX arch face for ``guestmem fuzz --hostile``: the VMM's ``KVM_TDX_*`` commands and
 #: the TD's TDCALLs, with their arguments' kinds (``guestmem.conformance.hostile``).
-HOSTILE_OPS: dict[str, tuple[str, Any, tuple[str, ...]]] = {
+HOSTILE_OPS: dict[str, tuple[Any, ...]] = {
     "tdx.init_vm": ("vm", lambda vm, a, x: Tdx(vm).init_vm(a, x), ("u64", "u64")),
     "tdx.init_vcpu": ("vm", lambda vm, c, rcx: Tdx(vm).init_vcpu(c, rcx), ("vcpu", "u64")),
     "tdx.init_mem_region": (
         "vm",
         lambda vm, c, gpa, d: Tdx(vm).init_mem_region(c, gpa, d),
         ("vcpu", "gpa", "data"),
+        True,  # kvm_gmem_populate keeps the folio when TDH.MEM.PAGE.ADD fails
     ),
     "tdx.finalize": ("vm", lambda vm: Tdx(vm).finalize(), ()),
     "tdx.enable_cap_exit_hypercall": ("vm", lambda vm, m: Tdx(vm).enable_cap_exit_hypercall(m), ("u64",)),
