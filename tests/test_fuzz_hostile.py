@@ -18,6 +18,7 @@ from guestmem import uapi
 from guestmem.backend import hookimpl
 from guestmem.cli import main
 from guestmem.conformance.hostile import Ref, classify, crash_key, from_plain, to_plain
+from guestmem.conformance.machine import machine_for
 from guestmem.errors import HostCrash, HostSigbus, KvmError, MemoryFault
 from guestmem.fuzz.campaign import campaign_units
 from guestmem.fuzz.hostile import (
@@ -220,3 +221,14 @@ def test_no_crash_class_for_well_typed_input() -> None:
             if well_typed(minimise(machine, found.steps, key, budget=40)):
                 typed.add(key)
     assert sorted(typed) == []
+
+
+def test_what_a_backend_says_it_still_holds_is_a_leak() -> None:
+    """The ``leaks`` conformance option (guestmem-snp: ASIDs, guestmem-tdx: KeyIDs) is
+    asked after the sequence, once everything is closed."""
+    machine = machine_for("sw", hostile=True, leaks=lambda kvm: ["ASID 7"])
+    played = play(machine, steps=[("guest_write", {"page": 0, "offset": 0, "data": b"x"})])
+    assert played.finding == (
+        "leak: backend-released",
+        "LeakError: backend-released: after closing everything the host holds ASID 7",
+    )

@@ -103,7 +103,10 @@ def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[
       ``guestmem.conformance.hostile``); e.g. guestmem-snp's SEV commands and
       ``SnpGuest`` instructions;
     * ``hostile_outcomes``: exception types that are this backend's modelled hardware
-      verdicts (counted as such by a hostile run, never as crashes).
+      verdicts (counted as such by a hostile run, never as crashes);
+    * ``leaks``: a callable ``leaks(kvm) -> list[str]`` naming what the host still holds
+      (ASIDs, KeyIDs...) once every object is closed: the kit's machine fails its leak
+      check on anything named.
 
     :param backend: the backend, as registered.
     :param vm_type: one of its VM types.

@@ -216,6 +216,9 @@ class GmemConformance:
     hostile_ops: ClassVar[dict[str, tuple[Any, ...]]] = {}
     #: Exception types that are the backend's modelled hardware verdicts.
     hostile_outcomes: ClassVar[tuple[type[BaseException], ...]] = ()
+    #: ``leaks(kvm)``: what the backend's host still holds (ASIDs, KeyIDs...) once every
+    #: object is closed; the machine's leak check fails on anything it names.
+    leaks: ClassVar[Callable[[Any], list[str]] | None] = None
     #: Run the core's invariant checker and the ownership cross-checks on every event.
     invariants: ClassVar[bool] = True
     #: Budget of the stateful machine test: examples and steps per example.
@@ -783,6 +786,7 @@ class GmemConformance:
             hostile=hostile,
             hostile_ops=cls.hostile_ops,
             hostile_outcomes=cls.hostile_outcomes,
+            leaks=cls.leaks,
         )
 
     def test_hostile_machine(self, info: VmTypeInfo, tmp_path: Path) -> None:

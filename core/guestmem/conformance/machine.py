@@ -149,6 +149,8 @@ class GmemMachine(RuleBasedStateMachine):
     hostile_ops: ClassVar[dict[str, tuple[Any, ...]]] = {}
     #: The backend's modelled verdicts (``hostile_outcomes`` of its options).
     hostile_outcomes: ClassVar[tuple[type[BaseException], ...]] = ()
+    #: What the backend's host still holds once everything is closed (``leaks``).
+    leaks: ClassVar[Callable[[Any], list[str]] | None] = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -231,6 +233,12 @@ class GmemMachine(RuleBasedStateMachine):
                 if self.white_box and (fd := self._probe_fd()) != self.first_free_fd:
                     raise LeakError(
                         f"fds-closed: the lowest free descriptor is {fd}, not {self.first_free_fd}"
+                    )
+                leaks = type(self).leaks
+                held = leaks(self.kvm) if leaks is not None else []
+                if held:
+                    raise LeakError(
+                        f"backend-released: after closing everything the host holds {', '.join(held)}"
                     )
         finally:
             self._remove_plugins()
@@ -602,6 +610,7 @@ def machine_for(
     hostile: bool = False,
     hostile_ops: dict[str, tuple[Any, ...]] | None = None,
     hostile_outcomes: tuple[type[BaseException], ...] = (),
+    leaks: Callable[[Any], list[str]] | None = None,
 ) -> type[GmemMachine]:
     """The machine for *info* (default: the backend's default VM type) of *backend*."""
     attrs: dict[str, Any] = {
@@ -617,6 +626,7 @@ def machine_for(
         "hostile": hostile,
         "hostile_ops": dict(hostile_ops or {}),
         "hostile_outcomes": tuple(hostile_outcomes),
+        "leaks": staticmethod(leaks) if leaks is not None else None,
     }
     name = "GmemMachine_" + "".join(
         c if c.isalnum() else "_" for c in f"{backend}_{info.name if info else 'default'}"

@@ -39,8 +39,8 @@ FLAGS = frozenset(
 )
 #: The other keys: the VMM driver, the backend's observers, a reason to skip the VM type,
 #: the backend's arch face and modelled verdicts for hostile calls
-#: (:mod:`guestmem.conformance.hostile`).
-EXTRA = frozenset({"vmm", "observers", "skip", "hostile_ops", "hostile_outcomes"})
+#: (:mod:`guestmem.conformance.hostile`), what the backend still holds once all is closed.
+EXTRA = frozenset({"vmm", "observers", "skip", "hostile_ops", "hostile_outcomes", "leaks"})
 
 
 def declared_flags(info: VmTypeInfo) -> dict[str, Any]:
@@ -110,6 +110,8 @@ def kit_for(
         attrs["observers"] = factories
     if "hostile_ops" in options:
         attrs["hostile_ops"] = dict(options["hostile_ops"])
+    if "leaks" in options:
+        attrs["leaks"] = options["leaks"]
     if "hostile_outcomes" in options:
         attrs["hostile_outcomes"] = tuple(options["hostile_outcomes"])
     if options.get("skip"):
