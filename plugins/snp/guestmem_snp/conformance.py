@@ -25,6 +25,7 @@ from guestmem_snp.ghcb import (
     SNP_PAGE_STATE_SHARED,
 )
 from guestmem_snp.guest import SnpGuest, UnvalidatedAccess
+from guestmem_snp.host import snp_host
 from guestmem_snp.invariants import RmpChecker
 from guestmem_snp.rmp import PVALIDATE_FAIL_NOUPDATE
 from guestmem_snp.sev import Sev, SnpLaunchUpdate
@@ -151,6 +152,13 @@ HOSTILE_OPS: dict[str, tuple[Any, ...]] = {
 }
 
 
+def held_asids(kvm: Any) -> list[str]:
+    """The ASIDs still allocated (and not freed to the reclaim bitmap): once every VM is
+    destroyed (``sev_vm_destroy``: ``sev_asid_free``), none."""
+    asids = snp_host(kvm).asids
+    return [f"ASID {asid}" for asid in range(1, asids.max_sev_asid + 1) if asids.in_use(asid)]
+
+
 @hookimpl
 def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[str, Any] | None:
     """The kit's settings for the ``snp`` backends: the RMP checker watches every VM, and an
@@ -158,7 +166,7 @@ def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[
     guest's instructions, and a #VC for an unvalidated page is the guest's outcome."""
     if not backend.name.startswith("snp"):
         return None
-    options: dict[str, Any] = {"observers": (RmpChecker,)}
+    options: dict[str, Any] = {"observers": (RmpChecker,), "leaks": held_asids}
     if vm_type.type == uapi.KVM_X86_SNP_VM:
         options.update(hostile_ops=HOSTILE_OPS, hostile_outcomes=(UnvalidatedAccess,))
     if vm_type.type == uapi.KVM_X86_SNP_VM:

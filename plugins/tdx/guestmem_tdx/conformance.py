@@ -21,6 +21,7 @@ from guestmem import uapi
 from guestmem.backend import Backend, VmTypeInfo, hookimpl
 from guestmem.errors import HypercallExit, KvmError
 from guestmem_tdx.guest import TdxGuest
+from guestmem_tdx.host import tdx_host
 from guestmem_tdx.invariants import TdxChecker
 from guestmem_tdx.kvm import PendingAccessVe
 from guestmem_tdx.vmm import Tdx
@@ -138,6 +139,13 @@ HOSTILE_OPS: dict[str, tuple[Any, ...]] = {
 }
 
 
+def held_keyids(kvm: Any) -> list[str]:
+    """The TDX private KeyIDs still allocated: once every TD is destroyed
+    (``tdx_mmu_release_hkid``, ``tdx_guest_keyid_free``), none but those it leaked."""
+    keyids = tdx_host(kvm).keyids
+    return [f"KeyID {hkid}" for hkid in sorted(keyids.in_use - keyids.leaked)]
+
+
 @hookimpl
 def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[str, Any] | None:
     """The kit's settings for the ``tdx`` backend: the TDX checker watches every VM; a TD is
@@ -146,7 +154,7 @@ def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[
     accepts: zeroed (``private_unmap="destroy"``)."""
     if backend.name != "tdx":
         return None
-    options: dict[str, Any] = {"observers": (TdxChecker,)}
+    options: dict[str, Any] = {"observers": (TdxChecker,), "leaks": held_keyids}
     if vm_type.type == uapi.KVM_X86_TDX_VM:
         options.update(vmm=TdxKitVmm, private_unmap="destroy", hostile_ops=HOSTILE_OPS)
     return options
