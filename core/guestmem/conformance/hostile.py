@@ -43,6 +43,7 @@ A backend offers its arch face through two keys of ``guestmem_conformance_option
 from __future__ import annotations
 
 import hashlib
+import inspect
 import itertools
 import math
 import random
@@ -293,8 +294,8 @@ def draw_call(rng: random.Random, machine: Any = None) -> dict[str, Any]:
     arch = getattr(machine, "hostile_ops", None)
     if arch and rng.random() < 0.25:
         name = rng.choice(sorted(arch))
-        kind, _, kinds = arch[name][:3]
-        params = tuple((f"arg{i}", k) for i, k in enumerate(kinds))
+        kind, call, kinds = arch[name][:3]
+        params = tuple(zip(_param_names(call, len(kinds)), kinds, strict=True))
         op = f"arch:{name}"
     else:
         kind = rng.choice(("kvm", "vm", "vm", "gmem", "gmem", "vcpu", "map"))
@@ -312,6 +313,16 @@ def draw_call(rng: random.Random, machine: Any = None) -> dict[str, Any]:
         else:
             args.append(value)
     return {"on": role, "op": op, "args": args, "kw": kw, "wrong": wrong}
+
+
+def _param_names(call: Any, n: int) -> list[str]:
+    """The names of the *n* arguments *call* takes after its object (a TypeError naming
+    one is the expected outcome of a wrong type), else ``arg0``, ``arg1``..."""
+    try:
+        names = list(inspect.signature(call).parameters)[1:]
+    except (TypeError, ValueError):
+        names = []
+    return names[:n] if len(names) >= n else [f"arg{i}" for i in range(n)]
 
 
 def draw_reentrant(rng: random.Random, machine: Any = None) -> dict[str, str]:
