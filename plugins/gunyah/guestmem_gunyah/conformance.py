@@ -107,7 +107,11 @@ class GunyahKitVmm:
 #: The Gunyah VM manager's ioctls and the driver's parcels for ``guestmem fuzz --hostile``,
 #: with their arguments' kinds (``guestmem.conformance.hostile``).
 HOSTILE_OPS: dict[str, tuple[Any, ...]] = {
-    "set_dtb_config": ("vm", lambda vm, gpa, size: gunyah(vm).set_dtb_config(gpa, size), ("gpa", "size")),
+    "set_dtb_config": (
+        "vm",
+        lambda vm, guest_phys_addr, size: gunyah(vm).set_dtb_config(guest_phys_addr, size),
+        ("gpa", "size"),
+    ),
     "start": ("vm", lambda vm: gunyah(vm).start(), ()),
     "set_boot_context": (
         "vm",
@@ -116,12 +120,22 @@ HOSTILE_OPS: dict[str, tuple[Any, ...]] = {
     ),
     "map_mem": (
         "vm",
-        lambda vm, g, gpa, off, size, fl: gunyah(vm).map_mem(g, gpa, off, size, fl),
+        lambda vm, guest_mem, guest_addr, offset, size, flags: gunyah(vm).map_mem(
+            guest_mem, guest_addr, offset, size, flags
+        ),
         ("gmem", "gpa", "offset", "size", "u32"),
     ),
-    "share_parcel": ("vm", lambda vm, gpa, size: gunyah(vm).share_parcel(gpa, size), ("gpa", "size")),
-    "reclaim_parcel": ("vm", lambda vm, handle, fl: gunyah(vm).reclaim_parcel(handle, fl), ("u32", "u32")),
-    "touch": ("vm", lambda vm, gpa, size: gunyah(vm).touch(gpa, size), ("gpa", "size")),
+    "share_parcel": (
+        "vm",
+        lambda vm, guest_addr, size: gunyah(vm).share_parcel(guest_addr, size),
+        ("gpa", "size"),
+    ),
+    "reclaim_parcel": (
+        "vm",
+        lambda vm, parcel, flags: gunyah(vm).reclaim_parcel(parcel, flags),
+        ("u32", "u32"),
+    ),
+    "touch": ("vm", lambda vm, guest_addr, size: gunyah(vm).touch(guest_addr, size), ("gpa", "size")),
 }
 
 

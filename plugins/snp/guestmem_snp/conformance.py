@@ -112,41 +112,55 @@ class SnpKitVmm:
 #: guest's instructions on a vCPU, with their arguments' kinds
 #: (``guestmem.conformance.hostile``).
 HOSTILE_OPS: dict[str, tuple[Any, ...]] = {
-    "sev.init2": ("vm", lambda vm, f, v, fl: Sev(vm).init2(f, v, fl), ("u64", "u32", "u32")),
-    "sev.snp_launch_start": ("vm", lambda vm, p, fl: Sev(vm).snp_launch_start(p, fl), ("u64", "u32")),
+    "sev.init2": (
+        "vm",
+        lambda vm, vmsa_features, ghcb_version, flags: Sev(vm).init2(vmsa_features, ghcb_version, flags),
+        ("u64", "u32", "u32"),
+    ),
+    "sev.snp_launch_start": (
+        "vm",
+        lambda vm, policy, flags: Sev(vm).snp_launch_start(policy, flags),
+        ("u64", "u32"),
+    ),
     "sev.snp_launch_update": (
         "vm",
-        lambda vm, gfn, data, n, t: Sev(vm).snp_launch_update(SnpLaunchUpdate(gfn, data, n, t)),
+        lambda vm, gfn_start, data, length, type_: Sev(vm).snp_launch_update(
+            SnpLaunchUpdate(gfn_start, data, length, type_)
+        ),
         ("gfn", "data", "size", "u32"),
         True,  # kvm_gmem_populate keeps the folio when SNP_LAUNCH_UPDATE fails
     ),
-    "sev.snp_launch_finish": ("vm", lambda vm, fl: Sev(vm).snp_launch_finish(fl), ("u32",)),
-    "sev.enable_cap_exit_hypercall": ("vm", lambda vm, m: Sev(vm).enable_cap_exit_hypercall(m), ("u64",)),
+    "sev.snp_launch_finish": ("vm", lambda vm, flags: Sev(vm).snp_launch_finish(flags), ("u32",)),
+    "sev.enable_cap_exit_hypercall": (
+        "vm",
+        lambda vm, mask: Sev(vm).enable_cap_exit_hypercall(mask),
+        ("u64",),
+    ),
     "sev.host_kernel_write": (
         "vm",
-        lambda vm, pfn, d, o: Sev(vm).host_kernel_write(pfn, d, o),
+        lambda vm, pfn, data, offset: Sev(vm).host_kernel_write(pfn, data, offset),
         ("pfn", "data", "length"),
     ),
     "guest.pvalidate": (
         "vcpu",
-        lambda c, gpa, size, v: SnpGuest(c).pvalidate(gpa, size, v),
+        lambda c, gpa, page_size, validate: SnpGuest(c).pvalidate(gpa, page_size, validate),
         ("gpa", "u32", "bool"),
     ),
     "guest.psc_msr": ("vcpu", lambda c, gfn, op: SnpGuest(c).psc_msr(gfn, op), ("gfn", "u32")),
     "guest.map_gpa_range": (
         "vcpu",
-        lambda c, gpa, n, a: SnpGuest(c).map_gpa_range(gpa, n, a),
+        lambda c, gpa, npages, attrs: SnpGuest(c).map_gpa_range(gpa, npages, attrs),
         ("gpa", "u32", "u64"),
     ),
     "guest.resume": ("vcpu", lambda c, ret: SnpGuest(c).resume(ret), ("u64",)),
     "guest.read": (
         "vcpu",
-        lambda c, gpa, n, p: SnpGuest(c).read(gpa, n, private=p),
+        lambda c, gpa, length, private: SnpGuest(c).read(gpa, length, private=private),
         ("gpa", "length", "bool"),
     ),
     "guest.write": (
         "vcpu",
-        lambda c, gpa, d, p: SnpGuest(c).write(gpa, d, private=p),
+        lambda c, gpa, data, private: SnpGuest(c).write(gpa, data, private=private),
         ("gpa", "data", "bool"),
     ),
 }

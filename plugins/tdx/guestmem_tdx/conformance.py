@@ -121,21 +121,25 @@ class TdxKitVmm:
 #: The TDX arch face for ``guestmem fuzz --hostile``: the VMM's ``KVM_TDX_*`` commands and
 #: the TD's TDCALLs, with their arguments' kinds (``guestmem.conformance.hostile``).
 HOSTILE_OPS: dict[str, tuple[Any, ...]] = {
-    "tdx.init_vm": ("vm", lambda vm, a, x: Tdx(vm).init_vm(a, x), ("u64", "u64")),
-    "tdx.init_vcpu": ("vm", lambda vm, c, rcx: Tdx(vm).init_vcpu(c, rcx), ("vcpu", "u64")),
+    "tdx.init_vm": ("vm", lambda vm, attributes, xfam: Tdx(vm).init_vm(attributes, xfam), ("u64", "u64")),
+    "tdx.init_vcpu": ("vm", lambda vm, vcpu, rcx: Tdx(vm).init_vcpu(vcpu, rcx), ("vcpu", "u64")),
     "tdx.init_mem_region": (
         "vm",
-        lambda vm, c, gpa, d: Tdx(vm).init_mem_region(c, gpa, d),
+        lambda vm, vcpu, gpa, data: Tdx(vm).init_mem_region(vcpu, gpa, data),
         ("vcpu", "gpa", "data"),
         True,  # kvm_gmem_populate keeps the folio when TDH.MEM.PAGE.ADD fails
     ),
     "tdx.finalize": ("vm", lambda vm: Tdx(vm).finalize(), ()),
-    "tdx.enable_cap_exit_hypercall": ("vm", lambda vm, m: Tdx(vm).enable_cap_exit_hypercall(m), ("u64",)),
+    "tdx.enable_cap_exit_hypercall": (
+        "vm",
+        lambda vm, mask: Tdx(vm).enable_cap_exit_hypercall(mask),
+        ("u64",),
+    ),
     "guest.accept": ("vcpu", lambda c, gpa, level: TdxGuest(c).accept(gpa, level), ("gpa", "u32")),
     "guest.map_gpa": ("vcpu", lambda c, gpa, size: TdxGuest(c).map_gpa(gpa, size), ("gpa", "size")),
-    "guest.tdvmcall": ("vcpu", lambda c, leaf, a: TdxGuest(c).tdvmcall(leaf, a), ("u64", "u64")),
+    "guest.tdvmcall": ("vcpu", lambda c, leaf, arg: TdxGuest(c).tdvmcall(leaf, arg), ("u64", "u64")),
     "guest.resume": ("vcpu", lambda c, ret: TdxGuest(c).resume(ret), ("u64",)),
-    "guest.read": ("vcpu", lambda c, gpa, n: TdxGuest(c).read(gpa, n), ("gpa", "length")),
+    "guest.read": ("vcpu", lambda c, gpa, length: TdxGuest(c).read(gpa, length), ("gpa", "length")),
 }
 
 
