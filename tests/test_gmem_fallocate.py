@@ -274,9 +274,7 @@ def test_FA11_fallocate_after_vm_fd_closed(kvm: Any) -> None:
     assert vm.destroyed
 
 
-def _expected_fallocate_error(
-    mode: int, offset: int, length: int, size: int
-) -> tuple[int, str | None] | None:
+def _expected_fallocate_error(mode: int, offset: int, length: int, size: int) -> tuple[int, str | None] | None:  # noqa: E501
     """The (errno, rule) the VFS + kvm_gmem_fallocate checks give, in their order; None = success.
 
     A rule of None means only the errno is pinned (VFS mode checks whose rule tag is generic).
