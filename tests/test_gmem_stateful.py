@@ -175,7 +175,7 @@ class GmemMachine(RuleBasedStateMachine):
     @rule()
     def drop_host_ptes(self) -> None:
         """MADV_DONTNEED drops host PTEs only: contents and folios stay."""
-        self.view.zap()
+        self.view.madvise(uapi.MADV_DONTNEED)
 
     # --- invariants -----------------------------------------------------------------------------
     @invariant()

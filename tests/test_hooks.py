@@ -214,7 +214,7 @@ def test_shared_side_zap_keeps_private_leaves_of_a_mirrored_vm(mirrored: tuple[A
     vm.set_memory_attributes(0, PAGE, PRIVATE)
     vcpu.access(0, data=b"private")
     vcpu.access(PAGE, data=b"shared")
-    shared.zap(0, MiB)  # mmu notifier: KVM_FILTER_SHARED
+    shared.madvise(uapi.MADV_DONTNEED, 0, MiB)  # mmu notifier: KVM_FILTER_SHARED
     leaves = [(leaf.gfn, leaf.private) for leaf in view(vm).leaves()]
     assert leaves == [(0, True)] and policy.removed == []
     gmem.fallocate(PUNCH, 0, MiB)  # guest_memfd invalidation: KVM_FILTER_PRIVATE
@@ -228,7 +228,7 @@ def test_shared_side_zap_removes_private_leaves_of_a_direct_root_vm(kvm: Any) ->
     vm, _, shared, vcpu = private_vm(kvm)
     vm.set_memory_attributes(0, PAGE, PRIVATE)
     vcpu.access(0, data=b"private")
-    shared.zap(0, MiB)
+    shared.madvise(uapi.MADV_DONTNEED, 0, MiB)
     assert list(view(vm).leaves()) == []
 
 

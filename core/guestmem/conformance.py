@@ -168,6 +168,37 @@ class GmemConformance:
             shared.fallocate(PUNCH, 0, 2 * PAGE)
             assert m.read(PAGE, 4) == bytes(4)  # M-10
 
+    # --- madvise of host mappings (mm/madvise.c) ---------------------------------------------
+    def test_madvise_dontneed_keeps_shared_memory_remove_frees_it(
+        self, kvm: Any, vm: Any, gmem_flags: int
+    ) -> None:
+        with kvm.mmap_anonymous(4 * PAGE) as shared:
+            shared.write(0, b"keep")
+            shared.write(PAGE, b"drop")
+            shared.madvise(uapi.MADV_DONTNEED, 0, PAGE)  # shmem keeps the page, only PTEs go
+            assert shared.read(0, 4) == b"keep"
+            shared.madvise(uapi.MADV_REMOVE, PAGE, PAGE)  # madvise_remove punches the shmem file
+            assert shared.read(PAGE, 4) == bytes(4)
+            shared.madvise(uapi.MADV_REMOVE, 0, 0)  # a zero length does nothing
+            assert shared.read(0, 4) == b"keep"
+        if not (gmem_flags & MMAP and gmem_flags & INIT_SHARED and self.init_shared_coherent):
+            return
+        with vm.create_guest_memfd(MiB, MMAP | INIT_SHARED) as gmem, gmem.mmap(MiB) as view:
+            view.write(2 * PAGE, b"gmem")
+            view.madvise(uapi.MADV_DONTNEED, 2 * PAGE, PAGE)  # the folio stays in guest_memfd
+            assert view.read(2 * PAGE, 4) == b"gmem"
+            view.madvise(uapi.MADV_REMOVE, 2 * PAGE, PAGE)  # vfs_fallocate(PUNCH_HOLE | KEEP_SIZE)
+            assert view.read(2 * PAGE, 4) == bytes(4)
+
+    def test_madvise_errors_in_the_kernels_order(self, kvm: Any) -> None:
+        shared = kvm.mmap_anonymous(2 * PAGE)
+        expect_errno(errno.EINVAL, shared.madvise, 99, 0, PAGE)  # madvise_behavior_valid
+        expect_errno(errno.EINVAL, shared.madvise, uapi.MADV_DONTNEED, 1, PAGE)  # unaligned start
+        expect_errno(errno.EINVAL, shared.madvise, uapi.MADV_DONTNEED, 0, uapi.U64_MAX)  # PAGE_ALIGN wraps
+        expect_errno(errno.ENOMEM, shared.madvise, uapi.MADV_DONTNEED, PAGE, 2 * PAGE)  # not all mapped
+        shared.close()
+        expect_errno(errno.ENOMEM, shared.madvise, uapi.MADV_DONTNEED, 0, PAGE)  # no VMA left
+
     # --- memslots and binding (S-2, S-14, B-1..B-5, B-11) ---------------------------------------
     def test_s2_v1_rejects_guest_memfd(self, vm: Any) -> None:
         expect_errno(errno.EINVAL, vm.set_user_memory_region, 0, GMEM, BASE_GPA, MiB, 0)

@@ -262,6 +262,15 @@ class GmemInode:
         with self.invalidating(start, end):
             self.truncate(start, end)
 
+    def fallocate_punch_hole(self, offset: int, length: int) -> None:
+        """``kvm_gmem_fallocate(PUNCH_HOLE | KEEP_SIZE)`` once its checks passed: the hole,
+        then ``file_modified`` (FA-10); reached from ``fallocate(2)`` and from
+        ``madvise(MADV_REMOVE)`` of a guest_memfd mapping (``vfs_fallocate``)."""
+        self.punch_hole(offset, length)
+        self.mtime_ns = time.time_ns()
+        self.owner.count("punch_hole")
+        self.owner.trace("punch_hole", ino=self.ino, offset=offset, length=length)
+
     def memory_failure(self, index: int) -> None:
         """``kvm_gmem_error_folio`` (E-1): zap the folio's mappings, keep it, poison it."""
         start, end, _ = self.get_folio(index)

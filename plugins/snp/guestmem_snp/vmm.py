@@ -57,7 +57,7 @@ class ConvertingVmm:
                 continue
             if to_private:
                 if region.shared is not None:
-                    region.shared.zap(lo - region.gpa, hi - lo)
+                    region.shared.madvise(uapi.MADV_REMOVE, lo - region.gpa, hi - lo)
             else:
                 region.gmem.fallocate(
                     uapi.FALLOC_FL_PUNCH_HOLE | uapi.FALLOC_FL_KEEP_SIZE,
