@@ -18,7 +18,9 @@ This module is the whole surface it sees of the core, in the kernel's terms:
 * :func:`view`, which turns a uAPI object a user holds (a ``Vm`` from
   ``kvm.create_vm``) into its view, for a plugin's own user-facing functions;
 * :class:`RangeMap`, the range-keyed map the core stores everything in, for the plugin's
-  own tables.
+  own tables;
+* the portable intents a backend translates (:mod:`guestmem.intents`): :class:`Intents`,
+  :class:`NotApplicable`, :class:`RamRegion`, and the :class:`GuestVm` they act on.
 
 Constants come from :mod:`guestmem.uapi`, exceptions from :mod:`guestmem.errors`.  A
 plugin never imports ``guestmem.model`` and never touches a private attribute; the
@@ -35,6 +37,8 @@ import attrs
 import pluggy
 
 from guestmem import uapi
+from guestmem.guestvm import GuestVm
+from guestmem.intents import Intents, NotApplicable, RamRegion
 from guestmem.ranges import RangeMap
 
 if TYPE_CHECKING:
@@ -55,11 +59,15 @@ __all__ = [
     "GfnRange",
     "GmemLocation",
     "GmemView",
+    "GuestVm",
     "HostFault",
     "HostView",
+    "Intents",
     "Leaf",
+    "NotApplicable",
     "Owner",
     "OwnershipEvent",
+    "RamRegion",
     "RangeMap",
     "SlotView",
     "TraceEvent",
@@ -162,6 +170,10 @@ class Backend:
     #: The policy's ``guestmem_fault`` and ``guestmem_gmem_prepare`` accept runs of pages
     #: (``npages`` > 1); otherwise every call covers one page (one folio for prepare).
     range_faults: bool = False
+    #: The backend's translation of the portable intents (launch, conversion, acceptance)
+    #: that scenario files and the pytest plugin use; None: the generic KVM base
+    #: (:class:`Intents`), which converts, accepts and populates nothing.
+    intents: Intents | None = None
     #: Filled in by the registry.
     distribution: str = ""
     #: Filled in by the registry (the distribution's version unless set).

@@ -136,6 +136,7 @@ class GmemInode:
         folio = Folio(pfn - start)
         self.pages.set(start, end, folio)
         self.owner.count("gmem_folios_allocated")
+        self.owner.count("gmem_pages_allocated", end - start)
         return start, end, folio
 
     def get_run(self, index: int, limit: int) -> tuple[int, int, Folio]:
@@ -158,6 +159,7 @@ class GmemInode:
         folio = Folio(pfn - index)
         self.pages.set(index, end, folio)
         self.owner.count("gmem_folios_allocated", end - index)
+        self.owner.count("gmem_pages_allocated", end - index)
         return index, end, folio
 
     def allocate(self, start: int, end: int) -> None:
