@@ -134,7 +134,7 @@ def test_convert_memory_follows_kvm_convert_memory(kvm: Any) -> None:
         convert_memory(guest.vm, guest.regions, MiB - PAGE, 2 * PAGE, to_private=False)
         vm = view(guest.vm)
         assert not vm.is_private(255) and not vm.is_private(256) and vm.is_private(257)
-        anon = RamRegion(4 * MiB, MiB, 9)
+        anon = RamRegion(4 * MiB, MiB, slot=9)
         with pytest.raises(KvmError, match="no guest_memfd"):
             convert_memory(guest.vm, [anon], 4 * MiB, PAGE, to_private=True)
 

@@ -20,7 +20,8 @@ This module is the whole surface it sees of the core, in the kernel's terms:
 * :class:`RangeMap`, the range-keyed map the core stores everything in, for the plugin's
   own tables;
 * the portable intents a backend translates (:mod:`guestmem.intents`): :class:`Intents`,
-  :class:`NotApplicable`, :class:`RamRegion`, and the :class:`GuestVm` they act on.
+  :class:`NotApplicable`, :class:`RamRegion`, the :class:`GuestVm` they act on, and the
+  QEMU-style VMM loop (:mod:`guestmem.vmm`: :class:`QemuVmm`, :func:`convert_memory`).
 
 Constants come from :mod:`guestmem.uapi`, exceptions from :mod:`guestmem.errors`.  A
 plugin never imports ``guestmem.model`` and never touches a private attribute; the
@@ -40,6 +41,7 @@ from guestmem import uapi
 from guestmem.guestvm import GuestVm
 from guestmem.intents import Intents, NotApplicable, RamRegion
 from guestmem.ranges import RangeMap
+from guestmem.vmm import QemuVmm, convert_memory
 
 if TYPE_CHECKING:
     from guestmem.api import Kvm
@@ -67,6 +69,7 @@ __all__ = [
     "NotApplicable",
     "Owner",
     "OwnershipEvent",
+    "QemuVmm",
     "RamRegion",
     "RangeMap",
     "SlotView",
@@ -74,6 +77,7 @@ __all__ = [
     "VcpuView",
     "VmTypeInfo",
     "VmView",
+    "convert_memory",
     "hookimpl",
     "hookspec",
     "view",

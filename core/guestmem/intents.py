@@ -102,11 +102,13 @@ class RamRegion:
 
     gpa: int
     size: int
-    slot: int
     gmem: api.GuestMemfd | None = None
+    #: Offset of ``gpa`` in the guest_memfd.
     gmem_offset: int = 0
     shared: api.HostMapping | None = None
     in_place: bool = False
+    #: The memslot id.
+    slot: int = 0
 
     @property
     def end(self) -> int:
@@ -173,7 +175,7 @@ class Intents:
         in_place = bool(flags & uapi.GUEST_MEMFD_FLAG_MMAP)
         shared = gmem.mmap(size) if in_place else guest.kvm.mmap_anonymous(size)
         vm.set_user_memory_region2(slot, uapi.KVM_MEM_GUEST_MEMFD, gpa, size, shared.address, gmem, 0)
-        return RamRegion(gpa, size, slot, gmem, 0, shared, in_place)
+        return RamRegion(gpa, size, gmem, 0, shared, in_place, slot)
 
     def initial_attributes(self, guest: GuestVm) -> None:
         """Attributes of new RAM: QEMU makes guest_memfd RAM of a private-memory VM private
