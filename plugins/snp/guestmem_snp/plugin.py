@@ -17,6 +17,7 @@ from collections.abc import Callable
 import attrs
 
 from guestmem import Backend, VmTypeInfo, hookimpl, uapi
+from guestmem_snp.intents import SnpIntents
 from guestmem_snp.policy import SnpPolicy
 
 SEV_VM = VmTypeInfo(
@@ -47,6 +48,7 @@ SNP_VM = VmTypeInfo(
 SNP_VM_HUGEPAGE = attrs.evolve(SNP_VM, gmem_folio_order=uapi.PMD_ORDER)
 
 POLICY = SnpPolicy()
+INTENTS = SnpIntents()
 
 
 BACKENDS = (
@@ -55,12 +57,14 @@ BACKENDS = (
         summary="AMD SEV-SNP host (Linux 6.18): RMP, ASIDs, launch, PVALIDATE, page-state changes",
         vm_types=(SEV_VM, SEV_ES_VM, SNP_VM),
         policy=POLICY,
+        intents=INTENTS,
     ),
     Backend(
         name="snp-hugepage",
         summary="AMD SEV-SNP host with hugepage guest_memfd (order-9 folios, 2 MiB RMP entries; unmerged)",
         vm_types=(SEV_VM, SEV_ES_VM, SNP_VM_HUGEPAGE),
         policy=POLICY,
+        intents=INTENTS,
     ),
 )
 
