@@ -16,6 +16,7 @@ from typing import Any
 from guestmem import uapi
 from guestmem.backend import Backend, VmTypeInfo, hookimpl
 from guestmem.errors import KvmError
+from guestmem_linux.intents import LinuxIntents
 from guestmem_linux.kvm import DEV_KVM, LinuxKvm
 
 #: x86 VM types with private memory (CAP-5).
@@ -71,4 +72,6 @@ def open_linux(backend: Backend, *, path: str = DEV_KVM, **options: Any) -> Linu
 def guestmem_register_backends(register: Callable[[Backend], None]) -> None:
     infos, summary = probe()
     vm_types: Any = infos  # attrs' tuple converter is not generic to mypy
-    register(Backend(name="linux", summary=summary, vm_types=vm_types, opener=open_linux))
+    register(
+        Backend(name="linux", summary=summary, vm_types=vm_types, opener=open_linux, intents=LinuxIntents())
+    )

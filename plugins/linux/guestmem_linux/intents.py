@@ -1,0 +1,57 @@
+"""The portable intents on the running kernel (``Backend(intents=LinuxIntents())``).
+
+What the real ``/dev/kvm`` can express without confidential-computing hardware is a
+``KVM_X86_DEFAULT_VM`` whose RAM is guest_memfd created ``MMAP | INIT_SHARED`` (a
+gmem-only memslot, the Firecracker "secret hiding" layout), driven by this plugin's guest
+runner, which makes shared loads and stores only.  So:
+
+* every VM kind is that DEFAULT VM (a note says so for ``"private"``);
+* ``launch.populate`` is the host writing the image through its guest_memfd mapping
+  before the first run (nothing measures it);
+* conversions, acceptance and private accesses are not applicable, with the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from guestmem import uapi
+from guestmem.backend import Backend, GuestVm, Intents, NotApplicable, VmTypeInfo
+
+_RUNNER = "the guest runner of guestmem-linux makes shared loads and stores only"
+
+
+class LinuxIntents(Intents):
+    """The running kernel's translation of the portable intents (see the module docstring)."""
+
+    def vm_type(self, backend: Backend, kind: Any) -> tuple[VmTypeInfo, str]:
+        """``KVM_X86_DEFAULT_VM`` for every kind."""
+        found = backend.vm_type(uapi.KVM_X86_DEFAULT_VM)
+        if found is None:
+            raise NotApplicable(f"{backend.summary}: no KVM_X86_DEFAULT_VM")
+        if kind == "private":
+            return found, f"KVM_X86_DEFAULT_VM in place of a private-memory VM: {_RUNNER}"
+        return found, ""
+
+    def populate(self, guest: GuestVm, gpa: int, data: bytes, measure: bool | None) -> str:
+        """The host writes *data* through the guest_memfd mapping before the first run."""
+        if measure:
+            raise NotApplicable("KVM_X86_DEFAULT_VM has no launch measurement")
+        region = guest.region(gpa)
+        if region.shared is None or gpa + len(data) > region.end:
+            raise NotApplicable("the image does not fit one host-mapped RAM region")
+        region.shared.write(gpa - region.gpa, data)
+        return f"host wrote {len(data)} byte(s) through the guest_memfd mapping (not measured)"
+
+    def convert(
+        self, guest: GuestVm, gpa: int, size: int, *, private: bool, page_size: int, coalesce: bool
+    ) -> str:
+        raise NotApplicable(f"KVM_X86_DEFAULT_VM has no private memory to convert ({_RUNNER})")
+
+    def side(self, guest: GuestVm, gpa: int, private: bool | None) -> bool | None:
+        if private:
+            raise NotApplicable(f"a private access: {_RUNNER}")
+        return None
+
+    def capabilities(self, guest: GuestVm) -> frozenset[str]:
+        return (super().capabilities(guest) - {"private_mem", "private_access"}) | {"populate"}
