@@ -357,6 +357,8 @@ class GmemFile:
         self.vm.hooks.gmem_bind(self.vm.view, slot.view, self.inode.view, start, slot.npages)
         slot.gmem_file = self
         self.bindings.set(start, end, slot)
+        if self.vm.profile.memslots_pin_gmem:
+            self.get()  # what-if: the binding pins the file
 
     def unbind(self, slot: Memslot) -> None:
         """``kvm_gmem_unbind`` (B-8, B-10): no-op once released; folios are kept (L-7)."""
@@ -365,6 +367,8 @@ class GmemFile:
         self.bindings.erase(slot.gmem_pgoff, slot.gmem_pgoff + slot.npages)
         slot.gmem_file = None
         self.vm.hooks.gmem_unbind(self.vm.view, slot.view, self.inode.view)
+        if self.vm.profile.memslots_pin_gmem:
+            self.put()  # what-if: the binding's reference goes with it
 
 
 # --- kvm_gmem_get_pfn ---------------------------------------------------------------------------
