@@ -598,3 +598,14 @@ def test_views_of_uapi_objects(kvm: Any) -> None:
     assert isinstance(view(kvm), HostView) and view(vm).host is view(kvm)
     with pytest.raises(TypeError):
         view(object())
+
+
+def test_hostview_counts_allocated_pages() -> None:
+    """HostView.allocated_pages follows allocation and freeing (a scenario's leak count)."""
+    with guestmem.open("sw") as kvm:
+        host = guestmem.backend.view(kvm)
+        before = host.allocated_pages
+        pfn = host.alloc(3)
+        assert host.allocated_pages == before + 3
+        host.free(pfn, 3)
+        assert host.allocated_pages == before

@@ -388,6 +388,12 @@ class HostView:
         """True iff *pfn* is allocated."""
         return self._kvm.host.is_allocated(pfn)
 
+    @property
+    def allocated_pages(self) -> int:
+        """Pages allocated now: what closing every file of a scenario should bring to 0
+        (a page still allocated then was leaked, or is still held by a live object)."""
+        return self._kvm.host.allocated_pages
+
     def read(self, pfn: int, offset: int, n: int) -> bytes:
         """Bytes ``[offset, offset + n)`` of page *pfn* (must not cross the page)."""
         return self._kvm.host.read(pfn, offset, n)
