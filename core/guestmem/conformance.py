@@ -1,5 +1,9 @@
 """The conformance kit: importable pytest base classes every backend can run.
 
+* :class:`GmemConformance`: the guest_memfd uAPI rules;
+* :class:`ScenarioConformance`: the built-in scenarios, every applicable step run and
+  meeting what it asserts.
+
 Subclass :class:`GmemConformance` in your backend's test suite, name the backend and VM
 type, and declare what your backend supports with the capability flags; pytest collects
 the inherited tests.  They use only the uAPI face (:mod:`guestmem.api`), so the same kit
@@ -39,6 +43,12 @@ INIT_SHARED = uapi.GUEST_MEMFD_FLAG_INIT_SHARED
 GMEM = uapi.KVM_MEM_GUEST_MEMFD
 #: Where the kit puts guest memory: low, below 4 GiB, clear of x86 legacy holes.
 BASE_GPA = 0x10000000
+
+
+def _builtin_names() -> list[str]:
+    from guestmem.scenario import builtins
+
+    return builtins.names()
 
 
 def expect_errno(err: int, fn: Any, *args: Any, **kwargs: Any) -> KvmError:
@@ -288,3 +298,28 @@ class GmemConformance:
                 )
                 gmem.fallocate(PUNCH, 0x2000, PAGE)
                 assert vcpu.access(BASE_GPA + 0x2010, 6, private=True) == bytes(6)
+
+
+class ScenarioConformance:
+    """The built-in scenarios (``guestmem scenarios``) on a backend's rows.
+
+    A backend that registers :class:`~guestmem.backend.Intents` subclasses this and names
+    its backends; every applicable step of every built-in scenario must then run and meet
+    what the scenario asserts for it (steps the backend cannot express are n/a, which is
+    fine)::
+
+        class TestMyScenarios(ScenarioConformance):
+            backends = ("mybackend",)
+    """
+
+    #: The backends (columns) to run.
+    backends: ClassVar[tuple[str, ...]] = ("sw",)
+
+    @pytest.mark.parametrize("name", _builtin_names())
+    def test_builtin_scenario(self, name: str) -> None:
+        from guestmem.scenario import builtins
+        from guestmem.scenario.run import run_scenario
+
+        run = run_scenario(builtins.load(name), self.backends)
+        assert [b.reason for b in run.backends if b.reason == "backend not installed"] == []
+        assert run.unasserted() == []

@@ -16,7 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 from guestmem import uapi
-from guestmem.backend import Backend, GuestVm, Intents, NotApplicable, VmTypeInfo
+from guestmem.backend import Backend, GuestVm, Intents, NotApplicable, RamRegion, VmTypeInfo
+from guestmem_linux.guest import RUNNER_GPA, RUNNER_SIZE
 
 _RUNNER = "the guest runner of guestmem-linux makes shared loads and stores only"
 
@@ -32,6 +33,14 @@ class LinuxIntents(Intents):
         if kind == "private":
             return found, f"KVM_X86_DEFAULT_VM in place of a private-memory VM: {_RUNNER}"
         return found, ""
+
+    def add_region(self, guest: GuestVm, gpa: int, size: int, slot: int) -> RamRegion:
+        """The base layout, below the guest runner's memslot (the top 4 MiB under 4 GiB)."""
+        if gpa < RUNNER_GPA + RUNNER_SIZE and gpa + size > RUNNER_GPA:
+            raise NotApplicable(
+                f"RAM [{gpa:#x}, {gpa + size:#x}) covers the guest runner's memslot at {RUNNER_GPA:#x}"
+            )
+        return super().add_region(guest, gpa, size, slot)
 
     def populate(self, guest: GuestVm, gpa: int, data: bytes, measure: bool | None) -> str:
         """The host writes *data* through the guest_memfd mapping before the first run."""
