@@ -147,7 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Core modules that contribute subcommands through ``add_cli(subparsers)``.
-_SUBCOMMAND_MODULES: tuple[str, ...] = ("guestmem.scenario.cli", "guestmem.diff", "guestmem.rules")
+_SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "guestmem.scenario.cli",
+    "guestmem.report",
+    "guestmem.diff",
+    "guestmem.rules",
+)
 
 
 def _warn_in_one_line(

@@ -147,7 +147,7 @@ def run_files(
         for run in runs:
             out.print(render(run))
     if report_to:
-        from guestmem.report import write_report  # type: ignore[import-not-found,unused-ignore]
+        from guestmem.report import write_report
 
         write_report(result, report_to)
         err.print(f"report: {report_to}")

@@ -43,10 +43,16 @@ def outcome_table(run: ScenarioRun) -> Table:
     table.add_column("#", justify="right", style="dim")
     table.add_column("step", overflow="fold", max_width=44)
     for backend in run.backends:
-        header = backend.backend if not backend.vm_type else f"{backend.backend}\n[dim]{backend.vm_type}[/]"
+        if backend.ran:
+            header = (
+                backend.backend if not backend.vm_type else f"{backend.backend}\n[dim]{backend.vm_type}[/]"
+            )
+        else:
+            header = f"{backend.backend}\n[dim]n/a: {backend.reason}[/]"
         table.add_column(header, overflow="fold")
     for row, label in enumerate(run.rows):
-        table.add_row(str(row), label, *(cell(b.outcomes[row]) for b in run.backends))
+        cells = [cell(b.outcomes[row]) if b.ran else Text("n/a", style="dim") for b in run.backends]
+        table.add_row(str(row), label, *cells)
     return table
 
 
