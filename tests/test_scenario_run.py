@@ -180,7 +180,7 @@ def test_maps_record_every_vm_after_every_row() -> None:
     assert len(sw.maps) == len(result.rows)  # type: ignore[attr-defined]
     after_write = sw.maps[2][0]
     assert after_write.vm == "vm" and (after_write.start, after_write.end) == (0, 512)
-    assert set(after_write.layers) == set(LAYERS) - {"owner"} | {"owner"}
+    assert set(after_write.layers) == set(LAYERS) - {"owner"}  # sw has no ownership table
     assert [(b.start, b.end, b.value) for b in after_write.layers["stage2"]] == [(1, 2, "private 4K")]
     after_convert = sw.maps[4][0]
     assert [b.value for b in after_convert.layers["attribute"]] == ["private", "shared", "private"]

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["add_cli", "run_files"]
+__all__ = ["ProgressRows", "add_cli", "progress_display", "run_files"]
 
 
 def add_cli(subparsers: Any) -> None:
@@ -123,7 +123,7 @@ def run_files(
     if status:
         return status
     runs = []
-    with _progress(err) as progress:
+    with progress_display(err) as progress:
         for scenario in scenarios:
             columns = select_backends(scenario, backends, all_=all_)
             events: dict[str, list[Any]] | None = {} if trace_dir else None
@@ -132,7 +132,7 @@ def run_files(
                 columns,
                 maps=bool(json_to or report_to),
                 record=bool(trace_dir),
-                on_step=_Progress(progress, scenario.name),
+                on_step=ProgressRows(progress, scenario.name),
                 events=events,
             )
             runs.append(run)
@@ -154,7 +154,7 @@ def run_files(
     return 1 if result.failed else 0
 
 
-class _Progress:
+class ProgressRows:
     """A Rich progress bar per (scenario, backend), advanced row by row."""
 
     def __init__(self, progress: Any, scenario: str) -> None:
@@ -168,7 +168,8 @@ class _Progress:
         self.progress.update(self.tasks[backend], completed=row + 1)
 
 
-def _progress(console: Any) -> Any:
+def progress_display(console: Any) -> Any:
+    """A transient Rich progress display on *console*."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     return Progress(

@@ -67,7 +67,8 @@ class OwnerTracker:
         table.set(event.pfn, event.pfn + event.npages, event.new_owner.value)
 
     def owners(self, host: HostView) -> RangeMap[str]:
-        """The pfn -> owner map of *host* (empty if it saw no event)."""
+        """The pfn -> owner map of *host* (empty if it saw no event: a backend without an
+        ownership table)."""
         return self._owners.get(id(host), RangeMap())
 
 
@@ -115,6 +116,8 @@ def snapshot(vm: Any, name: str = "vm", owners: OwnerTracker | None = None) -> M
             for s, e, a in v.attribute_runs(start, end)
         )
     table = owners.owners(v.host) if owners is not None else None
+    if table is not None and not table:
+        table = None  # no ownership table changed on this host (sw): no owner layer
     gmem: list[Band] = []
     owner: list[Band] = []
     for slot in sorted(slots, key=lambda s: s.base_gfn):
