@@ -454,6 +454,8 @@ class HostView:
 
     def crash(self, verdict: str) -> NoReturn:
         """Record that the host went down with *verdict* and raise :class:`guestmem.HostCrash`."""
+        if self._kvm.host.crashed is None:
+            self._kvm.trace(None, "host_crash", {"verdict": verdict})
         self._kvm.host.crash(verdict)
 
     def check_alive(self) -> None:

@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 _SUBCOMMAND_MODULES: tuple[str, ...] = (
     "guestmem.scenario.cli",
     "guestmem.report",
+    "guestmem.traces",
     "guestmem.diff",
     "guestmem.rules",
 )

@@ -39,11 +39,17 @@ _converter = cattrs.Converter(forbid_extra_keys=True)
 
 
 # --- traces ------------------------------------------------------------------------------------
+_EVENT_KEYS = frozenset({"seq", "kind", "vm", "ts"})
+
+
 def event_to_json(event: TraceEvent) -> str:
-    """One JSON line for *event*."""
+    """One JSON line for *event* (its fields beside ``seq``, ``kind``, ``vm`` and ``ts``)."""
     data: dict[str, Any] = _converter.unstructure(event)
     fields = data.pop("fields")
-    return json.dumps({**data, **fields}, sort_keys=True, default=_json_default)
+    clash = _EVENT_KEYS & set(fields)
+    if clash:
+        raise ValueError(f"event {event.kind!r} has fields named like the event's own: {sorted(clash)}")
+    return json.dumps({**data, **fields}, default=_json_default)
 
 
 def _json_default(value: Any) -> Any:

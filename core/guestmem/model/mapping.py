@@ -20,6 +20,7 @@ from guestmem.ranges import RangeMap
 if TYPE_CHECKING:
     from guestmem.model.gmem import GmemFile
     from guestmem.model.kvm import ModelKvm
+    from guestmem.model.vm import ModelVm
 
 PAGE_SHIFT = uapi.PAGE_SHIFT
 PAGE_SIZE = uapi.PAGE_SIZE
@@ -156,7 +157,9 @@ class GmemVma(Vma):
         address = self.address + (index - self.pgoff) * PAGE_SIZE
         if not self.maps_index(index):
             if index >= inode.npages:
-                raise HostSigbus(address, "M-3", f"gmem page {index:#x} is beyond i_size {inode.size:#x}")
+                raise _sigbus(
+                    vm, address, index, "M-3", f"gmem page {index:#x} is beyond i_size {inode.size:#x}"
+                )
             outcome = vm.hooks.gmem_fault_user_mapping(vm.view, inode.view, index)
             if outcome is HostFault.RECLAIM:
                 self._reclaim(index)
@@ -170,10 +173,10 @@ class GmemVma(Vma):
                 mappable = outcome is HostFault.ALLOW
                 rule = "host-mappability"
             if not mappable:
-                raise HostSigbus(address, rule, f"gmem page {index:#x} is private to the guest")
+                raise _sigbus(vm, address, index, rule, f"gmem page {index:#x} is private to the guest")
             start, end, folio = inode.get_folio(index)
             if folio.hwpoison:
-                raise HostSigbus(address, "E-1", f"gmem page {index:#x} is hardware-poisoned")
+                raise _sigbus(vm, address, index, "E-1", f"gmem page {index:#x} is hardware-poisoned")
             if not folio.uptodate:
                 inode.zero(start, end)
                 inode.set_state(start, end, uptodate=True)
@@ -184,7 +187,7 @@ class GmemVma(Vma):
         pfn = inode.pfn(index)
         assert pfn is not None
         if inode.is_poisoned(index):
-            raise HostSigbus(address, "E-1", f"gmem page {index:#x} is hardware-poisoned")
+            raise _sigbus(vm, address, index, "E-1", f"gmem page {index:#x} is hardware-poisoned")
         verdict = vm.hooks.host_access(vm.kvm.view, pfn, write)
         if verdict is not None:
             vm.trace("host_crash", pfn=pfn, verdict=verdict)
@@ -209,6 +212,12 @@ class GmemVma(Vma):
         self.faulted.clear()
         self.file.inode.vmas.remove(self)
         self.file.put()
+
+
+def _sigbus(vm: ModelVm, address: int, index: int, rule: str, why: str) -> HostSigbus:
+    """``VM_FAULT_SIGBUS`` of a host fault on gmem page *index*, traced."""
+    vm.trace("host_sigbus", address=address, index=index, rule=rule)
+    return HostSigbus(address, rule, why)
 
 
 def vma_access(vma: Vma, offset: int, length: int, data: bytes | None) -> bytes:
