@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from guestmem import api, uapi
 from guestmem.errors import HypercallExit, MemoryFault
 from guestmem.intents import Intents, NotApplicable, RamRegion, VmKind, require_aligned
-from guestmem.vmm import QemuVmm
+from guestmem.vmm import ExitHandler, QemuVmm
 
 if TYPE_CHECKING:
     from guestmem.backend import Backend, VmTypeInfo
@@ -40,8 +40,9 @@ __all__ = ["GuestVm", "HandleExits"]
 
 T = TypeVar("T")
 #: ``"qemu"``: exits are handled by :class:`~guestmem.vmm.QemuVmm`; ``"none"``: they
-#: reach the caller (a scenario asserts on them).
-HandleExits = Literal["qemu", "none"]
+#: reach the caller (a scenario asserts on them); or a callable making the
+#: :class:`~guestmem.vmm.ExitHandler` of the guest (a VMM's own handler under test).
+HandleExits = Literal["qemu", "none"] | Callable[["GuestVm"], ExitHandler]
 #: Exits a single guest operation may take before the VMM gives up (the kernel would
 #: re-enter forever; a conversion that never sticks is a bug worth seeing).
 _MAX_EXITS = 64
@@ -69,8 +70,13 @@ class GuestVm(contextlib.AbstractContextManager["GuestVm"]):
         self.kind = kind
         self.regions: list[RamRegion] = []
         self.vcpus: list[api.Vcpu] = []
-        #: The VMM loop, or None when exits reach the caller.
-        self.vmm: QemuVmm | None = QemuVmm(self, prefault=prefault) if handle_exits == "qemu" else None
+        #: The VMM loop (a :class:`QemuVmm` or the caller's handler), or None when exits
+        #: reach the caller.
+        self.vmm: ExitHandler | None = None
+        if handle_exits == "qemu":
+            self.vmm = QemuVmm(self, prefault=prefault)
+        elif callable(handle_exits):
+            self.vmm = handle_exits(self)
         #: True once :meth:`finish_launch` ran.
         self.launched = False
         #: What the backend said while launching (the VM type chosen, a measurement...).

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from guestmem import api, uapi
 from guestmem.errors import HypercallExit, KvmError, MemoryFault
@@ -40,7 +40,21 @@ if TYPE_CHECKING:
     from guestmem.guestvm import GuestVm
     from guestmem.intents import RamRegion
 
-__all__ = ["QemuVmm", "convert_memory"]
+__all__ = ["ExitHandler", "QemuVmm", "convert_memory"]
+
+
+class ExitHandler(Protocol):
+    """What handles a VM's exits for :meth:`guestmem.guestvm.GuestVm.run`: the built-in
+    :class:`QemuVmm`, or a VMM developer's own conversion handler under test
+    (``GuestVm.launch(kvm, handle_exits=MyHandler)``, ``MyHandler(guest)`` made once)."""
+
+    def handle_hypercall(self, exit: HypercallExit, vcpu: api.Vcpu) -> int:  # noqa: A002
+        """A ``KVM_EXIT_HYPERCALL``: return ``run->hypercall.ret``, or raise to stop the vCPU."""
+        ...
+
+    def handle_memory_fault(self, exit: MemoryFault, vcpu: api.Vcpu) -> None:  # noqa: A002
+        """A ``KVM_EXIT_MEMORY_FAULT``: make the access succeed when re-run, or raise."""
+        ...
 
 
 def convert_memory(
