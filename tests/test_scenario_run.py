@@ -239,3 +239,27 @@ def test_scenarios_lists_the_builtins(capsys: pytest.CaptureFixture[str]) -> Non
     assert names == builtins.names() and "destructive-conversion" in names
     assert main(["scenarios"]) == 0
     assert "early-boot-acceptance" in capsys.readouterr().out
+
+
+def test_backend_specific_cost_rows() -> None:
+    """Each architecture's own operations get rows of their own; others show "—" there."""
+    import io
+
+    from rich.console import Console
+
+    from guestmem.scenario.run import BackendRun, ScenarioRun
+    from guestmem.scenario.table import cost_table
+
+    fake = ScenarioRun(
+        name="x",
+        rows=["launch", "teardown"],
+        backends=[
+            BackendRun(backend="a", ran=True, costs={}, details={"RMPUPDATE": 3}),
+            BackendRun(backend="b", ran=True, costs={}, details={}),
+        ],
+    )
+    console = Console(file=io.StringIO(), width=100)
+    console.print(cost_table(fake))
+    line = next(text for text in console.file.getvalue().splitlines() if "RMPUPDATE" in text)  # type: ignore[attr-defined]
+    assert "3" in line and "—" in line
+    assert run(CONVERSION).backends[0].details == {}  # type: ignore[attr-defined]

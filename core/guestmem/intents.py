@@ -326,6 +326,12 @@ class Intents:
             "faults": get("faults", 0),
         }
 
+    def cost_details(self, counters: Mapping[str, int]) -> dict[str, int]:
+        """The architecture's own operations worth a row of their own in the cost table
+        (``{"RMPUPDATE": n, "PVALIDATE": n}`` on SNP, ``{"SEAMCALL": n}`` on TDX): other
+        backends show "—" there, which is the point.  The base has none."""
+        return {}
+
 
 def require_aligned(gpa: int, size: int, page_size: int) -> None:
     """EINVAL unless ``[gpa, gpa + size)`` is a non-empty run of *page_size* pages."""

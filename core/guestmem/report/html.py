@@ -13,6 +13,7 @@ from guestmem.intents import COST_CATEGORIES
 from guestmem.report.svg import cost_bars, legend, memory_map
 from guestmem.scenario.memmap import LAYERS
 from guestmem.scenario.run import BackendRun, Outcome, Run, ScenarioRun
+from guestmem.scenario.table import detail_names
 
 __all__ = ["render"]
 
@@ -191,6 +192,10 @@ def _costs(s: ScenarioRun) -> str:
             continue
         head = f"<h4>{escape(category)} <span>{escape(meaning)}</span></h4>"
         blocks.append(f"<div>{head}{cost_bars(category, values)}</div>")
+    for name in detail_names(s):
+        values = [(b.backend, b.details.get(name)) for b in s.backends if b.ran]
+        head = f"<h4>{escape(name)} <span>this architecture's own operation</span></h4>"
+        blocks.append(f"<div>{head}{cost_bars(name, values)}</div>")
     if not blocks:
         return '<p class="muted">no backend ran</p>'
     return f'<div class="costs">{"".join(blocks)}</div>'

@@ -89,6 +89,8 @@ class BackendRun:
     outcomes: list[Outcome] = attrs.Factory(list)
     counters: dict[str, int] = attrs.Factory(dict)
     costs: dict[str, int] | None = None
+    #: The architecture's own operations (:meth:`guestmem.intents.Intents.cost_details`).
+    details: dict[str, int] = attrs.Factory(dict)
     #: Per row, the map of every VM after it (model backends, when asked for).
     maps: list[list[MemoryMap]] = attrs.Factory(list)
     elapsed_ms: float = 0.0
@@ -294,6 +296,7 @@ class _BackendRunner:
             maps.append(self._maps())
         counters = self._counters()
         costs = self._costs(counters)
+        details = self.guest.intents.cost_details(counters) if self.guest is not None and counters else {}
         outcomes.append(self._row(total - 1, total, self._teardown))
         maps.append([])
         self.events = getattr(self.kvm, "events", None)
@@ -305,6 +308,7 @@ class _BackendRunner:
             outcomes=outcomes,
             counters=counters,
             costs=costs,
+            details=details,
             maps=maps if self.want_maps else [],
             elapsed_ms=round((time.perf_counter() - started) * 1000, 3),
         )

@@ -79,7 +79,18 @@ def cost_table(run: ScenarioRun) -> Table:
             else:
                 values.append(Text(_amount(name, backend.costs.get(name, 0))))
         table.add_row(Text(name, style="bold"), *values)
+    for name in detail_names(run):
+        values = [
+            Text(_amount(name, b.details[name])) if name in b.details else Text("—", style="dim")
+            for b in run.backends
+        ]
+        table.add_row(Text(name, style="italic"), *values)
     return table
+
+
+def detail_names(run: ScenarioRun) -> list[str]:
+    """Every backend-specific cost row of *run*, in the order backends gave them."""
+    return list(dict.fromkeys(name for b in run.backends for name in b.details))
 
 
 def render(run: ScenarioRun) -> Group:

@@ -162,3 +162,8 @@ class PkvmIntents(Intents):
         found["zeroed_bytes"] += get("pkvm.zeroed_bytes", 0)
         found["copied_bytes"] += get("pkvm.copies", 0)
         return found
+
+    def cost_details(self, counters: Mapping[str, int]) -> dict[str, int]:
+        """The pKVM hypervisor's page transitions behind the categories."""
+        names = {"pKVM donations": "donations", "pKVM reclaims": "reclaims", "pKVM shares": "converted_pages"}
+        return {label: counters.get(f"pkvm.{name}", 0) for label, name in names.items()}

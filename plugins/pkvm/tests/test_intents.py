@@ -80,3 +80,9 @@ def test_costs_count_the_hypervisors_work(guest: GuestVm) -> None:
     guest.touch(0, 16 * PAGE)
     costs = guest.costs()
     assert costs["hw_table_updates"] >= 16 and costs["tlb_flushes"] >= 16
+
+
+def test_cost_details_name_the_architectures_operations(guest: GuestVm) -> None:
+    guest.touch(0, 4 * PAGE)
+    details = guest.intents.cost_details(guest.counters())
+    assert details == {"pKVM donations": 4, "pKVM reclaims": 0, "pKVM shares": 0}

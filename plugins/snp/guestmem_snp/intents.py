@@ -263,3 +263,13 @@ class SnpIntents(Intents):
         found["guest_instructions"] += get("pvalidate", 0)
         found["tlb_flushes"] += get("clflush", 0) + get("wbinvd", 0)
         return found
+
+    def cost_details(self, counters: Mapping[str, int]) -> dict[str, int]:
+        """The SEV-SNP operations behind the categories."""
+        names = {
+            "RMPUPDATE": "rmpupdate",
+            "PSMASH": "psmash",
+            "PVALIDATE": "pvalidate",
+            "PSP commands": "psp_commands",
+        }
+        return {label: counters.get(name, 0) for label, name in names.items()}

@@ -98,3 +98,10 @@ def test_hugepage_gmem_accepts_in_2m_pages() -> None:
         assert guest.accept(0, 8 * MiB, page_size=2 * MiB) == "1 PSC request(s), 2048 page(s) validated"
         assert guest.counters()["pvalidate"] == 4  # one 2 MiB PVALIDATE per 2 MiB RMP entry
         assert guest.counters()["rmpupdate"] - before == 4
+
+
+def test_cost_details_name_the_architectures_operations(guest: GuestVm) -> None:
+    guest.accept(0, 4 * PAGE)
+    details = guest.intents.cost_details(guest.counters())
+    assert set(details) == {"RMPUPDATE", "PSMASH", "PVALIDATE", "PSP commands"}
+    assert details["PVALIDATE"] == 4 and details["RMPUPDATE"] >= 4
