@@ -60,6 +60,10 @@ class LinuxIntents(Intents):
     def side(self, guest: GuestVm, gpa: int, private: bool | None) -> bool | None:
         if private:
             raise NotApplicable(f"a private access: {_RUNNER}")
+        if gpa >= RUNNER_GPA:
+            raise NotApplicable(
+                f"gpa {gpa:#x}: the guest runner of guestmem-linux reaches gpas below {RUNNER_GPA:#x}"
+            )
         return None
 
     def capabilities(self, guest: GuestVm) -> frozenset[str]:

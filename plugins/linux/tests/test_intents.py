@@ -47,6 +47,8 @@ def test_what_the_default_vm_cannot_express(guest: GuestVm) -> None:
         guest.convert(0, uapi.PAGE_SIZE, private=True)
     with pytest.raises(NotApplicable, match="private access"):
         guest.read(0, 1, private=True)
+    with pytest.raises(NotApplicable, match="reaches gpas below"):
+        guest.read(4 << 30, 1)
     with pytest.raises(NotApplicable, match="no memory acceptance"):
         guest.accept(0, MiB)
     assert guest.counters() == {}
