@@ -1,4 +1,12 @@
-"""Shared fixtures of the core tests."""
+"""Shared fixtures of the core tests.
+
+``kvm``, ``default_vm`` and ``protected_vm`` are ``/dev/kvm`` of the built-in ``sw`` backend
+and its two VM types.  ``pytest tests --guestmem-host NAME`` opens backend NAME instead: a
+hardware backend's ordinary x86 VM types (``KVM_X86_DEFAULT_VM``, ``KVM_X86_SW_PROTECTED_VM``)
+must pass every test written against these fixtures, as on ``sw``.  Tests marked
+``sw_host`` are about the ``sw`` host itself (its VM type list, its capabilities) and are
+skipped on another host.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +19,40 @@ import guestmem
 from guestmem import uapi
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--guestmem-host",
+        default="sw",
+        metavar="BACKEND",
+        help="the backend whose host the kvm/default_vm/protected_vm fixtures open (default: sw)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "sw_host: about the sw host itself; skipped with --guestmem-host")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    host = config.getoption("--guestmem-host")
+    if host == "sw":
+        return
+    skip = pytest.mark.skip(reason=f"about the sw host itself, not {host!r}'s ordinary VM types")
+    for item in items:
+        if item.get_closest_marker("sw_host"):
+            item.add_marker(skip)
+
+
 @pytest.fixture
-def kvm() -> Iterator[Any]:
-    """``/dev/kvm`` of the built-in ``sw`` backend (default profile)."""
-    with guestmem.open("sw") as k:
+def host_backend(request: pytest.FixtureRequest) -> str:
+    """The backend ``kvm`` opens (``--guestmem-host``, default ``sw``)."""
+    name: str = request.config.getoption("--guestmem-host")
+    return name
+
+
+@pytest.fixture
+def kvm(host_backend: str) -> Iterator[Any]:
+    """``/dev/kvm`` of the host under test (default profile)."""
+    with guestmem.open(host_backend) as k:
         yield k
 
 

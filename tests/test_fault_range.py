@@ -179,6 +179,47 @@ def test_dead_vm_is_EIO(protected_vm: Any) -> None:
     assert info.value.errno == errno.EIO
 
 
+class PreRun:
+    def __init__(self) -> None:
+        self.runs = 0
+
+    @guestmem.hookimpl
+    def guestmem_vcpu_pre_run(self, vcpu: Any) -> None:
+        self.runs += 1
+
+
+def test_a_closed_vcpus_accesses_are_EBADF_and_map_nothing() -> None:
+    """The accesses of a vCPU run inside its ``KVM_RUN`` (``kvm_vcpu_ioctl``): once its fd is
+    closed they fail with EBADF before anything is mapped, through ``fault_range`` as through
+    ``VcpuView.check_run``, the checks a backend's guest-side instruction makes; an open vCPU
+    passes them and its backend's ``guestmem_vcpu_pre_run`` runs.  A destroyed VM maps
+    nothing either (EBADF: no fd reaches it)."""
+    policy = PreRun()
+    with throwaway_backend("t-closed-vcpu", x86_type(1), policy=policy) as kvm:
+        vm = kvm.create_vm(1)
+        gmem = gmem_slot(vm, MiB)
+        vm.set_memory_attributes(0, MiB, PRIVATE)
+        vcpu, other = vm.create_vcpu(0), vm.create_vcpu(1)
+        vm_view, vcpu_view = guestmem.backend.view(vm), guestmem.backend.view(vcpu)
+        vcpu_view.check_run()
+        assert policy.runs == 1
+        assert vm_view.fault_range(0, 1, private=True, vcpu=vcpu_view) == 1
+        vcpu.close()
+        for call in (vcpu_view.check_run, lambda: vm_view.fault_range(1, 4, private=True, vcpu=vcpu_view)):
+            with pytest.raises(guestmem.KvmError) as info:
+                call()
+            assert info.value.errno == errno.EBADF
+        assert vm_view.leaf(1) is None and vm.counters["faults"] == 1
+        assert vm_view.fault_range(1, 4, private=True, vcpu=guestmem.backend.view(other)) == 4
+        other.close()
+        vm.close()
+        gmem.close()
+        assert vm.destroyed
+        with pytest.raises(guestmem.KvmError) as info:
+            vm_view.fault_range(8, 1, private=True)
+        assert info.value.errno == errno.EBADF and vm_view.leaf(8) is None
+
+
 @pytest.mark.parametrize("npages", [0, -1])
 def test_npages_must_be_positive(protected_vm: Any, npages: int) -> None:
     with pytest.raises(ValueError):
@@ -225,3 +266,25 @@ def test_3_3_a_stale_run_is_not_installed() -> None:
         assert vm.fault_range(0, 16, private=True) == 16
         assert policy.faults == [(0, 16), (0, 16)]
         assert vm.counters["faults"] == 16 and vm.mmu.invalidate_in_progress == 0
+
+
+def test_only_an_exit_that_leaves_is_counted(protected_vm: Any) -> None:
+    """A memory-fault exit is counted when KVM_RUN returns with it: not when a bulk fault
+    merely stops at the page, nor for KVM_PRE_FAULT_MEMORY, which reports a plain errno."""
+    vm = protected_vm
+    gmem_slot(vm, MiB)
+    vm.set_memory_attributes(0, 8 * PAGE, PRIVATE)
+    assert vm.fault_range(0, 16, private=True) == 8  # stops at the shared gfn 8
+    assert vm.counters["memory_fault_exits"] == 0
+    anon_slot(vm, MiB, slot=1, gpa=4 * MiB)
+    vm.set_memory_attributes(4 * MiB, PAGE, PRIVATE)  # private, but the slot has no guest_memfd
+    vcpu = vm.create_vcpu(0)
+    with pytest.raises(guestmem.KvmError) as info:
+        vcpu.pre_fault_memory(4 * MiB, PAGE)
+    assert info.value.rule == "G-5" and not isinstance(info.value, MemoryFault)
+    assert vm.counters["memory_fault_exits"] == 0
+    with pytest.raises(MemoryFault):
+        vcpu.access(8 * PAGE, 1, private=True)
+    with pytest.raises(MemoryFault):
+        vm.fault_range(8, 4, private=True)
+    assert vm.counters["memory_fault_exits"] == 2

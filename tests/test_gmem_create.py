@@ -78,6 +78,7 @@ def test_CAP5_has_private_mem_per_vm_type(kvm: Any, vm_type: int, private: bool)
             vm.set_memory_attributes(0, PAGE, PRIVATE)
 
 
+@pytest.mark.sw_host
 def test_CAP6_vm_types_bitmap_and_unsupported_type(kvm: Any) -> None:
     """CAP-6: KVM_CAP_VM_TYPES has DEFAULT and SW_PROTECTED (TDP MMU); other types are EINVAL."""
     assert kvm.check_extension(uapi.KVM_CAP_VM_TYPES) == (1 << DEFAULT) | (1 << SW_PROTECTED)

@@ -15,7 +15,7 @@ import pytest
 from gmem_helpers import GMEM, PAGE, PRIVATE, MiB, plugin, throwaway_backend, x86_type
 
 import guestmem
-from guestmem import HypercallExit, KvmError, uapi
+from guestmem import FailEntryExit, HypercallExit, KvmError, uapi
 from guestmem.backend import (
     Fault,
     GfnRange,
@@ -157,6 +157,30 @@ def test_vcpu_pre_run_gates_guest_entry_not_other_vcpu_ioctls() -> None:
         assert vcpu.pre_fault_memory(0, PAGE) == 0  # KVM_PRE_FAULT_MEMORY is no KVM_RUN
         policy.ready = True
         assert vcpu.access(0, 1) == b"\0"
+
+
+class RefuseEntry:
+    @hookimpl
+    def guestmem_vcpu_pre_run(self, vcpu: VcpuView) -> None:
+        raise FailEntryExit(0xFFFF_FFFF_FFFF_FFFF, "VMRUN: VMEXIT_INVALID", cpu=vcpu.vcpu_id, rule="T-1")
+
+
+def test_vcpu_pre_run_may_answer_with_a_fail_entry_exit() -> None:
+    """A hardware refusal to enter the guest is ``KVM_RUN`` returning 0 with
+    ``KVM_EXIT_FAIL_ENTRY``: the exit reaches the caller as it is, nothing was faulted in."""
+    with throwaway_backend("t-failentry", x86_type(0), policy=RefuseEntry()) as kvm, kvm.create_vm(0) as vm:
+        vm.set_user_memory_region(0, 0, 0, MiB, kvm.mmap_anonymous(MiB).address)
+        vcpu = vm.create_vcpu(2)
+        with pytest.raises(FailEntryExit) as info:
+            vcpu.access(0, data=b"x")
+        exit_ = info.value
+        assert (exit_.exit_reason, exit_.hardware_entry_failure_reason) == (
+            uapi.KVM_EXIT_FAIL_ENTRY,
+            (1 << 64) - 1,
+        )
+        assert (exit_.cpu, exit_.rule) == (2, "T-1")
+        assert "[T-1]" in str(exit_)
+        assert not vm.is_mapped(0)
 
 
 # --- the mirror root (TDX) ------------------------------------------------------------------------
@@ -339,6 +363,7 @@ def test_sw_enable_cap_exit_hypercall_makes_map_gpa_range_exit(kvm: Any) -> None
     assert info.value.errno == errno.EINVAL
 
 
+@pytest.mark.sw_host
 def test_sw_has_no_memory_encrypt_op(kvm: Any) -> None:
     vm, _, _, vcpu = private_vm(kvm)
     for target in (vm, vcpu):
@@ -410,6 +435,46 @@ def test_guest_access_sees_mapped_pages_too() -> None:
         assert info.value.errno == errno.EIO and view(vm).dead
 
 
+class ByteRanges:
+    """Takes the byte-range arguments of the two access hooks (and leaves the rest out)."""
+
+    def __init__(self) -> None:
+        self.host: list[tuple[bool, int, int]] = []
+        self.guest: list[tuple[int, bool, int, int]] = []
+
+    @hookimpl
+    def guestmem_host_access(self, write: bool, offset: int, length: int) -> None:
+        self.host.append((write, offset, length))
+
+    @hookimpl
+    def guestmem_guest_access(self, gfn: int, write: bool, offset: int, length: int) -> None:
+        self.guest.append((gfn, write, offset, length))
+
+
+def test_accesses_say_which_bytes_they_touch() -> None:
+    """A guest access names the bytes of each page it reaches (0 bytes for a page walk:
+    ``VcpuView.translate``); a host kernel store and a host mapping's load name theirs
+    too (a backend that poisons lines, as TDX does, needs them)."""
+    policy = ByteRanges()
+    with throwaway_backend("t-bytes", x86_type(0), x86_type(1), policy=policy) as kvm:
+        vm, _, _, vcpu = private_vm(kvm)
+        vm.set_memory_attributes(0, MiB, PRIVATE)
+        vcpu.access(0x1FFE, data=b"abcd")
+        view(vcpu).translate(0x3010)
+        assert policy.guest == [(1, True, 0xFFE, 2), (2, True, 0, 2), (3, False, 0x10, 0)]
+        host = view(kvm)
+        pfn = host.alloc(1)
+        host.kernel_write(pfn, 0x40, b"xy")
+        assert policy.host == [(True, 0x40, 2)]
+        with kvm.create_vm(0) as plain:
+            shared = plain.create_guest_memfd(
+                MiB, uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
+            )
+            with shared.mmap(MiB) as mapping:
+                mapping.read(PAGE + 8, 3)
+        assert policy.host[-1] == (False, 8, 3)
+
+
 # --- host faults ----------------------------------------------------------------------------------
 class HostFaults:
     def __init__(self, answer: HostFault | None) -> None:
@@ -457,6 +522,97 @@ class HostAccess:
     @hookimpl
     def guestmem_host_init(self, host: HostView) -> set[int]:
         return set()
+
+
+class StageTwoAbort:
+    """A machine whose "hypervisor" takes pages from the host: userspace gets SIGSEGV, the
+    host kernel goes down (pKVM's ``host_inject_abort`` and arm64 ``do_page_fault``)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, bool, int | None]] = []
+
+    @hookimpl
+    def guestmem_host_init(self, host: HostView) -> set[int]:
+        return set()
+
+    @hookimpl
+    def guestmem_host_access(self, host: HostView, pfn: int, write: bool, address: int | None) -> str | None:
+        self.seen.append((pfn, write, address))
+        if pfn not in host.arch:
+            return None
+        if address is not None:
+            raise guestmem.HostSigsegv(address, "", "stage-2 fault")
+        return "access to hypervisor-protected memory"
+
+
+def test_every_host_userspace_access_meets_the_backend_with_its_address() -> None:
+    """``guestmem_host_access`` sees each page of every userspace load and store, anonymous
+    memory included, with the host address; a backend's HostSigsegv stops that access only
+    (nothing stored, the host goes on), while the kernel's own store (address None) may take
+    the host down.  KVM's hva fault path (get_user_pages) touches no data: no call."""
+    policy = StageTwoAbort()
+    with throwaway_backend("t-sigsegv", x86_type(0), policy=policy) as kvm, kvm.create_vm(0) as vm:
+        shared = kvm.mmap_anonymous(2 * PAGE)
+        vm.set_user_memory_region2(0, 0, 0, 2 * PAGE, shared.address)
+        vcpu = vm.create_vcpu(0)
+        vcpu.access(PAGE - 2, data=b"abcd")  # the hva path: no host access
+        assert policy.seen == []
+        shared.write(PAGE - 1, b"XY")  # one store over two pages: two host accesses
+        leaf = view(vm).leaf(0)
+        assert leaf is not None and leaf.npages >= 2
+        pfn0, pfn1 = leaf.pfn, leaf.pfn + 1
+        assert policy.seen == [(pfn0, True, shared.address + PAGE - 1), (pfn1, True, shared.address + PAGE)]
+        host = view(kvm)
+        host.arch.add(pfn1)
+        with pytest.raises(guestmem.HostSigsegv) as info:
+            shared.read(PAGE, 2)
+        exc = info.value
+        assert (exc.errno, exc.address, exc.si_code) == (
+            errno.EFAULT,
+            shared.address + PAGE,
+            uapi.SEGV_ACCERR,
+        )
+        assert isinstance(exc, KvmError) and "SIGSEGV" in str(exc)
+        with pytest.raises(guestmem.HostSigsegv):
+            shared.write(PAGE, b"z")
+        assert host.crashed is None and shared.read(0, PAGE) == bytes(PAGE - 2) + b"aX"
+        vm.mmu_notifier_invalidate_range(shared.address, shared.address + 2 * PAGE)
+        assert vcpu.access(PAGE, 1) == b"Y"  # the guest refaults through the hva path
+        policy.seen.clear()
+        with pytest.raises(guestmem.HostCrash, match="hypervisor-protected"):
+            host.kernel_write(pfn1, 0, b"k")
+        assert policy.seen == [(pfn1, True, None)] and host.crashed
+
+
+@pytest.mark.parametrize("method", ["kernel_write", "write", "read"])
+def test_host_memory_accesses_take_integers_within_one_page(method: str) -> None:
+    """``HostView.read``/``write``/``kernel_write``: *pfn* and *offset* go through
+    ``operator.index`` (a string, a float is a TypeError naming the argument), *data* must
+    be bytes-like, and the span must lie within the page (ValueError), all before the host
+    memory or the backend is touched."""
+    policy = StageTwoAbort()
+    with throwaway_backend("t-kwrite-types", policy=policy) as kvm:
+        host = view(kvm)
+        pfn = host.alloc(1)
+        access = getattr(host, method)
+        last = b"x" if method != "read" else 1
+        for args, error, name in [
+            ((str(pfn), 0, last), TypeError, "pfn"),
+            ((float(pfn), 0, last), TypeError, "pfn"),
+            ((pfn, "8", last), TypeError, "offset"),
+            ((pfn, None, last), TypeError, "offset"),
+            ((pfn, PAGE - 1, b"xy" if method != "read" else 2), ValueError, "page"),
+            ((pfn, -1, last), ValueError, "page"),
+        ]:
+            with pytest.raises(error, match=name):
+                access(*args)
+        if method != "read":
+            with pytest.raises(TypeError, match="data"):
+                access(pfn, 0, "text")
+            access(pfn, 0, bytearray(b"ok"))
+        assert host.read(pfn, 0, 2) == (b"ok" if method != "read" else bytes(2))
+        assert policy.seen == ([(pfn, True, None)] if method == "kernel_write" else [])
+        assert host.crashed is None
 
 
 def test_host_kernel_writes_meet_the_direct_map_and_the_backend() -> None:
@@ -609,3 +765,42 @@ def test_hostview_counts_allocated_pages() -> None:
         assert host.allocated_pages == before + 3
         host.free(pfn, 3)
         assert host.allocated_pages == before
+
+
+def test_a_backend_operation_reports_observer_failures_when_it_ends(kvm: Any) -> None:
+    """``HostView.operation``: a backend's own call is one operation, like an ioctl."""
+    counter = CountsOperations()
+    vm, _, _, _ = private_vm(kvm)
+    host = view(kvm)
+    with plugin(counter), plugin(BrokenObserver(InvariantViolation("made up"))):
+        with pytest.raises(InvariantViolation, match="made up"), host.operation():
+            with host.operation():  # nests
+                view(vm).fault_range(0, 1, private=False)
+            steps = ["inside"]  # the failure is held until the outermost operation ends
+        assert steps == ["inside"]
+    assert counter.done == ["operation"]
+
+
+def test_unmap_mapping_range_drops_host_ptes_keeps_pages(kvm: Any) -> None:
+    vm = kvm.create_vm(0)
+    gmem = vm.create_guest_memfd(MiB, uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED)
+    mapping = gmem.mmap(MiB)
+    mapping.write(PAGE, b"kept")
+    inode = view(gmem)
+    pfn = inode.pfn(1)
+    assert inode.host_mapped(1)
+    inode.unmap_mapping_range(0, 4)
+    assert not inode.host_mapped(1) and inode.pfn(1) == pfn
+    assert mapping.read(PAGE, 4) == b"kept" and inode.host_mapped(1)  # faulted in again
+
+
+def test_gmem_allocate_instantiates_folios_like_fallocate(kvm: Any) -> None:
+    vm = kvm.create_vm(0)
+    gmem = vm.create_guest_memfd(MiB)
+    inode = view(gmem)
+    inode.allocate(2, 4)
+    assert inode.pfn(1) is None and inode.pfn(2) is not None and inode.pfn(3) == inode.pfn(2) + 1
+    assert not inode.is_prepared(2)
+    pfn = inode.pfn(2)
+    inode.allocate(0, 4)  # existing folios are untouched
+    assert inode.pfn(2) == pfn and inode.pfn(0) is not None

@@ -361,3 +361,24 @@ def test_what_if_memslots_pin_gmem_leaks_a_vm_closed_while_bound() -> None:
         gmem.close()
         vm.close()
         assert not vm.destroyed and kvm.host.allocated_pages == 1
+
+
+def test_a_backends_own_vm_commands_check_the_fd_as_kvm_vm_ioctl_does(kvm: Any) -> None:
+    """``VmView.check_ioctl``: what ``kvm_vm_ioctl`` checks before a command, for a backend's
+    command that has no uAPI method: fine on an open VM, EIO on a dead one (CAP-9), EBADF
+    once the fd is closed (also while a guest_memfd keeps the VM alive, L-1)."""
+    vm = kvm.create_vm(SW_PROTECTED)
+    gmem = vm.create_guest_memfd(PAGE)
+    vm_view = guestmem.backend.view(vm)
+    vm_view.check_ioctl()
+    vm.close()
+    with raises_kvm(errno.EBADF):
+        vm_view.check_ioctl()
+    gmem.close()
+    with raises_kvm(errno.EBADF):
+        vm_view.check_ioctl()
+    dead = kvm.create_vm(SW_PROTECTED)
+    guestmem.backend.view(dead).kill("test")
+    with raises_kvm(errno.EIO):
+        guestmem.backend.view(dead).check_ioctl()
+    dead.close()

@@ -213,6 +213,62 @@ def test_S7_beyond_guest_physical_width(default_vm: Any) -> None:
     default_vm.set_user_memory_region2(0, 0, top - PAGE, PAGE, 0)
 
 
+def _arm64_type(vm_type: int = 0, **overrides: Any) -> guestmem.VmTypeInfo:
+    """An arm64 VM type as 6.18 has it (no private memory, one address space)."""
+    return x86_type(vm_type, has_private_mem=False, nr_memslot_as_ids=1, arch="arm64", **overrides)
+
+
+@pytest.mark.parametrize(
+    ("vm_type", "ipa_bits"),
+    [(0, 40), (44, 44), ((1 << 31) | 36, 36)],
+    ids=["ipa-default", "ipa-44", "ipa-36-high-type-bits"],
+)
+def test_S7_arm64_beyond_the_ipa_space_is_efault(vm_type: int, ipa_bits: int) -> None:
+    """S-7 on arm64 (``kvm_arch_prepare_memory_region``): a slot ending past the IPA space is
+    EFAULT, not x86's EINVAL; the IPA size is ``KVM_VM_TYPE_ARM_IPA_SIZE(type)``, 40 bits for
+    0 (``kvm_init_ipa_range``).  A slot ending exactly at the top is fine; nothing is left
+    behind by a refusal."""
+    top = 1 << ipa_bits
+    with throwaway_backend("t-arm64-ipa", _arm64_type(vm_type)) as kvm, kvm.create_vm(vm_type) as vm:
+        before = vm_state(vm)
+        rejects(vm.set_user_memory_region2, 0, 0, top - PAGE, 2 * PAGE, 0, err=errno.EFAULT, rule="S-7")
+        assert vm_state(vm) == before
+        vm.set_user_memory_region2(0, 0, top - PAGE, PAGE, 0)
+
+
+def test_S7_arm64_move_beyond_the_ipa_space_is_efault() -> None:
+    """arm64: a move past the IPA space is EFAULT too; the slot stays where it was."""
+    with throwaway_backend("t-arm64-move", _arm64_type()) as kvm, kvm.create_vm(0) as vm:
+        vm.set_user_memory_region2(0, 0, 0, MiB, 0)
+        rejects(vm.set_user_memory_region2, 0, 0, (1 << 40) - PAGE, MiB, 0, err=errno.EFAULT, rule="S-7")
+        assert vm.memslots[(0, 0)].base_gfn == 0
+        vm.set_user_memory_region2(0, 0, (1 << 40) - MiB, MiB, 0)  # the last MiB is in range
+
+
+def test_S7_arm64_bound_comes_before_S16() -> None:
+    """arm64 ``kvm_arch_prepare_memory_region`` checks the IPA bound before the gmem-only rule
+    (S-16): a non-MMAP gmem slot past the IPA space is EFAULT, and the binding is undone."""
+    info = _arm64_type(gmem_slot_requires_mmap=True, supports_init_shared=True)
+    with throwaway_backend("t-arm64-s16", info) as kvm, kvm.create_vm(0) as vm:
+        plain = vm.create_guest_memfd(2 * PAGE)
+        before = vm_state(vm, plain)
+        top = 1 << 40
+        rejects(
+            vm.set_user_memory_region2,
+            0,
+            GMEM,
+            top - PAGE,
+            2 * PAGE,
+            0,
+            plain,
+            0,
+            err=errno.EFAULT,
+            rule="S-7",
+        )
+        assert vm_state(vm, plain) == before
+        rejects(vm.set_user_memory_region2, 0, GMEM, 0, 2 * PAGE, 0, plain, 0, rule="S-16")
+
+
 def test_S7_before_S8(protected_vm: Any) -> None:
     """S-7 (as_id) wins over S-8 (deleting a slot that does not exist)."""
     rejects(protected_vm.set_user_memory_region2, (1 << 16) | 3, 0, 0, 0, 0, rule="S-7")

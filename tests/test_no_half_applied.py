@@ -154,7 +154,7 @@ def test_rejected_vm_type_changes_nothing(kvm: Any) -> None:
     """CAP-6: KVM_CREATE_VM with an unsupported type takes no fd and leaves no VM."""
     before = kvm_state(kvm)
     with pytest.raises(KvmError) as info:
-        kvm.create_vm(uapi.KVM_X86_SNP_VM)
+        kvm.create_vm(64)  # no host has a VM type 64
     assert info.value.errno == errno.EINVAL
     assert kvm_state(kvm) == before
 

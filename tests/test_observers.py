@@ -72,6 +72,22 @@ def test_gmem_leaf_catches_a_foreign_pfn(kvm: Any) -> None:
         check_vm(vm)
 
 
+def test_gmem_leaf_looks_inside_a_leaf_run(kvm: Any) -> None:
+    """A leaf run whose ends agree with guest_memfd but whose middle maps a page gmem no
+    longer holds (allocated again for something else, so ``leaf-backed`` is satisfied) is a
+    ``gmem-leaf`` violation: the check walks the folio runs under the leaf, not its ends."""
+    vm, _, vcpu = _private_guest(kvm)
+    vcpu.access(0, 1)
+    first = vm.gmem_pfn(0)
+    assert vm.host.alloc(1) == first + 1  # somebody else's page
+    vcpu.access(2 * 4096, 1)
+    vcpu.access(4096, 1)
+    assert (vm.gmem_pfn(2), vm.gmem_pfn(1)) == (first + 2, first + 3)
+    vm.mmu.sptes.set(0, 3, Spte(first, True, True))  # one run [0, 3) -> [first, first + 3)
+    with pytest.raises(InvariantViolation, match=r"gmem-leaf.*gfn 0x1 "):
+        check_vm(vm)
+
+
 def test_mmu_balanced_catches_an_open_invalidation(kvm: Any) -> None:
     vm, _, _ = _private_guest(kvm)
     vm.mmu.invalidate_begin()

@@ -64,7 +64,7 @@ def _is_name_of(module: str) -> bool:
 
 def test_the_project_ships_backends_to_check() -> None:
     names = {p.name for p in PACKAGES}
-    assert {"guestmem_snp", "guestmem_pkvm", "guestmem_linux"} <= names
+    assert {"guestmem_snp", "guestmem_tdx", "guestmem_pkvm", "guestmem_gunyah", "guestmem_linux"} <= names
 
 
 @pytest.mark.parametrize("package", PACKAGES, ids=[p.name for p in PACKAGES])

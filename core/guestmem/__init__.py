@@ -22,9 +22,11 @@ from guestmem.api import GuestMemfd, HostMapping, Kvm, Vcpu, Vm
 from guestmem.backend import Backend, VmTypeInfo, hookimpl
 from guestmem.errors import (
     BackendError,
+    FailEntryExit,
     GuestExit,
     HostCrash,
     HostSigbus,
+    HostSigsegv,
     HypercallExit,
     InternalErrorExit,
     KvmError,
@@ -38,11 +40,13 @@ from guestmem.registry import get_registry
 __all__ = [
     "Backend",
     "BackendError",
+    "FailEntryExit",
     "GuestExit",
     "GuestMemfd",
     "HostCrash",
     "HostMapping",
     "HostSigbus",
+    "HostSigsegv",
     "HypercallExit",
     "InternalErrorExit",
     "Kvm",

@@ -39,7 +39,8 @@ class HostMapping(_Closable):
     """A host userspace mapping (``mmap``): anonymous memory or a guest_memfd range.
 
     Accesses are host loads/stores.  One the kernel would answer with SIGBUS raises
-    :class:`guestmem.HostSigbus`; the process never dies.
+    :class:`guestmem.HostSigbus`, one it would answer with SIGSEGV (a page the hardware
+    took from the host: arm64 pKVM) :class:`guestmem.HostSigsegv`; the process never dies.
     """
 
     address: int
@@ -113,7 +114,11 @@ class GuestMemfd(_Closable):
 
     @abc.abstractmethod
     def fileno(self) -> int:
-        """The descriptor number (model: a simulated fd of the model's own table)."""
+        """The descriptor number (model: a simulated fd of the model's own table).
+
+        ValueError once closed, as a closed Python file object's ``fileno()``; a system call
+        on a closed file is EBADF.  ``Vm`` and ``Kvm`` answer the same.
+        """
 
     @abc.abstractmethod
     def fallocate(self, mode: int, offset: int, length: int) -> None:

@@ -31,7 +31,9 @@ project's tests check both for every plugin it ships.
 from __future__ import annotations
 
 import enum
+import operator
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import attrs
@@ -355,6 +357,30 @@ class GmemLocation:
 
 
 # --- views ----------------------------------------------------------------------------------
+def _integer(name: str, value: object) -> int:
+    """*value* as an ``int`` (``operator.index``), or TypeError naming the argument."""
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, not {type(value).__name__}") from None
+
+
+def _page_span(pfn: object, offset: object, *, n: object) -> tuple[int, int, int]:
+    """``(pfn, offset, n)`` of an access to bytes ``[offset, offset + n)`` of one page."""
+    pfn, offset, n = _integer("pfn", pfn), _integer("offset", offset), _integer("n", n)
+    if pfn < 0 or offset < 0 or n < 0 or offset + n > uapi.PAGE_SIZE:
+        raise ValueError(f"pfn {pfn:#x}: bytes [{offset:#x}, +{n:#x}) are not within one page")
+    return pfn, offset, n
+
+
+def _bytes_like(data: object) -> bytes:
+    """*data* as ``bytes``, or TypeError naming it."""
+    try:
+        return memoryview(data).tobytes()  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"data must be a bytes-like object, not {type(data).__name__}") from None
+
+
 class HostView:
     """The machine behind one ``guestmem.open()``: physical memory, the host kernel's
     direct map and the per-host architecture state (``arch``, from
@@ -395,11 +421,21 @@ class HostView:
         return self._kvm.host.allocated_pages
 
     def read(self, pfn: int, offset: int, n: int) -> bytes:
-        """Bytes ``[offset, offset + n)`` of page *pfn* (must not cross the page)."""
+        """Bytes ``[offset, offset + n)`` of page *pfn* (must not cross the page).
+
+        Integers only (``operator.index``: TypeError naming the argument); a span outside
+        the page is ValueError.
+        """
+        pfn, offset, n = _page_span(pfn, offset, n=n)
         return self._kvm.host.read(pfn, offset, n)
 
     def write(self, pfn: int, offset: int, data: bytes) -> None:
-        """Store *data* at *offset* of page *pfn* as hardware would: no checks."""
+        """Store *data* at *offset* of page *pfn* as hardware would: no hardware checks.
+
+        The arguments are checked first as :meth:`read`'s; *data* is any bytes-like object.
+        """
+        data = _bytes_like(data)
+        pfn, offset, _ = _page_span(pfn, offset, n=len(data))
         self._kvm.host.write(pfn, offset, data)
 
     def zero(self, pfn: int, npages: int) -> None:
@@ -426,12 +462,12 @@ class HostView:
     def set_direct_map_invalid(self, pfn: int, npages: int) -> None:
         """``set_direct_map_invalid_noflush``: the host kernel loses its mapping of the pages."""
         self._kvm.host.direct_map_invalid.set(pfn, pfn + npages, True)
-        self._kvm.count("direct_map_changes")
+        self.count("direct_map_changes")
 
     def set_direct_map_default(self, pfn: int, npages: int) -> None:
         """``set_direct_map_default_noflush``: the host kernel maps the pages again."""
         self._kvm.host.direct_map_invalid.erase(pfn, pfn + npages)
-        self._kvm.count("direct_map_changes")
+        self.count("direct_map_changes")
 
     def direct_map_valid(self, pfn: int) -> bool:
         """True iff the host kernel's direct map covers *pfn*."""
@@ -442,9 +478,24 @@ class HostView:
 
         A page out of the direct map is a kernel page fault, and a page the backend's
         ``guestmem_host_access`` refuses is that backend's verdict (an RMP #PF...): either
-        takes the host down (:class:`guestmem.HostCrash`).
+        takes the host down (:class:`guestmem.HostCrash`).  The arguments are checked
+        first, as :meth:`write`'s: a non-integer *pfn* or *offset* is a TypeError naming it,
+        before the host kernel touches anything.
         """
+        data = _bytes_like(data)
+        pfn, offset, _ = _page_span(pfn, offset, n=len(data))
         self._kvm.kernel_access(pfn, offset, data)
+
+    def operation(self) -> AbstractContextManager[None]:
+        """One operation of the uAPI face, for a backend's own user-facing calls.
+
+        A backend's functions that change the model outside any ioctl (a firmware or
+        resource-manager call a VMM makes, a guest's call to a service VM) run inside it
+        (``with host.operation(): ...``): observers' failures are reported, and
+        ``guestmem_operation_done`` runs, when it ends, as for an ioctl.  It nests in
+        operations already under way.
+        """
+        return self._kvm.operation()
 
     # verdicts and events
     @property
@@ -465,6 +516,15 @@ class HostView:
     def trace(self, kind: str, **fields: Any) -> None:
         """A host-level trace event (no VM)."""
         self._kvm.trace(None, kind, fields)
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """The host's own cost counters (a copy): work no single VM is charged with."""
+        return dict(self._kvm.counters)
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add *n* to the host's cost counter *name*."""
+        self._kvm.counters[name] += n
 
     def ownership_update(
         self, table: str, pfn: int, npages: int, old: Any, new: Any, *, old_owner: Owner, new_owner: Owner
@@ -555,6 +615,16 @@ class VmView:
     def destroyed(self) -> bool:
         """The last reference went and the VM was torn down."""
         return self._vm.destroyed
+
+    def check_ioctl(self) -> None:
+        """The checks ``kvm_vm_ioctl`` makes before any command: EBADF once the VM fd is
+        closed, :class:`guestmem.HostCrash` on a crashed host, EIO (CAP-9) on a dead VM.
+
+        For a backend's own user-facing command that is a VM ioctl in the kernel but has no
+        uAPI method here (Android pKVM's ``KVM_CAP_ARM_PROTECTED_VM`` firmware address).
+        """
+        with self._vm.kvm.operation():
+            self._vm.check_ioctl()
 
     @property
     def mmu_invalidate_in_progress(self) -> int:
@@ -666,6 +736,8 @@ class VmView:
         stage-2 fault with all its checks and hooks.  Returns the pages mapped from *gfn*
         on; the first page's failure raises (:class:`guestmem.MemoryFault`,
         :class:`guestmem.KvmError`, :class:`guestmem.MmioExit`), a later one ends the range.
+        With *vcpu* the accesses are that vCPU's, inside its ``KVM_RUN``: first the checks
+        of :meth:`VcpuView.check_run` (EBADF once its fd is closed).  A destroyed VM is EBADF.
         """
         with self._vm.kvm.operation():
             model_vcpu = None if vcpu is None else vcpu._vcpu
@@ -705,6 +777,18 @@ class VcpuView:
     def closed(self) -> bool:
         """Userspace closed the vCPU fd."""
         return self._vcpu.closed
+
+    def check_run(self) -> None:
+        """The checks ``KVM_RUN`` makes before the guest is entered: EBADF once the vCPU fd is
+        closed, :class:`guestmem.HostCrash` on a crashed host, EIO (CAP-9) on a dead VM, then
+        the backend's ``guestmem_vcpu_pre_run``.
+
+        For a backend's guest-side functions that run inside ``KVM_RUN`` of this vCPU
+        without a uAPI call of their own (an instruction of the guest, a re-entry after an
+        exit to userspace).
+        """
+        with self._vcpu.vm.kvm.operation():
+            self._vcpu.check_run()
 
     def translate(self, gpa: int, *, write: bool = False, private: bool | None = None) -> int:
         """The host pfn the guest reaches at *gpa*, faulting it in as a guest access would.
@@ -853,6 +937,27 @@ class GmemView:
     def host_mapped(self, index: int) -> bool:
         """Some host userspace mapping has page *index* faulted in."""
         return self._inode.host_mapped(index)
+
+    def allocate(self, start: int, end: int) -> None:
+        """``kvm_gmem_allocate``: folios over page indices ``[start, end)``, as
+        ``fallocate(FALLOC_FL_KEEP_SIZE)`` instantiates them (existing ones untouched, new
+        ones neither zeroed nor prepared: the first use does that).
+
+        For a backend that hands guest_memfd pages to firmware outside a guest fault (a
+        Gunyah memparcel built from the file's folios).
+        """
+        self._inode.allocate(start, end)
+
+    def unmap_mapping_range(self, start: int, end: int) -> None:
+        """``unmap_mapping_range``: host userspace mappings drop pages ``[start, end)``.
+
+        What ``unmap_mapping_folio`` does before a folio becomes inaccessible to the host
+        (the guest_memfd library's ``guest_memfd_make_inaccessible``): the pages stay in the
+        file, the next host touch faults again (``guestmem_gmem_fault_user_mapping``).
+        Guest mappings through ``userspace_addr`` see the MMU notifier.
+        """
+        for vma in list(self._inode.vmas):
+            vma.zap_indices(start, end)
 
     def host_mapped_ranges(self) -> Iterator[tuple[int, int]]:
         """Page index runs ``[s, e)`` faulted into host userspace mappings."""

@@ -81,6 +81,24 @@ class HostSigbus(KvmError):
         super().__init__(_errno.EFAULT, rule, f"SIGBUS at host address {address:#x}: {why}")
 
 
+class HostSigsegv(KvmError):
+    """A host userspace access that the kernel answers with SIGSEGV.
+
+    The process never dies: the access raises this instead and changes nothing.  ``errno``
+    is ``EFAULT`` (what a ``process_vm_readv`` of the same address would report);
+    ``si_code`` is the signal's (``uapi.SEGV_ACCERR``: the address is mapped but the access
+    is not allowed).  arm64 pKVM answers a host access to a page the hypervisor took from
+    the host stage-2 this way: ``handle_host_mem_abort`` injects the abort back into the
+    host (``host_inject_abort``) and the host's ``do_page_fault`` sends the process
+    ``SIGSEGV``/``SEGV_ACCERR`` ("stage-2 fault").
+    """
+
+    def __init__(self, address: int, rule: str, why: str, *, si_code: int = uapi.SEGV_ACCERR) -> None:
+        self.address = address
+        self.si_code = si_code
+        super().__init__(_errno.EFAULT, rule, f"SIGSEGV at host address {address:#x}: {why}")
+
+
 class GuestExit(Exception):
     """``KVM_RUN`` returned 0 with an exit the access could not complete through."""
 
@@ -137,6 +155,25 @@ class InternalErrorExit(GuestExit):
         self.gpa = gpa
         where = f" at gpa {gpa:#x}" if gpa is not None else ""
         super().__init__(f"KVM_EXIT_INTERNAL_ERROR suberror {suberror}{where}")
+
+
+class FailEntryExit(GuestExit):
+    """The hardware refused to enter the guest: ``KVM_RUN`` returned 0 with
+    ``KVM_EXIT_FAIL_ENTRY`` (SVM: VMRUN failed with ``VMEXIT_INVALID``; ``svm_handle_exit``).
+
+    ``hardware_entry_failure_reason`` and ``cpu`` are ``kvm_run.fail_entry``'s; ``rule`` names
+    the rule that decided it, as for :class:`KvmError`.
+    """
+
+    exit_reason = uapi.KVM_EXIT_FAIL_ENTRY
+
+    def __init__(self, hardware_entry_failure_reason: int, why: str, *, cpu: int = 0, rule: str = "") -> None:
+        self.hardware_entry_failure_reason = hardware_entry_failure_reason
+        self.cpu = cpu
+        self.rule = rule
+        tag = f"[{rule}] " if rule else ""
+        reason = f"hardware_entry_failure_reason={hardware_entry_failure_reason:#x}"
+        super().__init__(f"KVM_EXIT_FAIL_ENTRY {reason}: {tag}{why}")
 
 
 class HostCrash(RuntimeError):

@@ -31,6 +31,7 @@ from guestmem.backend import (
     VmView,
 )
 from guestmem.errors import BackendError, GuestExit, HostCrash
+from guestmem.uapi import PAGE_SIZE
 
 if TYPE_CHECKING:
     from guestmem.registry import Registry
@@ -280,14 +281,24 @@ class Hooks:
             TypeError(f"returned {result!r}, not a HostFault or None"),
         )
 
-    def host_access(self, host: HostView, pfn: int, write: bool) -> str | None:
+    def host_access(
+        self,
+        host: HostView,
+        pfn: int,
+        write: bool,
+        address: int | None,
+        offset: int = 0,
+        length: int = PAGE_SIZE,
+    ) -> str | None:
         """``guestmem_host_access``."""
-        result = self._call("host_access", (host, pfn, write))
+        result = self._call("host_access", (host, pfn, write, address, offset, length))
         return None if result is None else str(result)
 
-    def guest_access(self, vcpu: VcpuView, gfn: int, pfn: int, write: bool, private: bool) -> None:
+    def guest_access(
+        self, vcpu: VcpuView, gfn: int, pfn: int, write: bool, private: bool, offset: int, length: int
+    ) -> None:
         """``guestmem_guest_access``."""
-        self._call("guest_access", (vcpu, gfn, pfn, write, private))
+        self._call("guest_access", (vcpu, gfn, pfn, write, private, offset, length))
 
     def hypercall(self, vcpu: VcpuView, nr: int, args: tuple[int, ...]) -> int | None:
         """``guestmem_hypercall``."""

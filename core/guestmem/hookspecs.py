@@ -178,8 +178,10 @@ def guestmem_vcpu_pre_run(vcpu: VcpuView) -> None:
     """The checks of ``KVM_RUN`` before the guest is entered (``kvm_x86_ops.vcpu_pre_run``).
 
     Raise :class:`guestmem.KvmError` to fail ``KVM_RUN`` (a TD vCPU before
-    ``KVM_TDX_INIT_VCPU``, an SEV-ES vCPU before its VMSA is encrypted...).  Called for
-    every guest access and hypercall of the vCPU.
+    ``KVM_TDX_INIT_VCPU``, an SEV VM before ``KVM_SEV_INIT2``...), or a
+    :class:`guestmem.GuestExit` for an exit the hardware makes instead of entering the guest
+    (:class:`guestmem.FailEntryExit`: an SNP vCPU whose VMSA was never launched).  Called
+    for every guest access and hypercall of the vCPU.
 
     :param vcpu: the vCPU about to run.
     """
@@ -373,34 +375,56 @@ def guestmem_gmem_fault_user_mapping(vm: VmView, gmem: GmemView, index: int) -> 
 
 
 @hookspec(firstresult=True)
-def guestmem_host_access(host: HostView, pfn: int, write: bool) -> str | None:
-    """The host touched page *pfn* of guest_memfd or, through its direct map, any page.
+def guestmem_host_access(
+    host: HostView, pfn: int, write: bool, address: int | None, offset: int, length: int
+) -> str | None:
+    """The host touched bytes ``[offset, offset + length)`` of page *pfn*: a load or store of
+    host userspace through one of its mappings (at host virtual *address*), or the host
+    kernel's own store through its direct map (*address* ``None``).
+
+    Called for every page of every host userspace access (anonymous memory and guest_memfd
+    mappings alike) once the page is faulted in, and for every host kernel store
+    (:meth:`~guestmem.backend.HostView.kernel_write`); not for the host's page-table walks
+    (get_user_pages of KVM's hva fault path), which touch no data.
 
     Return ``None`` if the access is fine, or a verdict for a modelled hardware outcome
-    that takes the host down (an RMP #PF on a write to an assigned page).  The core
-    records it and raises :class:`guestmem.HostCrash`.  A backend whose hardware does not
-    stop the access but remembers it (TDX poisons the line) records that and returns None.
+    that takes the host down (an RMP #PF on a write to an assigned page): the core records
+    it and raises :class:`guestmem.HostCrash`.  A backend whose hardware does not stop the
+    access but remembers it (TDX poisons the lines written) records that and returns None.  A
+    userspace access the host kernel answers with a signal to the process raises
+    :class:`guestmem.HostSigsegv` (or :class:`guestmem.HostSigbus`) with *address*: the
+    access does not happen and the host goes on (arm64 pKVM: ``host_inject_abort``, then
+    ``do_page_fault`` sends ``SIGSEGV``/``SEGV_ACCERR``).
 
     :param host: the machine.
     :param pfn: the page touched.
     :param write: a store.
+    :param address: the host virtual address of a userspace access; None for the host kernel.
+    :param offset: the first byte of the page touched.
+    :param length: how many bytes from *offset*.
     """
 
 
 # --- the guest -------------------------------------------------------------------------------
 @hookspec
-def guestmem_guest_access(vcpu: VcpuView, gfn: int, pfn: int, write: bool, private: bool) -> None:
+def guestmem_guest_access(
+    vcpu: VcpuView, gfn: int, pfn: int, write: bool, private: bool, offset: int, length: int
+) -> None:
     """A guest load or store reaches host page *pfn* through a present leaf.
 
     Called for every page of every guest access, mapped before or just faulted in: the
-    hardware's own checks of a mapped page (a TDX PENDING page, an unvalidated SNP page).
-    Raise :class:`guestmem.KvmError` or :class:`guestmem.GuestExit` to stop the access.
+    hardware's own checks of a mapped page (a TDX PENDING page, an unvalidated SNP page,
+    a poisoned line).  Raise :class:`guestmem.KvmError` or :class:`guestmem.GuestExit` to
+    stop the access.
 
     :param vcpu: the accessing vCPU.
     :param gfn: the gfn accessed.
     :param pfn: the page it maps to.
     :param write: a store.
     :param private: a private access.
+    :param offset: the first byte of the page accessed.
+    :param length: how many bytes from *offset*; 0 for an instruction that walks to the
+        page without loading or storing it (``VcpuView.translate``: PVALIDATE, ACCEPT).
     """
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from guestmem import uapi
-from guestmem.backend import HostView, TraceEvent, VmView, hookimpl, view
+from guestmem.backend import HostView, Leaf, TraceEvent, VmView, hookimpl, view
 
 
 class InvariantViolation(AssertionError):
@@ -74,8 +74,26 @@ def check_vm(vm: Any, after: str = "", *, between_operations: bool = True) -> No
                         f"gfns [{s:#x}, {e:#x}) whose attribute differs"
                     )
         if leaf.private:
-            for gfn in (leaf.gfn, leaf.end_gfn - 1):
-                if vm.gmem_pfn(gfn) != gfn + delta:
-                    raise InvariantViolation(
-                        f"gmem-leaf{where}: private leaf at gfn {gfn:#x} is not gmem's pfn"
-                    )
+            _check_gmem_leaf(vm, leaf, where)
+
+
+def _check_gmem_leaf(vm: VmView, leaf: Leaf, where: str) -> None:
+    """``gmem-leaf`` for one leaf run: every gfn of it maps the pfn guest_memfd holds for it.
+
+    Walks the folio runs under the leaf (a 2 MiB leaf over a split folio must meet one run
+    whose pfns follow the leaf's, not just agree at both ends).
+    """
+    loc = vm.gfn_to_gmem(leaf.gfn)
+    if loc is None:
+        raise InvariantViolation(f"gmem-leaf{where}: private leaf at gfn {leaf.gfn:#x} has no guest_memfd")
+    delta = leaf.pfn - loc.index  # the pfn of gmem index i is i + delta along the leaf
+    pos, end = loc.index, loc.index + leaf.npages
+    for folio in loc.gmem.folios(pos, end):
+        if folio.start > pos or folio.pfn != folio.start + delta:
+            gfn = leaf.gfn + (pos if folio.start > pos else folio.start) - loc.index
+            raise InvariantViolation(f"gmem-leaf{where}: private leaf at gfn {gfn:#x} is not gmem's pfn")
+        pos = folio.end
+    if pos < end:
+        raise InvariantViolation(
+            f"gmem-leaf{where}: private leaf at gfn {leaf.gfn + pos - loc.index:#x} maps a guest_memfd hole"
+        )

@@ -30,7 +30,7 @@ from typing import Any
 
 import attrs
 
-from guestmem.errors import HostSigbus, KvmError, MemoryFault
+from guestmem.errors import HostSigbus, HostSigsegv, KvmError, MemoryFault
 
 #: Errno names the ``errno`` module may lack on some platforms.
 _EXTRA_ERRNOS = frozenset({"EHWPOISON", "EOPNOTSUPP"})
@@ -187,7 +187,7 @@ def _rule_index(params: list[str]) -> int | None:
 #: The error classes that take a rule, and the position of their ``rule`` argument.
 _ERROR_RULE_INDEX = {
     cls.__name__: _rule_index(list(inspect.signature(cls).parameters))
-    for cls in (KvmError, MemoryFault, HostSigbus)
+    for cls in (KvmError, MemoryFault, HostSigbus, HostSigsegv)
 }
 
 
@@ -302,7 +302,7 @@ def raised_rule_ids(root: pathlib.Path) -> dict[str, list[str]]:
     """The rule IDs the Python source under *root* raises: ID -> ``["path:line", ...]``.
 
     Found with the AST: string literals passed as the ``rule`` of ``KvmError``,
-    ``MemoryFault``, ``HostSigbus``, their subclasses (also through ``super().__init__``)
+    ``MemoryFault``, ``HostSigbus``, ``HostSigsegv``, their subclasses (also through ``super().__init__``)
     and any function of the tree with a ``rule`` parameter; ``rule=`` keywords; and
     literals assigned to a name ``rule``/``RULE``/``*_rule``.  ``""`` (no rule) is left out.
     """

@@ -1,7 +1,8 @@
 """Kernel uAPI constants, with the kernel's names and values.
 
 Sources: ``include/uapi/linux/kvm.h``, ``arch/x86/include/uapi/asm/kvm.h`` and
-``include/uapi/linux/falloc.h``, ``include/uapi/linux/kvm_para.h``.  Constants are plain
+``include/uapi/linux/falloc.h``, ``include/uapi/linux/kvm_para.h``,
+``include/uapi/asm-generic/siginfo.h``.  Constants are plain
 ``int`` so values can be compared with what the real kernel returns; structs an ioctl
 takes are frozen value classes with the kernel's field names.
 """
@@ -21,6 +22,10 @@ PUD_ORDER: Final = 18  # 1 GiB
 PG_LEVEL_4K: Final = 1
 PG_LEVEL_2M: Final = 2
 PG_LEVEL_1G: Final = 3
+
+# si_code of a SIGSEGV (include/uapi/asm-generic/siginfo.h).
+SEGV_MAPERR: Final = 1  # no mapping at the address
+SEGV_ACCERR: Final = 2  # a mapping, but the access is not allowed
 
 # --- ioctl numbers (KVMIO = 0xAE) -------------------------------------------------------
 KVMIO: Final = 0xAE

@@ -53,7 +53,21 @@ _PUNCH = uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE
 #: fallocate modes beyond allocate/punch: NO_HIDE_STALE, COLLAPSE, ZERO, INSERT, UNSHARE,
 #: WRITE_ZEROES (with and without KEEP_SIZE), combinations, an unknown bit.
 _ODD_FALLOC_MODES = (
-    0x04, 0x08, 0x09, 0x10, 0x11, 0x20, 0x21, 0x40, 0x41, 0x80, 0x81, 0x13, 0x0B, 0x100, 0x03 | 0x10
+    0x04,
+    0x08,
+    0x09,
+    0x10,
+    0x11,
+    0x20,
+    0x21,
+    0x40,
+    0x41,
+    0x80,
+    0x81,
+    0x13,
+    0x0B,
+    0x100,
+    0x03 | 0x10,
 )
 _GPA_PAGES = 48  # guest-physical space the programs access: [0, 48 pages)
 _SLOT_IDS = (0, 1, 2, 3, 4, 5)
@@ -374,8 +388,17 @@ class Generator:
             offset = map_offset + first * PAGE
             size = max(PAGE, min(size, map_length - first * PAGE, gsize - offset))
             self.slots[-1] = (vm, gpa, size)
-            self._op("set_user_memory_region2", vm, slot, flags, gpa, size, ("map", map_id, first * PAGE),
-                     target, offset)
+            self._op(
+                "set_user_memory_region2",
+                vm,
+                slot,
+                flags,
+                gpa,
+                size,
+                ("map", map_id, first * PAGE),
+                target,
+                offset,
+            )
             return
         if rng.random() < 0.1:  # the v1 ioctl rejects GUEST_MEMFD (S-2)
             self._op("set_user_memory_region", vm, slot, flags, gpa, size, address)
@@ -399,8 +422,10 @@ class Generator:
         kernel accepts cannot show the guest host memory outside the generated mappings."""
         rng = self.rng
         slot = self._pick(_ODD_SLOTS) if self._chance(0.4) else self._pick(_SLOT_IDS)
-        flags = self._pick(_ODD_MEMSLOT_FLAGS) if self._chance(0.3) else self._pick(
-            (0, uapi.KVM_MEM_READONLY, uapi.KVM_MEM_GUEST_MEMFD)
+        flags = (
+            self._pick(_ODD_MEMSLOT_FLAGS)
+            if self._chance(0.3)
+            else self._pick((0, uapi.KVM_MEM_READONLY, uapi.KVM_MEM_GUEST_MEMFD))
         )
         gpa = self._pick(_HIGH_GPAS) if self._chance(0.8) else self._pick((PAGE + 8, 1 << 63))
         size = self._pick(_ODD_SIZES) if self._chance(0.5) else self._pick((PAGE, 16 * PAGE))
@@ -497,8 +522,10 @@ class Generator:
         earlier = [
             op
             for op in self.ops
-            if op.name.startswith("set_user_memory_region") and op.args[0] == vm
-            and 0 < op.args[4] <= 16 * PAGE and op.args[3] + op.args[4] <= (_GPA_PAGES + _RAM_PAGES) * PAGE
+            if op.name.startswith("set_user_memory_region")
+            and op.args[0] == vm
+            and 0 < op.args[4] <= 16 * PAGE
+            and op.args[3] + op.args[4] <= (_GPA_PAGES + _RAM_PAGES) * PAGE
         ]
         if not earlier:
             return

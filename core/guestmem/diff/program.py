@@ -60,4 +60,3 @@ class Disagreement:
         lines.append(f"  -> {left}: {self.left}")
         lines.append(f"  -> {right}: {self.right}")
         return "\n".join(lines)
-

@@ -73,11 +73,20 @@ def page_fault(vm: ModelVm, fault: Fault) -> int:
 
 
 def memory_fault(vm: ModelVm, fault: Fault, err: int, rule: str, why: str) -> MemoryFault:
-    """``kvm_mmu_prepare_memory_fault_exit``: the exit for *fault*, counted and traced."""
+    """``kvm_mmu_prepare_memory_fault_exit``: the exit *fault* would leave with.
+
+    Counted and traced only by :func:`memory_fault_exit`, once it really leaves to
+    userspace: ``KVM_PRE_FAULT_MEMORY`` turns it into a plain errno, and a bulk fault
+    that stops at it does not exit.
+    """
     flags = uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE if fault.is_private else 0
-    vm.count("memory_fault_exits")
-    vm.trace("memory_fault_exit", gpa=fault.gpa, flags=flags, errno=err, rule=rule)
     return MemoryFault(err, fault.gpa, PAGE_SIZE, flags, rule, why)
+
+
+def memory_fault_exit(vm: ModelVm, exc: MemoryFault) -> None:
+    """``KVM_RUN`` returns with ``KVM_EXIT_MEMORY_FAULT``: count and trace it."""
+    vm.count("memory_fault_exits")
+    vm.trace("memory_fault_exit", gpa=exc.gpa, flags=exc.flags, errno=exc.errno, rule=exc.rule)
 
 
 def _faultin(vm: ModelVm, fault: Fault) -> int:
@@ -268,8 +277,10 @@ def fault_range(
                 cur += page_fault(vm, fault)
             except Emulate:
                 raise MmioExit(cur << PAGE_SHIFT, 0, write) from None
-        except (KvmError, GuestExit):
+        except (KvmError, GuestExit) as exc:
             if cur == gfn:
+                if isinstance(exc, MemoryFault):
+                    memory_fault_exit(vm, exc)
                 raise
             break
     return min(cur, end) - gfn

@@ -250,11 +250,6 @@ class ModelKvm(api.Kvm):
         configured structlog."""
         return self.events is not None or self.hooks.implemented("trace") or structlog.is_configured()
 
-    def count(self, name: str, n: int = 1) -> None:
-        """Add *n* to host-level cost counter *name*."""
-        if n:
-            self.counters[name] += n
-
     def trace(self, vm: ModelVm | None, kind: str, fields: dict[str, Any]) -> None:
         """Emit a trace event: recorded, logged (structlog, once configured), observed."""
         if not self.tracing:
@@ -364,7 +359,7 @@ class ModelKvm(api.Kvm):
         if self.host.direct_map_invalid.get(pfn) is not None:
             self.trace(None, "host_kernel_fault", {"pfn": pfn})
             self.host.crash(f"kernel page fault: pfn {pfn:#x} is not in the host's direct map")
-        verdict = self.hooks.host_access(self.view, pfn, True)
+        verdict = self.hooks.host_access(self.view, pfn, True, None, offset, len(data))
         if verdict is not None:
             self.trace(None, "host_crash", {"pfn": pfn, "verdict": verdict})
             self.host.crash(verdict)

@@ -188,10 +188,6 @@ class GmemVma(Vma):
         assert pfn is not None
         if inode.is_poisoned(index):
             raise _sigbus(vm, address, index, "E-1", f"gmem page {index:#x} is hardware-poisoned")
-        verdict = vm.hooks.host_access(vm.kvm.view, pfn, write)
-        if verdict is not None:
-            vm.trace("host_crash", pfn=pfn, verdict=verdict)
-            vm.host.crash(verdict)
         return pfn
 
     def _reclaim(self, index: int) -> None:
@@ -221,7 +217,13 @@ def _sigbus(vm: ModelVm, address: int, index: int, rule: str, why: str) -> HostS
 
 
 def vma_access(vma: Vma, offset: int, length: int, data: bytes | None) -> bytes:
-    """Load *length* bytes at *offset* of *vma*, or store *data* there; page by page."""
+    """Load *length* bytes at *offset* of *vma*, or store *data* there; page by page.
+
+    Each page is faulted in, then the CPU reaches it: the backend's
+    ``guestmem_host_access`` sees the load or store first (a page the hardware took from
+    the host raises the signal the host kernel sends, or takes the host down).
+    """
+    kvm = vma.kvm
     out = bytearray()
     pos = 0
     while pos < length:
@@ -229,6 +231,10 @@ def vma_access(vma: Vma, offset: int, length: int, data: bytes | None) -> bytes:
         page, in_page = off >> PAGE_SHIFT, off & (PAGE_SIZE - 1)
         n = min(length - pos, PAGE_SIZE - in_page)
         pfn = vma.fault(page, data is not None)
+        verdict = kvm.hooks.host_access(kvm.view, pfn, data is not None, vma.address + off, in_page, n)
+        if verdict is not None:
+            kvm.trace(None, "host_crash", {"pfn": pfn, "verdict": verdict})
+            kvm.host.crash(verdict)
         if data is None:
             out += vma.kvm.host.read(pfn, in_page, n)
         else:

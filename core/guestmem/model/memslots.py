@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from guestmem import uapi
-from guestmem.backend import GfnRange, SlotView
+from guestmem.backend import GfnRange, SlotView, VmTypeInfo
 from guestmem.errors import KvmError
 from guestmem.ranges import RangeMap
 
@@ -26,6 +26,22 @@ if TYPE_CHECKING:
     from guestmem.model.vm import ModelVm
 
 PAGE_SIZE = uapi.PAGE_SIZE
+#: arm64 ``KVM_VM_TYPE_ARM_IPA_SIZE_MASK``: bits 7:0 of the machine type ask for an IPA size.
+KVM_VM_TYPE_ARM_IPA_SIZE_MASK = 0xFF
+#: arm64 ``KVM_PHYS_SHIFT_DEFAULT``: the IPA size of a machine type that asks for none.
+KVM_PHYS_SHIFT_DEFAULT = 40
+
+
+def guest_phys_shift(info: VmTypeInfo, x86_phys_bits: int) -> int:
+    """The guest physical address width of a VM of type *info*, in bits.
+
+    x86: the host's (``kvm_mmu_max_gfn``: MAXPHYADDR with TDP, here the profile's
+    *x86_phys_bits*).  arm64: ``kvm_init_ipa_range``, ``KVM_VM_TYPE_ARM_IPA_SIZE(type)``
+    or, for 0, ``KVM_PHYS_SHIFT_DEFAULT``.
+    """
+    if info.arch == "arm64":
+        return info.type & KVM_VM_TYPE_ARM_IPA_SIZE_MASK or KVM_PHYS_SHIFT_DEFAULT
+    return x86_phys_bits
 
 
 @attrs.define(eq=False)
@@ -301,17 +317,30 @@ class Memslots:
 
     def _prepare(self, old: Memslot | None, new: Memslot | None, change: Change) -> None:
         """``kvm_arch_prepare_memory_region`` for every change (S-7 max gfn, S-16), then the
-        backend's."""
+        backend's.
+
+        The architecture's own: x86 refuses a create or move beyond ``kvm_mmu_max_gfn`` with
+        EINVAL; arm64 a create, move or flags change beyond the IPA space
+        (``kvm_phys_size``) with EFAULT, then a gmem slot that is not gmem-only (S-16).
+        """
         vm = self.vm
-        if new is not None and change in (Change.CREATE, Change.MOVE):
-            if new.end_gfn - 1 > vm.max_gfn:
+        if new is not None and new.end_gfn - 1 > vm.max_gfn:  # new is None only for a delete
+            if vm.type_info.arch == "arm64":
+                raise KvmError(errno.EFAULT, "S-7", f"{new.describe()} lies beyond the guest's IPA space")
+            if change in (Change.CREATE, Change.MOVE):
                 raise KvmError(
                     errno.EINVAL, "S-7", f"{new.describe()} exceeds the guest physical address width"
                 )
-            if vm.type_info.gmem_slot_requires_mmap and new.has_gmem and not new.gmem_only:
-                raise KvmError(
-                    errno.EINVAL, "S-16", "a guest_memfd memslot needs a GUEST_MEMFD_FLAG_MMAP file here"
-                )
+        if (
+            new is not None
+            and change in (Change.CREATE, Change.MOVE)
+            and vm.type_info.gmem_slot_requires_mmap
+            and new.has_gmem
+            and not new.gmem_only
+        ):
+            raise KvmError(
+                errno.EINVAL, "S-16", "a guest_memfd memslot needs a GUEST_MEMFD_FLAG_MMAP file here"
+            )
         vm.hooks.prepare_memory_region(
             vm.view, None if old is None else old.view, None if new is None else new.view, change.value
         )

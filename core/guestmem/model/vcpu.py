@@ -66,12 +66,17 @@ class ModelVcpu(api.Vcpu):
         self._ioctl()
         self.vm.hooks.vcpu_pre_run(self.view)
 
+    def check_run(self) -> None:
+        """The checks of ``KVM_RUN`` before the guest is entered, for what runs inside it
+        without a uAPI call of its own (:meth:`guestmem.backend.VcpuView.check_run`)."""
+        self._run()
+
     def translate(self, gpa: int, *, write: bool = False, private: bool | None = None) -> int:
         """The host pfn the guest reaches at *gpa*, faulting it in like a real access."""
         self._run()
-        return self._translate(gpa, write, private)
+        return self._translate(gpa, write, private, 0)
 
-    def _translate(self, gpa: int, write: bool, private: bool | None) -> int:
+    def _translate(self, gpa: int, write: bool, private: bool | None, length: int) -> int:
         vm = self.vm
         gfn = gpa >> PAGE_SHIFT
         is_private = vm.is_private(gfn) if private is None else private
@@ -81,11 +86,14 @@ class ModelVcpu(api.Vcpu):
                 stage2.page_fault(vm, Fault(gfn, is_private, write, vcpu=self.view))
             except stage2.Emulate:
                 raise MmioExit(gpa, 0, write) from None
+            except MemoryFault as exc:
+                stage2.memory_fault_exit(vm, exc)
+                raise
             hit = vm.mmu.lookup(gfn)
             assert hit is not None, "a fault that returned installed no leaf"
         pfn = hit[0]
         if vm.hooks.implemented("guest_access"):
-            vm.hooks.guest_access(self.view, gfn, pfn, write, is_private)
+            vm.hooks.guest_access(self.view, gfn, pfn, write, is_private, gpa & (PAGE_SIZE - 1), length)
         return pfn
 
     @uapi_call
@@ -118,7 +126,7 @@ class ModelVcpu(api.Vcpu):
             cur = gpa + pos
             n = min(length - pos, PAGE_SIZE - (cur & (PAGE_SIZE - 1)))
             try:
-                pfn = self._translate(cur, write, private)
+                pfn = self._translate(cur, write, private, n)
             except MmioExit:
                 raise MmioExit(cur, n, write) from None
             pages.append((pfn, cur & (PAGE_SIZE - 1), pos, n))
@@ -153,7 +161,15 @@ class ModelVcpu(api.Vcpu):
             try:
                 if vm.dead:  # kvm_tdp_map_page: KVM_REQ_VM_DEAD before each attempt
                     raise KvmError(errno.EIO, "PF-4", f"VM is dead: {vm.dead_reason}")
-                stage2.page_fault(vm, Fault(gfn, private, False, prefetch=True, vcpu=self.view))
+                leaf = vm.mmu.leaf(gfn)
+                if leaf is None or leaf.private != private:
+                    # one kvm_tdp_map_page per leaf; a run of uniform pages at once
+                    fault = Fault(
+                        gfn, private, False, prefetch=True, vcpu=self.view, npages=size >> PAGE_SHIFT
+                    )
+                    stage2.page_fault(vm, fault)
+                    leaf = vm.mmu.leaf(gfn)
+                    assert leaf is not None, "a pre-fault that returned installed no leaf"
             except stage2.Emulate:
                 err: KvmError = KvmError(errno.ENOENT, "PF-4", f"no memslot at gpa {gpa:#x}")
             except MemoryFault as exc:  # pre-fault reports the errno, no exit
@@ -161,9 +177,8 @@ class ModelVcpu(api.Vcpu):
             except KvmError as exc:
                 err = exc
             else:
-                level = vm.mapping_level(gfn) or uapi.PG_LEVEL_4K
-                span = PAGE_SIZE << (9 * (level - 1))
-                step = min(size, (gpa & ~(span - 1)) + span - gpa)
+                # the leaf's end (a present leaf is RET_PF_SPURIOUS: nothing changes)
+                step = min(size, (leaf.end_gfn - gfn) << PAGE_SHIFT)
                 gpa += step
                 size -= step
                 continue

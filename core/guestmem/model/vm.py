@@ -19,7 +19,7 @@ from guestmem.errors import KvmError
 from guestmem.model import attributes, fault, gmem
 from guestmem.model.events import Counters
 from guestmem.model.gmem import GmemFile, GmemInode
-from guestmem.model.memslots import Memslots, Region
+from guestmem.model.memslots import Memslots, Region, guest_phys_shift
 from guestmem.model.mmu import Mmu
 from guestmem.model.operation import uapi_call
 from guestmem.ranges import RangeMap
@@ -60,7 +60,9 @@ class ModelVm(api.Vm):
         self.attributes: RangeMap[int] = RangeMap()
         self.mmu = Mmu(self)
         self.vcpus: dict[int, ModelVcpu] = {}
-        self.max_gfn = (1 << (self.profile.phys_bits - PAGE_SHIFT)) - 1
+        #: The last gfn a memslot may reach (x86 ``kvm_mmu_max_gfn``, arm64
+        #: ``kvm_phys_size >> PAGE_SHIFT`` minus one; S-7).
+        self.max_gfn = (1 << (guest_phys_shift(type_info, self.profile.phys_bits) - PAGE_SHIFT)) - 1
         #: ``kvm->arch.pre_fault_allowed``: from the VM type; a backend may change it (SNP
         #: allows pre-faulting once the launch is finished).
         self.pre_fault_allowed = type_info.pre_fault_allowed
@@ -155,6 +157,11 @@ class ModelVm(api.Vm):
         self.host.check_alive()
         if self.dead:
             raise KvmError(errno.EIO, "CAP-9", f"VM is dead: {self.dead_reason}")
+
+    def check_ioctl(self) -> None:
+        """The checks of ``kvm_vm_ioctl``, for a backend's own command that is a VM ioctl
+        in the kernel (:meth:`guestmem.backend.VmView.check_ioctl`)."""
+        self._ioctl()
 
     # --- api.Vm -------------------------------------------------------------------------------
     @property
@@ -302,7 +309,16 @@ class ModelVm(api.Vm):
     def fault_range(
         self, gfn: int, npages: int, *, private: bool, write: bool = False, vcpu: ModelVcpu | None = None
     ) -> int:
-        """:func:`guestmem.model.fault.fault_range` on this VM."""
+        """:func:`guestmem.model.fault.fault_range` on this VM.
+
+        The accesses of a vCPU run inside its ``KVM_RUN``: a closed vCPU fd is EBADF, a dead
+        VM EIO (:meth:`ModelVcpu.check_run`).  A destroyed VM has no fd left to reach it
+        (EBADF).
+        """
+        if self.destroyed:
+            raise KvmError(errno.EBADF, "", "the VM was destroyed")
+        if vcpu is not None:
+            vcpu.check_run()
         return fault.fault_range(self, gfn, npages, private=private, write=write, vcpu=vcpu)
 
     def gmem_populate(self, gfn: int, src: bytes | None, npages: int, opaque: Any = None) -> int:

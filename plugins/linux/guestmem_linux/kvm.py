@@ -47,6 +47,13 @@ class _FdOwner:
         return self._fd is None
 
     def fileno(self) -> int:
+        """The descriptor number; ValueError once closed, as a closed Python file's."""
+        if self._fd is None:
+            raise ValueError(f"I/O operation on closed {self._what}")
+        return self._fd
+
+    def _fileno(self) -> int:
+        """The descriptor for a system call: EBADF once closed, as ``fdget`` fails."""
         if self._fd is None:
             raise _closed(self._what)
         return self._fd
@@ -67,14 +74,16 @@ class _FdOwner:
 class LinuxHostMapping(api.HostMapping):
     """A real host mapping: anonymous memory or a guest_memfd range.
 
-    ``length`` is the mapped length, a whole number of pages as the kernel maps them.
-    *gmem* (size, flags, file offset) lets a SIGBUS be attributed to the spec rule that
-    produced it (M-3 beyond EOF, M-4 file not INIT_SHARED).
+    ``length`` is the mapped length as the kernel mapped it: the ``size_t`` ``mmap(2)``
+    read (the argument truncated to 64 bits), a whole number of pages; every host access is
+    bounded by it.  *gmem* (size, flags, file offset) lets a SIGBUS be attributed to the
+    spec rule that produced it (M-3 beyond EOF, M-4 file not INIT_SHARED).
     """
 
     def __init__(self, address: int, length: int, gmem: tuple[int, int, int] | None = None) -> None:
         self.address = address
-        self.length = (length + uapi.PAGE_SIZE - 1) & ~(uapi.PAGE_SIZE - 1)  # mmap maps whole pages
+        # ksys_mmap_pgoff reads a size_t; do_mmap maps PAGE_ALIGN(len) (0 never maps: EINVAL).
+        self.length = (_sys.u64(length) + uapi.PAGE_SIZE - 1) & ~(uapi.PAGE_SIZE - 1)
         self._gmem = gmem
         self._mem: int | None = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
 
@@ -159,30 +168,30 @@ class LinuxGuestMemfd(_FdOwner, api.GuestMemfd):
         self.flags = flags
 
     def fallocate(self, mode: int, offset: int, length: int) -> None:
-        _sys.fallocate(self.fileno(), mode, offset, length)
+        _sys.fallocate(self._fileno(), mode, offset, length)
 
     def read(self, n: int) -> bytes:
-        return _sys.read(self.fileno(), n)
+        return _sys.read(self._fileno(), n)
 
     def write(self, data: bytes) -> int:
         try:
-            return os.write(self.fileno(), data)
+            return os.write(self._fileno(), data)
         except OSError as exc:
             raise _sys.error(exc.errno or errno.EINVAL, "write(guest_memfd)", "F-1") from None
 
     def fstat(self) -> os.stat_result:
-        return os.fstat(self.fileno())
+        return os.fstat(self._fileno())
 
     def dup(self) -> LinuxGuestMemfd:
         """``dup(2)``: a second descriptor of the same guest_memfd file (``os.dup``)."""
-        return LinuxGuestMemfd(os.dup(self.fileno()), self.size, self.flags)
+        return LinuxGuestMemfd(os.dup(self._fileno()), self.size, self.flags)
 
     def truncate(self, size: int) -> None:
-        _sys.ftruncate(self.fileno(), size)
+        _sys.ftruncate(self._fileno(), size)
 
     def mmap(self, length: int, offset: int = 0, shared: bool = True) -> LinuxHostMapping:
         flags = _sys.MAP_SHARED if shared else _sys.MAP_PRIVATE
-        address = _sys.mmap(length, _sys.PROT_READ | _sys.PROT_WRITE, flags, self.fileno(), offset)
+        address = _sys.mmap(length, _sys.PROT_READ | _sys.PROT_WRITE, flags, self._fileno(), offset)
         return LinuxHostMapping(address, length, (self.size, self.flags, offset))
 
 
@@ -224,7 +233,7 @@ class LinuxVcpu(_FdOwner, api.Vcpu):
 
     def _kvm_run(self) -> int:
         """One ``KVM_RUN``; returns the exit reason, raises MemoryFault/KvmError on -1."""
-        fd = self.fileno()
+        fd = self._fileno()
         while True:
             try:
                 _sys.ioctl_int(fd, uapi.KVM_RUN, 0)
@@ -247,7 +256,7 @@ class LinuxVcpu(_FdOwner, api.Vcpu):
         """Let KVM finish an MMIO exit (``immediate_exit``) so the next access starts clean."""
         ctypes.memset(self._run + _sys.RUN_IMMEDIATE_EXIT, 1, 1)
         try:
-            _sys.ioctl_int(self.fileno(), uapi.KVM_RUN, 0)
+            _sys.ioctl_int(self._fileno(), uapi.KVM_RUN, 0)
         except KvmError as exc:
             if exc.errno != errno.EINTR:
                 raise
@@ -289,7 +298,7 @@ class LinuxVcpu(_FdOwner, api.Vcpu):
                 f"gpa range [{gpa:#x}, {gpa + length:#x}) not below the runner slot at {guest.RUNNER_GPA:#x}",
             )
         bounce = self._vm.runner_buffer()
-        fd = self.fileno()
+        fd = self._fileno()
         if self._sregs is None:
             sregs = bytearray(_sys.SREGS_SIZE)
             _sys.ioctl_buf(fd, _sys.KVM_GET_SREGS, sregs)
@@ -323,7 +332,7 @@ class LinuxVcpu(_FdOwner, api.Vcpu):
 
     def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> int:
         buf = bytearray(_sys.PRE_FAULT.pack(_sys.u64(gpa), _sys.u64(size), _sys.u64(flags)))
-        _sys.ioctl_buf(self.fileno(), uapi.KVM_PRE_FAULT_MEMORY, buf)
+        _sys.ioctl_buf(self._fileno(), uapi.KVM_PRE_FAULT_MEMORY, buf)
         _gpa, left, _flags = _sys.PRE_FAULT.unpack(buf)
         return int(left)
 
@@ -349,11 +358,11 @@ class LinuxVm(_FdOwner, api.Vm):
             _sys.munmap(memory, guest.RUNNER_SIZE)
 
     def check_extension(self, cap: int) -> int:
-        return _sys.ioctl_int(self.fileno(), uapi.KVM_CHECK_EXTENSION, cap)
+        return _sys.ioctl_int(self._fileno(), uapi.KVM_CHECK_EXTENSION, cap)
 
     def create_guest_memfd(self, size: int, flags: int = 0) -> LinuxGuestMemfd:
         buf = bytearray(_sys.CREATE_GMEM.pack(_sys.u64(size), _sys.u64(flags)))
-        fd = _sys.ioctl_buf(self.fileno(), uapi.KVM_CREATE_GUEST_MEMFD, buf)
+        fd = _sys.ioctl_buf(self._fileno(), uapi.KVM_CREATE_GUEST_MEMFD, buf)
         return LinuxGuestMemfd(fd, size, flags)
 
     def set_user_memory_region(
@@ -368,7 +377,7 @@ class LinuxVm(_FdOwner, api.Vm):
                 _sys.u64(userspace_addr),
             )
         )
-        _sys.ioctl_buf(self.fileno(), uapi.KVM_SET_USER_MEMORY_REGION, buf)
+        _sys.ioctl_buf(self._fileno(), uapi.KVM_SET_USER_MEMORY_REGION, buf)
 
     def set_user_memory_region2(
         self,
@@ -392,29 +401,29 @@ class LinuxVm(_FdOwner, api.Vm):
                 0,
             )
         )
-        _sys.ioctl_buf(self.fileno(), uapi.KVM_SET_USER_MEMORY_REGION2, buf)
+        _sys.ioctl_buf(self._fileno(), uapi.KVM_SET_USER_MEMORY_REGION2, buf)
 
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
         buf = bytearray(
             _sys.ATTRIBUTES.pack(_sys.u64(address), _sys.u64(size), _sys.u64(attributes), _sys.u64(flags))
         )
-        _sys.ioctl_buf(self.fileno(), uapi.KVM_SET_MEMORY_ATTRIBUTES, buf)
+        _sys.ioctl_buf(self._fileno(), uapi.KVM_SET_MEMORY_ATTRIBUTES, buf)
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> int:
         if len(args) > 4:
             raise ValueError("struct kvm_enable_cap has four args")
         values = [_sys.u64(a) for a in (*args, 0, 0, 0, 0)[:4]]
         buf = bytearray(_sys.ENABLE_CAP.pack(cap & 0xFFFF_FFFF, flags & 0xFFFF_FFFF, *values))
-        return _sys.ioctl_buf(self.fileno(), uapi.KVM_ENABLE_CAP, buf)
+        return _sys.ioctl_buf(self._fileno(), uapi.KVM_ENABLE_CAP, buf)
 
     def memory_encrypt_op(self, cmd: Any) -> int:
         """``KVM_MEMORY_ENCRYPT_OP`` with *cmd* as the bytes of the vendor's command struct
         (a ``bytearray`` is updated in place); a VM without such commands answers ENOTTY."""
         buf = cmd if isinstance(cmd, bytearray) else bytearray(bytes(cmd) if cmd is not None else 64)
-        return _sys.ioctl_buf(self.fileno(), uapi.KVM_MEMORY_ENCRYPT_OP, buf)
+        return _sys.ioctl_buf(self._fileno(), uapi.KVM_MEMORY_ENCRYPT_OP, buf)
 
     def create_vcpu(self, vcpu_id: int) -> LinuxVcpu:
-        fd = _sys.ioctl_int(self.fileno(), uapi.KVM_CREATE_VCPU, vcpu_id)
+        fd = _sys.ioctl_int(self._fileno(), uapi.KVM_CREATE_VCPU, vcpu_id)
         vcpu = LinuxVcpu(self, fd, vcpu_id, self._run_size)
         self._vcpus.append(vcpu)
         return vcpu
@@ -467,10 +476,10 @@ class LinuxKvm(_FdOwner, api.Kvm):
             raise
 
     def check_extension(self, cap: int) -> int:
-        return _sys.ioctl_int(self.fileno(), uapi.KVM_CHECK_EXTENSION, cap)
+        return _sys.ioctl_int(self._fileno(), uapi.KVM_CHECK_EXTENSION, cap)
 
     def create_vm(self, vm_type: int = 0) -> LinuxVm:
-        fd = _sys.ioctl_int(self.fileno(), uapi.KVM_CREATE_VM, vm_type)
+        fd = _sys.ioctl_int(self._fileno(), uapi.KVM_CREATE_VM, vm_type)
         return LinuxVm(fd, vm_type, self._run_size)
 
     def mmap_anonymous(self, length: int) -> LinuxHostMapping:

@@ -63,6 +63,19 @@ SETTLED: dict[str, tuple[list[tuple[Any, ...]], tuple[Any, ...]]] = {
         [("mmap_anonymous", 1 << 50)],
         ("errno", "ENOMEM"),
     ),
+    "mmap(2) reads length as a size_t: 2**64 + a page maps one page, a host load past it is outside": (
+        [("mmap_anonymous", (1 << 64) + PAGE), ("host_write", 0, 0, b"in"), ("host_read", 0, PAGE, 8)],
+        ("errno", "EFAULT"),
+    ),
+    "a host load at an offset of 2**63 and more is outside the mapping (the length mapped bounds it)": (
+        [("mmap_anonymous", (1 << 64) + PAGE), ("host_read", 0, 1 << 63, 1)],
+        ("errno", "EFAULT"),
+    ),
+    "a gmem mapping of 2**64 + a page is one page long too": (
+        [("create_vm", 0), ("create_guest_memfd", 0, 2 * PAGE, SHARED),
+         ("mmap", 1, (1 << 64) + PAGE, 0, True), ("host_read", 2, PAGE, 1)],
+        ("errno", "EFAULT"),
+    ),
     "mmap(2) of anonymous memory needs no /dev/kvm": (
         [("close_kvm",), ("mmap_anonymous", 8 * PAGE)],
         ("ok", None),

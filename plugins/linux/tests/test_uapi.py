@@ -11,8 +11,10 @@ import os
 
 import pytest
 
+import guestmem
 from guestmem import HostSigbus, KvmError, uapi
 from guestmem_linux.kvm import LinuxKvm, LinuxVm
+from guestmem_linux.testing import kvm_unavailable
 
 MMAP = uapi.GUEST_MEMFD_FLAG_MMAP
 INIT_SHARED = uapi.GUEST_MEMFD_FLAG_INIT_SHARED
@@ -259,3 +261,29 @@ def test_host_access_after_munmap_is_efault(kvm: LinuxKvm) -> None:
     with pytest.raises(KvmError) as info:
         mapping.read(0, 1)
     assert errno_of(info) == errno.EFAULT
+
+
+# --- host mappings ------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["linux", "sw"])
+def test_a_mapping_is_as_long_as_what_the_kernel_mapped(backend: str) -> None:
+    """``mmap(2)`` reads its length as a ``size_t``: 2**64 + one page maps one page
+    (``ksys_mmap_pgoff`` -> ``do_mmap`` gets ``PAGE_ALIGN(len)`` of the truncated value).
+    The mapping records that length and every host access is bounded by it: past it, at an
+    offset of 2**63 or more too, EFAULT and nothing read or written elsewhere; the model
+    answers the same."""
+    if backend == "linux" and kvm_unavailable():
+        pytest.skip(kvm_unavailable() or "")
+    with guestmem.open(backend) as kvm, kvm.mmap_anonymous((1 << 64) + PAGE) as mapping:
+        assert mapping.length == PAGE
+        mapping.write(PAGE - 2, b"ok")
+        assert mapping.read(PAGE - 2, 2) == b"ok"
+        for access in (
+            lambda: mapping.read(PAGE, 8),
+            lambda: mapping.read(PAGE - 2, 3),
+            lambda: mapping.read(1 << 63, 1),
+            lambda: mapping.write(1 << 63, b"x"),
+            lambda: mapping.write((1 << 64) - 1, b"x"),
+        ):
+            with pytest.raises(KvmError) as info:
+                access()
+            assert errno_of(info) == errno.EFAULT

@@ -132,6 +132,17 @@ class Pvmfw:
     ipa: int
     image: bytes
 
+    @classmethod
+    def checked(cls, protected: bool, ipa: int, image: bytes) -> Pvmfw:
+        """The firmware of a VM: EINVAL for a non-protected VM, an unaligned *ipa* or an
+        empty image."""
+        call = "pkvm_set_pvmfw"
+        if not protected:
+            raise HypError(errno.EINVAL, call, "pvmfw is for protected VMs only")
+        if ipa & (PAGE_SIZE - 1) or ipa < 0 or not image:
+            raise HypError(errno.EINVAL, call, "pvmfw needs a page-aligned address and an image")
+        return cls(ipa, bytes(image))
+
     @property
     def gfn_range(self) -> tuple[int, int]:
         """``[first gfn, end gfn)`` covered by the image."""
@@ -414,11 +425,7 @@ class Hypervisor:
         page of that range was already given to the guest.
         """
         call = "pkvm_set_pvmfw"
-        if not vm.protected:
-            raise HypError(errno.EINVAL, call, "pvmfw is for protected VMs only")
-        if ipa & (PAGE_SIZE - 1) or ipa < 0 or not image:
-            raise HypError(errno.EINVAL, call, "pvmfw needs a page-aligned address and an image")
-        fw = Pvmfw(ipa, bytes(image))
+        fw = Pvmfw.checked(vm.protected, ipa, image)
         if vm.guest.overlaps(*fw.gfn_range):
             raise HypError(errno.EBUSY, call, "the guest already owns pages of the pvmfw range")
         vm.pvmfw = fw

@@ -44,13 +44,14 @@ from guestmem.backend import (
     HostFault,
     HostView,
     Owner,
+    SlotView,
     VcpuView,
     VmTypeInfo,
     VmView,
     hookimpl,
     view,
 )
-from guestmem.errors import GuestExit, KvmError, MemoryFault
+from guestmem.errors import GuestExit, HostSigsegv, KvmError, MemoryFault
 from guestmem_pkvm import abi
 from guestmem_pkvm.exits import HypercallExit
 from guestmem_pkvm.ownership import (
@@ -65,6 +66,7 @@ from guestmem_pkvm.ownership import (
     Hypervisor,
     HypVm,
     PageState,
+    Pvmfw,
 )
 
 
@@ -113,10 +115,20 @@ _NP_VM_CALLS = (
 
 @attrs.define(eq=False)
 class PkvmVm:
-    """``vm.arch`` of a pKVM VM: its hypervisor, its hyp-side VM and host-side settings."""
+    """``vm.arch`` of a pKVM VM: its hypervisor, its hyp-side VM and host-side settings.
+
+    The hypervisor learns of the VM at its first ``KVM_RUN`` (``kvm_arch_vcpu_run_pid_change``
+    -> ``pkvm_create_hyp_vm`` -> ``__pkvm_init_vm``): until then ``hvm`` is None and
+    ``handle`` 0, as ``kvm->arch.pkvm.handle`` is.
+    """
 
     hyp: Hypervisor
-    hvm: HypVm
+    #: ``KVM_VM_TYPE_ARM_PROTECTED`` (``kvm->arch.pkvm.enabled``).
+    protected: bool
+    #: ``struct pkvm_hyp_vm``, once the first ``KVM_RUN`` created it.
+    hvm: HypVm | None = None
+    #: ``kvm->arch.pkvm.pvmfw_load_addr`` and the image, handed to the hypervisor with the VM.
+    pvmfw: Pvmfw | None = None
     #: ``KVM_CAP_EXIT_HYPERCALL`` bits enabled by userspace (``1 << ARM_SMCCC_KVM_FUNC_*``).
     exit_mask: int = abi.KVM_EXIT_HYPERCALL_VALID_MASK
     #: The errno behind the last refused guest hypercall.
@@ -127,19 +139,20 @@ class PkvmVm:
     ret: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     @property
-    def protected(self) -> bool:
-        """True for ``KVM_VM_TYPE_ARM_PROTECTED``."""
-        return self.hvm.protected
-
-    @property
     def handle(self) -> int:
-        """The hypervisor's handle of this VM (``pkvm_handle_t``)."""
-        return self.hvm.handle
+        """The hypervisor's handle of this VM (``pkvm_handle_t``); 0 before its first run."""
+        return 0 if self.hvm is None else self.hvm.handle
 
     @property
     def vmid(self) -> int:
-        """The VMID the hypervisor gave this VM."""
-        return self.hvm.vmid
+        """The VMID the hypervisor gave this VM; 0 before its first run."""
+        return 0 if self.hvm is None else self.hvm.vmid
+
+    @property
+    def running(self) -> HypVm:
+        """The hyp VM of a VM that ran (every guest fault and hypercall comes from a run)."""
+        assert self.hvm is not None, "the first KVM_RUN created the hyp VM"
+        return self.hvm
 
 
 def pkvm_state(vm: Any) -> PkvmVm:
@@ -186,13 +199,21 @@ def owner_of(table: str, entry: Any) -> Owner:
 
 
 def set_pvmfw(vm: Any, ipa: int, image: bytes) -> None:
-    """Place the protected-VM firmware at guest address *ipa* (Android's pvmfw IPA cap).
+    """Place the protected-VM firmware at guest address *ipa* (Android's
+    ``KVM_CAP_ARM_PROTECTED_VM_FLAGS_SET_FW_IPA``, ``pkvm_vm_ioctl_set_fw_ipa``).
 
     The hypervisor copies the image into each page of that range when the guest first
-    faults it (``pkvm_load_pvmfw_pages``).  Errors as :meth:`Hypervisor.set_pvmfw`.
+    faults it (``pkvm_load_pvmfw_pages``).  A VM ioctl: EBADF once the VM fd is closed, EIO
+    on a dead VM (``kvm_vm_ioctl``); EBUSY once the VM ran (the hyp VM exists, pKVM-3.4);
+    EINVAL for a non-protected VM, an unaligned *ipa* or an empty image.
     """
     state = pkvm_state(vm)
-    state.hyp.set_pvmfw(state.hvm, ipa, image)
+    view(vm).check_ioctl()
+    if state.hvm is not None:
+        raise KvmError(
+            errno.EBUSY, "pKVM-3.4", "the VM ran: its firmware address is fixed (pkvm_vm_ioctl_set_fw_ipa)"
+        )
+    state.pvmfw = Pvmfw.checked(state.protected, ipa, image)
 
 
 def enable_exit_hypercall(vm: Vm, mask: int) -> None:
@@ -227,9 +248,22 @@ class PkvmPolicy:
 
     @hookimpl
     def guestmem_vm_init(self, vm: VmView) -> PkvmVm:
-        """``kvm_arch_init_vm`` + ``__pkvm_init_vm``: a handle and VMID for every VM."""
-        hyp = hypervisor(vm.host)
-        hvm = hyp.init_vm(protected=bool(vm.vm_type & abi.KVM_VM_TYPE_ARM_PROTECTED))
+        """``kvm_arch_init_vm`` / ``pkvm_init_host_vm``: the hypervisor hears of the VM only
+        at its first ``KVM_RUN`` (``guestmem_vcpu_pre_run``)."""
+        # Conversions never copy: shown as an explicit zero (see _convert).
+        vm.count("pkvm.copies", 0)
+        return PkvmVm(hypervisor(vm.host), protected=bool(vm.vm_type & abi.KVM_VM_TYPE_ARM_PROTECTED))
+
+    @hookimpl
+    def guestmem_vcpu_pre_run(self, vcpu: VcpuView) -> None:
+        """``kvm_arch_vcpu_run_pid_change`` -> ``pkvm_create_hyp_vm``: the first ``KVM_RUN``
+        of any vCPU creates the hypervisor's VM (``__pkvm_init_vm``: a handle and VMID, ENOMEM
+        when the VM table is full, which fails that ``KVM_RUN``) with the firmware set so far."""
+        vm = vcpu.vm
+        state = pkvm_state(vm)
+        if state.hvm is not None:
+            return
+        hvm = state.hyp.init_vm(protected=state.protected)
 
         def count(name: str, n: int) -> None:
             vm.count(f"pkvm.{name}", n)
@@ -241,15 +275,17 @@ class PkvmPolicy:
 
         hvm.count = count
         hvm.listener = listener
-        # Conversions never copy: shown as an explicit zero (see _convert).
-        vm.count("pkvm.copies", 0)
+        hvm.pvmfw = state.pvmfw
+        state.hvm = hvm
         vm.trace("pkvm_init_vm", handle=hvm.handle, vmid=hvm.vmid, protected=hvm.protected)
-        return PkvmVm(hyp, hvm)
 
     @hookimpl
     def guestmem_vm_destroy(self, vm: VmView) -> None:
-        """Teardown: reclaim what is left, then ``__pkvm_finalize_teardown_vm``."""
+        """``pkvm_destroy_hyp_vm``: reclaim what is left, then ``__pkvm_finalize_teardown_vm``;
+        nothing for a VM that never ran (no handle)."""
         state = pkvm_state(vm)
+        if state.hvm is None:
+            return
         if not state.hvm.dying:
             state.hyp.start_teardown_vm(state.hvm)
         self._reclaim(vm, state, 0, 1 << 64)
@@ -289,14 +325,35 @@ class PkvmPolicy:
         vm.trace("enable_cap", cap=arg.cap, args=list(arg.args))
         return 0
 
+    # --- memslots ------------------------------------------------------------------------------
+    @hookimpl
+    def guestmem_prepare_memory_region(
+        self, vm: VmView, old: SlotView | None, new: SlotView | None, change: str
+    ) -> None:
+        """Android's ``kvm_arch_prepare_memory_region`` under pKVM ("KVM: arm64: Do not allow
+        changes to private memory slots"): once a protected VM's hypervisor VM exists (its
+        first ``KVM_RUN``), its memslots may not be deleted or moved; no memslot of a
+        protected VM may log dirty pages (nor be read-only, which the protected VM type
+        already refuses earlier, S-4).  Both are EPERM (pKVM-3.6)."""
+        state = pkvm_state(vm)
+        if not state.protected:
+            return
+        if change in ("delete", "move") and state.hvm is not None:
+            raise KvmError(
+                errno.EPERM, "pKVM-3.6", f"a protected VM that ran keeps its memslots (no {change})"
+            )
+        if new is not None and new.flags & (uapi.KVM_MEM_LOG_DIRTY_PAGES | uapi.KVM_MEM_READONLY):
+            raise KvmError(errno.EPERM, "pKVM-3.6", "a protected VM's memslots log no dirty pages")
+
     # --- guest stage-2 faults: donation (pVM) or share (normal VM) ------------------------------
     @hookimpl
     def guestmem_fault(self, vm: VmView, fault: Fault) -> None:
         """Give the faulting page to the guest before KVM maps it (``gmem_abort``, 4K only)."""
         state = pkvm_state(vm)
+        hvm = state.running
         gfn, pfn = fault.gfn, fault.pfn
         assert pfn is not None
-        page = state.hvm.state(gfn)
+        page = hvm.state(gfn)
         if page.state == PageState.POISON:
             # __pkvm_vcpu_in_poison_fault: KVM_RUN returns -EFAULT, no memory-fault exit.
             vm.count("pkvm.poison_faults")
@@ -307,7 +364,7 @@ class PkvmPolicy:
             return  # the hypervisor already gave it: only the stage-2 leaf is rebuilt
         fault.max_level = uapi.PG_LEVEL_4K
         if not state.protected:
-            state.hyp.host_share_guest(state.hvm, pfn, gfn)
+            state.hyp.host_share_guest(hvm, pfn, gfn)
             return
         if host_maps(vm, gfn):
             # The donation would leave a host mapping of a guest-private page: userspace
@@ -316,7 +373,7 @@ class PkvmPolicy:
             raise MemoryFault(
                 errno.EFAULT, gfn << PAGE_SHIFT, PAGE_SIZE, 0, "pKVM-3.5", "the host still maps this page"
             )
-        state.hyp.host_donate_guest(state.hvm, pfn, gfn)
+        state.hyp.host_donate_guest(hvm, pfn, gfn)
 
     @hookimpl
     def guestmem_max_mapping_level(self, vm: VmView, pfn: int, is_private: bool) -> int:
@@ -326,11 +383,23 @@ class PkvmPolicy:
     # --- invalidation and reclaim --------------------------------------------------------------
     @hookimpl
     def guestmem_unmap_gfn_range(self, vm: VmView, range: GfnRange) -> bool:  # noqa: A002
-        """The host removes guest pages: reclaim (VM closing) or force reclaim (VM alive)."""
-        return self._reclaim(vm, pkvm_state(vm), range.start, range.end)
+        """The host removes guest pages: reclaim (VM closing) or force reclaim (VM alive).
+
+        Not when a memslot of a protected VM is deleted or moved: ``kvm_set_memslot`` zaps
+        the slot (``kvm_arch_flush_shadow_memslot`` -> ``kvm_stage2_unmap_range``) before
+        ``kvm_arch_prepare_memory_region`` refuses the change (pKVM-3.6), and the host
+        cannot unmap a protected guest's memory (``pkvm_pgtable_stage2_unmap`` refuses a
+        protected VM): the pages stay the guest's, the zapped leaves are refaulted.
+        """
+        state = pkvm_state(vm)
+        if state.protected and range.slot.flags & uapi.KVM_MEMSLOT_INVALID:
+            return False
+        return self._reclaim(vm, state, range.start, range.end)
 
     def _reclaim(self, vm: VmView, state: PkvmVm, start: int, end: int) -> bool:
         hyp, hvm = state.hyp, state.hvm
+        if hvm is None:  # never ran: the hypervisor gave the VM nothing
+            return False
         if vm.closed and not hvm.dying and hvm.guest.overlaps(start, end):
             hyp.start_teardown_vm(hvm)  # the VM is going away: a normal reclaim
         return hyp.reclaim_guest_range(hvm, start, end) > 0
@@ -370,15 +439,26 @@ class PkvmPolicy:
         return HostFault.ALLOW if mappable else HostFault.SIGBUS
 
     @hookimpl
-    def guestmem_host_access(self, host: HostView, pfn: int, write: bool) -> str | None:
-        """A host access to a page not in the host stage-2 is a stage-2 abort (3.2)."""
+    def guestmem_host_access(self, host: HostView, pfn: int, write: bool, address: int | None) -> str | None:
+        """A host access to a page not in the host stage-2 is a stage-2 abort (3.2).
+
+        ``handle_host_mem_abort``: ``host_stage2_idmap`` refuses a page another component
+        owns (-EPERM) and ``host_inject_abort`` hands the abort back to the host kernel,
+        marked with ``ESR_ELx_S1PTW``.  arm64 ``do_page_fault`` then sends a userspace
+        access ``SIGSEGV``/``SEGV_ACCERR`` ("stage-2 fault"): the process is told, the host
+        goes on.  The host kernel's own access has no context to fix it up
+        (``__do_kernel_fault``): it dies with "access to hypervisor-protected memory".
+        """
         page = hypervisor(host).host_state(pfn)
         if page.state != PageState.NOPAGE:
             return None
-        return (
-            f"pKVM host stage-2 abort: pfn {pfn:#x} belongs to {page.owner.name.lower()} "
-            f"handle {page.handle:#x} (access to hypervisor-protected memory)"
-        )
+        owner = f"{page.owner.name.lower()} handle {page.handle:#x}"
+        if address is not None:
+            host.count("pkvm.host_stage2_aborts")
+            host.trace("pkvm_host_abort", pfn=pfn, address=address, write=write, owner=owner)
+            raise HostSigsegv(address, "pKVM-3.2", f"stage-2 fault: pfn {pfn:#x} belongs to {owner}")
+        why = "access to hypervisor-protected memory"
+        return f"pKVM host stage-2 abort: pfn {pfn:#x} belongs to {owner} ({why})"
 
     # --- guest hypercalls ---------------------------------------------------------------------
     @hookimpl
@@ -446,7 +526,7 @@ class PkvmPolicy:
         may stop short of *nr_pages*) and returns its length, the guest's x1.
         """
         vm = vcpu.vm
-        hyp, hvm = state.hyp, state.hvm
+        hyp, hvm = state.hyp, state.running
         before = {g: _leaf_pfn(vm, g) for g in (gfn, gfn + nr_pages - 1)}
         if share:
             try:
@@ -492,7 +572,7 @@ class PkvmPolicy:
                     raise HypError(errno.EFAULT, "pkvm_memshare_call", str(exc)) from None
 
     def _relinquish(self, vm: VmView, state: PkvmVm, gfn: int) -> None:
-        pfn = state.hyp.guest_relinquish_to_host(state.hvm, gfn)
+        pfn = state.hyp.guest_relinquish_to_host(state.running, gfn)
         if pfn is not None:
             vm.zap_gfn_range(gfn, gfn + 1)  # the guest's leaf is gone (KVM's copy of stage-2)
 

@@ -8,7 +8,7 @@ import guestmem
 from guestmem import HostSigbus, uapi
 from guestmem.backend import view
 from guestmem_pkvm import plugin
-from guestmem_pkvm.abi import KVM_VM_TYPE_ARM_PROTECTED
+from guestmem_pkvm.abi import ARM_SMCCC_VENDOR_HYP_KVM_HYP_MEMINFO_FUNC_ID, KVM_VM_TYPE_ARM_PROTECTED
 from guestmem_pkvm.ownership import HANDLE_OFFSET, Hypervisor, PageState
 from guestmem_pkvm.policy import hypervisor, pkvm_state
 
@@ -25,6 +25,8 @@ def test_each_open_has_its_own_hypervisor_in_host_arch_3_1() -> None:
         assert hypervisor(view(a)) is hyp_a
         ga, gb = Guest(a), Guest(b)
         assert pkvm_state(ga.vm).hyp is hyp_a and pkvm_state(gb.vm).hyp is hyp_b
+        for g in (ga, gb):  # the first KVM_RUN makes the hyp VM (pkvm_create_hyp_vm)
+            g.vcpu.hypercall(ARM_SMCCC_VENDOR_HYP_KVM_HYP_MEMINFO_FUNC_ID, 0, 0, 0)
         # Separate VM tables: both first VMs get the first handle and VMID.
         assert pkvm_state(ga.vm).handle == pkvm_state(gb.vm).handle == HANDLE_OFFSET
         assert pkvm_state(ga.vm).vmid == pkvm_state(gb.vm).vmid == 1

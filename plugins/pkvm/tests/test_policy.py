@@ -9,6 +9,7 @@ import pytest
 
 import guestmem
 from guestmem import HostSigbus, KvmError, MemoryFault, uapi
+from guestmem.backend import view
 from guestmem_pkvm import abi
 from guestmem_pkvm.exits import HypercallExit
 from guestmem_pkvm.ownership import HANDLE_OFFSET, PageState
@@ -43,18 +44,94 @@ def test_backend_offers_protected_and_default_arm64_vm_types() -> None:
         assert info.arch == "arm64"
 
 
-def test_vms_get_handles_and_vmids_3_1(kvm: Any) -> None:
+@pytest.mark.parametrize("vm_type", [abi.KVM_VM_TYPE_ARM_PROTECTED, abi.KVM_VM_TYPE_ARM_DEFAULT])
+def test_memslot_beyond_the_40_bit_ipa_space_is_efault_s_7(kvm: Any, vm_type: int) -> None:
+    """arm64 ``kvm_arch_prepare_memory_region``: a memslot ending past the IPA space (40 bits
+    for a machine type asking for no size) is EFAULT, where x86 says EINVAL."""
+    vm = kvm.create_vm(vm_type)
+    with pytest.raises(KvmError) as info:
+        vm.set_user_memory_region2(0, 0, (1 << 40) - PAGE, 2 * PAGE, 0)
+    assert (info.value.errno, info.value.rule) == (errno.EFAULT, "S-7")
+    vm.set_user_memory_region2(0, 0, (1 << 40) - PAGE, PAGE, 0)
+    vm.close()
+
+
+def _first_run(vm: Any) -> None:
+    """The first KVM_RUN of a new vCPU of *vm* (a HYP_MEMINFO call), then its fd is closed."""
+    with vm.create_vcpu(len(pkvm_state(vm).hyp.vm_table) + 7) as vcpu:
+        assert vcpu.hypercall(MEMINFO, 0, 0, 0) == PAGE
+
+
+def test_vms_get_handles_and_vmids_at_their_first_run_3_1(kvm: Any) -> None:
+    """``pkvm_create_hyp_vm`` runs at a VM's first KVM_RUN (``kvm_arch_vcpu_run_pid_change``):
+    the handle and VMID follow the order of first runs, not of KVM_CREATE_VM."""
     a = kvm.create_vm(abi.KVM_VM_TYPE_ARM_PROTECTED)
     b = kvm.create_vm(abi.KVM_VM_TYPE_ARM_DEFAULT)
-    assert (pkvm_state(a).handle, pkvm_state(a).vmid) == (HANDLE_OFFSET, 1)
-    assert (pkvm_state(b).handle, pkvm_state(b).vmid, pkvm_state(b).protected) == (
-        HANDLE_OFFSET + 1,
-        2,
-        False,
-    )
-    a.close()
-    assert pkvm_state(kvm.create_vm(abi.KVM_VM_TYPE_ARM_PROTECTED)).vmid == 1  # slot freed at teardown
+    assert (pkvm_state(a).handle, pkvm_state(b).handle) == (0, 0)
+    assert pkvm_state(a).hyp.vm_table == []
+    _first_run(b)
+    _first_run(a)
+    assert (pkvm_state(b).handle, pkvm_state(b).vmid, pkvm_state(b).protected) == (HANDLE_OFFSET, 1, False)
+    assert (pkvm_state(a).handle, pkvm_state(a).vmid) == (HANDLE_OFFSET + 1, 2)
+    _first_run(a)  # once per VM
+    assert pkvm_state(a).vmid == 2
     b.close()
+    c = kvm.create_vm(abi.KVM_VM_TYPE_ARM_PROTECTED)
+    _first_run(c)
+    assert pkvm_state(c).vmid == 1  # b's slot was freed at its teardown
+    a.close()
+    c.close()
+
+
+def test_a_full_vm_table_fails_the_first_run_not_the_create_3_1(kvm: Any) -> None:
+    """``__pkvm_init_vm``: ENOMEM once ``KVM_MAX_PVMS`` VMs hold a slot; it is the first
+    KVM_RUN that fails, and it can be retried once a slot is free."""
+    hyp = pkvm_state(kvm.create_vm(abi.KVM_VM_TYPE_ARM_DEFAULT)).hyp
+    hyp.max_vms = 1
+    a, b = kvm.create_vm(abi.KVM_VM_TYPE_ARM_PROTECTED), kvm.create_vm(abi.KVM_VM_TYPE_ARM_PROTECTED)
+    _first_run(a)
+    vcpu = b.create_vcpu(0)
+    with pytest.raises(KvmError) as info:
+        vcpu.hypercall(MEMINFO, 0, 0, 0)
+    assert info.value.errno == errno.ENOMEM and pkvm_state(b).hvm is None
+    a.close()
+    assert vcpu.hypercall(MEMINFO, 0, 0, 0) == PAGE
+    vcpu.close()
+    b.close()
+
+
+def test_pvmfw_address_is_fixed_once_the_vm_ran_3_4(guest: Guest) -> None:
+    """Android ``pkvm_vm_ioctl_set_fw_ipa``: the firmware address may change until the hyp VM
+    exists (the first KVM_RUN), then it is EBUSY (pKVM-3.4)."""
+    set_pvmfw(guest.vm, GPA + 8 * PAGE, b"old")
+    set_pvmfw(guest.vm, GPA + 16 * PAGE, b"pvmfw!")
+    assert guest.vcpu.hypercall(MEMINFO, 0, 0, 0) == PAGE
+    with pytest.raises(KvmError) as info:
+        set_pvmfw(guest.vm, GPA, b"late")
+    assert (info.value.errno, info.value.rule) == (errno.EBUSY, "pKVM-3.4")
+    assert guest.vcpu.access(GPA + 16 * PAGE, 6) == b"pvmfw!"
+    assert guest.vcpu.access(GPA + 8 * PAGE, 3) == bytes(3)
+
+
+@pytest.mark.parametrize("gmem_open", [True, False], ids=["closed", "destroyed"])
+def test_pvmfw_and_exit_hypercall_on_a_closed_vm_are_ebadf_and_change_nothing(
+    kvm: Any, gmem_open: bool
+) -> None:
+    """Both are VM ioctls (``KVM_ENABLE_CAP``): on a closed VM fd ``kvm_vm_ioctl`` fails with
+    EBADF before the command, whether a guest_memfd keeps the VM alive or it was destroyed."""
+    vm = kvm.create_vm(abi.KVM_VM_TYPE_ARM_PROTECTED)
+    gmem = vm.create_guest_memfd(SIZE, GMEM_FLAGS)
+    vm.close()
+    if not gmem_open:
+        gmem.close()
+    assert vm.destroyed != gmem_open
+    state = pkvm_state(vm)
+    for call in (lambda: set_pvmfw(vm, GPA, b"fw"), lambda: enable_exit_hypercall(vm, 0)):
+        with pytest.raises(KvmError) as info:
+            call()
+        assert info.value.errno == errno.EBADF
+    assert state.pvmfw is None and state.exit_mask == abi.KVM_EXIT_HYPERCALL_VALID_MASK
+    assert state.hyp.vm_table == [] and len(state.hyp.host) == 0
 
 
 def test_arm64_capabilities_cap_3_cap_4(kvm: Any) -> None:
@@ -287,3 +364,131 @@ def test_without_init_shared_only_shared_pages_are_host_mappable_m_4_3_5(kvm: An
     m.close()
     gmem.close()
     assert vm.destroyed
+
+
+# --- host access to a donated page (3.2: host_inject_abort, then the host's do_page_fault) -----
+def _plain_slot_vm(kvm: Any, backing: Any) -> tuple[Any, Any]:
+    """A protected VM whose memslot is a plain (hva) one over *backing*, and its vCPU."""
+    vm = kvm.create_vm(abi.KVM_VM_TYPE_ARM_PROTECTED)
+    vm.set_user_memory_region2(0, 0, GPA, backing.length, backing.address)
+    return vm, vm.create_vcpu(0)
+
+
+def test_host_userspace_access_to_a_donated_page_is_sigsegv_not_a_host_crash_3_2(kvm: Any) -> None:
+    """A plain memslot over a host mapping of guest_memfd: nothing in the hypervisor sees the
+    host's stage-1 mapping, so ``__pkvm_host_donate_guest`` (host OWNED, guest NOPAGE) donates
+    the page the host still maps.  The host's next access to it is a host stage-2 abort that
+    ``handle_host_mem_abort`` injects back (``host_inject_abort``); arm64 ``do_page_fault``
+    answers a userspace one with SIGSEGV/SEGV_ACCERR, and the machine goes on."""
+    gmem = kvm.create_vm(abi.KVM_VM_TYPE_ARM_PROTECTED).create_guest_memfd(SIZE, GMEM_FLAGS)
+    host_map = gmem.mmap(SIZE)
+    host_map.write(0, b"hello")
+    vm, vcpu = _plain_slot_vm(kvm, host_map)
+    assert vcpu.access(GPA, 5) == b"hello"
+    state = pkvm_state(vm)
+    pfn = state.hvm.state(GPA >> 12).pfn(GPA >> 12)
+    assert state.hyp.host_state(pfn).state == PageState.NOPAGE  # donated while host-mapped
+    for access in (lambda: host_map.read(0, 1), lambda: host_map.write(2, b"X")):
+        with pytest.raises(guestmem.HostSigsegv) as info:
+            access()
+        exc = info.value
+        assert (exc.errno, exc.si_code, exc.rule) == (errno.EFAULT, uapi.SEGV_ACCERR, "pKVM-3.2")
+        assert exc.address in (host_map.address, host_map.address + 2)
+    host = view(kvm)
+    assert host.crashed is None and host.counters["pkvm.host_stage2_aborts"] == 2
+    assert vcpu.access(GPA, 5) == b"hello"  # the refused store changed nothing
+    assert host_map.read(PAGE, 1) == b"\0"  # the rest of the mapping is the host's
+    with pytest.raises(guestmem.HostCrash, match="hypervisor-protected memory"):
+        host.kernel_write(pfn, 0, b"k")  # the host kernel's own access: __do_kernel_fault dies
+
+
+def test_guest_memory_behind_anonymous_host_memory_is_not_readable_by_the_host_3_2(kvm: Any) -> None:
+    """The same for a protected VM's ordinary (anonymous) memory: the host cannot read what
+    the guest stored in its private page, and gets it back zeroed at teardown."""
+    shared = kvm.mmap_anonymous(SIZE)
+    vm, vcpu = _plain_slot_vm(kvm, shared)
+    vcpu.access(GPA, data=b"secret")
+    with pytest.raises(guestmem.HostSigsegv):
+        shared.read(0, 6)
+    vcpu.close()
+    vm.close()  # teardown: __pkvm_host_reclaim_page_guest zeroes the page for the host
+    assert vm.destroyed and shared.read(0, 6) == bytes(6)
+    shared.close()
+
+
+# --- memslot changes of a protected VM (3.6) -------------------------------------------------------
+def test_memslots_of_a_protected_vm_that_ran_are_kept_and_its_pages_untouched_3_6(kvm: Any) -> None:
+    """``kvm_set_memslot`` zaps a slot being deleted or moved (``kvm_arch_flush_shadow_memslot``)
+    before ``kvm_arch_prepare_memory_region``, which Android's pKVM makes refuse a DELETE or a
+    MOVE of a protected VM that ran with EPERM.  The zap does not take the guest's pages back
+    (``pkvm_pgtable_stage2_unmap`` refuses a protected VM): after a refused change, whatever
+    refused it, the guest still owns its page with its contents, nothing was poisoned."""
+    shared = kvm.mmap_anonymous(SIZE)
+    vm, vcpu = _plain_slot_vm(kvm, shared)
+    vcpu.access(GPA, data=b"secret")
+    hvm = pkvm_state(vm).hvm
+    owned = hvm.state(GPA >> 12)
+    refusals = [
+        ((0, 0, GPA + SIZE, SIZE, shared.address), errno.EPERM, "pKVM-3.6"),  # MOVE
+        ((0, 0, GPA, 0, 0), errno.EPERM, "pKVM-3.6"),  # DELETE
+        # A MOVE past the IPA space: arm64's own check in kvm_arch_prepare_memory_region
+        # (Android runs the pKVM check first; both refuse and change nothing).
+        ((0, 0, (1 << 40) - PAGE, SIZE, shared.address), errno.EFAULT, "S-7"),
+    ]
+    for args, err, rule in refusals:
+        with pytest.raises(KvmError) as info:
+            vm.set_user_memory_region2(*args)
+        assert (info.value.errno, info.value.rule) == (err, rule), args
+        assert hvm.state(GPA >> 12) == owned
+        assert vcpu.access(GPA, 6) == b"secret"
+    assert vm.counters["pkvm.force_reclaims"] == vm.counters["pkvm.poison_faults"] == 0
+    assert vm.memslots[(0, 0)].base_gfn == GPA >> 12
+    vcpu.close()
+    vm.close()
+    assert shared.read(0, 6) == bytes(6)  # reclaimed, zeroed, at teardown
+    shared.close()
+
+
+def test_memslots_change_freely_before_the_first_run_and_on_a_normal_vm_3_6(kvm: Any) -> None:
+    """No hyp VM yet: nothing was donated, DELETE and MOVE go through.  A normal VM's pages
+    are shared, not donated: its memslots change after it ran, unsharing what was mapped."""
+    shared = kvm.mmap_anonymous(SIZE)
+    vm, vcpu = _plain_slot_vm(kvm, shared)
+    vm.set_user_memory_region2(0, 0, GPA + SIZE, SIZE, shared.address)  # MOVE
+    vm.set_user_memory_region2(0, 0, GPA + SIZE, 0, 0)  # DELETE
+    vcpu.close()
+    vm.close()
+    normal = kvm.create_vm(abi.KVM_VM_TYPE_ARM_DEFAULT)
+    normal.set_user_memory_region2(0, 0, GPA, SIZE, shared.address)
+    nvcpu = normal.create_vcpu(0)
+    nvcpu.access(GPA, data=b"np")
+    state = pkvm_state(normal)
+    assert state.hvm.state(GPA >> 12).state == PageState.SHARED_BORROWED
+    normal.set_user_memory_region2(0, 0, GPA + SIZE, SIZE, shared.address)  # MOVE: unshared
+    assert state.hvm.state(GPA >> 12).state == PageState.NOPAGE and len(state.hyp.host) == 0
+    assert nvcpu.access(GPA + SIZE, 2) == b"np"
+    nvcpu.close()
+    normal.close()
+    shared.close()
+
+
+@pytest.mark.parametrize("vm_type", [abi.KVM_VM_TYPE_ARM_PROTECTED, abi.KVM_VM_TYPE_ARM_DEFAULT])
+def test_a_protected_vm_logs_no_dirty_pages_3_6(kvm: Any, vm_type: int) -> None:
+    """Android ``kvm_arch_prepare_memory_region``: ``KVM_MEM_LOG_DIRTY_PAGES`` on a memslot of
+    a protected VM is EPERM (create and flags change alike); a normal VM may log."""
+    shared = kvm.mmap_anonymous(SIZE)
+    vm = kvm.create_vm(vm_type)
+    dirty = uapi.KVM_MEM_LOG_DIRTY_PAGES
+    if vm_type == abi.KVM_VM_TYPE_ARM_PROTECTED:
+        with pytest.raises(KvmError) as info:
+            vm.set_user_memory_region2(0, dirty, GPA, SIZE, shared.address)  # CREATE
+        assert (info.value.errno, info.value.rule) == (errno.EPERM, "pKVM-3.6") and not vm.memslots
+        vm.set_user_memory_region2(0, 0, GPA, SIZE, shared.address)
+        with pytest.raises(KvmError) as info:
+            vm.set_user_memory_region2(0, dirty, GPA, SIZE, shared.address)  # FLAGS_ONLY
+        assert (info.value.errno, info.value.rule) == (errno.EPERM, "pKVM-3.6")
+        assert vm.memslots[(0, 0)].flags == 0
+    else:
+        vm.set_user_memory_region2(0, dirty, GPA, SIZE, shared.address)
+    vm.close()
+    shared.close()

@@ -75,10 +75,10 @@ def test_random_interleavings_keep_isolation_3_2_3_5(ops: list[tuple[str, int, b
                         assert op == "share"
                         g.map.madvise(uapi.MADV_DONTNEED, i * PAGE, PAGE)
                         continue
-                    if op == "relinquish" and state.hvm.state(gfn).state == PageState.NOPAGE:
+                    if op == "relinquish" and state.running.state(gfn).state == PageState.NOPAGE:
                         expected.pop(i, None)  # relinquished pages come back zeroed
                 else:
-                    page = state.hvm.state(gfn).state
+                    page = PageState.NOPAGE if state.hvm is None else state.hvm.state(gfn).state
                     private = page == PageState.OWNED
                     try:
                         if op == "host_write":

@@ -65,17 +65,22 @@ class SnpGuest:
 
     # --- exits and re-entry ------------------------------------------------------------------
     def _enter(self) -> None:
+        self._run()
         if self.state.pending is not None:
             raise RuntimeError("the vCPU has an unfinished KVM_EXIT_HYPERCALL: resume() it first")
 
+    def _run(self) -> None:
+        """``KVM_RUN`` before the guest executes (``kvm_vcpu_ioctl``, ``kvm_arch_vcpu_ioctl_run``):
+        an open vCPU fd (EBADF), a live host and VM (EIO, CAP-9), then the SEV checks
+        (``svm_vcpu_pre_run``, VMRUN of the VMSA) the policy's ``guestmem_vcpu_pre_run`` makes."""
+        self.cpu.check_run()
+
     def resume(self, ret: int = 0) -> int:
         """Re-enter after a ``KVM_EXIT_HYPERCALL`` with ``run->hypercall.ret = ret``."""
+        self._run()
         pending = self.state.pending
         if pending is None:
             raise RuntimeError("resume() without a pending KVM_EXIT_HYPERCALL")
-        self.vm.host.check_alive()
-        if self.vm.dead:
-            raise KvmError(errno.EIO, "CAP-9", f"VM is dead: {self.vm.dead_reason}")
         self.state.pending = None
         return pending(ret)
 
@@ -135,6 +140,7 @@ class SnpGuest:
         then succeeds.  With *fallback* a 2M PVALIDATE answered with SIZEMISMATCH is redone
         as 512 4K ones, as Linux guests do.
         """
+        self._run()
         step = PTRS_PER_PMD if page_size == uapi.PG_LEVEL_2M else 1
         if gpa % PAGE_SIZE or size % (step * PAGE_SIZE) or size <= 0:
             return PVALIDATE_FAIL_INPUT

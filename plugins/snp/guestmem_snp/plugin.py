@@ -1,5 +1,13 @@
 """Entry point of the ``guestmem-snp`` distribution (group ``guestmem``, name ``snp``).
 
+Each backend is a whole SEV-SNP host: its ``/dev/kvm`` offers the x86 VM types every host
+has, ``KVM_X86_DEFAULT_VM`` and ``KVM_X86_SW_PROTECTED_VM`` (the core's, run by the core
+alone: the policy leaves them alone), next to SEV, SEV-ES and SNP, so ``KVM_CAP_VM_TYPES``
+is 0x1f (CAP-6).  SW_PROTECTED needs ``CONFIG_KVM_SW_PROTECTED_VM`` (an EXPERT option,
+default n) and the TDP MMU: the modelled kernel is built with it, as the ``sw`` backend's
+is; a distribution kernel that is not reports 0x1d, which a profile whose ``vm_types``
+leaves 1 out models.
+
 Registers two backends that share one policy:
 
 ``snp``
@@ -17,6 +25,7 @@ from collections.abc import Callable
 import attrs
 
 from guestmem import Backend, VmTypeInfo, hookimpl, uapi
+from guestmem.backend import X86_DEFAULT_VM, X86_SW_PROTECTED_VM
 from guestmem_snp.intents import SnpIntents
 from guestmem_snp.policy import SnpPolicy
 
@@ -55,15 +64,17 @@ BACKENDS = (
     Backend(
         name="snp",
         summary="AMD SEV-SNP host (Linux 6.18): RMP, ASIDs, launch, PVALIDATE, page-state changes",
-        vm_types=(SEV_VM, SEV_ES_VM, SNP_VM),
+        vm_types=(X86_DEFAULT_VM, X86_SW_PROTECTED_VM, SEV_VM, SEV_ES_VM, SNP_VM),
         policy=POLICY,
+        range_faults=True,  # sev_gmem_prepare takes runs of order-0 folios at once
         intents=INTENTS,
     ),
     Backend(
         name="snp-hugepage",
         summary="AMD SEV-SNP host with hugepage guest_memfd (order-9 folios, 2 MiB RMP entries; unmerged)",
-        vm_types=(SEV_VM, SEV_ES_VM, SNP_VM_HUGEPAGE),
+        vm_types=(X86_DEFAULT_VM, X86_SW_PROTECTED_VM, SEV_VM, SEV_ES_VM, SNP_VM_HUGEPAGE),
         policy=POLICY,
+        range_faults=True,  # sev_gmem_prepare takes runs of order-0 folios at once
         intents=INTENTS,
     ),
 )

@@ -28,9 +28,7 @@ from guestmem_snp.ghcb import (
     complete_psc_msr,
 )
 from guestmem_snp.host import SnpHost
-from guestmem_snp.sev import SevCmd, SevVm
-
-_SEV_TYPES = frozenset({uapi.KVM_X86_SEV_VM, uapi.KVM_X86_SEV_ES_VM, uapi.KVM_X86_SNP_VM})
+from guestmem_snp.sev import SEV_VM_TYPES, SevCmd, SevVcpu, SevVm, no_sev_ioctl
 
 
 def _sev(vm: VmView) -> SevVm | None:
@@ -50,7 +48,7 @@ class SnpPolicy:
     @hookimpl
     def guestmem_vm_init(self, vm: VmView) -> SevVm | None:
         """``svm_vm_init``: SEV state; the ASID comes with ``KVM_SEV_INIT2``."""
-        if vm.vm_type not in _SEV_TYPES:
+        if vm.vm_type not in SEV_VM_TYPES:
             return None
         return SevVm(vm)
 
@@ -62,29 +60,43 @@ class SnpPolicy:
             sev.destroy()
 
     @hookimpl
-    def guestmem_check_extension(self, cap: int) -> int | None:
-        """``KVM_CAP_EXIT_HYPERCALL``: only ``KVM_HC_MAP_GPA_RANGE`` can exit."""
-        if cap == uapi.KVM_CAP_EXIT_HYPERCALL:
-            return KVM_EXIT_HYPERCALL_VALID_MASK
-        return None
+    def guestmem_vcpu_init(self, vcpu: VcpuView) -> SevVcpu | None:
+        """``sev_vcpu_create``: the VMSA page of an SEV-ES/SNP guest's vCPU."""
+        sev = _sev(vcpu.vm)
+        return None if sev is None else sev.vcpu_create(vcpu.vcpu_id)
+
+    @hookimpl
+    def guestmem_vcpu_pre_run(self, vcpu: VcpuView) -> None:
+        """``svm_vcpu_pre_run`` and VMRUN: no guest entry before INIT2 or the SNP launch."""
+        sev = _sev(vcpu.vm)
+        if sev is not None:
+            sev.vcpu_pre_run(vcpu.vcpu_id)
+
+    @hookimpl
+    def guestmem_vcpu_destroy(self, vcpu: VcpuView) -> None:
+        """``sev_free_vcpu``: the VMSA back to the host."""
+        sev = _sev(vcpu.vm)
+        if sev is not None:
+            sev.free_vcpu(vcpu.vcpu_id)
 
     @hookimpl
     def guestmem_vm_ioctl(self, vm: VmView, request: int, arg: Any) -> int | None:
-        """``svm_mem_enc_ioctl``: ``KVM_MEMORY_ENCRYPT_OP`` with a :class:`SevCmd`."""
+        """``svm_mem_enc_ioctl``: ``KVM_MEMORY_ENCRYPT_OP`` with a :class:`SevCmd`, on any VM
+        of the host (``sev_mem_enc_ioctl``; a VM of another type has no SEV state)."""
         if request != uapi.KVM_MEMORY_ENCRYPT_OP:
             return None
+        if not isinstance(arg, SevCmd):
+            raise KvmError(errno.EFAULT, "", "KVM_MEMORY_ENCRYPT_OP needs a struct kvm_sev_cmd (SevCmd)")
         sev = _sev(vm)
-        if sev is None or not isinstance(arg, SevCmd):
-            raise KvmError(errno.ENOTTY, "", "KVM_MEMORY_ENCRYPT_OP needs a SevCmd on an SEV/SEV-ES/SNP VM")
-        return sev.ioctl(arg)
+        return no_sev_ioctl(vm, arg) if sev is None else sev.ioctl(arg)
 
     # --- gmem folio lifetime -------------------------------------------------------------------
     @hookimpl
-    def guestmem_gmem_prepare(self, vm: VmView, gfn: int, pfn: int, order: int) -> None:
-        """``sev_gmem_prepare``: RMP assign at the folio's first fault."""
+    def guestmem_gmem_prepare(self, vm: VmView, gfn: int, pfn: int, order: int, npages: int) -> None:
+        """``sev_gmem_prepare``: RMP assign at the folios' first fault (a run of them at once)."""
         sev = _sev(vm)
         if sev is not None:
-            sev.gmem_prepare(gfn, pfn, order)
+            sev.gmem_prepare(gfn, pfn, order, npages)
 
     @hookimpl
     def guestmem_gmem_invalidate(self, vm: VmView, start_pfn: int, end_pfn: int) -> None:

@@ -29,7 +29,7 @@ import structlog
 
 from guestmem import uapi
 from guestmem.backend import VmView, view
-from guestmem.errors import KvmError
+from guestmem.errors import FailEntryExit, KvmError
 from guestmem_snp.ghcb import PscBuffer, PscEngine
 from guestmem_snp.host import SVM_SEV_FEAT_SECURE_TSC, SnpHost
 from guestmem_snp.rmp import PTRS_PER_PMD, RMP_RC_NAMES, RMP_SUCCESS, RmpEntry
@@ -80,10 +80,20 @@ SNP_POLICY_DEFAULT: Final = SNP_POLICY_MASK_RSVD_MBO | SNP_POLICY_MASK_SMT
 SVM_SEV_FEAT_SNP_ACTIVE: Final = 1 << 0
 
 INITIAL_VMSA_GPA: Final = 0xFFFFFFFFF000
+#: ``SVM_EXIT_ERR`` (-1, VMEXIT_INVALID) as 6.18 reports a failed VMRUN in
+#: ``fail_entry.hardware_entry_failure_reason``: through the 32-bit ``vmcb->control.exit_code``.
+SVM_EXIT_ERR: Final = 0xFFFF_FFFF
+#: Rule of the ``KVM_SEV_INIT2`` ordering (backends.md 2.1): KVM_RUN before it, INIT2 after
+#: ``KVM_CREATE_VCPU`` or on a VM that needs none.
+INIT2_RULE: Final = "SNP-2.1"
+#: Rule of ``KVM_RUN`` before the launch made the vCPU's VMSA (backends.md 2.4).
+LAUNCH_RULE: Final = "SNP-2.4"
 SNP_CPUID_COUNT_MAX: Final = 64
 SEV_RET_INVALID_GUEST_STATE: Final = 0x2
 SEV_RET_INVALID_PARAM: Final = 0x16
 GHCB_VERSION_MAX: Final = 2
+#: The VM types ``svm_vm_init`` gives SEV state (``sev->need_init``).
+SEV_VM_TYPES: Final = frozenset({uapi.KVM_X86_SEV_VM, uapi.KVM_X86_SEV_ES_VM, uapi.KVM_X86_SNP_VM})
 _DIGEST_SIZE: Final = 48
 _PAGE_INFO_LEN: Final = 0x70
 
@@ -153,8 +163,15 @@ class _Populate:
 
 @attrs.define
 class SevVcpu:
-    """Per-vCPU SEV-ES/SNP state: the GHCB's PSC descriptor and the pending userspace exit."""
+    """Per-vCPU SEV state (``struct vcpu_sev_es_state``): the VMSA page, the GHCB's PSC
+    descriptor and the pending userspace exit."""
 
+    #: ``svm->sev_es.vmsa``: allocated at ``KVM_CREATE_VCPU`` once the VM is an SEV-ES or
+    #: SNP guest (``sev_vcpu_create``), None for a vCPU created before ``KVM_SEV_INIT2``.
+    vmsa_pfn: int | None = None
+    #: ``vcpu->arch.guest_state_protected``: the VMSA was encrypted and measured (SNP:
+    #: made a guest-owned VMSA page by ``SNP_LAUNCH_FINISH``).
+    guest_state_protected: bool = False
     psc: PscBuffer | None = None
     engine: PscEngine = attrs.Factory(PscEngine)
     #: ``vcpu->arch.complete_userspace_io``: called with ``run->hypercall.ret`` on re-entry.
@@ -173,7 +190,12 @@ def page_info_digest(current: bytes, contents: bytes, page_type: int, gpa: int) 
 
 
 class SevVm:
-    """``struct kvm_sev_info`` of one SEV / SEV-ES / SNP VM."""
+    """``struct kvm_sev_info`` of one SEV / SEV-ES / SNP VM.
+
+    Every VM of an SVM host has one; the policy keeps it (as ``vm.arch``) for the SEV
+    types only.  That of another VM type is all zero, which is how ``sev_mem_enc_ioctl``
+    answers it: see :func:`no_sev_ioctl`.
+    """
 
     def __init__(self, vm: VmView) -> None:
         self.vm = vm
@@ -182,7 +204,8 @@ class SevVm:
         self.host: SnpHost = host
         self.snp = vm.vm_type == uapi.KVM_X86_SNP_VM
         self.es = self.snp or vm.vm_type == uapi.KVM_X86_SEV_ES_VM
-        self.need_init = True
+        #: ``svm_vm_init``: every VM type but DEFAULT and SW_PROTECTED waits for INIT2.
+        self.need_init = vm.vm_type in SEV_VM_TYPES
         self.active = False
         self.asid = 0
         self.ghcb_version = 0
@@ -207,11 +230,61 @@ class SevVm:
         return self.snp and self.active
 
     def vcpu_state(self, vcpu_id: int) -> SevVcpu:
-        """The SEV state of vCPU *vcpu_id* (created on first use)."""
-        state = self.vcpus.get(vcpu_id)
-        if state is None:
-            state = self.vcpus[vcpu_id] = SevVcpu()
+        """The SEV state of vCPU *vcpu_id* (``sev_vcpu_create`` made it)."""
+        return self.vcpus[vcpu_id]
+
+    # --- vCPUs: creation, KVM_RUN, teardown ---------------------------------------------------
+    def vcpu_create(self, vcpu_id: int) -> SevVcpu:
+        """``sev_vcpu_create``: an SEV-ES/SNP guest's vCPU gets a VMSA page.
+
+        Only once the VM is one (``sev_es_guest``: after ``KVM_SEV_INIT2``); a vCPU created
+        earlier is a plain vCPU, and ``KVM_SEV_INIT2`` is refused from then on (SNP-2.1).
+        Linux 6.18 allocates the page after ``SNP_LAUNCH_FINISH`` too: such a vCPU's VMSA
+        is never launched, so it cannot run (SNP-2.4).
+        """
+        state = self.vcpus[vcpu_id] = SevVcpu()
+        if self.es and self.active:
+            pfn = state.vmsa_pfn = self.vm.host.alloc(1)  # snp_safe_alloc_page
+            self.host.freed.erase(pfn, pfn + 1)  # KVM holds the page again
         return state
+
+    def vcpu_pre_run(self, vcpu_id: int) -> None:
+        """``KVM_RUN``'s checks of an SEV vCPU, then VMRUN's of an SNP one.
+
+        ``svm_vcpu_pre_run``: before ``KVM_SEV_INIT2`` (``sev->need_init``) KVM_RUN fails
+        with EINVAL.  An SNP vCPU then enters only through a VMSA the launch made a
+        guest-owned VMSA page (``SNP_LAUNCH_FINISH``, ``snp_launch_update_vmsa``): VMRUN of
+        any other fails with VMEXIT_INVALID, which ``svm_handle_exit`` reports as
+        ``KVM_EXIT_FAIL_ENTRY``.  SEV and SEV-ES launches are not modelled: their vCPUs run
+        once INIT2 is done.
+        """
+        if self.need_init:
+            raise KvmError(
+                errno.EINVAL, INIT2_RULE, "KVM_RUN before KVM_SEV_INIT2 (svm_vcpu_pre_run: need_init)"
+            )
+        state = self.vcpus[vcpu_id]
+        if self.snp and not state.guest_state_protected:
+            when = "after" if self.snp_finished else "before"
+            raise FailEntryExit(
+                SVM_EXIT_ERR,
+                f"VMRUN of vCPU {vcpu_id}: its VMSA is no launched VMSA page (created {when} "
+                "KVM_SEV_SNP_LAUNCH_FINISH)",
+                rule=LAUNCH_RULE,
+            )
+
+    def free_vcpu(self, vcpu_id: int) -> None:
+        """``sev_free_vcpu``: an SNP guest's VMSA goes back to shared in the RMP before it
+        is freed; if that fails it is leaked."""
+        state = self.vcpus.get(vcpu_id)
+        if state is None or state.vmsa_pfn is None:
+            return
+        pfn, state.vmsa_pfn = state.vmsa_pfn, None
+        self.vmsa_pfns.pop(vcpu_id, None)
+        with self.host.acting(self.vm):
+            if self.snp_active and not self._kvm_rmp_make_shared(pfn, bug_vm=False):
+                return
+        self.vm.host.free(pfn, 1)
+        self.host.freed.set(pfn, pfn + 1, True)
 
     def _psp(self, command: str, n: int = 1) -> None:
         self.vm.count("psp_commands", n)
@@ -282,9 +355,9 @@ class SevVm:
     def init2(self, vmsa_features: int = 0, ghcb_version: int = 0, flags: int = 0) -> None:
         """``KVM_SEV_INIT2`` (``sev_guest_init2`` / ``__sev_guest_init``): allocate the ASID."""
         if not self.need_init or self.active:
-            raise KvmError(errno.EINVAL, "", "KVM_SEV_INIT2: the VM is already initialised")
+            raise KvmError(errno.EINVAL, INIT2_RULE, "KVM_SEV_INIT2: the VM is already initialised")
         if self.vm.vcpus():
-            raise KvmError(errno.EINVAL, "", "KVM_SEV_INIT2 must come before KVM_CREATE_VCPU")
+            raise KvmError(errno.EINVAL, INIT2_RULE, "KVM_SEV_INIT2 must come before KVM_CREATE_VCPU")
         if flags:
             raise KvmError(errno.EINVAL, "", f"KVM_SEV_INIT2: flags must be 0, got {flags:#x}")
         valid = self.host.vmsa_features if self.es else 0
@@ -385,8 +458,10 @@ class SevVm:
             raise KvmError(errno.EINVAL, "", f"KVM_SEV_SNP_LAUNCH_FINISH: flags must be 0, got {flags:#x}")
         rmp = self.host.rmp
         for vcpu_id in (vcpu.vcpu_id for vcpu in self.vm.vcpus()):
-            pfn = self.vm.host.alloc(1)
-            vmsa = struct.pack("<QQ", vcpu_id, self.vmsa_features)
+            state = self.vcpus[vcpu_id]
+            pfn = state.vmsa_pfn
+            assert pfn is not None, "every vCPU of an initialised SNP VM has a VMSA"
+            vmsa = struct.pack("<QQ", vcpu_id, self.vmsa_features)  # sev_es_sync_vmsa
             self.vm.host.write(pfn, 0, vmsa)
             self._adjust_direct_map(pfn, 1)
             with self.host.acting(self.vm):
@@ -401,6 +476,7 @@ class SevVm:
                 self.launch_digest, contents, KVM_SEV_SNP_PAGE_TYPE_VMSA, INITIAL_VMSA_GPA
             )
             self.vmsa_pfns[vcpu_id] = pfn
+            state.guest_state_protected = True
         self._psp("SNP_LAUNCH_FINISH")
         self.snp_finished = True
         # sev.c snp_launch_finish: no more LAUNCH_UPDATE, so private pages may now be handed
@@ -410,20 +486,20 @@ class SevVm:
         return self.launch_digest
 
     # --- kernel paths run by the policy hooks -----------------------------------------------
-    def gmem_prepare(self, gfn: int, pfn: int, order: int) -> None:
-        """``sev_gmem_prepare``: make a new gmem folio private in the RMP (Guest-Invalid).
+    def gmem_prepare(self, gfn: int, pfn: int, order: int, npages: int) -> None:
+        """``sev_gmem_prepare``: make new gmem folios private in the RMP (Guest-Invalid).
 
         2 MiB iff the folio is 2 MiB (order >= 9), naturally aligned, and all 512 RMP
-        entries are unassigned (``is_large_rmp_possible``); else 4 KiB entries.
+        entries are unassigned (``is_large_rmp_possible``); else 4 KiB entries.  A run of
+        order-0 folios (the core hands them over at once) is each folio's 4K entry; a folio
+        already assigned is left alone, as the kernel's per-folio check does.
         """
         if not self.snp_active:
             return
         rmp = self.host.rmp
-        nr = 1 << order
-        self.host.freed.erase(pfn, pfn + nr - gfn % nr)
-        if rmp.is_assigned(pfn):
+        self.host.freed.erase(pfn, pfn + npages)
+        if order and rmp.is_assigned(pfn):
             return
-        npages = nr - gfn % nr  # the folio may reach prepare from a page inside it
         base_pfn = pfn - pfn % PTRS_PER_PMD
         large = (
             order >= uapi.PMD_ORDER
@@ -439,8 +515,8 @@ class SevVm:
                 )
                 self.vm.count("rmpupdate")
             else:
-                # 6.18 folios are order 0: one 4K entry.  A large folio that cannot take a 2M
-                # entry gets 4K entries for its unassigned pages (prepare runs once per folio).
+                # 6.18 folios are order 0: one 4K entry each.  A large folio that cannot take a
+                # 2M entry gets 4K entries for its unassigned pages (prepare runs once per folio).
                 for s, e in list(rmp.unassigned(pfn, pfn + npages)):
                     gpa = (gfn + s - pfn) << PAGE_SHIFT
                     self._adjust_direct_map(s, e - s)
@@ -627,15 +703,8 @@ class SevVm:
         self.vm.host.kernel_write(pfn, offset, data)
 
     def destroy(self) -> None:
-        """``sev_free_vcpu`` + ``sev_vm_destroy``: VMSAs and GCTX back to the host, ASID freed."""
+        """``sev_vm_destroy``: guest-request pages and GCTX back to the host, ASID freed."""
         host = self.vm.host
-        with self.host.acting(self.vm):
-            for pfn in self.vmsa_pfns.values():
-                if not self._kvm_rmp_make_shared(pfn, bug_vm=False):
-                    continue
-                host.free(pfn, 1)
-                self.host.freed.set(pfn, pfn + 1, True)
-            self.vmsa_pfns.clear()
         if self.guest_resp_pfn is not None:  # snp_guest_req_cleanup
             self._free_firmware_page(self.guest_resp_pfn)
             self.guest_resp_pfn = None
@@ -651,6 +720,13 @@ class SevVm:
             self.host.asids.free(self.asid)
             self.vm.trace("sev_asid_free", asid=self.asid)
             self.active = False
+
+
+def no_sev_ioctl(vm: VmView, cmd: SevCmd) -> int:
+    """``sev_mem_enc_ioctl`` on a VM that is no SEV type (DEFAULT, SW_PROTECTED): its
+    ``kvm_sev_info`` is all zero, so INIT2 is EINVAL (no ``need_init``), the SNP launch
+    commands ENOTTY or EINVAL as on an SEV VM before INIT2."""
+    return SevVm(vm).ioctl(cmd)
 
 
 def as_sev(vm: Any) -> SevVm:
@@ -720,7 +796,11 @@ class Sev:
         return self.state.launch_digest
 
     def host_kernel_write(self, pfn: int, data: bytes, offset: int = 0) -> None:
-        """The host kernel stores *data* to *pfn* (an RMP-assigned page crashes the host)."""
+        """The host kernel stores *data* to *pfn* (an RMP-assigned page crashes the host).
+
+        A non-integer *pfn* or *offset*, or *data* that is not bytes-like, is a TypeError
+        naming it before anything is touched (``HostView.kernel_write``).
+        """
         self.state.host_kernel_write(pfn, data, offset)
 
     # what the commands left

@@ -55,7 +55,17 @@ class SnpVm:
         return int(pfn)
 
 
-def make_snp_vm(backend: str = "snp", size: int = 8 * MIB, *, init: bool = True, exits: bool = True) -> SnpVm:
+def make_snp_vm(
+    backend: str = "snp",
+    size: int = 8 * MIB,
+    *,
+    init: bool = True,
+    launch: bool = True,
+    exits: bool = True,
+) -> SnpVm:
+    """An SNP VM with RAM at gpa 0 and vCPU 0, through ``KVM_SEV_INIT2`` (*init*) and an
+    empty launch (*launch*: ``SNP_LAUNCH_START`` + ``SNP_LAUNCH_FINISH``, which makes vCPU 0's
+    VMSA so that it can run, SNP-2.4).  Counters start at zero after the setup."""
     kvm = guestmem.open(backend)
     vm = kvm.create_vm(uapi.KVM_X86_SNP_VM)
     sev = guestmem_snp.sev(vm)
@@ -67,5 +77,8 @@ def make_snp_vm(backend: str = "snp", size: int = 8 * MIB, *, init: bool = True,
     shared = kvm.mmap_anonymous(size)
     vm.set_user_memory_region2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, size, shared.address, gmem, 0)
     vcpu = vm.create_vcpu(0)
-    vm.counters.clear()  # the tests count their own work, not INIT2's firmware page
+    if init and launch:
+        sev.snp_launch_start()
+        sev.snp_launch_finish()
+    vm.counters.clear()  # the tests count their own work, not INIT2's firmware page or the launch
     return SnpVm(kvm, vm, gmem, shared, vcpu, size)

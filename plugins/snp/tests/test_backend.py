@@ -62,12 +62,13 @@ def test_s4_no_readonly_memslots(vm_type: int) -> None:
         assert info.value.errno == errno.EINVAL
 
 
-def test_pf2_pre_fault_refused_on_snp_until_launch_finish(snp: SnpVm) -> None:
+def test_pf2_pre_fault_refused_on_snp_until_launch_finish() -> None:
     """PF-2: KVM_PRE_FAULT_MEMORY on an SNP VM is EOPNOTSUPP until SNP_LAUNCH_FINISH.
 
     sev.c ``snp_launch_finish`` sets ``kvm->arch.pre_fault_allowed``: afterwards a
     pre-fault assigns the RMP entries like a first access does.
     """
+    snp = make_snp_vm(launch=False)
     snp.private(0, MIB)
     with pytest.raises(KvmError) as info:
         snp.vcpu.pre_fault_memory(0, MIB)
@@ -225,17 +226,22 @@ def test_every_4k_rmpupdate_splits_the_direct_map(snp_huge: SnpVm) -> None:
     assert snp.vm.counters["direct_map_splits"] == 0
     snp.gmem.fallocate(uapi.FALLOC_FL_PUNCH_HOLE | uapi.FALLOC_FL_KEEP_SIZE, 0x3000, PAGE)
     assert snp.vm.counters["psmash"] == 1 and snp.vm.counters["direct_map_splits"] == 1
-    snp.sev.snp_launch_start()
-    gctx = snp.sev.gctx_pfn
+    gctx = snp.sev.gctx_pfn  # made by the launch of the fixture
     assert gctx is not None and snp.sev.host.direct_map_split.get(gctx // 512)
 
 
-def test_no_2m_entry_before_init2() -> None:
-    """sev_gmem_prepare does nothing until the VM is an SNP guest (KVM_SEV_INIT2)."""
+def test_no_rmp_entry_before_init2() -> None:
+    """sev_gmem_prepare does nothing until the VM is an SNP guest (KVM_SEV_INIT2); no guest
+    access reaches it before, either: KVM_RUN is EINVAL (svm_vcpu_pre_run, SNP-2.1)."""
     snp = make_snp_vm(init=False)
     snp.private(0, MIB)
-    snp.vcpu.access(0, private=True)
-    assert not snp.rmp.is_assigned(snp.pfn(0))
+    with pytest.raises(KvmError) as info:
+        snp.vcpu.access(0, private=True)
+    assert (info.value.errno, info.value.rule) == (errno.EINVAL, "SNP-2.1")
+    assert snp.vm.gmem_pfn(0) is None
+    pfn = snp.kvm.host.alloc(1)
+    snp.state.gmem_prepare(0, pfn, 0, 1)
+    assert not snp.rmp.is_assigned(pfn)
 
 
 def test_punch_hole_reclaims_rmp_and_flushes(snp: SnpVm) -> None:
@@ -275,7 +281,7 @@ def test_whole_2m_free_is_one_2m_update(snp_huge: SnpVm) -> None:
 
 
 def test_vm_teardown_leaves_no_assigned_entry() -> None:
-    snp = make_snp_vm()
+    snp = make_snp_vm(launch=False)
     snp.private(0, MIB)
     snp.sev.snp_launch_start()
     snp.sev.launch_update_data(0, b"x" * 4096)
@@ -300,6 +306,8 @@ def test_private_pages_are_never_host_mappable() -> None:
     vm.set_user_memory_region2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, MIB, 0, gmem, 0)
     vm.set_memory_attributes(0, MIB, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
     vcpu = vm.create_vcpu(0)
+    guestmem_snp.sev(vm).snp_launch_start()
+    guestmem_snp.sev(vm).snp_launch_finish()
     vcpu.access(0, private=True)
     mapping = gmem.mmap(MIB)
     with pytest.raises(HostSigbus, match="host-mappability"):
@@ -348,7 +356,6 @@ def test_partial_frees_at_both_ends_psmash_two_2m_pages(snp_huge: SnpVm) -> None
 def test_unreclaimable_entry_is_freed_anyway_and_a_later_host_write_crashes(snp: SnpVm) -> None:
     """2.2/2.6: RMPUPDATE fails (immutable) -> WARN, the folio is still freed; host write -> RMP #PF."""
     snp.private(0, MIB)
-    snp.sev.snp_launch_start()
     pfn = snp.kvm.host.alloc(1)
     assert snp.rmp.make_private(pfn, 0x9000, uapi.PG_LEVEL_4K, snp.sev.asid, immutable=True) == 0
     snp.state.gmem_invalidate(pfn, pfn + 1)
@@ -423,7 +430,7 @@ def test_no_2m_entry_when_a_subpage_is_already_assigned(snp_huge: SnpVm) -> None
     assert base % 512 == 0
     other = snp.rmp.make_private(base + 7, 0x7000_0000, uapi.PG_LEVEL_4K, snp.sev.asid, immutable=False)
     assert other == 0
-    snp.state.gmem_prepare(0x400, base, uapi.PMD_ORDER)
+    snp.state.gmem_prepare(0x400, base, uapi.PMD_ORDER, 512)
     assert snp.rmp.lookup(base).level == uapi.PG_LEVEL_4K
     assert snp.rmp.lookup(base + 8).gpa == (0x400 + 8) << 12
     assert snp.rmp.lookup(base + 7).gpa == 0x7000_0000  # left alone

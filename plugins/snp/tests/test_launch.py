@@ -9,7 +9,7 @@ import pytest
 from snp_helpers import MIB, SnpVm, make_snp_vm
 
 from guestmem import uapi
-from guestmem.errors import KvmError
+from guestmem.errors import FailEntryExit, KvmError
 from guestmem_snp.rmp import RmpState
 from guestmem_snp.sev import (
     INITIAL_VMSA_GPA,
@@ -30,8 +30,14 @@ from guestmem_snp.sev import (
 PAGE = uapi.PAGE_SIZE
 
 
+@pytest.fixture
+def snp() -> SnpVm:
+    """An SNP VM after ``KVM_SEV_INIT2`` whose launch is still to come: the tests make it."""
+    return make_snp_vm(launch=False)
+
+
 def launched(payload: list[tuple[int, bytes]], backend: str = "snp") -> SnpVm:
-    snp = make_snp_vm(backend)
+    snp = make_snp_vm(backend, launch=False)
     snp.private(0, 2 * MIB)
     snp.sev.snp_launch_start()
     for gpa, data in payload:
@@ -75,7 +81,7 @@ def test_digest_depends_on_content_and_order() -> None:
 def test_unmeasured_contents_do_not_change_the_digest() -> None:
     digests = set()
     for fill in (b"x", b"y"):
-        snp = make_snp_vm()
+        snp = make_snp_vm(launch=False)
         snp.private(0, MIB)
         snp.sev.snp_launch_start()
         snp.sev.launch_update_data(0, fill * PAGE, KVM_SEV_SNP_PAGE_TYPE_UNMEASURED)
@@ -84,7 +90,7 @@ def test_unmeasured_contents_do_not_change_the_digest() -> None:
 
 
 def test_zero_and_secrets_pages() -> None:
-    snp = make_snp_vm()
+    snp = make_snp_vm(launch=False)
     snp.private(0, MIB)
     snp.sev.snp_launch_start()
     snp.sev.launch_update_data(0, None, KVM_SEV_SNP_PAGE_TYPE_ZERO, length=2 * PAGE)
@@ -98,7 +104,7 @@ def test_zero_and_secrets_pages() -> None:
 
 def test_bad_cpuid_page_is_reclaimed_and_reported() -> None:
     """2.4: firmware rejects the CPUID page -> snp_page_reclaim, error copied back, -EIO."""
-    snp = make_snp_vm()
+    snp = make_snp_vm(launch=False)
     snp.private(0, MIB)
     snp.sev.snp_launch_start()
     table = struct.pack("<I", 65) + bytes(PAGE - 4)
@@ -117,7 +123,7 @@ def test_partial_progress_advances_the_parameters() -> None:
     The next call fails at its first page (P-3, kvm_gmem_populate -EINVAL): snp_launch_update
     turns every negative count into -EIO.
     """
-    snp = make_snp_vm()
+    snp = make_snp_vm(launch=False)
     snp.private(0, 2 * PAGE)  # the third page is shared: P-3 stops there
     snp.sev.snp_launch_start()
     params = SnpLaunchUpdate(0, b"z" * 3 * PAGE, 3 * PAGE)
@@ -127,12 +133,18 @@ def test_partial_progress_advances_the_parameters() -> None:
     assert params.gfn_start == 2 and params.error == 0  # not a firmware error
 
 
-def test_launch_update_of_a_prepared_page_is_eio(snp: SnpVm) -> None:
-    """P-4: kvm_gmem_populate refuses a prepared folio (-EEXIST); snp_launch_update says -EIO."""
+def test_no_page_is_prepared_before_the_launch_update(snp: SnpVm) -> None:
+    """P-4 (kvm_gmem_populate refuses a prepared folio) cannot be reached on SNP: before the
+    launch no guest access enters the guest (SNP-2.4: VMRUN fails) and KVM_PRE_FAULT_MEMORY is
+    refused (PF-2), so nothing prepares a folio; LAUNCH_UPDATE then populates the page."""
     snp.private(0, MIB)
-    snp.vcpu.access(0, private=True)
+    with pytest.raises(FailEntryExit):
+        snp.vcpu.access(0, private=True)
+    assert errno_of(lambda: snp.vcpu.pre_fault_memory(0, PAGE)) == errno.EOPNOTSUPP
+    assert snp.vm.gmem_pfn(0) is None
     snp.sev.snp_launch_start()
-    assert errno_of(lambda: snp.sev.launch_update_data(0, b"q" * PAGE)) == errno.EIO
+    snp.sev.launch_update_data(0, b"q" * PAGE)
+    assert snp.rmp.lookup(snp.pfn(0)).validated
 
 
 def test_unreadable_source_stops_at_its_page(snp: SnpVm) -> None:
@@ -206,7 +218,7 @@ def test_command_order() -> None:
     assert errno_of(snp.sev.snp_launch_start) == errno.ENOTTY
     assert errno_of(lambda: snp.sev.launch_update_data(0, b"x" * PAGE)) == errno.EINVAL
     assert errno_of(snp.sev.snp_launch_finish) == errno.ENOTTY
-    snp = make_snp_vm()
+    snp = make_snp_vm(launch=False)
     assert errno_of(snp.sev.snp_launch_finish) == errno.EINVAL
     snp.sev.snp_launch_start()
     assert errno_of(snp.sev.snp_launch_start) == errno.EINVAL
@@ -253,10 +265,10 @@ def test_launch_start_creates_a_firmware_context_page(snp: SnpVm) -> None:
 
 def test_launch_finish_measures_each_vmsa() -> None:
     """2.4: LAUNCH_FINISH turns each vCPU's VMSA into a measured guest page at INITIAL_VMSA_GPA."""
-    one = make_snp_vm()
+    one = make_snp_vm(launch=False)
     one.sev.snp_launch_start()
     d_one = one.sev.snp_launch_finish()
-    two = make_snp_vm()
+    two = make_snp_vm(launch=False)
     two.vm.create_vcpu(1)
     two.sev.snp_launch_start()
     d_two = two.sev.snp_launch_finish()

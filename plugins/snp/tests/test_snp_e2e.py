@@ -62,7 +62,7 @@ def test_snp_guest_lifecycle(backend: str, bounce_pages: int, rmp_checker: guest
     On the hugepage backend the bounce buffer is a whole 2 MiB folio: a partial punch of a
     large folio zeroes it in place (the core does not split folios) instead of freeing it.
     """
-    snp = make_snp_vm(backend, SIZE)
+    snp = make_snp_vm(backend, SIZE, launch=False)
     vm, sev, g, rmp = snp.vm, snp.sev, snp.guest, snp.rmp
     vmm = snp.vmm()
     bounce_size = bounce_pages * PAGE

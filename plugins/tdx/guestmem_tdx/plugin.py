@@ -1,0 +1,44 @@
+"""Entry point of the ``guestmem-tdx`` distribution (group ``guestmem``, name ``tdx``).
+
+Registers ``tdx``: an x86 host running Linux 6.18 with the TDX module loaded.  Its
+``/dev/kvm`` offers ``KVM_X86_DEFAULT_VM`` and ``KVM_X86_SW_PROTECTED_VM`` (the core's
+x86 code, unchanged) and ``KVM_X86_TDX_VM``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from guestmem import Backend, VmTypeInfo, hookimpl, uapi
+from guestmem.backend import X86_DEFAULT_VM, X86_SW_PROTECTED_VM
+from guestmem_tdx.policy import TdxPolicy
+
+#: ``KVM_X86_TDX_VM`` (``tdx_vm_init``): private memory (CAP-5, so no INIT_SHARED gmem,
+#: CAP-3), protected state (no read-only memslots, S-4), one memslot address space,
+#: pre-faulting only after ``KVM_TDX_FINALIZE_VM`` (PF-2), private leaves in a mirror root.
+TDX_VM = VmTypeInfo(
+    type=uapi.KVM_X86_TDX_VM,
+    name="KVM_X86_TDX_VM",
+    has_private_mem=True,
+    readonly_mem=False,
+    pre_fault_allowed=False,
+    nr_memslot_as_ids=1,
+    gmem_folio_order=0,
+    has_mirrored_tdp=True,
+)
+
+POLICY = TdxPolicy()
+
+BACKEND = Backend(
+    name="tdx",
+    summary="Intel TDX host (Linux 6.18): TDX module, S-EPT and PAMT, KeyIDs, launch, ACCEPT, MapGPA",
+    vm_types=(X86_DEFAULT_VM, X86_SW_PROTECTED_VM, TDX_VM),
+    policy=POLICY,
+    range_faults=True,
+)
+
+
+@hookimpl
+def guestmem_register_backends(register: Callable[[Backend], None]) -> None:
+    """Register ``tdx``."""
+    register(BACKEND)
