@@ -64,10 +64,12 @@ class PkvmIntents(Intents):
         return RamRegion(gpa, size, gmem, 0, gmem.mmap(size), in_place=True, slot=slot)
 
     def launch_start(self, guest: GuestVm) -> str:
-        """``__pkvm_init_vm`` ran at ``KVM_CREATE_VM``: report the hypervisor's handle."""
+        """Nothing to start: the hypervisor hears of the VM at its first ``KVM_RUN``
+        (``kvm_arch_vcpu_run_pid_change`` -> ``pkvm_create_hyp_vm`` -> ``__pkvm_init_vm``,
+        the handle and VMID); until then ``kvm->arch.pkvm.handle`` is 0."""
         state = pkvm_state(guest.vm)
         kind = "protected VM" if state.protected else "normal VM"
-        return f"pKVM {kind}: handle {state.handle:#x}, VMID {state.vmid}"
+        return f"pKVM {kind}: the hypervisor's VM (handle, VMID) is created at the first KVM_RUN"
 
     def populate(self, guest: GuestVm, gpa: int, data: bytes, measure: bool | None) -> str:
         """The host writes the image through its mapping, then drops the mapping."""

@@ -12,6 +12,7 @@ from guestmem import HostSigbus, KvmError, uapi
 from guestmem.backend import NotApplicable
 from guestmem.guestvm import GuestVm
 from guestmem_pkvm import abi
+from guestmem_pkvm.ownership import HANDLE_OFFSET
 from guestmem_pkvm.policy import pkvm_state
 
 MiB = 1 << 20
@@ -30,8 +31,12 @@ def test_a_private_vm_is_protected_with_gmem_only_memory(guest: GuestVm) -> None
     region = guest.regions[0]
     assert region.in_place and region.gmem is not None
     assert region.gmem.flags == uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
-    assert guest.notes[0].startswith("pKVM protected VM: handle 0x1000")
+    assert guest.notes[0].startswith("pKVM protected VM: the hypervisor's VM")
     assert "in_place_conversion" in guest.capabilities and "acceptance" not in guest.capabilities
+    state = pkvm_state(guest.vm)
+    assert (state.handle, state.hvm) == (0, None)  # pkvm_create_hyp_vm waits for KVM_RUN
+    guest.write(0x1000, b"x")
+    assert (state.handle, state.vmid) == (HANDLE_OFFSET, 1)
 
 
 def test_populate_writes_then_unmaps_and_the_first_fault_donates(guest: GuestVm) -> None:
