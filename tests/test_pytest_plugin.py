@@ -14,6 +14,8 @@ pytest_plugins = ["pytester"]
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "vmm-testing" / "test_conversion_handler.py"
 MODEL_BACKENDS = sorted(n for n, b in guestmem.backends().items() if b.opener is None)
+#: A backend no distribution provides.
+MISSING = "no-such-backend"
 
 TESTS = """
 import pytest
@@ -50,12 +52,12 @@ def test_default_is_every_installed_model_backend(pytester: pytest.Pytester) -> 
 
 def test_the_option_narrows_and_names_missing_backends(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(TESTS)
-    result = pytester.runpytest_inprocess("--guestmem-backend", "sw", "--guestmem-backend", "tdx", "-rs")
+    result = pytester.runpytest_inprocess("--guestmem-backend", "sw", "--guestmem-backend", MISSING, "-rs")
     outcomes = result.parseoutcomes()
-    assert outcomes["passed"] == 4  # sw: backend, kvm, default_vm; tdx: the name alone
-    assert outcomes["skipped"] == 4  # sw: acceptance; tdx: kvm, default_vm, acceptance
+    assert outcomes["passed"] == 4  # sw: backend, kvm, default_vm; the missing one: its name alone
+    assert outcomes["skipped"] == 4  # sw: acceptance; the missing one: kvm, default_vm, acceptance
     result.stdout.fnmatch_lines(
-        ["*sw: needs acceptance (guest.accept: the guest must accept*", "*tdx: backend not installed*"]
+        ["*sw: needs acceptance (guest.accept: the guest must accept*", f"*{MISSING}: backend not installed*"]
     )
     result = pytester.runpytest_inprocess("--guestmem-backend", "sw,sw")
     assert result.parseoutcomes()["passed"] == 3
