@@ -25,6 +25,16 @@ def guest(kvm: Any) -> Iterator[GuestVm]:
         yield g
 
 
+def test_capabilities_are_probed_at_launch(guest: GuestVm) -> None:
+    """A VM its guest killed answers every ioctl with EIO (CAP-9), KVM_CHECK_EXTENSION too;
+    what it can do was probed at launch, so later steps still learn whether they apply."""
+    view(guest.vm).kill("the guest touched what it must not")
+    with pytest.raises(KvmError) as info:
+        guest.vm.check_extension(uapi.KVM_CAP_MEMORY_ATTRIBUTES)
+    assert info.value.errno == errno.EIO
+    assert {"conversion", "memory_attributes", "private_mem"} <= guest.capabilities
+
+
 def test_launch_lays_out_memory_as_qemu_does(guest: GuestVm) -> None:
     """A private-memory VM: gmem + shared anonymous memory in one GUEST_MEMFD slot, all
     private (kvm_set_memory_attributes_private), MAP_GPA_RANGE exits enabled."""

@@ -135,6 +135,9 @@ class GuestVm(contextlib.AbstractContextManager["GuestVm"]):
             note = intents.launch_start(guest)
             if note:
                 guest.notes.append(note)
+            # The VMM probes the VM once it is set up (KVM_CHECK_EXTENSION), before the guest
+            # runs: a guest that later kills its VM (every ioctl EIO) does not change them.
+            guest._capabilities = intents.capabilities(guest)
         except BaseException:
             guest.close()
             raise
@@ -160,7 +163,8 @@ class GuestVm(contextlib.AbstractContextManager["GuestVm"]):
     # --- what it is ---------------------------------------------------------------------------------
     @property
     def capabilities(self) -> frozenset[str]:
-        """:data:`guestmem.intents.CAPABILITIES` this VM has on its backend."""
+        """:data:`guestmem.intents.CAPABILITIES` this VM has on its backend, as the launch
+        found them."""
         if self._capabilities is None:
             self._capabilities = self.intents.capabilities(self)
         return self._capabilities
