@@ -10,7 +10,7 @@ import pytest
 
 import guestmem
 from guestmem import HypercallExit, KvmError, MemoryFault, uapi
-from guestmem.backend import view
+from guestmem.backend import X86_DEFAULT_VM, X86_SW_PROTECTED_VM, Backend, view
 from guestmem.guestvm import GuestVm
 from guestmem.intents import CAPABILITIES, COST_CATEGORIES, Intents, NotApplicable, RamRegion
 from guestmem.vmm import convert_memory
@@ -182,3 +182,21 @@ def test_a_backend_without_intents_gets_the_generic_base() -> None:
     sw = registry.backend("sw")
     assert sw.intents is not None
     assert Intents().vm_type(sw, "private")[0].type == uapi.KVM_X86_SW_PROTECTED_VM
+
+
+def test_a_backend_names_its_private_vm_type() -> None:
+    """A host whose /dev/kvm offers SW_PROTECTED next to its own confidential type (SNP,
+    TDX) names the latter; a backend without it keeps the first type with private memory."""
+
+    class Named(Intents):
+        private_vm_type = uapi.KVM_X86_SW_PROTECTED_VM
+
+    class Missing(Intents):
+        private_vm_type = uapi.KVM_X86_TDX_VM
+
+    sw = guestmem.get_registry().backend("sw")
+    plain = Backend(name="plain", summary="an x86 host", vm_types=[X86_DEFAULT_VM, X86_SW_PROTECTED_VM])
+    assert plain.vm_types[0].type == uapi.KVM_X86_DEFAULT_VM
+    assert Named().vm_type(plain, "private")[0] is X86_SW_PROTECTED_VM
+    assert Missing().vm_type(plain, "private")[0] is X86_SW_PROTECTED_VM  # the first private one
+    assert Named().vm_type(sw, "default")[0].type == uapi.KVM_X86_DEFAULT_VM

@@ -24,7 +24,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Mapping
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal
 
 import attrs
 
@@ -130,13 +130,23 @@ class Intents:
     accesses through ``Vcpu.access`` and can neither convert, accept nor populate.
     """
 
+    #: The VM type a ``"private"`` VM is (``KVM_X86_SNP_VM``, ``KVM_X86_TDX_VM``) on a host
+    #: that offers other types with private memory before it (``KVM_X86_SW_PROTECTED_VM``);
+    #: None: the first type with private memory.
+    private_vm_type: ClassVar[int | None] = None
+
     # --- choosing and creating the VM -------------------------------------------------------
     def vm_type(self, backend: Backend, kind: VmKind) -> tuple[VmTypeInfo, str]:
         """The VM type for *kind* and a note for the report ("" if none).
 
-        The base picks the first VM type with private memory for ``"private"`` and the
-        first without for ``"default"``; :class:`NotApplicable` if there is none.
+        The base picks :attr:`private_vm_type` if the backend offers it, else the first VM
+        type with private memory, for ``"private"``, and the first without for
+        ``"default"``; :class:`NotApplicable` if there is none.
         """
+        if kind == "private" and self.private_vm_type is not None:
+            found = backend.vm_type(self.private_vm_type)
+            if found is not None:
+                return found, ""
         for info in backend.vm_types:
             if info.has_private_mem == (kind == "private"):
                 return info, ""
