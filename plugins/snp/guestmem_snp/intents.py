@@ -34,7 +34,7 @@ from typing import Any
 
 from guestmem import uapi
 from guestmem.api import Vcpu
-from guestmem.backend import Backend, GuestVm, Intents, NotApplicable, RangeMap, VmTypeInfo, view
+from guestmem.backend import GuestVm, Intents, NotApplicable, RangeMap, view
 from guestmem.errors import HypercallExit, KvmError
 from guestmem_snp.ghcb import (
     GHCB_MSR_INFO_MASK,
@@ -64,13 +64,8 @@ class PageStateChangeFailed(Exception):
 class SnpIntents(Intents):
     """SEV-SNP's translation of the portable intents (see the module docstring)."""
 
-    def vm_type(self, backend: Backend, kind: Any) -> tuple[VmTypeInfo, str]:
-        """``"private"`` is ``KVM_X86_SNP_VM``; ``"default"`` a VM without private memory."""
-        if kind == "private":
-            found = backend.vm_type(uapi.KVM_X86_SNP_VM)
-            if found is not None:
-                return found, ""
-        return super().vm_type(backend, kind)
+    #: ``"private"`` is ``KVM_X86_SNP_VM``; ``"default"`` a VM without private memory.
+    private_vm_type = uapi.KVM_X86_SNP_VM
 
     # --- state of the guest --------------------------------------------------------------------
     @staticmethod
