@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from guestmem import Backend, VmTypeInfo, hookimpl, uapi
 from guestmem.backend import X86_DEFAULT_VM, X86_SW_PROTECTED_VM
+from guestmem_tdx.intents import TdxIntents
 from guestmem_tdx.policy import TdxPolicy
 
 #: ``KVM_X86_TDX_VM`` (``tdx_vm_init``): private memory (CAP-5, so no INIT_SHARED gmem,
@@ -28,6 +29,8 @@ TDX_VM = VmTypeInfo(
 )
 
 POLICY = TdxPolicy()
+#: Its translation of the portable intents (scenarios, the pytest plugin).
+INTENTS = TdxIntents()
 
 BACKEND = Backend(
     name="tdx",
@@ -35,6 +38,7 @@ BACKEND = Backend(
     vm_types=(X86_DEFAULT_VM, X86_SW_PROTECTED_VM, TDX_VM),
     policy=POLICY,
     range_faults=True,
+    intents=INTENTS,
 )
 
 
