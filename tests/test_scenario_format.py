@@ -179,6 +179,12 @@ def test_semantic_checks_after_structuring() -> None:
         "[[steps]]\n"  # 12
         'do = "vcpu.access"\n'
         "gpa = 0\n"
+        "[[steps]]\n"  # 15
+        'do = "guest.read"\n'
+        "gpa = 0\n"
+        "length = 1\n"
+        'expect = { exit = "memoryfault" }\n'  # 19
+        'expect_on.gunyah = { exit = "PageFaultExit" }\n'  # 20: a backend's own exit
     )
     found = problems(text)
     assert [(line, field) for line, field, _ in found] == [
@@ -187,8 +193,10 @@ def test_semantic_checks_after_structuring() -> None:
         (10, "steps[1].requires"),
         (11, "steps[1].expect.errno"),
         (12, "steps[2]"),
+        (19, "steps[3].expect.exit"),
     ]
     assert "no object named 'nothing'" in found[1][2]
+    assert found[5][2].startswith("not an exit: 'memoryfault' (memory_fault, hypercall, mmio")
 
 
 def test_toml_syntax_errors_have_their_line() -> None:

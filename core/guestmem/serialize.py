@@ -363,6 +363,11 @@ def _is_errno(name: str) -> bool:
     return isinstance(getattr(_errno, name, None), int) or name in ("EHWPOISON", "EOPNOTSUPP")
 
 
+def _is_exit(name: str) -> bool:
+    """One of the shared exits, or a class name (a backend's ``GuestExit``: ``PageFaultExit``)."""
+    return name in fmt.EXIT_KINDS or (name.isidentifier() and name[0].isupper())
+
+
 def _check(scenario: fmt.Scenario) -> Iterator[tuple[Path, str]]:
     """What the types cannot say: names, capabilities, errnos, policies, page sizes."""
     from guestmem.intents import CAPABILITIES, PAGE_SIZES
@@ -388,6 +393,9 @@ def _check(scenario: fmt.Scenario) -> Iterator[tuple[Path, str]]:
         ]:
             if value is not None and value.errno is not None and not _is_errno(value.errno):
                 yield (*sub, "errno"), f"not an errno name: {value.errno!r}"
+            if value is not None and value.exit is not None and not _is_exit(value.exit):
+                known = ", ".join(fmt.EXIT_KINDS)
+                yield (*sub, "exit"), f"not an exit: {value.exit!r} ({known}, or a backend's exit class name)"
 
     for i, step in enumerate(scenario.steps):
         path: Path = ("steps", i)

@@ -13,7 +13,7 @@ errors naming file, line and field) and :mod:`guestmem.scenario.run` runs them.
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar, Literal, NewType
+from typing import Any, ClassVar, Final, Literal, NewType
 
 import attrs
 
@@ -128,7 +128,9 @@ def _show_size(size: int) -> str:
 
 
 # --- expectations ----------------------------------------------------------------------------
-ExitKind = Literal["memory_fault", "hypercall", "mmio", "internal_error", "sigbus"]
+#: The exits every backend shares; ``Expect.exit`` also takes the class name of an exit an
+#: architecture defines (``PageFaultExit``: ``GUNYAH_VCPU_EXIT_PAGE_FAULT``).
+EXIT_KINDS: Final = ("memory_fault", "hypercall", "mmio", "internal_error", "sigbus")
 
 
 @attrs.frozen(kw_only=True)
@@ -136,7 +138,8 @@ class Expect:
     """What a step is expected to do; fields left out are not checked.
 
     ``ok`` (no error), ``errno`` (``"EINVAL"``) and ``rule`` (``"B-5"``) of a failed call;
-    ``exit`` and its ``gpa``/``size``/``private`` (a ``KVM_EXIT_MEMORY_FAULT``...);
+    ``exit`` and its ``gpa``/``size``/``private`` (a ``KVM_EXIT_MEMORY_FAULT``...: one of
+    :data:`EXIT_KINDS`, or the class name of a backend's own exit);
     ``data``/``zero`` (what a read returned); ``value`` (a return value, e.g. of
     ``check_extension``, or pages still allocated at teardown); ``crash``/``verdict`` (a
     hardware verdict that took the host down); ``raised`` (the class of a guest-side
@@ -147,7 +150,7 @@ class Expect:
     ok: bool | None = None
     errno: str | None = None
     rule: str | None = None
-    exit: ExitKind | None = None
+    exit: str | None = None
     gpa: Size | None = None
     size: Size | None = None
     private: bool | None = None
