@@ -100,11 +100,7 @@ class TdxIntents(Intents):
     @staticmethod
     def tdx(guest: GuestVm) -> Tdx:
         """The VM's ``KVM_TDX_*`` commands."""
-        found = guest.arch.get("tdx.cmds")
-        if found is None:
-            found = guest.arch["tdx.cmds"] = Tdx(guest.vm)
-        assert isinstance(found, Tdx)
-        return found
+        return Tdx(guest.vm)
 
     @staticmethod
     def cpu(guest: GuestVm, vcpu: Vcpu) -> TdxGuest:
