@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from guestmem.backend import Backend, hookimpl
+from guestmem_gunyah.intents import GunyahIntents
 from guestmem_gunyah.policy import GUNYAH_VM, GunyahPolicy
 
 #: The policy object of the ``gunyah`` backend.  It holds no state: each host's machine is
 #: that host's ``host.arch``, each VM's driver state its ``vm.arch``.
 POLICY = GunyahPolicy()
+#: Its translation of the portable intents (scenarios, the pytest plugin).
+INTENTS = GunyahIntents()
 
 
 @hookimpl
@@ -22,5 +25,6 @@ def guestmem_register_backends(register: Callable[[Backend], None]) -> None:
             vm_types=(GUNYAH_VM,),
             policy=POLICY,
             range_faults=True,
+            intents=INTENTS,
         )
     )
