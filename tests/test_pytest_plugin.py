@@ -81,7 +81,7 @@ def test_x(guestmem_kvm):
 def test_the_documented_example_passes_on_sw(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_conversion_handler=EXAMPLE.read_text())
     result = pytester.runpytest_inprocess("--guestmem-backend", "sw")
-    assert result.parseoutcomes() == {"passed": 2}
+    assert result.parseoutcomes() == {"passed": 3}
 
 
 def test_the_documented_example_on_every_installed_backend(pytester: pytest.Pytester) -> None:

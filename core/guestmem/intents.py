@@ -5,8 +5,8 @@ terms every confidential-computing architecture has: *populate* the launch image
 a range to shared or private, *accept* memory, load and store.  Each backend translates
 them into its mechanism: a conversion is ``KVM_HC_MAP_GPA_RANGE`` on ``sw``, a GHCB
 page-state change plus PVALIDATE on SEV-SNP, ``TDG.VP.VMCALL<MapGPA>`` plus
-``TDG.MEM.PAGE.ACCEPT`` on TDX, ``MEM_SHARE``/``MEM_UNSHARE`` on pKVM, a lend/share on
-Gunyah.
+``TDG.MEM.PAGE.ACCEPT`` on TDX, ``MEM_SHARE``/``MEM_UNSHARE`` on pKVM; a Gunyah guest has
+none (its bindings are lent or shared for good), which its backend says ("n/a: reason").
 
 A backend provides the translation by registering an :class:`Intents` object with its
 backend (``Backend(..., intents=MyIntents())``).  Every method of the base class is
@@ -59,7 +59,7 @@ CAPABILITIES: Final[dict[str, str]] = {
     "memory_attributes": "KVM_SET_MEMORY_ATTRIBUTES works on the VM (CAP-4)",
     "host_mmap": "the host can mmap this VM's guest_memfd (GUEST_MEMFD_FLAG_MMAP, CAP-2/CAP-3)",
     "conversion": "guest.convert: the guest can turn memory shared or private",
-    "in_place_conversion": "a conversion keeps the page and its contents (pKVM, Gunyah share)",
+    "in_place_conversion": "a conversion keeps the page and its contents (pKVM)",
     "acceptance": "guest.accept: the guest must accept private memory before use (PVALIDATE, ACCEPT)",
     "populate": "launch.populate: the VMM can put an image into guest memory before it runs",
     "launch_measurement": "launch.populate can measure what it puts in (SNP launch digest, TDX MRTD)",

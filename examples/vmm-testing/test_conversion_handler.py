@@ -3,11 +3,13 @@
 A VMM answers a guest's conversion request the way its architecture asks: on x86
 (KVM_X86_SW_PROTECTED_VM, SEV-SNP, TDX) KVM exits with ``KVM_HC_MAP_GPA_RANGE`` (the guest
 asked) or ``KVM_EXIT_MEMORY_FAULT`` (the guest touched the other side), and the VMM sets
-the memory attributes and discards the side the guest left; on pKVM and Gunyah the
-hypervisor converts in place and only tells the VMM.  ``MyConversionHandler`` is the code
-under test: write it the way your VMM does (or call into your VMM's own code), hand it to
-``guestmem_vm(handle_exits=...)``, and guestmem drives the guest side of each backend:
-GHCB page-state changes and PVALIDATE on SNP, MEM_SHARE/MEM_UNSHARE on pKVM...
+the memory attributes and discards the side the guest left; on pKVM the hypervisor
+converts in place and only tells the VMM; a Gunyah guest converts nothing (its RAM is lent
+or shared for good), so the tests needing a conversion skip there with that reason.
+``MyConversionHandler`` is the code under test: write it the way your VMM does (or call
+into your VMM's own code), hand it to ``guestmem_vm(handle_exits=...)``, and guestmem
+drives the guest side of each backend: GHCB page-state changes and PVALIDATE on SNP, MapGPA
+and ACCEPT on TDX, MEM_SHARE/MEM_UNSHARE on pKVM...
 
 Run it with ``pytest examples/vmm-testing`` (every installed model backend) or narrow it:
 ``pytest examples/vmm-testing --guestmem-backend sw``.  A backend without guest
@@ -84,3 +86,21 @@ def test_an_implicit_conversion_goes_through_the_handler(guestmem_vm: Any) -> No
     guest = guestmem_vm(vm_type="private", size=4 * MiB, handle_exits=MyConversionHandler)
     assert guest.read(2 * MiB, 4, private=False) == bytes(4)  # KVM_EXIT_MEMORY_FAULT, handled
     assert guest.vmm.conversions == [(2 * MiB, PAGE, False)]
+
+
+@pytest.mark.guestmem_requires("private_access")
+def test_private_memory_in_use_asks_nothing_of_the_handler(guestmem_vm: Any) -> None:
+    """A guest using the memory it was launched with (accepted where it must be: SNP's
+    page-state changes reach the handler as conversions to private) takes no conversion
+    exit for its loads and stores, and the host's side of that memory does not change."""
+    guest = guestmem_vm(vm_type="private", size=4 * MiB, handle_exits=MyConversionHandler)
+    if "acceptance" in guest.capabilities:
+        guest.accept(MiB, MiB)
+    accepted = list(guest.vmm.conversions)
+    assert all(private for _, _, private in accepted)
+    guest.write(MiB + 0x40, b"private")
+    assert guest.read(MiB + 0x40, 7) == b"private"
+    assert guest.vmm.conversions == accepted
+    region = guest.region(MiB)
+    if not region.in_place:  # x86: the shared side is another page, never written
+        assert region.shared.read(MiB + 0x40 - region.gpa, 7) == bytes(7)
