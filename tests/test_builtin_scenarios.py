@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+import guestmem
 from guestmem.scenario import builtins
 from guestmem.scenario.run import run_scenario
 
@@ -40,7 +41,13 @@ def test_each_file_cites_what_it_shows(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_runs_fully_asserted_on_sw(name: str) -> None:
+    """On sw, and on tdx and gunyah where their plugins are installed (the core's tox env
+    has neither: their columns are then "backend not installed", which is no failure)."""
     run = run_scenario(builtins.load(name), ["sw", "tdx", "gunyah"])
     assert run.unasserted() == []
-    sw, tdx, gunyah = run.backends
-    assert sw.ran and not tdx.ran and tdx.reason == gunyah.reason == "backend not installed"
+    sw, *others = run.backends
+    assert sw.ran
+    installed = guestmem.backends()
+    for column in others:
+        assert column.ran == (column.backend in installed)
+        assert column.ran or column.reason == "backend not installed"
