@@ -20,8 +20,10 @@ This module is the whole surface it sees of the core, in the kernel's terms:
 * :class:`RangeMap`, the range-keyed map the core stores everything in, for the plugin's
   own tables;
 * the portable intents a backend translates (:mod:`guestmem.intents`): :class:`Intents`,
-  :class:`NotApplicable`, :class:`RamRegion`, the :class:`GuestVm` they act on, and the
-  QEMU-style VMM loop (:mod:`guestmem.vmm`: :class:`QemuVmm`, :func:`convert_memory`).
+  :class:`X86Intents` (those of the core's x86 VM types, for a backend offering them next
+  to its own), :class:`NotApplicable`, :class:`RamRegion`, the :class:`GuestVm` they act
+  on, and the QEMU-style VMM loop (:mod:`guestmem.vmm`: :class:`QemuVmm`,
+  :func:`convert_memory`).
 
 Constants come from :mod:`guestmem.uapi`, exceptions from :mod:`guestmem.errors`.  A
 plugin never imports ``guestmem.model`` and never touches a private attribute; the
@@ -41,7 +43,7 @@ import pluggy
 
 from guestmem import uapi
 from guestmem.guestvm import GuestVm
-from guestmem.intents import Intents, NotApplicable, RamRegion
+from guestmem.intents import Intents, NotApplicable, RamRegion, X86Intents
 from guestmem.ranges import RangeMap
 from guestmem.vmm import QemuVmm, convert_memory
 
@@ -79,6 +81,7 @@ __all__ = [
     "VcpuView",
     "VmTypeInfo",
     "VmView",
+    "X86Intents",
     "convert_memory",
     "hookimpl",
     "hookspec",

@@ -43,6 +43,7 @@ __all__ = [
     "NotApplicable",
     "RamRegion",
     "VmKind",
+    "X86Intents",
 ]
 
 #: What kind of VM a scenario asks for: the backend's VM type with private memory, or its
@@ -341,6 +342,47 @@ class Intents:
         (``{"RMPUPDATE": n, "PVALIDATE": n}`` on SNP, ``{"SEAMCALL": n}`` on TDX): other
         backends show "—" there, which is the point.  The base has none."""
         return {}
+
+
+class X86Intents(Intents):
+    """The portable intents of the core's x86 VM types, ``KVM_X86_DEFAULT_VM`` and
+    ``KVM_X86_SW_PROTECTED_VM``: the ``sw`` backend's, and those of every backend that
+    models a whole x86 host and offers them next to its own (subclass it).
+
+    A guest converts with the ``KVM_HC_MAP_GPA_RANGE`` hypercall, which KVM turns into a
+    ``KVM_EXIT_HYPERCALL`` for the VMM (``__kvm_emulate_hypercall``, enabled by
+    ``KVM_CAP_EXIT_HYPERCALL``), exactly as the upstream selftest
+    ``x86/private_mem_conversions_test.c`` guest does; the VMM sets the attributes and
+    discards the old side.  There is no launch (the host cannot write private memory: no
+    populate ioctl and no mmap of private guest_memfd) and no acceptance.
+    """
+
+    def convert(
+        self, guest: GuestVm, gpa: int, size: int, *, private: bool, page_size: int, coalesce: bool
+    ) -> str:
+        if not guest.vm_type.has_private_mem:
+            raise NotApplicable(f"{guest.vm_type.name} has no private memory")
+        vcpu = guest.vcpu()
+        flags = uapi.KVM_MAP_GPA_RANGE_ENCRYPTED if private else uapi.KVM_MAP_GPA_RANGE_DECRYPTED
+        flags |= uapi.KVM_MAP_GPA_RANGE_PAGE_SZ_2M if page_size > uapi.PAGE_SIZE else 0
+        step = page_size if not coalesce else size
+        calls = 0
+        for start in range(gpa, gpa + size, step):
+            npages = step >> uapi.PAGE_SHIFT
+            request = partial(vcpu.hypercall, uapi.KVM_HC_MAP_GPA_RANGE, start, npages, flags)
+            ret = guest.run(request, vcpu)
+            calls += 1
+            if ret:
+                raise NotApplicable(
+                    f"KVM_HC_MAP_GPA_RANGE returned {ret}: exits to userspace are not enabled"
+                )
+        return f"{calls} KVM_HC_MAP_GPA_RANGE hypercall(s)"
+
+    def capabilities(self, guest: GuestVm) -> frozenset[str]:
+        found = super().capabilities(guest)
+        if guest.vm_type.has_private_mem:
+            found |= {"conversion"}
+        return found
 
 
 def require_aligned(gpa: int, size: int, page_size: int) -> None:

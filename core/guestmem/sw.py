@@ -11,18 +11,8 @@ point, like any other backend.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 
-from guestmem import uapi
-from guestmem.backend import (
-    X86_DEFAULT_VM,
-    X86_SW_PROTECTED_VM,
-    Backend,
-    GuestVm,
-    Intents,
-    NotApplicable,
-    hookimpl,
-)
+from guestmem.backend import X86_DEFAULT_VM, X86_SW_PROTECTED_VM, Backend, X86Intents, hookimpl
 
 DEFAULT_VM = X86_DEFAULT_VM
 SW_PROTECTED_VM = X86_SW_PROTECTED_VM
@@ -35,46 +25,8 @@ class SwPolicy:
 POLICY = SwPolicy()
 
 
-class SwIntents(Intents):
-    """The portable intents on upstream x86 without hardware.
-
-    A guest converts with the ``KVM_HC_MAP_GPA_RANGE`` hypercall, which KVM turns into a
-    ``KVM_EXIT_HYPERCALL`` for the VMM (``__kvm_emulate_hypercall``, enabled by
-    ``KVM_CAP_EXIT_HYPERCALL``), exactly as the upstream selftest
-    ``x86/private_mem_conversions_test.c`` guest does; the VMM sets the attributes and
-    discards the old side.  There is no launch (the host cannot write private memory: no
-    populate ioctl and no mmap of private guest_memfd) and no acceptance.
-    """
-
-    def convert(
-        self, guest: GuestVm, gpa: int, size: int, *, private: bool, page_size: int, coalesce: bool
-    ) -> str:
-        if not guest.vm_type.has_private_mem:
-            raise NotApplicable(f"{guest.vm_type.name} has no private memory")
-        vcpu = guest.vcpu()
-        flags = uapi.KVM_MAP_GPA_RANGE_ENCRYPTED if private else uapi.KVM_MAP_GPA_RANGE_DECRYPTED
-        flags |= uapi.KVM_MAP_GPA_RANGE_PAGE_SZ_2M if page_size > uapi.PAGE_SIZE else 0
-        step = page_size if not coalesce else size
-        calls = 0
-        for start in range(gpa, gpa + size, step):
-            npages = step >> uapi.PAGE_SHIFT
-            request = partial(vcpu.hypercall, uapi.KVM_HC_MAP_GPA_RANGE, start, npages, flags)
-            ret = guest.run(request, vcpu)
-            calls += 1
-            if ret:
-                raise NotApplicable(
-                    f"KVM_HC_MAP_GPA_RANGE returned {ret}: exits to userspace are not enabled"
-                )
-        return f"{calls} KVM_HC_MAP_GPA_RANGE hypercall(s)"
-
-    def capabilities(self, guest: GuestVm) -> frozenset[str]:
-        found = super().capabilities(guest)
-        if guest.vm_type.has_private_mem:
-            found |= {"conversion"}
-        return found
-
-
-INTENTS = SwIntents()
+#: The core's x86 intents (KVM_HC_MAP_GPA_RANGE conversions, no launch, no acceptance).
+INTENTS = X86Intents()
 
 
 @hookimpl
