@@ -22,7 +22,8 @@ What a VMM and a Linux SNP guest do for each intent (backends.md section 2):
 
 The guest's own record of what it validated is kept per VM (Linux keeps it in its
 page tables and the unaccepted-memory bitmap), so a conversion to shared rescinds only
-pages that are validated.
+pages that are validated.  The host's ordinary VM types (DEFAULT, SW_PROTECTED) are the
+core's: :class:`guestmem.backend.X86Intents` translates them, as on ``sw``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 
 from guestmem import uapi
 from guestmem.api import Vcpu
-from guestmem.backend import GuestVm, Intents, NotApplicable, RangeMap, view
+from guestmem.backend import GuestVm, RangeMap, X86Intents, view
 from guestmem.errors import HypercallExit, KvmError
 from guestmem_snp.ghcb import (
     GHCB_MSR_INFO_MASK,
@@ -61,7 +62,7 @@ class PageStateChangeFailed(Exception):
         self.result = result
 
 
-class SnpIntents(Intents):
+class SnpIntents(X86Intents):
     """SEV-SNP's translation of the portable intents (see the module docstring)."""
 
     #: ``"private"`` is ``KVM_X86_SNP_VM``; ``"default"`` a VM without private memory.
@@ -113,7 +114,7 @@ class SnpIntents(Intents):
     def populate(self, guest: GuestVm, gpa: int, data: bytes, measure: bool | None) -> str:
         """``KVM_SEV_SNP_LAUNCH_UPDATE`` of *data* (padded to pages), in place."""
         if not self._snp(guest):
-            raise NotApplicable(f"{guest.vm_type.name} has no SNP launch")
+            return super().populate(guest, gpa, data, measure)
         padded = data + bytes(-len(data) % PAGE_SIZE)
         page_type = KVM_SEV_SNP_PAGE_TYPE_UNMEASURED if measure is False else KVM_SEV_SNP_PAGE_TYPE_NORMAL
         self.sev(guest).launch_update_data(gpa, padded, page_type)
@@ -188,7 +189,7 @@ class SnpIntents(Intents):
         self, guest: GuestVm, gpa: int, size: int, *, private: bool, page_size: int, coalesce: bool
     ) -> str:
         if not self._snp(guest):
-            raise NotApplicable(f"{guest.vm_type.name} has no guest page-state changes")
+            return super().convert(guest, gpa, size, private=private, page_size=page_size, coalesce=coalesce)
         rescinded = 0 if private else self._pvalidate(guest, gpa, size, page_size, validate=False)
         requests = self._psc(
             guest, gpa, size, private=private, page_size=page_size, coalesce=coalesce, entries=64
@@ -203,7 +204,7 @@ class SnpIntents(Intents):
     ) -> str:
         """``snp_accept_memory``: page-state change to private, then PVALIDATE."""
         if not self._snp(guest):
-            raise NotApplicable(f"{guest.vm_type.name} has no memory acceptance")
+            return super().accept(guest, gpa, size, page_size=page_size, coalesce=coalesce, entries=entries)
         requests = self._psc(
             guest, gpa, size, private=True, page_size=page_size, coalesce=coalesce, entries=entries
         )

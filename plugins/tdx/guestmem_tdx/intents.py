@@ -28,7 +28,9 @@ What a VMM (QEMU) and a Linux TD do for each intent (backends.md section 1):
   ``guest.touch`` stores to each page, so it stops there.
 
 A TD's private pages are never host-mappable and a conversion never keeps contents
-(ACCEPT zeroes a page; a page made shared is punched out of guest_memfd).
+(ACCEPT zeroes a page; a page made shared is punched out of guest_memfd).  The host's
+ordinary VM types (``KVM_X86_DEFAULT_VM``, ``KVM_X86_SW_PROTECTED_VM``) are the core's:
+:class:`guestmem.backend.X86Intents` translates them, as on ``sw``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from typing import Any
 
 from guestmem import uapi
 from guestmem.api import Vcpu
-from guestmem.backend import GuestVm, Intents, NotApplicable, VmView, view
+from guestmem.backend import GuestVm, VmView, X86Intents, view
 from guestmem.errors import HypercallExit
 from guestmem_tdx import status as st
 from guestmem_tdx.guest import TdxGuest
@@ -87,7 +89,7 @@ class MapGpaFailed(Exception):
         self.r11 = r11
 
 
-class TdxIntents(Intents):
+class TdxIntents(X86Intents):
     """TDX's translation of the portable intents (see the module docstring)."""
 
     #: ``"private"`` is ``KVM_X86_TDX_VM``; ``"default"`` a VM without private memory.
@@ -129,7 +131,7 @@ class TdxIntents(Intents):
         each page in (MRTD records its gpa) and, unless *measure* is False, 16 TDH.MR.EXTEND
         hash its content."""
         if not self._td(guest):
-            raise NotApplicable(f"{guest.vm_type.name} has no TD launch")
+            return super().populate(guest, gpa, data, measure)
         measured = measure is not False
         region = self.tdx(guest).init_mem_region(guest.vcpu(), gpa, data, measure=measured)
         npages = (region.gpa - gpa) >> PAGE_SHIFT
@@ -186,7 +188,7 @@ class TdxIntents(Intents):
     ) -> str:
         """TDG.MEM.PAGE.ACCEPT of the range (``tdx_accept_memory`` for 2 MiB units)."""
         if not self._td(guest):
-            raise NotApplicable(f"{guest.vm_type.name} has no memory acceptance")
+            return super().accept(guest, gpa, size, page_size=page_size, coalesce=coalesce, entries=entries)
         self._accept(guest, gpa, size, page_size)
         how = "tdx_accept_memory (1G, 2M, then 4K ACCEPTs)" if page_size == HUGE else "4K ACCEPTs"
         return f"{size >> PAGE_SHIFT} page(s) accepted by {how}"
@@ -204,7 +206,7 @@ class TdxIntents(Intents):
     ) -> str:
         """MapGPA (the VMM converts and discards on the exits), then ACCEPT if private."""
         if not self._td(guest):
-            raise NotApplicable(f"{guest.vm_type.name} has no guest-initiated conversion")
+            return super().convert(guest, gpa, size, private=private, page_size=page_size, coalesce=coalesce)
         step = size if coalesce else PAGE_SIZE
         for start in range(gpa, gpa + size, step):
             self._map_gpa(guest, start, step, private)

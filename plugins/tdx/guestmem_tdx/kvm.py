@@ -42,6 +42,7 @@ def warn(event: str, **fields: Any) -> None:
     if structlog.is_configured():
         log.warning(event, **fields)
 
+
 PAGE_SHIFT: Final = uapi.PAGE_SHIFT
 PAGE_SIZE: Final = uapi.PAGE_SIZE
 #: ``TDX_SEAMCALL_RETRIES``: TDH.PHYMEM.CACHE.WB resumptions before KVM gives up.
