@@ -184,6 +184,29 @@ def test_the_loop_gives_up_on_an_exit_storm(kvm: Any) -> None:
     guest.close()
 
 
+class _Chunks(Intents):
+    """An architecture whose conversion leaves in one exit per page, as TDX's MapGPA leaves
+    in one exit per 2 MiB chunk: every exit makes progress."""
+
+    def convert(self, guest: GuestVm, gpa: int, size: int, **_: Any) -> str:
+        vcpu = guest.vcpu()
+        return str(guest.run(lambda: vcpu.hypercall(uapi.KVM_HC_MAP_GPA_RANGE, gpa, 1, 0), vcpu))
+
+    def resume(self, guest: GuestVm, vcpu: Any, exit: HypercallExit, ret: int) -> Any:  # noqa: A002
+        gpa = exit.args[0] + PAGE
+        if gpa >= 256 * PAGE:
+            return gpa
+        return vcpu.hypercall(uapi.KVM_HC_MAP_GPA_RANGE, gpa, 1, 0)
+
+
+def test_exits_that_make_progress_are_not_a_storm(kvm: Any) -> None:
+    guest = launch(kvm, size=MiB)
+    guest.intents = _Chunks()
+    assert guest.convert(0, PAGE, private=False) == str(256 * PAGE)  # 256 exits, each a new page
+    assert guest.vmm is not None and guest.vmm.handled["hypercall"] == 256
+    guest.close()
+
+
 def test_a_backend_without_intents_gets_the_generic_base() -> None:
     registry = guestmem.get_registry()
     sw = registry.backend("sw")
