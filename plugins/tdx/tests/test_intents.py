@@ -210,3 +210,12 @@ def test_a_poisoned_page_is_no_conversion(guest: GuestVm) -> None:
     with pytest.raises(MemoryFault) as info:
         guest.read(0, 1)
     assert info.value.errno == EHWPOISON
+
+
+def test_a_1g_mapgpa_leaves_in_512_exits() -> None:
+    """One MapGPA, one KVM_EXIT_HYPERCALL per 2 MiB chunk: 512 exits that each make
+    progress, which the VMM loop follows to the end."""
+    with guestmem.open("tdx") as kvm, GuestVm.launch(kvm, size=1 << 30) as g:
+        assert g.convert(0, 1 << 30, private=False) == "1 MapGPA call(s) to shared"
+        assert g.counters()["userspace_exits"] == 512 and g.counters()["tdvmcall.MapGPA"] == 1
+        assert not view(g.vm).is_private(((1 << 30) >> 12) - 1)
