@@ -128,6 +128,7 @@ class GunyahIntents(Intents):
     def accept(
         self, guest: GuestVm, gpa: int, size: int, *, page_size: int, coalesce: bool, entries: int
     ) -> str:
+        """Not applicable: nothing to accept before use."""
         raise NotApplicable(
             "Gunyah has no acceptance: a lent page is demand-paged at the guest's first touch"
         )
@@ -135,6 +136,7 @@ class GunyahIntents(Intents):
     def convert(
         self, guest: GuestVm, gpa: int, size: int, *, private: bool, page_size: int, coalesce: bool
     ) -> str:
+        """Not applicable: the guest has no conversion of its own (module docstring)."""
         raise NotApplicable(
             "a Gunyah guest converts nothing: a binding is lent or shared at GUNYAH_VM_MAP_MEM; a lent page"
             " goes back to the host, contents kept, when the host faults on it (launder) and to the guest"
@@ -143,6 +145,7 @@ class GunyahIntents(Intents):
 
     # --- capabilities and costs ----------------------------------------------------------------------
     def capabilities(self, guest: GuestVm) -> frozenset[str]:
+        """The host populates before the start; lent RAM is private memory."""
         found = set(super().capabilities(guest)) | {"populate"}
         if self._lent(guest):
             found |= {"private_mem", "private_access"}
@@ -153,12 +156,11 @@ class GunyahIntents(Intents):
         page-fault and status exits exits, syncs flushes, sanitizing zeroes."""
         found = super().costs(counters)
         get = counters.get
-        rpcs = sum(v for k, v in counters.items() if k.startswith("gunyah.rm."))
         found["exits"] += get("gunyah.exits.page_fault", 0) + get("gunyah.exits.status", 0)
         found["hw_table_updates"] += sum(
             get(f"gunyah.hvc.{name}", 0) for name in ("memextent_donate", "addrspace_map", "addrspace_unmap")
         )
-        found["firmware_commands"] += rpcs
+        found["firmware_commands"] += _rpcs(counters)
         found["tlb_flushes"] += get("gunyah.sync", 0)
         found["zeroed_bytes"] += get("gunyah.sanitized_bytes", 0)
         return found
@@ -166,8 +168,13 @@ class GunyahIntents(Intents):
     def cost_details(self, counters: Mapping[str, int]) -> dict[str, int]:
         """The Gunyah operations behind the categories."""
         return {
-            "RM RPCs": sum(v for k, v in counters.items() if k.startswith("gunyah.rm.")),
+            "RM RPCs": _rpcs(counters),
             "memextent donations": counters.get("gunyah.hvc.memextent_donate", 0),
             "demand-paged pages": counters.get("gunyah.demand_paged_pages", 0),
             "reclaimed pages": counters.get("gunyah.reclaimed_pages", 0),
         }
+
+
+def _rpcs(counters: Mapping[str, int]) -> int:
+    """The RM RPCs charged to the VM (``gunyah.rm.<RPC>``)."""
+    return sum(v for k, v in counters.items() if k.startswith("gunyah.rm."))
