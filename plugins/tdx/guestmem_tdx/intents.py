@@ -243,6 +243,7 @@ class TdxIntents(X86Intents):
 
     # --- capabilities and costs ----------------------------------------------------------------------
     def capabilities(self, guest: GuestVm) -> frozenset[str]:
+        """A TD converts, accepts, is populated and measured; never in place."""
         found = super().capabilities(guest)
         if self._td(guest):
             found |= {"conversion", "acceptance", "populate", "launch_measurement"}
