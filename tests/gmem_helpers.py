@@ -5,8 +5,10 @@ Imported by the test modules (pytest puts ``tests/`` on ``sys.path``); not a tes
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -22,6 +24,17 @@ READONLY = uapi.KVM_MEM_READONLY
 LOG_DIRTY = uapi.KVM_MEM_LOG_DIRTY_PAGES
 MMAP = uapi.GUEST_MEMFD_FLAG_MMAP
 INIT_SHARED = uapi.GUEST_MEMFD_FLAG_INIT_SHARED
+#: The conformance kit's deep tests (a VM type with private memory runs them all).
+DEEP = (
+    "test_conversion_private_to_shared_to_private",
+    "test_conversion_shared_to_private_to_shared",
+    "test_host_access_after_conversion",
+    "test_memslot_move_with_mapped_pages",
+    "test_memslot_delete_with_mapped_pages",
+    "test_gmem_release_while_bound",
+    "test_leak_check_after_a_lifecycle",
+    "test_stateful_machine",
+)
 
 
 def vm_state(vm: Any, *gmems: Any) -> dict[str, Any]:
@@ -108,6 +121,20 @@ def x86_type(vm_type: int = 1, **overrides: Any) -> guestmem.VmTypeInfo:
     return guestmem.VmTypeInfo(**fields)
 
 
+def arm64_type(vm_type: int = 0, **overrides: Any) -> guestmem.VmTypeInfo:
+    """An arm64 VmTypeInfo as 6.18 has one (no attributes, gmem-only memslots) with *overrides*."""
+    fields: dict[str, Any] = {
+        "type": vm_type,
+        "name": f"ARM_VM_{vm_type:#x}",
+        "arch": "arm64",
+        "memory_attributes": False,
+        "gmem_slot_requires_mmap": True,
+        "nr_memslot_as_ids": 1,
+    }
+    fields.update(overrides)
+    return guestmem.VmTypeInfo(**fields)
+
+
 @contextmanager
 def throwaway_backend(
     name: str,
@@ -142,3 +169,19 @@ def anon_slot(vm: Any, size: int, *, slot: int = 0, gpa: int = 0, flags: int = 0
     hva = (mapping.address + align - 1) // align * align
     vm.set_user_memory_region2(slot, flags, gpa, size, hva)
     return hva
+
+
+def junit_outcomes(path: Path) -> dict[str, str]:
+    """What a pytest run's ``--junitxml`` report says of each test: ``"Class::test"`` (the
+    class's own name, the test's with its parameters) to ``passed``, ``skipped``,
+    ``failed`` or ``error``.  Tests that check what a run of the kit did assert on these,
+    not on pytest's totals, which change whenever the kit gains a test."""
+    outcomes: dict[str, str] = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        key = f"{case.get('classname', '').rsplit('.', 1)[-1]}::{case.get('name')}"
+        tags = {child.tag for child in case}
+        outcome = next((tag for tag in ("failure", "error", "skipped") if tag in tags), "passed")
+        outcome = {"failure": "failed"}.get(outcome, outcome)
+        if outcomes.get(key) not in ("failed", "error"):  # a teardown error repeats the test
+            outcomes[key] = outcome
+    return outcomes

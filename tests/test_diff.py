@@ -11,6 +11,7 @@ import random
 from pathlib import Path
 
 import pytest
+from gmem_helpers import BackendPlugin, NoHooks, arm64_type, plugin
 
 from guestmem import diff, uapi
 from guestmem.cli import main
@@ -108,3 +109,29 @@ def test_harness_modules_import_only_their_layers() -> None:
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         used = {m.removeprefix("guestmem.diff.") for m in imported if m.startswith("guestmem.diff")}
         assert used <= allowed, f"guestmem.diff.{name} imports {sorted(used - allowed)}"
+
+
+ARM64_TYPES = (arm64_type(0), arm64_type(1 << 31, conversion="in_place"))
+
+
+def test_programs_use_the_base_backends_vm_types() -> None:
+    """An arm64 backend's programs create its VM types (its default mostly, the private one
+    now and then), not x86 constants; sw's stay as they were."""
+    assert diff.backend_vm_types("sw") == (0, 1)
+    with plugin(BackendPlugin("t-diff-arm", (ARM64_TYPES[1], ARM64_TYPES[0]), NoHooks())):
+        assert diff.backend_vm_types("t-diff-arm") == (0, 1 << 31)
+    assert diff.vm_type_choices(0, (0, 1)) == (0, 0, 0, 1, 2, 3, 4, 5, 31, 32, 1 << 31, uapi.U64_MAX)
+    rng = random.Random(3)
+    made = [
+        op.args[0] for _ in range(60) for op in diff.generate(rng, 40, (0x100, 0)) if op.name == "create_vm"
+    ]
+    assert made.count(0x100) > len(made) // 2 and 0 in made
+
+
+def test_an_arm64_backend_agrees_with_itself() -> None:
+    with plugin(BackendPlugin("t-diff-arm", ARM64_TYPES, NoHooks())):
+        both = diff.opener("t-diff-arm")
+        summary = diff.run_campaign(
+            both, both, seed=2, steps=300, vm_types=diff.backend_vm_types("t-diff-arm")
+        )
+    assert summary.operations >= 300 and summary.disagreements == []

@@ -16,7 +16,7 @@ from guestmem.conformance import GmemConformance, ScenarioConformance
 from guestmem.invariants import InvariantChecker
 
 PAGE = pathlib.Path(__file__).resolve().parent.parent / "docs" / "backends.md"
-SOURCE = re.findall(r"```python\n(.*?)```", PAGE.read_text(), re.S)[0]
+SOURCE = next(b for b in re.findall(r"```python\n(.*?)```", PAGE.read_text(), re.S) if "class ToyPlugin" in b)
 
 
 def load_example() -> dict[str, Any]:

@@ -346,3 +346,55 @@ def test_disabled_plugins_are_not_loaded() -> None:
 @pytest.mark.parametrize("bad", [UnmarkedHook, NearMiss, Wrapper], ids=["unmarked", "near-miss", "wrapper"])
 def test_add_plugin_refuses_what_loading_leaves_out(bad: Callable[[], object]) -> None:
     add_fails(bad(), "guestmem-refused-dist")
+
+
+# --- the conformance kit's options ------------------------------------------------------------------
+class OptionsPlugin(BackendPlugin):
+    """A backend plugin that also tells the conformance kit how to drive its VMs."""
+
+    def __init__(self, name: str, answer: Any) -> None:
+        super().__init__(name, (x86_type(1),), RecordingPolicy())
+        self.answer = answer
+        self.asked: list[tuple[str, int]] = []
+
+    @guestmem.hookimpl
+    def guestmem_conformance_options(self, backend: guestmem.Backend, vm_type: guestmem.VmTypeInfo) -> Any:
+        self.asked.append((backend.name, vm_type.type))
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def test_conformance_options_come_from_the_registering_plugin_only() -> None:
+    """guestmem_conformance_options is asked of the plugin that registered the backend alone."""
+    mine = OptionsPlugin("t-opt-mine", {"private_access": True})
+    other = OptionsPlugin("t-opt-other", {"x": 1})
+    registry = guestmem.get_registry()
+    with plugin(mine), plugin(other):
+        backend = registry.backend("t-opt-mine")
+        assert registry.conformance_options(backend, backend.vm_types[0]) == {"private_access": True}
+        assert mine.asked == [("t-opt-mine", 1)] and other.asked == []
+        assert registry.conformance_options(registry.backend("sw"), registry.backend("sw").vm_types[0]) == {}
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"), [(RuntimeError("boom"), "raised RuntimeError: boom"), (["x"], "not a dict")]
+)
+def test_conformance_options_failures_name_the_distribution(answer: Any, message: str) -> None:
+    obj = OptionsPlugin("t-opt-bad", answer)
+    registry = guestmem.get_registry()
+    with plugin(obj, distribution="guestmem-bad-options"):
+        backend = registry.backend("t-opt-bad")
+        with pytest.raises(guestmem.PluginError, match=rf"'guestmem-bad-options' .*{message}"):
+            registry.conformance_options(backend, backend.vm_types[0])
+
+
+def test_conformance_options_on_a_policy_is_refused() -> None:
+    class Policy:
+        @guestmem.hookimpl
+        def guestmem_conformance_options(self, backend: Any, vm_type: Any) -> None:
+            return None
+
+    with pytest.raises(guestmem.PluginError, match="belongs on the plugin that registers the backend"):
+        guestmem.get_registry().add_plugin(BackendPlugin("t-opt-policy", (x86_type(1),), Policy()))
+    assert "t-opt-policy" not in guestmem.backends()

@@ -60,6 +60,7 @@ __all__ = [
     "X86_DEFAULT_VM",
     "X86_SW_PROTECTED_VM",
     "Backend",
+    "Conversion",
     "Fault",
     "Folio",
     "GfnRange",
@@ -96,9 +97,21 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 #: Which kernel architecture a VM type belongs to; decides the arch code the core runs.
 Arch = Literal["x86", "arm64"]
+#: What a conversion between private and shared does to a page's contents
+#: (:attr:`VmTypeInfo.conversion`).
+Conversion = Literal["destructive", "in_place"]
 
 
 # --- what a plugin registers ----------------------------------------------------------------
+def _default_conversion(info: VmTypeInfo) -> Conversion | None:
+    return "destructive" if info.has_private_mem else None
+
+
+def _check_conversion(value: object) -> None:
+    if value not in (None, "destructive", "in_place"):
+        raise ValueError(f"VmTypeInfo.conversion must be 'destructive', 'in_place' or None, not {value!r}")
+
+
 @attrs.frozen
 class VmTypeInfo:
     """What the core needs to know about one VM type a backend offers.
@@ -132,6 +145,24 @@ class VmTypeInfo:
     #: reach the backend through ``guestmem_set_external_spte``/``_remove_external_spte``,
     #: and a zap touches only the roots its ``attr_filter`` names.
     has_mirrored_tdp: bool = False
+    #: What a conversion between private and shared does to a page's contents; None for a
+    #: VM type without private memory.  ``"destructive"`` (x86 CoCo: SW_PROTECTED, SNP,
+    #: TDX; Arm CCA): the private and shared sides are different memory and nothing crosses
+    #: from one to the other; the side converted to reads zero once the VMM has discarded
+    #: the old side, as QEMU's ``kvm_convert_memory`` does (backends.md 0.2).
+    #: ``"in_place"`` (pKVM, Gunyah): the same page changes hands with its contents, and the
+    #: host sees what the guest wrote once it is shared (backends.md 3.3, 4.3).  Unless
+    #: given, a type with ``has_private_mem`` converts destructively (the mainline rule) and
+    #: any other has nothing to convert.  The conformance kit holds the backend to it.
+    conversion: Conversion | None = attrs.field(
+        default=attrs.Factory(_default_conversion, takes_self=True),
+        validator=lambda _, __, value: _check_conversion(value),
+    )
+
+    @property
+    def private(self) -> bool:
+        """The VM type has guest-private memory the guest converts (``conversion`` is set)."""
+        return self.conversion is not None
 
     @property
     def init_shared_allowed(self) -> bool:
@@ -153,6 +184,7 @@ X86_SW_PROTECTED_VM = VmTypeInfo(
     name="KVM_X86_SW_PROTECTED_VM",
     has_private_mem=True,
     nr_memslot_as_ids=1,
+    conversion="destructive",
 )
 
 
@@ -194,6 +226,22 @@ class Backend:
             if info.type == vm_type:
                 return info
         return None
+
+    @property
+    def default_vm_type(self) -> VmTypeInfo:
+        """The VM type a tool uses for plain guest memory: the first one without private
+        memory (``KVM_X86_DEFAULT_VM``, ``KVM_VM_TYPE_ARM_IPA_SIZE(0)``), else the first."""
+        for info in self.vm_types:
+            if not info.private:
+                return info
+        if not self.vm_types:
+            raise LookupError(f"backend {self.name!r} offers no VM type")
+        return self.vm_types[0]
+
+    @property
+    def private_vm_types(self) -> tuple[VmTypeInfo, ...]:
+        """The VM types whose guests convert private memory (``conversion`` set), in order."""
+        return tuple(info for info in self.vm_types if info.private)
 
 
 # --- values hooks receive and answer --------------------------------------------------------

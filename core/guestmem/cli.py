@@ -59,8 +59,9 @@ def configure_logging(json_logs: bool) -> None:
     )
 
 
-def backend_row(backend: Backend) -> dict[str, Any]:
-    """What ``guestmem backends`` reports for one backend (capabilities from a live open)."""
+def backend_row(backend: Backend, *, hooks: bool = False) -> dict[str, Any]:
+    """What ``guestmem backends`` reports for one backend (capabilities from a live open;
+    with *hooks*, the hooks its policy and its plugin implement)."""
     import guestmem
 
     row: dict[str, Any] = {
@@ -70,6 +71,9 @@ def backend_row(backend: Backend) -> dict[str, Any]:
         "summary": backend.summary,
         "vm_types": {str(t.type): t.name for t in backend.vm_types},
     }
+    if hooks:
+        registry = get_registry()
+        row["hooks"] = registry.plugin_hook_names(backend) + registry.hook_names(backend)
     try:
         with guestmem.open(backend.name) as kvm:
             row["capabilities"] = {uapi.CAP_NAMES.get(c, str(c)): kvm.check_extension(c) for c in _CAPS}
@@ -90,7 +94,9 @@ def broken_rows() -> list[dict[str, Any]]:
 
 def cmd_backends(args: argparse.Namespace) -> int:
     registry = get_registry()
-    rows = [backend_row(b) for b in sorted(registry.backends().values(), key=lambda b: b.name)]
+    rows = [
+        backend_row(b, hooks=args.hooks) for b in sorted(registry.backends().values(), key=lambda b: b.name)
+    ]
     broken = broken_rows()
     if args.json:
         print(json.dumps(rows + broken, indent=2))
@@ -99,7 +105,8 @@ def cmd_backends(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title="guestmem backends")
-    for col in ("backend", "distribution", "VM types", "capabilities"):
+    columns = ["backend", "distribution", "VM types", "capabilities"] + (["hooks"] if args.hooks else [])
+    for col in columns:
         table.add_column(col, overflow="fold")
     for row in rows:
         caps = row.get("capabilities")
@@ -109,11 +116,13 @@ def cmd_backends(args: argparse.Namespace) -> int:
             else f"unavailable: {row.get('error', '')}"
         )
         types = "\n".join(name.removeprefix("KVM_") for name in row["vm_types"].values())
-        table.add_row(row["name"], f"{row['distribution']} {row['version']}", types, cap_text)
+        cells = [row["name"], f"{row['distribution']} {row['version']}", types, cap_text]
+        if args.hooks:
+            cells.append("\n".join(h.removeprefix("guestmem_") for h in row["hooks"]) or "-")
+        table.add_row(*cells)
     for row in broken:
-        table.add_row(
-            row["name"], row["distribution"], "-", f"[red]broken[/red]: {row['broken']} ({row['hint']})"
-        )
+        cells = [row["name"], row["distribution"], "-", f"[red]broken[/red]: {row['broken']} ({row['hint']})"]
+        table.add_row(*cells, *(["-"] if args.hooks else []))
     Console().print(table)
     return 0
 
@@ -138,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("backends", help="list installed backends, their VM types and capabilities")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--hooks", action="store_true", help="also the hooks each backend implements")
     p.set_defaults(func=cmd_backends)
     p = sub.add_parser(
         "demo", help="run a built-in scenario (a VM's guest_memfd lifecycle) with its tables and report"
@@ -162,6 +172,9 @@ _SUBCOMMAND_MODULES: tuple[str, ...] = (
     "guestmem.traces",
     "guestmem.diff",
     "guestmem.rules",
+    "guestmem.hookref",
+    "guestmem.fuzz",
+    "guestmem.newbackend",
 )
 
 

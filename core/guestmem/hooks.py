@@ -36,7 +36,11 @@ from guestmem.uapi import PAGE_SIZE
 if TYPE_CHECKING:
     from guestmem.registry import Registry
 
-#: Every hook a host or VM calls (all of hookspecs.py but registration), in spec order.
+#: Hooks a plugin implements for itself, never on a policy: called by the registry and the
+#: tools, not by hosts and VMs.
+PLUGIN_HOOK_NAMES: tuple[str, ...] = ("register_backends", "conformance_options")
+
+#: Every hook a host or VM calls (all of hookspecs.py but the plugin hooks), in spec order.
 HOOK_NAMES: tuple[str, ...] = (
     "host_init",
     "vm_init",

@@ -21,7 +21,7 @@ import os
 import threading
 import warnings
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import pluggy
@@ -29,7 +29,7 @@ import pluggy
 from guestmem import hookspecs
 from guestmem.backend import PROJECT, Backend, VmTypeInfo
 from guestmem.errors import PluginError, PluginWarning
-from guestmem.hooks import HOOK_NAMES, Hooks, ObserverFailure
+from guestmem.hooks import HOOK_NAMES, PLUGIN_HOOK_NAMES, Hooks, ObserverFailure
 
 if TYPE_CHECKING:
     from importlib.metadata import EntryPoint
@@ -38,7 +38,8 @@ __all__ = ["Backend", "BrokenPlugin", "Registry", "VmTypeInfo", "get_registry"]
 
 ENTRY_POINT_GROUP = "guestmem"
 DISABLE_ENV = "GUESTMEM_DISABLE_PLUGINS"
-_SPEC_NAMES = frozenset(f"guestmem_{name}" for name in (*HOOK_NAMES, "register_backends"))
+_SPEC_NAMES = frozenset(f"guestmem_{name}" for name in (*HOOK_NAMES, *PLUGIN_HOOK_NAMES))
+_PLUGIN_HOOKS = frozenset(f"guestmem_{name}" for name in PLUGIN_HOOK_NAMES)
 _OBSERVER_HOOKS = frozenset({"guestmem_trace", "guestmem_ownership_update", "guestmem_operation_done"})
 _POLICY_HOOKS = frozenset(f"guestmem_{name}" for name in HOOK_NAMES) - _OBSERVER_HOOKS
 
@@ -92,6 +93,8 @@ def check_plugin(obj: object, *, policy: bool) -> None:
             )
         if policy and name == "guestmem_register_backends":
             raise PluginError("a backend's policy object must not register backends")
+        if policy and name in _PLUGIN_HOOKS:
+            raise PluginError(f"{name} belongs on the plugin that registers the backend, not on its policy")
     if not policy and "guestmem_register_backends" in names:
         stray = sorted(set(names) & _POLICY_HOOKS)
         if stray:
@@ -125,6 +128,8 @@ class Registry:
         self._owned: dict[int, list[object]] = {}
         #: id(policy) -> (backend name, distribution)
         self._policies: dict[int, tuple[str, str]] = {}
+        #: backend name -> the plugin that registered it (in the last collection).
+        self._registrars: dict[str, object] = {}
         #: Installed plugins left out, by entry-point name.
         self.broken: dict[str, BrokenPlugin] = {}
 
@@ -196,6 +201,7 @@ class Registry:
                 )
                 owners[backend.name] = impl.plugin
         self._sync_policies(backends, owners)
+        self._registrars = {name: owners[name] for name in backends}
         return backends
 
     @staticmethod
@@ -324,6 +330,44 @@ class Registry:
     def hooks_for(self, backend: Backend, on_observer_error: Callable[[ObserverFailure], None]) -> Hooks:
         """Hook callers reaching *backend*'s policy and the observers, nothing else."""
         return Hooks(self, backend.name, on_observer_error)
+
+    def conformance_options(self, backend: Backend, vm_type: VmTypeInfo) -> dict[str, Any]:
+        """What the plugin that registered *backend* says about the conformance kit for
+        *vm_type* (``guestmem_conformance_options``); ``{}`` if it says nothing.
+
+        A failing or ill-typed answer is a :class:`PluginError` naming the distribution.
+        """
+        self.backends()
+        registrar = self._registrars.get(backend.name)
+        for impl in self.pm.hook.guestmem_conformance_options.get_hookimpls():
+            if impl.plugin is not registrar:
+                continue
+            args = {"backend": backend, "vm_type": vm_type}
+            try:
+                answer = impl.function(**{name: args[name] for name in impl.argnames})
+            except Exception as exc:
+                raise PluginError(
+                    f"guestmem_conformance_options of distribution {backend.distribution!r} raised "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            if answer is None:
+                return {}
+            if not isinstance(answer, dict):
+                raise PluginError(
+                    f"guestmem_conformance_options of distribution {backend.distribution!r} returned "
+                    f"{answer!r}, not a dict"
+                )
+            return dict(answer)
+        return {}
+
+    def plugin_hook_names(self, backend: Backend) -> list[str]:
+        """The plugin-level hooks (``guestmem_register_backends``,
+        ``guestmem_conformance_options``) of the plugin that registered *backend*."""
+        self.backends()
+        registrar = self._registrars.get(backend.name)
+        if registrar is None:
+            return []
+        return sorted(n for n in _hookimpl_names(registrar) if n in _PLUGIN_HOOKS)
 
     def hook_names(self, backend: Backend) -> list[str]:
         """The hooks *backend*'s policy implements (``guestmem_`` names)."""

@@ -32,8 +32,8 @@ One module per job, each depending only on those above it:
 from __future__ import annotations
 
 from guestmem.diff.campaign import Summary, run_campaign
-from guestmem.diff.cli import add_cli
-from guestmem.diff.generator import CAPS, Generator, generate
+from guestmem.diff.cli import add_cli, backend_vm_types
+from guestmem.diff.generator import CAPS, Generator, generate, vm_type_choices
 from guestmem.diff.interpreter import Opener, compare, host_profile, opener, run_program
 from guestmem.diff.program import Disagreement, Op, Outcome
 from guestmem.diff.shrink import shrink
@@ -47,6 +47,7 @@ __all__ = [
     "Outcome",
     "Summary",
     "add_cli",
+    "backend_vm_types",
     "compare",
     "generate",
     "host_profile",
@@ -54,4 +55,5 @@ __all__ = [
     "run_campaign",
     "run_program",
     "shrink",
+    "vm_type_choices",
 ]

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Sequence
 
 import attrs
 
+from guestmem import uapi
 from guestmem.diff.generator import generate
 from guestmem.diff.interpreter import Opener, compare
 from guestmem.diff.program import Disagreement
@@ -53,6 +55,7 @@ def run_campaign(
     length: int = 40,
     labels: tuple[str, str] = ("left", "right"),
     minimise: bool = True,
+    vm_types: Sequence[int] = (uapi.KVM_X86_DEFAULT_VM,),
 ) -> Summary:
     """Random programs totalling *steps* ops; one shrunk reproducer per distinct op kind."""
     started = time.perf_counter()
@@ -60,7 +63,7 @@ def run_campaign(
     rng = random.Random(seed)
     seen: set[tuple[str, str, str]] = set()
     while summary.operations < steps:
-        program = generate(rng, min(length, steps - summary.operations))
+        program = generate(rng, min(length, steps - summary.operations), vm_types)
         summary.sequences += 1
         summary.operations += len(program)
         found = compare(left, right, program)

@@ -25,6 +25,15 @@ def add_cli(subparsers: Any) -> None:
     p.set_defaults(func=_cmd_diff)
 
 
+def backend_vm_types(name: str) -> tuple[int, ...]:
+    """The VM types programs for backend *name* use: its default type first (what most
+    programs create), then the others it declares, so that an arm64 backend gets arm64
+    VMs."""
+    backend = guestmem.get_registry().backend(name)
+    default = backend.default_vm_type.type
+    return (default, *(t.type for t in backend.vm_types if t.type != default))
+
+
 def _cmd_diff(args: argparse.Namespace) -> int:
     profile = args.profile or host_profile()
     left = f"{args.base}[{profile}]"
@@ -41,6 +50,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         length=args.length,
         labels=(left, args.against),
         minimise=not args.no_shrink,
+        vm_types=backend_vm_types(args.base),
     )
     print(summary.render())
     return 1 if summary.disagreements else 0

@@ -140,7 +140,17 @@ _EDGE_LOFFS = (-PAGE, -1, 0, PAGE - 1, 1 << 62, _HUGE_GMEM - PAGE, _HUGE_GMEM, u
 _VCPU_IDS = (0, 1, 2, 3, 1023, 4095, 4096, 16383, 16384, 1 << 31, 0xFFFF_FFFF, 1 << 32, -1)
 _ACCESS_READ_STYLES = ("positional", "positional", "keywords")
 _ACCESS_WRITE_STYLES = ("write", "data", "data", "length", "other_length", "no_data")
-_VM_TYPES = (0, 0, 0, 1, 2, 3, 4, 5, 31, 32, 1 << 31, uapi.U64_MAX)
+#: ``KVM_CREATE_VM`` types around the real ones of both architectures (x86 1..5, arm64
+#: ``KVM_VM_TYPE_ARM_PROTECTED`` 1 << 31, bits past either): drawn now and then next to the
+#: base backend's own types.
+_ODD_VM_TYPES = (1, 2, 3, 4, 5, 31, 32, 1 << 31, uapi.U64_MAX)
+
+
+def vm_type_choices(default: int, declared: Sequence[int] = ()) -> tuple[int, ...]:
+    """What a program's rare ``create_vm`` draws from: the *default* VM type weighted three
+    times, then the *declared* types of the backend and the odd values, once each."""
+    others = sorted((set(declared) | set(_ODD_VM_TYPES)) - {default})
+    return (default, default, default, *others)
 
 
 def _loff(value: int) -> int:
@@ -152,8 +162,11 @@ def _loff(value: int) -> int:
 class Generator:
     """Random programs from a :class:`random.Random` (Hypothesis can pass its own)."""
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, rng: random.Random, vm_types: Sequence[int] = (uapi.KVM_X86_DEFAULT_VM,)) -> None:
         self.rng = rng
+        #: The base backend's VM types, its default first (``Backend.default_vm_type``).
+        self.vm_type = vm_types[0]
+        self.vm_type_choices = vm_type_choices(vm_types[0], vm_types)
         self.ops: list[Op] = []
         self.vms: list[int] = []
         self.gmems: list[tuple[int, int, int]] = []  # (id, size, flags)
@@ -214,7 +227,7 @@ class Generator:
     def step(self) -> None:
         rng = self.rng
         if not self.vms or rng.random() < 0.04:
-            vm_type = 0 if rng.random() < 0.9 else self._pick(_VM_TYPES)
+            vm_type = self.vm_type if rng.random() < 0.9 else self._pick(self.vm_type_choices)
             self.vms.append(self._op("create_vm", vm_type))
             return
         vm = self._pick(self.vms)
@@ -663,9 +676,12 @@ class Generator:
             self._op("close_vm", vm)
 
 
-def generate(rng: random.Random, steps: int) -> list[Op]:
-    """A random program of *steps* ops (a step of several ops may be cut at the end)."""
-    gen = Generator(rng)
+def generate(
+    rng: random.Random, steps: int, vm_types: Sequence[int] = (uapi.KVM_X86_DEFAULT_VM,)
+) -> list[Op]:
+    """A random program of *steps* ops (a step of several ops may be cut at the end) for a
+    backend offering *vm_types*, its default first (``Backend.default_vm_type``)."""
+    gen = Generator(rng, vm_types)
     while len(gen.ops) < steps:
         gen.step()
     return gen.ops[:steps]

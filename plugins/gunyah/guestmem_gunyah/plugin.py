@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from guestmem.backend import Backend, hookimpl
+from guestmem_gunyah.conformance import guestmem_conformance_options
 from guestmem_gunyah.intents import GunyahIntents
 from guestmem_gunyah.policy import GUNYAH_VM, GunyahPolicy
+
+__all__ = ["POLICY", "guestmem_conformance_options", "guestmem_register_backends"]
 
 #: The policy object of the ``gunyah`` backend.  It holds no state: each host's machine is
 #: that host's ``host.arch``, each VM's driver state its ``vm.arch``.

@@ -58,6 +58,9 @@ UAPI_RULE = "Gunyah-uapi"
 
 #: The one VM type: an arm64 VM as Linux 6.18 sees one (no memory attributes, one memslot
 #: address space, guest_memfd memslots must be gmem-only, no ``KVM_PRE_FAULT_MEMORY``).
+#: Its guests' memory is private where lent and shared where shared, and a page changes
+#: between the two with its contents (lend and share move the same folio; only a sanitize
+#: asked for zeroes it: backends.md 4.3): ``conversion="in_place"``.
 GUNYAH_VM = VmTypeInfo(
     type=abi.GUNYAH_VM_TYPE,
     name="GUNYAH_VM",
@@ -69,6 +72,7 @@ GUNYAH_VM = VmTypeInfo(
     gmem_slot_requires_mmap=True,
     memory_attributes=False,
     arch="arm64",
+    conversion="in_place",
 )
 
 

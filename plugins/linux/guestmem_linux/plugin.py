@@ -46,6 +46,7 @@ def vm_type_infos(kvm: LinuxKvm) -> tuple[VmTypeInfo, ...]:
                 pre_fault_allowed=pre_fault and vm_type != uapi.KVM_X86_SNP_VM,
                 nr_memslot_as_ids=1 if private else address_spaces,
                 memory_attributes=attributes,
+                conversion="destructive" if private else None,
             )
         )
     return tuple(infos)

@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from guestmem.backend import Backend, hookimpl
+from guestmem_pkvm.conformance import guestmem_conformance_options
 from guestmem_pkvm.intents import PkvmIntents
 from guestmem_pkvm.policy import DEFAULT_VM, PROTECTED_VM, PkvmPolicy
+
+__all__ = ["POLICY", "guestmem_conformance_options", "guestmem_register_backends"]
 
 #: The policy object of the ``pkvm`` backend.  It holds no state: each host's hypervisor is
 #: that host's ``host.arch`` (``guestmem_host_init``), each VM's state its ``vm.arch``.

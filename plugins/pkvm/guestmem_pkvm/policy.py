@@ -70,14 +70,15 @@ from guestmem_pkvm.ownership import (
 )
 
 
-def _arm64_vm_type(vm_type: int, name: str, *, readonly_mem: bool) -> VmTypeInfo:
+def _arm64_vm_type(vm_type: int, name: str, *, readonly_mem: bool, protected: bool) -> VmTypeInfo:
     """An arm64 VM type as 6.18 sees it (spec CAP-3, S-7, S-16).
 
     No ``kvm_arch_has_private_mem`` and no ``KVM_SET_MEMORY_ATTRIBUTES`` on arm64 (x86
     only); INIT_SHARED is the ``__weak`` default (allowed); one memslot address space;
     ``KVM_PRE_FAULT_MEMORY`` is x86 only; a GUEST_MEMFD slot must be gmem-only (MMAP).
     The core runs arm64's generic code for it: no x86 hypercall emulation, and
-    ``KVM_ENABLE_CAP`` of a capability the policy does not take is EINVAL.
+    ``KVM_ENABLE_CAP`` of a capability the policy does not take is EINVAL.  A protected
+    VM's guest converts in place (MEM_SHARE / MEM_UNSHARE, backends.md 3.3).
     """
     return VmTypeInfo(
         type=vm_type,
@@ -90,12 +91,17 @@ def _arm64_vm_type(vm_type: int, name: str, *, readonly_mem: bool) -> VmTypeInfo
         gmem_slot_requires_mmap=True,
         memory_attributes=False,
         arch="arm64",
+        conversion="in_place" if protected else None,
     )
 
 
 # Protected VMs refuse read-only memslots (Android pKVM) [U: not in 6.18].
-PROTECTED_VM = _arm64_vm_type(abi.KVM_VM_TYPE_ARM_PROTECTED, "KVM_VM_TYPE_ARM_PROTECTED", readonly_mem=False)
-DEFAULT_VM = _arm64_vm_type(abi.KVM_VM_TYPE_ARM_DEFAULT, "KVM_VM_TYPE_ARM_IPA_SIZE(0)", readonly_mem=True)
+PROTECTED_VM = _arm64_vm_type(
+    abi.KVM_VM_TYPE_ARM_PROTECTED, "KVM_VM_TYPE_ARM_PROTECTED", readonly_mem=False, protected=True
+)
+DEFAULT_VM = _arm64_vm_type(
+    abi.KVM_VM_TYPE_ARM_DEFAULT, "KVM_VM_TYPE_ARM_IPA_SIZE(0)", readonly_mem=True, protected=False
+)
 
 #: Trace/ownership rule tag of this backend's own decisions.
 RULE = "pKVM-3"

@@ -26,8 +26,11 @@ import attrs
 
 from guestmem import Backend, VmTypeInfo, hookimpl, uapi
 from guestmem.backend import X86_DEFAULT_VM, X86_SW_PROTECTED_VM
+from guestmem_snp.conformance import guestmem_conformance_options
 from guestmem_snp.intents import SnpIntents
 from guestmem_snp.policy import SnpPolicy
+
+__all__ = ["BACKENDS", "POLICY", "guestmem_conformance_options", "guestmem_register_backends"]
 
 SEV_VM = VmTypeInfo(
     type=uapi.KVM_X86_SEV_VM,
@@ -53,6 +56,7 @@ SNP_VM = VmTypeInfo(
     pre_fault_allowed=False,  # PF-2
     nr_memslot_as_ids=1,
     gmem_folio_order=0,  # H-1
+    conversion="destructive",  # backends.md 2.3: PSC + the VMM's discard of the old side
 )
 SNP_VM_HUGEPAGE = attrs.evolve(SNP_VM, gmem_folio_order=uapi.PMD_ORDER)
 

@@ -11,12 +11,16 @@ from collections.abc import Callable
 
 from guestmem import Backend, VmTypeInfo, hookimpl, uapi
 from guestmem.backend import X86_DEFAULT_VM, X86_SW_PROTECTED_VM
+from guestmem_tdx.conformance import guestmem_conformance_options
 from guestmem_tdx.intents import TdxIntents
 from guestmem_tdx.policy import TdxPolicy
 
+__all__ = ["BACKEND", "POLICY", "TDX_VM", "guestmem_conformance_options", "guestmem_register_backends"]
+
 #: ``KVM_X86_TDX_VM`` (``tdx_vm_init``): private memory (CAP-5, so no INIT_SHARED gmem,
 #: CAP-3), protected state (no read-only memslots, S-4), one memslot address space,
-#: pre-faulting only after ``KVM_TDX_FINALIZE_VM`` (PF-2), private leaves in a mirror root.
+#: pre-faulting only after ``KVM_TDX_FINALIZE_VM`` (PF-2), private leaves in a mirror root;
+#: conversions are destructive (MapGPA, then the VMM discards the old side: backends.md 1.3).
 TDX_VM = VmTypeInfo(
     type=uapi.KVM_X86_TDX_VM,
     name="KVM_X86_TDX_VM",
@@ -26,6 +30,7 @@ TDX_VM = VmTypeInfo(
     nr_memslot_as_ids=1,
     gmem_folio_order=0,
     has_mirrored_tdp=True,
+    conversion="destructive",
 )
 
 POLICY = TdxPolicy()

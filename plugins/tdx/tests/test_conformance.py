@@ -7,9 +7,14 @@ from typing import Any
 
 import pytest
 
+import guestmem
 import guestmem_tdx
 from guestmem import uapi
-from guestmem.conformance import GmemConformance
+from guestmem.conformance import RAM_PAGES, GmemConformance, KitGuest, kit_for
+from guestmem_tdx import TDX_VM, MeasuredRegion, TdState, expected_mrtd
+from guestmem_tdx.conformance import TdxKitVmm
+
+PAGE = uapi.PAGE_SIZE
 
 
 class TestTdxDefaultVm(GmemConformance):
@@ -25,14 +30,10 @@ class TestTdxSwProtectedVm(GmemConformance):
     private_access = True
 
 
-class TestTdxVm(GmemConformance):
-    """A TD after KVM_TDX_INIT_VM: the same uAPI rules.  Its vCPUs run only after
-    KVM_TDX_INIT_VCPU and FINALIZE and its private pages must be accepted, so the kit's
-    plain guest accesses do not apply: ``test_e2e`` and ``test_guest`` cover them."""
-
-    backend = "tdx"
-    vm_type = uapi.KVM_X86_TDX_VM
-    guest_access = False
+class TestTdxVm(kit_for("tdx", uapi.KVM_X86_TDX_VM)):  # type: ignore[misc]
+    """A TD, driven by the backend's kit driver (``guestmem_tdx.conformance.TdxKitVmm``:
+    INIT_VM, INIT_VCPU, INIT_MEM_REGION, FINALIZE, ACCEPT, MapGPA): the uAPI rules on a
+    TD after KVM_TDX_INIT_VM, and the deep kit."""
 
     @pytest.fixture
     def vm(self, kvm: Any) -> Iterator[Any]:
@@ -40,3 +41,26 @@ class TestTdxVm(GmemConformance):
         guestmem_tdx.tdx(vm).init_vm()
         yield vm
         vm.close()
+
+
+def test_the_kit_driver_launches_a_measured_td_and_converts_with_map_gpa() -> None:
+    """``TdxKitVmm``: the TD is runnable with the boot page measured, the TD accepted the
+    rest of its RAM; a conversion is MapGPA leaving to the VMM (one exit each), and a
+    conversion to private and a page the VMM punched are accepted again (the latter on
+    #VE), reading zero."""
+    with guestmem.open("tdx") as kvm:
+        g = KitGuest(kvm, TDX_VM, TdxKitVmm)
+        tdx = guestmem_tdx.tdx(g.vm)
+        assert tdx.td_state is TdState.RUNNABLE
+        assert tdx.mrtd == expected_mrtd([MeasuredRegion(g.ram.gpa, bytes(PAGE))])
+        counters = g.vm.counters
+        assert counters["tdx.accepted_pages"] == RAM_PAGES - 1
+        g.write(3, b"secret")
+        g.convert(3, private=False)
+        assert counters["userspace_exits"] == 1 and g.read(3, 6, private=False) == bytes(6)
+        g.convert(3, private=True)
+        assert counters["userspace_exits"] == 2 and counters["tdx.accepted_pages"] == RAM_PAGES
+        g.write(5, b"secret")
+        g.ram.discard_private(5, 1)
+        assert g.read(5, 6) == bytes(6) and counters["tdx.accepted_pages"] == RAM_PAGES + 1
+        g.close()

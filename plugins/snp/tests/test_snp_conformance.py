@@ -1,0 +1,16 @@
+"""The core's conformance kit against SNP VMs, configured by the backend's own
+``guestmem_conformance_options``: INIT2, a launch, PVALIDATE and page-state changes
+(:class:`guestmem_snp.conformance.SnpKitVmm`), the RMP checker on every event."""
+
+from __future__ import annotations
+
+from guestmem import uapi
+from guestmem.conformance import kit_for
+
+
+class TestSnpVm(kit_for("snp", uapi.KVM_X86_SNP_VM)):
+    """Linux 6.18 on an SEV-SNP host: 4 KiB RMP entries, destructive conversions."""
+
+
+class TestSnpHugepageVm(kit_for("snp-hugepage", uapi.KVM_X86_SNP_VM)):
+    """The hugepage guest_memfd series: order-9 folios, 2 MiB RMP entries where possible."""
