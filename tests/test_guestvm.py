@@ -230,3 +230,74 @@ def test_a_backend_names_its_private_vm_type() -> None:
     assert Named().vm_type(plain, "private")[0] is X86_SW_PROTECTED_VM
     assert Missing().vm_type(plain, "private")[0] is X86_SW_PROTECTED_VM  # the first private one
     assert Named().vm_type(sw, "default")[0].type == uapi.KVM_X86_DEFAULT_VM
+
+
+def test_the_base_converts_implicitly_through_memory_fault_exits(kvm: Any) -> None:
+    """Without a conversion call of its own, a VM type whose attributes decide privateness
+    converts as KVM lets any guest: its access on the other side exits with
+    KVM_EXIT_MEMORY_FAULT (G-2) and QEMU's loop converts the page; a VM type without
+    attributes has no conversion (n/a)."""
+    with launch(kvm, size=MiB) as guest:
+        guest.intents = Intents()
+        assert "conversion" in Intents().capabilities(guest)
+        guest.write(0x3000, b"private")
+        assert guest.convert(0x2000, 2 * PAGE, private=False).startswith("2 page(s) converted implicitly")
+        assert guest.vmm is not None and guest.vmm.handled["memory_fault"] == 2
+        assert guest.read(0x3000, 7, private=False) == bytes(7)  # QEMU punched the private copy
+        guest.convert(0x3000, PAGE, private=True)
+        assert guest.vmm.handled["memory_fault"] == 3
+    with GuestVm.launch(kvm, kind="default", size=MiB) as plain:
+        plain.intents = Intents()
+        assert "conversion" not in Intents().capabilities(plain)
+        with pytest.raises(NotApplicable, match="no guest-initiated conversion"):
+            plain.convert(0, PAGE, private=True)
+
+
+class _Pending(Exception):
+    def __init__(self, gpa: int) -> None:
+        super().__init__(f"not accepted: {gpa:#x}")
+        self.gpa = gpa
+
+
+class _LazyGuest(X86Intents):
+    """A guest whose pages in ``pending`` fault until accepted; ``stuck`` ones stay so."""
+
+    def __init__(self, pending: set[int], stuck: frozenset[int] = frozenset()) -> None:
+        self.pending = pending
+        self.stuck = stuck
+        self.accepted: list[tuple[int, int]] = []
+
+    def read(self, guest: GuestVm, gpa: int, length: int, *, private: bool | None) -> bytes:
+        page = gpa & ~(PAGE - 1)
+        if page in self.pending:
+            raise _Pending(gpa)
+        return super().read(guest, gpa, length, private=private)
+
+    def accept(
+        self, guest: GuestVm, gpa: int, size: int, *, page_size: int, coalesce: bool, entries: int
+    ) -> str:
+        self.accepted.append((gpa, size))
+        if gpa not in self.stuck:
+            self.pending.discard(gpa)
+        return ""
+
+    def unaccepted(self, guest: GuestVm, exc: BaseException) -> int | None:
+        return exc.gpa if isinstance(exc, _Pending) else None
+
+
+def test_accept_on_fault_accepts_the_page_and_runs_the_access_again(kvm: Any) -> None:
+    """A guest launched with ``accept_on_fault`` accepts the one page its load stopped at
+    and loads again; without it (a Linux guest) the fault reaches the caller, and a page
+    accepting does not help is not retried for ever."""
+    with launch(kvm, size=MiB, accept_on_fault=True) as guest:
+        guest.intents = lazy = _LazyGuest({0x5000})
+        assert guest.read(0x5010, 4) == bytes(4)
+        assert lazy.accepted == [(0x5000, PAGE)]
+        guest.intents = _LazyGuest({0x6000}, stuck=frozenset({0x6000}))
+        with pytest.raises(_Pending):
+            guest.read(0x6000, 4)
+    with launch(kvm, size=MiB) as guest:
+        guest.intents = lazy = _LazyGuest({0x5000})
+        with pytest.raises(_Pending):
+            guest.read(0x5000, 4)
+        assert lazy.accepted == []

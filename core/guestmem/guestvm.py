@@ -64,6 +64,7 @@ class GuestVm(contextlib.AbstractContextManager["GuestVm"]):
         kind: VmKind,
         handle_exits: HandleExits = "qemu",
         prefault: bool = False,
+        accept_on_fault: bool = False,
     ) -> None:
         self.kvm = kvm
         self.backend = backend
@@ -80,6 +81,14 @@ class GuestVm(contextlib.AbstractContextManager["GuestVm"]):
             self.vmm = QemuVmm(self, prefault=prefault)
         elif callable(handle_exits):
             self.vmm = handle_exits(self)
+        #: The guest accepts a private page its load or store stopped at for want of
+        #: acceptance (:meth:`~guestmem.intents.Intents.unaccepted`) and runs the access
+        #: again.  A Linux guest does not: an SNP guest terminates at that #VC, and a TD
+        #: is launched with ``SEPT_VE_DISABLE`` and killed instead of taking #VE.  The
+        #: conformance kit's guest does, so that it can go on once the host took a page
+        #: away (a punch, a memslot change): a backend whose guests need it launches them
+        #: so (TDX: no ``SEPT_VE_DISABLE``).
+        self.accept_on_fault = accept_on_fault
         #: True once :meth:`finish_launch` ran.
         self.launched = False
         #: What the backend said while launching (the VM type chosen, a measurement...).
@@ -104,11 +113,13 @@ class GuestVm(contextlib.AbstractContextManager["GuestVm"]):
         handle_exits: HandleExits = "qemu",
         prefault: bool = False,
         vm_type: int | None = None,
+        accept_on_fault: bool = False,
     ) -> GuestVm:
         """Create and launch a VM of *kind* on *kvm*'s backend, up to the populate stage.
 
         Guest RAM is *memory* (``(gpa, size)`` regions) or one region of *size* bytes at
-        gpa 0 (16 MiB by default).  *vm_type* overrides the backend's choice for *kind*.
+        gpa 0 (16 MiB by default).  *vm_type* overrides the backend's choice for *kind*;
+        *accept_on_fault* makes a guest that accepts what it has not (:attr:`accept_on_fault`).
         :class:`NotApplicable` if the backend offers no VM of that kind.  The launch is
         finished by :meth:`finish_launch`, or on the first guest intent.
         """
@@ -124,7 +135,7 @@ class GuestVm(contextlib.AbstractContextManager["GuestVm"]):
                 raise NotApplicable(f"backend {backend.name!r} has no VM type {vm_type}")
             info, note = found, ""
         vm = kvm.create_vm(info.type)
-        guest = cls(kvm, backend, intents, vm, info, kind, handle_exits, prefault)
+        guest = cls(kvm, backend, intents, vm, info, kind, handle_exits, prefault, accept_on_fault)
         if note:
             guest.notes.append(note)
         try:
@@ -272,12 +283,29 @@ class GuestVm(contextlib.AbstractContextManager["GuestVm"]):
     def read(self, gpa: int, length: int, *, private: bool | None = None) -> bytes:
         """``guest.read``: a guest load; *private* None lets the VM decide."""
         self._guest()
-        return self.intents.read(self, gpa, length, private=private)
+        return self._accepting(lambda: self.intents.read(self, gpa, length, private=private))
 
     def write(self, gpa: int, data: bytes, *, private: bool | None = None) -> None:
         """``guest.write``: a guest store."""
         self._guest()
-        self.intents.write(self, gpa, data, private=private)
+        self._accepting(lambda: self.intents.write(self, gpa, data, private=private))
+
+    def _accepting(self, access: Callable[[], T]) -> T:
+        """Run the guest's *access*; with :attr:`accept_on_fault`, a page it stops at for
+        want of acceptance is accepted (one 4 KiB page) and the access runs again."""
+        accepted: set[int] = set()
+        while True:
+            try:
+                return access()
+            except Exception as exc:
+                gpa = self.intents.unaccepted(self, exc) if self.accept_on_fault else None
+                page = None if gpa is None else gpa & ~(uapi.PAGE_SIZE - 1)
+                if page is None or page in accepted:
+                    raise  # not for want of acceptance, or accepting did not help
+                accepted.add(page)
+                self.intents.accept(
+                    self, page, uapi.PAGE_SIZE, page_size=uapi.PAGE_SIZE, coalesce=True, entries=1
+                )
 
     def touch(self, gpa: int, size: int) -> int:
         """``guest.touch``: fault every page of the range in as the guest's first stores

@@ -110,6 +110,9 @@ class RamRegion:
     in_place: bool = False
     #: The memslot id.
     slot: int = 0
+    #: The memslot's ``userspace_addr`` (0 for a gmem-only memslot that names no host
+    #: memory, as arm64 VMMs create them).
+    userspace_addr: int = 0
 
     @property
     def end(self) -> int:
@@ -128,7 +131,8 @@ class Intents:
     Subclass it and override what your architecture does differently; leave a method
     raising :class:`NotApplicable` (with the reason) where it has no such mechanism.  The
     base class lays out memory as QEMU does for a VM with private memory, runs guest
-    accesses through ``Vcpu.access`` and can neither convert, accept nor populate.
+    accesses through ``Vcpu.access``, converts implicitly where memory attributes decide
+    privateness (:meth:`convert`) and can neither accept nor populate.
     """
 
     #: The VM type a ``"private"`` VM is (``KVM_X86_SNP_VM``, ``KVM_X86_TDX_VM``) on a host
@@ -186,7 +190,7 @@ class Intents:
         in_place = bool(flags & uapi.GUEST_MEMFD_FLAG_MMAP)
         shared = gmem.mmap(size) if in_place else guest.kvm.mmap_anonymous(size)
         vm.set_user_memory_region2(slot, uapi.KVM_MEM_GUEST_MEMFD, gpa, size, shared.address, gmem, 0)
-        return RamRegion(gpa, size, gmem, 0, shared, in_place, slot)
+        return RamRegion(gpa, size, gmem, 0, shared, in_place, slot, shared.address)
 
     def initial_attributes(self, guest: GuestVm) -> None:
         """Attributes of new RAM: QEMU makes guest_memfd RAM of a private-memory VM private
@@ -223,8 +227,22 @@ class Intents:
 
         *coalesce* False makes one request per page (GHCB MSR protocol, a legacy
         single-page hypercall).  Exits go through :meth:`GuestVm.run`; returns a note.
+
+        The base converts implicitly, the one conversion every VM type whose memory
+        attributes decide privateness has without a call of its own: the guest touches
+        each page as it now means it, KVM answers the mismatch with
+        ``KVM_EXIT_MEMORY_FAULT`` (G-2) and the VMM converts the page before the access
+        runs again (QEMU's ``kvm_convert_memory``; the selftest
+        ``private_mem_kvm_exits_test``).  Any other VM type: :class:`NotApplicable`.
         """
-        raise NotApplicable("this VM type has no guest-initiated conversion")
+        vm = guest.vm
+        attributes = vm.check_extension(uapi.KVM_CAP_MEMORY_ATTRIBUTES) & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
+        if not (guest.vm_type.has_private_mem and attributes):
+            raise NotApplicable("this VM type has no guest-initiated conversion")
+        vcpu = guest.vcpu()
+        for page in range(gpa, gpa + size, uapi.PAGE_SIZE):
+            guest.run(partial(vcpu.access, page, 1, private=private), vcpu)
+        return f"{size >> uapi.PAGE_SHIFT} page(s) converted implicitly (KVM_EXIT_MEMORY_FAULT)"
 
     def accept(
         self, guest: GuestVm, gpa: int, size: int, *, page_size: int, coalesce: bool, entries: int
@@ -233,6 +251,14 @@ class Intents:
         page-state change to private + PVALIDATE, TDX ``TDG.MEM.PAGE.ACCEPT``.  *entries*
         bounds a request's entries (a PSC descriptor's); returns a note."""
         raise NotApplicable("this VM type has no memory acceptance: private memory is usable at once")
+
+    def unaccepted(self, guest: GuestVm, exc: BaseException) -> int | None:
+        """The gpa a guest access that raised *exc* stopped at because the guest has not
+        accepted the page (SNP's #VC for an unvalidated page, TDX's #VE for a pending
+        one), or None for any other failure.  A guest launched with
+        ``accept_on_fault`` accepts that page and runs the access again
+        (:meth:`GuestVm.read`).  The base has no acceptance: None."""
+        return None
 
     def side(self, guest: GuestVm, gpa: int, private: bool | None) -> bool | None:
         """Which side a guest access of *gpa* takes: *private* if given; None lets the
@@ -303,7 +329,8 @@ class Intents:
         """The :data:`CAPABILITIES` of *guest*'s VM on this backend.
 
         The base reports what the uAPI says (attributes, mmap, pre-fault) plus guest
-        access, and ``private_mem``/``private_access`` for a VM type with private memory.
+        access, and ``private_mem``/``private_access`` for a VM type with private memory,
+        which converts (implicitly, :meth:`convert`) where attributes decide privateness.
         """
         vm = guest.vm
         found = {"guest_access"}
@@ -311,6 +338,8 @@ class Intents:
             found |= {"private_mem", "private_access"}
         if vm.check_extension(uapi.KVM_CAP_MEMORY_ATTRIBUTES) & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE:
             found.add("memory_attributes")
+            if guest.vm_type.has_private_mem:
+                found.add("conversion")
         if vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS) & uapi.GUEST_MEMFD_FLAG_MMAP:
             found.add("host_mmap")
         if guest.vm_type.pre_fault_allowed and vm.check_extension(uapi.KVM_CAP_PRE_FAULT_MEMORY):
