@@ -18,7 +18,9 @@ What a VMM and a Linux SNP guest do for each intent (backends.md section 2):
   ``PVALIDATE`` of every page (2 MiB PVALIDATEs fall back to 4 KiB ones where the RMP
   entry is 4 KiB, as Linux does);
 * private loads and stores of pages the guest has not validated raise
-  :class:`~guestmem_snp.guest.UnvalidatedAccess` (the guest's #VC).
+  :class:`~guestmem_snp.guest.UnvalidatedAccess` (the guest's #VC), at which a Linux guest
+  terminates; a guest launched with ``accept_on_fault`` (the conformance kit's) accepts
+  the page and goes on.
 
 The guest's own record of what it validated is kept per VM (Linux keeps it in its
 page tables and the unaccepted-memory bitmap), so a conversion to shared rescinds only
@@ -45,8 +47,8 @@ from guestmem_snp.ghcb import (
     VMGEXIT_PSC_MAX_COUNT,
     PscEntry,
 )
-from guestmem_snp.guest import SnpGuest
-from guestmem_snp.rmp import PTRS_PER_PMD
+from guestmem_snp.guest import SnpGuest, UnvalidatedAccess
+from guestmem_snp.rmp import PTRS_PER_PMD, PVALIDATE_FAIL_NOUPDATE
 from guestmem_snp.sev import KVM_SEV_SNP_PAGE_TYPE_NORMAL, KVM_SEV_SNP_PAGE_TYPE_UNMEASURED, Sev
 
 PAGE_SHIFT = uapi.PAGE_SHIFT
@@ -180,10 +182,23 @@ class SnpIntents(X86Intents):
             if run_level == uapi.PG_LEVEL_2M and (s % PTRS_PER_PMD or e % PTRS_PER_PMD):
                 run_level = uapi.PG_LEVEL_4K
             rc = cpu.pvalidate_range(s << PAGE_SHIFT, (e - s) << PAGE_SHIFT, run_level, validate)
+            if rc == PVALIDATE_FAIL_NOUPDATE and not validate:
+                rc = self._rescind_each(cpu, s, e)
             if rc:
                 raise KvmError(errno.EINVAL, "", f"PVALIDATE of gpa {s << PAGE_SHIFT:#x} failed with {rc}")
         done.set(gfn, end, True if validate else None)
         return sum(e - s for s, e in runs)
+
+    @staticmethod
+    def _rescind_each(cpu: SnpGuest, start: int, end: int) -> int:
+        """Rescind the validation of gfns ``[start, end)`` one 4 KiB page at a time: a page
+        the host took away since the guest validated it (a punch: the next fault
+        assigned a new, unvalidated page) has nothing to rescind (``FAIL_NOUPDATE``)."""
+        for gfn in range(start, end):
+            rc = cpu.pvalidate(gfn << PAGE_SHIFT, uapi.PG_LEVEL_4K, validate=False)
+            if rc not in (0, PVALIDATE_FAIL_NOUPDATE):
+                return rc
+        return 0
 
     def convert(
         self, guest: GuestVm, gpa: int, size: int, *, private: bool, page_size: int, coalesce: bool
@@ -210,6 +225,10 @@ class SnpIntents(X86Intents):
         )
         self._pvalidate(guest, gpa, size, page_size, validate=True)
         return f"{requests} PSC request(s), {size >> PAGE_SHIFT} page(s) validated"
+
+    def unaccepted(self, guest: GuestVm, exc: BaseException) -> int | None:
+        """The gpa of a private access's #VC for a page that is not validated."""
+        return exc.gpa if isinstance(exc, UnvalidatedAccess) and self._snp(guest) else None
 
     def side(self, guest: GuestVm, gpa: int, private: bool | None) -> bool | None:
         """The guest's C-bit: what it converted the page to (the attribute it asked for)."""

@@ -60,6 +60,31 @@ def test_unaccepted_memory_is_a_vc_in_the_guest(guest: GuestVm) -> None:
     assert guest.read(2 * MiB, 1) == b"\x00"
 
 
+def test_a_page_the_host_punched_comes_back_unvalidated() -> None:
+    """After the VMM punches a validated private page, the guest's next private access
+    takes #VC: a Linux guest stops there; a guest that accepts on fault (the conformance
+    kit's) validates it again and reads zeroes.  Converting the page to shared then
+    rescinds only what is validated (a punched page untouched since answers PVALIDATE with
+    FAIL_NOUPDATE, which is not an error)."""
+    punch = uapi.FALLOC_FL_PUNCH_HOLE | uapi.FALLOC_FL_KEEP_SIZE
+    for accept_on_fault in (False, True):
+        with guestmem.open("snp") as kvm, GuestVm.launch(kvm, size=MiB, accept_on_fault=accept_on_fault) as g:
+            g.accept(0, 8 * PAGE)
+            g.write(3 * PAGE, b"secret")
+            region = g.regions[0]
+            assert region.gmem is not None
+            region.gmem.fallocate(punch, 2 * PAGE, 2 * PAGE)
+            if not accept_on_fault:
+                with pytest.raises(UnvalidatedAccess):
+                    g.read(3 * PAGE, 6)
+                continue
+            validated = g.counters()["pvalidate"]
+            assert g.read(3 * PAGE, 6) == bytes(6)
+            assert g.counters()["pvalidate"] == validated + 1
+            assert g.convert(2 * PAGE, 2 * PAGE, private=False).endswith("2 rescinded")
+            assert g.read(2 * PAGE, 4, private=False) == bytes(4)
+
+
 def test_accept_coalesced_vs_msr_protocol(guest: GuestVm) -> None:
     guest.accept(0, 64 * PAGE, entries=32)  # two GHCB requests, one coalesced exit each
     assert guest.counters()["psc_exits"] == 2
