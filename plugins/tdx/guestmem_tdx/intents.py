@@ -25,7 +25,9 @@ What a VMM (QEMU) and a Linux TD do for each intent (backends.md section 1):
   ``coalesce`` change nothing;
 * a private load or store of a page the TD has not accepted is an EPT violation: with
   ``SEPT_VE_DISABLE`` (Linux TDs) KVM kills the TD (``EIO``, ``TDX-1.2``);
-  ``guest.touch`` stores to each page, so it stops there.
+  ``guest.touch`` stores to each page, so it stops there.  A TD launched with
+  ``accept_on_fault`` (the conformance kit's) has no ``SEPT_VE_DISABLE``: the module
+  injects #VE instead, and the TD accepts the page and runs the access again.
 
 A TD's private pages are never host-mappable and a conversion never keeps contents
 (ACCEPT zeroes a page; a page made shared is punched out of guest_memfd).  The host's
@@ -43,9 +45,10 @@ from guestmem import uapi
 from guestmem.api import Vcpu
 from guestmem.backend import GuestVm, VmView, X86Intents, view
 from guestmem.errors import HypercallExit
+from guestmem_tdx import abi
 from guestmem_tdx import status as st
 from guestmem_tdx.guest import TdxGuest
-from guestmem_tdx.kvm import as_tdx
+from guestmem_tdx.kvm import PendingAccessVe, as_tdx
 from guestmem_tdx.sept import SeptState
 from guestmem_tdx.vmm import Tdx
 
@@ -115,7 +118,11 @@ class TdxIntents(X86Intents):
         ``KVM_CREATE_VCPU`` of a TD is EIO until then."""
         super().vm_init(guest)
         if self._td(guest):
-            self.tdx(guest).init_vm()
+            # A TD that accepts on #VE (accept_on_fault) must take #VE rather than die: no
+            # SEPT_VE_DISABLE, which a Linux TD runs without only as a debug TD
+            # (disable_sept_ve panics any other).
+            attributes = 0 if guest.accept_on_fault else abi.TDX_TD_ATTR_SEPT_VE_DISABLE
+            self.tdx(guest).init_vm(attributes=attributes)
 
     def launch_start(self, guest: GuestVm) -> str:
         """``KVM_TDX_INIT_VCPU`` of every vCPU (TDVPR/TDCX pages, TDH.VP.CREATE/ADDCX/INIT)."""
@@ -215,6 +222,11 @@ class TdxIntents(X86Intents):
             return f"{calls} MapGPA call(s) to shared"
         self._accept(guest, gpa, size, page_size)
         return f"{calls} MapGPA call(s) to private, {size >> PAGE_SHIFT} page(s) accepted"
+
+    def unaccepted(self, guest: GuestVm, exc: BaseException) -> int | None:
+        """The gpa of the #VE the TDX module injected for a PENDING page (a TD without
+        ``SEPT_VE_DISABLE``: :class:`~guestmem_tdx.kvm.PendingAccessVe`)."""
+        return exc.gpa if isinstance(exc, PendingAccessVe) else None
 
     def touch(self, guest: GuestVm, gpa: int, size: int) -> int:
         """The TD's first stores: accepted memory faults in as runs; the first private page

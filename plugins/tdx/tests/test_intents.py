@@ -219,3 +219,28 @@ def test_a_1g_mapgpa_leaves_in_512_exits() -> None:
         assert g.convert(0, 1 << 30, private=False) == "1 MapGPA call(s) to shared"
         assert g.counters()["userspace_exits"] == 512 and g.counters()["tdvmcall.MapGPA"] == 1
         assert not view(g.vm).is_private(((1 << 30) >> 12) - 1)
+
+
+@pytest.mark.parametrize("accept_on_fault", [False, True])
+def test_a_punched_page_kills_a_linux_td_and_is_accepted_again_by_one_that_accepts_on_fault(
+    accept_on_fault: bool,
+) -> None:
+    """After the VMM punches an accepted private page, the TD's next touch meets a new,
+    PENDING page: a TD launched as Linux runs (``SEPT_VE_DISABLE``) is killed (TDX-1.2);
+    one that accepts on fault is launched without it, takes #VE, accepts the page and reads
+    zero."""
+    punch = uapi.FALLOC_FL_PUNCH_HOLE | uapi.FALLOC_FL_KEEP_SIZE
+    with guestmem.open("tdx") as kvm, GuestVm.launch(kvm, size=MiB, accept_on_fault=accept_on_fault) as g:
+        g.accept(0, 16 * PAGE)
+        g.write(5 * PAGE, b"secret")
+        region = g.regions[0]
+        assert region.gmem is not None
+        region.gmem.fallocate(punch, 5 * PAGE, PAGE)
+        if not accept_on_fault:
+            with pytest.raises(KvmError) as info:
+                g.read(5 * PAGE, 6)
+            assert (info.value.errno, info.value.rule) == (errno.EIO, "TDX-1.2")
+            return
+        accepted = g.counters()["tdx.accepted_pages"]
+        assert g.read(5 * PAGE, 6) == bytes(6)
+        assert g.counters()["tdx.accepted_pages"] == accepted + 1
