@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from guestmem.backend import Backend, VmTypeInfo, hookimpl
+from guestmem_cca.intents import CcaIntents
 from guestmem_cca.policy import CcaPolicy
 from guestmem_cca.rmi import KVM_VM_TYPE_ARM_NORMAL, KVM_VM_TYPE_ARM_REALM
 
@@ -48,6 +49,7 @@ def guestmem_register_backends(register: Callable[[Backend], None]) -> None:
             summary="Arm CCA host (KVM CCA series) with its RMM: granules, RTTs, RIPAS, realm lifecycle",
             vm_types=(REALM_VM, DEFAULT_VM),
             policy=POLICY,
+            intents=CcaIntents(),
         )
     )
 
