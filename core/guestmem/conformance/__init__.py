@@ -24,8 +24,8 @@ One module per job:
   :class:`KitGuest` (one VM with RAM);
 - ``scenarios``: :class:`ScenarioConformance`, the built-in scenarios on a backend's
   rows, every applicable step run and meeting what it asserts;
-- ``vmm``: :class:`KitVmm`, how the kit drives a VM (launch, guest accesses,
-  conversions), and :class:`Ram`;
+- ``vmm``: :class:`KitVmm`, the kit's VM launched and driven through the backend's
+  intents (the launch, guest accesses, conversions), and :class:`Ram`;
 - ``ledger``: the leak check, :class:`OwnershipLedger` and :func:`check_released`;
 - ``options``: :func:`kit_for`, :func:`kits_for`;
 - ``conversions``: :class:`ConversionReference`, what a guest reads back after conversions

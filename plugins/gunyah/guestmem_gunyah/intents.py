@@ -22,7 +22,10 @@ What a Gunyah VMM and its guest do for each intent (backends.md section 4):
   touch (``gunyah_gmem_demand_page``: ``memextent_donate`` + ``addrspace_map``);
 * the guest converts nothing itself: whether a page is lent or shared is its binding's
   policy, fixed at ``GUNYAH_VM_MAP_MEM`` (a VM's shared I/O memory is a binding of its
-  own), so ``guest.convert`` is not applicable.  The conversion Gunyah has is the host's,
+  own), and the driver offers the VMM nothing to carry out a guest's request with either
+  (``GUNYAH_MEM_UNMAP`` only trims a binding at one of its ends,
+  ``gunyah_gmem_trim_binding``, whose split of one is "TODO": EINVAL), so
+  ``guest.convert`` is not applicable.  The conversion Gunyah has is the host's,
   and it keeps the contents: a host fault on a lent page takes it back from the guest
   (``gunyah_gmem_host_fault`` -> ``gunyah_gmem_launder_folio``: reclaimed, then mapped for
   the host) and the guest's next touch lends it again (demand paging); scenarios show it

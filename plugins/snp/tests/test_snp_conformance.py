@@ -1,6 +1,7 @@
-"""The core's conformance kit against SNP VMs, configured by the backend's own
-``guestmem_conformance_options``: INIT2, a launch, PVALIDATE and page-state changes
-(:class:`guestmem_snp.conformance.SnpKitVmm`), the RMP checker on every event."""
+"""The core's conformance kit against SNP VMs, launched and driven through the backend's
+intents (INIT2, a launch, PVALIDATE and page-state changes:
+:class:`guestmem_snp.intents.SnpIntents`), the RMP checker of its
+``guestmem_conformance_options`` on every event."""
 
 from __future__ import annotations
 
