@@ -43,7 +43,7 @@ import guestmem
 from guestmem import uapi
 from guestmem.backend import VmTypeInfo
 from guestmem.conformance.ledger import OwnershipLedger, allocated, check_released
-from guestmem.conformance.vmm import KitVmm, Ram
+from guestmem.conformance.vmm import KitVmm, Ram, create_vm
 from guestmem.errors import GuestExit, HostSigbus, HypercallExit, KvmError, MemoryFault, MmioExit
 from guestmem.invariants import InvariantChecker
 
@@ -234,7 +234,10 @@ class GmemConformance:
 
     @pytest.fixture
     def vm(self, kvm: Any, info: VmTypeInfo) -> Iterator[Any]:
-        vm = kvm.create_vm(info.type)
+        """A VM of the kit's type as its VMM creates one, for the uAPI rules: created, and
+        what the backend's intents do right after (``Intents.vm_init``: SEV's INIT2, TDX's
+        INIT_VM, a realm's CREATE_REALM), nothing more."""
+        vm = create_vm(kvm, info)
         yield vm
         vm.close()
 

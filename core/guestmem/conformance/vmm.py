@@ -175,6 +175,24 @@ class Ram:
         self.gmem.fallocate(PUNCH, page * PAGE, npages * PAGE)
 
 
+def create_vm(kvm: Any, info: VmTypeInfo) -> Any:
+    """``KVM_CREATE_VM`` of *info*'s type on *kvm*, then what the backend's intents do right
+    after it (:meth:`~guestmem.intents.Intents.vm_init`), as a VMM creates a VM."""
+    from guestmem.intents import Intents
+    from guestmem.registry import get_registry
+
+    backend = get_registry().backend(kvm.backend)
+    intents = backend.intents if backend.intents is not None else Intents()
+    vm = kvm.create_vm(info.type)
+    guest = GuestVm(kvm, backend, intents, vm, info, "private" if info.private else "default", "none")
+    try:
+        intents.vm_init(guest)
+    except BaseException:
+        vm.close()
+        raise
+    return vm
+
+
 class KitExits:
     """The kit's exit handling (a :class:`guestmem.vmm.ExitHandler`): QEMU's loop answers
     what the guest asks of the VMM while it converts or accepts memory; a memory-fault exit

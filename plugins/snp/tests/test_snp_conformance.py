@@ -15,3 +15,12 @@ class TestSnpVm(kit_for("snp", uapi.KVM_X86_SNP_VM)):
 
 class TestSnpHugepageVm(kit_for("snp-hugepage", uapi.KVM_X86_SNP_VM)):
     """The hugepage guest_memfd series: order-9 folios, 2 MiB RMP entries where possible."""
+
+
+class TestSevVm(kit_for("snp", uapi.KVM_X86_SEV_VM)):
+    """An SEV VM, created as its VMM does (``KVM_SEV_INIT2`` right after KVM_CREATE_VM, the
+    intents' ``vm_init``): no private memory, its guest runs on shared memory."""
+
+
+class TestSevEsVm(kit_for("snp", uapi.KVM_X86_SEV_ES_VM)):
+    """An SEV-ES VM, likewise."""

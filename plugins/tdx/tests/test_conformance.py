@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
-import pytest
-
 import guestmem
 import guestmem_tdx
 from guestmem import uapi
@@ -33,14 +28,8 @@ class TestTdxSwProtectedVm(GmemConformance):
 class TestTdxVm(kit_for("tdx", uapi.KVM_X86_TDX_VM)):  # type: ignore[misc]
     """A TD, launched and driven through the backend's intents (INIT_VM, INIT_VCPU,
     INIT_MEM_REGION, FINALIZE, ACCEPT, MapGPA): the uAPI rules on a TD after
-    KVM_TDX_INIT_VM, and the deep kit."""
-
-    @pytest.fixture
-    def vm(self, kvm: Any) -> Iterator[Any]:
-        vm = kvm.create_vm(self.vm_type)
-        guestmem_tdx.tdx(vm).init_vm()
-        yield vm
-        vm.close()
+    KVM_TDX_INIT_VM (the intents' ``vm_init``, which the kit's ``vm`` runs), and the deep
+    kit."""
 
 
 def test_the_kit_launches_its_td_through_the_intents() -> None:
