@@ -39,7 +39,13 @@ def test_needs_acceptance(guestmem_vm):
 
 def test_the_plugin_is_registered_through_pytest11(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_inprocess("--help")
-    result.stdout.fnmatch_lines(["*--guestmem-backend=NAME*", "*run guestmem fixtures on these backends*"])
+    result.stdout.fnmatch_lines(
+        [
+            "*--guestmem-backend=NAME*",
+            "*run guestmem fixtures on these backends*",
+            "*--guestmem-kit*also run the guestmem conformance kit*",
+        ]
+    )
 
 
 def test_default_is_every_installed_model_backend(pytester: pytest.Pytester) -> None:
@@ -90,3 +96,39 @@ def test_the_documented_example_on_every_installed_backend(pytester: pytest.Pyte
     result = pytester.runpytest_inprocess("--guestmem-backend", names, "-rs")
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) == 0 and outcomes["passed"] >= 2
+
+
+def test_the_kit_is_collected_only_when_asked_for(pytester: pytest.Pytester) -> None:
+    """``--guestmem-backend sw`` runs the VMM's own tests; ``--guestmem-kit`` adds the
+    conformance kit of every VM type of each selected backend (no test file, no subclass),
+    which passes on sw; the ini option ``guestmem_kit`` asks for it too."""
+    pytester.makepyfile(TESTS)
+    own = pytester.runpytest_inprocess("--guestmem-backend", "sw", "--collect-only", "-q")
+    assert "guestmem-kit" not in own.stdout.str()
+    result = pytester.runpytest_inprocess(
+        "--guestmem-backend", "sw", "--guestmem-kit", "-k", "TestKit and conversion_private_to_shared", "-rs"
+    )
+    outcomes = result.parseoutcomes()  # the private type converts, the default one has nothing to
+    assert (outcomes["passed"], outcomes["skipped"]) == (1, 1)
+    listed = pytester.runpytest_inprocess(
+        "--guestmem-backend", "sw", "--guestmem-kit", "--collect-only", "-q"
+    )
+    for kit in ("TestKit_sw_KVM_X86_DEFAULT_VM", "TestKit_sw_KVM_X86_SW_PROTECTED_VM"):
+        listed.stdout.fnmatch_lines([f"guestmem-kit?sw?::{kit}::test_stateful_machine"])
+    pytester.makeini("[pytest]\nguestmem_kit = true\n")
+    by_ini = pytester.runpytest_inprocess("--guestmem-backend", "sw", "--collect-only", "-q")
+    by_ini.stdout.fnmatch_lines(["guestmem-kit?sw?::TestKit_sw_KVM_X86_SW_PROTECTED_VM::*"])
+
+
+def test_the_kit_of_a_backend_not_installed_is_one_skip(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_inprocess("--guestmem-backend", MISSING, "--guestmem-kit", "-rs")
+    assert result.parseoutcomes() == {"skipped": 1}
+    result.stdout.fnmatch_lines([f"*{MISSING}: backend not installed*"])
+
+
+def test_the_kit_is_never_collected_twice(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_inprocess(
+        "-p", "guestmem.conformance.pytest_plugin", "--guestmem-backend", "sw", "--guestmem-kit"
+    )
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*do not also load -p guestmem.conformance.pytest_plugin*"])

@@ -73,13 +73,13 @@ def guestmem_register_backends(register: Callable[[Backend], None]) -> None:
 def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[str, Any] | None:
     """The conformance kit's settings for *vm_type* of *backend*, which this plugin registered.
 
-    Called by :func:`guestmem.conformance.kit_for` (the kit's pytest plugin, ``guestmem
-    fuzz``) when it builds the kit for an installed backend, only on the plugin that
-    registered *backend*.  The kit reads what it can from the declarations
-    (:class:`~guestmem.backend.VmTypeInfo`: conversion semantics, gmem-only memslots, memory
-    attributes) and from ``KVM_CHECK_EXTENSION``; this hook says the rest.  Implement it
-    next to ``guestmem_register_backends``, never on a policy object.  ``None`` (or no
-    implementation) keeps the kit's defaults.
+    Called by :func:`guestmem.conformance.kit_for` (``pytest --guestmem-kit``, the kit's
+    own pytest plugin, ``guestmem fuzz``) when it builds the kit for an installed backend,
+    only on the plugin that registered *backend*.  The kit reads what it can from the
+    declarations (:class:`~guestmem.backend.VmTypeInfo`: conversion semantics, gmem-only
+    memslots, memory attributes) and from ``KVM_CHECK_EXTENSION``; this hook says the rest.
+    Implement it next to ``guestmem_register_backends``, never on a policy object.
+    ``None`` (or no implementation) keeps the kit's defaults.
 
     Keys (each optional; an unknown key is an error naming the plugin):
 

@@ -14,23 +14,30 @@ installed).
 * ``@pytest.mark.guestmem_requires("conversion", "host_mmap")``: skip (with the reason)
   where the backend's VM lacks a capability (:data:`guestmem.intents.CAPABILITIES`);
   ``vm_type="default"`` as a keyword asks about the plain VM type instead.
+* ``--guestmem-kit`` (or the ini option ``guestmem_kit = true``): also collect the
+  conformance kit, every VM type of each selected backend, without a test file or a
+  subclass (:mod:`guestmem.conformance.pytest_plugin`'s :func:`collect_kit`).  Off by
+  default: a VMM's own suite run with ``--guestmem-backend sw`` runs its own tests, not
+  the kit's hundreds.  A selected backend that is not installed gets one skipped item.
 
 ``docs/vmm-testing.md`` has a complete example: a VMM's conversion handler tested on every
-backend.  :func:`selected_backends` is the one place the selection is decided, for other
-suites (the conformance kit) to reuse.
+backend.  :func:`selected_backends` is the one place the selection is decided, for the VMM's
+tests and the kit alike.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-__all__ = ["selected_backends"]
+__all__ = ["kit_requested", "selected_backends"]
 
 _FIXTURES = frozenset({"guestmem_backend", "guestmem_kvm", "guestmem_vm"})
 _MARKER = "guestmem_requires"
+_KIT_INI = "guestmem_kit"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -42,6 +49,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="NAME[,NAME]",
         help="run guestmem fixtures on these backends (default: every installed model backend)",
     )
+    group.addoption(
+        "--guestmem-kit",
+        action="store_true",
+        default=None,
+        help="also run the guestmem conformance kit against the selected backends",
+    )
+    parser.addini(_KIT_INI, "run the guestmem conformance kit too, as --guestmem-kit does", type="bool")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -59,12 +73,67 @@ def selected_backends(config: pytest.Config) -> list[str]:
     so a CI matrix naming ``tdx`` shows where it would run.
     """
     import guestmem
+    from guestmem.conformance.pytest_plugin import backend_names
 
-    named = [n.strip() for value in config.getoption("guestmem_backend") or [] for n in value.split(",")]
-    named = [n for n in named if n]
+    named = backend_names(",".join(config.getoption("guestmem_backend") or []))
     if named:
-        return list(dict.fromkeys(named))
+        return named
     return sorted(name for name, backend in guestmem.backends().items() if backend.opener is None)
+
+
+def kit_requested(config: pytest.Config) -> bool:
+    """``--guestmem-kit``, else the ini option ``guestmem_kit``."""
+    option = config.getoption("guestmem_kit")
+    return bool(option if option is not None else config.getini(_KIT_INI))
+
+
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    """With ``--guestmem-kit``: the conformance kit of the selected backends, after the
+    tests collected from files."""
+    if not kit_requested(config):
+        return
+    import guestmem
+    from guestmem.conformance import pytest_plugin as kit
+
+    if config.pluginmanager.has_plugin(kit.__name__):
+        raise pytest.UsageError(
+            f"--guestmem-kit collects the conformance kit itself: do not also load -p {kit.__name__}"
+        )
+    names = selected_backends(config)
+    installed = guestmem.backends()
+    present = [name for name in names if name in installed]
+    try:
+        if present:
+            items.extend(kit.collect_kit(session, present))
+    except (LookupError, guestmem.PluginError) as exc:
+        raise pytest.UsageError(f"guestmem conformance kit: {exc}") from exc
+    missing = [name for name in names if name not in installed]
+    if missing:
+        items.extend(_not_installed(session, missing))
+
+
+def _not_installed(session: pytest.Session, names: list[str]) -> list[pytest.Item]:
+    """One skipped item per backend named but not installed (as the fixtures skip)."""
+    import types
+
+    from guestmem.conformance import pytest_plugin as kit
+
+    module = types.ModuleType("guestmem_kit_not_installed")
+    for name in names:
+
+        def test_kit(backend: str = name) -> None:
+            pytest.skip(f"{backend}: backend not installed")
+
+        safe = "".join(c if c.isalnum() else "_" for c in name)
+        test_kit.__name__ = f"test_kit_{safe}"
+        setattr(module, test_kit.__name__, test_kit)
+    node = kit.KitModule.from_parent(
+        session, path=Path(kit.__file__), nodeid=f"guestmem-kit[{','.join(names)}: not installed]"
+    )
+    node.kit = module
+    return list(session.genitems(node))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
