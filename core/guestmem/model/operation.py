@@ -20,16 +20,31 @@ R = TypeVar("R")
 
 
 def uapi_call(method: Callable[P, R]) -> Callable[P, R]:
-    """Make *method* (of an object with a ``kvm`` attribute) one operation."""
+    """Make *method* (of an object with a ``kvm`` attribute) one operation.
+
+    While somebody listens to the trace, the outermost call (what userspace issued, not
+    the calls the model makes inside it) is recorded as a ``uapi`` event with its
+    arguments and its outcome, rejected calls included (:mod:`guestmem.recording`).
+    """
 
     @functools.wraps(method)
     def call(*args: P.args, **kwargs: P.kwargs) -> R:
         owner: Any = args[0]
         kvm: ModelKvm = owner.kvm
+        recording = not kvm.op_depth and kvm.tracing
+        started = kvm.call_started() if recording else None
         kvm.op_depth += 1
+        result: Any = None
+        error: BaseException | None = None
         try:
-            return method(*args, **kwargs)
+            result = method(*args, **kwargs)
+            return result  # type: ignore[no-any-return]
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
+            if started is not None:
+                kvm.call_finished(started, owner, method, args[1:], kwargs, result, error)
             kvm.op_depth -= 1
             if not kvm.op_depth:
                 kvm.operation_done(method.__qualname__)
