@@ -492,42 +492,63 @@ class SevVm:
 
         2 MiB iff the folio is 2 MiB (order >= 9), naturally aligned, and all 512 RMP
         entries are unassigned (``is_large_rmp_possible``); else 4 KiB entries.  A run of
-        order-0 folios (the core hands them over at once) is each folio's 4K entry; a folio
-        already assigned is left alone, as the kernel's per-folio check does.
+        folios (the core hands a run over at once: ``range_faults``) is what preparing each
+        folio in turn does: a folio already assigned is left alone, as the kernel's
+        per-folio check does, and a run none of whose pages is assigned costs one RMP update.
         """
         if not self.snp_active:
             return
         rmp = self.host.rmp
         self.host.freed.erase(pfn, pfn + npages)
-        if order and rmp.is_assigned(pfn):
-            return
-        base_pfn = pfn - pfn % PTRS_PER_PMD
-        large = (
-            order >= uapi.PMD_ORDER
-            and pfn % PTRS_PER_PMD == 0
-            and gfn % PTRS_PER_PMD == 0
-            and not rmp.any_assigned(base_pfn, PTRS_PER_PMD)
-        )
-        rc = RMP_SUCCESS
         with self.host.acting(self.vm):
-            if large:
-                rc = rmp.make_private(
-                    base_pfn, gfn << PAGE_SHIFT, uapi.PG_LEVEL_2M, self.asid, immutable=False
-                )
-                self.vm.count("rmpupdate")
+            if not order:
+                # 6.18 folios are order 0: one 4K entry each (a run: one RMPUPDATE per page).
+                rc, failed = self._prepare_4k(gfn, pfn, pfn, pfn + npages)
+            elif order >= uapi.PMD_ORDER and not rmp.any_assigned(pfn, npages):
+                rc, failed = self._prepare_fresh_2m(gfn, pfn, npages)
             else:
-                # 6.18 folios are order 0: one 4K entry each.  A large folio that cannot take a
-                # 2M entry gets 4K entries for its unassigned pages (prepare runs once per folio).
-                for s, e in list(rmp.unassigned(pfn, pfn + npages)):
-                    gpa = (gfn + s - pfn) << PAGE_SHIFT
-                    self._adjust_direct_map(s, e - s)
-                    rc = rmp.make_private(s, gpa, uapi.PG_LEVEL_4K, self.asid, immutable=False, npages=e - s)
-                    self.vm.count("rmpupdate", e - s)
+                rc, failed = RMP_SUCCESS, pfn
+                nr = min(1 << order, npages)
+                for head in range(pfn, pfn + npages, nr):
+                    rc, failed = self._prepare_folio(gfn + head - pfn, head, min(nr, pfn + npages - head))
                     if rc:
                         break
         if rc:
-            self._rmp_failed("sev_gmem_prepare", pfn, rc)
-            raise KvmError(errno.EINVAL, "", f"sev_gmem_prepare: RMPUPDATE of pfn {pfn:#x} failed ({rc})")
+            self._rmp_failed("sev_gmem_prepare", failed, rc)
+            raise KvmError(errno.EINVAL, "", f"sev_gmem_prepare: RMPUPDATE of pfn {failed:#x} failed ({rc})")
+
+    def _prepare_fresh_2m(self, gfn: int, pfn: int, npages: int) -> tuple[int, int]:
+        """Folios of order 9 none of whose pages is assigned: a 2M entry each if the gpa is
+        2 MiB aligned too (the pfn is: large folios are naturally aligned), else 4K entries."""
+        if pfn % PTRS_PER_PMD or gfn % PTRS_PER_PMD:
+            return self._prepare_4k(gfn, pfn, pfn, pfn + npages)
+        rc = self.host.rmp.make_private(
+            pfn, gfn << PAGE_SHIFT, uapi.PG_LEVEL_2M, self.asid, immutable=False, npages=npages
+        )
+        self.vm.count("rmpupdate", npages // PTRS_PER_PMD)
+        return rc, pfn
+
+    def _prepare_folio(self, gfn: int, pfn: int, npages: int) -> tuple[int, int]:
+        """One large folio, as ``sev_gmem_prepare`` sees it: nothing if its first page is
+        assigned, a 2M entry if possible, else 4K entries for its unassigned pages."""
+        rmp = self.host.rmp
+        if rmp.is_assigned(pfn):
+            return RMP_SUCCESS, pfn
+        if npages >= PTRS_PER_PMD and not rmp.any_assigned(pfn - pfn % PTRS_PER_PMD, PTRS_PER_PMD):
+            return self._prepare_fresh_2m(gfn, pfn, npages)
+        return self._prepare_4k(gfn, pfn, pfn, pfn + npages)
+
+    def _prepare_4k(self, gfn: int, pfn: int, start: int, end: int) -> tuple[int, int]:
+        """4K entries for the unassigned pages of ``[start, end)`` (*gfn* backs *pfn*)."""
+        rmp = self.host.rmp
+        for s, e in list(rmp.unassigned(start, end)):
+            gpa = (gfn + s - pfn) << PAGE_SHIFT
+            self._adjust_direct_map(s, e - s)
+            rc = rmp.make_private(s, gpa, uapi.PG_LEVEL_4K, self.asid, immutable=False, npages=e - s)
+            self.vm.count("rmpupdate", e - s)
+            if rc:
+                return rc, s
+        return RMP_SUCCESS, start
 
     def gmem_invalidate(self, start: int, end: int) -> None:
         """``sev_gmem_invalidate``: every assigned pfn back to shared, PSMASH where partial, clflush."""
