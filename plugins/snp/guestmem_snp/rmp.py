@@ -176,6 +176,28 @@ class RmpTable:
         """Runs of unassigned (Hypervisor) pages in ``[start, end)``."""
         return self._map.gaps(start, end)
 
+    def level_run(self, pfn: int, npages: int) -> int:
+        """How many pages from *pfn* (at most *npages*, at least 1) have the page size of
+        *pfn*'s entry, an unassigned page counting as 4K (``snp_lookup_rmpentry``'s level).
+
+        Walks the stored ranges lazily: O(log n) per range passed.
+        """
+        end = pfn + npages
+        first = self._map.get(pfn)
+        level = PG_LEVEL_4K if first is None else first.level
+        pos = pfn
+        while pos < end:
+            ent = self._map.first_overlap(pos, end)
+            if ent is None:
+                return (end if level == PG_LEVEL_4K else pos) - pfn
+            s, e, value = ent
+            if s > pos and level != PG_LEVEL_4K:
+                break  # a gap: unassigned pages are 4K
+            if value.level != level:
+                return max(1, s - pfn)
+            pos = e
+        return max(1, min(pos, end) - pfn)
+
     def assigned_pages(self, asid: int | None = None) -> int:
         """Number of assigned pages (of *asid* if given); costs O(stored ranges)."""
         return sum(e - s for s, e, v in self._map.items() if asid is None or v.asid == asid)

@@ -701,6 +701,11 @@ class SevVm:
             return self._leak("snp_page_reclaim", pfn, npages, rc, bug_vm)
         return self._kvm_rmp_make_shared(pfn, npages, bug_vm=bug_vm)
 
+    def fault_run(self, pfn: int, npages: int) -> int:
+        """How many of the *npages* pages of a private fault run from *pfn* share its RMP
+        page size, which ``max_mapping_level`` answers: the whole run before INIT2."""
+        return self.host.rmp.level_run(pfn, npages) if self.snp_active else npages
+
     def max_mapping_level(self, pfn: int, is_private: bool) -> int | None:
         """``sev_gmem_max_mapping_level``: the RMP page size; unassigned -> 4K."""
         if not self.snp_active or not is_private:

@@ -407,6 +407,16 @@ class PerPageRmp:
             self.pages[p][3] = validate
         return 0
 
+    def level_run(self, pfn: int, npages: int) -> int:
+        def level(p: int) -> int:
+            cur = self.pages.get(p)
+            return PG_LEVEL_4K if cur is None else int(cur[2])
+
+        n = 1
+        while n < npages and level(pfn + n) == level(pfn):
+            n += 1
+        return n
+
     def snapshot(self, p: int) -> tuple[Any, ...]:
         cur = self.pages.get(p)
         if cur is None:
@@ -463,6 +473,7 @@ def test_range_table_matches_per_page_reference(ops: list[tuple[Any, ...]]) -> N
     probes = {0, 1, 511, 512, 513, 1023, 1024, WINDOW - 1} | {op[1] for op in ops}
     for p in probes:
         assert table_snapshot(rmp, p) == ref.snapshot(p), p
+        assert rmp.level_run(p, WINDOW) == ref.level_run(p, WINDOW), p
 
 
 @settings(max_examples=60, deadline=None)
