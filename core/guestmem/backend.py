@@ -209,7 +209,8 @@ class Backend:
     #: model, driven by ``policy``.
     opener: Callable[..., Kvm] | None = None
     #: The policy's ``guestmem_fault`` and ``guestmem_gmem_prepare`` accept runs of pages
-    #: (``npages`` > 1); otherwise every call covers one page (one folio for prepare).
+    #: (``npages`` > 1), and its ``guestmem_max_mapping_level`` answers for a whole run;
+    #: otherwise every call covers one page (one folio for prepare).
     range_faults: bool = False
     #: The backend's translation of the portable intents (launch, conversion, acceptance)
     #: that scenario files and the pytest plugin use; None: the generic KVM base

@@ -273,8 +273,9 @@ def guestmem_gmem_prepare(vm: VmView, gfn: int, pfn: int, order: int, npages: in
     Called from ``kvm_gmem_get_pfn`` after the folio was zeroed, only while it is not yet
     prepared ("uptodate", G-11).  Covers pages ``[gfn, gfn + npages)`` backed by pfns
     ``[pfn, pfn + npages)`` made of folios of *order*; *npages* is one folio (``1 <<
-    order``, or what is left of a split one) unless the backend declares ``range_faults``.
-    SNP assigns the RMP entries here.  Raise :class:`guestmem.KvmError` to fail the fault.
+    order``, or what is left of a split one) unless the backend declares ``range_faults``:
+    then a run of folios of that order, each to be prepared as if it came alone.  SNP
+    assigns the RMP entries here.  Raise :class:`guestmem.KvmError` to fail the fault.
 
     :param vm: the VM of the faulting memslot.
     :param gfn: first gfn.
@@ -303,7 +304,10 @@ def guestmem_max_mapping_level(vm: VmView, pfn: int, is_private: bool) -> int | 
     """``gmem_max_mapping_level``: the largest level (``PG_LEVEL_*``) *pfn* may be mapped at.
 
     Called from ``kvm_mmu_max_mapping_level`` on the gmem path, only when a level above
-    4 KiB is possible.  ``None`` or 0 means no extra limit (H-2).
+    4 KiB is possible.  ``None`` or 0 means no extra limit (H-2).  A backend declaring
+    ``range_faults`` is asked once per fault run, for its first pfn: the answer must hold
+    for every page of the run its ``guestmem_fault`` left (``fault.npages``), so a backend
+    whose answer changes inside a run ends the run there (SNP: the RMP page size).
 
     :param vm: the VM.
     :param pfn: the folio's pfn.
