@@ -180,7 +180,7 @@ def main() -> None:
     targets = []
     for name, (backend, _, limit) in SCENARIOS.items():
         r = results[name]
-        loop_s = r["page_loop_s_per_page"] * (size - 2 * MiB) // PAGE
+        loop_s = r["page_loop_s_per_page"] * ((size - 2 * MiB) // PAGE)
         targets.append(
             {
                 "target": f"{gib:g} GiB accept, {name}",
