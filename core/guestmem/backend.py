@@ -1011,10 +1011,13 @@ class GmemView:
         for vma in list(self._inode.vmas):
             vma.zap_indices(start, end)
 
-    def host_mapped_ranges(self) -> Iterator[tuple[int, int]]:
-        """Page index runs ``[s, e)`` faulted into host userspace mappings."""
+    def host_mapped_ranges(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
+        """Page index runs ``[s, e)`` faulted into host userspace mappings, clipped to
+        ``[start, end)``: per mapping, in index order (mappings may overlap).  O(log n + k)
+        per mapping for a bounded range, so a backend checks a run of pages at once."""
         for vma in self._inode.vmas:
-            for s, e, _ in vma.faulted.items():
+            items = vma.faulted.items() if start == 0 and end is None else vma.faulted.items(start, end)
+            for s, e, _ in items:
                 yield s, e
 
 
