@@ -144,12 +144,16 @@ class GmemInode:
         if start != end - 1 and self.pages.overlaps(start, end):
             # what is left of a split large folio: allocate only the hole around index
             start, end = next((s, e) for s, e in self.pages.gaps(start, end) if s <= index < e)
-        pfn = self.host.alloc(end - start)
+        return start, end, self._new_folios(start, end, 1)
+
+    def _new_folios(self, start: int, end: int, folios: int, *, align: bool = True) -> Folio:
+        """*folios* new folios over pages ``[start, end)``, from one pfn run, counted."""
+        pfn = self.host.alloc(end - start, align=align)
         folio = Folio(pfn - start)
         self.pages.set(start, end, folio)
-        self.owner.count("gmem_folios_allocated")
+        self.owner.count("gmem_folios_allocated", folios)
         self.owner.count("gmem_pages_allocated", end - start)
-        return start, end, folio
+        return folio
 
     def get_run(self, index: int, limit: int) -> tuple[int, int, Folio]:
         """The folio run from *index* (at most to *limit*), allocated if missing.
@@ -174,19 +178,10 @@ class GmemInode:
             if stop - start <= nr:  # one folio, or what is left of a split one
                 _, end, folio = self.get_folio(index)
                 return index, min(end, limit), folio
-            pfn = self.host.alloc(stop - start)
-            folio = Folio(pfn - start)
-            self.pages.set(start, stop, folio)
-            self.owner.count("gmem_folios_allocated", (stop - start) // nr)
-            return index, min(stop, limit), folio
+            return index, min(stop, limit), self._new_folios(start, stop, (stop - start) // nr)
         nxt = self.pages.first_overlap(index, limit)
         end = limit if nxt is None else nxt[0]
-        pfn = self.host.alloc(end - index, align=False)
-        folio = Folio(pfn - index)
-        self.pages.set(index, end, folio)
-        self.owner.count("gmem_folios_allocated", end - index)
-        self.owner.count("gmem_pages_allocated", end - index)
-        return index, end, folio
+        return index, end, self._new_folios(index, end, end - index, align=False)
 
     def allocate(self, start: int, end: int) -> None:
         """``kvm_gmem_allocate`` (FA-6): instantiate folios over ``[start, end)`` pages.
