@@ -16,9 +16,14 @@ Needs guestmem and guestmem-gunyah installed.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import verdicts  # a sibling module: the targets and their verdicts
 
 import guestmem
 from guestmem.backend import OwnershipEvent, hookimpl
@@ -90,16 +95,9 @@ def main() -> None:
     guestmem.backends()  # the plugins are loaded before the clock starts
     r = boot(gib)
     boot_s = r["start_s"] + r["touch_s"]
-    targets = [
-        {
-            "target": f"{gib} GiB boot (VM start + every page touched)",
-            "figure": round(boot_s, 4),
-            "unit": "s",
-            "limit": 1.0,
-        }
-    ]
+    targets = [verdicts.row(f"{gib} GiB boot (VM start + every page touched)", round(boot_s, 4), "s", 1.0)]
     if args.json:
-        print(json.dumps({"targets": targets, "figures": r}, indent=2))
+        verdicts.print_json(targets, figures=r)
         return
     print(f"Gunyah guest of {gib} GiB ({r['pages']:,} pages), one lent binding, demand paged")
     print(f"  VM start (VMID, DTB parcel, RM config) {r['start_s'] * 1e3:9.1f} ms")
@@ -109,9 +107,7 @@ def main() -> None:
     print(f"  hypercalls the driver issues: {r['donations']:,} donations, {r['maps']:,} maps")
     calls, events = r["fault_hook_calls"], r["ownership_events"]
     print(f"  calls the model made: {calls} fault hook call(s), {events} ownership events")
-    for row in targets:
-        verdict = "OK" if row["figure"] <= row["limit"] else "MISSED"
-        print(f"{row['target']}: {row['figure']:.3f} s (target < {row['limit']:g} s): {verdict}")
+    verdicts.print_verdicts(targets)
 
 
 if __name__ == "__main__":

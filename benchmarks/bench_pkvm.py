@@ -19,10 +19,15 @@ faults in 256 MiB.  Needs guestmem and guestmem-pkvm installed.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import verdicts  # a sibling module: the targets and their verdicts
 
 import guestmem
 from guestmem import uapi
@@ -89,7 +94,7 @@ def hvc(vm: Any, vcpu: Any, nr: int, ipa: int, npages: int) -> int:
     except HypercallExit as exit_:
         return int(exit_.args[1])
     assert rc == abi.SMCCC_RET_SUCCESS, rc
-    return pkvm_state(vm).ret[1]
+    return int(pkvm_state(vm).ret[1])
 
 
 def conversions(per_call: int) -> tuple[float, float, int]:
@@ -139,16 +144,9 @@ def main() -> None:
         "share_speedup": share_1 / share_2m,
         "unshare_speedup": unshare_1 / unshare_2m,
     }
-    targets = [
-        {
-            "target": f"{label} fault-in, 4K pages (protected VM)",
-            "figure": round(ranged, 4),
-            "unit": "s",
-            "limit": 0.5,
-        }
-    ]
+    targets = [verdicts.row(f"{label} fault-in, 4K pages (protected VM)", round(ranged, 4), "s", 0.5)]
     if args.json:
-        print(json.dumps({"targets": targets, "figures": figures}, indent=2))
+        verdicts.print_json(targets, figures=figures)
         return
     f = figures
     print(f"pKVM protected VM, {label} of guest_memfd ({pages:,} pages of 4 KiB), best of {REPEAT}")
@@ -167,9 +165,7 @@ def main() -> None:
         f"  MEM_UNSHARE one page per call {unshare_1 * 1e6:7.2f} us per page; 2 MiB per call "
         f"{unshare_2m * 1e6:6.2f} us per page ({f['unshare_speedup']:.0f}x)"
     )
-    for row in targets:
-        verdict = "OK" if row["figure"] <= row["limit"] else "MISSED"
-        print(f"{row['target']}: {row['figure']:.4f} s (target < {row['limit']:g} s): {verdict}")
+    verdicts.print_verdicts(targets)
 
 
 if __name__ == "__main__":

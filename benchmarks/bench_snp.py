@@ -34,7 +34,12 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import verdicts  # a sibling module: the targets and their verdicts
 
 import guestmem
 import guestmem_snp
@@ -182,18 +187,18 @@ def main() -> None:
         r = results[name]
         loop_s = r["page_loop_s_per_page"] * ((size - 2 * MiB) // PAGE)
         targets.append(
-            {
-                "target": f"{gib:g} GiB accept, {name}",
-                "figure": round(r["accept_s"], 3),
-                "unit": "s",
-                "limit": limit,
-                "backend": backend,
-                "page_loop_s": round(loop_s, 3),
-                "speedup": round(loop_s / r["accept_s"]),
-            }
+            verdicts.row(
+                f"{gib:g} GiB accept, {name}",
+                round(r["accept_s"], 3),
+                "s",
+                limit,
+                backend=backend,
+                page_loop_s=round(loop_s, 3),
+                speedup=round(loop_s / r["accept_s"]),
+            )
         )
     if args.json:
-        print(json.dumps({"targets": targets, "scenarios": results}, indent=2))
+        verdicts.print_json(targets, scenarios=results)
         return
     print(f"SNP guest of {gib:g} GiB accepting its memory: 2 MiB PSC entries, then PVALIDATE")
     for row, (name, r) in zip(targets, results.items(), strict=True):
@@ -208,9 +213,7 @@ def main() -> None:
             f"{row['page_loop_s']:.1f} s for the guest ({row['speedup']}x the whole acceptance above)"
         )
         print(f"    counters: {r['counters']}")
-    for row in targets:
-        verdict = "OK" if row["figure"] <= row["limit"] else "MISSED"
-        print(f"{row['target']}: {row['figure']:.3f} s (target < {row['limit']:g} s): {verdict}")
+    verdicts.print_verdicts(targets)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,12 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import verdicts  # a sibling module: the targets and their verdicts
 
 import guestmem
 import guestmem_tdx
@@ -151,17 +156,17 @@ def main() -> None:
             )
             results.append(json.loads(out.stdout))
     targets = [
-        {
-            "target": f"{gib:g} GiB boot, {r['vcpus']} vCPU(s) {r['mode']} (build + accept)",
-            "figure": round(r["build_s"] + r["accept_s"], 3),
-            "unit": "s",
-            "limit": BOOT_TARGETS[r["vcpus"], r["mode"]],
-        }
+        verdicts.row(
+            f"{gib:g} GiB boot, {r['vcpus']} vCPU(s) {r['mode']} (build + accept)",
+            round(r["build_s"] + r["accept_s"], 3),
+            "s",
+            BOOT_TARGETS[r["vcpus"], r["mode"]],
+        )
         for r in results
         if (r["vcpus"], r["mode"]) in BOOT_TARGETS
     ]
     if args.json:
-        print(json.dumps({"targets": targets, "scenarios": results}, indent=2))
+        verdicts.print_json(targets, scenarios=results)
         return
     print(f"TD of {size / GiB:g} GiB accepting its memory at boot (Linux 6.18: 4 KiB private mappings)")
     for r in results:
@@ -178,9 +183,7 @@ def main() -> None:
         )
         teardown = ", ".join(f"{k} {v}" for k, v in r["teardown"].items())
         print(f"      teardown: {teardown}")
-    for row in targets:
-        verdict = "OK" if row["figure"] <= row["limit"] else "MISSED"
-        print(f"{row['target']}: {row['figure']:.3f} s (target < {row['limit']:g} s): {verdict}")
+    verdicts.print_verdicts(targets)
 
 
 if __name__ == "__main__":
