@@ -427,15 +427,16 @@ class PkvmPolicy:
     def guestmem_gmem_invalidate(self, vm: VmView, start_pfn: int, end_pfn: int) -> None:
         """A gmem folio is freed: no page may still belong to a guest (else reclaim it first)."""
         hyp = pkvm_state(vm).hyp
-        for s, _, page in list(hyp.host_entries(start_pfn, end_pfn - start_pfn)):
+        for s, e, page in list(hyp.host_entries(start_pfn, end_pfn - start_pfn)):
             if page.state == PageState.NOPAGE and page.handle:
                 owner = hyp.vm(page.handle)
-                gfn = page.gfn(s)
-                vm.count("pkvm.late_reclaims")
-                if owner.dying:
-                    hyp.host_reclaim_page_guest(owner, gfn)
-                else:
-                    hyp.host_force_reclaim_page_guest(owner, gfn)
+                # one host entry is a run of pages; the reclaim hypercalls take one page each
+                for pfn in range(s, e):
+                    vm.count("pkvm.late_reclaims")
+                    if owner.dying:
+                        hyp.host_reclaim_page_guest(owner, page.gfn(pfn))
+                    else:
+                        hyp.host_force_reclaim_page_guest(owner, page.gfn(pfn))
 
     # --- host side -----------------------------------------------------------------------------
     @hookimpl

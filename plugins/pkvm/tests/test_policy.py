@@ -492,3 +492,18 @@ def test_a_protected_vm_logs_no_dirty_pages_3_6(kvm: Any, vm_type: int) -> None:
         vm.set_user_memory_region2(0, dirty, GPA, SIZE, shared.address)
     vm.close()
     shared.close()
+
+
+def test_a_freed_folio_run_still_donated_is_reclaimed_page_by_page_3_2(guest: Guest) -> None:
+    """``guestmem_gmem_invalidate`` (the folio free of a page a live guest still owns)
+    force-reclaims every page of the host entry, not only its first: the host table stores
+    one run for pages donated in a row, the hypercall takes one page."""
+    from guestmem_pkvm.policy import PkvmPolicy
+
+    for i in range(4):
+        guest.vcpu.access(GPA + i * PAGE, data=b"z")
+    state = pkvm_state(guest.vm)
+    first = state.hvm.state(GPA >> 12).pfn(GPA >> 12)
+    PkvmPolicy().guestmem_gmem_invalidate(view(guest.vm), first, first + 4)
+    assert [state.hvm.state((GPA >> 12) + i).state for i in range(4)] == [PageState.POISON] * 4
+    assert guest.vm.counters["pkvm.late_reclaims"] == 4
