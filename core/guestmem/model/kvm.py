@@ -6,7 +6,7 @@ import errno
 import heapq
 import itertools
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +64,8 @@ class ModelKvm(api.Kvm):
         #: Depth of the uAPI operations under way, and what observers raised meanwhile.
         self.op_depth = 0
         self.observer_failures: list[ObserverFailure] = []
+        #: Releases deferred to the end of the outermost operation (:meth:`fput`).
+        self.task_work: list[tuple[bool, Callable[[], None]]] = []
         self.hooks = registry.hooks_for(backend, self.observer_failed)
         self._fds: dict[int, object] = {}
         # O(1) in the number of open fds: the numbers freed below the high-water mark (a
@@ -289,6 +291,54 @@ class ModelKvm(api.Kvm):
             }
             self.trace(None if vm is None else vm._vm, "ownership_update", fields)
 
+    def fput(self, release: Callable[[], None], *, held: bool = False) -> None:
+        """The last reference to a file went: run its *release* (``__fput``), at the end of
+        the operation under way if there is one.
+
+        ``fput`` defers ``__fput`` to ``task_work``, which runs on the way back to userspace
+        and, inside ``KVM_RUN``, before the guest is entered again
+        (``xfer_to_guest_mode_handle_work``).  So a file closed in the middle of a system
+        call (by a hook calling ``close()``) is released once the call is done with it.
+        *held* is for the descriptor the call itself works on (the VM and vCPU fds a
+        ``close()`` drops): ``fdget`` holds it until ``fdput`` at the end of the call, so
+        ``KVM_RUN`` never loses its vCPU or VM (``kvm_get_kvm``/``kvm_put_kvm``).
+        """
+        if self.op_depth:
+            self.task_work.append((held, release))
+        else:
+            release()
+
+    def run_task_work(self, *, guest_entry: bool = False) -> bool:
+        """Run the releases deferred by :meth:`fput`, in order; at a *guest_entry* (the
+        ``KVM_RUN`` loop) only those no operation holds.  Returns True if one ran.
+
+        Each runs even if one before it raised (the kernel always finishes ``__fput``); the
+        first exception is raised at the end.  Releases that close more files defer them to
+        this same loop.
+        """
+        failed: BaseException | None = None
+        ran = False
+        work = self.task_work
+        self.op_depth += 1
+        try:
+            i = 0
+            while i < len(work):
+                held, release = work[i]
+                if guest_entry and held:
+                    i += 1
+                    continue
+                del work[i]
+                ran = True
+                try:
+                    release()
+                except BaseException as exc:  # noqa: BLE001 - re-raised below
+                    failed = failed or exc
+        finally:
+            self.op_depth -= 1
+        if failed is not None:
+            raise failed
+        return ran
+
     @contextmanager
     def operation(self) -> Iterator[None]:
         """One operation (see :mod:`guestmem.model.operation`), for the views' entry points."""
@@ -301,12 +351,16 @@ class ModelKvm(api.Kvm):
                 self.operation_done("operation")
 
     def operation_done(self, operation: str) -> None:
-        """The outermost operation ended: ``guestmem_operation_done``, then what observers
-        raised meanwhile."""
-        if self.hooks.implemented("operation_done"):
-            self.hooks.operation_done(self.view, operation)
-        if self.observer_failures:
-            self.report_observer_failures()
+        """The outermost operation ended: the deferred releases (:meth:`fput`),
+        ``guestmem_operation_done``, then what observers raised meanwhile."""
+        try:
+            if self.task_work:
+                self.run_task_work()
+        finally:
+            if self.hooks.implemented("operation_done"):
+                self.hooks.operation_done(self.view, operation)
+            if self.observer_failures:
+                self.report_observer_failures()
 
     def observer_failed(self, failure: ObserverFailure) -> None:
         """Keep *failure* until the operation ends; outside any operation, report it now."""

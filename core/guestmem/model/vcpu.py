@@ -55,8 +55,9 @@ class ModelVcpu(api.Vcpu):
             return
         self._closed = True
         # kvm_vcpu_release only drops the VM reference: the vCPU stays in the VM (its id
-        # stays taken, KVM_CREATE_VCPU of it is EEXIST) until the VM is destroyed.
-        self.vm.put()
+        # stays taken, KVM_CREATE_VCPU of it is EEXIST) until the VM is destroyed.  It runs
+        # when the operation under way ends (fput), so a KVM_RUN in progress finishes first.
+        self.kvm.fput(self.vm.put, held=True)
 
     def _ioctl(self) -> None:
         """The checks of ``kvm_vcpu_ioctl`` before any command."""
@@ -109,6 +110,10 @@ class ModelVcpu(api.Vcpu):
                 raise
             assert fault.pfn is not None, "a fault that returned resolved no pfn"
             pfn: int = fault.pfn
+            if self.kvm.task_work and self.kvm.run_task_work(guest_entry=True):
+                # KVM_RUN runs task_work before it enters the guest again (a file a hook
+                # closed is released, its mappings zapped): the access is made anew.
+                return self._translate(gpa, write, private, length)
         else:
             pfn = hit[0]
         if vm.hooks.implemented("guest_access"):

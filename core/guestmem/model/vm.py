@@ -181,13 +181,15 @@ class ModelVm(api.Vm):
 
     @uapi_call
     def close(self) -> None:
+        """``close(fd)``: the descriptor goes at once; the VM file's release
+        (``kvm_vm_release`` -> ``kvm_put_kvm``) when the operation under way ends."""
         if self.fd_closed:
             return
         self.fd_closed = True
         self.kvm.fd_remove(self.fd)
         for vcpu in list(self.vcpus.values()):
             vcpu.close()
-        self.put()
+        self.kvm.fput(self.put, held=True)
 
     @uapi_call
     def check_extension(self, cap: int) -> int:

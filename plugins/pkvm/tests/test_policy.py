@@ -416,6 +416,52 @@ def test_guest_memory_behind_anonymous_host_memory_is_not_readable_by_the_host_3
     shared.close()
 
 
+class _CloseVmOnFault:
+    """Observer: the first stage-2 fault after ``armed`` closes the VM (a VMM thread
+    closing it while a vCPU runs)."""
+
+    def __init__(self, vm: Any) -> None:
+        self.vm: Any = None
+        self.target = vm
+        self.destroyed_then: list[bool] = []
+
+    @guestmem.hookimpl
+    def guestmem_fault(self) -> None:
+        if self.vm is not None:
+            vm, self.vm = self.vm, None
+            vm.close()
+            self.destroyed_then.append(vm.destroyed)
+
+
+def test_a_vm_closed_during_a_share_is_torn_down_after_it_leaving_no_share(kvm: Any, checker: Any) -> None:
+    """MEM_SHARE of a page not faulted yet: the host's fault-in (a stage-2 fault) runs an
+    observer that closes the VM.  ``KVM_RUN`` holds the vCPU and so the VM: the HVC finishes
+    on the live VM and exits to userspace, then the VM is destroyed and the hypervisor's
+    teardown gives every page back to the host, the shared one included."""
+    shared = kvm.mmap_anonymous(SIZE)
+    vm = kvm.create_vm(abi.KVM_VM_TYPE_ARM_PROTECTED)
+    vm.set_user_memory_region2(0, 0, GPA, SIZE, shared.address)
+    vcpu = vm.create_vcpu(0)
+    vcpu.access(GPA, data=b"run")  # the first run creates the hyp VM
+    hyp = pkvm_state(vm).hyp
+    closer = _CloseVmOnFault(vm)
+    registry = guestmem.get_registry()
+    registry.add_plugin(closer, name="close-vm-on-fault")
+    try:
+        closer.vm = vm
+        with pytest.raises(HypercallExit) as info:
+            vcpu.hypercall(SHARE, GPA + PAGE, 1, 0)
+    finally:
+        registry.remove_plugin(closer)
+    assert info.value.args[:2] == (GPA + PAGE, 1)  # the share was done, on a live VM
+    assert closer.destroyed_then == [False]
+    assert vm.destroyed and list(hyp.host.items()) == [] and hyp.vm_table == [None]
+    with pytest.raises(KvmError) as err:
+        vcpu.hypercall(SHARE, GPA + 2 * PAGE, 1, 0)
+    assert err.value.errno == errno.EBADF
+    shared.close()
+
+
 # --- memslot changes of a protected VM (3.6) -------------------------------------------------------
 def test_memslots_of_a_protected_vm_that_ran_are_kept_and_its_pages_untouched_3_6(kvm: Any) -> None:
     """``kvm_set_memslot`` zaps a slot being deleted or moved (``kvm_arch_flush_shadow_memslot``)
