@@ -92,9 +92,7 @@ def test_closing_a_guest_memfd_inside_its_own_punch_hole_leaves_no_invalidation_
     assert vm.destroyed
 
 
-def test_closing_the_vm_during_a_memslot_delete_destroys_it_afterwards(
-    kvm: Any, checker: object
-) -> None:
+def test_closing_the_vm_during_a_memslot_delete_destroys_it_afterwards(kvm: Any, checker: object) -> None:
     """The delete's zap (``kvm_unmap_gfn_range``) runs a hook that closes the VM fd: the
     ioctl holds the VM file, so the delete completes and the VM is destroyed when it
     returns (no ``KeyError`` from a memslot freed under it)."""
@@ -142,9 +140,7 @@ def test_closing_the_vm_from_a_fault_hook_lets_the_access_finish_on_a_live_vm(
     shared.close()
 
 
-def test_closing_the_running_vcpu_from_a_fault_hook_finishes_the_access(
-    kvm: Any, checker: object
-) -> None:
+def test_closing_the_running_vcpu_from_a_fault_hook_finishes_the_access(kvm: Any, checker: object) -> None:
     """A vCPU closed while its own ``KVM_RUN`` faults: the descriptor goes, the access
     completes, the next one is EBADF."""
     vm = kvm.create_vm(SW_PROTECTED)
@@ -165,9 +161,7 @@ def test_closing_the_running_vcpu_from_a_fault_hook_finishes_the_access(
     assert vm.destroyed
 
 
-def test_a_vm_closed_inside_an_operation_refuses_further_ioctls_in_it(
-    kvm: Any, checker: object
-) -> None:
+def test_a_vm_closed_inside_an_operation_refuses_further_ioctls_in_it(kvm: Any, checker: object) -> None:
     """The fd is gone as soon as ``close()`` returns: an ioctl a hook makes on it next, in
     the same operation, is EBADF, while the operation itself goes on."""
     vm = kvm.create_vm(SW_PROTECTED)

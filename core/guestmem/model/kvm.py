@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from guestmem import api, uapi
+from guestmem import api, cabi, uapi
 from guestmem.backend import HostView, OwnershipEvent, TraceEvent, VmView
 from guestmem.errors import KvmError, ObserverError
 from guestmem.hooks import ObserverFailure
@@ -111,12 +111,17 @@ class ModelKvm(api.Kvm):
 
     @uapi_call
     def check_extension(self, cap: int) -> int:
+        """``KVM_CHECK_EXTENSION``: *cap* is the ``long`` of
+        ``kvm_vm_ioctl_check_extension_generic``."""
+        cap = cabi.long(cap, "cap")
         self._check()
         return self.extension(None, cap)
 
     @uapi_call
     def create_vm(self, vm_type: int = uapi.KVM_X86_DEFAULT_VM) -> ModelVm:
-        """``KVM_CREATE_VM`` (CAP-6: an unsupported type is EINVAL)."""
+        """``KVM_CREATE_VM`` (CAP-6: an unsupported type is EINVAL); *vm_type* is the
+        ``unsigned long`` of ``kvm_dev_ioctl_create_vm``."""
+        vm_type = cabi.ulong(vm_type, "vm_type")
         self._check()
         info = self.backend_info.vm_type(vm_type)
         if info is None or (self.profile.vm_types is not None and vm_type not in self.profile.vm_types):
@@ -133,7 +138,8 @@ class ModelKvm(api.Kvm):
     @uapi_call
     def mmap_anonymous(self, length: int) -> ModelHostMapping:
         """Anonymous shared host memory (for ``userspace_addr``); ``mmap(2)`` needs no
-        ``/dev/kvm``, so it works after :meth:`close` too."""
+        ``/dev/kvm``, so it works after :meth:`close` too.  *length* is a ``size_t``."""
+        length = cabi.size_t(length, "length")
         self.host.check_alive()
         from guestmem.model.files import mmap_length
 
@@ -228,25 +234,8 @@ class ModelKvm(api.Kvm):
             return f"stdio:{fd}"
         return self._fds.get(fd)
 
-    def fd_of(self, guest_memfd: Any) -> int:
-        """The u32 the ioctl would carry for *guest_memfd* (object, fileno() or int)."""
-        if guest_memfd is None:
-            return 0
-        if isinstance(guest_memfd, int):
-            return guest_memfd & 0xFFFFFFFF
-        fileno = getattr(guest_memfd, "fileno", None)
-        if fileno is None:
-            raise TypeError(f"guest_memfd must be a file-like object or an fd number, not {guest_memfd!r}")
-        closed = getattr(guest_memfd, "closed", False)
-        if closed:
-            return 0xFFFFFFFF  # a closed fd: fget fails (B-1)
-        number = fileno()
-        if isinstance(guest_memfd, api.GuestMemfd) and not self._owns(guest_memfd):
-            # A guest_memfd of another process/model: this process has no such file.
-            return 0xFFFFFFFF
-        return int(number) & 0xFFFFFFFF
-
-    def _owns(self, obj: object) -> bool:
+    def owns(self, obj: object) -> bool:
+        """True iff *obj* has a descriptor in this process's fd table."""
         return id(obj) in self._fd_owners
 
     def mmu_notifier_invalidate(self, address: int, length: int) -> None:

@@ -8,12 +8,11 @@ or munmap removes them.  A SIGBUS is raised as :class:`guestmem.HostSigbus`.
 from __future__ import annotations
 
 import abc
-import errno
 from typing import TYPE_CHECKING
 
-from guestmem import api, uapi
+from guestmem import api, cabi, uapi
 from guestmem.backend import HostFault
-from guestmem.errors import HostSigbus, KvmError
+from guestmem.errors import HostSigbus
 from guestmem.model.gmem import Folio
 from guestmem.model.operation import uapi_call
 from guestmem.ranges import RangeMap
@@ -260,40 +259,40 @@ class ModelHostMapping(api.HostMapping):
     def closed(self) -> bool:
         return self._vma.unmapped
 
-    def _check(self, offset: int, n: int) -> None:
-        if self._vma.unmapped:
-            raise KvmError(errno.EFAULT, "", "access to an unmapped host mapping (SIGSEGV)")
-        if offset < 0 or n < 0 or offset + n > self.length:
-            raise KvmError(
-                errno.EFAULT,
-                "",
-                f"[{offset:#x}, {offset + n:#x}) is outside the {self.length:#x}-byte mapping",
-            )
-
     @uapi_call
     def read(self, offset: int, n: int) -> bytes:
-        self._check(offset, n)
+        """A host load (:func:`guestmem.api.host_access_arguments`)."""
+        offset, n = api.host_access_arguments(offset, n, self.length, self._vma.unmapped)
         self._vma.kvm.host.check_alive()
         return vma_access(self._vma, offset, n, None)
 
     @uapi_call
     def write(self, offset: int, data: bytes) -> None:
-        self._check(offset, len(data))
+        """A host store of bytes-like *data* (:func:`guestmem.api.host_access_arguments`)."""
+        offset = cabi.index(offset, "offset")
+        data = cabi.buffer(data, "data")
+        offset, n = api.host_access_arguments(offset, len(data), self.length, self._vma.unmapped)
         self._vma.kvm.host.check_alive()
-        vma_access(self._vma, offset, len(data), bytes(data))
+        vma_access(self._vma, offset, n, data)
+
+    def _range(self, offset: object, length: object) -> tuple[int, int]:
+        """``madvise``'s ``unsigned long`` start and ``size_t`` length, relative to the mapping."""
+        offset = cabi.index(offset, "offset")
+        length = self.length - offset if length is None else cabi.index(length, "length")
+        return offset, length
 
     @uapi_call
     def zap(self, offset: int = 0, length: int | None = None) -> None:
         """``madvise(MADV_DONTNEED)``: unmap the faulted-in pages; shared memory keeps its
         contents (model only)."""
-        self._vma.zap(offset, self.length - offset if length is None else length)
+        self._vma.zap(*self._range(offset, length))
 
     @uapi_call
     def discard(self, offset: int = 0, length: int | None = None) -> None:
         """``madvise(MADV_REMOVE)``: free the backing, as a VMM discards the shared copy of
         memory converted to private (QEMU ``ram_block_discard_range``); later reads see
         zeroes.  On a guest_memfd mapping this punches a hole (model only)."""
-        self._vma.discard(offset, self.length - offset if length is None else length)
+        self._vma.discard(*self._range(offset, length))
 
     @uapi_call
     def close(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Any
 
-from guestmem import api, uapi
+from guestmem import api, cabi, uapi
 from guestmem.backend import Fault, VcpuView
 from guestmem.errors import KvmError, MemoryFault, MmioExit
 from guestmem.model import fault as stage2
@@ -79,6 +79,9 @@ class ModelVcpu(api.Vcpu):
 
     def translate(self, gpa: int, *, write: bool = False, private: bool | None = None) -> int:
         """The host pfn the guest reaches at *gpa*, faulting it in like a real access."""
+        gpa = cabi.index(gpa, "gpa")
+        if gpa < 0:
+            raise ValueError(f"gpa {gpa:#x} is negative")
         self._run()
         return self._translate(gpa, write, private, 0)
 
@@ -131,13 +134,17 @@ class ModelVcpu(api.Vcpu):
         private: bool | None = None,
     ) -> bytes | None:
         """A guest load or store (G-1..G-12); see :meth:`guestmem.api.Vcpu.access`."""
-        if write and data is None:
-            raise ValueError("a store needs data")
-        if data is not None:
-            write = True
-            length = len(data)
-        if length <= 0 or gpa < 0:
-            raise ValueError("length must be positive and gpa non-negative")
+        if (
+            gpa.__class__ is int
+            and gpa >= 0
+            and (data.__class__ is bytes if data is not None else length.__class__ is int and not write)
+        ):
+            length = len(data) if data is not None else length  # the arguments the face takes
+            if not 0 < length <= api.MAX_ACCESS:
+                gpa, length, data = api.access_arguments(gpa, length, write, data)
+        else:
+            gpa, length, data = api.access_arguments(gpa, length, write, data)
+        write = data is not None
         self._run()
         vm = self.vm
         vm.slots.ever_used = True  # the guest entered (KernelProfile.pre_fault_enospc_before_first_memslot)
@@ -175,7 +182,11 @@ class ModelVcpu(api.Vcpu):
 
     @uapi_call
     def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> int:
-        """``KVM_PRE_FAULT_MEMORY`` (PF-1..PF-4); returns the size left unfaulted."""
+        """``KVM_PRE_FAULT_MEMORY`` (PF-1..PF-4); returns the size left unfaulted.
+
+        The arguments are the fields of :class:`guestmem.uapi.KvmPreFaultMemory`.
+        """
+        gpa, size, flags = uapi.KvmPreFaultMemory.of(gpa, size, flags)
         self._ioctl()
         vm = self.vm
         if flags:
@@ -225,7 +236,10 @@ class ModelVcpu(api.Vcpu):
     @uapi_call
     def hypercall(self, nr: int, *args: int) -> int:
         """The guest executes hypercall *nr*: the backend answers, else the architecture's
-        generic code (x86 ``__kvm_emulate_hypercall``), else ``-KVM_ENOSYS``."""
+        generic code (x86 ``__kvm_emulate_hypercall``), else ``-KVM_ENOSYS``.  *nr* and
+        *args* are the guest's registers: ``unsigned long`` each."""
+        nr = cabi.ulong(nr, "nr")
+        args = tuple(cabi.ulong(arg, f"args[{i}]") for i, arg in enumerate(args))
         self._run()
         vm = self.vm
         vm.count("hypercalls")
