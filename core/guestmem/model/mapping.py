@@ -83,15 +83,21 @@ class AnonVma(Vma):
         return base + (hpage & (_THP_PAGES - 1))
 
     def discard(self, offset: int, length: int) -> None:
+        """MADV_REMOVE: the range's pages read zero after; the cost follows the 2 MiB chunks
+        the range touches and the mapping has, never the range's length."""
         super().discard(offset, length)
         first = (self.address + offset) >> PAGE_SHIFT
         last = (self.address + offset + length + PAGE_SIZE - 1) >> PAGE_SHIFT
         lo_chunk, hi_chunk = first >> uapi.PMD_ORDER, (last - 1) >> uapi.PMD_ORDER
-        for chunk, base in list(self._chunks.items()):
-            if lo_chunk <= chunk <= hi_chunk:
-                lo = max(first, chunk << uapi.PMD_ORDER)
-                hi = min(last, (chunk + 1) << uapi.PMD_ORDER)
-                self.kvm.host.zero(base + (lo & (_THP_PAGES - 1)), hi - lo)
+        chunks = self._chunks
+        if hi_chunk - lo_chunk < len(chunks):
+            touched = [(c, chunks[c]) for c in range(lo_chunk, hi_chunk + 1) if c in chunks]
+        else:
+            touched = [(c, base) for c, base in chunks.items() if lo_chunk <= c <= hi_chunk]
+        for chunk, base in touched:
+            lo = max(first, chunk << uapi.PMD_ORDER)
+            hi = min(last, (chunk + 1) << uapi.PMD_ORDER)
+            self.kvm.host.zero(base + (lo & (_THP_PAGES - 1)), hi - lo)
 
     def host_level(self, page: int) -> int:
         hpage = (self.address >> PAGE_SHIFT) + page
