@@ -13,10 +13,11 @@ import math
 from typing import Any
 
 import pytest
-from gmem_helpers import vm_state
+from gmem_helpers import throwaway_backend, vm_state
 from gmem_support import GMEM_SLOT, MMAP, PAGE, PRIVATE, bind
 
-from guestmem import uapi
+import guestmem
+from guestmem import cabi, uapi
 
 SW_PROTECTED = uapi.KVM_X86_SW_PROTECTED_VM
 BAD = [1.5, 4096.0, "4096", None, math.nan, b"\x00"]
@@ -139,3 +140,31 @@ def test_the_issues_reproducers_are_typeerrors(guest: dict[str, Any]) -> None:
         with pytest.raises(TypeError, match=f"^{name} must be an integer"):
             call()
     assert sorted(vm.vcpus) == [0]
+
+
+class _CommandPolicy:
+    """A backend whose ``KVM_MEMORY_ENCRYPT_OP`` command is ``(opcode, value)``: it reads
+    ``value`` as a ``__u64`` (guestmem.cabi); opcode 2 is a bug of the backend."""
+
+    @guestmem.hookimpl
+    def guestmem_vm_ioctl(self, vm: Any, request: int, arg: Any) -> int | None:
+        if request != uapi.KVM_MEMORY_ENCRYPT_OP:
+            return None
+        opcode, value = arg
+        if opcode == 2:
+            return int(value + "")  # a TypeError of the backend's own
+        return cabi.u64(value, "value")
+
+
+def test_a_backends_command_struct_with_a_non_integer_is_the_callers_typeerror() -> None:
+    """A backend converting its command struct inside ``guestmem_vm_ioctl`` raises
+    ``cabi.ArgumentTypeError``: it reaches the caller as the TypeError naming the field
+    (the caller's mistake), while any other exception of the backend is a BackendError."""
+    with throwaway_backend("t-command", policy=_CommandPolicy()) as kvm:
+        vm = kvm.create_vm(1)
+        assert vm.memory_encrypt_op((1, (1 << 64) + 5)) == 5
+        with pytest.raises(guestmem.errors.ArgumentTypeError, match=r"^value must be an integer, not float"):
+            vm.memory_encrypt_op((1, 5.0))
+        with pytest.raises(guestmem.BackendError, match="t-command"):
+            vm.memory_encrypt_op((2, 5))
+        vm.close()

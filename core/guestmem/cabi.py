@@ -21,6 +21,7 @@ Each converter costs a type check and a comparison for an argument that already 
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from typing import Final
 
 U8_MAX: Final = 0xFF
@@ -31,6 +32,16 @@ S32_MAX: Final = (1 << 31) - 1
 S64_MAX: Final = (1 << 63) - 1
 
 
+class ArgumentTypeError(TypeError):
+    """An argument of the wrong type, named in the message: a non-integer where the uAPI
+    carries an integer, data that is not bytes-like, a file argument that is no file.
+
+    It is the caller's error, raised before the call changes anything, so it passes
+    through the hook machinery unchanged (not a :class:`guestmem.errors.BackendError`)
+    when a backend's command converts its struct inside ``guestmem_vm_ioctl``.
+    """
+
+
 def index(value: object, name: str) -> int:
     """*value* as a Python ``int`` (``operator.index``), or TypeError naming *name*."""
     if value.__class__ is int:
@@ -38,7 +49,7 @@ def index(value: object, name: str) -> int:
     try:
         return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
-        raise TypeError(f"{name} must be an integer, not {type(value).__name__}") from None
+        raise ArgumentTypeError(f"{name} must be an integer, not {type(value).__name__}") from None
 
 
 def u8(value: object, name: str) -> int:
@@ -91,6 +102,15 @@ c_int = s32
 c_uint = u32
 
 
+def fields(struct: object, **ctypes: Callable[[object, str], int]) -> None:
+    """Store each named field of a backend's command *struct* as its C type, in place:
+    ``cabi.fields(params, gfn_start=cabi.u64, len=cabi.u64, type=cabi.u8)`` is what the
+    kernel's ``copy_from_user`` of the struct reads (a non-integer: TypeError naming the
+    field, before the command does anything)."""
+    for name, ctype in ctypes.items():
+        setattr(struct, name, ctype(getattr(struct, name), name))
+
+
 def buffer(value: object, name: str) -> bytes:
     """Bytes-like data (``bytes``, ``bytearray``, ``memoryview`` or any other object with
     the buffer protocol, as ``write(2)`` through :func:`os.write` takes) as ``bytes``;
@@ -100,7 +120,7 @@ def buffer(value: object, name: str) -> bytes:
     try:
         return memoryview(value).tobytes()  # type: ignore[arg-type]
     except TypeError:
-        raise TypeError(f"{name} must be a bytes-like object, not {type(value).__name__}") from None
+        raise ArgumentTypeError(f"{name} must be a bytes-like object, not {type(value).__name__}") from None
 
 
 #: What an fd field reads for a file that is no longer open (``-1``): ``fget`` fails (EBADF).
@@ -122,7 +142,7 @@ def fd(value: object, name: str) -> int:
         return u32(value, name)
     fileno = getattr(value, "fileno", None)
     if not callable(fileno):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{name} must be a file object, a file descriptor number or None, not {type(value).__name__}"
         )
     if getattr(value, "closed", False):
