@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Any
 
-from guestmem import uapi
+from guestmem import cabi, uapi
 from guestmem.backend import VcpuView, VmView, view
 from guestmem.errors import KvmError
 from guestmem_snp.ghcb import (
@@ -76,7 +76,9 @@ class SnpGuest:
         self.cpu.check_run()
 
     def resume(self, ret: int = 0) -> int:
-        """Re-enter after a ``KVM_EXIT_HYPERCALL`` with ``run->hypercall.ret = ret``."""
+        """Re-enter after a ``KVM_EXIT_HYPERCALL`` with ``run->hypercall.ret = ret`` (a
+        ``__u64``)."""
+        ret = cabi.u64(ret, "ret")
         self._run()
         pending = self.state.pending
         if pending is None:
@@ -93,6 +95,7 @@ class SnpGuest:
 
     def psc_msr(self, gfn: int, op: int) -> int:
         """GHCB MSR protocol page-state change of one 4 KiB page; returns the GHCB MSR value."""
+        gfn, op = cabi.index(gfn, "gfn"), cabi.index(op, "op")
         self._enter()
         return int(self.vcpu.hypercall(SVM_EXIT_VMGEXIT, ghcb_msr_psc_req(gfn, op)))
 
@@ -120,6 +123,7 @@ class SnpGuest:
 
     def pvalidate(self, gpa: int, page_size: int = uapi.PG_LEVEL_4K, validate: bool = True) -> int:
         """PVALIDATE one page at *gpa*; returns the instruction's code (0 on success)."""
+        page_size = cabi.index(page_size, "page_size")
         size = PAGE_SIZE << (uapi.PMD_ORDER if page_size == uapi.PG_LEVEL_2M else 0)
         return self.pvalidate_range(gpa, size, page_size, validate, fallback=False)
 
@@ -138,8 +142,10 @@ class SnpGuest:
         not succeed (its predecessors took effect).  A 4K PVALIDATE inside a 2M RMP entry
         takes the #NPF KVM resolves with PSMASH and a 512-gfn zap (``sev_handle_rmp_fault``),
         then succeeds.  With *fallback* a 2M PVALIDATE answered with SIZEMISMATCH is redone
-        as 512 4K ones, as Linux guests do.
+        as 512 4K ones, as Linux guests do.  *gpa* is the guest's ``rax`` (a 64-bit register).
         """
+        gpa, size = cabi.u64(gpa, "gpa"), cabi.index(size, "size")
+        page_size = cabi.index(page_size, "page_size")
         self._run()
         step = PTRS_PER_PMD if page_size == uapi.PG_LEVEL_2M else 1
         if gpa % PAGE_SIZE or size % (step * PAGE_SIZE) or size <= 0:
@@ -189,6 +195,7 @@ class SnpGuest:
     # --- accesses --------------------------------------------------------------------------------
     def read(self, gpa: int, length: int, *, private: bool = True) -> bytes:
         """A guest load; a private one of an unvalidated page raises :class:`UnvalidatedAccess`."""
+        gpa, length = cabi.index(gpa, "gpa"), cabi.index(length, "length")
         if private:
             self._check_validated(gpa, length)
         data = self.vcpu.access(gpa, length, private=private)
@@ -196,7 +203,8 @@ class SnpGuest:
         return bytes(data)
 
     def write(self, gpa: int, data: bytes, *, private: bool = True) -> None:
-        """A guest store (C-bit set for *private*)."""
+        """A guest store of bytes-like *data* (C-bit set for *private*)."""
+        gpa, data = cabi.index(gpa, "gpa"), cabi.buffer(data, "data")
         if private:
             self._check_validated(gpa, len(data))
         self.vcpu.access(gpa, data=data, private=private)
