@@ -113,6 +113,26 @@ def test_pvmfw_address_is_fixed_once_the_vm_ran_3_4(guest: Guest) -> None:
     assert guest.vcpu.access(GPA + 8 * PAGE, 3) == bytes(3)
 
 
+def test_the_arch_face_takes_integers_and_bytes(guest: Guest) -> None:
+    """``set_pvmfw``'s *ipa* is the capability's ``__u64`` argument and *image* bytes-like;
+    a hypercall's registers are ``unsigned long`` and its function ID the low 32 bits of
+    x0 (``smccc_get_function``).  A non-integer is a TypeError naming it, nothing set."""
+    state = pkvm_state(guest.vm)
+    for call, name in (
+        (lambda: set_pvmfw(guest.vm, float(GPA), b"fw"), "ipa"),
+        (lambda: set_pvmfw(guest.vm, GPA, "fw"), "image"),
+        (lambda: enable_exit_hypercall(guest.vm, None), "args"),
+        (lambda: guest.vcpu.hypercall(MEMINFO, 0.0), "args"),
+        (lambda: guest.vcpu.hypercall(str(MEMINFO)), "nr"),
+    ):
+        with pytest.raises(TypeError, match=f"^{name}"):
+            call()
+    assert state.pvmfw is None and state.hvm is None
+    set_pvmfw(guest.vm, GPA + (1 << 64), bytearray(b"fw"))  # a __u64 ipa
+    assert state.pvmfw is not None and state.pvmfw.ipa == GPA
+    assert guest.vcpu.hypercall(MEMINFO + (1 << 32), 0, 0, 0) == PAGE  # a u32 function ID
+
+
 @pytest.mark.parametrize("gmem_open", [True, False], ids=["closed", "destroyed"])
 def test_pvmfw_and_exit_hypercall_on_a_closed_vm_are_ebadf_and_change_nothing(
     kvm: Any, gmem_open: bool
