@@ -8,11 +8,12 @@ or munmap removes them.  A SIGBUS is raised as :class:`guestmem.HostSigbus`.
 from __future__ import annotations
 
 import abc
+import errno
 from typing import TYPE_CHECKING
 
 from guestmem import api, cabi, uapi
 from guestmem.backend import HostFault
-from guestmem.errors import HostSigbus
+from guestmem.errors import HostSigbus, KvmError
 from guestmem.model.gmem import Folio
 from guestmem.model.operation import uapi_call
 from guestmem.ranges import RangeMap
@@ -282,9 +283,12 @@ class ModelHostMapping(api.HostMapping):
         vma_access(self._vma, offset, n, data)
 
     def _range(self, offset: object, length: object) -> tuple[int, int]:
-        """``madvise``'s ``unsigned long`` start and ``size_t`` length, relative to the mapping."""
+        """``madvise``'s ``unsigned long`` start and ``size_t`` length, relative to the mapping;
+        ENOMEM once the mapping is gone (``madvise`` of addresses not mapped)."""
         offset = cabi.index(offset, "offset")
         length = self.length - offset if length is None else cabi.index(length, "length")
+        if self._vma.unmapped:
+            raise KvmError(errno.ENOMEM, "", "madvise of a range that is no longer mapped")
         return offset, length
 
     @uapi_call
