@@ -10,6 +10,7 @@ on a destroyed VM: the close is done, the release follows the operation.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -200,3 +201,113 @@ def test_a_mapping_closed_inside_a_host_access_keeps_its_file_until_the_access_e
     with plugin(spy):
         mapping.write(0, b"x")
     assert mapping.closed and vm.destroyed
+
+
+# --- every close from every hook during every operation ----------------------------------------
+_HOOKS = (
+    "unmap_gfn_range",
+    "gmem_invalidate",
+    "trace",
+    "pre_set_memory_attributes",
+    "post_set_memory_attributes",
+    "gmem_unbind",
+    "gmem_bind",
+    "prepare_memory_region",
+    "fault",
+    "gmem_prepare",
+    "host_access",
+    "guest_access",
+    "vcpu_pre_run",
+)
+_TARGETS = ("gmem", "vm", "vcpu", "map", "all")
+
+
+def _operation(op: str, vm: Any, a: Any, vcpu: Any, mapping: Any) -> None:
+    match op:
+        case "punch":
+            a.fallocate(PUNCH, 0, 16 * PAGE)
+        case "memory_failure":
+            a.inject_memory_failure(0)
+        case "attributes":
+            vm.set_memory_attributes(0, 2 << 20, 0)
+        case "delete":
+            vm.set_user_memory_region2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, 0, 0, a, 0)
+        case "discard":
+            mapping.discard(0, 16 * PAGE)
+        case "munmap":
+            mapping.close()
+        case "access":
+            vcpu.access(2 * PAGE, data=b"x")
+        case "host_store":
+            vm.set_memory_attributes(0, 16 * PAGE, 0)
+            mapping.write(3 * PAGE, b"h")
+        case "pre_fault":
+            vcpu.pre_fault_memory(4 * PAGE, 4 * PAGE)
+        case "bind":
+            with vm.create_guest_memfd(4 * PAGE) as c:
+                vm.set_user_memory_region2(5, uapi.KVM_MEM_GUEST_MEMFD, 4 << 20, 4 * PAGE, 0, c, 0)
+
+
+def _close_during(kvm: Any, op: str, target: str, hook: str) -> list[str]:
+    """Run *op* while the first call of *hook* closes *target*; what went wrong."""
+    vm = kvm.create_vm(SW_PROTECTED)
+    a = vm.create_guest_memfd(16 * PAGE, uapi.GUEST_MEMFD_FLAG_MMAP)
+    b = vm.create_guest_memfd(16 * PAGE)
+    bind(vm, a, 0, 16 * PAGE, slot=0)
+    bind(vm, b, 1 << 20, 16 * PAGE, slot=1)
+    vm.set_memory_attributes(0, 2 << 20, PRIVATE)
+    vcpu = vm.create_vcpu(0)
+    vcpu.access(0, data=b"a")
+    vcpu.access(1 << 20, data=b"b")
+    mapping = a.mmap(16 * PAGE)
+    objects = {"gmem": [a], "vm": [vm], "vcpu": [vcpu], "map": [mapping], "all": [vcpu, vm, mapping, a, b]}
+
+    def close() -> None:
+        for obj in objects[target]:
+            obj.close()
+
+    # the kernel's answer to an operation on what the hook closed is an errno or an exit
+    with plugin(_close_once(hook, close)), contextlib.suppress(guestmem.KvmError, guestmem.GuestExit):
+        _operation(op, vm, a, vcpu, mapping)
+    problems = []
+    if vm.mmu.invalidate_in_progress:
+        problems.append("an invalidation is left in progress")
+    for obj in (vcpu, vm, mapping, a, b):
+        obj.close()
+    if not vm.destroyed or kvm.vms:
+        problems.append("the VM outlived its last reference")
+    if kvm.host.allocated_pages:
+        problems.append(f"{kvm.host.allocated_pages} host pages leaked")
+    return problems
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        "punch",
+        "memory_failure",
+        "attributes",
+        "delete",
+        "discard",
+        "munmap",
+        "access",
+        "host_store",
+        "pre_fault",
+        "bind",
+    ],
+)
+def test_a_close_from_any_hook_during_an_operation_leaves_a_consistent_model(
+    kvm: Any, checker: object, op: str
+) -> None:
+    """Every hook the core calls, closing the guest_memfd, the VM, the vCPU, the host
+    mapping or all of them in the middle of *op*: the operation ends with the kernel's
+    answer (no internal KeyError or AssertionError), every invalidation is ended, the
+    invariant checker is content, and once everything is closed the VM is destroyed and
+    no host page is left."""
+    failures = {
+        (target, hook): problems
+        for target in _TARGETS
+        for hook in _HOOKS
+        if (problems := _close_during(kvm, op, target, hook))
+    }
+    assert failures == {}
