@@ -118,7 +118,12 @@ class SnpGuest:
         """
         self.vm.fault_range(gfn, limit, private=True, vcpu=self.cpu)
         leaf = self.vm.leaf(gfn)
-        assert leaf is not None, "fault_range mapped gfn"
+        if leaf is None:
+            # Zapped before the instruction ran (a guest_memfd closed meanwhile was released):
+            # the NPT walk faults again, and exits if it cannot map the page any more.
+            self._translate(gfn << PAGE_SHIFT)
+            leaf = self.vm.leaf(gfn)
+        assert leaf is not None, "the NPT walk mapped gfn"
         return leaf.pfn + gfn - leaf.gfn, max(1, min(limit, leaf.end_gfn - gfn))
 
     def pvalidate(self, gpa: int, page_size: int = uapi.PG_LEVEL_4K, validate: bool = True) -> int:
