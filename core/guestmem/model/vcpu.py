@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 PAGE_SHIFT = uapi.PAGE_SHIFT
 PAGE_SIZE = uapi.PAGE_SIZE
 TLB_ENTRIES = 4096  # bounds the cache; a full one is dropped at the next change
+MAX_ACCESS = api.MAX_ACCESS
 #: The most stage-2 faults one ``KVM_PRE_FAULT_MEMORY`` of the model makes before it returns
 #: what is left, as the kernel's loop does when a signal is pending (PF-4): a model limit
 #: that bounds the call's cost (docs/model.md).  Userspace loops until nothing is left.
@@ -138,14 +139,15 @@ class ModelVcpu(api.Vcpu):
         private: bool | None = None,
     ) -> bytes | None:
         """A guest load or store (G-1..G-12); see :meth:`guestmem.api.Vcpu.access`."""
-        if (
-            gpa.__class__ is int
-            and gpa >= 0
-            and (data.__class__ is bytes if data is not None else length.__class__ is int and not write)
-        ):
-            length = len(data) if data is not None else length  # the arguments the face takes
-            if not 0 < length <= api.MAX_ACCESS:
+        # The arguments as every backend takes them (api.access_arguments), checked inline
+        # for the common case: an int gpa and length, or bytes data.
+        if data is None:
+            if write or gpa.__class__ is not int or length.__class__ is not int or gpa < 0:
                 gpa, length, data = api.access_arguments(gpa, length, write, data)
+            elif not 0 < length <= MAX_ACCESS:
+                api.access_arguments(gpa, length, write, data)
+        elif gpa.__class__ is int and data.__class__ is bytes and gpa >= 0 and 0 < len(data) <= MAX_ACCESS:
+            length = len(data)
         else:
             gpa, length, data = api.access_arguments(gpa, length, write, data)
         write = data is not None
