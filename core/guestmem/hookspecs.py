@@ -25,7 +25,9 @@ The hooks keep the kernel's names and are called where the kernel calls the func
 are named after, with the same meaning of their arguments ("Called from" in each
 docstring).  An implementation that must fail the operation raises
 :class:`guestmem.KvmError` with the errno the kernel would return (or a
-:class:`guestmem.GuestExit`); any other exception is reported as a
+:class:`guestmem.GuestExit`; a command struct with a field of the wrong type raises
+:class:`guestmem.cabi.ArgumentTypeError`, the caller's TypeError); any other exception is
+reported as a
 :class:`guestmem.BackendError` naming the backend and its distribution, and the core
 leaves no invalidation open behind it.
 

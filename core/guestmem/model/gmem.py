@@ -325,10 +325,17 @@ class GmemFile:
         self.refs += 1
 
     def put(self) -> None:
-        """Drop a file reference; the last one releases the view."""
+        """``fput``: drop a file reference; the last one releases the view.
+
+        From then on the file cannot be looked up (``get_file_active`` fails: EFAULT, L-4);
+        the release itself runs when the operation under way ends (``task_work``,
+        :meth:`guestmem.model.kvm.ModelKvm.fput`), so an invalidation or a fault that uses
+        the file finishes first.
+        """
         self.refs -= 1
         if self.refs == 0:
-            self.release()
+            self.released = True
+            self.vm.kvm.fput(self.release)
 
     def release(self) -> None:
         """``kvm_gmem_release`` (L-3): unbind every slot, zap, drop the VM reference."""

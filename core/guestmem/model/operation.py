@@ -1,9 +1,14 @@
-"""Operations: the span of one uAPI call, at whose end what observers raised is reported.
+"""Operations: the span of one uAPI call, at whose end deferred releases run and what
+observers raised is reported.
 
 Every public method of the model's uAPI objects is an operation (:func:`uapi_call`); a
-hook that calls back into the model nests inside it.  An observer's exception is kept
-until the outermost operation ends, so the model is consistent (no invalidation left
-open, nothing half-applied) when the caller hears of it.
+hook that calls back into the model nests inside it.  As a system call holds the files it
+works on (``fdget`` ... ``fdput``), the last reference to a file dropped during an
+operation (a ``close()`` from inside a hook included) is released only when the outermost
+operation ends: ``fput`` defers ``__fput`` to ``task_work``, which runs on the way back
+to userspace (:meth:`guestmem.model.kvm.ModelKvm.fput`).  An observer's exception is kept
+until then too, so the model is consistent (no invalidation left open, nothing
+half-applied, no object destroyed under an operation using it) when the caller hears of it.
 """
 
 from __future__ import annotations

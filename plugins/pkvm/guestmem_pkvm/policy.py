@@ -35,7 +35,7 @@ from typing import Any
 
 import attrs
 
-from guestmem import uapi
+from guestmem import cabi, uapi
 from guestmem.api import Vm
 from guestmem.backend import (
     Fault,
@@ -212,8 +212,11 @@ def set_pvmfw(vm: Any, ipa: int, image: bytes) -> None:
     The hypervisor copies the image into each page of that range when the guest first
     faults it (``pkvm_load_pvmfw_pages``).  A VM ioctl: EBADF once the VM fd is closed, EIO
     on a dead VM (``kvm_vm_ioctl``); EBUSY once the VM ran (the hyp VM exists, pKVM-3.4);
-    EINVAL for a non-protected VM, an unaligned *ipa* or an empty image.
+    EINVAL for a non-protected VM, an unaligned *ipa* or an empty image.  *ipa* is the
+    capability's ``__u64`` argument, *image* bytes-like (guestmem.cabi: a TypeError naming
+    either before anything is checked).
     """
+    ipa, image = cabi.u64(ipa, "ipa"), cabi.buffer(image, "image")
     state = pkvm_state(vm)
     view(vm).check_ioctl()
     if state.hvm is not None:
@@ -483,9 +486,13 @@ class PkvmPolicy:
     # --- guest hypercalls ---------------------------------------------------------------------
     @hookimpl
     def guestmem_hypercall(self, vcpu: VcpuView, nr: int, args: tuple[int, ...]) -> int:
-        """The KVM vendor-hypervisor SMCCC services a pKVM guest uses for memory."""
+        """The KVM vendor-hypervisor SMCCC services a pKVM guest uses for memory.
+
+        The function ID is the low 32 bits of x0 (``smccc_get_function`` returns a ``u32``).
+        """
         vm = vcpu.vm
         state = pkvm_state(vm)
+        nr = cabi.u32(nr, "nr")
         name = _HVC_NAMES.get(nr)
         if name is not None:
             vm.count(f"pkvm.hvc.{name}")

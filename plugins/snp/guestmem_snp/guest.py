@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Any
 
-from guestmem import uapi
+from guestmem import cabi, uapi
 from guestmem.backend import GmemLocation, VcpuView, VmView, view
 from guestmem.errors import KvmError
 from guestmem_snp.ghcb import (
@@ -79,7 +79,9 @@ class SnpGuest:
         self.cpu.check_run()
 
     def resume(self, ret: int = 0) -> int:
-        """Re-enter after a ``KVM_EXIT_HYPERCALL`` with ``run->hypercall.ret = ret``."""
+        """Re-enter after a ``KVM_EXIT_HYPERCALL`` with ``run->hypercall.ret = ret`` (a
+        ``__u64``)."""
+        ret = cabi.u64(ret, "ret")
         self._run()
         pending = self.state.pending
         if pending is None:
@@ -96,6 +98,7 @@ class SnpGuest:
 
     def psc_msr(self, gfn: int, op: int) -> int:
         """GHCB MSR protocol page-state change of one 4 KiB page; returns the GHCB MSR value."""
+        gfn, op = cabi.index(gfn, "gfn"), cabi.index(op, "op")
         self._enter()
         return int(self.vcpu.hypercall(SVM_EXIT_VMGEXIT, ghcb_msr_psc_req(gfn, op)))
 
@@ -118,7 +121,12 @@ class SnpGuest:
         """
         self.vm.fault_range(gfn, limit, private=True, vcpu=self.cpu)
         leaf = self.vm.leaf(gfn)
-        assert leaf is not None, "fault_range mapped gfn"
+        if leaf is None:
+            # Zapped before the instruction ran (a guest_memfd closed meanwhile was released):
+            # the NPT walk faults again, and exits if it cannot map the page any more.
+            self._translate(gfn << PAGE_SHIFT)
+            leaf = self.vm.leaf(gfn)
+        assert leaf is not None, "the NPT walk mapped gfn"
         return leaf.pfn + gfn - leaf.gfn, max(1, min(limit, leaf.end_gfn - gfn))
 
     def pvalidate(self, gpa: int, page_size: int = uapi.PG_LEVEL_4K, validate: bool = True) -> int:
@@ -127,8 +135,9 @@ class SnpGuest:
         The NPT walk faults the page in first (all 512 pages of a 2M PVALIDATE).  A 4K
         PVALIDATE inside a 2M RMP entry takes the #NPF KVM resolves with PSMASH and a
         512-gfn zap (``sev_handle_rmp_fault``); the guest executes it again.  Each
-        execution counts in ``pvalidate``.
+        execution counts in ``pvalidate``.  *gpa* is the guest's ``rax`` (a 64-bit register).
         """
+        gpa, page_size = cabi.u64(gpa, "gpa"), cabi.index(page_size, "page_size")
         self._run()
         if gpa % PAGE_SIZE:
             return PVALIDATE_FAIL_INPUT
@@ -166,7 +175,7 @@ class SnpGuest:
         not succeed (its predecessors took effect), and :attr:`progress` says how many 4 KiB
         pages from *gpa* were validated before it, also when an exit or an RMP violation
         raises.  With *fallback* a 2M PVALIDATE answered with SIZEMISMATCH is redone as 512
-        4K ones, as Linux guests do.
+        4K ones, as Linux guests do.  *gpa* is the guest's ``rax`` (a 64-bit register).
 
         Everything is as :meth:`pvalidate` page by page would leave it (the RMP, the
         stage-2, every counter, the exit and where it happens), at the cost of the runs of
@@ -175,6 +184,8 @@ class SnpGuest:
         succeeds, or is fresh memory whose first use prepares it so; a run of 2M RMP
         entries under 4K PVALIDATEs takes its #NPFs, PSMASHes and zaps as one.
         """
+        gpa, size = cabi.u64(gpa, "gpa"), cabi.index(size, "size")
+        page_size = cabi.index(page_size, "page_size")
         self._run()
         step = PTRS_PER_PMD if page_size == uapi.PG_LEVEL_2M else 1
         self.progress = 0
@@ -377,6 +388,7 @@ class SnpGuest:
     # --- accesses --------------------------------------------------------------------------------
     def read(self, gpa: int, length: int, *, private: bool = True) -> bytes:
         """A guest load; a private one of an unvalidated page raises :class:`UnvalidatedAccess`."""
+        gpa, length = cabi.index(gpa, "gpa"), cabi.index(length, "length")
         if private:
             self._check_validated(gpa, length)
         data = self.vcpu.access(gpa, length, private=private)
@@ -384,7 +396,8 @@ class SnpGuest:
         return bytes(data)
 
     def write(self, gpa: int, data: bytes, *, private: bool = True) -> None:
-        """A guest store (C-bit set for *private*)."""
+        """A guest store of bytes-like *data* (C-bit set for *private*)."""
+        gpa, data = cabi.index(gpa, "gpa"), cabi.buffer(data, "data")
         if private:
             self._check_validated(gpa, len(data))
         self.vcpu.access(gpa, data=data, private=private)

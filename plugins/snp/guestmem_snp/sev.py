@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 import structlog
 
-from guestmem import uapi
+from guestmem import cabi, uapi
 from guestmem.backend import VmView, view
 from guestmem.errors import FailEntryExit, KvmError
 from guestmem_snp.ghcb import PscBuffer, PscEngine
@@ -100,7 +100,8 @@ _PAGE_INFO_LEN: Final = 0x70
 
 @attrs.define
 class SevCmd:
-    """``struct kvm_sev_cmd``: the argument of ``KVM_MEMORY_ENCRYPT_OP`` on an SEV host.
+    """``struct kvm_sev_cmd``: the argument of ``KVM_MEMORY_ENCRYPT_OP`` on an SEV host
+    (``__u32 id; __u32 pad0; __u64 data; __u32 error; __u32 sev_fd``).
 
     ``data`` is the command's own struct (:class:`KvmSevInit`, :class:`KvmSevSnpLaunchStart`,
     :class:`SnpLaunchUpdate`, :class:`KvmSevSnpLaunchFinish`); ``error`` is the firmware
@@ -114,7 +115,8 @@ class SevCmd:
 
 @attrs.define
 class KvmSevInit:
-    """``struct kvm_sev_init`` (``KVM_SEV_INIT2``)."""
+    """``struct kvm_sev_init`` (``KVM_SEV_INIT2``): ``__u64 vmsa_features; __u32 flags;
+    __u16 ghcb_version``."""
 
     vmsa_features: int = 0
     flags: int = 0
@@ -123,7 +125,7 @@ class KvmSevInit:
 
 @attrs.define
 class KvmSevSnpLaunchStart:
-    """``struct kvm_sev_snp_launch_start``."""
+    """``struct kvm_sev_snp_launch_start``: ``__u64 policy; __u8 gosvw[16]; __u16 flags``."""
 
     policy: int = 0
     flags: int = 0
@@ -131,17 +133,19 @@ class KvmSevSnpLaunchStart:
 
 @attrs.define
 class KvmSevSnpLaunchFinish:
-    """``struct kvm_sev_snp_launch_finish`` (the ID block and host data are not modelled)."""
+    """``struct kvm_sev_snp_launch_finish``: ``__u16 flags`` (the ID block and host data are
+    not modelled)."""
 
     flags: int = 0
 
 
 @attrs.define
 class SnpLaunchUpdate:
-    """``struct kvm_sev_snp_launch_update``, updated in place on partial progress.
+    """``struct kvm_sev_snp_launch_update`` (``__u64 gfn_start; __u64 uaddr; __u64 len;
+    __u8 type; __u8 pad0; __u16 flags``), updated in place on partial progress.
 
-    ``data`` stands for the bytes at ``uaddr`` (``None`` only for ZERO pages); ``error``
-    is the firmware error the kernel copies back.
+    ``data`` stands for the bytes at ``uaddr`` (bytes-like; ``None`` only for ZERO pages);
+    ``error`` is the firmware error the kernel copies back.
     """
 
     gfn_start: int
@@ -150,6 +154,24 @@ class SnpLaunchUpdate:
     type: int = KVM_SEV_SNP_PAGE_TYPE_NORMAL
     flags: int = 0
     error: int = 0
+
+
+def _read_command(cmd: SevCmd) -> Any:
+    """``struct kvm_sev_cmd`` and the command's own struct as the kernel reads them: each
+    field stored as its C type in place (guestmem.cabi); returns ``cmd.data``."""
+    cabi.fields(cmd, id=cabi.u32, error=cabi.u32)
+    data = cmd.data
+    if isinstance(data, KvmSevInit):
+        cabi.fields(data, vmsa_features=cabi.u64, flags=cabi.u32, ghcb_version=cabi.u16)
+    elif isinstance(data, KvmSevSnpLaunchStart):
+        cabi.fields(data, policy=cabi.u64, flags=cabi.u16)
+    elif isinstance(data, KvmSevSnpLaunchFinish):
+        cabi.fields(data, flags=cabi.u16)
+    elif isinstance(data, SnpLaunchUpdate):
+        cabi.fields(data, gfn_start=cabi.u64, len=cabi.u64, type=cabi.u8, flags=cabi.u16, error=cabi.u32)
+        if data.data is not None:
+            data.data = cabi.buffer(data.data, "data")
+    return data
 
 
 @attrs.frozen
@@ -326,11 +348,16 @@ class SevVm:
 
     # --- uAPI: KVM_MEMORY_ENCRYPT_OP ---------------------------------------------------------
     def ioctl(self, cmd: SevCmd) -> int:
-        """``sev_mem_enc_ioctl``: run one command; 0 on success, :class:`KvmError` otherwise."""
+        """``sev_mem_enc_ioctl``: run one command; 0 on success, :class:`KvmError` otherwise.
+
+        The command's structs are read first, each field as its C type (``copy_from_user``;
+        :func:`guestmem.cabi.fields`): a field that is no integer is a TypeError naming it,
+        before anything changes.
+        """
+        data = _read_command(cmd)
         if self.snp_active and cmd.id < KVM_SEV_SNP_LAUNCH_START:
             # Once an SNP guest, only the SNP commands (id >= 100) are allowed.
             raise KvmError(errno.EPERM, "", f"SEV command {cmd.id} on an initialised SNP VM")
-        data = cmd.data
         if cmd.id == KVM_SEV_INIT2:
             init = data if isinstance(data, KvmSevInit) else KvmSevInit()
             self.init2(init.vmsa_features, init.ghcb_version, init.flags)
@@ -809,9 +836,15 @@ class Sev:
         *,
         length: int | None = None,
     ) -> None:
-        """LAUNCH_UPDATE of *data* (or *length* bytes of ZERO pages) at *gpa*, until done."""
-        size = len(data) if data is not None else length
-        if size is None:
+        """LAUNCH_UPDATE of bytes-like *data* (or *length* bytes of ZERO pages) at *gpa*,
+        until done."""
+        gpa = cabi.u64(gpa, "gpa")
+        if data is not None:
+            data = cabi.buffer(data, "data")
+            size = len(data)
+        elif length is not None:
+            size = cabi.u64(length, "length")
+        else:
             raise ValueError("ZERO pages need a length")
         params = SnpLaunchUpdate(gpa >> PAGE_SHIFT, data, size, page_type)
         while params.len:
