@@ -2,7 +2,7 @@
 
 Not modelled, so not tested: M-8 (mbind/get_mempolicy: NUMA policy exists only in [CUR];
 the model follows 6.18, which has no policy ops) and M-9 (MADV_HUGEPAGE/MADV_COLLAPSE: a
-[CUR] selftest; the model's host mappings have no madvise besides the model-only ``zap``).
+[CUR] selftest; the host mappings' ``madvise`` takes MADV_DONTNEED and MADV_REMOVE only).
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def test_M5_uptodate_folio_is_not_cleared_again(default_vm: Any) -> None:
     gmem = default_vm.create_guest_memfd(PAGE, MMAP | INIT_SHARED)
     view = gmem.mmap(PAGE)
     view.write(0, pattern(7))
-    view.zap()  # MADV_DONTNEED drops the PTE, not the folio
+    view.madvise(uapi.MADV_DONTNEED)  # MADV_DONTNEED drops the PTE, not the folio
     assert not gmem.file.inode.host_mapped(0)
     assert view.read(0, 16) == pattern(7)
     other = gmem.mmap(PAGE)

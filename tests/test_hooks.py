@@ -239,7 +239,7 @@ def test_shared_side_zap_keeps_private_leaves_of_a_mirrored_vm(mirrored: tuple[A
     vm.set_memory_attributes(0, PAGE, PRIVATE)
     vcpu.access(0, data=b"private")
     vcpu.access(PAGE, data=b"shared")
-    shared.zap(0, MiB)  # mmu notifier: KVM_FILTER_SHARED
+    shared.madvise(uapi.MADV_DONTNEED, 0, MiB)  # mmu notifier: KVM_FILTER_SHARED
     leaves = [(leaf.gfn, leaf.private) for leaf in view(vm).leaves()]
     assert leaves == [(0, True)] and policy.removed == []
     gmem.fallocate(PUNCH, 0, MiB)  # guest_memfd invalidation: KVM_FILTER_PRIVATE
@@ -253,7 +253,7 @@ def test_shared_side_zap_removes_private_leaves_of_a_direct_root_vm(kvm: Any) ->
     vm, _, shared, vcpu = private_vm(kvm)
     vm.set_memory_attributes(0, PAGE, PRIVATE)
     vcpu.access(0, data=b"private")
-    shared.zap(0, MiB)
+    shared.madvise(uapi.MADV_DONTNEED, 0, MiB)
     assert list(view(vm).leaves()) == []
 
 
@@ -757,6 +757,17 @@ def test_views_of_uapi_objects(kvm: Any) -> None:
         view(object())
 
 
+def test_hostview_counts_allocated_pages() -> None:
+    """HostView.allocated_pages follows allocation and freeing (a scenario's leak count)."""
+    with guestmem.open("sw") as kvm:
+        host = guestmem.backend.view(kvm)
+        before = host.allocated_pages
+        pfn = host.alloc(3)
+        assert host.allocated_pages == before + 3
+        host.free(pfn, 3)
+        assert host.allocated_pages == before
+
+
 def test_a_backend_operation_reports_observer_failures_when_it_ends(kvm: Any) -> None:
     """``HostView.operation``: a backend's own call is one operation, like an ioctl."""
     counter = CountsOperations()
@@ -782,6 +793,22 @@ def test_unmap_mapping_range_drops_host_ptes_keeps_pages(kvm: Any) -> None:
     inode.unmap_mapping_range(0, 4)
     assert not inode.host_mapped(1) and inode.pfn(1) == pfn
     assert mapping.read(PAGE, 4) == b"kept" and inode.host_mapped(1)  # faulted in again
+
+
+def test_host_mapped_ranges_of_a_span(kvm: Any) -> None:
+    """``GmemView.host_mapped_ranges(start, end)``: the faulted runs of every host mapping
+    clipped to the span, so a backend checks a run of pages without one query per page."""
+    vm = kvm.create_vm(0)
+    gmem = vm.create_guest_memfd(MiB, uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED)
+    first, second = gmem.mmap(MiB), gmem.mmap(MiB)
+    for page in (2, 3, 4, 9):
+        first.write(page * PAGE, b"x")
+    second.write(3 * PAGE, b"y")
+    inode = view(gmem)
+    assert sorted(inode.host_mapped_ranges()) == [(2, 5), (3, 4), (9, 10)]
+    assert sorted(inode.host_mapped_ranges(4, 9)) == [(4, 5)]
+    assert sorted(inode.host_mapped_ranges(3, 4)) == [(3, 4), (3, 4)]
+    assert list(inode.host_mapped_ranges(5, 9)) == [] and sorted(inode.host_mapped_ranges(9)) == [(9, 10)]
 
 
 def test_gmem_allocate_instantiates_folios_like_fallocate(kvm: Any) -> None:

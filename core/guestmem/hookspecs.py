@@ -25,7 +25,9 @@ The hooks keep the kernel's names and are called where the kernel calls the func
 are named after, with the same meaning of their arguments ("Called from" in each
 docstring).  An implementation that must fail the operation raises
 :class:`guestmem.KvmError` with the errno the kernel would return (or a
-:class:`guestmem.GuestExit`); any other exception is reported as a
+:class:`guestmem.GuestExit`; a command struct with a field of the wrong type raises
+:class:`guestmem.cabi.ArgumentTypeError`, the caller's TypeError); any other exception is
+reported as a
 :class:`guestmem.BackendError` naming the backend and its distribution, and the core
 leaves no invalidation open behind it.
 
@@ -73,26 +75,21 @@ def guestmem_register_backends(register: Callable[[Backend], None]) -> None:
 def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[str, Any] | None:
     """The conformance kit's settings for *vm_type* of *backend*, which this plugin registered.
 
-    Called by :func:`guestmem.conformance.kit_for` (the kit's pytest plugin, ``guestmem
-    fuzz``) when it builds the kit for an installed backend, only on the plugin that
-    registered *backend*.  The kit reads what it can from the declarations
-    (:class:`~guestmem.backend.VmTypeInfo`: conversion semantics, gmem-only memslots, memory
-    attributes) and from ``KVM_CHECK_EXTENSION``; this hook says the rest.  Implement it
-    next to ``guestmem_register_backends``, never on a policy object.  ``None`` (or no
-    implementation) keeps the kit's defaults.
+    Called by :func:`guestmem.conformance.kit_for` (``pytest --guestmem-kit``, the kit's
+    own pytest plugin, ``guestmem fuzz``) when it builds the kit for an installed backend,
+    only on the plugin that registered *backend*.  The kit reads what it can from the
+    declarations (:class:`~guestmem.backend.VmTypeInfo`: conversion semantics, gmem-only
+    memslots, memory attributes) and from ``KVM_CHECK_EXTENSION``; this hook says the rest.
+    Implement it next to ``guestmem_register_backends``, never on a policy object.
+    ``None`` (or no implementation) keeps the kit's defaults.
 
     Keys (each optional; an unknown key is an error naming the plugin):
 
     * the kit's capability flags: ``guest_access``, ``private_access``,
       ``gmem_only_from_gmem``, ``init_shared_coherent``, ``slot_gmem_flags``,
-      ``private_unmap``, ``memslot_change_errno``, ``open_options``, ``machine_examples``,
-      ``machine_steps``, ``machine_shrink``, ``hostile_steps`` (see
-      :class:`guestmem.conformance.GmemConformance`);
-    * ``vmm``: a class, constructed with ``(kvm, vm, vm_type)``, that drives one VM the way
-      this architecture's VMM and guest do (setup before the vCPUs, start before the first
-      run, guest accesses, conversions) with the methods of
-      :class:`guestmem.conformance.KitVmm` it changes; the kit mixes ``KitVmm`` in behind
-      it, so a backend's package need not import the kit;
+      ``private_unmap``, ``memslot_change_errno``, ``host_private_access``,
+      ``open_options``, ``machine_examples``, ``machine_steps``, ``machine_shrink``,
+      ``hostile_steps`` (see :class:`guestmem.conformance.GmemConformance`);
     * ``observers``: callables returning observer plugins (the backend's own invariant
       checkers) the kit registers while it runs;
     * ``skip``: a reason to leave this VM type out of the kit;
@@ -107,6 +104,11 @@ def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[
     * ``leaks``: a callable ``leaks(kvm) -> list[str]`` naming what the host still holds
       (ASIDs, KeyIDs...) once every object is closed: the kit's machine fails its leak
       check on anything named.
+
+    How the kit launches and drives a VM (the launch, the guest's accesses, conversions and
+    acceptance, the exits its VMM answers) is not configured here: it is the backend's
+    :class:`~guestmem.intents.Intents` (``Backend(intents=...)``), the driver scenario
+    files and the VMM-testing pytest plugin use too.
 
     :param backend: the backend, as registered.
     :param vm_type: one of its VM types.
@@ -284,8 +286,9 @@ def guestmem_gmem_prepare(vm: VmView, gfn: int, pfn: int, order: int, npages: in
     Called from ``kvm_gmem_get_pfn`` after the folio was zeroed, only while it is not yet
     prepared ("uptodate", G-11).  Covers pages ``[gfn, gfn + npages)`` backed by pfns
     ``[pfn, pfn + npages)`` made of folios of *order*; *npages* is one folio (``1 <<
-    order``, or what is left of a split one) unless the backend declares ``range_faults``.
-    SNP assigns the RMP entries here.  Raise :class:`guestmem.KvmError` to fail the fault.
+    order``, or what is left of a split one) unless the backend declares ``range_faults``:
+    then a run of folios of that order, each to be prepared as if it came alone.  SNP
+    assigns the RMP entries here.  Raise :class:`guestmem.KvmError` to fail the fault.
 
     :param vm: the VM of the faulting memslot.
     :param gfn: first gfn.
@@ -314,7 +317,10 @@ def guestmem_max_mapping_level(vm: VmView, pfn: int, is_private: bool) -> int | 
     """``gmem_max_mapping_level``: the largest level (``PG_LEVEL_*``) *pfn* may be mapped at.
 
     Called from ``kvm_mmu_max_mapping_level`` on the gmem path, only when a level above
-    4 KiB is possible.  ``None`` or 0 means no extra limit (H-2).
+    4 KiB is possible.  ``None`` or 0 means no extra limit (H-2).  A backend declaring
+    ``range_faults`` is asked once per fault run, for its first pfn: the answer must hold
+    for every page of the run its ``guestmem_fault`` left (``fault.npages``), so a backend
+    whose answer changes inside a run ends the run there (SNP: the RMP page size).
 
     :param vm: the VM.
     :param pfn: the folio's pfn.

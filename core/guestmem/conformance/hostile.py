@@ -560,16 +560,14 @@ class Hostility:
         world = self.worlds[-1] if self.worlds else None
         if world is None or world.vm.closed or world.vcpu.closed or world.ram.gmem.closed:
             m = self.machine
-            world = KitGuest(
-                m.kvm, m.vm_info, m.vmm_class, SCRATCH_PAGES, gmem_only_from_gmem=m.gmem_only_from_gmem
-            )
+            world = KitGuest(m.kvm, m.vm_info, SCRATCH_PAGES)
             self.worlds.append(world)
         return world
 
     def _closed(self, role: str) -> Any:
         if role not in self.closed:
             m = self.machine
-            world = KitGuest(m.kvm, m.vm_info, m.vmm_class, 2, gmem_only_from_gmem=m.gmem_only_from_gmem)
+            world = KitGuest(m.kvm, m.vm_info, 2)
             mapping = m.kvm.mmap_anonymous(2 * PAGE)
             self.closed.update(
                 closed_vm=world.vm,

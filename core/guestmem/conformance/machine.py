@@ -4,7 +4,7 @@ conversion semantics).
 
 :class:`GmemMachine` is a Hypothesis ``RuleBasedStateMachine`` over one VM of the backend
 under test with the kit's RAM (:class:`~guestmem.conformance.kit.KitGuest`), driven
-through the backend's :class:`~guestmem.conformance.vmm.KitVmm`.  Which rules run depends
+through the backend's intents (:class:`~guestmem.conformance.vmm.KitVmm`).  Which rules run depends
 on the VM type:
 
 * a VM type without private memory gets the guest_memfd file machine: allocate, punch,
@@ -46,7 +46,6 @@ from guestmem.backend import VmTypeInfo, view
 from guestmem.conformance.hostile import Hostility, draw_call, draw_reentrant
 from guestmem.conformance.kit import KitGuest, private_probe
 from guestmem.conformance.ledger import LeakError, OwnershipLedger, allocated, check_released, has_views
-from guestmem.conformance.vmm import KitVmm
 from guestmem.errors import EHWPOISON, GuestExit, HostSigbus, HypercallExit, KvmError, MemoryFault, MmioExit
 from guestmem.invariants import InvariantChecker
 
@@ -133,13 +132,14 @@ class GmemMachine(RuleBasedStateMachine):
 
     backend: ClassVar[str] = "sw"
     info: ClassVar[VmTypeInfo | None] = None
-    vmm_class: ClassVar[Callable[..., Any]] = KitVmm
     open_options: ClassVar[dict[str, Any]] = {}
     observers: ClassVar[tuple[Callable[[], object], ...]] = ()
     invariants_on: ClassVar[bool] = True
     gmem_only_from_gmem: ClassVar[bool] = True
     #: The kit's ``private_unmap``: what a punch of a private page leaves the guest.
     private_unmap: ClassVar[str] = "keep"
+    #: The kit's ``host_private_access``: what a host access to a private page does.
+    host_private_access: ClassVar[str] = "sigbus"
     #: Called after every step (a progress bar's advance).
     step_hooks: ClassVar[tuple[Callable[[], None], ...]] = ()
     #: Mix hostile calls and reentrant hooks into the valid rules
@@ -196,15 +196,17 @@ class GmemMachine(RuleBasedStateMachine):
         #: everything is closed, the next VM gets it again, unless a descriptor leaked.
         self.first_free_fd = self._probe_fd()
         self.baseline = allocated(self.kvm)
-        self.guest = KitGuest(
-            self.kvm, self.vm_info, self.vmm_class, NPAGES, gmem_only_from_gmem=self.gmem_only_from_gmem
-        )
+        self.guest = KitGuest(self.kvm, self.vm_info, NPAGES)
         #: The model's views are there to cross-check (not on the real kernel).
         self.white_box = has_views(self.kvm)
         self.ram = self.guest.ram
         self.private_mode = self.vm_info.private
         self.in_place = self.vm_info.conversion == "in_place"
         self.attributes = self.private_mode and bool(self.guest.vmm.attributes())
+        #: The guest converts (not Gunyah's: ``guest.convert`` is not applicable there).
+        self.converts = self.private_mode and self.guest.vmm.conversion_not_applicable() is None
+        #: The host takes a private page back when it touches it (``host_private_access``).
+        self.reclaims = self.private_mode and self.host_private_access == "reclaim"
         #: The file machine needs the guest's memory in guest_memfd and host-mappable.
         self.file_mode = (
             not self.private_mode and self.ram.gmem_only and bool(self.ram.gmem.flags & INIT_SHARED)
@@ -337,7 +339,7 @@ class GmemMachine(RuleBasedStateMachine):
             raise AssertionError(f"a {'private' if private else 'shared'} access to page {page} did not exit")
 
     # --- conversions ------------------------------------------------------------------------------
-    @step(when=lambda self: self.private_mode, page=pages, n=counts)
+    @step(when=lambda self: self.converts, page=pages, n=counts)
     def convert(self, page: int, n: int) -> None:
         """The guest converts a run of pages to the other side; contents follow the declared
         semantics (destructive: the old side is discarded by the VMM)."""
@@ -405,7 +407,7 @@ class GmemMachine(RuleBasedStateMachine):
 
     @step(
         when=lambda self: (
-            self.file_mode and self.ram.uaddr_map is None and bool(self.allocated - self.poisoned)
+            self.file_mode and self.gmem_only_from_gmem and bool(self.allocated - self.poisoned)
         ),
         pick=ints(0, NPAGES),
     )
@@ -430,10 +432,9 @@ class GmemMachine(RuleBasedStateMachine):
 
     @step(when=lambda self: self.file_mode)
     def drop_host_ptes(self) -> None:
-        """munmap and mmap again: host PTEs go, contents and folios stay."""
+        """MADV_DONTNEED: the host's PTEs go, guest_memfd's contents and folios stay."""
         assert self.view is not None
-        self.view.close()
-        self.view = self.ram.gmem.mmap(MAPPED * PAGE)
+        self.view.madvise(uapi.MADV_DONTNEED)
 
     # --- host accesses ----------------------------------------------------------------------------
     def _host_may_map(self, page: int) -> bool:
@@ -442,7 +443,7 @@ class GmemMachine(RuleBasedStateMachine):
             return page < NPAGES and page not in self.poisoned
         if self.ram.shared is not None:
             return True  # anonymous memory
-        return self.private_mode and not self.side[page]
+        return self.private_mode and (not self.side[page] or self.reclaims)
 
     def _host_table(self, page: int) -> dict[int, bytearray]:
         return self.private if (self.file_mode or self.ram.shared is None) else self.shared
@@ -485,7 +486,7 @@ class GmemMachine(RuleBasedStateMachine):
         if self._host_table(page) is self.private:
             self.allocated.add(page)
 
-    @step(when=lambda self: self.probe is not None, page=ints(0, 3))
+    @step(when=lambda self: self.probe is not None and not self.reclaims, page=ints(0, 3))
     def host_probe_private(self, page: int) -> None:
         """The host maps private guest_memfd: a private page is SIGBUS (M-4, and each
         architecture's rule), whatever the guest did with it."""
@@ -600,12 +601,12 @@ def machine_for(
     backend: str,
     info: VmTypeInfo | None = None,
     *,
-    vmm: Callable[..., Any] = KitVmm,
     open_options: dict[str, Any] | None = None,
     observers: tuple[Callable[[], object], ...] = (),
     invariants: bool = True,
     gmem_only_from_gmem: bool = True,
     private_unmap: str = "keep",
+    host_private_access: str = "sigbus",
     on_step: Callable[[], None] | None = None,
     hostile: bool = False,
     hostile_ops: dict[str, tuple[Any, ...]] | None = None,
@@ -616,12 +617,12 @@ def machine_for(
     attrs: dict[str, Any] = {
         "backend": backend,
         "info": info,
-        "vmm_class": vmm,
         "open_options": dict(open_options or {}),
         "observers": tuple(observers),
         "invariants_on": invariants,
         "gmem_only_from_gmem": gmem_only_from_gmem,
         "private_unmap": private_unmap,
+        "host_private_access": host_private_access,
         "step_hooks": () if on_step is None else (on_step,),
         "hostile": hostile,
         "hostile_ops": dict(hostile_ops or {}),

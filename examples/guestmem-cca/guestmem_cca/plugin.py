@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from guestmem.backend import Backend, VmTypeInfo, hookimpl
+from guestmem_cca.intents import CcaIntents
 from guestmem_cca.policy import CcaPolicy
 from guestmem_cca.rmi import KVM_VM_TYPE_ARM_NORMAL, KVM_VM_TYPE_ARM_REALM
 
@@ -48,34 +49,35 @@ def guestmem_register_backends(register: Callable[[Backend], None]) -> None:
             summary="Arm CCA host (KVM CCA series) with its RMM: granules, RTTs, RIPAS, realm lifecycle",
             vm_types=(REALM_VM, DEFAULT_VM),
             policy=POLICY,
+            intents=CcaIntents(),
         )
     )
 
 
 @hookimpl
 def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[str, Any] | None:
-    """A realm is driven by :class:`guestmem_cca.guest.CcaKitVmm` (created before its vCPUs,
-    RIPAS RAM and activated before it runs, converting through RSI) and loses a page a
-    memslot change unmapped (DATA_DESTROY leaves it DESTROYED: the realm's next access
-    aborts until it accepts the page again).  The granule checker watches every VM."""
+    """The granule checker watches every VM; a realm (launched and driven through
+    :class:`~guestmem_cca.intents.CcaIntents`) loses a page a memslot change unmapped
+    (DATA_DESTROY leaves it DESTROYED: the realm's next access aborts until it converts the
+    page again)."""
     if backend.name != "cca":
         return None
-    from guestmem_cca.guest import CcaKitVmm, RealmGuest, enable_rme
+    from guestmem_cca.guest import RealmGuest, enable_rme
     from guestmem_cca.invariants import GranuleChecker
     from guestmem_cca.policy import populate
 
     options: dict[str, Any] = {"observers": (GranuleChecker,)}
     if vm_type.type == KVM_VM_TYPE_ARM_REALM:
         # The realm's arch face for ``guestmem fuzz --hostile``: KVM_CAP_ARM_RME commands,
-        # populating, and the realm's RSI_IPA_STATE_SET.
+        # populating (partial: as kvm_gmem_populate), and the realm's RSI_IPA_STATE_SET.
         hostile_ops = {
             "enable_rme": ("vm", enable_rme, ("u32", "u64")),
-            "populate": ("vm", populate, ("gpa", "data"), True),  # as kvm_gmem_populate
+            "populate": ("vm", populate, ("gpa", "data"), True),
             "rsi.set_ipa_state": (
                 "vcpu",
                 lambda c, base, top, ripas: RealmGuest(c).set_ipa_state(base, top, ripas),
                 ("gpa", "gpa", "u32"),
             ),
         }
-        options.update(vmm=CcaKitVmm, private_unmap="revoke", hostile_ops=hostile_ops)
+        options.update(private_unmap="revoke", hostile_ops=hostile_ops)
     return options

@@ -38,7 +38,7 @@ def test_a_lent_page_is_donated_to_protected_and_mapped_private(guest: Guest) ->
     ``MAP_FLAG_PRIVATE``; the folio leaves the host's direct map; contents kept."""
     m = guest.mmap(guest.lent)
     m.write(3 * PAGE, b"from the vmm")
-    m.zap(0, SIZE)  # Gunyah's guest_memfd lends no folio the host maps
+    m.madvise(uapi.MADV_DONTNEED, 0, SIZE)  # Gunyah's guest_memfd lends no folio the host maps
     with observing(Events(), "events") as seen:
         assert guest.vcpu.access(LENT_GPA + 3 * PAGE, 12) == b"from the vmm"
     pfn = guest.vm.gmem_pfn(LENT_GFN + 3)
@@ -130,7 +130,7 @@ def test_lending_a_folio_the_host_maps(kvm: Any, driver: str) -> None:
         with pytest.raises(PageFaultExit) as info:
             g.vcpu.access(LENT_GPA + 5 * PAGE, 3)
         assert info.value.attempt == -errno.EPERM
-        m.zap(5 * PAGE, PAGE)
+        m.madvise(uapi.MADV_DONTNEED, 5 * PAGE, PAGE)
     assert g.vcpu.access(LENT_GPA + 5 * PAGE, 3) == b"vmm"
     assert not view(g.lent).host_mapped(5)
     g.teardown()
@@ -225,12 +225,14 @@ def test_map_mem_checks_in_the_drivers_order(kvm: Any) -> None:
         (mem, LENT_GPA, 0, SIZE, abi.GUNYAH_MEM_FORCE_LEND),
         (mem, LENT_GPA, 0, SIZE, RWX | 0x40),
         (mem, LENT_GPA + 1, 0, SIZE, RWX),
-        ("not a file", LENT_GPA, 0, SIZE, RWX),
+        (12345, LENT_GPA, 0, SIZE, RWX),  # an fd number that is no guest memory file
     ]
     for args in cases:
         with pytest.raises(KvmError) as info:
             gh.map_mem(*args)  # type: ignore[arg-type]
         assert info.value.errno == errno.EINVAL, args
+    with pytest.raises(TypeError, match=r"^guest_mem must be a file"):  # no file at all
+        gh.map_mem("not a file", LENT_GPA, 0, SIZE, RWX)  # type: ignore[arg-type]
     gh.map_mem(mem, LENT_GPA, 0, SIZE, RWX)
     with pytest.raises(KvmError) as info:
         gh.map_mem(mem, LENT_GPA + 8 * SIZE, SIZE // 2, SIZE, RWX)

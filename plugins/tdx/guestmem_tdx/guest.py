@@ -21,7 +21,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, Final
 
-from guestmem import uapi
+from guestmem import cabi, uapi
 from guestmem.backend import VcpuView, VmView, view
 from guestmem.errors import HypercallExit, KvmError
 from guestmem_tdx import abi
@@ -53,6 +53,10 @@ class TdxGuest:
         self.tdx: KvmTdx = as_tdx(self.vm)
         #: 4 KiB pages the last batched ACCEPT got through.
         self.progress = 0
+        #: Where the guest's last accept loop (:meth:`accept_range`, :meth:`accept_memory`
+        #: and its stepwise reference) stood when an exit interrupted it: the gpa of the
+        #: ACCEPT the TD executes again once it is re-entered (Linux's loop variable).
+        self.position = 0
 
     def __repr__(self) -> str:
         return f"<TdxGuest vcpu {self.cpu.vcpu_id} of {self.tdx!r}>"
@@ -88,7 +92,9 @@ class TdxGuest:
 
     def resume(self, ret: int = 0) -> int:
         """Re-enter after ``KVM_EXIT_HYPERCALL`` with ``run->hypercall.ret = ret``; returns
-        what the TD's TDG.VP.VMCALL returns (R10) or raises the next exit."""
+        what the TD's TDG.VP.VMCALL returns (R10) or raises the next exit.  *ret* is the
+        ``__u64`` ``run->hypercall.ret``."""
+        ret = cabi.u64(ret, "ret")
         self.cpu.check_run()
         pending = self.state.pending
         if pending is None:
@@ -108,7 +114,9 @@ class TdxGuest:
         A page that is not AUGed exits to KVM, which faults it in (TDH.MEM.PAGE.AUG), and the
         TD executes the ACCEPT again.  With 4 KiB S-EPT leaves only (Linux 6.18), a 2 MiB
         ACCEPT ends in ``TDX_PAGE_SIZE_MISMATCH`` and a 1 GiB one is ``TDX_OPERAND_INVALID``.
+        *gpa* is RCX (a 64-bit register).
         """
+        gpa, level = cabi.u64(gpa, "gpa"), cabi.index(level, "level")
         self._run()
         return self._accept_one(gpa, level)
 
@@ -138,17 +146,24 @@ class TdxGuest:
     def accept_range(self, gpa: int, size: int, level: int = uapi.PG_LEVEL_4K) -> int:
         """ACCEPT every *level* page of ``[gpa, gpa + size)`` in order; the status of the
         first that does not succeed (those before it took effect), 0 if all did."""
+        gpa, size = cabi.u64(gpa, "gpa"), cabi.index(size, "size")
+        level = cabi.index(level, "level")
         span = PAGE_SIZE << (9 * _LEVELS.get(level, 0))
         if size <= 0 or size % span:
             raise ValueError(f"size {size:#x} is not a positive multiple of the page size {span:#x}")
         self._run()
+        self.position = gpa
         if level != uapi.PG_LEVEL_4K or gpa % PAGE_SIZE:
             for pos in range(gpa, gpa + size, span):
+                self.position = pos
                 status = self._accept_one(pos, level)
                 if status:
                     return status
             return 0
-        return self._accept_4k(gpa >> PAGE_SHIFT, size >> PAGE_SHIFT)
+        try:
+            return self._accept_4k(gpa >> PAGE_SHIFT, size >> PAGE_SHIFT)
+        finally:
+            self.position = gpa + (self.progress << PAGE_SHIFT)
 
     def _accept_4k(self, gfn: int, npages: int) -> int:
         """Batched 4 KiB ACCEPTs of ``[gfn, gfn + npages)``; the status of the first that
@@ -178,31 +193,38 @@ class TdxGuest:
         """Linux's ``tdx_accept_memory(start, end)``: at each position try a 1 GiB, then a
         2 MiB, then a 4 KiB ACCEPT; False when even 4 KiB fails (the guest panics).
         Batched by runs; :meth:`accept_memory_stepwise` is the same one page at a time."""
+        start, end = cabi.index(start, "start"), cabi.index(end, "end")
         self._run()
         if start % PAGE_SIZE or end % PAGE_SIZE:
             raise ValueError("accept_memory takes page-aligned bounds")
         pos, last = start >> PAGE_SHIFT, end >> PAGE_SHIFT
         table = self._td().table(1)
-        while pos < last:
-            if pos % _CHUNK or last - pos < _CHUNK:
-                stop = min(last, (pos | (_CHUNK - 1)) + 1) if pos % _CHUNK else last
-                ok, pos = self._accept_pages(pos, stop, last)
+        self.position = start
+        try:
+            while pos < last:
+                self.progress = 0
+                if pos % _CHUNK or last - pos < _CHUNK:
+                    stop = min(last, (pos | (_CHUNK - 1)) + 1) if pos % _CHUNK else last
+                    ok, pos = self._accept_pages(pos, stop, last)
+                    if not ok:
+                        return False
+                    continue
+                nchunks = (last - pos) // _CHUNK
+                first = pos // _CHUNK
+                ent = table.entry(first)
+                if ent is None:
+                    nxt = next(table.items(first, first + nchunks), None)
+                    n = (first + nchunks if nxt is None else nxt[0]) - first
+                    ok, pos = self._accept_unmapped_chunks(pos, n, last)
+                else:
+                    n = min(ent[1], first + nchunks) - first
+                    ok, pos = self._accept_mapped_chunks(pos, n, last)
                 if not ok:
                     return False
-                continue
-            nchunks = (last - pos) // _CHUNK
-            first = pos // _CHUNK
-            ent = table.entry(first)
-            if ent is None:
-                nxt = next(table.items(first, first + nchunks), None)
-                n = (first + nchunks if nxt is None else nxt[0]) - first
-                ok, pos = self._accept_unmapped_chunks(pos, n, last)
-            else:
-                n = min(ent[1], first + nchunks) - first
-                ok, pos = self._accept_mapped_chunks(pos, n, last)
-            if not ok:
-                return False
-        return True
+            return True
+        except BaseException:
+            self.position = (pos + self.progress) << PAGE_SHIFT  # the ACCEPT that exited
+            raise
 
     def _count_giant(self, first: int, stop: int, last: int) -> None:
         """The 1 GiB ACCEPTs Linux tries at the 1 GiB-aligned positions in ``[first, stop)``
@@ -270,6 +292,7 @@ class TdxGuest:
             self._count_giant(pos, pos + total, last)
             return True, pos + total
         # the page KVM could not fault: a 4K ACCEPT (or, at a chunk start, the 2M one) exits
+        self.progress = mapped
         self._tdcalls(1)
         self._count_giant(pos, pos + mapped + 1, last)
         self.tdx.handle_accept_violation(self.cpu, pos + mapped, 1)
@@ -278,6 +301,7 @@ class TdxGuest:
     def accept_memory_stepwise(self, start: int, end: int) -> bool:
         """Linux's ``tdx_accept_memory`` instruction by instruction (the reference for
         :meth:`accept_memory`)."""
+        start, end = cabi.index(start, "start"), cabi.index(end, "end")
         self._run()
 
         def try_accept_one(pos: int, length: int, level: int) -> int:
@@ -287,6 +311,7 @@ class TdxGuest:
             return 0 if self._accept_one(pos, level) else size
 
         while start < end:
+            self.position = start
             size = (
                 try_accept_one(start, end - start, uapi.PG_LEVEL_1G)
                 or try_accept_one(start, end - start, uapi.PG_LEVEL_2M)
@@ -314,17 +339,29 @@ class TdxGuest:
         return self.tdvmcall(abi.TDVMCALL_MAP_GPA, gpa, size)
 
     def map_gpa_range(
-        self, start: int, end: int, *, private: bool, handle: Callable[[HypercallExit], int]
+        self,
+        start: int,
+        end: int,
+        *,
+        private: bool,
+        handle: Callable[[HypercallExit], int] | None = None,
+        run: Callable[[Callable[[], int]], int] | None = None,
     ) -> bool:
         """Linux's ``tdx_map_gpa``: MapGPA with the shared bit for shared memory, resumed
         from R11 on RETRY (at most 3 times without progress); *handle* answers each
-        ``KVM_EXIT_HYPERCALL`` as the VMM (it returns ``run->hypercall.ret``)."""
+        ``KVM_EXIT_HYPERCALL`` as the VMM (it returns ``run->hypercall.ret``), or *run*
+        runs each TDG.VP.VMCALL to the R10 the TD gets (a VMM loop that re-enters the vCPU
+        with :meth:`resume`, such as ``GuestVm.run``)."""
+        if run is None:
+            if handle is None:
+                raise TypeError("map_gpa_range needs the VMM: handle= or run=")
+            run = functools.partial(self.serve, handle=handle)
         if not private:
             start |= self.shared_bit
             end |= self.shared_bit
         retries = 0
         while retries < 3:
-            ret = self.serve(functools.partial(self.map_gpa, start, end - start), handle)
+            ret = run(functools.partial(self.map_gpa, start, end - start))
             if ret != abi.TDVMCALL_STATUS_RETRY:
                 return ret == abi.TDVMCALL_STATUS_SUCCESS
             fail = self.r11
@@ -354,14 +391,14 @@ class TdxGuest:
 
     def read(self, gpa: int, length: int) -> bytes:
         """A TD load; the shared bit of *gpa* says which alias."""
-        addr, private = self._split(gpa)
+        addr, private = self._split(cabi.index(gpa, "gpa"))
         data = self.vcpu.access(addr, length, private=private)
         assert data is not None
         return bytes(data)
 
     def write(self, gpa: int, data: bytes) -> None:
         """A TD store; the shared bit of *gpa* says which alias."""
-        addr, private = self._split(gpa)
+        addr, private = self._split(cabi.index(gpa, "gpa"))
         self.vcpu.access(addr, data=data, private=private)
 
 
