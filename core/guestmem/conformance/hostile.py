@@ -211,7 +211,7 @@ FACE: dict[str, tuple[tuple[str, tuple[tuple[str, str], ...]], ...]] = {
             (("address", "gpa"), ("size", "size"), ("attributes", "attributes"), ("flags", "flags")),
         ),
         ("create_vcpu", (("vcpu_id", "vcpu_id"),)),
-        ("enable_cap", (("cap", "cap"), ("arg0", "u64"))),
+        ("enable_cap", (("cap", "cap"), ("args", "u64"))),
     ),
     "gmem": (
         ("fallocate", (("mode", "falloc_mode"), ("offset", "offset"), ("length", "size"))),
@@ -228,7 +228,7 @@ FACE: dict[str, tuple[tuple[str, tuple[tuple[str, str], ...]], ...]] = {
         ("access", (("gpa", "gpa"), ("length", "length"), ("*private", "bool"))),
         ("access", (("gpa", "gpa"), ("*data", "data"))),
         ("pre_fault_memory", (("gpa", "gpa"), ("size", "size"), ("flags", "flags"))),
-        ("hypercall", (("nr", "u32"), ("arg0", "u64"), ("arg1", "u64"))),
+        ("hypercall", (("nr", "u32"), ("args", "u64"), ("args", "u64"))),
     ),
     "map": (
         ("read", (("offset", "offset"), ("n", "length"))),
@@ -645,6 +645,10 @@ class Hostility:
         except Exception as raised:  # noqa: BLE001 - every outcome is classified
             exc = raised
         kind, detail = classify(exc, wrong, self.outcomes)
+        if name == "fileno" and isinstance(exc, ValueError):
+            # Documented (api.GuestMemfd.fileno): a closed file object's fileno() is a
+            # ValueError, as Python's own file objects answer.
+            kind, detail = "closed", "ValueError"
         shown = f"{role}.{name}"
         self.count(kind, detail, shown)
         self._check_host()
