@@ -95,39 +95,24 @@ def test_well_typed_means_no_wrong_argument_in_the_program() -> None:
 def test_a_crash_class_is_minimised_to_a_reproducer_that_replays(tmp_path: Path) -> None:
     """Noise before the crash goes; the JSON file replays the class through the CLI."""
     noise: list[Step] = [("guest_write", {"page": p, "offset": 0, "data": b"x"}) for p in range(4)]
-    crash = _call("closed_gmem", "fileno")  # ValueError on the model, EBADF on the kernel
-    machine = hostile_machine(FuzzConfig("sw"))
-    played = play(machine, steps=[*noise, crash])
-    assert played.finding is not None
-    key = played.finding[0]
-    assert key == "crash: ValueError @ guestmem.model.files:fileno"
-    assert minimise(machine, [*noise, crash], key) == [crash]
-    out = tmp_path / "crashes"
-    assert (
-        main(
-            [
-                "fuzz",
-                "--hostile",
-                "--steps",
-                "300",
-                "--seed",
-                "1",
-                "--jobs",
-                "1",
-                "--json",
-                "--crashes",
-                str(out),
-            ]
-        )
-        == 1
-    )
-    files = sorted(out.glob("*.json"))
-    assert files
-    for path in files:
-        data = json.loads(path.read_text())
-        assert data["format"] == "guestmem-fuzz-reproducer/1" and data["backend"] == "sw"
-        assert replay(path).reproduced, path
-    assert main(["fuzz", "--replay", str(files[0])]) == 1
+    with plugin(BackendPlugin("t-hostile-crash", (DESTRUCTIVE,), CrashesOnVcpu1())):
+        machine = hostile_machine(FuzzConfig("t-hostile-crash"))
+        vcpu1 = _call("scratch_vm", "create_vcpu", 1)
+        played = play(machine, steps=[*noise, vcpu1])
+        assert played.finding is not None
+        key = played.finding[0]
+        assert key.startswith("crash: BackendError(KeyError) @ ")
+        assert minimise(machine, [*noise, vcpu1], key) == [vcpu1]
+        out = tmp_path / "crashes"
+        argv = ["fuzz", "--hostile", "--backend", "t-hostile-crash", "--steps", "600", "--jobs", "1"]
+        assert main([*argv, "--json", "--crashes", str(out)]) == 1
+        files = sorted(out.glob("*.json"))
+        assert any(json.loads(path.read_text())["class"] == key for path in files)
+        for path in files:
+            data = json.loads(path.read_text())
+            assert data["format"] == "guestmem-fuzz-reproducer/1" and data["backend"] == "t-hostile-crash"
+            assert replay(path).reproduced, path
+        assert main(["fuzz", "--replay", str(files[0])]) == 1
 
 
 def test_cli_json_merges_counts_per_backend(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -150,6 +135,15 @@ class FailsAfterAllocating(Sound):
         if new is not None and new.id == 3:
             vm.host.alloc(1)
             raise KvmError(22, "", "refused after allocating")
+
+
+class CrashesOnVcpu1(Sound):
+    """A bug in a backend: setting up any vCPU but vCPU 0 raises KeyError."""
+
+    @hookimpl
+    def guestmem_vcpu_init(self, vcpu: Any) -> None:
+        if vcpu.vcpu_id != 0:
+            raise KeyError(vcpu.vcpu_id)
 
 
 class HangsOnSlot3(Sound):
@@ -204,8 +198,8 @@ def test_the_invariants_run_after_every_step() -> None:
 #: elsewhere (argument validation, references held during operations, closed objects).
 KNOWN_WELL_TYPED = (
     "crash: KeyError @ guestmem.model.memslots:_remove (a memslot deleted from inside its own "
-    "unmap_gfn_range), crash: ValueError @ guestmem.model.vcpu:access (a negative length), "
-    "crash: ValueError @ guestmem.model.files:fileno (fileno of a closed guest_memfd)"
+    "unmap_gfn_range), crash: ValueError @ guestmem.api:access_arguments (a guest access at a "
+    "negative gpa on a closed vCPU)"
 )
 
 
