@@ -16,6 +16,7 @@ from test_conformance_broken import DESTRUCTIVE, LeakyPages, Sound
 
 from guestmem import uapi
 from guestmem.backend import hookimpl
+from guestmem.cabi import ArgumentTypeError
 from guestmem.cli import main
 from guestmem.conformance.hostile import Ref, classify, crash_key, from_plain, to_plain
 from guestmem.conformance.machine import machine_for
@@ -55,6 +56,8 @@ def test_outcomes_are_classified() -> None:
     assert classify(HostCrash("rmp #PF")) == ("verdict", "HostCrash")
     assert classify(LookupError("modelled"), (), (LookupError,)) == ("verdict", "LookupError")
     assert classify(TypeError("size must be an integer, not float"), ["size"]) == ("type_error", "size")
+    named = ArgumentTypeError("args[0] must be an integer, not float")
+    assert classify(named, ["mask"]) == ("type_error", "args[0]")
     try:
         {}[1]
     except KeyError as exc:

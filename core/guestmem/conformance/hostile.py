@@ -54,6 +54,7 @@ import attrs
 
 from guestmem import uapi
 from guestmem.backend import hookimpl, view
+from guestmem.cabi import ArgumentTypeError
 from guestmem.conformance.kit import BASE_GPA, KitGuest
 from guestmem.conformance.ledger import allocated
 from guestmem.errors import (
@@ -398,6 +399,10 @@ def classify(
         return "invariant", str(exc).split(" ", 1)[0].rstrip(":")
     if isinstance(exc, HostCrash) or (outcomes and isinstance(exc, outcomes)):
         return "verdict", type(exc).__name__
+    if isinstance(exc, ArgumentTypeError):
+        # The C-type conversion's own error: the argument it names may carry another name
+        # than the call's parameter (``args[0]``, a struct field).
+        return "type_error", str(exc).split(" ", 1)[0]
     if isinstance(exc, TypeError) and wrong:
         text = str(exc)
         named = [name for name in wrong if name in text]
