@@ -198,6 +198,13 @@ class SevVcpu:
     engine: PscEngine = attrs.Factory(PscEngine)
     #: ``vcpu->arch.complete_userspace_io``: called with ``run->hypercall.ret`` on re-entry.
     pending: Callable[[int], int] | None = None
+    #: ``run->hypercall.ret``: what userspace left in the shared ``kvm_run`` for the next
+    #: ``KVM_RUN``; KVM sets it to 0 with every ``KVM_EXIT_HYPERCALL`` (QEMU <= 9.2 never
+    #: writes it), so a re-entry without an answer completes the request as successful.
+    hypercall_ret: int = 0
+    #: What the last ``complete_userspace_io`` gave the guest (the hypercall's ``rax``, the
+    #: GHCB's ``sw_exit_info_2`` or MSR); ``SnpGuest.resume`` clears it first.
+    completed: int | None = None
 
 
 def page_info_digest(current: bytes, contents: bytes, page_type: int, gpa: int) -> bytes:
@@ -269,6 +276,18 @@ class SevVm:
             pfn = state.vmsa_pfn = self.vm.host.alloc(1)  # snp_safe_alloc_page
             self.host.freed.erase(pfn, pfn + 1)  # KVM holds the page again
         return state
+
+    def complete_userspace_io(self, vcpu_id: int) -> None:
+        """The head of ``kvm_arch_vcpu_ioctl_run``: a pending ``complete_userspace_io`` is
+        cleared and called, reading ``run->hypercall.ret`` (:attr:`SevVcpu.hypercall_ret`)
+        whether userspace answered the exit or not; without one (``NULL``) the field is
+        ignored.  What the completion gives the guest lands in :attr:`SevVcpu.completed`; a
+        completion that leaves to userspace again raises the next ``KVM_EXIT_HYPERCALL``
+        and the guest is not entered (``cui()`` returned 0)."""
+        state = self.vcpus[vcpu_id]
+        cui, state.pending = state.pending, None
+        if cui is not None:
+            state.completed = cui(state.hypercall_ret)
 
     def vcpu_pre_run(self, vcpu_id: int) -> None:
         """``KVM_RUN``'s checks of an SEV vCPU, then VMRUN's of an SNP one.
