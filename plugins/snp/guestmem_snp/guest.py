@@ -397,7 +397,9 @@ class SnpGuest:
 
     # --- accesses --------------------------------------------------------------------------------
     def read(self, gpa: int, length: int, *, private: bool = True) -> bytes:
-        """A guest load; a private one of an unvalidated page raises :class:`UnvalidatedAccess`."""
+        """A guest load; a private one of an unvalidated page raises :class:`UnvalidatedAccess`.
+        *gpa* and *length* are checked as :meth:`guestmem.api.Vcpu.access` checks them (a
+        negative gpa is EINVAL, before the RMP check's page walk)."""
         gpa, length = cabi.index(gpa, "gpa"), cabi.index(length, "length")
         if private:
             self._check_validated(gpa, length)
