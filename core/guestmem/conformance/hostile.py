@@ -37,7 +37,8 @@ A backend offers its arch face through two keys of ``guestmem_conformance_option
   check leaves it out; e.g. guestmem-snp's
   ``"sev.init2": ("vm", lambda vm, *a: sev(vm).init2(*a), ("u64", "u32", "u32"))``;
 - ``hostile_outcomes``: exception types that are modelled hardware verdicts of the
-  backend (counted as ``verdict``, never as a crash).
+  backend, or documented usage errors of its model-only helpers (counted as ``verdict``,
+  never as a crash).
 """
 
 from __future__ import annotations
