@@ -98,6 +98,17 @@ _DIGEST_SIZE: Final = 48
 _PAGE_INFO_LEN: Final = 0x70
 
 
+class HostWriteOutsidePage(ValueError):
+    """:meth:`Sev.host_kernel_write` was asked to store bytes that are not all within page
+    *pfn* (a negative pfn or offset, or a span past the page end): a usage error of that
+    helper, which stands for one store of the host kernel into one page (not a uAPI call,
+    so it has no errno).  Raised before the host kernel touches anything."""
+
+    def __init__(self, pfn: int, offset: int, length: int) -> None:
+        self.pfn, self.offset, self.length = pfn, offset, length
+        super().__init__(f"host_kernel_write: bytes [{offset:#x}, +{length:#x}) are not within page {pfn:#x}")
+
+
 @attrs.define
 class SevCmd:
     """``struct kvm_sev_cmd``: the argument of ``KVM_MEMORY_ENCRYPT_OP`` on an SEV host
@@ -771,8 +782,14 @@ class SevVm:
         """The host kernel stores *data* to *pfn* through its direct map.
 
         An RMP-assigned page takes an RMP #PF: the host goes down with that verdict
-        (``HostCrash``), as ``guestmem_host_access`` reports it for host mappings.
+        (``HostCrash``), as ``guestmem_host_access`` reports it for host mappings.  The
+        store is one page's: bytes ``[offset, offset + len(data))`` of page *pfn*, else
+        :class:`HostWriteOutsidePage`.
         """
+        data = cabi.buffer(data, "data")
+        pfn, offset = cabi.index(pfn, "pfn"), cabi.index(offset, "offset")
+        if pfn < 0 or offset < 0 or offset + len(data) > PAGE_SIZE:
+            raise HostWriteOutsidePage(pfn, offset, len(data))
         self.vm.host.kernel_write(pfn, offset, data)
 
     def destroy(self) -> None:
@@ -877,8 +894,10 @@ class Sev:
     def host_kernel_write(self, pfn: int, data: bytes, offset: int = 0) -> None:
         """The host kernel stores *data* to *pfn* (an RMP-assigned page crashes the host).
 
-        A non-integer *pfn* or *offset*, or *data* that is not bytes-like, is a TypeError
-        naming it before anything is touched (``HostView.kernel_write``).
+        A model-only helper, not a uAPI call: a non-integer *pfn* or *offset*, or *data*
+        that is not bytes-like, is a TypeError naming it, and bytes that are not all within
+        page *pfn* are :class:`HostWriteOutsidePage` (a ValueError), before anything is
+        touched.
         """
         self.state.host_kernel_write(pfn, data, offset)
 
