@@ -201,7 +201,9 @@ class GunyahFace:
             return self.state.share_parcel(guest_addr >> PAGE_SHIFT, size >> PAGE_SHIFT, sanitize=sanitize)
 
     def reclaim_parcel(self, parcel: VmParcel | int, flags: int = 0) -> None:
-        """``gunyah_gmem_reclaim_parcel`` (``MEM_RECLAIM``; ``MEM_RECLAIM_FLAG_SANITIZE`` zeroes)."""
+        """``gunyah_gmem_reclaim_parcel`` (``MEM_RECLAIM``; ``MEM_RECLAIM_FLAG_SANITIZE`` zeroes)
+        of a parcel :meth:`share_parcel` made for this VM, or of its handle (a ``__u32``):
+        ENOENT for one this VM's driver does not hold (reclaimed already, another VM's)."""
         handle = parcel.handle if isinstance(parcel, VmParcel) else cabi.u32(parcel, "parcel")
         flags = cabi.u32(flags, "flags")
         view(self.vm).check_ioctl()
