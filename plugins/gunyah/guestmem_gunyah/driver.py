@@ -372,12 +372,14 @@ class GunyahVm:
         messages.  *sanitize* asks the RM to zero the pages at creation (the driver never
         does; a VMM building its own parcels may).
 
-        When the RM refuses, the folios this call took out of the direct map come back to
-        it; a folio lent already (``PG_private``: demand paged to the guest, or held by
-        another parcel) stays out of it.  The Android driver's rollback restores every
-        ``PG_private`` folio of the range, but only ``gunyah_vm_start`` shares a parcel
-        there, before demand paging lends anything; the model's face can reach the case
-        (README, "Model choices").
+        When the RM refuses, the folios grabbed stay in the file (``gunyah_gmem_get_folio``
+        is ``filemap_grab_folio``; the rollback only drops the driver's reference), and
+        the folios this call took out of the direct map come back to it; a folio lent
+        already (``PG_private``: demand paged to the guest, or held by another parcel)
+        stays out of it.  The Android driver's rollback restores every ``PG_private``
+        folio of the range, but only ``gunyah_vm_start`` shares a parcel there, before
+        demand paging lends anything; the model's face can reach the case (README, "Model
+        choices").
         """
         if nr == 0:
             raise KvmError(errno.EINVAL, BIND_RULE, "a parcel of no pages")
