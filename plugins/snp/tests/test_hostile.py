@@ -18,7 +18,8 @@ def _call(on: str, op: str, *args: Any) -> tuple[str, dict[str, Any]]:
 PROGRAMS = {
     # KVM_RUN without a pending exit ignores run->hypercall.ret.
     "resume-with-nothing-pending": [_call("scratch_vcpu", "arch:guest.resume", 0)],
-    # The conversion's KVM_RUN completes the unanswered MSR-protocol exit first (ret 0).
+    # An MSR-protocol exit of the machine's guest nobody answers ends the sequence
+    # (desynced); the next KVM_RUN would complete it with ret 0 (test_guest.py).
     "convert-after-an-unanswered-exit": [
         _call("vcpu", "arch:guest.psc_msr", 0x1000C, 1),
         ("convert", {"page": 11, "n": 4}),

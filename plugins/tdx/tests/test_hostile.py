@@ -18,7 +18,8 @@ def _call(on: str, op: str, *args: Any) -> tuple[str, dict[str, Any]]:
 PROGRAMS = {
     # KVM_RUN without a pending exit ignores run->hypercall.ret.
     "resume-with-nothing-pending": [_call("vcpu", "arch:guest.resume", 1)],
-    # The conversion's KVM_RUN completes the unanswered MapGPA chunk first (ret 0).
+    # A MapGPA exit of the machine's guest nobody answers ends the sequence (desynced);
+    # the next KVM_RUN would complete the chunk with ret 0 (test_guest.py).
     "convert-after-an-unanswered-exit": [
         _call("vcpu", "arch:guest.map_gpa", 0x10005000, (1 << 64) + 4096),
         ("convert", {"page": 10, "n": 3}),
