@@ -6,6 +6,7 @@ import errno
 import heapq
 import itertools
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,7 @@ from guestmem.hooks import ObserverFailure
 from guestmem.model.events import Counters, make_event
 from guestmem.model.host import AddressSpace, HostMemory
 from guestmem.model.mapping import AnonVma, ModelHostMapping
-from guestmem.model.operation import uapi_call
+from guestmem.model.operation import enter, leave, uapi_call
 from guestmem.model.profile import KernelProfile, get_profile
 
 if TYPE_CHECKING:
@@ -61,7 +62,12 @@ class ModelKvm(api.Kvm):
         self.events: list[TraceEvent] | None = [] if record else None
         #: Host-level cost counters (direct-map changes...).
         self.counters = Counters()
-        #: Depth of the uAPI operations under way, and what observers raised meanwhile.
+        #: The host lock: every operation holds it (:mod:`guestmem.model.operation`).
+        self.lock = threading.RLock()
+        #: One entry per thread waiting for :attr:`lock`.
+        self.lock_waiters: list[None] = []
+        #: Depth of the uAPI operations under way (of the thread holding :attr:`lock`), and
+        #: what observers raised meanwhile.
         self.op_depth = 0
         self.observer_failures: list[ObserverFailure] = []
         self.hooks = registry.hooks_for(backend, self.observer_failed)
@@ -98,9 +104,10 @@ class ModelKvm(api.Kvm):
 
     def close(self) -> None:
         """Close ``/dev/kvm`` (VMs and files stay alive while referenced, as in the kernel)."""
-        if not self._closed:
-            self.fd_remove(self.fd)
-        self._closed = True
+        with self.lock:  # the fd table; no operation: nothing of the model changes
+            if not self._closed:
+                self.fd_remove(self.fd)
+            self._closed = True
 
     def _check(self) -> None:
         if self._closed:
@@ -292,13 +299,11 @@ class ModelKvm(api.Kvm):
     @contextmanager
     def operation(self) -> Iterator[None]:
         """One operation (see :mod:`guestmem.model.operation`), for the views' entry points."""
-        self.op_depth += 1
+        enter(self)
         try:
             yield
         finally:
-            self.op_depth -= 1
-            if not self.op_depth:
-                self.operation_done("operation")
+            leave(self, "operation")
 
     def operation_done(self, operation: str) -> None:
         """The outermost operation ended: ``guestmem_operation_done``, then what observers

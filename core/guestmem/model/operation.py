@@ -1,14 +1,24 @@
-"""Operations: the span of one uAPI call, at whose end what observers raised is reported.
+"""Operations: the span of one uAPI call, run under its host's lock, at whose end what
+observers raised is reported.
 
 Every public method of the model's uAPI objects is an operation (:func:`uapi_call`); a
-hook that calls back into the model nests inside it.  An observer's exception is kept
-until the outermost operation ends, so the model is consistent (no invalidation left
-open, nothing half-applied) when the caller hears of it.
+hook that calls back into the model nests inside it.  An operation holds its host's lock
+(``ModelKvm.lock``, re-entrant, taken once by the outermost operation of a thread), which
+stands for every lock the kernel takes on that path (``kvm->slots_lock``, the
+guest_memfd inode's ``filemap_invalidate_lock``, ``kvm->mmu_lock`` and the rest; see the
+locking section of docs/model.md): operations of several threads run one after the
+other, each whole, which is one of the schedules the kernel's locks allow.  The one
+place a thread lets others in before its operation ends is :func:`mmu_lock_window`,
+where a stage-2 fault of the kernel holds none of those locks.
+
+An observer's exception is kept until the outermost operation ends, so the model is
+consistent (no invalidation left open, nothing half-applied) when the caller hears of it.
 """
 
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
@@ -21,17 +31,89 @@ R = TypeVar("R")
 
 def uapi_call(method: Callable[P, R]) -> Callable[P, R]:
     """Make *method* (of an object with a ``kvm`` attribute) one operation."""
+    name = method.__qualname__
 
     @functools.wraps(method)
     def call(*args: P.args, **kwargs: P.kwargs) -> R:
         owner: Any = args[0]
         kvm: ModelKvm = owner.kvm
+        lock = kvm.lock  # enter() and leave(), inlined: every uAPI call comes this way
+        if not lock.acquire(False):
+            wait(kvm)
         kvm.op_depth += 1
         try:
             return method(*args, **kwargs)
         finally:
             kvm.op_depth -= 1
-            if not kvm.op_depth:
-                kvm.operation_done(method.__qualname__)
+            if kvm.op_depth:
+                lock.release()
+            else:
+                done(kvm, name)
 
     return call
+
+
+def enter(kvm: ModelKvm) -> None:
+    """Begin an operation of *kvm*: take the host lock (waiting in line if another thread
+    holds it), one level deeper."""
+    if not kvm.lock.acquire(False):
+        wait(kvm)
+    kvm.op_depth += 1
+
+
+def wait(kvm: ModelKvm) -> None:
+    """Take the host lock that another thread holds, counted among its waiters."""
+    waiting = kvm.lock_waiters
+    waiting.append(None)  # list.append and pop are atomic: no lock needed to count
+    try:
+        kvm.lock.acquire()
+    finally:
+        waiting.pop()
+
+
+def leave(kvm: ModelKvm, name: str) -> None:
+    """End an operation begun by :func:`enter`."""
+    kvm.op_depth -= 1
+    if kvm.op_depth:
+        kvm.lock.release()
+    else:
+        done(kvm, name)
+
+
+def done(kvm: ModelKvm, name: str) -> None:
+    """The outermost operation *name* ended: report it (observers'
+    ``guestmem_operation_done`` and failures), release the lock, and let a waiting thread
+    in before this one may take it again (Python's locks are not fair: a thread looping
+    over short operations would otherwise keep the others out)."""
+    try:
+        kvm.operation_done(name)
+    finally:
+        kvm.lock.release()
+    if kvm.lock_waiters:
+        time.sleep(0)
+
+
+def mmu_lock_window(kvm: ModelKvm) -> bool:
+    """Let the threads waiting for the host lock run their operations: True if it was let go.
+
+    Called by a stage-2 fault between ``kvm_mmu_faultin_pfn`` and taking ``mmu_lock``
+    (``kvm_tdp_mmu_page_fault``): the one stretch of a vCPU's fault during which the
+    kernel holds none of the locks the host lock stands for, so that an invalidation, a
+    memslot update or another vCPU's fault may complete before this fault installs its
+    leaf, which then finds its ``mmu_invalidate_seq`` snapshot stale and retries.  Only the
+    outermost operation of a thread lets go (a fault nested in a hook runs inside a
+    caller's critical section); the operation's own bookkeeping (depth, observers'
+    failures so far) is set aside meanwhile, so that the operations that run in between
+    are reported as their own.
+    """
+    if kvm.op_depth != 1 or not kvm.lock_waiters:
+        return False
+    depth, failures = kvm.op_depth, kvm.observer_failures
+    kvm.op_depth, kvm.observer_failures = 0, []
+    kvm.lock.release()
+    try:
+        time.sleep(0)  # gives up the interpreter, so that a waiting thread takes the lock
+    finally:
+        enter(kvm)
+        kvm.op_depth, kvm.observer_failures = depth, failures
+    return True

@@ -3,7 +3,8 @@
 The jobs behind the ioctls live next to their kernel counterparts: memslots in
 :mod:`~guestmem.model.memslots`, attributes in :mod:`~guestmem.model.attributes`, the
 stage-2 fault in :mod:`~guestmem.model.fault`, guest_memfd and populate in
-:mod:`~guestmem.model.gmem`.  Locking is implicit (see docs/model.md) but the kernel's
+:mod:`~guestmem.model.gmem`.  Every ioctl runs under the host lock, which stands for the
+kernel's slots_lock, invalidate lock and mmu_lock (docs/model.md, "Locking"); the kernel's
 order of checks, invalidations and retries is kept, so a hook that changes state in the
 middle of an operation sees what it would see in the kernel.
 """
