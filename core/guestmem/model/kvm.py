@@ -7,8 +7,6 @@ import heapq
 import itertools
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from guestmem import api, uapi
@@ -18,7 +16,7 @@ from guestmem.hooks import ObserverFailure
 from guestmem.model.events import Counters, make_event
 from guestmem.model.host import AddressSpace, HostMemory
 from guestmem.model.mapping import AnonVma, ModelHostMapping
-from guestmem.model.operation import enter, leave, uapi_call
+from guestmem.model.operation import Operation, uapi_call
 from guestmem.model.profile import KernelProfile, get_profile
 
 if TYPE_CHECKING:
@@ -296,14 +294,9 @@ class ModelKvm(api.Kvm):
             }
             self.trace(None if vm is None else vm._vm, "ownership_update", fields)
 
-    @contextmanager
-    def operation(self) -> Iterator[None]:
+    def operation(self) -> Operation:
         """One operation (see :mod:`guestmem.model.operation`), for the views' entry points."""
-        enter(self)
-        try:
-            yield
-        finally:
-            leave(self, "operation")
+        return Operation(self)
 
     def operation_done(self, operation: str) -> None:
         """The outermost operation ended: ``guestmem_operation_done``, then what observers

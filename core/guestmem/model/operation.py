@@ -93,6 +93,22 @@ def done(kvm: ModelKvm, name: str) -> None:
         time.sleep(0)
 
 
+class Operation:
+    """An operation as a context manager (``with kvm.operation(): ...``), for the views'
+    entry points and a backend's own calls (:meth:`guestmem.backend.HostView.operation`)."""
+
+    __slots__ = ("_kvm",)
+
+    def __init__(self, kvm: ModelKvm) -> None:
+        self._kvm = kvm
+
+    def __enter__(self) -> None:
+        enter(self._kvm)
+
+    def __exit__(self, *exc_info: object) -> None:
+        leave(self._kvm, "operation")
+
+
 def mmu_lock_window(kvm: ModelKvm) -> bool:
     """Let the threads waiting for the host lock run their operations: True if it was let go.
 
