@@ -314,6 +314,11 @@ def populate(vm: Any, base: int, data: bytes, *, measure: bool = True) -> int:
     the range must be private (``kvm_gmem_populate``, P-3).  The series reads the source
     from the memslot's ``userspace_addr``; the model takes the bytes.  Returns the pages
     populated."""
+    with view(vm).host.operation():  # one ioctl: a vCPU of another thread cannot start the realm meanwhile
+        return _populate(vm, base, data, measure=measure)
+
+
+def _populate(vm: Any, base: int, data: bytes, *, measure: bool) -> int:
     realm = kvm_realm(vm)
     if realm.state != "NEW":
         raise KvmError(errno.EPERM, RULE, f"populate in state {realm.state}")

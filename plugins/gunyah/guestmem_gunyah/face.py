@@ -83,7 +83,8 @@ class GunyahFace:
     @property
     def bindings(self) -> list[Binding]:
         """The VM's bindings, by guest address."""
-        return [b for _, _, b in self.state.bindings.items()]
+        with self.state.view.host.operation():
+            return [b for _, _, b in self.state.bindings.items()]
 
     # --- VM fd ioctls --------------------------------------------------------------------------
     def set_dtb_config(self, guest_phys_addr: int, size: int) -> None:
@@ -104,6 +105,10 @@ class GunyahFace:
         (EINVAL), alignment (EINVAL).  ``GUNYAH_MEM_UNMAP`` removes (or trims) a binding
         (ENOENT if none matches); otherwise the file range must not be bound already
         (EEXIST), and the binding becomes a memslot of the uAPI face."""
+        with view(self.vm).host.operation():
+            self._map_mem(guest_mem, guest_addr, offset, size, flags)
+
+    def _map_mem(self, guest_mem: GuestMemfd, guest_addr: int, offset: int, size: int, flags: int) -> None:
         state = self.state
         if not isinstance(guest_mem, GuestMemfd) or guest_mem.closed:
             raise KvmError(errno.EINVAL, BIND_RULE, "guest_mem_fd is not an open file")

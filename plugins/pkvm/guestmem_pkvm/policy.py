@@ -214,12 +214,16 @@ def set_pvmfw(vm: Any, ipa: int, image: bytes) -> None:
     EINVAL for a non-protected VM, an unaligned *ipa* or an empty image.
     """
     state = pkvm_state(vm)
-    view(vm).check_ioctl()
-    if state.hvm is not None:
-        raise KvmError(
-            errno.EBUSY, "pKVM-3.4", "the VM ran: its firmware address is fixed (pkvm_vm_ioctl_set_fw_ipa)"
-        )
-    state.pvmfw = Pvmfw.checked(state.protected, ipa, image)
+    vm_view = view(vm)
+    with vm_view.host.operation():  # one ioctl: no other thread's first run comes in between
+        vm_view.check_ioctl()
+        if state.hvm is not None:
+            raise KvmError(
+                errno.EBUSY,
+                "pKVM-3.4",
+                "the VM ran: its firmware address is fixed (pkvm_vm_ioctl_set_fw_ipa)",
+            )
+        state.pvmfw = Pvmfw.checked(state.protected, ipa, image)
 
 
 def enable_exit_hypercall(vm: Vm, mask: int) -> None:

@@ -31,6 +31,9 @@ from guestmem_snp.sev import Sev
 
 PAGE = uapi.PAGE_SIZE
 PAGE_SHIFT = uapi.PAGE_SHIFT
+#: #VCs one guest access answers with PVALIDATE before giving up (the VMM punching the
+#: page again each time).
+_VC_RETRIES = 16
 
 
 class SnpKitVmm:
@@ -58,17 +61,20 @@ class SnpKitVmm:
         """Run a guest access; a private one of a page not yet validated takes the #VC the
         guest answers with PVALIDATE, then runs again.  (A Linux guest validates its memory
         once and would stop at a #VC on a page the host took away by punching it; the kit's
-        guest validates it again, so that the kit can go on.)"""
-        try:
-            return run()
-        except UnvalidatedAccess as exc:
-            if not private:
-                raise
-            page = exc.gpa & ~(PAGE - 1)
-            if SnpGuest(vcpu).pvalidate(page):
-                raise
-            self._validated.add(page >> PAGE_SHIFT)
-            return self._access(vcpu, gpa, private, run)
+        guest validates it again, so that the kit can go on.  Another vCPU may have validated
+        it meanwhile: PVALIDATE then leaves it, FAIL_NOUPDATE, and the access runs again all
+        the same.)"""
+        for _ in range(_VC_RETRIES):
+            try:
+                return run()
+            except UnvalidatedAccess as exc:
+                if not private:
+                    raise
+                page = exc.gpa & ~(PAGE - 1)
+                if SnpGuest(vcpu).pvalidate(page) not in (0, PVALIDATE_FAIL_NOUPDATE):
+                    raise
+                self._validated.add(page >> PAGE_SHIFT)
+        return run()
 
     def guest_write(self, vcpu: Any, gpa: int, data: bytes, *, private: bool) -> None:
         """A store with the C-bit set for *private*."""

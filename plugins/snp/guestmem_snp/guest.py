@@ -77,6 +77,10 @@ class SnpGuest:
 
     def resume(self, ret: int = 0) -> int:
         """Re-enter after a ``KVM_EXIT_HYPERCALL`` with ``run->hypercall.ret = ret``."""
+        with self.vm.host.operation():
+            return self._resume(ret)
+
+    def _resume(self, ret: int = 0) -> int:
         self._run()
         pending = self.state.pending
         if pending is None:
@@ -87,17 +91,29 @@ class SnpGuest:
     # --- page-state change requests --------------------------------------------------------------
     def page_state_change(self, buffer: PscBuffer | Iterable[PscEntry]) -> int:
         """VMGEXIT ``SVM_VMGEXIT_PSC`` with *buffer* in the GHCB; returns ``sw_exit_info_2``."""
+        with self.vm.host.operation():
+            return self._page_state_change(buffer)
+
+    def _page_state_change(self, buffer: PscBuffer | Iterable[PscEntry]) -> int:
         self._enter()
         self.state.psc = buffer if isinstance(buffer, PscBuffer) else PscBuffer(list(buffer))
         return int(self.vcpu.hypercall(SVM_VMGEXIT_PSC))
 
     def psc_msr(self, gfn: int, op: int) -> int:
         """GHCB MSR protocol page-state change of one 4 KiB page; returns the GHCB MSR value."""
+        with self.vm.host.operation():
+            return self._psc_msr(gfn, op)
+
+    def _psc_msr(self, gfn: int, op: int) -> int:
         self._enter()
         return int(self.vcpu.hypercall(SVM_EXIT_VMGEXIT, ghcb_msr_psc_req(gfn, op)))
 
     def map_gpa_range(self, gpa: int, npages: int, attrs: int) -> int:
         """``vmmcall`` ``KVM_HC_MAP_GPA_RANGE``; returns the hypercall's result."""
+        with self.vm.host.operation():
+            return self._map_gpa_range(gpa, npages, attrs)
+
+    def _map_gpa_range(self, gpa: int, npages: int, attrs: int) -> int:
         self._enter()
         return int(self.vcpu.hypercall(KVM_HC_MAP_GPA_RANGE, gpa, npages, attrs))
 
@@ -140,6 +156,18 @@ class SnpGuest:
         then succeeds.  With *fallback* a 2M PVALIDATE answered with SIZEMISMATCH is redone
         as 512 4K ones, as Linux guests do.
         """
+        with self.vm.host.operation():
+            return self._pvalidate_range(gpa, size, page_size, validate, fallback=fallback)
+
+    def _pvalidate_range(
+        self,
+        gpa: int,
+        size: int,
+        page_size: int = uapi.PG_LEVEL_4K,
+        validate: bool = True,
+        *,
+        fallback: bool = True,
+    ) -> int:
         self._run()
         step = PTRS_PER_PMD if page_size == uapi.PG_LEVEL_2M else 1
         if gpa % PAGE_SIZE or size % (step * PAGE_SIZE) or size <= 0:
@@ -189,6 +217,10 @@ class SnpGuest:
     # --- accesses --------------------------------------------------------------------------------
     def read(self, gpa: int, length: int, *, private: bool = True) -> bytes:
         """A guest load; a private one of an unvalidated page raises :class:`UnvalidatedAccess`."""
+        with self.vm.host.operation():
+            return self._read(gpa, length, private=private)
+
+    def _read(self, gpa: int, length: int, *, private: bool = True) -> bytes:
         if private:
             self._check_validated(gpa, length)
         data = self.vcpu.access(gpa, length, private=private)
@@ -197,6 +229,10 @@ class SnpGuest:
 
     def write(self, gpa: int, data: bytes, *, private: bool = True) -> None:
         """A guest store (C-bit set for *private*)."""
+        with self.vm.host.operation():
+            self._write(gpa, data, private=private)
+
+    def _write(self, gpa: int, data: bytes, *, private: bool = True) -> None:
         if private:
             self._check_validated(gpa, len(data))
         self.vcpu.access(gpa, data=data, private=private)
