@@ -62,8 +62,10 @@ class ModelKvm(api.Kvm):
         self.counters = Counters()
         #: The host lock: every operation holds it (:mod:`guestmem.model.operation`).
         self.lock = threading.RLock()
-        #: One entry per thread waiting for :attr:`lock`.
+        #: One entry per thread waiting for :attr:`lock`, and how many times a waiting
+        #: thread got it.
         self.lock_waiters: list[None] = []
+        self.lock_handoffs = 0
         #: Depth of the uAPI operations under way (of the thread holding :attr:`lock`), and
         #: what observers raised meanwhile.
         self.op_depth = 0

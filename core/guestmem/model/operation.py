@@ -25,6 +25,10 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 if TYPE_CHECKING:
     from guestmem.model.kvm import ModelKvm
 
+#: How many times the fault's window gives up the interpreter waiting for a waiting thread
+#: to take the lock before it goes on (each is a ``sched_yield``-like system call).
+_HANDOFF_TRIES = 1000
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -69,6 +73,7 @@ def wait(kvm: ModelKvm) -> None:
         kvm.lock.acquire()
     finally:
         waiting.pop()
+    kvm.lock_handoffs += 1
 
 
 def leave(kvm: ModelKvm, name: str) -> None:
@@ -126,9 +131,15 @@ def mmu_lock_window(kvm: ModelKvm) -> bool:
         return False
     depth, failures = kvm.op_depth, kvm.observer_failures
     kvm.op_depth, kvm.observer_failures = 0, []
+    handoffs = kvm.lock_handoffs
     kvm.lock.release()
     try:
-        time.sleep(0)  # gives up the interpreter, so that a waiting thread takes the lock
+        # Give up the interpreter until a waiting thread took the lock (or none waits any
+        # more): this thread would otherwise take it back before the waiter even woke.
+        for _ in range(_HANDOFF_TRIES):
+            time.sleep(0)
+            if kvm.lock_handoffs != handoffs or not kvm.lock_waiters:
+                break
     finally:
         enter(kvm)
         kvm.op_depth, kvm.observer_failures = depth, failures
