@@ -88,8 +88,9 @@ def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[
       ``private_unmap``, ``memslot_change_errno``, ``open_options``, ``machine_examples``,
       ``machine_steps``, ``machine_shrink`` (see :class:`guestmem.conformance.GmemConformance`);
     * ``vmm``: a class, constructed with ``(kvm, vm, vm_type)``, that drives one VM the way
-      this architecture's VMM and guest do (setup before the vCPUs, start before the first
-      run, guest accesses, conversions) with the methods of
+      this architecture's VMM and guest do (setup before the vCPUs, ``add_vcpu`` for each
+      vCPU besides the first, start before the first run, guest accesses, conversions)
+      with the methods of
       :class:`guestmem.conformance.KitVmm` it changes; the kit mixes ``KitVmm`` in behind
       it, so a backend's package need not import the kit;
     * ``observers``: callables returning observer plugins (the backend's own invariant

@@ -201,6 +201,12 @@ class KitVmm:
         ram.bind()
         return ram
 
+    def add_vcpu(self, vcpu: Any) -> None:
+        """A vCPU of the guest besides the one :meth:`start` gets, created after the RAM and
+        before :meth:`start` (an SMP guest: the kit's thread stress test gives each thread a
+        vCPU): what the VMM does for it before the launch (TDX's ``KVM_TDX_INIT_VCPU``).
+        The default does nothing."""
+
     def start(self, vcpu: Any, ram: Ram) -> None:
         """Before the first guest access: the RAM exists, the vCPU too (a launch, a realm
         activation).  The default makes all RAM private on a VM type with private memory,

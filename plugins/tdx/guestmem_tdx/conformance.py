@@ -45,6 +45,11 @@ class TdxKitVmm:
         self.tdx.enable_cap_exit_hypercall()
         self.tdx.init_vm(attributes=KIT_TD_ATTRIBUTES)
 
+    def add_vcpu(self, vcpu: Any) -> None:
+        """``KVM_TDX_INIT_VCPU`` of every vCPU before ``KVM_TDX_FINALIZE_VM`` (a vCPU cannot
+        be added to a finalized TD, ``tdx_vcpu_create``)."""
+        self.tdx.init_vcpu(vcpu)
+
     def start(self, vcpu: Any, ram: Any) -> None:
         """The launch: ``KVM_TDX_INIT_VCPU``, the RAM made private (``KitVmm.start``), a
         zeroed boot page added and measured at the start of the RAM
