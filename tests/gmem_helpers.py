@@ -15,6 +15,7 @@ import attrs
 
 import guestmem
 from guestmem import uapi
+from guestmem.intents import Intents
 
 PAGE = uapi.PAGE_SIZE
 MiB = 1 << 20
@@ -76,7 +77,8 @@ def plugin(obj: object, distribution: str = "guestmem-tests") -> Iterator[object
 
 
 class BackendPlugin:
-    """A throwaway backend plugin: registers one backend whose policy is *policy*."""
+    """A throwaway backend plugin: registers one backend whose policy is *policy* (and
+    whose translation of the portable intents is *intents*, the generic base if None)."""
 
     def __init__(
         self,
@@ -85,11 +87,13 @@ class BackendPlugin:
         policy: object,
         *,
         range_faults: bool = False,
+        intents: Intents | None = None,
     ) -> None:
         self.name = name
         self.vm_types = vm_types
         self.policy = policy
         self.range_faults = range_faults
+        self.intents = intents
 
     @guestmem.hookimpl
     def guestmem_register_backends(self, register: Callable[[guestmem.Backend], None]) -> None:
@@ -100,6 +104,7 @@ class BackendPlugin:
                 vm_types=self.vm_types,
                 policy=self.policy,
                 range_faults=self.range_faults,
+                intents=self.intents,
             )
         )
 

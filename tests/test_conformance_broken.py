@@ -21,11 +21,14 @@ from gmem_helpers import DEEP, BackendPlugin, plugin
 
 import guestmem
 from guestmem.backend import HostFault, Owner, VmTypeInfo, hookimpl
-from guestmem.conformance import GmemConformance, KitVmm, OwnershipLedger
+from guestmem.conformance import GmemConformance, OwnershipLedger
 from guestmem.errors import KvmError
+from guestmem.guestvm import GuestVm
+from guestmem.intents import Intents, NotApplicable
 from guestmem.invariants import InvariantChecker
 
 TYPE = 7
+PAGE = 4096
 DESTRUCTIVE = VmTypeInfo(type=TYPE, name="BROKEN_VM", has_private_mem=True, nr_memslot_as_ids=1)
 IN_PLACE = VmTypeInfo(
     type=TYPE, name="BROKEN_VM", has_private_mem=True, nr_memslot_as_ids=1, conversion="in_place"
@@ -146,8 +149,10 @@ class ReleasesThenLocks(LocksMemslots):
 
 
 @contextmanager
-def backend(name: str, policy: object, info: VmTypeInfo = DESTRUCTIVE) -> Iterator[None]:
-    with plugin(BackendPlugin(name, (info,), policy), distribution=f"guestmem-{name}"):
+def backend(
+    name: str, policy: object, info: VmTypeInfo = DESTRUCTIVE, *, intents: Intents | None = None
+) -> Iterator[None]:
+    with plugin(BackendPlugin(name, (info,), policy, intents=intents), distribution=f"guestmem-{name}"):
         yield
 
 
@@ -196,7 +201,7 @@ BROKEN: list[tuple[str, Callable[[], object], VmTypeInfo, str]] = [
         "test_stateful_machine",
         StaleContents,
         DESTRUCTIVE,
-        "guest read of page|holds other bytes than the reference",
+        "guest read of page|holds other bytes than the reference|never wrote, is not zero",
     ),
     (
         "test_conversion_private_to_shared_to_private",
@@ -292,20 +297,73 @@ class DirtyFolios(Sound):
             vm.host.write(pfn + i, 0, b"\xaa" * 64)
 
 
-class AcceptingVmm(KitVmm):
-    """A guest that touches all its private memory at boot (as a TD accepts it): guest_memfd
-    holds folios the guest never wrote."""
+class AcceptingIntents(Intents):
+    """A guest that accepts all its private memory at boot (touching every page, as a TD
+    does with ACCEPT): guest_memfd holds folios the guest never wrote."""
 
-    def start(self, vcpu: Any, ram: Any) -> None:
-        super().start(vcpu, ram)
-        for page in builtins.range(ram.npages):
-            self.guest_read(vcpu, ram.gpa_of(page), 1, private=True)
+    def accept(
+        self, guest: GuestVm, gpa: int, size: int, *, page_size: int, coalesce: bool, entries: int
+    ) -> str:
+        vcpu = guest.vcpu()
+        for page in builtins.range(gpa, gpa + size, PAGE):
+            vcpu.access(page, 1, private=True)
+        return "touched"
+
+    def capabilities(self, guest: GuestVm) -> frozenset[str]:
+        return super().capabilities(guest) | {"acceptance"}
 
 
 def test_the_machine_takes_folios_a_guest_accepted_but_never_wrote() -> None:
     """Folios of private pages the guest touched without writing are zero-filled pages the
     reference does not count (they pass); holding other bytes, they fail."""
-    with backend("t-sound", Sound()):
-        run_kit_test("test_stateful_machine", "t-sound", vmm=AcceptingVmm)
-    with backend("t-broken", DirtyFolios()), pytest.raises(AssertionError, match="never wrote, is not zero"):
-        run_kit_test("test_stateful_machine", "t-broken", vmm=AcceptingVmm)
+    with backend("t-sound", Sound(), intents=AcceptingIntents()):
+        run_kit_test("test_stateful_machine", "t-sound")
+    with (
+        backend("t-broken", DirtyFolios(), intents=AcceptingIntents()),
+        pytest.raises(AssertionError, match="never wrote, is not zero"),
+    ):
+        run_kit_test("test_stateful_machine", "t-broken")
+
+
+class NoConversion(Intents):
+    """A guest that converts nothing, and says why."""
+
+    def convert(
+        self, guest: GuestVm, gpa: int, size: int, *, private: bool, page_size: int, coalesce: bool
+    ) -> str:
+        raise NotApplicable("this guest's memory is private or shared for good")
+
+    def capabilities(self, guest: GuestVm) -> frozenset[str]:
+        return super().capabilities(guest) - {"conversion"}
+
+
+class SilentConversion(Intents):
+    """A guest that converts, though its backend reports no ``conversion`` capability."""
+
+    def capabilities(self, guest: GuestVm) -> frozenset[str]:
+        return super().capabilities(guest) - {"conversion"}
+
+
+CONVERSION_TESTS = [
+    "test_conversion_private_to_shared_to_private",
+    "test_conversion_shared_to_private_to_shared",
+    "test_host_access_after_conversion",
+]
+
+
+@pytest.mark.parametrize("test", CONVERSION_TESTS)
+def test_a_guest_without_conversion_skips_the_conversion_tests_with_its_reason(test: str) -> None:
+    with (
+        backend("t-noconv", Sound(), intents=NoConversion()),
+        pytest.raises(pytest.skip.Exception, match="n/a: this guest's memory is private or shared for good"),
+    ):
+        run_kit_test(test, "t-noconv")
+
+
+@pytest.mark.parametrize("test", CONVERSION_TESTS)
+def test_a_conversion_the_backend_does_not_report_fails(test: str) -> None:
+    with (
+        backend("t-silent", Sound(), intents=SilentConversion()),
+        pytest.raises(AssertionError, match="reports no 'conversion' capability"),
+    ):
+        run_kit_test(test, "t-silent")

@@ -15,15 +15,11 @@ from gmem_helpers import BackendPlugin, NoHooks, arm64_type, junit_outcomes, plu
 import guestmem
 from guestmem import uapi
 from guestmem.backend import X86_DEFAULT_VM, X86_SW_PROTECTED_VM, VmTypeInfo, hookimpl
-from guestmem.conformance import GmemConformance, KitVmm, kit_for, kits_for
+from guestmem.conformance import GmemConformance, kit_for, kits_for
 from guestmem.conformance.pytest_plugin import backend_names, kit_module
 
 ARM_PRIVATE = arm64_type(0x80000000, name="ARM_PRIVATE_VM", conversion="in_place")
 ARM_PLAIN = arm64_type(0, name="ARM_VM")
-
-
-class MyVmm(KitVmm):
-    """A driver a backend names in its options."""
 
 
 class Options(BackendPlugin):
@@ -57,15 +53,20 @@ def test_kit_for_picks_an_x86_backends_own_private_type() -> None:
 
 def test_flags_come_from_the_declarations_then_the_options() -> None:
     """arm64 gmem-only memslots need MMAP files (S-16); an in-place type is not coherent
-    without a conversion; the plugin's options name the driver and override flags."""
-    with plugin(Options("t-kitfor", {"vmm": MyVmm, "private_unmap": "revoke", "observers": (dict,)})):
+    without a conversion; the plugin's options override flags and name observers."""
+    options = {"private_unmap": "revoke", "host_private_access": "reclaim", "observers": (dict,)}
+    with plugin(Options("t-kitfor", options)):
         plain, private = kits_for("t-kitfor")
-        assert (plain.slot_gmem_flags, plain.init_shared_coherent, plain.vmm) == (
+        assert (plain.slot_gmem_flags, plain.init_shared_coherent, plain.host_private_access) == (
             uapi.GUEST_MEMFD_FLAG_MMAP,
             True,
-            KitVmm,
+            "sigbus",
         )
-        assert (private.init_shared_coherent, private.private_unmap, private.vmm) == (False, "revoke", MyVmm)
+        assert (private.init_shared_coherent, private.private_unmap, private.host_private_access) == (
+            False,
+            "revoke",
+            "reclaim",
+        )
         assert private.observers == (dict,)
         assert kit_for("t-kitfor") is not private and kit_for("t-kitfor").vm_type == ARM_PRIVATE.type
 
@@ -80,6 +81,12 @@ def test_bad_options_and_unknown_types_are_errors() -> None:
             kit_for("t-kitfor-bad", 5)
     with pytest.raises(LookupError, match="no guestmem backend named"):
         kit_for("t-kitfor-bad")
+    # The driver is the backend's intents, not an option: a plugin naming one is told so.
+    with (
+        plugin(Options("t-kitfor-vmm", {"vmm": object}), distribution="guestmem-vmm"),
+        pytest.raises(guestmem.PluginError, match=r"unknown key\(s\) \['vmm'\]"),
+    ):
+        kit_for("t-kitfor-vmm")
 
 
 def test_skip_option_marks_the_class() -> None:

@@ -12,7 +12,7 @@ import pytest
 from test_plugin_boundary import violations
 
 import guestmem
-from guestmem.conformance import GmemConformance
+from guestmem.conformance import GmemConformance, ScenarioConformance
 from guestmem.invariants import InvariantChecker
 
 PAGE = pathlib.Path(__file__).resolve().parent.parent / "docs" / "backends.md"
@@ -50,3 +50,9 @@ class TestDocumentedToyBackend(GmemConformance):
     vm_type = 7
     private_access = True
     open_options: ClassVar[dict[str, Any]] = {}
+
+
+class TestDocumentedToyScenarios(ScenarioConformance):
+    """The built-in scenarios on the documented backend: its ToyIntents are enough."""
+
+    backends = ("toy",)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from gmem_helpers import BackendPlugin, plugin
@@ -36,8 +37,12 @@ def test_a_failure_is_shrunk_to_a_reproducer_that_replays_it(tmp_path: Path) -> 
         ]
         script = tmp_path / "repro.py"
         script.write_text(result.reproducer)
-        with pytest.raises(AssertionError, match="the host mapped private guest_memfd page 0"):
-            exec(compile(result.reproducer, str(script), "exec"), {"__name__": "repro"})
+        namespace: dict[str, Any] = {"__name__": "repro"}
+        try:
+            with pytest.raises(AssertionError, match="the host mapped private guest_memfd page 0"):
+                exec(compile(result.reproducer, str(script), "exec"), namespace)
+        finally:
+            namespace["state"].teardown()  # the script stops at the failure; its observers go
 
 
 def test_cli(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -132,7 +132,7 @@ def test_M5_uptodate_folio_is_not_cleared_again(default_vm: Any) -> None:
     gmem = default_vm.create_guest_memfd(PAGE, MMAP | INIT_SHARED)
     view = gmem.mmap(PAGE)
     view.write(0, pattern(7))
-    view.zap()  # MADV_DONTNEED drops the PTE, not the folio
+    view.madvise(uapi.MADV_DONTNEED)  # MADV_DONTNEED drops the PTE, not the folio
     assert not gmem.file.inode.host_mapped(0)
     assert view.read(0, 16) == pattern(7)
     other = gmem.mmap(PAGE)

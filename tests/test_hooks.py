@@ -239,7 +239,7 @@ def test_shared_side_zap_keeps_private_leaves_of_a_mirrored_vm(mirrored: tuple[A
     vm.set_memory_attributes(0, PAGE, PRIVATE)
     vcpu.access(0, data=b"private")
     vcpu.access(PAGE, data=b"shared")
-    shared.zap(0, MiB)  # mmu notifier: KVM_FILTER_SHARED
+    shared.madvise(uapi.MADV_DONTNEED, 0, MiB)  # mmu notifier: KVM_FILTER_SHARED
     leaves = [(leaf.gfn, leaf.private) for leaf in view(vm).leaves()]
     assert leaves == [(0, True)] and policy.removed == []
     gmem.fallocate(PUNCH, 0, MiB)  # guest_memfd invalidation: KVM_FILTER_PRIVATE
@@ -253,7 +253,7 @@ def test_shared_side_zap_removes_private_leaves_of_a_direct_root_vm(kvm: Any) ->
     vm, _, shared, vcpu = private_vm(kvm)
     vm.set_memory_attributes(0, PAGE, PRIVATE)
     vcpu.access(0, data=b"private")
-    shared.zap(0, MiB)
+    shared.madvise(uapi.MADV_DONTNEED, 0, MiB)
     assert list(view(vm).leaves()) == []
 
 
@@ -755,6 +755,17 @@ def test_views_of_uapi_objects(kvm: Any) -> None:
     assert isinstance(view(kvm), HostView) and view(vm).host is view(kvm)
     with pytest.raises(TypeError):
         view(object())
+
+
+def test_hostview_counts_allocated_pages() -> None:
+    """HostView.allocated_pages follows allocation and freeing (a scenario's leak count)."""
+    with guestmem.open("sw") as kvm:
+        host = guestmem.backend.view(kvm)
+        before = host.allocated_pages
+        pfn = host.alloc(3)
+        assert host.allocated_pages == before + 3
+        host.free(pfn, 3)
+        assert host.allocated_pages == before
 
 
 def test_a_backend_operation_reports_observer_failures_when_it_ends(kvm: Any) -> None:

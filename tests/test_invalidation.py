@@ -187,7 +187,7 @@ def test_3_1_every_invalidating_operation_is_balanced_and_bumps_seq(pvm: Any, op
         gone = 0
     else:
         vma = vm.kvm.mm.find(slot1.userspace_addr)
-        vma.zap(0, PAGE)
+        vma.madv_dontneed(0, PAGE)
         gone = (4 * MiB) >> 12
     assert not vm.is_mapped(gone)
     assert vm.mmu.invalidate_seq == seq + (0 if operation in ("delete-slot", "move-slot") else 1)
@@ -199,7 +199,7 @@ def test_3_1_host_zap_outside_slots_invalidates_nothing(pvm: Any) -> None:
     seq = pvm.mmu.invalidate_seq
     other = pvm.kvm.mmap_anonymous(MiB)
     other.write(0, b"x")
-    other.zap(0, MiB)
+    other.madvise(uapi.MADV_DONTNEED, 0, MiB)
     assert pvm.mmu.invalidate_seq == seq
 
 
@@ -253,7 +253,7 @@ def test_3_protocol_invariants_hold_after_every_operation(ops: list[tuple[Any, .
                         16 * PAGE * slot,
                     )
                 else:
-                    host.zap(op[1] * PAGE, op[2] * PAGE)
+                    host.madvise(uapi.MADV_DONTNEED, op[1] * PAGE, op[2] * PAGE)
             except (KvmError, GuestExit):
                 pass
             assert vm.mmu.invalidate_in_progress == 0
@@ -334,7 +334,7 @@ def test_3_1_one_host_event_is_one_invalidation_per_vm(default_vm: Any) -> None:
     seq = default_vm.mmu.invalidate_seq
     spy = _UnmapCounters()
     with plugin(spy):
-        mapping.zap(0, 2 * MiB)
+        mapping.madvise(uapi.MADV_DONTNEED, 0, 2 * MiB)
     assert [(s, e, f, n) for s, e, f, n in spy.seen] == [
         (0, MiB >> 12, uapi.KVM_FILTER_SHARED, 1),
         ((16 * MiB) >> 12, (17 * MiB) >> 12, uapi.KVM_FILTER_SHARED, 1),
@@ -353,6 +353,6 @@ def test_3_1_host_zap_of_a_gmem_only_slots_hva_zaps_its_shared_mappings(default_
     default_vm.create_vcpu(0).access(0, data=b"g")
     assert host.read(0, 1) == b"g"
     seq = default_vm.mmu.invalidate_seq
-    host.zap(0, PAGE)
+    host.madvise(uapi.MADV_DONTNEED, 0, PAGE)
     assert not default_vm.is_mapped(0)
     assert default_vm.mmu.invalidate_seq == seq + 1

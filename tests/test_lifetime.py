@@ -323,6 +323,46 @@ def test_L3_close_during_get_pfn_releases_when_get_pfn_drops_its_reference(kvm: 
     assert not vm.is_mapped(0) and vm.mmu.invalidate_in_progress == 0
 
 
+# --- what-if: memslots pin their guest_memfd (KernelProfile.memslots_pin_gmem) ------------------
+MiB = 1 << 20
+
+
+def _pinned_kvm() -> Any:
+    import attrs
+
+    from guestmem.model.profile import UPSTREAM_6_18
+
+    return guestmem.open("sw", profile=attrs.evolve(UPSTREAM_6_18, memslots_pin_gmem=True))
+
+
+def test_what_if_memslots_pin_gmem_keeps_a_closed_file_bound() -> None:
+    """L-3 does not run on close while bound: the private page survives and stays mapped."""
+    with _pinned_kvm() as kvm:
+        vm = kvm.create_vm(uapi.KVM_X86_SW_PROTECTED_VM)
+        gmem = vm.create_guest_memfd(MiB)
+        vm.set_user_memory_region2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, MiB, 0, gmem, 0)
+        vm.set_memory_attributes(0, MiB, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        vcpu = vm.create_vcpu(0)
+        vcpu.access(0, data=b"pinned")
+        gmem.close()
+        assert vcpu.access(0, 6) == b"pinned"
+        vm.set_user_memory_region2(0, 0, 0, 0, 0)  # the slot's reference was the last one
+        assert kvm.host.allocated_pages == 0
+
+
+def test_what_if_memslots_pin_gmem_leaks_a_vm_closed_while_bound() -> None:
+    """The cycle: file -> VM (L-1), VM's slot -> file: closing every fd destroys nothing."""
+    with _pinned_kvm() as kvm:
+        vm = kvm.create_vm(uapi.KVM_X86_SW_PROTECTED_VM)
+        gmem = vm.create_guest_memfd(MiB)
+        vm.set_user_memory_region2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, MiB, 0, gmem, 0)
+        vm.set_memory_attributes(0, MiB, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        vm.create_vcpu(0).access(0, data=b"x")
+        gmem.close()
+        vm.close()
+        assert not vm.destroyed and kvm.host.allocated_pages == 1
+
+
 def test_a_backends_own_vm_commands_check_the_fd_as_kvm_vm_ioctl_does(kvm: Any) -> None:
     """``VmView.check_ioctl``: what ``kvm_vm_ioctl`` checks before a command, for a backend's
     command that has no uAPI method: fine on an open VM, EIO on a dead one (CAP-9), EBADF

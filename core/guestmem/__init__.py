@@ -114,14 +114,22 @@ def open(backend: str = "sw", **options: Any) -> Kvm:  # noqa: A001 - mirrors op
     """Open ``/dev/kvm`` of *backend* (``"sw"`` by default).
 
     *options* go to the backend: the model backends accept ``profile=`` (a
-    :class:`guestmem.model.profile.KernelProfile` or its name).
+    :class:`guestmem.model.profile.KernelProfile` or its name).  ``record=True`` keeps every
+    event in ``kvm.events``: on the model all of them, on a backend of its own (the real
+    kernel) one ``uapi`` event per call (:mod:`guestmem.recording`).
     """
     from guestmem.registry import get_registry
 
     registry = get_registry()
     info = registry.backend(backend)
     if info.opener is not None:
-        return info.opener(info, **options)
+        record = bool(options.pop("record", False))
+        kvm = info.opener(info, **options)
+        if record:  # the uAPI calls, recorded as the model records them
+            from guestmem.recording import record as recording
+
+            return recording(kvm)
+        return kvm
     from guestmem.model.kvm import ModelKvm
 
     return ModelKvm(info, registry, **options)

@@ -54,6 +54,57 @@ class HostMapping(_Closable):
     def write(self, offset: int, data: bytes) -> None:
         """Store *data* at ``address + offset``."""
 
+    @abc.abstractmethod
+    def madvise(self, advice: int, offset: int = 0, length: int | None = None) -> None:
+        """``madvise(address + offset, length, advice)`` (``mm/madvise.c``).
+
+        ``uapi.MADV_DONTNEED`` drops the pages' host PTEs (the MMU notifier zaps guest
+        mappings of them); shared memory keeps its contents.  ``uapi.MADV_REMOVE`` frees
+        the backing (``madvise_remove`` punches a hole in the file behind the mapping): an
+        anonymous shared mapping reads zeroes afterwards and a guest_memfd mapping loses
+        its folios, as ``fallocate(PUNCH_HOLE)`` would.  This is how a VMM discards the
+        side of guest memory a conversion left unused (QEMU ``ram_block_discard_range``).
+
+        Checks in the kernel's order: an advice other than these two is EINVAL, an
+        unaligned start EINVAL, a length that overflows when rounded to pages EINVAL, and
+        a zero length does nothing.  *length* None means up to the end of the mapping.  A
+        range reaching outside this mapping is ENOMEM and nothing is applied: the face never
+        touches another mapping of the process (the kernel would apply the advice to the
+        mapped parts it covers, then fail with ENOMEM).
+        """
+
+
+def madvise_range(
+    mapping: HostMapping, advice: int, offset: int, length: int | None
+) -> tuple[int, int] | None:
+    """The checks of ``madvise(2)`` for :meth:`HostMapping.madvise`, in the kernel's order.
+
+    Returns ``(offset, length)`` within *mapping*, page aligned, or None when there is
+    nothing to do (a zero length); raises :class:`guestmem.KvmError` otherwise.  Shared by
+    every backend so that the model and the real kernel refuse the same calls.
+    """
+    from guestmem import uapi
+    from guestmem.errors import KvmError
+
+    if advice not in (uapi.MADV_DONTNEED, uapi.MADV_REMOVE):  # madvise_behavior_valid
+        raise KvmError(errno.EINVAL, "", f"madvise: advice {advice} is not MADV_DONTNEED or MADV_REMOVE")
+    if length is None:
+        length = mapping.length - offset
+    if offset % uapi.PAGE_SIZE:
+        raise KvmError(errno.EINVAL, "", f"madvise: start {mapping.address + offset:#x} is not page aligned")
+    length &= uapi.U64_MAX  # a size_t
+    aligned = (length + uapi.PAGE_SIZE - 1) & ~(uapi.PAGE_SIZE - 1) & uapi.U64_MAX
+    if length and not aligned:
+        raise KvmError(errno.EINVAL, "", f"madvise: length {length:#x} overflows when rounded to pages")
+    if aligned == 0:
+        return None
+    if mapping.closed or offset < 0 or offset + aligned > mapping.length:
+        where = f"[{offset:#x}, {offset + aligned:#x})"
+        raise KvmError(
+            errno.ENOMEM, "", f"madvise: {where} is not inside the {mapping.length:#x}-byte mapping"
+        )
+    return offset, aligned
+
 
 class GuestMemfd(_Closable):
     """A guest_memfd file descriptor (``KVM_CREATE_GUEST_MEMFD``)."""

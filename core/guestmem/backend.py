@@ -18,7 +18,12 @@ This module is the whole surface it sees of the core, in the kernel's terms:
 * :func:`view`, which turns a uAPI object a user holds (a ``Vm`` from
   ``kvm.create_vm``) into its view, for a plugin's own user-facing functions;
 * :class:`RangeMap`, the range-keyed map the core stores everything in, for the plugin's
-  own tables.
+  own tables;
+* the portable intents a backend translates (:mod:`guestmem.intents`): :class:`Intents`,
+  :class:`X86Intents` (those of the core's x86 VM types, for a backend offering them next
+  to its own), :class:`NotApplicable`, :class:`RamRegion`, the :class:`GuestVm` they act
+  on, and the QEMU-style VMM loop (:mod:`guestmem.vmm`: :class:`QemuVmm`,
+  :func:`convert_memory`).
 
 Constants come from :mod:`guestmem.uapi`, exceptions from :mod:`guestmem.errors`.  A
 plugin never imports ``guestmem.model`` and never touches a private attribute; the
@@ -37,7 +42,10 @@ import attrs
 import pluggy
 
 from guestmem import uapi
+from guestmem.guestvm import GuestVm
+from guestmem.intents import Intents, NotApplicable, RamRegion, X86Intents
 from guestmem.ranges import RangeMap
+from guestmem.vmm import QemuVmm, convert_memory
 
 if TYPE_CHECKING:
     from guestmem.api import Kvm
@@ -58,17 +66,24 @@ __all__ = [
     "GfnRange",
     "GmemLocation",
     "GmemView",
+    "GuestVm",
     "HostFault",
     "HostView",
+    "Intents",
     "Leaf",
+    "NotApplicable",
     "Owner",
     "OwnershipEvent",
+    "QemuVmm",
+    "RamRegion",
     "RangeMap",
     "SlotView",
     "TraceEvent",
     "VcpuView",
     "VmTypeInfo",
     "VmView",
+    "X86Intents",
+    "convert_memory",
     "hookimpl",
     "hookspec",
     "view",
@@ -196,6 +211,10 @@ class Backend:
     #: The policy's ``guestmem_fault`` and ``guestmem_gmem_prepare`` accept runs of pages
     #: (``npages`` > 1); otherwise every call covers one page (one folio for prepare).
     range_faults: bool = False
+    #: The backend's translation of the portable intents (launch, conversion, acceptance)
+    #: that scenario files and the pytest plugin use; None: the generic KVM base
+    #: (:class:`Intents`), which converts, accepts and populates nothing.
+    intents: Intents | None = None
     #: Filled in by the registry.
     distribution: str = ""
     #: Filled in by the registry (the distribution's version unless set).
@@ -446,6 +465,12 @@ class HostView:
         """True iff *pfn* is allocated."""
         return self._kvm.host.is_allocated(pfn)
 
+    @property
+    def allocated_pages(self) -> int:
+        """Pages allocated now: what closing every file of a scenario should bring to 0
+        (a page still allocated then was leaked, or is still held by a live object)."""
+        return self._kvm.host.allocated_pages
+
     def read(self, pfn: int, offset: int, n: int) -> bytes:
         """Bytes ``[offset, offset + n)`` of page *pfn* (must not cross the page).
 
@@ -533,6 +558,8 @@ class HostView:
 
     def crash(self, verdict: str) -> NoReturn:
         """Record that the host went down with *verdict* and raise :class:`guestmem.HostCrash`."""
+        if self._kvm.host.crashed is None:
+            self._kvm.trace(None, "host_crash", {"verdict": verdict})
         self._kvm.host.crash(verdict)
 
     def check_alive(self) -> None:

@@ -128,12 +128,14 @@ def cmd_backends(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from guestmem.demo import run_demo
+    from guestmem.demo import DEFAULT_REPORT, run_demo
 
+    backends = [n.strip() for value in args.backend or ["sw"] for n in value.split(",") if n.strip()]
+    report = None if args.no_report else (args.report or DEFAULT_REPORT)
     if args.trace is None:
-        return run_demo(backend=args.backend)
+        return run_demo(backends, scenario=args.scenario, report=report)
     with open(args.trace, "w", encoding="utf-8") as trace:
-        return run_demo(backend=args.backend, trace=trace)
+        return run_demo(backends, scenario=args.scenario, report=report, trace=trace)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,9 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--hooks", action="store_true", help="also the hooks each backend implements")
     p.set_defaults(func=cmd_backends)
-    p = sub.add_parser("demo", help="a narrated guest_memfd lifecycle on a protected VM")
-    p.add_argument("--backend", default="sw", help="backend to run on (default: sw)")
-    p.add_argument("--trace", metavar="FILE", help="write every modelled event to FILE as JSON lines")
+    p = sub.add_parser(
+        "demo", help="run a built-in scenario (a VM's guest_memfd lifecycle) with its tables and report"
+    )
+    p.add_argument(
+        "--backend", action="append", metavar="NAME", help="backend(s) to run on, repeatable (default: sw)"
+    )
+    p.add_argument("--scenario", default="lifecycle", help="the built-in scenario (guestmem scenarios)")
+    p.add_argument("--report", metavar="HTML", help="where the report goes (default: in the temp directory)")
+    p.add_argument("--no-report", action="store_true", help="write no report")
+    p.add_argument("--trace", metavar="FILE", help="write the first backend's events to FILE as JSON lines")
     p.set_defaults(func=cmd_demo)
     for module in _SUBCOMMAND_MODULES:
         importlib.import_module(module).add_cli(sub)
@@ -158,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Core modules that contribute subcommands through ``add_cli(subparsers)``.
 _SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "guestmem.scenario.cli",
+    "guestmem.report",
+    "guestmem.traces",
     "guestmem.diff",
     "guestmem.rules",
     "guestmem.hookref",

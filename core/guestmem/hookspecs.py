@@ -73,29 +73,29 @@ def guestmem_register_backends(register: Callable[[Backend], None]) -> None:
 def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[str, Any] | None:
     """The conformance kit's settings for *vm_type* of *backend*, which this plugin registered.
 
-    Called by :func:`guestmem.conformance.kit_for` (the kit's pytest plugin, ``guestmem
-    fuzz``) when it builds the kit for an installed backend, only on the plugin that
-    registered *backend*.  The kit reads what it can from the declarations
-    (:class:`~guestmem.backend.VmTypeInfo`: conversion semantics, gmem-only memslots, memory
-    attributes) and from ``KVM_CHECK_EXTENSION``; this hook says the rest.  Implement it
-    next to ``guestmem_register_backends``, never on a policy object.  ``None`` (or no
-    implementation) keeps the kit's defaults.
+    Called by :func:`guestmem.conformance.kit_for` (``pytest --guestmem-kit``, the kit's
+    own pytest plugin, ``guestmem fuzz``) when it builds the kit for an installed backend,
+    only on the plugin that registered *backend*.  The kit reads what it can from the
+    declarations (:class:`~guestmem.backend.VmTypeInfo`: conversion semantics, gmem-only
+    memslots, memory attributes) and from ``KVM_CHECK_EXTENSION``; this hook says the rest.
+    Implement it next to ``guestmem_register_backends``, never on a policy object.
+    ``None`` (or no implementation) keeps the kit's defaults.
 
     Keys (each optional; an unknown key is an error naming the plugin):
 
     * the kit's capability flags: ``guest_access``, ``private_access``,
       ``gmem_only_from_gmem``, ``init_shared_coherent``, ``slot_gmem_flags``,
-      ``private_unmap``, ``memslot_change_errno``, ``open_options``, ``machine_examples``,
-      ``machine_steps``, ``machine_shrink`` (see :class:`guestmem.conformance.GmemConformance`);
-    * ``vmm``: a class, constructed with ``(kvm, vm, vm_type)``, that drives one VM the way
-      this architecture's VMM and guest do (setup before the vCPUs, ``add_vcpu`` for each
-      vCPU besides the first, start before the first run, guest accesses, conversions)
-      with the methods of
-      :class:`guestmem.conformance.KitVmm` it changes; the kit mixes ``KitVmm`` in behind
-      it, so a backend's package need not import the kit;
+      ``private_unmap``, ``memslot_change_errno``, ``host_private_access``,
+      ``open_options``, ``machine_examples``, ``machine_steps``, ``machine_shrink`` (see
+      :class:`guestmem.conformance.GmemConformance`);
     * ``observers``: callables returning observer plugins (the backend's own invariant
       checkers) the kit registers while it runs;
     * ``skip``: a reason to leave this VM type out of the kit.
+
+    How the kit launches and drives a VM (the launch, the guest's accesses, conversions and
+    acceptance, the exits its VMM answers) is not configured here: it is the backend's
+    :class:`~guestmem.intents.Intents` (``Backend(intents=...)``), the driver scenario
+    files and the VMM-testing pytest plugin use too.
 
     :param backend: the backend, as registered.
     :param vm_type: one of its VM types.

@@ -253,10 +253,12 @@ def guestmem_register_backends(register: Callable[[Backend], None]) -> None:
 def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[str, Any] | None:
     """What the conformance kit cannot read from the VM types' declarations.
 
-    Nothing yet: the kit's defaults drive the VMs as generic KVM does.  A backend whose
-    guests launch, convert or access memory in their own way names its driver here
-    (``{{"vmm": MyKitVmm}}``, a class with the methods of ``guestmem.conformance.KitVmm`` it
-    changes), and its own invariant checkers (``{{"observers": (MyChecker,)}}``).
+    Nothing yet: the kit's defaults.  Flags go here where the declarations do not say
+    enough (``{{"private_unmap": "revoke"}}``), and the backend's own invariant checkers
+    (``{{"observers": (MyChecker,)}}``).  How the kit launches and drives a VM is not an
+    option: it is the backend's intents (``Backend(intents=...)``, none yet: the generic
+    base, QEMU's layout and implicit conversions), which scenario files and the pytest
+    plugin use too.
     """
     return None
 '''

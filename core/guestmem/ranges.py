@@ -12,9 +12,51 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
 from typing import Generic, TypeVar
 
-from sortedcontainers import SortedDict
+from sortedcontainers import SortedDict, SortedList
 
 V = TypeVar("V")
+
+
+class _Starts(SortedDict):  # type: ignore[misc]  # untyped base
+    """The entries by start: a ``SortedDict`` whose empty construction is cheap.
+
+    ``SortedDict.__init__`` handles a key function and initial items, and binds sixteen
+    ``SortedList`` methods up front; a model creates many small maps (one per file,
+    binding and mapping), for which that costs more than their first hundred updates.
+    Here the bound methods are made on first use (the names ``SortedDict`` 2.x binds).
+    """
+
+    _BOUND = {
+        "_list_add": "add",
+        "_list_clear": "clear",
+        "_list_iter": "__iter__",
+        "_list_reversed": "__reversed__",
+        "_list_pop": "pop",
+        "_list_remove": "remove",
+        "_list_update": "update",
+        "bisect_left": "bisect_left",
+        "bisect": "bisect_right",
+        "bisect_right": "bisect_right",
+        "index": "index",
+        "irange": "irange",
+        "islice": "islice",
+        "_reset": "_reset",
+    }
+
+    def __init__(self, *args: object) -> None:
+        if args:
+            super().__init__(*args)
+            return
+        self._key = None
+        self._list = SortedList()
+
+    def __getattr__(self, name: str) -> object:
+        target = _Starts._BOUND.get(name)
+        if target is None or "_list" not in self.__dict__:
+            raise AttributeError(name)
+        bound = getattr(self._list, target)
+        setattr(self, name, bound)
+        return bound
 
 
 class RangeMap(Generic[V]):
@@ -24,7 +66,7 @@ class RangeMap(Generic[V]):
 
     def __init__(self) -> None:
         # start -> (end, value)
-        self._map: SortedDict = SortedDict()
+        self._map: SortedDict = _Starts()
 
     def __len__(self) -> int:
         """Number of stored (maximal) ranges."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from guestmem.backend import X86_DEFAULT_VM, X86_SW_PROTECTED_VM, Backend, hookimpl
+from guestmem.backend import X86_DEFAULT_VM, X86_SW_PROTECTED_VM, Backend, X86Intents, hookimpl
 
 DEFAULT_VM = X86_DEFAULT_VM
 SW_PROTECTED_VM = X86_SW_PROTECTED_VM
@@ -25,6 +25,10 @@ class SwPolicy:
 POLICY = SwPolicy()
 
 
+#: The core's x86 intents (KVM_HC_MAP_GPA_RANGE conversions, no launch, no acceptance).
+INTENTS = X86Intents()
+
+
 @hookimpl
 def guestmem_register_backends(register: Callable[[Backend], None]) -> None:
     """Register ``sw``."""
@@ -35,5 +39,6 @@ def guestmem_register_backends(register: Callable[[Backend], None]) -> None:
             vm_types=(DEFAULT_VM, SW_PROTECTED_VM),
             policy=POLICY,
             range_faults=True,
+            intents=INTENTS,
         )
     )

@@ -22,8 +22,10 @@ One module per job:
 
 - ``kit``: :class:`GmemConformance` (the uAPI rules and the deep kit) and
   :class:`KitGuest` (one VM with RAM);
-- ``vmm``: :class:`KitVmm`, how the kit drives a VM (launch, guest accesses,
-  conversions), and :class:`Ram`;
+- ``scenarios``: :class:`ScenarioConformance`, the built-in scenarios on a backend's
+  rows, every applicable step run and meeting what it asserts;
+- ``vmm``: :class:`KitVmm`, the kit's VM launched and driven through the backend's
+  intents (the launch, guest accesses, conversions), and :class:`Ram`;
 - ``ledger``: the leak check, :class:`OwnershipLedger` and :func:`check_released`;
 - ``options``: :func:`kit_for`, :func:`kits_for`;
 - ``conversions``: :class:`ConversionReference`, what a guest reads back after conversions
@@ -47,6 +49,7 @@ from guestmem.conformance.conversions import (
 from guestmem.conformance.kit import BASE_GPA, RAM_PAGES, GmemConformance, KitGuest, expect_errno
 from guestmem.conformance.ledger import LeakError, OwnershipLedger, allocated, check_ownership, check_released
 from guestmem.conformance.options import declared_flags, kit_for, kits_for
+from guestmem.conformance.scenarios import ScenarioConformance
 from guestmem.conformance.vmm import KitVmm, Ram
 
 __all__ = [
@@ -61,6 +64,7 @@ __all__ = [
     "LeakError",
     "OwnershipLedger",
     "Ram",
+    "ScenarioConformance",
     "allocated",
     "check_ownership",
     "check_released",

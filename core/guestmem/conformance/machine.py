@@ -4,7 +4,7 @@ conversion semantics).
 
 :class:`GmemMachine` is a Hypothesis ``RuleBasedStateMachine`` over one VM of the backend
 under test with the kit's RAM (:class:`~guestmem.conformance.kit.KitGuest`), driven
-through the backend's :class:`~guestmem.conformance.vmm.KitVmm`.  Which rules run depends
+through the backend's intents (:class:`~guestmem.conformance.vmm.KitVmm`).  Which rules run depends
 on the VM type:
 
 * a VM type without private memory gets the guest_memfd file machine: allocate, punch,
@@ -44,7 +44,6 @@ from guestmem import uapi
 from guestmem.backend import VmTypeInfo, view
 from guestmem.conformance.kit import KitGuest, private_probe
 from guestmem.conformance.ledger import OwnershipLedger, allocated, check_released, has_views
-from guestmem.conformance.vmm import KitVmm
 from guestmem.errors import EHWPOISON, GuestExit, HostSigbus, HypercallExit, KvmError, MemoryFault, MmioExit
 from guestmem.invariants import InvariantChecker
 
@@ -73,13 +72,14 @@ class GmemMachine(RuleBasedStateMachine):
 
     backend: ClassVar[str] = "sw"
     info: ClassVar[VmTypeInfo | None] = None
-    vmm_class: ClassVar[Callable[..., Any]] = KitVmm
     open_options: ClassVar[dict[str, Any]] = {}
     observers: ClassVar[tuple[Callable[[], object], ...]] = ()
     invariants_on: ClassVar[bool] = True
     gmem_only_from_gmem: ClassVar[bool] = True
     #: The kit's ``private_unmap``: what a punch of a private page leaves the guest.
     private_unmap: ClassVar[str] = "keep"
+    #: The kit's ``host_private_access``: what a host access to a private page does.
+    host_private_access: ClassVar[str] = "sigbus"
     #: Called after every step (a progress bar's advance).
     step_hooks: ClassVar[tuple[Callable[[], None], ...]] = ()
 
@@ -120,15 +120,17 @@ class GmemMachine(RuleBasedStateMachine):
         """Open the host and make the guest, its RAM and (file mode) the host's mapping."""
         self.kvm = guestmem.open(self.backend, **self.open_options)
         self.baseline = allocated(self.kvm)
-        self.guest = KitGuest(
-            self.kvm, self.vm_info, self.vmm_class, NPAGES, gmem_only_from_gmem=self.gmem_only_from_gmem
-        )
+        self.guest = KitGuest(self.kvm, self.vm_info, NPAGES)
         #: The model's views are there to cross-check (not on the real kernel).
         self.white_box = has_views(self.kvm)
         self.ram = self.guest.ram
         self.private_mode = self.vm_info.private
         self.in_place = self.vm_info.conversion == "in_place"
         self.attributes = self.private_mode and bool(self.guest.vmm.attributes())
+        #: The guest converts (not Gunyah's: ``guest.convert`` is not applicable there).
+        self.converts = self.private_mode and self.guest.vmm.conversion_not_applicable() is None
+        #: The host takes a private page back when it touches it (``host_private_access``).
+        self.reclaims = self.private_mode and self.host_private_access == "reclaim"
         #: The file machine needs the guest's memory in guest_memfd and host-mappable.
         self.file_mode = (
             not self.private_mode and self.ram.gmem_only and bool(self.ram.gmem.flags & INIT_SHARED)
@@ -245,7 +247,7 @@ class GmemMachine(RuleBasedStateMachine):
             raise AssertionError(f"a {'private' if private else 'shared'} access to page {page} did not exit")
 
     # --- conversions ------------------------------------------------------------------------------
-    @precondition(lambda self: self.private_mode)
+    @precondition(lambda self: self.converts)
     @rule(page=pages, n=counts)
     def convert(self, page: int, n: int) -> None:
         """The guest converts a run of pages to the other side; contents follow the declared
@@ -306,7 +308,7 @@ class GmemMachine(RuleBasedStateMachine):
             raise AssertionError("unaligned fallocate succeeded")
 
     @precondition(
-        lambda self: self.file_mode and self.ram.uaddr_map is None and bool(self.allocated - self.poisoned)
+        lambda self: self.file_mode and self.gmem_only_from_gmem and bool(self.allocated - self.poisoned)
     )
     @rule(data=st.data())
     def poison(self, data: st.DataObject) -> None:
@@ -330,10 +332,9 @@ class GmemMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.file_mode)
     @rule()
     def drop_host_ptes(self) -> None:
-        """munmap and mmap again: host PTEs go, contents and folios stay."""
+        """MADV_DONTNEED: the host's PTEs go, guest_memfd's contents and folios stay."""
         assert self.view is not None
-        self.view.close()
-        self.view = self.ram.gmem.mmap(MAPPED * PAGE)
+        self.view.madvise(uapi.MADV_DONTNEED)
 
     # --- host accesses ----------------------------------------------------------------------------
     def _host_may_map(self, page: int) -> bool:
@@ -342,7 +343,7 @@ class GmemMachine(RuleBasedStateMachine):
             return page < NPAGES and page not in self.poisoned
         if self.ram.shared is not None:
             return True  # anonymous memory
-        return self.private_mode and not self.side[page]
+        return self.private_mode and (not self.side[page] or self.reclaims)
 
     def _host_table(self, page: int) -> dict[int, bytearray]:
         return self.private if (self.file_mode or self.ram.shared is None) else self.shared
@@ -385,7 +386,7 @@ class GmemMachine(RuleBasedStateMachine):
         if self._host_table(page) is self.private:
             self.allocated.add(page)
 
-    @precondition(lambda self: self.probe is not None)
+    @precondition(lambda self: self.probe is not None and not self.reclaims)
     @rule(page=st.integers(0, 3))
     def host_probe_private(self, page: int) -> None:
         """The host maps private guest_memfd: a private page is SIGBUS (M-4, and each
@@ -477,24 +478,24 @@ def machine_for(
     backend: str,
     info: VmTypeInfo | None = None,
     *,
-    vmm: Callable[..., Any] = KitVmm,
     open_options: dict[str, Any] | None = None,
     observers: tuple[Callable[[], object], ...] = (),
     invariants: bool = True,
     gmem_only_from_gmem: bool = True,
     private_unmap: str = "keep",
+    host_private_access: str = "sigbus",
     on_step: Callable[[], None] | None = None,
 ) -> type[GmemMachine]:
     """The machine for *info* (default: the backend's default VM type) of *backend*."""
     attrs: dict[str, Any] = {
         "backend": backend,
         "info": info,
-        "vmm_class": vmm,
         "open_options": dict(open_options or {}),
         "observers": tuple(observers),
         "invariants_on": invariants,
         "gmem_only_from_gmem": gmem_only_from_gmem,
         "private_unmap": private_unmap,
+        "host_private_access": host_private_access,
         "step_hooks": () if on_step is None else (on_step,),
     }
     name = "GmemMachine_" + "".join(

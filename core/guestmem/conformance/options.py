@@ -30,14 +30,15 @@ FLAGS = frozenset(
         "slot_gmem_flags",
         "private_unmap",
         "memslot_change_errno",
+        "host_private_access",
         "open_options",
         "machine_examples",
         "machine_steps",
         "machine_shrink",
     }
 )
-#: The other keys: the VMM driver, the backend's observers, a reason to skip the VM type.
-EXTRA = frozenset({"vmm", "observers", "skip"})
+#: The other keys: the backend's observers, a reason to skip the VM type.
+EXTRA = frozenset({"observers", "skip"})
 
 
 def declared_flags(info: VmTypeInfo) -> dict[str, Any]:
@@ -82,8 +83,8 @@ def kit_for(
     users care about: not the core's ``KVM_X86_SW_PROTECTED_VM``, which an x86 host offers
     next to its own types), else its first private VM type, else its default VM type.
     The class's flags come from :func:`declared_flags`, then from the backend's
-    ``guestmem_conformance_options`` (which may also name its ``vmm`` driver and its
-    ``observers``, or ``skip`` the type).  ``LookupError`` for an
+    ``guestmem_conformance_options`` (which may also name its ``observers``, or ``skip``
+    the type).  The kit drives the VMs through the backend's intents.  ``LookupError`` for an
     unknown backend or VM type, :class:`guestmem.PluginError` for bad options.
     """
     info_backend = guestmem.get_registry().backend(backend)
@@ -100,8 +101,6 @@ def kit_for(
     options = options_for(info_backend, info)
     attrs: dict[str, Any] = {"backend": backend, **declared_flags(info)}
     attrs.update({k: v for k, v in options.items() if k in FLAGS})
-    if "vmm" in options:
-        attrs["vmm"] = options["vmm"]
     if "observers" in options:
         factories: tuple[Callable[[], object], ...] = tuple(options["observers"])
         attrs["observers"] = factories

@@ -8,8 +8,11 @@ subclass is needed: the flags come from the backend's declarations and its
 ``guestmem_conformance_options``; the invariant checkers are on.
 
 This module is not registered as a ``pytest11`` entry point and adds no command-line
-option: guestmem's own pytest plugin for VMM developers offers ``--guestmem-backend
-NAME[,NAME]`` and collects the kit through the same call, :func:`kit_module`.
+option.  guestmem's own pytest plugin (:mod:`guestmem.pytest_plugin`, always loaded) offers
+the same as ``--guestmem-kit``, for the backends ``--guestmem-backend NAME[,NAME]``
+selects: it calls :func:`collect_kit` (and :func:`backend_names` reads a list the same
+way) rather than loading this module, and refuses to run with it loaded (the kit would be
+collected twice).
 """
 
 from __future__ import annotations

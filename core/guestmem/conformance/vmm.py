@@ -1,53 +1,97 @@
-"""How the conformance kit drives one VM: the VMM's part and the guest's.
+"""How the conformance kit drives one VM: through the backend's portable intents.
 
-The kit tests a backend through the uAPI face alone, playing both the VMM (memslots,
-guest_memfd, host mappings, ``KVM_SET_MEMORY_ATTRIBUTES``) and the guest (loads, stores,
-conversion requests).  What differs between architectures (how a VM is launched, how the
-guest asks for a conversion, what the VMM does about it) lives in a :class:`KitVmm`.
+The kit tests a backend through the uAPI face, playing both the VMM (memslots,
+guest_memfd, host mappings) and the guest (loads, stores, conversions).  What differs
+between architectures (how a VM is created and launched, how its RAM is laid out, how the
+guest converts and accepts memory, which exits the VMM answers and how) is what the
+backend's :class:`~guestmem.intents.Intents` translate for scenario files and the pytest
+plugin; :class:`KitVmm` drives a :class:`~guestmem.guestvm.GuestVm` with them, so that a
+backend has one driver for every user.  A backend without intents gets the generic base
+(QEMU's layout, implicit conversions where memory attributes decide privateness).
 
-The default is generic KVM as QEMU drives it: a VM type with memory attributes converts
-with ``KVM_SET_MEMORY_ATTRIBUTES`` followed by QEMU's discard of the old side
-(``kvm_convert_memory``: to-shared punches the range out of guest_memfd, to-private drops
-the shared copy), which is what makes x86 conversions destructive (backends.md 0.2).  A
-backend whose guests convert otherwise (pKVM's MEM_SHARE hypercalls, a launch before the
-first run) hands the kit a subclass, or any class with the same methods, through
-``guestmem_conformance_options`` (``{"vmm": MyVmm}``).
+The kit's VM (:class:`KitVmm`):
+
+* two RAM regions laid out by the intents: a firmware page at :data:`FIRMWARE_GPA` (what
+  the launch puts in: a populated image, Gunyah's devicetree) and the RAM the kit's tests
+  use, both private on a VM type with private memory;
+* launched as the backend launches it (``launch.populate`` of the firmware page where the
+  backend populates, then the end of the launch), after which the guest accepts its RAM
+  where the architecture requires it (SNP's PVALIDATE, TDX's ACCEPT) and takes every page
+  of it where privateness is ownership rather than an attribute (pKVM, Gunyah: the guest
+  touches its RAM), so that the RAM starts in use and private;
+* a guest that accepts a page again when the host took it away meanwhile
+  (``accept_on_fault``);
+* exits: requests the guest makes while converting or accepting are answered by QEMU's
+  loop (:class:`~guestmem.vmm.QemuVmm`, with the backend's own exits first); a memory-fault
+  exit of a plain load or store reaches the test, which asserts on it.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from guestmem import uapi
 from guestmem.backend import VmTypeInfo
+from guestmem.errors import HypercallExit, MemoryFault
+from guestmem.guestvm import GuestVm
+from guestmem.intents import NotApplicable, RamRegion
+from guestmem.vmm import QemuVmm
 
 PAGE = uapi.PAGE_SIZE
 MMAP = uapi.GUEST_MEMFD_FLAG_MMAP
-INIT_SHARED = uapi.GUEST_MEMFD_FLAG_INIT_SHARED
 PUNCH = uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE
 GMEM = uapi.KVM_MEM_GUEST_MEMFD
+#: The kit's firmware page: below its RAM, 2 MiB aligned, below 4 GiB.
+FIRMWARE_GPA = 0x0FE00000
+#: What the launch puts there where the backend populates.
+FIRMWARE_IMAGE = b"guestmem conformance kit firmware\n"
 
 
 class Ram:
-    """Guest RAM as the kit lays it out: one memslot over one guest_memfd.
+    """One region of guest RAM (a :class:`~guestmem.intents.RamRegion` the intents laid out)
+    as the kit's tests use it.
 
     ``shared`` is the anonymous mapping behind ``userspace_addr`` (the shared side of a VM
-    whose attributes decide privateness), or None for a gmem-only slot, whose shared side
-    is guest_memfd itself.
+    whose attributes decide privateness), or None for a gmem-only memslot, whose shared
+    side is guest_memfd itself; ``uaddr_map`` is a mapping of guest_memfd given as
+    ``userspace_addr`` of a gmem-only memslot, or None.
     """
 
-    def __init__(
-        self, vm: Any, gmem: Any, gpa: int, size: int, shared: Any, slot: int = 0, uaddr_map: Any = None
-    ) -> None:
+    def __init__(self, vm: Any, region: RamRegion) -> None:
         self.vm = vm
-        self.gmem = gmem
-        self.gpa = gpa
-        self.size = size
-        self.shared = shared
-        self.slot = slot
-        #: A mapping of guest_memfd given as ``userspace_addr`` of a gmem-only memslot, on a
-        #: kernel whose gmem-only memslots take shared faults from it (``kvm_pvm``), or None.
-        self.uaddr_map = uaddr_map
+        self.region = region
+
+    @property
+    def gmem(self) -> Any:
+        """The region's guest_memfd."""
+        return self.region.gmem
+
+    @property
+    def gpa(self) -> int:
+        """Where the memslot is."""
+        return self.region.gpa
+
+    @property
+    def size(self) -> int:
+        """Bytes of RAM."""
+        return self.region.size
+
+    @property
+    def slot(self) -> int:
+        """The memslot id."""
+        return self.region.slot
+
+    @property
+    def shared(self) -> Any:
+        """The anonymous shared side, or None (gmem-only)."""
+        return None if self.region.in_place else self.region.shared
+
+    @property
+    def uaddr_map(self) -> Any:
+        """The guest_memfd mapping the memslot names as ``userspace_addr``, or None."""
+        return self.region.shared if self.region.in_place and self.region.userspace_addr else None
 
     @property
     def npages(self) -> int:
@@ -56,8 +100,8 @@ class Ram:
 
     @property
     def gmem_only(self) -> bool:
-        """The shared side is guest_memfd itself (no ``userspace_addr`` memory)."""
-        return self.shared is None
+        """The shared side is guest_memfd itself (no anonymous memory)."""
+        return self.region.in_place
 
     def gpa_of(self, page: int) -> int:
         """The guest physical address of RAM page *page*."""
@@ -66,32 +110,34 @@ class Ram:
     def bind(self, gpa: int | None = None) -> None:
         """Create the memslot (again) at *gpa* (default: where it was)."""
         if gpa is not None:
-            self.gpa = gpa
+            self.region.gpa = gpa
         self.vm.set_user_memory_region2(self.slot, GMEM, self.gpa, self.size, self.uaddr, self.gmem, 0)
 
     @property
     def uaddr(self) -> int:
         """The memslot's ``userspace_addr``."""
-        shared = self.shared if self.shared is not None else self.uaddr_map
-        return 0 if shared is None else int(shared.address)
-
-    def release_gmem(self) -> None:
-        """Drop every reference the VMM holds to guest_memfd (its fd, its mapping), so that
-        the file is released (L-3) while the memslot still names it."""
-        if self.uaddr_map is not None:
-            self.uaddr_map.close()
-        self.gmem.close()
-
-    def close(self) -> None:
-        """Unmap the RAM's host mappings and close guest_memfd (after the VM, as a VMM does)."""
-        for mapping in (self.shared, self.uaddr_map):
-            if mapping is not None:
-                mapping.close()
-        self.gmem.close()
+        return self.region.userspace_addr
 
     def unbind(self) -> None:
         """Delete the memslot (``memory_size == 0``)."""
         self.vm.set_user_memory_region2(self.slot, 0, self.gpa, 0, 0)
+
+    def _mappings(self) -> list[Any]:
+        return [] if self.region.shared is None else [self.region.shared]
+
+    def release_gmem(self) -> None:
+        """Drop every reference the VMM holds to guest_memfd (its fd, its mappings), so that
+        the file is released (L-3) while the memslot still names it."""
+        if self.region.in_place:
+            for mapping in self._mappings():
+                mapping.close()
+        self.gmem.close()
+
+    def close(self) -> None:
+        """Unmap the RAM's host mappings and close guest_memfd (after the VM, as a VMM does)."""
+        for mapping in self._mappings():
+            mapping.close()
+        self.gmem.close()
 
     # --- the host's accesses ------------------------------------------------------------------
     def host_read(self, page: int, n: int, offset: int = 0) -> bytes:
@@ -124,124 +170,159 @@ class Ram:
         """The RAM's guest_memfd was created with ``GUEST_MEMFD_FLAG_MMAP``."""
         return bool(self.gmem.flags & MMAP)
 
-    # --- the VMM's discards ------------------------------------------------------------------
-    def discard_shared(self, page: int, npages: int) -> None:
-        """QEMU's ``ram_block_discard_range`` of the shared copy: ``MADV_REMOVE`` where the
-        mapping offers it (the model's), else zeroes written, which the guest sees alike."""
-        discard = getattr(self.shared, "discard", None)
-        if discard is not None:
-            discard(page * PAGE, npages * PAGE)
-        else:
-            self.shared.write(page * PAGE, bytes(npages * PAGE))
-
     def discard_private(self, page: int, npages: int) -> None:
         """QEMU's ``ram_block_discard_guest_memfd_range``: punch the private copy out."""
         self.gmem.fallocate(PUNCH, page * PAGE, npages * PAGE)
 
 
+def create_vm(kvm: Any, info: VmTypeInfo) -> Any:
+    """``KVM_CREATE_VM`` of *info*'s type on *kvm*, then what the backend's intents do right
+    after it (:meth:`~guestmem.intents.Intents.vm_init`), as a VMM creates a VM."""
+    from guestmem.intents import Intents
+    from guestmem.registry import get_registry
+
+    backend = get_registry().backend(kvm.backend)
+    intents = backend.intents if backend.intents is not None else Intents()
+    vm = kvm.create_vm(info.type)
+    guest = GuestVm(kvm, backend, intents, vm, info, "private" if info.private else "default", "none")
+    try:
+        intents.vm_init(guest)
+    except BaseException:
+        vm.close()
+        raise
+    return vm
+
+
+class KitExits:
+    """The kit's exit handling (a :class:`guestmem.vmm.ExitHandler`): QEMU's loop answers
+    what the guest asks of the VMM while it converts or accepts memory; a memory-fault exit
+    of a plain load or store reaches the test."""
+
+    def __init__(self, guest: GuestVm) -> None:
+        self.qemu = QemuVmm(guest)
+        #: The guest is converting or accepting: memory-fault exits are requests too
+        #: (an implicit conversion, CCA's RIPAS change).
+        self.converting = False
+
+    def handle_hypercall(self, exit: HypercallExit, vcpu: Any) -> int:  # noqa: A002
+        return self.qemu.handle_hypercall(exit, vcpu)
+
+    def handle_memory_fault(self, exit: MemoryFault, vcpu: Any) -> None:  # noqa: A002
+        if not self.converting:
+            raise exit
+        self.qemu.handle_memory_fault(exit, vcpu)
+
+
 class KitVmm:
-    """The default driver: a VMM and guest of generic KVM (QEMU's conversions).
+    """One VM of the backend under test, launched and driven through its intents (see the
+    module docstring), with the kit's RAM of *size* bytes at *gpa*."""
 
-    One instance per VM, made right after ``KVM_CREATE_VM``.  Subclasses override what
-    their architecture does differently; every method has the kit's call order in its
-    docstring.
-    """
-
-    #: Gmem-only memslots take shared faults from guest_memfd with ``userspace_addr`` 0
-    #: (the kit's ``gmem_only_from_gmem``; set by the kit after construction).
-    gmem_only_from_gmem: bool = True
-
-    def __init__(self, kvm: Any, vm: Any, vm_type: VmTypeInfo) -> None:
+    def __init__(self, kvm: Any, info: VmTypeInfo, gpa: int, size: int) -> None:
         self.kvm = kvm
-        self.vm = vm
-        self.vm_type = vm_type
+        self.info = info
+        exits: list[KitExits] = []
 
-    # --- the VM and its memory ------------------------------------------------------------
-    def gmem_flags(self) -> int:
-        """guest_memfd flags of the kit's RAM.
+        def handler(guest: GuestVm) -> KitExits:
+            exits.append(KitExits(guest))
+            return exits[0]
 
-        A VM whose attributes decide privateness gets a file without
-        ``GUEST_MEMFD_FLAG_MMAP``: an mmap-able file would make its memslot gmem-only (6.18
-        ``kvm_gmem_bind``), and the shared side must be the VMM's anonymous memory.  Every
-        other VM type gets a gmem-only memslot, so ``MMAP`` where reported, with
-        ``INIT_SHARED`` where the VM type has no private memory (plain memory host and guest
-        share, M-7).
-        """
-        if not self.gmem_only():
-            return 0
-        supported: int = self.vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS)
-        flags = supported & MMAP
-        if flags and not self.vm_type.private:
-            flags |= supported & INIT_SHARED
-        return flags
+        self.guest = GuestVm.launch(
+            kvm,
+            kind="private" if info.private else "default",
+            memory=[(FIRMWARE_GPA, PAGE), (gpa, size)],
+            vm_type=info.type,
+            handle_exits=handler,
+            accept_on_fault=True,
+        )
+        self.exits = exits[0]
+        self.vm = self.guest.vm
+        self.vcpu = self.guest.vcpu()
+        self.firmware, self.ram = (Ram(self.vm, region) for region in self.guest.regions)
+        try:
+            self._boot()
+        except BaseException:
+            self.close()
+            raise
 
-    def gmem_only(self) -> bool:
-        """RAM is a gmem-only memslot (its shared side is guest_memfd, no anonymous memory):
-        unless the VM's attributes decide privateness and the VM type allows other memslots
-        (arm64 requires gmem-only ones, S-16)."""
-        return self.vm_type.gmem_slot_requires_mmap or not self.attributes()
+    def _boot(self) -> None:
+        guest, caps = self.guest, self.guest.capabilities
+        if "populate" in caps:
+            guest.populate(FIRMWARE_GPA, FIRMWARE_IMAGE)
+        guest.finish_launch()
+        with self.converting():
+            if "acceptance" in caps:
+                guest.accept(self.ram.gpa, self.ram.size)
+            if self.info.private and not self.attributes():
+                guest.touch(self.ram.gpa, self.ram.size)
 
+    @contextlib.contextmanager
+    def converting(self) -> Iterator[None]:
+        """The guest converts or accepts memory: the VMM answers its memory-fault exits."""
+        self.exits.converting = True
+        try:
+            yield
+        finally:
+            self.exits.converting = False
+
+    # --- what the VM is ---------------------------------------------------------------------
     def attributes(self) -> bool:
-        """The VM converts with ``KVM_SET_MEMORY_ATTRIBUTES`` (A-1)."""
+        """Memory attributes decide privateness (``KVM_SET_MEMORY_ATTRIBUTES``, A-1)."""
         value: int = self.vm.check_extension(uapi.KVM_CAP_MEMORY_ATTRIBUTES)
-        return bool(value & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE) and self.vm_type.has_private_mem
+        return bool(value & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE) and self.info.has_private_mem
 
-    def setup(self) -> None:
-        """After ``KVM_CREATE_VM``, before guest_memfd, memslots and vCPUs (SEV's INIT2)."""
+    def conversion_not_applicable(self) -> str | None:
+        """Why the guest cannot convert (the intents' reason), or None if it can.
 
-    def add_ram(self, gpa: int, size: int, slot: int = 0) -> Ram:
-        """Create guest_memfd and the memslot of ``[gpa, gpa + size)``; the RAM starts private
-        (:meth:`make_private`) on a VM type with private memory."""
-        gmem = self.vm.create_guest_memfd(size, self.gmem_flags())
-        shared = None if self.gmem_only() else self.kvm.mmap_anonymous(size)
-        uaddr_map = None
-        if shared is None and not self.gmem_only_from_gmem and gmem.flags & MMAP:
-            uaddr_map = gmem.mmap(size)
-        ram = Ram(self.vm, gmem, gpa, size, shared, slot, uaddr_map)
-        ram.bind()
-        return ram
+        A backend whose intents report no ``conversion`` capability must say why: its
+        ``guest.convert`` raises :class:`~guestmem.intents.NotApplicable` (probed on the
+        firmware page); converting anyway is an ``AssertionError``.
+        """
+        if "conversion" in self.guest.capabilities:
+            return None
+        try:
+            with self.converting():
+                self.guest.convert(FIRMWARE_GPA, PAGE, private=not self.info.private)
+        except NotApplicable as exc:
+            return exc.reason
+        raise AssertionError(
+            f"backend {self.guest.backend.name!r} reports no 'conversion' capability for "
+            f"{self.info.name}, yet its guest.convert converted"
+        )
 
-    def add_vcpu(self, vcpu: Any) -> None:
-        """A vCPU of the guest besides the one :meth:`start` gets, created after the RAM and
-        before :meth:`start` (an SMP guest: the kit's thread stress test gives each thread a
-        vCPU): what the VMM does for it before the launch (TDX's ``KVM_TDX_INIT_VCPU``).
-        The default does nothing."""
-
-    def start(self, vcpu: Any, ram: Ram) -> None:
-        """Before the first guest access: the RAM exists, the vCPU too (a launch, a realm
-        activation).  The default makes all RAM private on a VM type with private memory,
-        as a confidential guest's firmware finds it."""
-        if self.vm_type.private and self.attributes():
-            self.vm.set_memory_attributes(ram.gpa, ram.size, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
-
-    # --- the guest --------------------------------------------------------------------------
+    # --- the guest ----------------------------------------------------------------------------
     def _private_arg(self, private: bool) -> bool | None:
         # Without kvm_arch_has_private_mem there is no private/shared access bit: the guest's
         # accesses go where the backend maps them.
-        return private if self.vm_type.has_private_mem else None
+        return private if self.info.has_private_mem else None
 
-    def guest_write(self, vcpu: Any, gpa: int, data: bytes, *, private: bool) -> None:
+    def write(self, gpa: int, data: bytes, *, private: bool) -> None:
         """A guest store of *data* at *gpa*, private or shared as the guest means it."""
-        vcpu.access(gpa, data=data, private=self._private_arg(private))
+        self.guest.write(gpa, data, private=self._private_arg(private))
 
-    def guest_read(self, vcpu: Any, gpa: int, n: int, *, private: bool) -> bytes:
+    def read(self, gpa: int, n: int, *, private: bool) -> bytes:
         """A guest load of *n* bytes at *gpa*."""
-        data: bytes = vcpu.access(gpa, n, private=self._private_arg(private))
-        return data
+        return self.guest.read(gpa, n, private=self._private_arg(private))
 
-    def convert(self, vcpu: Any, ram: Ram, page: int, npages: int, *, private: bool) -> None:
-        """The guest converts RAM pages ``[page, page + npages)`` to *private* or shared and
-        the VMM carries it out; on return the guest may use the pages on their new side.
+    def convert(self, gpa: int, size: int, *, private: bool) -> None:
+        """``guest.convert``: the guest turns ``[gpa, gpa + size)`` private or shared and the
+        VMM carries it out; on return the guest may use the pages on their new side.
+        :class:`~guestmem.intents.NotApplicable` where the guest has no conversion."""
+        with self.converting():
+            self.guest.convert(gpa, size, private=private)
 
-        The default is QEMU's ``kvm_convert_memory`` answering the guest's request
-        (``KVM_HC_MAP_GPA_RANGE``, a memory-fault exit): set the attribute, then discard
-        the old side.
-        """
-        gpa = ram.gpa_of(page)
-        attributes = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0
-        self.vm.set_memory_attributes(gpa, npages * PAGE, attributes)
-        if private:
-            if ram.shared is not None:
-                ram.discard_shared(page, npages)
-        else:
-            ram.discard_private(page, npages)
+    # --- more memory --------------------------------------------------------------------------
+    def add_ram(self, gmem: Any, gpa: int, size: int, slot: int) -> Ram:
+        """Bind *size* bytes of *gmem* as a gmem-only memslot at *gpa* with no
+        ``userspace_addr`` and make it guest RAM the VMM converts (a region of the guest)."""
+        region = RamRegion(gpa, size, gmem, 0, None, in_place=True, slot=slot)
+        ram = Ram(self.vm, region)
+        ram.bind()
+        self.guest.regions.append(region)
+        return ram
+
+    def close(self) -> None:
+        """vCPU, VM, then the RAM's mappings and files, as a VMM exits."""
+        self.vcpu.close()
+        self.vm.close()
+        self.ram.close()
+        self.firmware.close()

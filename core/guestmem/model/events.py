@@ -8,19 +8,36 @@ recorded trace.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections import Counter
 from typing import Any
 
 from guestmem.backend import TraceEvent
 
-_seq = itertools.count()
+
+class _Sequence:
+    """The process's event sequence numbers."""
+
+    def __init__(self) -> None:
+        self.next = 0
+
+    def take(self) -> int:
+        value = self.next
+        self.next += 1
+        return value
+
+
+_seq = _Sequence()
+
+
+def next_seq() -> int:
+    """The sequence number the next event will get (a call's ``first_seq``)."""
+    return _seq.next
 
 
 def make_event(kind: str, vm: int | None, fields: dict[str, Any]) -> TraceEvent:
     """A new event with the next sequence number of the process and a monotonic timestamp."""
-    return TraceEvent(next(_seq), kind, vm, fields, time.monotonic_ns())
+    return TraceEvent(_seq.take(), kind, vm, fields, time.monotonic_ns())
 
 
 class Counters(Counter[str]):

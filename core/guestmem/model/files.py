@@ -170,10 +170,7 @@ class ModelGuestMemfd(api.GuestMemfd):
         inode = self.file.inode
         vm = inode.owner
         if mode & uapi.FALLOC_FL_PUNCH_HOLE:
-            inode.punch_hole(offset, length)
-            inode.mtime_ns = time.time_ns()  # FA-10 file_modified
-            vm.count("punch_hole")
-            vm.trace("punch_hole", ino=inode.ino, offset=offset, length=length)
+            inode.fallocate_punch_hole(offset, length)
             return
         if offset + length > inode.size:
             raise KvmError(

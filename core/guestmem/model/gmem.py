@@ -136,6 +136,7 @@ class GmemInode:
         folio = Folio(pfn - start)
         self.pages.set(start, end, folio)
         self.owner.count("gmem_folios_allocated")
+        self.owner.count("gmem_pages_allocated", end - start)
         return start, end, folio
 
     def get_run(self, index: int, limit: int) -> tuple[int, int, Folio]:
@@ -158,6 +159,7 @@ class GmemInode:
         folio = Folio(pfn - index)
         self.pages.set(index, end, folio)
         self.owner.count("gmem_folios_allocated", end - index)
+        self.owner.count("gmem_pages_allocated", end - index)
         return index, end, folio
 
     def allocate(self, start: int, end: int) -> None:
@@ -263,6 +265,15 @@ class GmemInode:
         with self.invalidating(start, end):
             self.truncate(start, end)
 
+    def fallocate_punch_hole(self, offset: int, length: int) -> None:
+        """``kvm_gmem_fallocate(PUNCH_HOLE | KEEP_SIZE)`` once its checks passed: the hole,
+        then ``file_modified`` (FA-10); reached from ``fallocate(2)`` and from
+        ``madvise(MADV_REMOVE)`` of a guest_memfd mapping (``vfs_fallocate``)."""
+        self.punch_hole(offset, length)
+        self.mtime_ns = time.time_ns()
+        self.owner.count("punch_hole")
+        self.owner.trace("punch_hole", ino=self.ino, offset=offset, length=length)
+
     def memory_failure(self, index: int) -> None:
         """``kvm_gmem_error_folio`` (E-1): zap the folio's mappings, keep it, poison it."""
         start, end, _ = self.get_folio(index)
@@ -347,6 +358,8 @@ class GmemFile:
         self.vm.hooks.gmem_bind(self.vm.view, slot.view, self.inode.view, start, slot.npages)
         slot.gmem_file = self
         self.bindings.set(start, end, slot)
+        if self.vm.profile.memslots_pin_gmem:
+            self.get()  # what-if: the binding pins the file
 
     def unbind(self, slot: Memslot) -> None:
         """``kvm_gmem_unbind`` (B-8, B-10): no-op once released; folios are kept (L-7)."""
@@ -355,6 +368,8 @@ class GmemFile:
         self.bindings.erase(slot.gmem_pgoff, slot.gmem_pgoff + slot.npages)
         slot.gmem_file = None
         self.vm.hooks.gmem_unbind(self.vm.view, slot.view, self.inode.view)
+        if self.vm.profile.memslots_pin_gmem:
+            self.put()  # what-if: the binding's reference goes with it
 
 
 # --- kvm_gmem_get_pfn ---------------------------------------------------------------------------

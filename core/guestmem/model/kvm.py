@@ -13,11 +13,12 @@ from guestmem import api, uapi
 from guestmem.backend import HostView, OwnershipEvent, TraceEvent, VmView
 from guestmem.errors import KvmError, ObserverError
 from guestmem.hooks import ObserverFailure
-from guestmem.model.events import Counters, make_event
+from guestmem.model.events import Counters, make_event, next_seq
 from guestmem.model.host import AddressSpace, HostMemory
 from guestmem.model.mapping import AnonVma, ModelHostMapping
 from guestmem.model.operation import Operation, uapi_call
 from guestmem.model.profile import KernelProfile, get_profile
+from guestmem.recording import Recorder
 
 if TYPE_CHECKING:
     from guestmem.model.vm import ModelVm
@@ -58,6 +59,9 @@ class ModelKvm(api.Kvm):
         self.mm = AddressSpace()
         self.vms: list[ModelVm] = []
         self.events: list[TraceEvent] | None = [] if record else None
+        #: Every VM this host created, destroyed or not (their counters, for call records).
+        self.all_vms: list[ModelVm] = []
+        self._recorder: Recorder | None = None
         #: Host-level cost counters (direct-map changes...).
         self.counters = Counters()
         #: The host lock: every operation holds it (:mod:`guestmem.model.operation`).
@@ -102,12 +106,12 @@ class ModelKvm(api.Kvm):
         """:func:`guestmem.backend.view` of this host."""
         return self.view
 
+    @uapi_call
     def close(self) -> None:
         """Close ``/dev/kvm`` (VMs and files stay alive while referenced, as in the kernel)."""
-        with self.lock:  # the fd table; no operation: nothing of the model changes
-            if not self._closed:
-                self.fd_remove(self.fd)
-            self._closed = True
+        if not self._closed:
+            self.fd_remove(self.fd)
+        self._closed = True
 
     def _check(self) -> None:
         if self._closed:
@@ -132,6 +136,7 @@ class ModelKvm(api.Kvm):
 
         vm = ModelVm(self, info, next(self._vm_ids))
         self.vms.append(vm)
+        self.all_vms.append(vm)
         vm.trace("vm_create", vm_type=vm_type, type_name=info.name)
         return vm
 
@@ -283,6 +288,41 @@ class ModelKvm(api.Kvm):
             sys.modules["structlog"].get_logger("guestmem").debug(event.kind, vm=event.vm, **event.fields)
         self.hooks.trace(self.view, None if vm is None else vm.view, event)
 
+    # --- recording uAPI calls (guestmem.recording) ----------------------------------------------
+    def counter_totals(self) -> dict[str, int]:
+        """Host counters plus every VM's, summed by name."""
+        total: dict[str, int] = dict(self.counters)
+        for vm in self.all_vms:
+            for name, value in vm.counters.items():
+                total[name] = total.get(name, 0) + value
+        return total
+
+    def call_started(self) -> tuple[int, dict[str, int]]:
+        """What a recorded call needs from its start: the next seq and the counters."""
+        return next_seq(), self.counter_totals()
+
+    def call_finished(
+        self,
+        started: tuple[int, dict[str, int]],
+        owner: object,
+        method: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        result: Any,
+        error: BaseException | None,
+    ) -> None:
+        """Emit the ``uapi`` event of a call of the uAPI face (``uapi_call``)."""
+        if self._recorder is None:
+            self._recorder = Recorder()
+            self._recorder.handle(self)
+        first, before = started
+        fields = self._recorder.fields(owner, method, args, kwargs, first, result=result, error=error)
+        after = self.counter_totals()
+        delta = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+        if delta:
+            fields["counters"] = delta
+        self.trace(_vm_of(owner), "uapi", fields)
+
     def ownership_update(self, vm: VmView | None, event: OwnershipEvent) -> None:
         """Fan a backend's ownership-table change out to observers (and the trace)."""
         self.hooks.ownership_update(self.view, vm, event)
@@ -344,3 +384,18 @@ class ModelKvm(api.Kvm):
             self.trace(None, "host_crash", {"pfn": pfn, "verdict": verdict})
             self.host.crash(verdict)
         self.host.write(pfn, offset, data)
+
+
+def _vm_of(obj: object) -> ModelVm | None:
+    """The VM a uAPI object belongs to (a mapping or ``/dev/kvm`` belongs to none)."""
+    from guestmem.model.files import ModelGuestMemfd
+    from guestmem.model.vcpu import ModelVcpu
+    from guestmem.model.vm import ModelVm
+
+    if isinstance(obj, ModelVm):
+        return obj
+    if isinstance(obj, ModelVcpu):
+        return obj.vm
+    if isinstance(obj, ModelGuestMemfd):
+        return obj.file.vm
+    return None

@@ -1,8 +1,8 @@
 """Host userspace mappings: anonymous memory and guest_memfd VMAs (spec 2.E).
 
 A gmem VMA faults pages in one at a time following ``kvm_gmem_fault_user_mapping``;
-faulted pages stay mapped until a punch hole, a memory failure, ``zap`` (MADV_DONTNEED)
-or munmap removes them.  A SIGBUS is raised as :class:`guestmem.HostSigbus`.
+faulted pages stay mapped until a punch hole, a memory failure, ``MADV_DONTNEED`` or
+munmap removes them.  A SIGBUS is raised as :class:`guestmem.HostSigbus`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from guestmem.ranges import RangeMap
 if TYPE_CHECKING:
     from guestmem.model.gmem import GmemFile
     from guestmem.model.kvm import ModelKvm
+    from guestmem.model.vm import ModelVm
 
 PAGE_SHIFT = uapi.PAGE_SHIFT
 PAGE_SIZE = uapi.PAGE_SIZE
@@ -43,13 +44,15 @@ class Vma(abc.ABC):
         """The largest page size (``PG_LEVEL_*``) backing *page* (``host_pfn_mapping_level``)."""
         return uapi.PG_LEVEL_4K
 
-    def zap(self, offset: int, length: int) -> None:
-        """MADV_DONTNEED: drop the faulted-in pages of ``[offset, offset+length)``."""
+    def madv_dontneed(self, offset: int, length: int) -> None:
+        """``madvise_dontneed_free``: drop the PTEs of ``[offset, offset+length)`` (the MMU
+        notifier zaps guest mappings of them); the pages themselves stay."""
         self.kvm.mmu_notifier_invalidate(self.address + offset, length)
 
-    def discard(self, offset: int, length: int) -> None:
-        """MADV_REMOVE: free the backing of ``[offset, offset+length)`` (reads zero after)."""
-        self.zap(offset, length)
+    def madv_remove(self, offset: int, length: int) -> None:
+        """``madvise_remove``: punch a hole in the file behind ``[offset, offset+length)``
+        (reads zero after)."""
+        self.madv_dontneed(offset, length)
 
     def unmap(self) -> None:
         """munmap."""
@@ -83,8 +86,9 @@ class AnonVma(Vma):
             self._chunks[chunk] = base
         return base + (hpage & (_THP_PAGES - 1))
 
-    def discard(self, offset: int, length: int) -> None:
-        super().discard(offset, length)
+    def madv_remove(self, offset: int, length: int) -> None:
+        """The shmem file of ``MAP_SHARED|MAP_ANONYMOUS`` loses the pages: zeroes after."""
+        super().madv_remove(offset, length)
         first = (self.address + offset) >> PAGE_SHIFT
         last = (self.address + offset + length + PAGE_SIZE - 1) >> PAGE_SHIFT
         lo_chunk, hi_chunk = first >> uapi.PMD_ORDER, (last - 1) >> uapi.PMD_ORDER
@@ -135,14 +139,14 @@ class GmemVma(Vma):
             self.address + ((lo - self.pgoff) << PAGE_SHIFT), (hi - lo) << PAGE_SHIFT
         )
 
-    def zap(self, offset: int, length: int) -> None:
+    def madv_dontneed(self, offset: int, length: int) -> None:
         first = self.pgoff + (offset >> PAGE_SHIFT)
         self.zap_indices(first, first + ((length + PAGE_SIZE - 1) >> PAGE_SHIFT))
 
-    def discard(self, offset: int, length: int) -> None:
-        pages = (length + PAGE_SIZE - 1) >> PAGE_SHIFT
-        start = (self.pgoff << PAGE_SHIFT) + (offset & ~(PAGE_SIZE - 1))
-        self.file.inode.punch_hole(start, pages << PAGE_SHIFT)
+    def madv_remove(self, offset: int, length: int) -> None:
+        """``vfs_fallocate(PUNCH_HOLE | KEEP_SIZE)`` on the guest_memfd at the mapping's
+        file offset (``kvm_gmem_fallocate``)."""
+        self.file.inode.fallocate_punch_hole((self.pgoff << PAGE_SHIFT) + offset, length)
 
     def fault(self, page: int, write: bool) -> int:
         return self.fault_index(self.pgoff + page, write)
@@ -156,7 +160,7 @@ class GmemVma(Vma):
         assert folio is not None, "a host-mapped gmem page has no folio"
         if folio.hwpoison:
             address = self.address + (index - self.pgoff) * PAGE_SIZE
-            raise HostSigbus(address, "E-1", f"gmem page {index:#x} is hardware-poisoned")
+            raise _sigbus(inode.owner, address, index, "E-1", f"gmem page {index:#x} is hardware-poisoned")
         return index + folio.delta
 
     def _fault_in(self, index: int) -> None:
@@ -166,7 +170,8 @@ class GmemVma(Vma):
         vm = inode.owner
         address = self.address + (index - self.pgoff) * PAGE_SIZE
         if index >= inode.npages:
-            raise HostSigbus(address, "M-3", f"gmem page {index:#x} is beyond i_size {inode.size:#x}")
+            why = f"gmem page {index:#x} is beyond i_size {inode.size:#x}"
+            raise _sigbus(vm, address, index, "M-3", why)
         outcome = vm.hooks.gmem_fault_user_mapping(vm.view, inode.view, index)
         if outcome is HostFault.RECLAIM:
             self._reclaim(index)
@@ -180,10 +185,10 @@ class GmemVma(Vma):
             mappable = outcome is HostFault.ALLOW
             rule = "host-mappability"
         if not mappable:
-            raise HostSigbus(address, rule, f"gmem page {index:#x} is private to the guest")
+            raise _sigbus(vm, address, index, rule, f"gmem page {index:#x} is private to the guest")
         start, end, folio = inode.get_folio(index)
         if folio.hwpoison:
-            raise HostSigbus(address, "E-1", f"gmem page {index:#x} is hardware-poisoned")
+            raise _sigbus(vm, address, index, "E-1", f"gmem page {index:#x} is hardware-poisoned")
         if not folio.uptodate:  # kvm_gmem_fault_user_mapping clears a folio not yet uptodate
             inode.zero(start, end)
             if end - start == 1:
@@ -213,6 +218,12 @@ class GmemVma(Vma):
         self.faulted.clear()
         self.file.inode.vmas.remove(self)
         self.file.put()
+
+
+def _sigbus(vm: ModelVm, address: int, index: int, rule: str, why: str) -> HostSigbus:
+    """``VM_FAULT_SIGBUS`` of a host fault on gmem page *index*, traced."""
+    vm.trace("host_sigbus", address=address, index=index, rule=rule)
+    return HostSigbus(address, rule, why)
 
 
 def vma_access(vma: Vma, offset: int, length: int, data: bytes | None) -> bytes:
@@ -283,17 +294,17 @@ class ModelHostMapping(api.HostMapping):
         vma_access(self._vma, offset, len(data), bytes(data))
 
     @uapi_call
-    def zap(self, offset: int = 0, length: int | None = None) -> None:
-        """``madvise(MADV_DONTNEED)``: unmap the faulted-in pages; shared memory keeps its
-        contents (model only)."""
-        self._vma.zap(offset, self.length - offset if length is None else length)
-
-    @uapi_call
-    def discard(self, offset: int = 0, length: int | None = None) -> None:
-        """``madvise(MADV_REMOVE)``: free the backing, as a VMM discards the shared copy of
-        memory converted to private (QEMU ``ram_block_discard_range``); later reads see
-        zeroes.  On a guest_memfd mapping this punches a hole (model only)."""
-        self._vma.discard(offset, self.length - offset if length is None else length)
+    def madvise(self, advice: int, offset: int = 0, length: int | None = None) -> None:
+        """``madvise(2)``: see :meth:`guestmem.api.HostMapping.madvise`."""
+        found = api.madvise_range(self, advice, offset, length)
+        if found is None:
+            return
+        self._vma.kvm.host.check_alive()
+        start, size = found
+        if advice == uapi.MADV_DONTNEED:
+            self._vma.madv_dontneed(start, size)
+        else:
+            self._vma.madv_remove(start, size)
 
     @uapi_call
     def close(self) -> None:

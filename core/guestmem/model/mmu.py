@@ -87,6 +87,13 @@ class Mmu:
         self.invalidate_in_progress -= 1
         assert self.invalidate_in_progress >= 0, "unbalanced mmu invalidation"
         assert self.range_start != INVALID_GFN, "mmu invalidation ended without a range"
+        if self.vm.tracing:
+            self.vm.trace(
+                "mmu_invalidate",
+                gfn_start=self.range_start,
+                gfn_end=self.range_end,
+                invalidate_seq=self.invalidate_seq,
+            )
 
     def retry_gfn(self, seq: int, gfn: int) -> bool:
         """``mmu_invalidate_retry_gfn``: must a fault that snapshotted *seq* retry?"""
@@ -140,6 +147,11 @@ class Mmu:
         zapped = sum(e - s for s, e, _ in gone)
         self.vm.count("stage2_unmapped_pages", zapped)
         self.vm.count("tlb_flushes")
+        if self.vm.tracing:
+            private = sum(e - s for s, e, spte in gone if spte.private)
+            self.vm.trace(
+                "zap", gfn_start=gone[0][0], gfn_end=gone[-1][1], pages=zapped, private_pages=private
+            )
         # remove_external_spte runs after the mirror leaf was zapped (handle_changed_spte)
         for leaf in external:
             self.vm.hooks.remove_external_spte(self.vm.view, leaf)

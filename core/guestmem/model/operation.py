@@ -34,7 +34,12 @@ R = TypeVar("R")
 
 
 def uapi_call(method: Callable[P, R]) -> Callable[P, R]:
-    """Make *method* (of an object with a ``kvm`` attribute) one operation."""
+    """Make *method* (of an object with a ``kvm`` attribute) one operation.
+
+    While somebody listens to the trace, the outermost call (what userspace issued, not
+    the calls the model makes inside it) is recorded as a ``uapi`` event with its
+    arguments and its outcome, rejected calls included (:mod:`guestmem.recording`).
+    """
     name = method.__qualname__
 
     @functools.wraps(method)
@@ -44,15 +49,27 @@ def uapi_call(method: Callable[P, R]) -> Callable[P, R]:
         lock = kvm.lock  # enter() and leave(), inlined: every uAPI call comes this way
         if not lock.acquire(False):
             wait(kvm)
+        recording = not kvm.op_depth and kvm.tracing
+        started = kvm.call_started() if recording else None
         kvm.op_depth += 1
+        result: Any = None
+        error: BaseException | None = None
         try:
-            return method(*args, **kwargs)
+            result = method(*args, **kwargs)
+            return result  # type: ignore[no-any-return]
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
-            kvm.op_depth -= 1
-            if kvm.op_depth:
-                lock.release()
-            else:
-                done(kvm, name)
+            try:
+                if started is not None:
+                    kvm.call_finished(started, owner, method, args[1:], kwargs, result, error)
+            finally:
+                kvm.op_depth -= 1
+                if kvm.op_depth:
+                    lock.release()
+                else:
+                    done(kvm, name)
 
     return call
 

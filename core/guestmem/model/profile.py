@@ -42,6 +42,12 @@ class KernelProfile:
     #: ``KVM_PRE_FAULT_MEMORY`` fails with ENOSPC (not EOPNOTSUPP, PF-2) while the VM has
     #: never had a memslot: kvm_pvm cannot load an MMU root before the first memslot.
     pre_fault_enospc_before_first_memslot: bool = False
+    #: What-if, not a kernel: a memslot binding holds a reference to its guest_memfd file,
+    #: so closing the last fd while bound does not release it (L-3 does not run) and the
+    #: slot keeps working until it is deleted.  The file pins the VM (L-1), so a VM whose
+    #: slots pin its files is never destroyed once userspace closes everything: the
+    #: reference cycle the upstream design avoids by not pinning.
+    memslots_pin_gmem: bool = False
 
 
 UPSTREAM_6_18 = KernelProfile(

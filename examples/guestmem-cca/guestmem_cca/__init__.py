@@ -4,7 +4,9 @@
   the RMI commands and their status codes), usable on its own;
 * :mod:`guestmem_cca.realm`: KVM's side (``arch/arm64/kvm/rme.c`` of the CCA series);
 * :mod:`guestmem_cca.policy`: the hooks, and :func:`populate`;
-* :mod:`guestmem_cca.guest`: the realm's RSI calls and the conformance kit's driver;
+* :mod:`guestmem_cca.guest`: the realm's RSI calls;
+* :mod:`guestmem_cca.intents`: the portable intents on a realm (scenarios, the pytest
+  plugin and the conformance kit drive realms through them);
 * :mod:`guestmem_cca.invariants`: the granule checker (an observer).
 """
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from guestmem.backend import Backend, VmTypeInfo, hookimpl
+from guestmem_cca.intents import CcaIntents
 from guestmem_cca.policy import CcaPolicy
 from guestmem_cca.rmi import KVM_VM_TYPE_ARM_NORMAL, KVM_VM_TYPE_ARM_REALM
 
@@ -48,22 +49,22 @@ def guestmem_register_backends(register: Callable[[Backend], None]) -> None:
             summary="Arm CCA host (KVM CCA series) with its RMM: granules, RTTs, RIPAS, realm lifecycle",
             vm_types=(REALM_VM, DEFAULT_VM),
             policy=POLICY,
+            intents=CcaIntents(),
         )
     )
 
 
 @hookimpl
 def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[str, Any] | None:
-    """A realm is driven by :class:`guestmem_cca.guest.CcaKitVmm` (created before its vCPUs,
-    RIPAS RAM and activated before it runs, converting through RSI) and loses a page a
-    memslot change unmapped (DATA_DESTROY leaves it DESTROYED: the realm's next access
-    aborts until it accepts the page again).  The granule checker watches every VM."""
+    """The granule checker watches every VM; a realm (launched and driven through
+    :class:`~guestmem_cca.intents.CcaIntents`) loses a page a memslot change unmapped
+    (DATA_DESTROY leaves it DESTROYED: the realm's next access aborts until it converts the
+    page again)."""
     if backend.name != "cca":
         return None
-    from guestmem_cca.guest import CcaKitVmm
     from guestmem_cca.invariants import GranuleChecker
 
     options: dict[str, Any] = {"observers": (GranuleChecker,)}
     if vm_type.type == KVM_VM_TYPE_ARM_REALM:
-        options.update(vmm=CcaKitVmm, private_unmap="revoke")
+        options["private_unmap"] = "revoke"
     return options

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from guestmem.backend import Backend, hookimpl
 from guestmem_gunyah.conformance import guestmem_conformance_options
+from guestmem_gunyah.intents import GunyahIntents
 from guestmem_gunyah.policy import GUNYAH_VM, GunyahPolicy
 
 __all__ = ["POLICY", "guestmem_conformance_options", "guestmem_register_backends"]
@@ -13,6 +14,8 @@ __all__ = ["POLICY", "guestmem_conformance_options", "guestmem_register_backends
 #: The policy object of the ``gunyah`` backend.  It holds no state: each host's machine is
 #: that host's ``host.arch``, each VM's driver state its ``vm.arch``.
 POLICY = GunyahPolicy()
+#: Its translation of the portable intents (scenarios, the pytest plugin).
+INTENTS = GunyahIntents()
 
 
 @hookimpl
@@ -25,5 +28,6 @@ def guestmem_register_backends(register: Callable[[Backend], None]) -> None:
             vm_types=(GUNYAH_VM,),
             policy=POLICY,
             range_faults=True,
+            intents=INTENTS,
         )
     )

@@ -38,7 +38,7 @@ def test_a_lent_page_is_donated_to_protected_and_mapped_private(guest: Guest) ->
     ``MAP_FLAG_PRIVATE``; the folio leaves the host's direct map; contents kept."""
     m = guest.mmap(guest.lent)
     m.write(3 * PAGE, b"from the vmm")
-    m.zap(0, SIZE)  # Gunyah's guest_memfd lends no folio the host maps
+    m.madvise(uapi.MADV_DONTNEED, 0, SIZE)  # Gunyah's guest_memfd lends no folio the host maps
     with observing(Events(), "events") as seen:
         assert guest.vcpu.access(LENT_GPA + 3 * PAGE, 12) == b"from the vmm"
     pfn = guest.vm.gmem_pfn(LENT_GFN + 3)
@@ -130,7 +130,7 @@ def test_lending_a_folio_the_host_maps(kvm: Any, driver: str) -> None:
         with pytest.raises(PageFaultExit) as info:
             g.vcpu.access(LENT_GPA + 5 * PAGE, 3)
         assert info.value.attempt == -errno.EPERM
-        m.zap(5 * PAGE, PAGE)
+        m.madvise(uapi.MADV_DONTNEED, 5 * PAGE, PAGE)
     assert g.vcpu.access(LENT_GPA + 5 * PAGE, 3) == b"vmm"
     assert not view(g.lent).host_mapped(5)
     g.teardown()

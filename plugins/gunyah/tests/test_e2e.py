@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import guestmem
-from guestmem import HostSigbus
+from guestmem import HostSigbus, uapi
 from guestmem.backend import HostView, TraceEvent, hookimpl, view
 from guestmem.invariants import InvariantChecker
 from guestmem_gunyah import Driver, abi, rm, set_driver
@@ -78,7 +78,7 @@ def test_lend_share_launder_or_sigbus_relinquish_destroy(
     else:
         assert lent_map.read(0, 11) == b"lent secret"  # laundered: non-destructive
         assert m.hyp.owner(lent_pfn).kind == ExtentKind.HLOS
-        lent_map.zap()
+        lent_map.madvise(uapi.MADV_DONTNEED, 0, lent_map.length)
         assert vcpu.access(LENT_GPA + 2 * PAGE, 11) == b"lent secret"  # lent again on touch
     lent_map.close()
 

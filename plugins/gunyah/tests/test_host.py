@@ -33,7 +33,7 @@ def test_a_host_fault_on_a_lent_folio_launders_it(guest: Guest) -> None:
     assert guest.vm.counters["gunyah.host_fault_launders"] == 1
     assert guest.vm.counters["host_fault_reclaims"] == 1
     assert view(guest.vm).leaf(LENT_GFN + 2) is None
-    m.zap(2 * PAGE, PAGE)
+    m.madvise(uapi.MADV_DONTNEED, 2 * PAGE, PAGE)
     assert guest.vcpu.access(LENT_GPA + 2 * PAGE, 10) == b"guest data"
     assert hyp.owner(pfn).kind == ExtentKind.GUEST_PRIVATE
 

@@ -58,7 +58,12 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.fallocate.restype = ctypes.c_int
 _libc.mmap.argtypes = [
-    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int64,
 ]
 _libc.mmap.restype = ctypes.c_void_p
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
@@ -67,6 +72,8 @@ _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
 _libc.ioctl.restype = ctypes.c_int
 _libc.ftruncate.argtypes = [ctypes.c_int, ctypes.c_int64]
 _libc.ftruncate.restype = ctypes.c_int
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.madvise.restype = ctypes.c_int
 _libc.read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
 _libc.read.restype = ctypes.c_ssize_t
 
@@ -148,6 +155,12 @@ def mmap(length: int, prot: int, flags: int, fd: int, offset: int) -> int:
     if addr is None or addr == MAP_FAILED:
         raise error(ctypes.get_errno(), f"mmap(length={length:#x}, offset={offset:#x}, flags={flags:#x})")
     return int(addr)
+
+
+def madvise(address: int, length: int, advice: int) -> None:
+    """``madvise(2)``."""
+    if _libc.madvise(address, length, advice) != 0:
+        raise error(ctypes.get_errno(), f"madvise({address:#x}, {length:#x}, {advice})")
 
 
 def munmap(address: int, length: int) -> None:

@@ -37,12 +37,16 @@ DONE_PORT: Final = 0x10
 
 CODE: Final = bytes(
     [
-        0x8A, 0x06,  # top: mov al, [esi]
-        0x88, 0x07,  # mov [edi], al
+        0x8A,
+        0x06,  # top: mov al, [esi]
+        0x88,
+        0x07,  # mov [edi], al
         0x46,  # inc esi
         0x47,  # inc edi
-        0xE2, 0xF8,  # loop top
-        0xE6, DONE_PORT,  # out DONE_PORT, al
+        0xE2,
+        0xF8,  # loop top
+        0xE6,
+        DONE_PORT,  # out DONE_PORT, al
         0xF4,  # hlt
     ]
 )

@@ -149,6 +149,14 @@ class LinuxHostMapping(api.HostMapping):
                 raise self._sigbus(offset + done)
             done += count
 
+    def madvise(self, advice: int, offset: int = 0, length: int | None = None) -> None:
+        """``madvise(2)`` of ``[offset, offset + length)`` of this mapping; the range is
+        checked first (:func:`guestmem.api.madvise_range`), so no other mapping of the
+        process is ever touched."""
+        found = api.madvise_range(self, advice, offset, length)
+        if found is not None:
+            _sys.madvise(self.address + found[0], found[1], advice)
+
 
 class LinuxGuestMemfd(_FdOwner, api.GuestMemfd):
     """A guest_memfd file descriptor returned by ``KVM_CREATE_GUEST_MEMFD``."""

@@ -16,7 +16,9 @@ from typing import Any
 from guestmem import uapi
 from guestmem.backend import Backend, VmTypeInfo, hookimpl
 from guestmem.errors import KvmError
+from guestmem_linux.intents import LinuxIntents
 from guestmem_linux.kvm import DEV_KVM, LinuxKvm
+from guestmem_linux.testing import is_kvm_pvm
 
 #: x86 VM types with private memory (CAP-5).
 _PRIVATE_MEM_TYPES = {uapi.KVM_X86_SW_PROTECTED_VM, uapi.KVM_X86_SNP_VM, uapi.KVM_X86_TDX_VM}
@@ -72,4 +74,17 @@ def open_linux(backend: Backend, *, path: str = DEV_KVM, **options: Any) -> Linu
 def guestmem_register_backends(register: Callable[[Backend], None]) -> None:
     infos, summary = probe()
     vm_types: Any = infos  # attrs' tuple converter is not generic to mypy
-    register(Backend(name="linux", summary=summary, vm_types=vm_types, opener=open_linux))
+    register(
+        Backend(name="linux", summary=summary, vm_types=vm_types, opener=open_linux, intents=LinuxIntents())
+    )
+
+
+@hookimpl
+def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[str, Any] | None:
+    """The conformance kit's settings for the running kernel: a gmem-only memslot's shared
+    faults come from guest_memfd (6.18 ``kvm_mmu_faultin_pfn`` for
+    ``kvm_memslot_is_gmem_only``), except on a PVM host, whose shadow paging walks
+    ``userspace_addr`` (``kvm_pvm``, docs/profiles.md): the kit then maps guest_memfd there."""
+    if backend.name != "linux":
+        return None
+    return {"gmem_only_from_gmem": not is_kvm_pvm()}

@@ -9,7 +9,7 @@ import pytest
 
 import guestmem
 from guestmem import uapi
-from guestmem.conformance import GmemConformance
+from guestmem.conformance import GmemConformance, kit_for
 from guestmem.diff import host_profile
 from guestmem.model.profile import get_profile
 from guestmem_linux.testing import kvm_unavailable
@@ -40,3 +40,12 @@ class TestSwHostProfile(GmemConformance):
     open_options = {"profile": _PROFILE}
     vm_type = uapi.KVM_X86_DEFAULT_VM
     gmem_only_from_gmem = _PROFILE.gmem_only_faults_from_gmem
+
+
+def test_the_kit_built_by_name_knows_this_host() -> None:
+    """``kit_for("linux")`` (and ``pytest --guestmem-backend linux --guestmem-kit``) takes
+    the flag the classes above set by hand from the plugin's options."""
+    if kvm_unavailable():
+        pytest.skip(kvm_unavailable())
+    kit = kit_for("linux", uapi.KVM_X86_DEFAULT_VM)
+    assert kit.gmem_only_from_gmem == _PROFILE.gmem_only_faults_from_gmem

@@ -37,11 +37,31 @@ def test_campaign_of_2000_operations_has_no_disagreement() -> None:
 
 #: Every op of the uAPI face the generator must make.
 ALL_OPS = {
-    "create_vm", "close_vm", "close_kvm", "check_extension", "create_guest_memfd", "dup_gmem",
-    "close_gmem", "fallocate", "fstat", "gmem_read", "gmem_write", "gmem_truncate", "mmap",
-    "mmap_anonymous", "munmap", "host_read", "host_write", "set_user_memory_region",
-    "set_user_memory_region2", "set_memory_attributes", "create_vcpu", "close_vcpu",
-    "access_read", "access_write", "pre_fault_memory",
+    "create_vm",
+    "close_vm",
+    "close_kvm",
+    "check_extension",
+    "create_guest_memfd",
+    "dup_gmem",
+    "close_gmem",
+    "fallocate",
+    "fstat",
+    "gmem_read",
+    "gmem_write",
+    "gmem_truncate",
+    "mmap",
+    "mmap_anonymous",
+    "munmap",
+    "host_read",
+    "host_write",
+    "set_user_memory_region",
+    "set_user_memory_region2",
+    "set_memory_attributes",
+    "create_vcpu",
+    "close_vcpu",
+    "access_read",
+    "access_write",
+    "pre_fault_memory",
 }
 #: (op, outcome) pairs the kernel must have given: data, errors and exits.
 EXPECTED_OUTCOMES = {

@@ -97,8 +97,12 @@ SETTLED: dict[str, tuple[list[tuple[Any, ...]], tuple[Any, ...]]] = {
         ("ok", b"abcdef".hex()),
     ),
     "a page of an unaligned gmem mapping beyond EOF is SIGBUS, not outside the mapping": (
-        [("create_vm", 0), ("create_guest_memfd", 0, 2 * PAGE, SHARED), ("mmap", 1, 2 * PAGE + 8, 0, True),
-         ("host_read", 2, 2 * PAGE + 0x66B, 1)],
+        [
+            ("create_vm", 0),
+            ("create_guest_memfd", 0, 2 * PAGE, SHARED),
+            ("mmap", 1, 2 * PAGE + 8, 0, True),
+            ("host_read", 2, 2 * PAGE + 0x66B, 1),
+        ],
         ("sigbus", 2),
     ),
     "one gmem page, two mappings at different offsets: a store through one reads back through the other": (
@@ -113,15 +117,26 @@ SETTLED: dict[str, tuple[list[tuple[Any, ...]], tuple[Any, ...]]] = {
         ("ok", bytes(range(1, 27)).hex()),
     ),
     "Vcpu.access: data= alone is a store, write=True without data is refused": (
-        [("create_vm", 0), ("mmap_anonymous", 4 * PAGE),
-         ("set_user_memory_region", 0, 0, 0, 0, 4 * PAGE, ("map", 1, 0)), ("create_vcpu", 0, 0),
-         ("access_write", 3, 0x1FFE, b"xy", "data"), ("access_read", 3, 0x1FFE, 2, "keywords"),
-         ("access_write", 3, 0x1FFE, b"z", "no_data")],
+        [
+            ("create_vm", 0),
+            ("mmap_anonymous", 4 * PAGE),
+            ("set_user_memory_region", 0, 0, 0, 0, 4 * PAGE, ("map", 1, 0)),
+            ("create_vcpu", 0, 0),
+            ("access_write", 3, 0x1FFE, b"xy", "data"),
+            ("access_read", 3, 0x1FFE, 2, "keywords"),
+            ("access_write", 3, 0x1FFE, b"z", "no_data"),
+        ],
         ("raised", "ValueError"),
     ),
     "dup(2) of a guest_memfd: the duplicate binds after the original is closed": (
-        [("create_vm", 0), ("create_guest_memfd", 0, 4 * PAGE, 0), ("dup_gmem", 1), ("close_gmem", 1),
-         ("set_user_memory_region2", 0, 0, GMEM, 0, 4 * PAGE, 0, ("gmem", 2), 0), ("fstat", 2)],
+        [
+            ("create_vm", 0),
+            ("create_guest_memfd", 0, 4 * PAGE, 0),
+            ("dup_gmem", 1),
+            ("close_gmem", 1),
+            ("set_user_memory_region2", 0, 0, GMEM, 0, 4 * PAGE, 0, ("gmem", 2), 0),
+            ("fstat", 2),
+        ],
         ("ok", (4 * PAGE, PAGE, 0, 0o100600, 1)),
     ),
 }

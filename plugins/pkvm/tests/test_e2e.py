@@ -36,7 +36,7 @@ def test_populate_run_share_host_io_unshare_teardown_3_3_3_4_3_5(
     # 3.4: the VMM writes the payload through the gmem mapping while the host owns the pages,
     # then drops the mapping before the first run (a mapped page cannot be donated).
     m.write(0, IMAGE)
-    m.zap(0, SIZE)
+    m.madvise(uapi.MADV_DONTNEED, 0, SIZE)
 
     # First guest accesses donate the pages as they are: no copy, contents kept.
     assert vcpu.access(GPA, len(IMAGE)) == IMAGE
@@ -66,7 +66,7 @@ def test_populate_run_share_host_io_unshare_teardown_3_3_3_4_3_5(
     assert state.hvm.state(buf_gpa >> 12).state == PageState.SHARED_OWNED
 
     # The host unmaps; the unshare goes through; the page is private again, contents kept.
-    m.zap(BUF * PAGE, PAGE)
+    m.madvise(uapi.MADV_DONTNEED, BUF * PAGE, PAGE)
     with pytest.raises(HypercallExit):
         vcpu.hypercall(UNSHARE, buf_gpa, 1, 0)
     assert state.hvm.state(buf_gpa >> 12).state == PageState.OWNED
@@ -107,7 +107,7 @@ def test_guest_fault_on_a_page_the_host_still_maps_exits_3_5(guest: Guest) -> No
         guest.vcpu.access(GPA, 4)
     assert info.value.gpa == GPA and info.value.rule == "pKVM-3.5"
     assert pkvm_state(guest.vm).hvm.state(GPA >> 12).state == PageState.NOPAGE
-    guest.map.zap(0, PAGE)
+    guest.map.madvise(uapi.MADV_DONTNEED, 0, PAGE)
     assert guest.vcpu.access(GPA, 4) == b"boot"
 
 

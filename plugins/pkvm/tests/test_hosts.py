@@ -31,7 +31,7 @@ def test_each_open_has_its_own_hypervisor_in_host_arch_3_1() -> None:
         assert pkvm_state(ga.vm).handle == pkvm_state(gb.vm).handle == HANDLE_OFFSET
         assert pkvm_state(ga.vm).vmid == pkvm_state(gb.vm).vmid == 1
 
-        ga.map.zap(0, PAGE)
+        ga.map.madvise(uapi.MADV_DONTNEED, 0, PAGE)
         ga.vcpu.access(GPA, data=b"a's secret")
         pfn = ga.vm.gmem_pfn(GPA >> 12)
         assert pfn is not None and hyp_a.host_state(pfn).state == PageState.NOPAGE

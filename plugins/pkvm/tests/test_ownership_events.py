@@ -53,7 +53,7 @@ def recorder() -> Iterator[Recorder]:
 
 def test_donation_is_guest_and_teardown_gives_it_back_to_the_host_3_2(kvm: Any, recorder: Recorder) -> None:
     g = Guest(kvm)
-    g.map.zap(0, PAGE)
+    g.map.madvise(uapi.MADV_DONTNEED, 0, PAGE)
     g.vcpu.access(GPA, data=b"x")
     pfn = g.vm.gmem_pfn(GPA >> 12)
     vm_id = view(g.vm).vm_id
@@ -77,7 +77,7 @@ def test_donation_is_guest_and_teardown_gives_it_back_to_the_host_3_2(kvm: Any, 
 
 def test_teardown_of_a_private_page_is_guest_to_host_3_6(kvm: Any, recorder: Recorder) -> None:
     g = Guest(kvm)
-    g.map.zap(0, PAGE)
+    g.map.madvise(uapi.MADV_DONTNEED, 0, PAGE)
     g.vcpu.access(GPA + PAGE, data=b"y")
     recorder.events.clear()
     g.teardown()

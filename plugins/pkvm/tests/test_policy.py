@@ -269,7 +269,7 @@ def test_relinquish_returns_a_zeroed_page_early_3_2(guest: Guest) -> None:
     assert not guest.vm.is_mapped(gpa >> 12)
     assert guest.vm.counters["pkvm.relinquished_pages"] == 1
     assert guest.map.read(3 * PAGE, 6) == bytes(6)  # the host owns it again, zeroed
-    guest.map.zap(3 * PAGE, PAGE)
+    guest.map.madvise(uapi.MADV_DONTNEED, 3 * PAGE, PAGE)
     assert guest.vcpu.access(gpa, 6) == bytes(6)  # re-donated on the next fault
 
 
@@ -354,7 +354,7 @@ def test_without_init_shared_only_shared_pages_are_host_mappable_m_4_3_5(kvm: An
     with pytest.raises(HypercallExit):
         vcpu.hypercall(SHARE, GPA, 1, 0)
     assert m.read(0, 12) == b"shared later"
-    m.zap(0, PAGE)
+    m.madvise(uapi.MADV_DONTNEED, 0, PAGE)
     with pytest.raises(HypercallExit):
         vcpu.hypercall(UNSHARE, GPA, 1, 0)
     with pytest.raises(HostSigbus):

@@ -135,7 +135,7 @@ def test_share_fault_in_of_a_host_mapped_page_exits_to_userspace_3_5(guest: Gues
     state = pkvm_state(guest.vm)
     assert state.hvm.state(gpa >> 12).state == PageState.NOPAGE
     assert guest.vm.counters["pkvm.hvc_refused"] == 0
-    guest.map.zap(5 * PAGE, PAGE)
+    guest.map.madvise(uapi.MADV_DONTNEED, 5 * PAGE, PAGE)
     with pytest.raises(HypercallExit):
         guest.vcpu.hypercall(SHARE, gpa, 1, 0)
     assert guest.map.read(5 * PAGE, 8) == b"vmm data"

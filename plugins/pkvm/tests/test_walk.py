@@ -57,12 +57,12 @@ def test_random_interleavings_keep_isolation_3_2_3_5(ops: list[tuple[str, int, b
                         g.vcpu.access(gpa, data=data)
                         expected[i] = data + expected.get(i, b"")[len(data) :]
                     except MemoryFault:  # the host still maps it: drop the mapping, as a VMM would
-                        g.map.zap(i * PAGE, PAGE)
+                        g.map.madvise(uapi.MADV_DONTNEED, i * PAGE, PAGE)
                 elif op == "guest_read":
                     try:
                         got = g.vcpu.access(gpa, 8)
                     except MemoryFault:
-                        g.map.zap(i * PAGE, PAGE)
+                        g.map.madvise(uapi.MADV_DONTNEED, i * PAGE, PAGE)
                         continue
                     assert got is not None
                     want = expected.get(i, b"")
@@ -73,7 +73,7 @@ def test_random_interleavings_keep_isolation_3_2_3_5(ops: list[tuple[str, int, b
                             g.vcpu.hypercall(CALLS[op], gpa, 1, 0)
                     except MemoryFault:  # MEM_SHARE's fault-in met a host mapping: unmap
                         assert op == "share"
-                        g.map.zap(i * PAGE, PAGE)
+                        g.map.madvise(uapi.MADV_DONTNEED, i * PAGE, PAGE)
                         continue
                     if op == "relinquish" and state.running.state(gfn).state == PageState.NOPAGE:
                         expected.pop(i, None)  # relinquished pages come back zeroed
@@ -85,7 +85,7 @@ def test_random_interleavings_keep_isolation_3_2_3_5(ops: list[tuple[str, int, b
                             g.map.write(i * PAGE, data)
                             expected[i] = data + expected.get(i, b"")[len(data) :]
                         else:
-                            g.map.zap(i * PAGE, PAGE)
+                            g.map.madvise(uapi.MADV_DONTNEED, i * PAGE, PAGE)
                             continue
                     except HostSigbus:
                         assert private

@@ -27,6 +27,7 @@ import attrs
 from guestmem import Backend, VmTypeInfo, hookimpl, uapi
 from guestmem.backend import X86_DEFAULT_VM, X86_SW_PROTECTED_VM
 from guestmem_snp.conformance import guestmem_conformance_options
+from guestmem_snp.intents import SnpIntents
 from guestmem_snp.policy import SnpPolicy
 
 __all__ = ["BACKENDS", "POLICY", "guestmem_conformance_options", "guestmem_register_backends"]
@@ -60,6 +61,7 @@ SNP_VM = VmTypeInfo(
 SNP_VM_HUGEPAGE = attrs.evolve(SNP_VM, gmem_folio_order=uapi.PMD_ORDER)
 
 POLICY = SnpPolicy()
+INTENTS = SnpIntents()
 
 
 BACKENDS = (
@@ -69,6 +71,7 @@ BACKENDS = (
         vm_types=(X86_DEFAULT_VM, X86_SW_PROTECTED_VM, SEV_VM, SEV_ES_VM, SNP_VM),
         policy=POLICY,
         range_faults=True,  # sev_gmem_prepare takes runs of order-0 folios at once
+        intents=INTENTS,
     ),
     Backend(
         name="snp-hugepage",
@@ -76,6 +79,7 @@ BACKENDS = (
         vm_types=(X86_DEFAULT_VM, X86_SW_PROTECTED_VM, SEV_VM, SEV_ES_VM, SNP_VM_HUGEPAGE),
         policy=POLICY,
         range_faults=True,  # sev_gmem_prepare takes runs of order-0 folios at once
+        intents=INTENTS,
     ),
 )
 

@@ -321,7 +321,8 @@ class SevVm:
     def _rmp_failed(self, what: str, pfn: int, rc: int) -> None:
         self.vm.count("rmp_update_failures")
         self.vm.trace("snp_rmp_warn", what=what, pfn=pfn, rc=RMP_RC_NAMES.get(rc, str(rc)))
-        log.warning("rmp update failed", what=what, pfn=pfn, rc=rc, vm=self.vm.vm_id)
+        if structlog.is_configured():  # unconfigured, the library stays silent (the trace has it)
+            log.warning("rmp update failed", what=what, pfn=pfn, rc=rc, vm=self.vm.vm_id)
 
     # --- uAPI: KVM_MEMORY_ENCRYPT_OP ---------------------------------------------------------
     def ioctl(self, cmd: SevCmd) -> int:

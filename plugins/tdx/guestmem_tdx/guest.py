@@ -53,6 +53,10 @@ class TdxGuest:
         self.tdx: KvmTdx = as_tdx(self.vm)
         #: 4 KiB pages the last batched ACCEPT got through.
         self.progress = 0
+        #: Where the guest's last accept loop (:meth:`accept_range`, :meth:`accept_memory`
+        #: and its stepwise reference) stood when an exit interrupted it: the gpa of the
+        #: ACCEPT the TD executes again once it is re-entered (Linux's loop variable).
+        self.position = 0
 
     def __repr__(self) -> str:
         return f"<TdxGuest vcpu {self.cpu.vcpu_id} of {self.tdx!r}>"
@@ -154,13 +158,18 @@ class TdxGuest:
         if size <= 0 or size % span:
             raise ValueError(f"size {size:#x} is not a positive multiple of the page size {span:#x}")
         self._run()
+        self.position = gpa
         if level != uapi.PG_LEVEL_4K or gpa % PAGE_SIZE:
             for pos in range(gpa, gpa + size, span):
+                self.position = pos
                 status = self._accept_one(pos, level)
                 if status:
                     return status
             return 0
-        return self._accept_4k(gpa >> PAGE_SHIFT, size >> PAGE_SHIFT)
+        try:
+            return self._accept_4k(gpa >> PAGE_SHIFT, size >> PAGE_SHIFT)
+        finally:
+            self.position = gpa + (self.progress << PAGE_SHIFT)
 
     def _accept_4k(self, gfn: int, npages: int) -> int:
         """Batched 4 KiB ACCEPTs of ``[gfn, gfn + npages)``; the status of the first that
@@ -199,26 +208,32 @@ class TdxGuest:
             raise ValueError("accept_memory takes page-aligned bounds")
         pos, last = start >> PAGE_SHIFT, end >> PAGE_SHIFT
         table = self._td().table(1)
-        while pos < last:
-            if pos % _CHUNK or last - pos < _CHUNK:
-                stop = min(last, (pos | (_CHUNK - 1)) + 1) if pos % _CHUNK else last
-                ok, pos = self._accept_pages(pos, stop, last)
+        self.position = start
+        try:
+            while pos < last:
+                self.progress = 0
+                if pos % _CHUNK or last - pos < _CHUNK:
+                    stop = min(last, (pos | (_CHUNK - 1)) + 1) if pos % _CHUNK else last
+                    ok, pos = self._accept_pages(pos, stop, last)
+                    if not ok:
+                        return False
+                    continue
+                nchunks = (last - pos) // _CHUNK
+                first = pos // _CHUNK
+                ent = table.entry(first)
+                if ent is None:
+                    nxt = next(table.items(first, first + nchunks), None)
+                    n = (first + nchunks if nxt is None else nxt[0]) - first
+                    ok, pos = self._accept_unmapped_chunks(pos, n, last)
+                else:
+                    n = min(ent[1], first + nchunks) - first
+                    ok, pos = self._accept_mapped_chunks(pos, n, last)
                 if not ok:
                     return False
-                continue
-            nchunks = (last - pos) // _CHUNK
-            first = pos // _CHUNK
-            ent = table.entry(first)
-            if ent is None:
-                nxt = next(table.items(first, first + nchunks), None)
-                n = (first + nchunks if nxt is None else nxt[0]) - first
-                ok, pos = self._accept_unmapped_chunks(pos, n, last)
-            else:
-                n = min(ent[1], first + nchunks) - first
-                ok, pos = self._accept_mapped_chunks(pos, n, last)
-            if not ok:
-                return False
-        return True
+            return True
+        except BaseException:
+            self.position = (pos + self.progress) << PAGE_SHIFT  # the ACCEPT that exited
+            raise
 
     def _count_giant(self, first: int, stop: int, last: int) -> None:
         """The 1 GiB ACCEPTs Linux tries at the 1 GiB-aligned positions in ``[first, stop)``
@@ -286,6 +301,7 @@ class TdxGuest:
             self._count_giant(pos, pos + total, last)
             return True, pos + total
         # the page KVM could not fault: a 4K ACCEPT (or, at a chunk start, the 2M one) exits
+        self.progress = mapped
         self._tdcalls(1)
         self._count_giant(pos, pos + mapped + 1, last)
         self.tdx.handle_accept_violation(self.cpu, pos + mapped, 1)
@@ -307,6 +323,7 @@ class TdxGuest:
             return 0 if self._accept_one(pos, level) else size
 
         while start < end:
+            self.position = start
             size = (
                 try_accept_one(start, end - start, uapi.PG_LEVEL_1G)
                 or try_accept_one(start, end - start, uapi.PG_LEVEL_2M)
@@ -338,17 +355,29 @@ class TdxGuest:
         return self.tdvmcall(abi.TDVMCALL_MAP_GPA, gpa, size)
 
     def map_gpa_range(
-        self, start: int, end: int, *, private: bool, handle: Callable[[HypercallExit], int]
+        self,
+        start: int,
+        end: int,
+        *,
+        private: bool,
+        handle: Callable[[HypercallExit], int] | None = None,
+        run: Callable[[Callable[[], int]], int] | None = None,
     ) -> bool:
         """Linux's ``tdx_map_gpa``: MapGPA with the shared bit for shared memory, resumed
         from R11 on RETRY (at most 3 times without progress); *handle* answers each
-        ``KVM_EXIT_HYPERCALL`` as the VMM (it returns ``run->hypercall.ret``)."""
+        ``KVM_EXIT_HYPERCALL`` as the VMM (it returns ``run->hypercall.ret``), or *run*
+        runs each TDG.VP.VMCALL to the R10 the TD gets (a VMM loop that re-enters the vCPU
+        with :meth:`resume`, such as ``GuestVm.run``)."""
+        if run is None:
+            if handle is None:
+                raise TypeError("map_gpa_range needs the VMM: handle= or run=")
+            run = functools.partial(self.serve, handle=handle)
         if not private:
             start |= self.shared_bit
             end |= self.shared_bit
         retries = 0
         while retries < 3:
-            ret = self.serve(functools.partial(self.map_gpa, start, end - start), handle)
+            ret = run(functools.partial(self.map_gpa, start, end - start))
             if ret != abi.TDVMCALL_STATUS_RETRY:
                 return ret == abi.TDVMCALL_STATUS_SUCCESS
             fail = self.r11

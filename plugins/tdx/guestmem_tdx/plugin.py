@@ -12,6 +12,7 @@ from collections.abc import Callable
 from guestmem import Backend, VmTypeInfo, hookimpl, uapi
 from guestmem.backend import X86_DEFAULT_VM, X86_SW_PROTECTED_VM
 from guestmem_tdx.conformance import guestmem_conformance_options
+from guestmem_tdx.intents import TdxIntents
 from guestmem_tdx.policy import TdxPolicy
 
 __all__ = ["BACKEND", "POLICY", "TDX_VM", "guestmem_conformance_options", "guestmem_register_backends"]
@@ -33,6 +34,8 @@ TDX_VM = VmTypeInfo(
 )
 
 POLICY = TdxPolicy()
+#: Its translation of the portable intents (scenarios, the pytest plugin).
+INTENTS = TdxIntents()
 
 BACKEND = Backend(
     name="tdx",
@@ -40,6 +43,7 @@ BACKEND = Backend(
     vm_types=(X86_DEFAULT_VM, X86_SW_PROTECTED_VM, TDX_VM),
     policy=POLICY,
     range_faults=True,
+    intents=INTENTS,
 )
 
 

@@ -174,7 +174,7 @@ class TdxVmm:
             if not private:
                 region.gmem.fallocate(PUNCH, region.gmem_offset + lo - region.gpa, hi - lo)
             elif region.shared is not None:
-                region.shared.discard(lo - region.gpa, hi - lo)
+                region.shared.madvise(uapi.MADV_REMOVE, lo - region.gpa, hi - lo)
 
     def handle(self, exit_: HypercallExit) -> int:
         """A ``KVM_EXIT_HYPERCALL``; returns ``run->hypercall.ret`` (0: done)."""

@@ -326,8 +326,8 @@ def test_accept_memory_batched_equals_stepwise(kind: str) -> None:
         before = dict(td.vm.counters)
         try:
             outcome: Any = (g.accept_memory_stepwise if stepwise else g.accept_memory)(start, end)
-        except MemoryFault as exc:
-            outcome = ("memory fault", exc.gpa)
+        except MemoryFault as exc:  # where the TD's loop stood: it re-executes that ACCEPT
+            outcome = ("memory fault", exc.gpa, g.position)
         delta = {k: v - before.get(k, 0) for k, v in td.vm.counters.items() if v != before.get(k, 0)}
         runs: list[list[Any]] = []  # states by gfn (which pfns the allocator gave differs)
         for s, e, leaf in _sept(td).leaves.items():
@@ -340,3 +340,26 @@ def test_accept_memory_batched_equals_stepwise(kind: str) -> None:
         td.close()
     assert results[0] == results[1]
     assert results[0][1].get("tdcall.TDG.MEM.PAGE.ACCEPT", 0) > 0
+
+
+@pytest.mark.parametrize("batched", ["accept_memory", "accept_range"])
+def test_an_accept_interrupted_by_a_conversion_exit_resumes_where_it_stood(batched: str) -> None:
+    """An ACCEPT of a page whose attribute is shared exits to userspace (KVM_EXIT_MEMORY_FAULT,
+    private); the VMM converts it and re-enters, and the TD executes that ACCEPT again, not
+    its loop from the start (whose first pages would be TDX_PAGE_ALREADY_ACCEPTED)."""
+    td = make_td(size=8 * MIB, finalize=True)
+    td.vm.set_memory_attributes(3 * MIB + 5 * PAGE, PAGE, 0)
+    g, vmm = td.guest, td.vmm()
+    accept = {
+        "accept_memory": lambda start: g.accept_memory(start, 4 * MIB),
+        "accept_range": lambda start: g.accept_range(start, 4 * MIB - start) == 0,
+    }[batched]
+    with pytest.raises(MemoryFault) as info:
+        accept(2 * MIB)
+    assert g.position == info.value.gpa == 3 * MIB + 5 * PAGE and info.value.is_private
+    vmm.handle_memory_fault(info.value)
+    assert accept(g.position)
+    runs = _sept(td).leaves.items(2 * MIB >> 12, 4 * MIB >> 12)
+    assert sum(e - s for s, e, leaf in runs if leaf.state is SeptState.MAPPED) == 512
+    check_tdx(td.kvm)
+    td.close()
