@@ -1,15 +1,17 @@
 """Threads against one host: vCPUs, punches, conversions and host mappings at once.
 
 :func:`stress` runs for a bounded time on one VM of a backend's own private VM type (the
-one :func:`~guestmem.conformance.kit_for` picks), driven by the backend's
-:class:`~guestmem.conformance.vmm.KitVmm` as the deep kit is, with these threads:
+one :func:`~guestmem.conformance.kit_for` picks), launched and driven through the
+backend's intents as the deep kit's VM is (:class:`~guestmem.conformance.vmm.KitVmm`),
+with these threads:
 
 - ``vcpu-N``, one per vCPU: the guest storing unique 8-byte tokens to random pages of its
   RAM and loading them back, on the side (private or shared) the page was last converted
   to;
 - ``convert``: the guest converting runs of pages to the other side on a vCPU of its own,
   the VMM carrying it out (``KVM_SET_MEMORY_ATTRIBUTES`` and the discard of the old side
-  on an x86 VM, the backend's own calls elsewhere);
+  on an x86 VM, the backend's own calls elsewhere), where the guest converts at all
+  (``guest.convert``; a Gunyah guest does not);
 - ``punch``: the VMM punching holes in the RAM's guest_memfd, and allocating ranges of it;
 - ``host``: the host mapping an ``INIT_SHARED | MMAP`` guest_memfd and storing and loading
   tokens through it: the RAM's own where it is one, else that of a second VM of the
@@ -53,11 +55,11 @@ import attrs
 import guestmem
 from guestmem import uapi
 from guestmem.backend import X86_SW_PROTECTED_VM, VmTypeInfo, view
-from guestmem.conformance.kit import driver_class
 from guestmem.conformance.ledger import OwnershipLedger, allocated, check_released
 from guestmem.conformance.options import options_for
-from guestmem.conformance.vmm import KitVmm, Ram
+from guestmem.conformance.vmm import KitExits, KitVmm, Ram
 from guestmem.errors import GuestExit, KvmError
+from guestmem.guestvm import GuestVm
 from guestmem.invariants import InvariantChecker, check_vm
 
 PAGE = uapi.PAGE_SIZE
@@ -171,13 +173,18 @@ class History:
                 )
 
 
-def outcome(exc: BaseException) -> str | None:
+def outcome(exc: BaseException, guest: GuestVm | None = None) -> str | None:
     """The documented outcome class of *exc* (``MemoryFault(EFAULT)``, ``MmioExit``...),
-    or None for anything else (an errno of 0 is no kernel's: a kit driver gave up)."""
+    or None for anything else (an errno of 0 is no kernel's).  With *guest*, the fault its
+    backend's intents name as a page the guest has not accepted
+    (:meth:`~guestmem.intents.Intents.unaccepted`: SNP's #VC) is one too: the host took the
+    page away again while the guest was accepting it."""
     if isinstance(exc, KvmError) and exc.errno:
         return f"{type(exc).__name__}({errno.errorcode.get(exc.errno, str(exc.errno))})"
     if isinstance(exc, GuestExit):
         return type(exc).__name__
+    if guest is not None and guest.intents.unaccepted(guest, exc) is not None:
+        return f"{type(exc).__name__} (unaccepted)"
     return None
 
 
@@ -187,6 +194,8 @@ class _Run:
     def __init__(self, seconds: float, seed: int) -> None:
         self.seconds = seconds
         self.seed = seed
+        #: The stressed guest, whose intents name its unaccepted-page faults.
+        self.guest: GuestVm | None = None
         self.history = History()
         self.ops: dict[str, int] = {}
         self.outcomes: dict[str, collections.Counter[str]] = {}
@@ -205,7 +214,7 @@ class _Run:
             try:
                 step(rng)
             except Exception as exc:  # noqa: BLE001 - classified; anything else is a violation
-                kind = outcome(exc)
+                kind = outcome(exc, self.guest)
                 if kind is None:
                     kind = f"undocumented {type(exc).__name__}"
                     text = f"{name}: {kind}: {exc}\n{traceback.format_exc()}"
@@ -270,7 +279,6 @@ def stress(backend: str, seconds: float = 2.0, *, vcpus: int = 3, seed: int = 0)
     threads); the report's ``violations`` is empty when every check held."""
     info = stress_vm_type(backend)
     options = options_for(guestmem.get_registry().backend(backend), info)
-    vmm_class = driver_class(options.get("vmm", KitVmm))
     ledger = OwnershipLedger(cross_check=True)
     observers = [ledger, InvariantChecker(), *(factory() for factory in options.get("observers", ()))]
     report = StressReport(backend, info.name, seconds)
@@ -278,13 +286,13 @@ def stress(backend: str, seconds: float = 2.0, *, vcpus: int = 3, seed: int = 0)
     with _observers(observers), guestmem.open(backend, **options.get("open_options", {})) as kvm:
         baseline = allocated(kvm)
         with ExitStack() as objects:  # closed in reverse: mappings, vCPUs, VMs, guest_memfd
-            guest = _Guest(kvm, info, vmm_class, vcpus, options.get("private_unmap", "keep"), objects)
+            guest = _Guest(kvm, info, vcpus, options.get("private_unmap", "keep"), objects)
             guest.threads(run)
             _host_threads(run, kvm, guest, objects)
             run.run()
             report.ops = dict(run.ops)
             report.outcomes = {name: dict(counts) for name, counts in run.outcomes.items()}
-            report.counters = dict(guest.vm.counters)
+            report.counters = guest.kit.guest.counters()
             report.violations += run.history.violations
             report.violations += [
                 f"idle: thread {name} never completed an operation ({dict(counts)})"
@@ -300,31 +308,26 @@ def stress(backend: str, seconds: float = 2.0, *, vcpus: int = 3, seed: int = 0)
 
 
 class _Guest:
-    """The stressed VM: its RAM, vCPUs, its guest's page locks and its threads."""
+    """The stressed VM: the kit's VM with a vCPU per guest thread, the guest's page locks
+    and its threads."""
 
     def __init__(
-        self, kvm: Any, info: VmTypeInfo, vmm_class: Any, vcpus: int, private_unmap: str, objects: ExitStack
+        self, kvm: Any, info: VmTypeInfo, vcpus: int, private_unmap: str, objects: ExitStack
     ) -> None:
         self.info = info
-        self.vm = kvm.create_vm(info.type)
-        objects.callback(self.vm.close)
-        self.vmm = vmm_class(kvm, self.vm, info)
-        self.vmm.setup()
-        self.ram: Ram = self.vmm.add_ram(RAM_GPA, STRESS_PAGES * PAGE)
-        objects.callback(self.ram.close)
+        self.kit = KitVmm(kvm, info, RAM_GPA, STRESS_PAGES * PAGE, vcpus=vcpus + 1)
+        objects.callback(self.kit.close)
+        self.vm, self.ram = self.kit.vm, self.kit.ram
         #: Where the VMM punches: the RAM, except where a punch takes a page from the
         #: running guest (``private_unmap = "revoke"``: pKVM poisons it for the guest, shared
-        #: or not); there a second region the guest never touches, which the host maps too.
+        #: or not, a realm's IPA is left DESTROYED); there a second region the guest never
+        #: touches, which the host maps too.
         self.spare: Ram | None = None
         if private_unmap == "revoke":
-            self.spare = self.vmm.add_ram(SPARE_GPA, STRESS_PAGES * PAGE, slot=1)
+            guest = self.kit.guest
+            gmem = self.vm.create_guest_memfd(STRESS_PAGES * PAGE, guest.intents.gmem_flags(guest))
+            self.spare = self.kit.add_ram(gmem, SPARE_GPA, STRESS_PAGES * PAGE, slot=len(guest.regions))
             objects.callback(self.spare.close)
-        self.cpus = [self.vm.create_vcpu(i) for i in range(vcpus + 1)]
-        for cpu in self.cpus:
-            objects.callback(cpu.close)
-        for cpu in self.cpus[1:]:
-            self.vmm.add_vcpu(cpu)
-        self.vmm.start(self.cpus[0], self.ram)
         #: The guest's own locks: it never touches a page while converting it.
         self.locks = [threading.Lock() for _ in range(STRESS_PAGES)]
         #: What each page was last converted to (the guest's view, under its lock).
@@ -333,9 +336,22 @@ class _Guest:
         #: Closes the host's mappings (a host mapping keeps pKVM from taking a page back).
         self.unmap_host: Callable[[], None] = lambda: None
 
+    def on_vcpu(self, index: int, *, converting: bool = False) -> GuestVm:
+        """The guest running on vCPU *index*, with exit handling of its own (*converting*:
+        the VMM answers its memory-fault exits, as while the guest converts)."""
+        guest = self.kit.guest.on_vcpu(index)
+        exits = KitExits(guest)
+        exits.converting = converting
+        guest.vmm = exits
+        return guest
+
     def side(self, page: int) -> str:
         """Where a guest access of *page* goes: guest_memfd, or the anonymous shared side."""
         return "gmem" if self.private[page] or self.ram.shared is None else "shared"
+
+    def access_arg(self, page: int) -> bool | None:
+        """The private/shared bit of the guest's access (none without private memory)."""
+        return self.private[page] if self.info.has_private_mem else None
 
     @contextmanager
     def holding(self, pages: range) -> Iterator[None]:
@@ -347,28 +363,29 @@ class _Guest:
 
     def threads(self, run: _Run) -> None:
         history = run.history
-        vmm, ram = self.vmm, self.ram
+        ram = self.ram
 
-        def vcpu_step(vcpu: Any) -> Callable[[random.Random], None]:
+        def vcpu_step(guest: GuestVm) -> Callable[[random.Random], None]:
             def step(rng: random.Random) -> None:
                 page = rng.randrange(STRESS_PAGES)
                 with self.locks[page]:
-                    side, private = self.side(page), self.private[page]
+                    side, private = self.side(page), self.access_arg(page)
                     if rng.random() < 0.5:
                         data = history.token(side, page)
-                        vmm.guest_write(vcpu, ram.gpa_of(page), data, private=private)
+                        guest.write(ram.gpa_of(page), data, private=private)
                         history.stored(data)
                     else:
                         start = time.monotonic_ns()
-                        got = vmm.guest_read(vcpu, ram.gpa_of(page), 8, private=private)
+                        got = guest.read(ram.gpa_of(page), 8, private=private)
                         history.loaded(side, page, got, start)
 
             return step
 
-        for i, vcpu in enumerate(self.cpus[1:]):
-            run.add(f"vcpu-{i}", vcpu_step(vcpu))
-
-        target, side = (ram, "gmem") if self.spare is None else (self.spare, "spare")
+        converts = self.info.private and self.kit.conversion_not_applicable() is None
+        vcpus = len(self.kit.guest.vcpus)  # the first is the kit's; the last converts
+        for i in range(1, vcpus - 1 if converts else vcpus):
+            run.add(f"vcpu-{i}", vcpu_step(self.on_vcpu(i)))
+        target, where = (ram, "gmem") if self.spare is None else (self.spare, "spare")
 
         def punch(rng: random.Random) -> None:
             page = rng.randrange(STRESS_PAGES)
@@ -379,13 +396,14 @@ class _Guest:
                 return
             start = time.monotonic_ns()
             target.gmem.fallocate(PUNCH, offset, length)
-            history.discarded(side, pages, start)
+            history.discarded(where, pages, start)
 
         run.add("punch", punch)
-        if self.info.private:
-            run.add("convert", self._convert_step(history))
+        run.guest = self.kit.guest
+        if converts:
+            run.add("convert", self._convert_step(history, self.on_vcpu(vcpus - 1, converting=True)))
 
-    def _convert_step(self, history: History) -> Callable[[random.Random], None]:
+    def _convert_step(self, history: History, guest: GuestVm) -> Callable[[random.Random], None]:
         def step(rng: random.Random) -> None:
             page = rng.randrange(STRESS_PAGES)
             pages = range(page, min(page + rng.randint(1, 4), STRESS_PAGES))
@@ -395,7 +413,7 @@ class _Guest:
                 old = self.side(page)
                 start = time.monotonic_ns()
                 try:
-                    self.vmm.convert(self.cpus[0], self.ram, page, len(pages), private=to_private)
+                    guest.convert(self.ram.gpa_of(page), len(pages) * PAGE, private=to_private)
                 finally:
                     if self.destructive and (old == "gmem" or self.ram.shared is not None):
                         history.discarded(old, pages, start)  # what got done of it, at most
@@ -494,16 +512,16 @@ def _after(kvm: Any, guest: _Guest) -> list[str]:
             check_vm(vm, "the stress threads")
         except AssertionError as exc:
             found.append(f"invariant: {exc}")
-    vmm, ram, vcpu = guest.vmm, guest.ram, guest.cpus[0]
+    kit, ram = guest.kit, guest.ram
     guest.unmap_host()
     try:
         for page in range(STRESS_PAGES):
             if guest.info.private and not guest.private[page]:
-                vmm.convert(vcpu, ram, page, 1, private=True)
+                kit.convert(ram.gpa_of(page), PAGE, private=True)
                 guest.private[page] = True
             data = f"usable {page}".encode()
-            vmm.guest_write(vcpu, ram.gpa_of(page), data, private=guest.private[page])
-            back = vmm.guest_read(vcpu, ram.gpa_of(page), len(data), private=guest.private[page])
+            kit.write(ram.gpa_of(page), data, private=guest.private[page])
+            back = kit.read(ram.gpa_of(page), len(data), private=guest.private[page])
             if back != data:
                 found.append(f"unusable: page {page} read {back!r} after storing {data!r}")
                 break
