@@ -69,6 +69,7 @@ HOOK_NAMES: tuple[str, ...] = (
     "guest_access",
     "hypercall",
     "post_populate",
+    "snapshot",
     "ownership_update",
     "trace",
     "operation_done",
@@ -324,6 +325,10 @@ class Hooks:
         """``guestmem_post_populate``."""
         result = self._call("post_populate", (vm, gfn, pfn, src, order, opaque))
         return None if result is None else int(result)
+
+    def snapshot(self, host: HostView, vm: VmView | None) -> Any:
+        """``guestmem_snapshot``."""
+        return self._call("snapshot", (host, vm))
 
     def ownership_update(self, host: HostView, vm: VmView | None, event: OwnershipEvent) -> None:
         """``guestmem_ownership_update``."""

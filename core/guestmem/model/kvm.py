@@ -23,6 +23,7 @@ from guestmem.recording import Recorder
 if TYPE_CHECKING:
     from guestmem.model.vm import ModelVm
     from guestmem.registry import Backend, Registry
+    from guestmem.snapshot import HostSnapshot
 
 
 def _structlog_configured() -> bool:
@@ -151,6 +152,14 @@ class ModelKvm(api.Kvm):
         self.mm.insert(vma)
         return ModelHostMapping(vma)
 
+    def snapshot(self) -> HostSnapshot:
+        """The host's state as values (:class:`guestmem.snapshot.HostSnapshot`): every VM,
+        mapping, descriptor and allocation, and the backend's host-wide tables."""
+        from guestmem.model.snapshot import host_snapshot
+
+        with self.operation():
+            return host_snapshot(self)
+
     # --- capabilities (2.A) -----------------------------------------------------------------
     def attributes_built(self, vm: ModelVm | None) -> bool:
         """CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES for this kernel and architecture (A-1)."""
@@ -231,6 +240,10 @@ class ModelKvm(api.Kvm):
         left = self._fd_owners.pop(id(obj)) - 1
         if left:
             self._fd_owners[id(obj)] = left
+
+    def fd_table(self) -> dict[int, object]:
+        """The open files by descriptor number (a copy)."""
+        return dict(self._fds)
 
     def fd_lookup(self, fd: int) -> object | None:
         """``fget``: the open file behind *fd* (0-2 are the process's stdio), or None."""

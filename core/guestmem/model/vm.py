@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from guestmem.model.kvm import ModelKvm
     from guestmem.model.memslots import Memslot
     from guestmem.model.vcpu import ModelVcpu
+    from guestmem.snapshot import VmSnapshot
 
 PAGE_SHIFT = uapi.PAGE_SHIFT
 PAGE_SIZE = uapi.PAGE_SIZE
@@ -305,6 +306,15 @@ class ModelVm(api.Vm):
         if result is None:
             raise KvmError(errno.ENOTTY, "", "KVM_MEMORY_ENCRYPT_OP is not supported on this VM")
         return result
+
+    def snapshot(self) -> VmSnapshot:
+        """The VM's state as values (:class:`guestmem.snapshot.VmSnapshot`): memslots,
+        attributes, leaves, vCPUs, its guest_memfd inodes, the backend's tables for it.
+        Readable whatever state the VM is in (closed, dead: it reads, it changes nothing)."""
+        from guestmem.model.snapshot import vm_snapshot
+
+        with self.kvm.operation():
+            return vm_snapshot(self)
 
     # --- services of the core -------------------------------------------------------------------
     def fault_range(

@@ -78,6 +78,14 @@ def _realm(vm: VmView) -> KvmRealm | None:
 class CcaPolicy:
     """The hook implementations of the ``cca`` backend."""
 
+    @hookimpl
+    def guestmem_snapshot(self, host: HostView, vm: VmView | None) -> Any:
+        """The RMM's granules, or a realm's RTTs, RIPAS and mappings
+        (:mod:`guestmem_cca.snapshot`)."""
+        from guestmem_cca import snapshot
+
+        return snapshot.host_state(host) if vm is None else snapshot.vm_state(vm)
+
     # --- host and VM lifetime ----------------------------------------------------------------
     @hookimpl
     def guestmem_host_init(self, host: HostView) -> RealmHost:

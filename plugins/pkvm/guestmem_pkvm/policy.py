@@ -240,6 +240,14 @@ def enable_exit_hypercall(vm: Vm, mask: int) -> None:
 class PkvmPolicy:
     """The arch policy hooks of the ``pkvm`` backend; each host has its own hypervisor."""
 
+    @hookimpl
+    def guestmem_snapshot(self, host: HostView, vm: VmView | None) -> Any:
+        """The hypervisor's host and hyp tables, or a VM's settings and guest stage-2
+        ownership (:mod:`guestmem_pkvm.snapshot`)."""
+        from guestmem_pkvm import snapshot
+
+        return snapshot.host_state(host) if vm is None else snapshot.vm_state(vm)
+
     # --- host and VM lifetime ----------------------------------------------------------------
     @hookimpl
     def guestmem_host_init(self, host: HostView) -> Hypervisor:
