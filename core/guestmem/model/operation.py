@@ -68,8 +68,13 @@ def uapi_call(method: Callable[P, R]) -> Callable[P, R]:
                 kvm.op_depth -= 1
                 if kvm.op_depth:
                     lock.release()
-                else:
-                    done(kvm, name)
+                else:  # done(), inlined
+                    try:
+                        kvm.operation_done(name)
+                    finally:
+                        lock.release()
+                    if kvm.lock_waiters:
+                        time.sleep(0)
 
     return call
 
