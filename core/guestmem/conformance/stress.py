@@ -13,20 +13,22 @@ with these threads:
   on an x86 VM, the backend's own calls elsewhere), where the guest converts at all
   (``guest.convert``; a Gunyah guest does not);
 - ``punch``: the VMM punching holes in the RAM's guest_memfd, and allocating ranges of it;
-- ``host``: the host mapping an ``INIT_SHARED | MMAP`` guest_memfd and storing and loading
-  tokens through it: the RAM's own where it is one, else that of a second VM of the
-  backend's plain VM type, whose guest (``plain-vcpu``) and VMM (``plain-punch``) run
-  threads too.
+- ``host``: the host mapping ``INIT_SHARED | MMAP`` guest_memfd and storing and loading
+  tokens through it: the RAM's own where it is one, and that of a second VM of the
+  backend's plain VM type (where that is another type), whose guest (``plain-vcpu``) and
+  VMM (``plain-punch``) run threads too.
 
 The guest is a well-behaved one: it never touches a page while converting it (its
-threads take a per-page lock of the harness, outside the model), and on an architecture
-whose punch takes a private page from the running guest (``private_unmap = "revoke"``,
-pKVM) the VMM discards only what the guest shared, as a VMM answering conversions does.
-Everything the host does races the guest freely.
+threads take a per-page lock of the harness, outside the model).  On an architecture
+whose punch takes a page from the running guest for good (``private_unmap = "revoke"``:
+pKVM poisons it, a realm's IPA is left DESTROYED) the VMM punches a spare region of the
+VM the guest never touches, which the host maps too.  Everything the host does races the
+guest freely.
 
 What it checks: every exception a thread meets is a documented outcome of the uAPI
 (:class:`~guestmem.KvmError` and its subclasses with a kernel errno, a
-:class:`~guestmem.GuestExit`), nothing else; no load returns bytes no store wrote, or a
+:class:`~guestmem.GuestExit`, the fault the backend's intents name for a page the guest
+has not accepted), nothing else; no load returns bytes no store wrote, or a
 token stored to another page or side; no load is stale (it began after a punch or discard
 of its page that began after the store of what it returned had completed); the invariant
 checkers (the core's, the ownership ledger's, the backend's own) hold after every
@@ -424,17 +426,18 @@ class _Guest:
 
 
 def _host_threads(run: _Run, kvm: Any, guest: _Guest, objects: ExitStack) -> None:
-    """The host's thread on ``INIT_SHARED | MMAP`` guest_memfd: the RAM's, where it is one
-    (and the spare region's, where there is one), else that of a second VM of the
-    backend's plain type, whose guest and VMM get a thread each."""
+    """The host's thread on ``INIT_SHARED | MMAP`` guest_memfd: the RAM's and the spare
+    region's where they are such files, and that of a second VM of the backend's plain
+    type (where it is another type), whose guest and VMM get a thread each."""
     history = run.history
     targets: list[tuple[Any, str]] = []
     if guest.spare is not None and guest.spare.gmem.flags & SHARED_GMEM == SHARED_GMEM:
         targets.append((guest.spare.gmem, "spare"))
     if guest.ram.gmem.flags & SHARED_GMEM == SHARED_GMEM:
         targets.append((guest.ram.gmem, "gmem"))
-    else:
-        plain = _plain_vm(run, kvm, objects)
+    plain_type = guestmem.get_registry().backend(kvm.backend).default_vm_type
+    if plain_type.type != guest.info.type:
+        plain = _plain_vm(run, kvm, plain_type, objects)
         if plain is not None:
             targets.append((plain, "plain"))
     mappings: dict[str, Any] = {}
@@ -465,12 +468,12 @@ def _host_threads(run: _Run, kvm: Any, guest: _Guest, objects: ExitStack) -> Non
         run.add("host", host)
 
 
-def _plain_vm(run: _Run, kvm: Any, objects: ExitStack) -> Any:
-    """A VM of the backend's plain type with an ``INIT_SHARED | MMAP`` guest_memfd-only
-    memslot, whose guest (``plain-vcpu``) and VMM (``plain-punch``) get a thread each;
-    returns the file, or None where the host offers no such file."""
+def _plain_vm(run: _Run, kvm: Any, info: VmTypeInfo, objects: ExitStack) -> Any:
+    """A VM of type *info* (the backend's plain one) with an ``INIT_SHARED | MMAP``
+    guest_memfd-only memslot, whose guest (``plain-vcpu``) and VMM (``plain-punch``) get a
+    thread each; returns the file, or None where the host offers no such file."""
     history, side = run.history, "plain"
-    vm = kvm.create_vm(guestmem.get_registry().backend(kvm.backend).default_vm_type.type)
+    vm = kvm.create_vm(info.type)
     objects.callback(vm.close)
     if vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS) & SHARED_GMEM != SHARED_GMEM:
         return None
