@@ -70,10 +70,18 @@ def test_A1_before_A3() -> None:
         rejects(vm, 1, 0, 1 << 9, 1, rule="A-1")
 
 
-def test_A2_field_not_representable(protected_vm: Any) -> None:
-    """A-2: values the struct cannot carry are rejected before any check."""
-    rejects(protected_vm, -PAGE, PAGE, PRIVATE, rule="A-2")
-    rejects(protected_vm, 0, 1 << 64, PRIVATE, rule="A-2")
+def test_A2_fields_are_stored_as_c_stores_them(protected_vm: Any) -> None:
+    """A-2: each argument is a ``__u64`` field: a wider value is taken modulo 2**64 and
+    the kernel's checks see that (-PAGE + PAGE wraps: A-5; 2**64 is a size of 0: A-5; a
+    PRIVATE with bit 64 set is PRIVATE); a non-integer is a TypeError naming it."""
+    rejects(protected_vm, -PAGE, PAGE, PRIVATE, rule="A-5")
+    rejects(protected_vm, 0, 1 << 64, PRIVATE, rule="A-5")
+    protected_vm.set_memory_attributes(0, PAGE, PRIVATE + (1 << 64), flags=1 << 64)
+    assert protected_vm.is_private(0)
+    for args, name in (((0.0, PAGE, 0), "address"), ((0, None, 0), "size"), ((0, PAGE, "8"), "attributes")):
+        with pytest.raises(TypeError, match=name):
+            protected_vm.set_memory_attributes(*args)
+    assert protected_vm.is_private(0)
 
 
 @pytest.mark.parametrize("flags", [1, 1 << 63])

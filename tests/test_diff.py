@@ -135,3 +135,15 @@ def test_an_arm64_backend_agrees_with_itself() -> None:
             both, both, seed=2, steps=300, vm_types=diff.backend_vm_types("t-diff-arm")
         )
     assert summary.operations >= 300 and summary.disagreements == []
+
+
+def test_accesses_into_a_memslot_smaller_than_a_page() -> None:
+    """A moved memslot of an unaligned (refused) size is still a place the generator aims
+    accesses at; every access it draws there must be a valid program step."""
+    for seed in range(200):
+        gen = diff.generator.Generator(random.Random(seed))
+        vm = gen._op("create_vm", 0)
+        gen.slots.append((vm, 0x10000, 100))
+        for _ in range(5):
+            gen._access(vm)
+        assert all(op.name.startswith(("access", "create")) for op in gen.ops)

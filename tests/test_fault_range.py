@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 from gmem_helpers import PAGE, PRIVATE, MiB, anon_slot, gmem_slot, throwaway_backend, x86_type
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import guestmem
 from guestmem import MemoryFault, MmioExit, uapi
@@ -288,3 +290,162 @@ def test_only_an_exit_that_leaves_is_counted(protected_vm: Any) -> None:
     with pytest.raises(MemoryFault):
         vm.fault_range(8, 4, private=True)
     assert vm.counters["memory_fault_exits"] == 2
+
+
+# --- large folios (the opt-in hugepage gmem policy): runs of whole folios and huge frames -------
+FOLIO = 512
+FOLIOS = 3
+HUGE_TYPE = x86_type(1, gmem_folio_order=uapi.PMD_ORDER)
+_FIRST_FRAME = 0x100000 // FOLIO  # the host's first pfn frame (HostMemory._FIRST_PFN)
+PUNCH = uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE
+
+
+class LevelPolicy(RangePolicy):
+    """``range_faults`` with a per-pfn ``max_mapping_level`` (SNP's RMP page size): 4K for
+    the pfn frames in ``small``; its fault hook ends a run where that answer changes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.small: set[int] = set()
+
+    @guestmem.hookimpl
+    def guestmem_max_mapping_level(self, vm: Any, pfn: int, is_private: bool) -> int | None:
+        return L4K if pfn // FOLIO in self.small else None
+
+    @guestmem.hookimpl
+    def guestmem_fault(self, vm: Any, fault: Any) -> None:
+        first = fault.pfn // FOLIO in self.small
+        n = 1
+        while n < fault.npages and ((fault.pfn + n) // FOLIO in self.small) == first:
+            n += 1
+        fault.npages = n
+        self.faults.append((fault.gfn, fault.npages))
+
+
+def _huge_vm(kvm: Any, folios: int) -> tuple[Any, Any]:
+    vm = kvm.create_vm(1)
+    gmem = gmem_slot(vm, folios * FOLIO * PAGE)
+    vm.set_memory_attributes(0, folios * FOLIO * PAGE, PRIVATE)
+    return vm, gmem
+
+
+def test_a_run_of_large_folios_is_one_allocation_prepare_and_fault() -> None:
+    """A backend declaring ``range_faults`` on 2 MiB folios: a bulk fault over 8 MiB is one
+    ``guestmem_fault``, one ``guestmem_gmem_prepare`` of every folio (order 9, 2048 pages)
+    and one leaf range of 2M leaves, counted as four folios, four prepares, four faults:
+    what four accesses leave."""
+    policy = RangePolicy()
+    with throwaway_backend("t-range-huge", HUGE_TYPE, policy=policy, range_faults=True) as kvm:
+        ranged, _ = _huge_vm(kvm, 4)
+        stepped, _ = _huge_vm(kvm, 4)
+        assert ranged.fault_range(0, 4 * FOLIO, private=True) == 4 * FOLIO
+        assert policy.faults == [(0, 4 * FOLIO)] and policy.prepared == [(0, 4 * FOLIO)]
+        vcpu = stepped.create_vcpu(0)
+        for gfn in range(0, 4 * FOLIO, FOLIO):
+            vcpu.access(gfn * PAGE, 1)
+        assert _state(ranged) == _state(stepped)
+        assert [(s, e, spte.level) for s, e, spte in ranged.mmu.sptes.items()] == [(0, 4 * FOLIO, L2M)]
+        for key in ("faults", "gmem_prepare", "gmem_folios_allocated"):
+            assert ranged.counters[key] == stepped.counters[key] == 4, key
+
+
+def test_a_per_page_backend_still_sees_one_folio_per_fault() -> None:
+    """Without ``range_faults`` a backend implementing the hooks sees every folio's own
+    prepare and fault, as before."""
+    policy = PerPagePolicy()
+    with throwaway_backend("t-perpage-huge", HUGE_TYPE, policy=policy) as kvm:
+        vm, _ = _huge_vm(kvm, 3)
+        assert vm.fault_range(0, 3 * FOLIO, private=True) == 3 * FOLIO
+    assert policy.faults == [(0, 1), (FOLIO, 1), (2 * FOLIO, 1)]
+    assert policy.prepared == [(0, FOLIO), (FOLIO, FOLIO), (2 * FOLIO, FOLIO)]
+
+
+def test_a_run_does_not_take_a_whole_folio_after_a_split_one_at_4k() -> None:
+    """What is left of a punched folio is order 0 (mapped 4K) and the whole folio after it,
+    in the same stored run, order 9: one access each would map the second 2M, so a bulk
+    fault stops at the folio boundary."""
+    with throwaway_backend("t-huge-split", HUGE_TYPE, policy=RangePolicy(), range_faults=True) as kvm:
+        vm, gmem = _huge_vm(kvm, 2)
+        vcpu = vm.create_vcpu(0)
+        vcpu.access(0, 1, private=True)
+        vcpu.access(FOLIO * PAGE, 1, private=True)
+        gmem.fallocate(PUNCH, PAGE, 2 * PAGE)
+        guestmem.backend.view(vm).zap_gfn_range(0, 2 * FOLIO)
+        assert vm.fault_range(3, 2 * FOLIO - 3, private=True) == 2 * FOLIO - 3
+        levels = [(s, e, spte.level) for s, e, spte in vm.mmu.sptes.items()]
+        assert levels == [(3, FOLIO, L4K), (FOLIO, 2 * FOLIO, L2M)]
+
+
+_HUGE_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["punch", "shared", "access", "zap", "small"]),
+        st.integers(0, FOLIOS * FOLIO - 1),
+        st.integers(1, 3 * FOLIO // 2),
+    ),
+    max_size=6,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=_HUGE_OPS, start=st.integers(0, FOLIOS * FOLIO - 1), npages=st.integers(1, FOLIOS * FOLIO))
+def test_large_folio_runs_equal_accesses_in_order(
+    ops: list[tuple[str, int, int]], start: int, npages: int
+) -> None:
+    """2.J on 2 MiB folios: after punches (split folios), shared pages, accesses, zaps and a
+    per-pfn mapping level, ``fault_range`` leaves the stage-2, the folios, the prepares and
+    the counters exactly as the same accesses in order, and stops where they fail."""
+    policy = LevelPolicy()
+    npages = min(npages, FOLIOS * FOLIO - start)
+    with (
+        throwaway_backend("t-huge-eq", HUGE_TYPE, policy=policy, range_faults=True) as first,
+        guestmem.open("t-huge-eq") as second,
+    ):
+        runs = []
+        for kvm in (first, second):
+            vm, gmem = _huge_vm(kvm, FOLIOS)
+            runs.append((vm, gmem, vm.create_vcpu(0)))
+        for op, gfn, count in ops:
+            n = min(count, FOLIOS * FOLIO - gfn)
+            if op == "small":
+                policy.small.add(_FIRST_FRAME + gfn % 8)
+            for vm, gmem, vcpu in runs:
+                if op == "punch":
+                    gmem.fallocate(PUNCH, gfn * PAGE, n * PAGE)
+                elif op == "shared":
+                    vm.set_memory_attributes(gfn * PAGE, n * PAGE, 0)
+                elif op == "access" and vm.is_private(gfn):
+                    vcpu.access(gfn * PAGE, 1, private=True)
+                elif op == "zap":
+                    guestmem.backend.view(vm).zap_gfn_range(gfn, gfn + n)
+        (ranged, rgmem, _), (stepped, sgmem, vcpu) = runs
+        policy.prepared.clear()
+        try:
+            got: int | type = ranged.fault_range(start, npages, private=True)
+        except guestmem.KvmError as exc:
+            got = type(exc)
+        ranged_prepared = sorted(g for gfn, n in policy.prepared for g in range(gfn, gfn + n))
+        policy.prepared.clear()
+        want: int | type = npages
+        gfn = start
+        while gfn < start + npages:
+            try:
+                vcpu.access(gfn * PAGE, 1, private=True)
+            except guestmem.KvmError as exc:
+                want = type(exc) if gfn == start else gfn - start
+                break
+            leaf = stepped.mmu.sptes.entry(gfn)  # the accesses to pages it maps cost nothing
+            gfn = leaf[1] if leaf is not None else gfn + 1
+        if isinstance(got, int) and want == npages:
+            want = max(got, npages)  # a huge leaf maps past the end of the range
+        assert got == want
+        assert ranged_prepared == sorted(g for gfn, n in policy.prepared for g in range(gfn, gfn + n))
+        assert _huge_state(ranged, rgmem) == _huge_state(stepped, sgmem)
+
+
+def _huge_state(vm: Any, gmem: Any) -> tuple[Any, ...]:
+    counters = dict(vm.counters)
+    counters.pop("memory_fault_exits", None)  # a bulk fault that stops at a page does not exit
+    counters.pop("guest_accesses", None)
+    leaves = list(vm.mmu.sptes.items())
+    folios = list(guestmem.backend.view(gmem).folios())
+    return leaves, folios, counters

@@ -2,7 +2,7 @@
 
 Not modelled, so not tested: M-8 (mbind/get_mempolicy: NUMA policy exists only in [CUR];
 the model follows 6.18, which has no policy ops) and M-9 (MADV_HUGEPAGE/MADV_COLLAPSE: a
-[CUR] selftest; the model's host mappings have no madvise besides the model-only ``zap``).
+[CUR] selftest; the host mappings' ``madvise`` takes MADV_DONTNEED and MADV_REMOVE only).
 """
 
 from __future__ import annotations

@@ -795,6 +795,22 @@ def test_unmap_mapping_range_drops_host_ptes_keeps_pages(kvm: Any) -> None:
     assert mapping.read(PAGE, 4) == b"kept" and inode.host_mapped(1)  # faulted in again
 
 
+def test_host_mapped_ranges_of_a_span(kvm: Any) -> None:
+    """``GmemView.host_mapped_ranges(start, end)``: the faulted runs of every host mapping
+    clipped to the span, so a backend checks a run of pages without one query per page."""
+    vm = kvm.create_vm(0)
+    gmem = vm.create_guest_memfd(MiB, uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED)
+    first, second = gmem.mmap(MiB), gmem.mmap(MiB)
+    for page in (2, 3, 4, 9):
+        first.write(page * PAGE, b"x")
+    second.write(3 * PAGE, b"y")
+    inode = view(gmem)
+    assert sorted(inode.host_mapped_ranges()) == [(2, 5), (3, 4), (9, 10)]
+    assert sorted(inode.host_mapped_ranges(4, 9)) == [(4, 5)]
+    assert sorted(inode.host_mapped_ranges(3, 4)) == [(3, 4), (3, 4)]
+    assert list(inode.host_mapped_ranges(5, 9)) == [] and sorted(inode.host_mapped_ranges(9)) == [(9, 10)]
+
+
 def test_gmem_allocate_instantiates_folios_like_fallocate(kvm: Any) -> None:
     vm = kvm.create_vm(0)
     gmem = vm.create_guest_memfd(MiB)

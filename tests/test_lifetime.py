@@ -382,3 +382,24 @@ def test_a_backends_own_vm_commands_check_the_fd_as_kvm_vm_ioctl_does(kvm: Any) 
     with raises_kvm(errno.EIO):
         guestmem.backend.view(dead).check_ioctl()
     dead.close()
+
+
+def test_madvise_of_a_closed_mapping_is_enomem_and_leaves_the_file_alone(kvm: Any) -> None:
+    """``madvise`` of addresses no longer mapped is ENOMEM: discarding through a closed
+    guest_memfd mapping does not punch the file (still open, its page still allocated), and
+    zapping a closed anonymous mapping does nothing."""
+    vm = kvm.create_vm(uapi.KVM_X86_DEFAULT_VM)
+    gmem = vm.create_guest_memfd(4 * PAGE, MMAP | INIT_SHARED)
+    mapping = gmem.mmap(4 * PAGE)
+    mapping.write(0, b"kept")
+    anon = kvm.mmap_anonymous(4 * PAGE)
+    mapping.close()
+    anon.close()
+    for m in (mapping, anon):
+        for advice in (uapi.MADV_REMOVE, uapi.MADV_DONTNEED):
+            with raises_kvm(errno.ENOMEM):
+                m.madvise(advice)
+    with gmem.mmap(4 * PAGE) as again:
+        assert again.read(0, 4) == b"kept"
+    gmem.close()
+    vm.close()

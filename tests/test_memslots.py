@@ -32,16 +32,23 @@ def rejects(call: Any, *args: Any, err: int = errno.EINVAL, rule: str, **kwargs:
 
 
 # --- S-1 .. S-3 ---------------------------------------------------------------------------
-def test_S1_field_not_representable_is_rejected(protected_vm: Any) -> None:
-    """S-1: a value the struct cannot carry never reaches the checks (and nothing changes)."""
+def test_S1_fields_are_stored_as_c_stores_them(protected_vm: Any) -> None:
+    """S-1: each argument is a ``__u32`` or ``__u64`` field, a wider value taken modulo
+    2**32 or 2**64, and the kernel's checks see that: a gpa of -PAGE plus a page wraps
+    (S-7), flags of 2**32 are 0 and slot 2**32 + 1 is slot 1.  A non-integer is a TypeError
+    naming it; nothing changes."""
     before = vm_state(protected_vm)
     with pytest.raises(KvmError) as info:
         protected_vm.set_user_memory_region2(0, 0, -PAGE, PAGE, 0)
-    assert info.value.rule == "S-1"
-    with pytest.raises(KvmError) as info:
-        protected_vm.set_user_memory_region2(0, 1 << 32, 0, PAGE, 0)
-    assert info.value.rule == "S-1"
+    assert info.value.rule == "S-7"
+    for args, name in (((0.0, 0, 0, PAGE, 0), "slot"), ((0, 0, 0, PAGE, "0"), "userspace_addr")):
+        with pytest.raises(TypeError, match=name):
+            protected_vm.set_user_memory_region2(*args)
+    with pytest.raises(TypeError, match="guest_memfd"):
+        protected_vm.set_user_memory_region2(0, GMEM, 0, PAGE, 0, "3")
     assert vm_state(protected_vm) == before
+    protected_vm.set_user_memory_region2((1 << 32) + 1, 1 << 32, 0, PAGE, 0)
+    assert set(protected_vm.memslots) == {(0, 1)} and protected_vm.memslots[(0, 1)].flags == 0
 
 
 @pytest.mark.parametrize("flags", [GMEM, 1 << 3, GMEM | LOG_DIRTY])

@@ -46,7 +46,7 @@ def _region_calls(gmem: Any, other: Any) -> list[tuple[str, tuple[Any, ...]]]:
     """(rule, set_user_memory_region2 args) that the busy VM must reject."""
     closed_fd = 0xFFFFFFFF
     return [
-        ("S-1", (1 << 32, 0, 16 * MiB, PAGE, 0)),
+        ("S-3", ((1 << 32) + uapi.KVM_USER_MEM_SLOTS, 0, 16 * MiB, PAGE, 0)),  # a __u32 slot
         ("S-3", (uapi.KVM_USER_MEM_SLOTS, 0, 16 * MiB, PAGE, 0)),
         ("S-4", (2, GMEM | LOG_DIRTY, 16 * MiB, PAGE, 0, gmem, 2 * MiB)),
         ("S-4", (2, GMEM | READONLY, 16 * MiB, PAGE, 0, gmem, 2 * MiB)),
@@ -96,7 +96,7 @@ def test_rejected_v1_call_changes_nothing(busy: Any) -> None:
 @pytest.mark.parametrize(
     ("rule", "args"),
     [
-        ("A-2", (-PAGE, PAGE, PRIVATE, 0)),
+        ("A-5", (-PAGE, PAGE, PRIVATE, 0)),  # a __u64 address: -PAGE + PAGE wraps
         ("A-3", (0, MiB, 0, 1)),
         ("A-4", (0, MiB, 1, 0)),
         ("A-5", (0, 0, 0, 0)),

@@ -20,6 +20,7 @@ ALLOWED = frozenset(
     {
         "guestmem",
         "guestmem.backend",
+        "guestmem.cabi",
         "guestmem.uapi",
         "guestmem.errors",
         "guestmem.api",

@@ -4,6 +4,11 @@ The model (``sw`` and the hardware-model plugins) and the real kernel (``guestme
 both hand out objects of these types, so one program runs unchanged against either.  Each
 method is the ioctl or file operation of the same name; failures raise
 :class:`guestmem.KvmError` (an ``OSError``) with the kernel's errno.
+
+Arguments go through :mod:`guestmem.cabi` on every backend before anything happens: an
+integer argument becomes the C type the real uAPI carries for it (each method says which;
+the structs are those of :mod:`guestmem.uapi`), a non-integer is a TypeError naming the
+parameter, data must be bytes-like and a file argument a file object, an fd number or None.
 """
 
 from __future__ import annotations
@@ -11,10 +16,68 @@ from __future__ import annotations
 import abc
 import errno
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Final, Self
+
+from guestmem import cabi
 
 if TYPE_CHECKING:
     from guestmem.snapshot import HostSnapshot, VmSnapshot
+
+#: The most bytes one host access (:meth:`HostMapping.read`, :meth:`HostMapping.write`) or
+#: guest access (:meth:`Vcpu.access`) moves: a limit of this project, not the kernel's
+#: (``docs/model.md``), so that every call's cost is bounded; more is EINVAL on every
+#: backend.  Larger transfers are a loop of accesses.
+MAX_ACCESS: Final = 64 << 20
+
+
+def access_arguments(gpa: object, length: object, write: bool, data: object) -> tuple[int, int, bytes | None]:
+    """The arguments of :meth:`Vcpu.access` as every backend takes them: ``(gpa, length,
+    data)`` with *data* as ``bytes`` (a store) or None (a load).
+
+    Integers (TypeError naming *gpa* or *length*), bytes-like *data* (TypeError), then
+    ValueError for a store without data, a length that is not positive or a negative gpa,
+    and EINVAL for a length beyond :data:`MAX_ACCESS`.
+    """
+    gpa = cabi.index(gpa, "gpa")
+    if data is not None:
+        data = cabi.buffer(data, "data")
+        length = len(data)
+    else:
+        length = cabi.index(length, "length")
+        if write:
+            raise ValueError("a guest store needs data")
+    if length <= 0 or gpa < 0:
+        raise ValueError("length must be positive and gpa non-negative")
+    if length > MAX_ACCESS:
+        from guestmem.errors import KvmError
+
+        raise KvmError(
+            errno.EINVAL, "", f"a guest access of {length:#x} bytes is more than MAX_ACCESS ({MAX_ACCESS:#x})"
+        )
+    return gpa, length, data
+
+
+def host_access_arguments(offset: object, n: object, mapped: int, unmapped: bool) -> tuple[int, int]:
+    """*offset* and *n* of a host access to a mapping *mapped* bytes long, as every backend
+    takes them: integers (TypeError naming them); EFAULT once the mapping is *unmapped* or
+    for bytes outside it (what the SIGSEGV of such an access stops); EINVAL beyond
+    :data:`MAX_ACCESS`."""
+    from guestmem.errors import KvmError
+
+    offset, n = cabi.index(offset, "offset"), cabi.index(n, "n")
+    if unmapped:
+        raise KvmError(errno.EFAULT, "", "access to an unmapped host mapping (SIGSEGV)")
+    if offset < 0 or n < 0 or offset + n > mapped:
+        raise KvmError(
+            errno.EFAULT,
+            "",
+            f"host access [{offset:#x}, {offset + n:#x}) outside the {mapped:#x}-byte mapping",
+        )
+    if n > MAX_ACCESS:
+        raise KvmError(
+            errno.EINVAL, "", f"a host access of {n:#x} bytes is more than MAX_ACCESS ({MAX_ACCESS:#x})"
+        )
+    return offset, n
 
 
 class _Closable(abc.ABC):
@@ -51,11 +114,11 @@ class HostMapping(_Closable):
 
     @abc.abstractmethod
     def read(self, offset: int, n: int) -> bytes:
-        """Load *n* bytes at ``address + offset``."""
+        """Load *n* bytes at ``address + offset`` (:func:`host_access_arguments`)."""
 
     @abc.abstractmethod
     def write(self, offset: int, data: bytes) -> None:
-        """Store *data* at ``address + offset``."""
+        """Store bytes-like *data* at ``address + offset`` (:func:`host_access_arguments`)."""
 
     @abc.abstractmethod
     def madvise(self, advice: int, offset: int = 0, length: int | None = None) -> None:
@@ -86,9 +149,13 @@ def madvise_range(
     nothing to do (a zero length); raises :class:`guestmem.KvmError` otherwise.  Shared by
     every backend so that the model and the real kernel refuse the same calls.
     """
-    from guestmem import uapi
+    from guestmem import cabi, uapi
     from guestmem.errors import KvmError
 
+    advice = cabi.c_int(advice, "advice")
+    offset = cabi.index(offset, "offset")
+    if length is not None:
+        length = cabi.size_t(length, "length")
     if advice not in (uapi.MADV_DONTNEED, uapi.MADV_REMOVE):  # madvise_behavior_valid
         raise KvmError(errno.EINVAL, "", f"madvise: advice {advice} is not MADV_DONTNEED or MADV_REMOVE")
     if length is None:
@@ -125,15 +192,16 @@ class GuestMemfd(_Closable):
 
     @abc.abstractmethod
     def fallocate(self, mode: int, offset: int, length: int) -> None:
-        """``fallocate(2)``: allocate (KEEP_SIZE) or punch a hole (KEEP_SIZE|PUNCH_HOLE)."""
+        """``fallocate(2)``: allocate (KEEP_SIZE) or punch a hole (KEEP_SIZE|PUNCH_HOLE);
+        ``int mode, loff_t offset, loff_t len``."""
 
     @abc.abstractmethod
     def read(self, n: int) -> bytes:
-        """``read(2)``: always fails with EINVAL (F-1)."""
+        """``read(2)`` of a ``size_t`` count: always fails with EINVAL (F-1)."""
 
     @abc.abstractmethod
     def write(self, data: bytes) -> int:
-        """``write(2)``: always fails with EINVAL (F-1)."""
+        """``write(2)`` of bytes-like data: always fails with EINVAL (F-1)."""
 
     @abc.abstractmethod
     def fstat(self) -> Any:
@@ -141,7 +209,7 @@ class GuestMemfd(_Closable):
 
     @abc.abstractmethod
     def truncate(self, size: int) -> None:
-        """``ftruncate(2)``: always fails with EINVAL (F-3)."""
+        """``ftruncate(2)`` to a ``loff_t`` size: always fails with EINVAL (F-3)."""
 
     @abc.abstractmethod
     def dup(self) -> GuestMemfd:
@@ -149,16 +217,19 @@ class GuestMemfd(_Closable):
 
     @abc.abstractmethod
     def mmap(self, length: int, offset: int = 0, shared: bool = True) -> HostMapping:
-        """``mmap(2)`` of the file (M-1, M-2); faults follow M-3..M-5."""
+        """``mmap(2)`` of the file (M-1, M-2) with a ``size_t`` length and an ``off_t``
+        offset; faults follow M-3..M-5."""
 
     def inject_memory_failure(self, offset: int) -> None:
-        """Poison the page at *offset* as a hardware memory error would (E-1, E-2).
+        """Poison the page at *offset* (a ``loff_t``) as a hardware memory error would
+        (E-1, E-2).
 
         The model backends implement it; on a real host this would need ``MADV_HWPOISON``
         on live memory, so the default refuses with EOPNOTSUPP.
         """
         from guestmem.errors import KvmError
 
+        cabi.loff_t(offset, "offset")
         raise KvmError(errno.EOPNOTSUPP, "E-1", "this backend cannot inject memory failures")
 
 
@@ -180,7 +251,8 @@ class Vcpu(_Closable):
         """A guest load (returns the bytes) or store (*data* given; returns None).
 
         Passing *data* makes the access a store of ``len(data)`` bytes (``write=True`` is
-        implied); ``write=True`` without data is an error.
+        implied); ``write=True`` without data is an error (:func:`access_arguments`: integer
+        *gpa* and *length*, bytes-like *data*, at most :data:`MAX_ACCESS` bytes).
 
         ``private=None`` lets the VM's attributes decide (SW_PROTECTED semantics, G-1).  An
         unresolvable fault raises :class:`guestmem.MemoryFault`; an access that exits for
@@ -189,10 +261,12 @@ class Vcpu(_Closable):
 
     @abc.abstractmethod
     def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> int:
-        """``KVM_PRE_FAULT_MEMORY``: map ``[gpa, gpa+size)``; returns the size left (PF-4)."""
+        """``KVM_PRE_FAULT_MEMORY`` (:class:`guestmem.uapi.KvmPreFaultMemory`): map
+        ``[gpa, gpa+size)``; returns the size left (PF-4)."""
 
     def hypercall(self, nr: int, *args: int) -> int:
-        """The guest executes hypercall *nr* (``vmcall``/``vmmcall``/``hvc``) with *args*.
+        """The guest executes hypercall *nr* (``vmcall``/``vmmcall``/``hvc``) with *args*,
+        each a register (``unsigned long``).
 
         Returns the guest's return register.  A request the backend hands to userspace
         raises :class:`guestmem.HypercallExit`.  Backends without guest hypercalls
@@ -200,6 +274,9 @@ class Vcpu(_Closable):
         """
         from guestmem.errors import KvmError
 
+        nr = cabi.ulong(nr, "nr")
+        for i, arg in enumerate(args):
+            cabi.ulong(arg, f"args[{i}]")
         raise KvmError(errno.ENOSYS, "", f"backend has no guest hypercall entry (nr {nr})")
 
     def memory_encrypt_op(self, cmd: Any) -> int:
@@ -220,17 +297,19 @@ class Vm(_Closable):
 
     @abc.abstractmethod
     def check_extension(self, cap: int) -> int:
-        """``KVM_CHECK_EXTENSION`` on the VM fd."""
+        """``KVM_CHECK_EXTENSION`` on the VM fd (*cap* a ``long``)."""
 
     @abc.abstractmethod
     def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
-        """``KVM_CREATE_GUEST_MEMFD`` (rules C-1..C-11)."""
+        """``KVM_CREATE_GUEST_MEMFD`` (:class:`guestmem.uapi.KvmCreateGuestMemfd`; rules
+        C-1..C-11)."""
 
     @abc.abstractmethod
     def set_user_memory_region(
         self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
     ) -> None:
-        """``KVM_SET_USER_MEMORY_REGION`` (v1; S-2 rejects GUEST_MEMFD)."""
+        """``KVM_SET_USER_MEMORY_REGION`` (v1; S-2 rejects GUEST_MEMFD): the first five
+        fields of :class:`guestmem.uapi.KvmUserspaceMemoryRegion2`."""
 
     @abc.abstractmethod
     def set_user_memory_region2(
@@ -243,24 +322,26 @@ class Vm(_Closable):
         guest_memfd: Any = None,
         guest_memfd_offset: int = 0,
     ) -> None:
-        """``KVM_SET_USER_MEMORY_REGION2`` (S-1..S-16, B-1..B-11).
+        """``KVM_SET_USER_MEMORY_REGION2`` (:class:`guestmem.uapi.KvmUserspaceMemoryRegion2`;
+        S-1..S-16, B-1..B-11).
 
         *guest_memfd* is a :class:`GuestMemfd`, any other object with ``fileno()``, a raw fd
-        number, or None (fd 0 as the kernel would read it).
+        number, or None (fd 0 as the kernel would read it); anything else is a TypeError.
         """
 
     @abc.abstractmethod
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
-        """``KVM_SET_MEMORY_ATTRIBUTES`` (A-1..A-12)."""
+        """``KVM_SET_MEMORY_ATTRIBUTES`` (:class:`guestmem.uapi.KvmMemoryAttributes`;
+        A-1..A-12)."""
 
     @abc.abstractmethod
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
-        """``KVM_CREATE_VCPU``."""
+        """``KVM_CREATE_VCPU`` (*vcpu_id* an ``unsigned long``)."""
 
     @abc.abstractmethod
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> int:
-        """``KVM_ENABLE_CAP`` on the VM fd (``struct kvm_enable_cap``: *cap*, *flags*,
-        ``args[0..3]``); e.g. ``enable_cap(KVM_CAP_EXIT_HYPERCALL, 1 << KVM_HC_MAP_GPA_RANGE)``."""
+        """``KVM_ENABLE_CAP`` on the VM fd (:class:`guestmem.uapi.KvmEnableCap`: *cap*,
+        *flags*, ``args[0..3]``); e.g. ``enable_cap(KVM_CAP_EXIT_HYPERCALL, 1 << KVM_HC_MAP_GPA_RANGE)``."""
 
     def memory_encrypt_op(self, cmd: Any) -> int:
         """``KVM_MEMORY_ENCRYPT_OP`` on the VM fd: a confidential-computing command (SEV
@@ -288,15 +369,16 @@ class Kvm(_Closable):
 
     @abc.abstractmethod
     def check_extension(self, cap: int) -> int:
-        """``KVM_CHECK_EXTENSION`` on the system fd."""
+        """``KVM_CHECK_EXTENSION`` on the system fd (*cap* a ``long``)."""
 
     @abc.abstractmethod
     def create_vm(self, vm_type: int = 0) -> Vm:
-        """``KVM_CREATE_VM``."""
+        """``KVM_CREATE_VM`` (*vm_type* an ``unsigned long``)."""
 
     @abc.abstractmethod
     def mmap_anonymous(self, length: int) -> HostMapping:
-        """Plain host memory (``MAP_ANONYMOUS|MAP_SHARED``), for ``userspace_addr``."""
+        """Plain host memory (``MAP_ANONYMOUS|MAP_SHARED``) of a ``size_t`` length, for
+        ``userspace_addr``."""
 
     def snapshot(self) -> HostSnapshot:
         """The host's state as frozen values (:class:`guestmem.snapshot.HostSnapshot`): its

@@ -33,7 +33,6 @@ project's tests check both for every plugin it ships.
 from __future__ import annotations
 
 import enum
-import operator
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
@@ -41,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn
 import attrs
 import pluggy
 
-from guestmem import uapi
+from guestmem import cabi, uapi
 from guestmem.guestvm import GuestVm
 from guestmem.intents import Intents, NotApplicable, RamRegion, X86Intents
 from guestmem.ranges import RangeMap
@@ -209,7 +208,8 @@ class Backend:
     #: model, driven by ``policy``.
     opener: Callable[..., Kvm] | None = None
     #: The policy's ``guestmem_fault`` and ``guestmem_gmem_prepare`` accept runs of pages
-    #: (``npages`` > 1); otherwise every call covers one page (one folio for prepare).
+    #: (``npages`` > 1), and its ``guestmem_max_mapping_level`` answers for a whole run;
+    #: otherwise every call covers one page (one folio for prepare).
     range_faults: bool = False
     #: The backend's translation of the portable intents (launch, conversion, acceptance)
     #: that scenario files and the pytest plugin use; None: the generic KVM base
@@ -408,28 +408,12 @@ class GmemLocation:
 
 
 # --- views ----------------------------------------------------------------------------------
-def _integer(name: str, value: object) -> int:
-    """*value* as an ``int`` (``operator.index``), or TypeError naming the argument."""
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, not {type(value).__name__}") from None
-
-
 def _page_span(pfn: object, offset: object, *, n: object) -> tuple[int, int, int]:
     """``(pfn, offset, n)`` of an access to bytes ``[offset, offset + n)`` of one page."""
-    pfn, offset, n = _integer("pfn", pfn), _integer("offset", offset), _integer("n", n)
+    pfn, offset, n = cabi.index(pfn, "pfn"), cabi.index(offset, "offset"), cabi.index(n, "n")
     if pfn < 0 or offset < 0 or n < 0 or offset + n > uapi.PAGE_SIZE:
         raise ValueError(f"pfn {pfn:#x}: bytes [{offset:#x}, +{n:#x}) are not within one page")
     return pfn, offset, n
-
-
-def _bytes_like(data: object) -> bytes:
-    """*data* as ``bytes``, or TypeError naming it."""
-    try:
-        return memoryview(data).tobytes()  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"data must be a bytes-like object, not {type(data).__name__}") from None
 
 
 class HostView:
@@ -474,7 +458,7 @@ class HostView:
     def read(self, pfn: int, offset: int, n: int) -> bytes:
         """Bytes ``[offset, offset + n)`` of page *pfn* (must not cross the page).
 
-        Integers only (``operator.index``: TypeError naming the argument); a span outside
+        Integers only (:func:`guestmem.cabi.index`: TypeError naming the argument); a span outside
         the page is ValueError.
         """
         pfn, offset, n = _page_span(pfn, offset, n=n)
@@ -485,7 +469,7 @@ class HostView:
 
         The arguments are checked first as :meth:`read`'s; *data* is any bytes-like object.
         """
-        data = _bytes_like(data)
+        data = cabi.buffer(data, "data")
         pfn, offset, _ = _page_span(pfn, offset, n=len(data))
         self._kvm.host.write(pfn, offset, data)
 
@@ -533,7 +517,7 @@ class HostView:
         first, as :meth:`write`'s: a non-integer *pfn* or *offset* is a TypeError naming it,
         before the host kernel touches anything.
         """
-        data = _bytes_like(data)
+        data = cabi.buffer(data, "data")
         pfn, offset, _ = _page_span(pfn, offset, n=len(data))
         self._kvm.kernel_access(pfn, offset, data)
 
@@ -1012,10 +996,13 @@ class GmemView:
         for vma in list(self._inode.vmas):
             vma.zap_indices(start, end)
 
-    def host_mapped_ranges(self) -> Iterator[tuple[int, int]]:
-        """Page index runs ``[s, e)`` faulted into host userspace mappings."""
+    def host_mapped_ranges(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
+        """Page index runs ``[s, e)`` faulted into host userspace mappings, clipped to
+        ``[start, end)``: per mapping, in index order (mappings may overlap).  O(log n + k)
+        per mapping for a bounded range, so a backend checks a run of pages at once."""
         for vma in self._inode.vmas:
-            for s, e, _ in vma.faulted.items():
+            items = vma.faulted.items() if start == 0 and end is None else vma.faulted.items(start, end)
+            for s, e, _ in items:
                 yield s, e
 
 

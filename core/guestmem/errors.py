@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import errno as _errno
 
-from guestmem import uapi
+from guestmem import cabi, uapi
+
+#: A TypeError naming an argument of the wrong type (:class:`guestmem.cabi.ArgumentTypeError`).
+ArgumentTypeError = cabi.ArgumentTypeError
 
 
 class KvmError(OSError):

@@ -30,6 +30,7 @@ from guestmem.backend import (
     VcpuView,
     VmView,
 )
+from guestmem.cabi import ArgumentTypeError
 from guestmem.errors import BackendError, GuestExit, HostCrash
 from guestmem.uapi import PAGE_SIZE
 
@@ -76,7 +77,7 @@ HOOK_NAMES: tuple[str, ...] = (
 )
 
 #: Exceptions a backend raises on purpose: the kernel's outcomes, passed through as they are.
-_OUTCOMES = (OSError, GuestExit, HostCrash, BackendError)
+_OUTCOMES = (OSError, GuestExit, HostCrash, BackendError, ArgumentTypeError)
 
 
 def _spec_args(name: str) -> tuple[str, ...]:

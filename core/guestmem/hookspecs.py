@@ -25,7 +25,9 @@ The hooks keep the kernel's names and are called where the kernel calls the func
 are named after, with the same meaning of their arguments ("Called from" in each
 docstring).  An implementation that must fail the operation raises
 :class:`guestmem.KvmError` with the errno the kernel would return (or a
-:class:`guestmem.GuestExit`); any other exception is reported as a
+:class:`guestmem.GuestExit`; a command struct with a field of the wrong type raises
+:class:`guestmem.cabi.ArgumentTypeError`, the caller's TypeError); any other exception is
+reported as a
 :class:`guestmem.BackendError` naming the backend and its distribution, and the core
 leaves no invalidation open behind it.
 
@@ -273,8 +275,9 @@ def guestmem_gmem_prepare(vm: VmView, gfn: int, pfn: int, order: int, npages: in
     Called from ``kvm_gmem_get_pfn`` after the folio was zeroed, only while it is not yet
     prepared ("uptodate", G-11).  Covers pages ``[gfn, gfn + npages)`` backed by pfns
     ``[pfn, pfn + npages)`` made of folios of *order*; *npages* is one folio (``1 <<
-    order``, or what is left of a split one) unless the backend declares ``range_faults``.
-    SNP assigns the RMP entries here.  Raise :class:`guestmem.KvmError` to fail the fault.
+    order``, or what is left of a split one) unless the backend declares ``range_faults``:
+    then a run of folios of that order, each to be prepared as if it came alone.  SNP
+    assigns the RMP entries here.  Raise :class:`guestmem.KvmError` to fail the fault.
 
     :param vm: the VM of the faulting memslot.
     :param gfn: first gfn.
@@ -303,7 +306,10 @@ def guestmem_max_mapping_level(vm: VmView, pfn: int, is_private: bool) -> int | 
     """``gmem_max_mapping_level``: the largest level (``PG_LEVEL_*``) *pfn* may be mapped at.
 
     Called from ``kvm_mmu_max_mapping_level`` on the gmem path, only when a level above
-    4 KiB is possible.  ``None`` or 0 means no extra limit (H-2).
+    4 KiB is possible.  ``None`` or 0 means no extra limit (H-2).  A backend declaring
+    ``range_faults`` is asked once per fault run, for its first pfn: the answer must hold
+    for every page of the run its ``guestmem_fault`` left (``fault.npages``), so a backend
+    whose answer changes inside a run ends the run there (SNP: the RMP page size).
 
     :param vm: the VM.
     :param pfn: the folio's pfn.

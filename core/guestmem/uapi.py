@@ -9,7 +9,9 @@ takes are frozen value classes with the kernel's field names.
 
 from __future__ import annotations
 
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, Self
+
+from guestmem import cabi
 
 PAGE_SHIFT: Final = 12
 PAGE_SIZE: Final = 1 << PAGE_SHIFT
@@ -150,9 +152,121 @@ CAP_NAMES: Final[dict[int, str]] = {
 }
 
 
+# --- the structs ioctls read, field by field as the kernel declares them --------------------
+# Each ``of()`` takes the Python arguments of the uAPI face and converts every field as the
+# C compiler would store it (guestmem.cabi): a non-integer is a TypeError naming the field.
+
+
 class KvmEnableCap(NamedTuple):
-    """``struct kvm_enable_cap``: the argument of ``KVM_ENABLE_CAP``."""
+    """``struct kvm_enable_cap`` (``include/uapi/linux/kvm.h``): the argument of
+    ``KVM_ENABLE_CAP``: ``__u32 cap; __u32 flags; __u64 args[4]; __u8 pad[64]``."""
 
     cap: int
     flags: int = 0
     args: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, cap: object, flags: object, args: tuple[object, ...]) -> Self:
+        """The struct a ``KVM_ENABLE_CAP`` call fills; more than four *args* do not fit
+        (ValueError)."""
+        if len(args) > 4:
+            raise ValueError(f"struct kvm_enable_cap has four args, not {len(args)}")
+        values = tuple(cabi.u64(arg, f"args[{i}]") for i, arg in enumerate(args))
+        return cls(cabi.u32(cap, "cap"), cabi.u32(flags, "flags"), values)
+
+
+class KvmUserspaceMemoryRegion2(NamedTuple):
+    """``struct kvm_userspace_memory_region2`` (``include/uapi/linux/kvm.h``):
+    ``__u32 slot; __u32 flags; __u64 guest_phys_addr; __u64 memory_size;
+    __u64 userspace_addr; __u64 guest_memfd_offset; __u32 guest_memfd; __u32 pad1;
+    __u64 pad2[14]``.  ``KVM_SET_USER_MEMORY_REGION`` reads its first five fields
+    (``struct kvm_userspace_memory_region``) and zeroes the rest."""
+
+    slot: int
+    flags: int
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+    guest_memfd_offset: int = 0
+    guest_memfd: int = 0
+
+    @property
+    def as_id(self) -> int:
+        """Bits 31:16 of ``slot``: the address space."""
+        return (self.slot >> 16) & 0xFFFF
+
+    @property
+    def id(self) -> int:
+        """Bits 15:0 of ``slot``: the memslot id."""
+        return self.slot & 0xFFFF
+
+    @classmethod
+    def of(
+        cls,
+        slot: object,
+        flags: object,
+        guest_phys_addr: object,
+        memory_size: object,
+        userspace_addr: object,
+        guest_memfd_offset: object = 0,
+        guest_memfd: object = None,
+    ) -> Self:
+        """The struct for these arguments; *guest_memfd* is a file object, an fd number or
+        None (:func:`guestmem.cabi.fd`)."""
+        return cls(
+            cabi.u32(slot, "slot"),
+            cabi.u32(flags, "flags"),
+            cabi.u64(guest_phys_addr, "guest_phys_addr"),
+            cabi.u64(memory_size, "memory_size"),
+            cabi.u64(userspace_addr, "userspace_addr"),
+            cabi.u64(guest_memfd_offset, "guest_memfd_offset"),
+            cabi.fd(guest_memfd, "guest_memfd"),
+        )
+
+
+class KvmMemoryAttributes(NamedTuple):
+    """``struct kvm_memory_attributes`` (``include/uapi/linux/kvm.h``):
+    ``__u64 address; __u64 size; __u64 attributes; __u64 flags``."""
+
+    address: int
+    size: int
+    attributes: int
+    flags: int
+
+    @classmethod
+    def of(cls, address: object, size: object, attributes: object, flags: object) -> Self:
+        """The struct for these arguments."""
+        return cls(
+            cabi.u64(address, "address"),
+            cabi.u64(size, "size"),
+            cabi.u64(attributes, "attributes"),
+            cabi.u64(flags, "flags"),
+        )
+
+
+class KvmCreateGuestMemfd(NamedTuple):
+    """``struct kvm_create_guest_memfd`` (``include/uapi/linux/kvm.h``):
+    ``__u64 size; __u64 flags; __u64 reserved[6]``.  ``kvm_gmem_create`` reads ``size``
+    into a ``loff_t`` (so bit 63 makes it negative: EINVAL, C-4)."""
+
+    size: int
+    flags: int
+
+    @classmethod
+    def of(cls, size: object, flags: object) -> Self:
+        """The struct for these arguments."""
+        return cls(cabi.u64(size, "size"), cabi.u64(flags, "flags"))
+
+
+class KvmPreFaultMemory(NamedTuple):
+    """``struct kvm_pre_fault_memory`` (``include/uapi/linux/kvm.h``):
+    ``__u64 gpa; __u64 size; __u64 flags; __u64 padding[5]``."""
+
+    gpa: int
+    size: int
+    flags: int
+
+    @classmethod
+    def of(cls, gpa: object, size: object, flags: object) -> Self:
+        """The struct for these arguments."""
+        return cls(cabi.u64(gpa, "gpa"), cabi.u64(size, "size"), cabi.u64(flags, "flags"))

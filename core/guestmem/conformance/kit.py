@@ -311,6 +311,32 @@ class GmemConformance:
             expect_errno(errno.EBADF, syscall)
             obj.close()
 
+    # --- arguments as the kernel's C types (guestmem.cabi) -------------------------------------
+    def test_non_integer_arguments_are_typeerrors_naming_them(self, vm: Any) -> None:
+        """Every backend takes the uAPI face's arguments through ``guestmem.cabi``: a float,
+        a string or None where the uAPI carries an integer is a TypeError naming the
+        parameter, and so is data that is not bytes-like."""
+        with vm.create_guest_memfd(MiB) as gmem:
+            calls: tuple[tuple[Callable[[], Any], str], ...] = (
+                (lambda: vm.create_guest_memfd(float(MiB)), "size"),
+                (lambda: vm.create_vcpu(0.5), "vcpu_id"),
+                (lambda: vm.set_user_memory_region2(0, 0, 0, None, 0), "memory_size"),
+                (lambda: vm.check_extension("1"), "cap"),
+                (lambda: gmem.fallocate(KEEP, 0.0, PAGE), "offset"),
+                (lambda: gmem.write("x"), "data"),
+            )
+            for call, name in calls:
+                with pytest.raises(TypeError, match=f"^{name} must be"):
+                    call()
+
+    def test_wider_integers_are_truncated_as_the_c_field_holds_them(self, vm: Any) -> None:
+        """A value wider than its field reaches the kernel's checks as C stores it: a
+        ``__u64`` size of ``2**64 + MiB`` is a guest_memfd of 1 MiB (C-4 passes), a
+        ``loff_t`` fallocate offset of ``2**64 - PAGE`` is negative (EINVAL, FA-1)."""
+        with vm.create_guest_memfd((1 << 64) + MiB) as gmem:
+            assert gmem.fstat().st_size == MiB
+            expect_errno(errno.EINVAL, gmem.fallocate, KEEP, (1 << 64) - PAGE, PAGE)
+
     # --- plain file operations (F-1..F-3) ---------------------------------------------------
     def test_f1_read_write_fail(self, vm: Any) -> None:
         with vm.create_guest_memfd(MiB) as gmem:

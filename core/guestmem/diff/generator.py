@@ -594,7 +594,7 @@ class Generator:
         if slots and rng.random() < 0.8:  # mostly inside (or just past) a memslot
             _, base, size = self._pick(slots)
             if self._chance(0.25):  # at its end or a page end inside it: the access crosses
-                end = base + self.rng.randrange(1, size // PAGE + 1) * PAGE
+                end = base + self.rng.randrange(1, max(1, size // PAGE) + 1) * PAGE  # a slot may be < 1 page
                 gpa = max(0, end - rng.randrange(1, 24))
                 crossing = True
             else:

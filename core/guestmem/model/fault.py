@@ -173,9 +173,15 @@ def _faultin(vm: ModelVm, fault: Fault, window: bool) -> int:
         fault.map_writable = not slot.flags & uapi.KVM_MEM_READONLY
         fault.max_level = min(fault.max_level, host_level)  # host_pfn_mapping_level
     fault.pfn, fault.order = pfn, order
+    # A run over several huge frames is one level decision where the backend's
+    # max_mapping_level holds for the whole run (range_faults), or there is none.
+    frames_ok = vm.backend.range_faults or not vm.hooks.policy_implements("max_mapping_level")
+    first_frame = npages
     if fault.max_level > uapi.PG_LEVEL_4K:
         frame = level_pages(fault.max_level)
-        npages = min(npages, (gfn | (frame - 1)) + 1 - gfn)  # one frame: one level decision
+        first_frame = min(npages, (gfn | (frame - 1)) + 1 - gfn)
+        if not frames_ok:
+            npages = first_frame  # one frame: one level decision
     fault.npages = npages
     if mmu.retry_gfn(seq, gfn) or vm.slots.gen != gen:
         return 0
@@ -197,16 +203,20 @@ def _faultin(vm: ModelVm, fault: Fault, window: bool) -> int:
     npages = max(1, min(fault.npages, npages))
     max_level = min(fault.max_level, allowed_level)
     writable = fault.map_writable and map_writable
-    level = _mapping_level(vm, fault, slot, pfn, max_level, gmem_path)
+    level, uniform = _mapping_level(vm, fault, slot, pfn, max_level, gmem_path)
+    if not (frames_ok and uniform):
+        npages = min(npages, first_frame)
     if level > uapi.PG_LEVEL_4K:
         n = level_pages(level)
         start = gfn & ~(n - 1)
-        mmu.install(Leaf(start, n, pfn - (gfn - start), level, fault.is_private, writable))
-        mapped = start + n - gfn
+        frames = max(1, (gfn + npages - start) // n)
+        mmu.install(Leaf(start, frames * n, pfn - (gfn - start), level, fault.is_private, writable))
+        mapped = start + frames * n - gfn
     else:
+        frames = npages
         mmu.install(Leaf(gfn, npages, pfn, level, fault.is_private, writable))
         mapped = npages
-    vm.count("faults", 1 if level > uapi.PG_LEVEL_4K else npages)  # one per fault the guest takes
+    vm.count("faults", frames)  # one per fault the guest takes: a page, or a huge frame
     if vm.tracing:
         fields = {
             "gpa": fault.gpa,
@@ -261,24 +271,30 @@ def _hva_to_pfn(vm: ModelVm, slot: Memslot, gfn: int, write: bool) -> tuple[int,
 
 def _mapping_level(
     vm: ModelVm, fault: Fault, slot: Memslot, pfn: int, max_level: int, gmem_path: bool
-) -> int:
+) -> tuple[int, bool]:
     """``kvm_mmu_hugepage_adjust`` + ``kvm_mmu_max_mapping_level`` (H-1..H-3).
 
     No huge mapping in a dirty-logged slot; otherwise step down from *max_level* while the
     frame is disallowed (``lpage_info``), then, on the gmem path, the vendor's
     ``gmem_max_mapping_level`` (called once, only for a level above 4K) may lower it.  On
     the hva path *max_level* already holds ``host_pfn_mapping_level``.
+
+    Also says whether the decision holds for every frame of the fault's run: it does
+    unless the first frame was stepped down for a reason of its own (it straddles the
+    slot's edge or mixes attributes, H-3); the frames after it lie inside the run, whose
+    slot, attributes and pfn alignment are uniform.
     """
     if max_level <= uapi.PG_LEVEL_4K or slot.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
-        return uapi.PG_LEVEL_4K
-    level = min(max_level, uapi.PG_LEVEL_1G)
+        return uapi.PG_LEVEL_4K, True
+    top = level = min(max_level, uapi.PG_LEVEL_1G)
     while level > uapi.PG_LEVEL_4K and _lpage_disallowed(vm, slot, fault.gfn, pfn, level):
         level -= 1
+    uniform = level == top
     if level > uapi.PG_LEVEL_4K and gmem_path:
         limit = vm.hooks.max_mapping_level(vm.view, pfn, fault.is_private)
         if limit:
             level = min(level, limit)
-    return level
+    return level, uniform
 
 
 def _lpage_disallowed(vm: ModelVm, slot: Memslot, gfn: int, pfn: int, level: int) -> bool:

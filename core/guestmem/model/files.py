@@ -8,7 +8,7 @@ import stat
 import time
 from typing import TYPE_CHECKING
 
-from guestmem import api, uapi
+from guestmem import api, cabi, uapi
 from guestmem.backend import GmemView
 from guestmem.errors import KvmError
 from guestmem.model.mapping import GmemVma, ModelHostMapping
@@ -28,10 +28,11 @@ def mmap_length(length: int, offset: int = 0) -> int:
     """The checks of ``mmap(2)`` before the file is involved (``ksys_mmap_pgoff``,
     ``do_mmap``, ``get_unmapped_area``); returns the page-aligned length.
 
-    *length* is a ``size_t`` and *offset* an ``off_t``, read as the kernel reads them.
+    *length* is the ``size_t`` and *offset* the ``off_t`` of ``mmap(2)``, both reaching
+    the x86-64 system call as ``unsigned long`` (:mod:`guestmem.cabi`).
     """
-    offset &= uapi.U64_MAX
-    length &= uapi.U64_MAX
+    offset = cabi.off_t(offset, "offset") & uapi.U64_MAX
+    length = cabi.size_t(length, "length")
     if offset % PAGE_SIZE:
         raise KvmError(errno.EINVAL, "", f"mmap offset {offset:#x} is not page aligned")
     if length == 0:
@@ -100,19 +101,23 @@ class ModelGuestMemfd(api.GuestMemfd):
 
     @uapi_call
     def read(self, n: int) -> bytes:
-        """F-1: guest_memfd has no read op."""
+        """F-1: guest_memfd has no read op (*n* is the ``size_t`` count of ``read(2)``)."""
+        cabi.size_t(n, "n")
         self._check()
         raise KvmError(errno.EINVAL, "F-1", "guest_memfd does not support read()")
 
     @uapi_call
     def write(self, data: bytes) -> int:
-        """F-1: guest_memfd has no write op."""
+        """F-1: guest_memfd has no write op (*data* is bytes-like, as :func:`os.write`'s)."""
+        cabi.buffer(data, "data")
         self._check()
         raise KvmError(errno.EINVAL, "F-1", "guest_memfd does not support write()")
 
     @uapi_call
     def truncate(self, size: int) -> None:
-        """F-3: ``kvm_gmem_setattr`` refuses every change."""
+        """F-3: ``kvm_gmem_setattr`` refuses every change (*size* is the ``loff_t`` of
+        ``ftruncate(2)``)."""
+        cabi.loff_t(size, "size")
         self._check()
         raise KvmError(errno.EINVAL, "F-3", "guest_memfd size can never change")
 
@@ -137,7 +142,10 @@ class ModelGuestMemfd(api.GuestMemfd):
 
     @uapi_call
     def fallocate(self, mode: int, offset: int, length: int) -> None:
-        """``fallocate(2)`` (FA-1..FA-11)."""
+        """``fallocate(2)`` (FA-1..FA-11): ``int mode, loff_t offset, loff_t len``."""
+        mode = cabi.c_int(mode, "mode")
+        offset = cabi.loff_t(offset, "offset")
+        length = cabi.loff_t(length, "length")
         self._check()
         if offset < 0 or length <= 0:
             raise KvmError(errno.EINVAL, "FA-1", "offset < 0 or len <= 0")
@@ -182,7 +190,9 @@ class ModelGuestMemfd(api.GuestMemfd):
 
     @uapi_call
     def mmap(self, length: int, offset: int = 0, shared: bool = True) -> ModelHostMapping:
-        """``mmap(2)`` of the file (M-1, M-2)."""
+        """``mmap(2)`` of the file (M-1, M-2): *length* a ``size_t``, *offset* an ``off_t``."""
+        length = cabi.size_t(length, "length")
+        offset = cabi.off_t(offset, "offset")
         self._check()
         length = mmap_length(length, offset)
         # do_mmap -> file_mmap_ok: the file range must stay within MAX_LFS_FILESIZE
@@ -201,7 +211,9 @@ class ModelGuestMemfd(api.GuestMemfd):
 
     @uapi_call
     def inject_memory_failure(self, offset: int) -> None:
-        """Poison the page at *offset* as a hardware memory error would (E-1, E-2)."""
+        """Poison the page at *offset* (a ``loff_t`` in the file) as a hardware memory error
+        would (E-1, E-2)."""
+        offset = cabi.loff_t(offset, "offset")
         self._check()
         inode = self.file.inode
         if offset < 0 or offset >= inode.size:

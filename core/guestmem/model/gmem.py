@@ -99,6 +99,18 @@ class GmemInode:
         whole = end - start == 1 << self.folio_order and ent is not None and ent[0] <= start and end <= ent[1]
         return self.folio_order if whole else 0
 
+    def same_order_end(self, index: int, end: int, order: int) -> int:
+        """Where the run ``[index, end)`` of one stored entry stops holding folios of
+        *index*'s *order*: after the last whole folio of the file's order, or at the end of
+        *index*'s folio for what is left of a split one (order 0)."""
+        nr = 1 << self.folio_order
+        if not order:
+            return min(end, index - index % nr + nr)
+        ent = self.pages.entry(index)
+        assert ent is not None, "a whole folio is allocated"
+        last = min(ent[1], self.npages)
+        return min(end, last - last % nr)
+
     def pfn(self, index: int) -> int | None:
         """The host pfn backing *index*, or None if no folio is allocated."""
         folio = self.pages.get(index)
@@ -132,35 +144,44 @@ class GmemInode:
         if start != end - 1 and self.pages.overlaps(start, end):
             # what is left of a split large folio: allocate only the hole around index
             start, end = next((s, e) for s, e in self.pages.gaps(start, end) if s <= index < e)
-        pfn = self.host.alloc(end - start)
+        return start, end, self._new_folios(start, end, 1)
+
+    def _new_folios(self, start: int, end: int, folios: int, *, align: bool = True) -> Folio:
+        """*folios* new folios over pages ``[start, end)``, from one pfn run, counted."""
+        pfn = self.host.alloc(end - start, align=align)
         folio = Folio(pfn - start)
         self.pages.set(start, end, folio)
-        self.owner.count("gmem_folios_allocated")
+        self.owner.count("gmem_folios_allocated", folios)
         self.owner.count("gmem_pages_allocated", end - start)
-        return start, end, folio
+        return folio
 
     def get_run(self, index: int, limit: int) -> tuple[int, int, Folio]:
         """The folio run from *index* (at most to *limit*), allocated if missing.
 
         What ``kvm_gmem_get_folio`` for each page of ``[index, limit)`` in turn would
-        leave: order-0 folios missing in a row come from one pfn run (the model's
-        allocator hands out consecutive pfns anyway); a large folio is allocated whole.
+        leave: folios missing in a row come from one pfn run (the model's allocator hands
+        out consecutive pfns anyway, naturally aligned for large folios); a large folio is
+        allocated whole.
         Returns ``(index, end, folio)``, the run clipped to ``[index, limit)``.
         """
         ent = self.pages.entry(index)
         if ent is not None:
             return index, min(ent[1], limit), ent[2]
         if self.folio_order:
-            _, end, folio = self.get_folio(index)
-            return index, min(end, limit), folio
+            nr = 1 << self.folio_order
+            start = index - index % nr
+            # the whole folios holding [index, limit) that are missing in a row
+            stop = min(-(-limit // nr) * nr, self.npages - self.npages % nr)
+            nxt = self.pages.first_overlap(start, stop) if stop > start else None
+            if nxt is not None:
+                stop = nxt[0] - nxt[0] % nr
+            if stop - start <= nr:  # one folio, or what is left of a split one
+                _, end, folio = self.get_folio(index)
+                return index, min(end, limit), folio
+            return index, min(stop, limit), self._new_folios(start, stop, (stop - start) // nr)
         nxt = self.pages.first_overlap(index, limit)
         end = limit if nxt is None else nxt[0]
-        pfn = self.host.alloc(end - index, align=False)
-        folio = Folio(pfn - index)
-        self.pages.set(index, end, folio)
-        self.owner.count("gmem_folios_allocated", end - index)
-        self.owner.count("gmem_pages_allocated", end - index)
-        return index, end, folio
+        return index, end, self._new_folios(index, end, end - index, align=False)
 
     def allocate(self, start: int, end: int) -> None:
         """``kvm_gmem_allocate`` (FA-6): instantiate folios over ``[start, end)`` pages.
@@ -304,10 +325,17 @@ class GmemFile:
         self.refs += 1
 
     def put(self) -> None:
-        """Drop a file reference; the last one releases the view."""
+        """``fput``: drop a file reference; the last one releases the view.
+
+        From then on the file cannot be looked up (``get_file_active`` fails: EFAULT, L-4);
+        the release itself runs when the operation under way ends (``task_work``,
+        :meth:`guestmem.model.kvm.ModelKvm.fput`), so an invalidation or a fault that uses
+        the file finishes first.
+        """
         self.refs -= 1
         if self.refs == 0:
-            self.release()
+            self.released = True
+            self.vm.kvm.fput(self.release)
 
     def release(self) -> None:
         """``kvm_gmem_release`` (L-3): unbind every slot, zap, drop the VM reference."""
@@ -400,10 +428,15 @@ def _get_pfn(vm: ModelVm, slot: Memslot, file: GmemFile, gfn: int, max_pages: in
     order = inode.order_at(index)
     if folio.hwpoison:
         raise KvmError(EHWPOISON, "E-2", f"gmem page {index:#x} is hardware-poisoned")
+    if inode.folio_order:
+        end = inode.same_order_end(index, end, order)
     if not folio.uptodate:
+        per_folio = vm.hooks.policy_implements("gmem_prepare") and not vm.backend.range_faults
         if order:
             start, stop = inode.folio_bounds(index)
-        elif vm.hooks.policy_implements("gmem_prepare") and not vm.backend.range_faults:
+            if not per_folio:  # every whole folio of the run at once
+                stop = max(stop, end + (-end) % (1 << order))
+        elif per_folio:
             start, stop = index, index + 1
         else:
             start, stop = index, end
@@ -429,7 +462,7 @@ def _prepare(
         inode.pages.set(start, end, Folio(folio.delta, True, folio.hwpoison))
     else:
         inode.set_state(start, end, uptodate=True)
-    vm.count("gmem_prepare", 1 if order else end - start)
+    vm.count("gmem_prepare", (end - start) >> order)  # one per folio
 
 
 # --- kvm_gmem_populate --------------------------------------------------------------------------

@@ -7,9 +7,10 @@ import heapq
 import itertools
 import sys
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from guestmem import api, uapi
+from guestmem import api, cabi, uapi
 from guestmem.backend import HostView, OwnershipEvent, TraceEvent, VmView
 from guestmem.errors import KvmError, ObserverError
 from guestmem.hooks import ObserverFailure
@@ -75,6 +76,8 @@ class ModelKvm(api.Kvm):
         #: what observers raised meanwhile.
         self.op_depth = 0
         self.observer_failures: list[ObserverFailure] = []
+        #: Releases deferred to the end of the outermost operation (:meth:`fput`).
+        self.task_work: list[tuple[bool, Callable[[], None]]] = []
         self.hooks = registry.hooks_for(backend, self.observer_failed)
         self._fds: dict[int, object] = {}
         # O(1) in the number of open fds: the numbers freed below the high-water mark (a
@@ -121,12 +124,17 @@ class ModelKvm(api.Kvm):
 
     @uapi_call
     def check_extension(self, cap: int) -> int:
+        """``KVM_CHECK_EXTENSION``: *cap* is the ``long`` of
+        ``kvm_vm_ioctl_check_extension_generic``."""
+        cap = cabi.long(cap, "cap")
         self._check()
         return self.extension(None, cap)
 
     @uapi_call
     def create_vm(self, vm_type: int = uapi.KVM_X86_DEFAULT_VM) -> ModelVm:
-        """``KVM_CREATE_VM`` (CAP-6: an unsupported type is EINVAL)."""
+        """``KVM_CREATE_VM`` (CAP-6: an unsupported type is EINVAL); *vm_type* is the
+        ``unsigned long`` of ``kvm_dev_ioctl_create_vm``."""
+        vm_type = cabi.ulong(vm_type, "vm_type")
         self._check()
         info = self.backend_info.vm_type(vm_type)
         if info is None or (self.profile.vm_types is not None and vm_type not in self.profile.vm_types):
@@ -144,7 +152,8 @@ class ModelKvm(api.Kvm):
     @uapi_call
     def mmap_anonymous(self, length: int) -> ModelHostMapping:
         """Anonymous shared host memory (for ``userspace_addr``); ``mmap(2)`` needs no
-        ``/dev/kvm``, so it works after :meth:`close` too."""
+        ``/dev/kvm``, so it works after :meth:`close` too.  *length* is a ``size_t``."""
+        length = cabi.size_t(length, "length")
         self.host.check_alive()
         from guestmem.model.files import mmap_length
 
@@ -251,25 +260,8 @@ class ModelKvm(api.Kvm):
             return f"stdio:{fd}"
         return self._fds.get(fd)
 
-    def fd_of(self, guest_memfd: Any) -> int:
-        """The u32 the ioctl would carry for *guest_memfd* (object, fileno() or int)."""
-        if guest_memfd is None:
-            return 0
-        if isinstance(guest_memfd, int):
-            return guest_memfd & 0xFFFFFFFF
-        fileno = getattr(guest_memfd, "fileno", None)
-        if fileno is None:
-            raise TypeError(f"guest_memfd must be a file-like object or an fd number, not {guest_memfd!r}")
-        closed = getattr(guest_memfd, "closed", False)
-        if closed:
-            return 0xFFFFFFFF  # a closed fd: fget fails (B-1)
-        number = fileno()
-        if isinstance(guest_memfd, api.GuestMemfd) and not self._owns(guest_memfd):
-            # A guest_memfd of another process/model: this process has no such file.
-            return 0xFFFFFFFF
-        return int(number) & 0xFFFFFFFF
-
-    def _owns(self, obj: object) -> bool:
+    def owns(self, obj: object) -> bool:
+        """True iff *obj* has a descriptor in this process's fd table."""
         return id(obj) in self._fd_owners
 
     def mmu_notifier_invalidate(self, address: int, length: int) -> None:
@@ -349,17 +341,69 @@ class ModelKvm(api.Kvm):
             }
             self.trace(None if vm is None else vm._vm, "ownership_update", fields)
 
+    def fput(self, release: Callable[[], None], *, held: bool = False) -> None:
+        """The last reference to a file went: run its *release* (``__fput``), at the end of
+        the operation under way if there is one.
+
+        ``fput`` defers ``__fput`` to ``task_work``, which runs on the way back to userspace
+        and, inside ``KVM_RUN``, before the guest is entered again
+        (``xfer_to_guest_mode_handle_work``).  So a file closed in the middle of a system
+        call (by a hook calling ``close()``) is released once the call is done with it.
+        *held* is for the descriptor the call itself works on (the VM and vCPU fds a
+        ``close()`` drops): ``fdget`` holds it until ``fdput`` at the end of the call, so
+        ``KVM_RUN`` never loses its vCPU or VM (``kvm_get_kvm``/``kvm_put_kvm``).
+        """
+        if self.op_depth:
+            self.task_work.append((held, release))
+        else:
+            release()
+
+    def run_task_work(self, *, guest_entry: bool = False) -> bool:
+        """Run the releases deferred by :meth:`fput`, in order; at a *guest_entry* (the
+        ``KVM_RUN`` loop) only those no operation holds.  Returns True if one ran.
+
+        Each runs even if one before it raised (the kernel always finishes ``__fput``); the
+        first exception is raised at the end.  Releases that close more files defer them to
+        this same loop.
+        """
+        failed: BaseException | None = None
+        ran = False
+        work = self.task_work
+        self.op_depth += 1
+        try:
+            i = 0
+            while i < len(work):
+                held, release = work[i]
+                if guest_entry and held:
+                    i += 1
+                    continue
+                del work[i]
+                ran = True
+                try:
+                    release()
+                except BaseException as exc:  # noqa: BLE001 - re-raised below
+                    failed = failed or exc
+        finally:
+            self.op_depth -= 1
+        if failed is not None:
+            raise failed
+        return ran
+
     def operation(self) -> Operation:
         """One operation (see :mod:`guestmem.model.operation`), for the views' entry points."""
         return Operation(self)
 
     def operation_done(self, operation: str) -> None:
-        """The outermost operation ended: ``guestmem_operation_done``, then what observers
-        raised meanwhile."""
-        if self.hooks.implemented("operation_done"):
-            self.hooks.operation_done(self.view, operation)
-        if self.observer_failures:
-            self.report_observer_failures()
+        """The outermost operation ended: the deferred releases (:meth:`fput`),
+        ``guestmem_operation_done``, then what observers raised meanwhile."""
+        try:
+            if self.task_work:
+                self.run_task_work()
+        finally:
+            if self.hooks.implemented("operation_done"):
+                self.hooks.operation_done(self.view, operation)
+            if self.observer_failures:
+                self.report_observer_failures()
 
     def observer_failed(self, failure: ObserverFailure) -> None:
         """Keep *failure* until the operation ends; outside any operation, report it now."""

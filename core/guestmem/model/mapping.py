@@ -8,12 +8,11 @@ munmap removes them.  A SIGBUS is raised as :class:`guestmem.HostSigbus`.
 from __future__ import annotations
 
 import abc
-import errno
 from typing import TYPE_CHECKING
 
-from guestmem import api, uapi
+from guestmem import api, cabi, uapi
 from guestmem.backend import HostFault
-from guestmem.errors import HostSigbus, KvmError
+from guestmem.errors import HostSigbus
 from guestmem.model.gmem import Folio
 from guestmem.model.operation import uapi_call
 from guestmem.ranges import RangeMap
@@ -93,16 +92,22 @@ class AnonVma(Vma):
         return sorted(((chunk << uapi.PMD_ORDER) - first, base) for chunk, base in self._chunks.items())
 
     def madv_remove(self, offset: int, length: int) -> None:
-        """The shmem file of ``MAP_SHARED|MAP_ANONYMOUS`` loses the pages: zeroes after."""
+        """The shmem file of ``MAP_SHARED|MAP_ANONYMOUS`` loses the pages: zeroes after; the
+        cost follows the 2 MiB chunks the range touches and the mapping has, never the
+        range's length."""
         super().madv_remove(offset, length)
         first = (self.address + offset) >> PAGE_SHIFT
         last = (self.address + offset + length + PAGE_SIZE - 1) >> PAGE_SHIFT
         lo_chunk, hi_chunk = first >> uapi.PMD_ORDER, (last - 1) >> uapi.PMD_ORDER
-        for chunk, base in list(self._chunks.items()):
-            if lo_chunk <= chunk <= hi_chunk:
-                lo = max(first, chunk << uapi.PMD_ORDER)
-                hi = min(last, (chunk + 1) << uapi.PMD_ORDER)
-                self.kvm.host.zero(base + (lo & (_THP_PAGES - 1)), hi - lo)
+        chunks = self._chunks
+        if hi_chunk - lo_chunk < len(chunks):
+            touched = [(c, chunks[c]) for c in range(lo_chunk, hi_chunk + 1) if c in chunks]
+        else:
+            touched = [(c, base) for c, base in chunks.items() if lo_chunk <= c <= hi_chunk]
+        for chunk, base in touched:
+            lo = max(first, chunk << uapi.PMD_ORDER)
+            hi = min(last, (chunk + 1) << uapi.PMD_ORDER)
+            self.kvm.host.zero(base + (lo & (_THP_PAGES - 1)), hi - lo)
 
     def host_level(self, page: int) -> int:
         hpage = (self.address >> PAGE_SHIFT) + page
@@ -277,27 +282,21 @@ class ModelHostMapping(api.HostMapping):
     def closed(self) -> bool:
         return self._vma.unmapped
 
-    def _check(self, offset: int, n: int) -> None:
-        if self._vma.unmapped:
-            raise KvmError(errno.EFAULT, "", "access to an unmapped host mapping (SIGSEGV)")
-        if offset < 0 or n < 0 or offset + n > self.length:
-            raise KvmError(
-                errno.EFAULT,
-                "",
-                f"[{offset:#x}, {offset + n:#x}) is outside the {self.length:#x}-byte mapping",
-            )
-
     @uapi_call
     def read(self, offset: int, n: int) -> bytes:
-        self._check(offset, n)
+        """A host load (:func:`guestmem.api.host_access_arguments`)."""
+        offset, n = api.host_access_arguments(offset, n, self.length, self._vma.unmapped)
         self._vma.kvm.host.check_alive()
         return vma_access(self._vma, offset, n, None)
 
     @uapi_call
     def write(self, offset: int, data: bytes) -> None:
-        self._check(offset, len(data))
+        """A host store of bytes-like *data* (:func:`guestmem.api.host_access_arguments`)."""
+        offset = cabi.index(offset, "offset")
+        data = cabi.buffer(data, "data")
+        offset, n = api.host_access_arguments(offset, len(data), self.length, self._vma.unmapped)
         self._vma.kvm.host.check_alive()
-        vma_access(self._vma, offset, len(data), bytes(data))
+        vma_access(self._vma, offset, n, data)
 
     @uapi_call
     def madvise(self, advice: int, offset: int = 0, length: int | None = None) -> None:

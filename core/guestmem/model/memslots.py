@@ -98,27 +98,8 @@ class Change(enum.Enum):
     NONE = "none"
 
 
-@attrs.frozen
-class Region:
-    """``struct kvm_userspace_memory_region2`` as the ioctl received it."""
-
-    slot: int
-    flags: int
-    guest_phys_addr: int
-    memory_size: int
-    userspace_addr: int
-    guest_memfd_offset: int = 0
-    guest_memfd: int = 0
-
-    @property
-    def as_id(self) -> int:
-        """Bits 31:16 of ``slot``."""
-        return (self.slot >> 16) & 0xFFFF
-
-    @property
-    def id(self) -> int:
-        """Bits 15:0 of ``slot``."""
-        return self.slot & 0xFFFF
+#: ``struct kvm_userspace_memory_region2`` as the ioctl received it.
+Region = uapi.KvmUserspaceMemoryRegion2
 
 
 def access_ok(addr: int, size: int) -> bool:

@@ -1,5 +1,5 @@
-"""Operations: the span of one uAPI call, run under its host's lock, at whose end what
-observers raised is reported.
+"""Operations: the span of one uAPI call, run under its host's lock, at whose end
+deferred releases run and what observers raised is reported.
 
 Every public method of the model's uAPI objects is an operation (:func:`uapi_call`); a
 hook that calls back into the model nests inside it.  An operation holds its host's lock
@@ -11,8 +11,13 @@ other, each whole, which is one of the schedules the kernel's locks allow.  The 
 place a thread lets others in before its operation ends is :func:`mmu_lock_window`,
 where a stage-2 fault of the kernel holds none of those locks.
 
-An observer's exception is kept until the outermost operation ends, so the model is
-consistent (no invalidation left open, nothing half-applied) when the caller hears of it.
+As a system call holds the files it works on (``fdget`` ... ``fdput``), the last
+reference to a file dropped during an operation (a ``close()`` from inside a hook
+included) is released only when the outermost operation ends: ``fput`` defers ``__fput``
+to ``task_work``, which runs on the way back to userspace
+(:meth:`guestmem.model.kvm.ModelKvm.fput`).  An observer's exception is kept until then
+too, so the model is consistent (no invalidation left open, nothing half-applied, no
+object destroyed under an operation using it) when the caller hears of it.
 """
 
 from __future__ import annotations
@@ -146,13 +151,15 @@ def mmu_lock_window(kvm: ModelKvm) -> bool:
     leaf, which then finds its ``mmu_invalidate_seq`` snapshot stale and retries.  Only the
     outermost operation of a thread lets go (a fault nested in a hook runs inside a
     caller's critical section); the operation's own bookkeeping (depth, observers'
-    failures so far) is set aside meanwhile, so that the operations that run in between
-    are reported as their own.
+    failures and deferred releases so far) is set aside meanwhile, so that the operations
+    that run in between are reported, and release, as their own.
     """
     if kvm.op_depth != 1 or not kvm.lock_waiters:
         return False
-    depth, failures = kvm.op_depth, kvm.observer_failures
-    kvm.op_depth, kvm.observer_failures = 0, []
+    # This thread's operation: its depth, its observers' failures, its deferred releases
+    # (task_work is per task: another thread's operation must not run them).
+    depth, failures, work = kvm.op_depth, kvm.observer_failures, kvm.task_work
+    kvm.op_depth, kvm.observer_failures, kvm.task_work = 0, [], []
     handoffs = kvm.lock_handoffs
     kvm.lock.release()
     try:
@@ -164,5 +171,5 @@ def mmu_lock_window(kvm: ModelKvm) -> bool:
                 break
     finally:
         enter(kvm)
-        kvm.op_depth, kvm.observer_failures = depth, failures
+        kvm.op_depth, kvm.observer_failures, kvm.task_work = depth, failures, work
     return True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Any
 
-from guestmem import api, uapi
+from guestmem import api, cabi, uapi
 from guestmem.backend import Fault, VcpuView
 from guestmem.errors import KvmError, MemoryFault, MmioExit
 from guestmem.model import fault as stage2
@@ -19,6 +19,11 @@ if TYPE_CHECKING:
 PAGE_SHIFT = uapi.PAGE_SHIFT
 PAGE_SIZE = uapi.PAGE_SIZE
 TLB_ENTRIES = 4096  # bounds the cache; a full one is dropped at the next change
+MAX_ACCESS = api.MAX_ACCESS
+#: The most stage-2 faults one ``KVM_PRE_FAULT_MEMORY`` of the model makes before it returns
+#: what is left, as the kernel's loop does when a signal is pending (PF-4): a model limit
+#: that bounds the call's cost (docs/model.md).  Userspace loops until nothing is left.
+PRE_FAULT_BATCH = 1 << 14
 
 
 class ModelVcpu(api.Vcpu):
@@ -55,8 +60,9 @@ class ModelVcpu(api.Vcpu):
             return
         self._closed = True
         # kvm_vcpu_release only drops the VM reference: the vCPU stays in the VM (its id
-        # stays taken, KVM_CREATE_VCPU of it is EEXIST) until the VM is destroyed.
-        self.vm.put()
+        # stays taken, KVM_CREATE_VCPU of it is EEXIST) until the VM is destroyed.  It runs
+        # when the operation under way ends (fput), so a KVM_RUN in progress finishes first.
+        self.kvm.fput(self.vm.put, held=True)
 
     def _ioctl(self) -> None:
         """The checks of ``kvm_vcpu_ioctl`` before any command."""
@@ -78,6 +84,9 @@ class ModelVcpu(api.Vcpu):
 
     def translate(self, gpa: int, *, write: bool = False, private: bool | None = None) -> int:
         """The host pfn the guest reaches at *gpa*, faulting it in like a real access."""
+        gpa = cabi.index(gpa, "gpa")
+        if gpa < 0:
+            raise ValueError(f"gpa {gpa:#x} is negative")
         self._run()
         return self._translate(gpa, write, private, 0)
 
@@ -109,6 +118,10 @@ class ModelVcpu(api.Vcpu):
                 raise
             assert fault.pfn is not None, "a fault that returned resolved no pfn"
             pfn: int = fault.pfn
+            if self.kvm.task_work and self.kvm.run_task_work(guest_entry=True):
+                # KVM_RUN runs task_work before it enters the guest again (a file a hook
+                # closed is released, its mappings zapped): the access is made anew.
+                return self._translate(gpa, write, private, length)
         else:
             pfn = hit[0]
         if vm.hooks.implemented("guest_access"):
@@ -126,13 +139,18 @@ class ModelVcpu(api.Vcpu):
         private: bool | None = None,
     ) -> bytes | None:
         """A guest load or store (G-1..G-12); see :meth:`guestmem.api.Vcpu.access`."""
-        if write and data is None:
-            raise ValueError("a store needs data")
-        if data is not None:
-            write = True
+        # The arguments as every backend takes them (api.access_arguments), checked inline
+        # for the common case: an int gpa and length, or bytes data.
+        if data is None:
+            if write or gpa.__class__ is not int or length.__class__ is not int or gpa < 0:
+                gpa, length, data = api.access_arguments(gpa, length, write, data)
+            elif not 0 < length <= MAX_ACCESS:
+                api.access_arguments(gpa, length, write, data)
+        elif gpa.__class__ is int and data.__class__ is bytes and gpa >= 0 and 0 < len(data) <= MAX_ACCESS:
             length = len(data)
-        if length <= 0 or gpa < 0:
-            raise ValueError("length must be positive and gpa non-negative")
+        else:
+            gpa, length, data = api.access_arguments(gpa, length, write, data)
+        write = data is not None
         self._run()
         vm = self.vm
         vm.slots.ever_used = True  # the guest entered (KernelProfile.pre_fault_enospc_before_first_memslot)
@@ -170,7 +188,12 @@ class ModelVcpu(api.Vcpu):
 
     @uapi_call
     def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> int:
-        """``KVM_PRE_FAULT_MEMORY`` (PF-1..PF-4); returns the size left unfaulted."""
+        """``KVM_PRE_FAULT_MEMORY`` (PF-1..PF-4); returns the size left unfaulted.
+
+        The arguments are the fields of :class:`guestmem.uapi.KvmPreFaultMemory`.  One call
+        makes at most :data:`PRE_FAULT_BATCH` faults, then returns what is left.
+        """
+        gpa, size, flags = uapi.KvmPreFaultMemory.of(gpa, size, flags)
         self._ioctl()
         vm = self.vm
         if flags:
@@ -184,7 +207,11 @@ class ModelVcpu(api.Vcpu):
         if not vm.profile.tdp_mmu:
             raise KvmError(errno.EOPNOTSUPP, "PF-2", "pre-faulting needs the TDP MMU")
         full = size
+        batch = PRE_FAULT_BATCH
         while size:
+            if not batch:  # as a pending signal would: stop, report what is left
+                break
+            batch -= 1
             gfn = gpa >> PAGE_SHIFT
             private = vm.has_private_mem and vm.is_private(gfn)  # PF-3
             try:
@@ -220,7 +247,10 @@ class ModelVcpu(api.Vcpu):
     @uapi_call
     def hypercall(self, nr: int, *args: int) -> int:
         """The guest executes hypercall *nr*: the backend answers, else the architecture's
-        generic code (x86 ``__kvm_emulate_hypercall``), else ``-KVM_ENOSYS``."""
+        generic code (x86 ``__kvm_emulate_hypercall``), else ``-KVM_ENOSYS``.  *nr* and
+        *args* are the guest's registers: ``unsigned long`` each."""
+        nr = cabi.ulong(nr, "nr")
+        args = tuple(cabi.ulong(arg, f"args[{i}]") for i, arg in enumerate(args))
         self._run()
         vm = self.vm
         vm.count("hypercalls")

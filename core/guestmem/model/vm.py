@@ -14,13 +14,13 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Any
 
-from guestmem import api, uapi
+from guestmem import api, cabi, uapi
 from guestmem.backend import GmemLocation, VmView
 from guestmem.errors import KvmError
 from guestmem.model import attributes, fault, gmem
 from guestmem.model.events import Counters
 from guestmem.model.gmem import GmemFile, GmemInode
-from guestmem.model.memslots import Memslots, Region, guest_phys_shift
+from guestmem.model.memslots import Memslots, guest_phys_shift
 from guestmem.model.mmu import Mmu
 from guestmem.model.operation import uapi_call
 from guestmem.ranges import RangeMap
@@ -183,24 +183,31 @@ class ModelVm(api.Vm):
 
     @uapi_call
     def close(self) -> None:
+        """``close(fd)``: the descriptor goes at once; the VM file's release
+        (``kvm_vm_release`` -> ``kvm_put_kvm``) when the operation under way ends."""
         if self.fd_closed:
             return
         self.fd_closed = True
         self.kvm.fd_remove(self.fd)
         for vcpu in list(self.vcpus.values()):
             vcpu.close()
-        self.put()
+        self.kvm.fput(self.put, held=True)
 
     @uapi_call
     def check_extension(self, cap: int) -> int:
+        """``KVM_CHECK_EXTENSION`` on the VM fd: *cap* is the ``long`` of
+        ``kvm_vm_ioctl_check_extension_generic``."""
+        cap = cabi.long(cap, "cap")
         self._ioctl()
         return self.kvm.extension(self, cap)
 
     @uapi_call
     def create_guest_memfd(self, size: int, flags: int = 0) -> ModelGuestMemfd:
-        """``KVM_CREATE_GUEST_MEMFD`` (C-3, C-4, C-7..C-9)."""
+        """``KVM_CREATE_GUEST_MEMFD`` (C-3, C-4, C-7..C-9); the arguments are the fields of
+        :class:`guestmem.uapi.KvmCreateGuestMemfd`."""
         from guestmem.model.files import ModelGuestMemfd
 
+        size, flags = uapi.KvmCreateGuestMemfd.of(size, flags)
         self._ioctl()
         supported = self.kvm.gmem_supported_flags(self)
         if flags & ~supported:
@@ -218,12 +225,16 @@ class ModelVm(api.Vm):
     def set_user_memory_region(
         self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
     ) -> None:
-        """``KVM_SET_USER_MEMORY_REGION`` (S-2; the rest as v2)."""
+        """``KVM_SET_USER_MEMORY_REGION`` (S-2; the rest as v2): the first five fields of
+        :class:`guestmem.uapi.KvmUserspaceMemoryRegion2`, the others zero."""
+        mem = uapi.KvmUserspaceMemoryRegion2.of(slot, flags, guest_phys_addr, memory_size, userspace_addr)
         self._ioctl()
         v1_flags = uapi.KVM_MEM_LOG_DIRTY_PAGES | uapi.KVM_MEM_READONLY
-        if flags & ~v1_flags:
-            raise KvmError(errno.EINVAL, "S-2", f"flags {flags:#x} not allowed in KVM_SET_USER_MEMORY_REGION")
-        self._set_region(Region(slot, flags, guest_phys_addr, memory_size, userspace_addr))
+        if mem.flags & ~v1_flags:
+            raise KvmError(
+                errno.EINVAL, "S-2", f"flags {mem.flags:#x} not allowed in KVM_SET_USER_MEMORY_REGION"
+            )
+        self._set_region(mem)
 
     @uapi_call
     def set_user_memory_region2(
@@ -236,39 +247,42 @@ class ModelVm(api.Vm):
         guest_memfd: Any = None,
         guest_memfd_offset: int = 0,
     ) -> None:
-        """``KVM_SET_USER_MEMORY_REGION2`` (S-3..S-16, B-1..B-11)."""
-        self._ioctl()
-        fd = self.kvm.fd_of(guest_memfd)
-        self._set_region(
-            Region(slot, flags, guest_phys_addr, memory_size, userspace_addr, guest_memfd_offset, fd)
+        """``KVM_SET_USER_MEMORY_REGION2`` (S-3..S-16, B-1..B-11): the arguments are the
+        fields of :class:`guestmem.uapi.KvmUserspaceMemoryRegion2`."""
+        mem = uapi.KvmUserspaceMemoryRegion2.of(
+            slot, flags, guest_phys_addr, memory_size, userspace_addr, guest_memfd_offset, guest_memfd
         )
+        if isinstance(guest_memfd, api.GuestMemfd) and not self.kvm.owns(guest_memfd):
+            # A guest_memfd of another process/model: this process has no such file.
+            mem = mem._replace(guest_memfd=cabi.CLOSED_FD)
+        self._ioctl()
+        self._set_region(mem)
 
-    def _set_region(self, mem: Region) -> None:
-        for name in ("slot", "flags"):
-            if not 0 <= getattr(mem, name) <= 0xFFFFFFFF:
-                raise KvmError(errno.EINVAL, "S-1", f"{name} does not fit the u32 field")
-        for name in ("guest_phys_addr", "memory_size", "userspace_addr", "guest_memfd_offset"):
-            if not 0 <= getattr(mem, name) <= uapi.U64_MAX:
-                raise KvmError(errno.EINVAL, "S-1", f"{name} does not fit the u64 field")
+    def _set_region(self, mem: uapi.KvmUserspaceMemoryRegion2) -> None:
+        """``kvm_vm_ioctl_set_memory_region`` after the struct was read."""
         if mem.id >= uapi.KVM_USER_MEM_SLOTS:
             raise KvmError(errno.EINVAL, "S-3", f"slot id {mem.id} >= KVM_USER_MEM_SLOTS")
         self.slots.set_region(mem)
 
     @uapi_call
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
-        """``KVM_SET_MEMORY_ATTRIBUTES`` (A-1..A-12)."""
+        """``KVM_SET_MEMORY_ATTRIBUTES`` (A-1..A-12): the arguments are the fields of
+        :class:`guestmem.uapi.KvmMemoryAttributes`."""
+        attrs = uapi.KvmMemoryAttributes.of(address, size, attributes, flags)
         self._ioctl()
         from guestmem.model.attributes import set_memory_attributes
 
-        set_memory_attributes(self, address, size, attributes, flags)
+        set_memory_attributes(self, *attrs)
 
     @uapi_call
     def create_vcpu(self, vcpu_id: int) -> ModelVcpu:
-        """``KVM_CREATE_VCPU``."""
+        """``KVM_CREATE_VCPU``: *vcpu_id* is the ``unsigned long`` of
+        ``kvm_vm_ioctl_create_vcpu``."""
         from guestmem.model.vcpu import ModelVcpu
 
+        vcpu_id = cabi.ulong(vcpu_id, "vcpu_id")
         self._ioctl()
-        if not 0 <= vcpu_id < _MAX_VCPU_ID:
+        if vcpu_id >= _MAX_VCPU_ID:
             raise KvmError(errno.EINVAL, "", f"vcpu id {vcpu_id} out of range")
         if vcpu_id in self.vcpus:
             raise KvmError(errno.EEXIST, "", f"vcpu {vcpu_id} already exists")
@@ -280,22 +294,25 @@ class ModelVm(api.Vm):
     @uapi_call
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> int:
         """``KVM_ENABLE_CAP`` on the VM fd: x86 ``KVM_CAP_EXIT_HYPERCALL`` here, the rest
-        through the backend (``guestmem_vm_ioctl``); an unknown capability is EINVAL."""
+        through the backend (``guestmem_vm_ioctl``); an unknown capability is EINVAL.  The
+        arguments are the fields of :class:`guestmem.uapi.KvmEnableCap`."""
+        request = uapi.KvmEnableCap.of(cap, flags, args)
         self._ioctl()
-        if flags:  # kvm_vm_ioctl_enable_cap, x86 and arm64 alike
-            raise KvmError(errno.EINVAL, "", f"KVM_ENABLE_CAP: flags must be 0, got {flags:#x}")
-        request = uapi.KvmEnableCap(cap, flags, tuple(args))
+        if request.flags:  # kvm_vm_ioctl_enable_cap, x86 and arm64 alike
+            raise KvmError(errno.EINVAL, "", f"KVM_ENABLE_CAP: flags must be 0, got {request.flags:#x}")
         result = self.hooks.vm_ioctl(self.view, uapi.KVM_ENABLE_CAP, request)
         if result is not None:
             return result
-        if self.type_info.arch == "x86" and cap == uapi.KVM_CAP_EXIT_HYPERCALL:
+        if self.type_info.arch == "x86" and request.cap == uapi.KVM_CAP_EXIT_HYPERCALL:
             mask = request.args[0] if request.args else 0
             if mask & ~uapi.KVM_EXIT_HYPERCALL_VALID_MASK:
                 raise KvmError(errno.EINVAL, "", f"KVM_CAP_EXIT_HYPERCALL: mask {mask:#x} has unknown bits")
             self.hypercall_exit_enabled = mask
-            self.trace("enable_cap", cap=cap, args=list(request.args))
+            self.trace("enable_cap", cap=request.cap, args=list(request.args))
             return 0
-        raise KvmError(errno.EINVAL, "", f"KVM_ENABLE_CAP: capability {cap} cannot be enabled on this VM")
+        raise KvmError(
+            errno.EINVAL, "", f"KVM_ENABLE_CAP: capability {request.cap} cannot be enabled on this VM"
+        )
 
     @uapi_call
     def memory_encrypt_op(self, cmd: Any) -> int:

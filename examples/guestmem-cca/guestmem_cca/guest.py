@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from guestmem import uapi
+from guestmem import cabi, uapi
 from guestmem.backend import view
 from guestmem_cca.policy import kvm_realm
 from guestmem_cca.rmi import (
@@ -28,8 +28,10 @@ class RealmGuest:
     def set_ipa_state(self, base: int, top: int, ripas: Ripas, flags: int = RSI_CHANGE_DESTROYED) -> int:
         """``RSI_IPA_STATE_SET``: x0 (``RSI_SUCCESS`` once the host carried it out).  The
         first call exits to userspace (:class:`guestmem.MemoryFault`); calling again after
-        the VMM answered is the realm re-entering, and returns."""
-        status: int = self.vcpu.hypercall(SMC_RSI_IPA_STATE_SET, base, top, int(ripas), flags)
+        the VMM answered is the realm re-entering, and returns.  Each argument is a
+        register (an integer; a TypeError naming it otherwise)."""
+        state = cabi.index(ripas, "ripas")
+        status: int = self.vcpu.hypercall(SMC_RSI_IPA_STATE_SET, base, top, state, flags)
         return status
 
     def returned(self) -> tuple[int, int, int]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from guestmem import uapi
+from guestmem import cabi, uapi
 from guestmem.backend import Fault, GfnRange, GmemView, HostFault, HostView, VcpuView, VmView, hookimpl, view
 from guestmem.errors import KvmError, MemoryFault
 from guestmem_cca.exits import RealmAbort
@@ -321,13 +321,16 @@ def populate(vm: Any, base: int, data: bytes, *, measure: bool = True) -> int:
     contents, measured into the RIM unless *measure* is False.  NEW realms only (EPERM);
     the range must be private (``kvm_gmem_populate``, P-3).  The series reads the source
     from the memslot's ``userspace_addr``; the model takes the bytes.  Returns the pages
-    populated."""
+    populated.  *base* is the ``__u64`` of ``struct arm_rme_populate_realm``, *data*
+    bytes-like (a TypeError naming either); a VM ioctl: EBADF once the VM fd is closed."""
     with view(vm).host.operation():  # one ioctl: a vCPU of another thread cannot start the realm meanwhile
         return _populate(vm, base, data, measure=measure)
 
 
 def _populate(vm: Any, base: int, data: bytes, *, measure: bool) -> int:
+    base, data = cabi.u64(base, "base"), cabi.buffer(data, "data")
     realm = kvm_realm(vm)
+    view(vm).check_ioctl()
     if realm.state != "NEW":
         raise KvmError(errno.EPERM, RULE, f"populate in state {realm.state}")
     if base % GRANULE_SIZE:

@@ -7,6 +7,7 @@ every test (conftest)."""
 from __future__ import annotations
 
 import errno
+import re
 from typing import Any
 
 import pytest
@@ -155,6 +156,32 @@ def test_populate_loads_and_measures_before_activation(kvm: Any) -> None:
     assert r.vcpu.access(GPA, 15, private=True) == b"realm firmware "
     expect(errno.EPERM, populate, r.vm, GPA + 4 * PAGE, image)
     r.close()
+
+
+def test_the_realm_calls_take_integers_and_bytes_and_a_closed_vm_is_ebadf(kvm: Any) -> None:
+    """``populate``'s *base* is a ``__u64`` and its data bytes-like, an RSI call's arguments
+    registers: a TypeError naming the argument, nothing populated.  ``populate`` is a VM
+    ioctl: EBADF once the VM fd is closed (the guest_memfd keeps the VM alive)."""
+    r = Realm(kvm, activate=False)
+    guest = RealmGuest(r.vcpu)
+    for call, name in (
+        (lambda: populate(r.vm, float(GPA), b"image"), "base"),
+        (lambda: populate(r.vm, GPA, "image"), "data"),
+        (lambda: guest.set_ipa_state(GPA, GPA + PAGE, 1.0), "ripas"),
+        (lambda: guest.set_ipa_state(GPA, None, Ripas.EMPTY), "args[1]"),
+    ):
+        with pytest.raises(TypeError, match=rf"^{re.escape(name)} must be"):
+            call()
+    assert view(r.vm).gmem_pfn(GPA >> 12) is None  # nothing populated
+    assert populate(r.vm, GPA, bytearray(b"image")) == 1
+    r.vcpu.close()
+    r.vm.close()
+    counters = dict(r.vm.counters)
+    with pytest.raises(guestmem.KvmError) as info:
+        populate(r.vm, GPA + PAGE, b"late")
+    assert info.value.errno == errno.EBADF and dict(r.vm.counters) == counters
+    r.shared.close()
+    r.gmem.close()
 
 
 # --- faults: realm_map_protected, realm_map_non_secure ------------------------------------------------------

@@ -20,7 +20,7 @@ from __future__ import annotations
 import errno
 from typing import NoReturn
 
-from guestmem import uapi
+from guestmem import cabi, uapi
 from guestmem.api import GuestMemfd, Kvm, Vm
 from guestmem.backend import VmView, view
 from guestmem.errors import KvmError
@@ -38,7 +38,9 @@ def create_guest_mem(vm: Vm, size: int, flags: int = 0) -> GuestMemfd:
     """``GUNYAH_CREATE_GUEST_MEM`` (``gunyah_guest_mem_create``): EINVAL for an unaligned
     size or unknown flags; the file is mmap-able and host-accessible until lent
     (``GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED`` of the uAPI face).
-    ``GHMF_ALLOW_HUGEPAGE`` is accepted; folios stay 4 KiB (README)."""
+    ``GHMF_ALLOW_HUGEPAGE`` is accepted; folios stay 4 KiB (README).  *size* and *flags*
+    are the ``__u64`` fields of ``struct gunyah_create_mem_args``."""
+    size, flags = cabi.u64(size, "size"), cabi.u64(flags, "flags")
     if size % abi.PAGE_SIZE:
         raise KvmError(errno.EINVAL, BIND_RULE, f"size {size:#x} is not page aligned")
     if flags & ~(abi.GHMF_CLOEXEC | abi.GHMF_ALLOW_HUGEPAGE):
@@ -88,7 +90,9 @@ class GunyahFace:
 
     # --- VM fd ioctls --------------------------------------------------------------------------
     def set_dtb_config(self, guest_phys_addr: int, size: int) -> None:
-        """``GUNYAH_VM_SET_DTB_CONFIG``: where the devicetree will be (lent at start)."""
+        """``GUNYAH_VM_SET_DTB_CONFIG``: where the devicetree will be (lent at start);
+        ``struct gunyah_vm_dtb_config``'s ``__u64`` fields."""
+        guest_phys_addr, size = cabi.u64(guest_phys_addr, "guest_phys_addr"), cabi.u64(size, "size")
         self.vm.memory_encrypt_op(GunyahIoctl(abi.GUNYAH_VM_SET_DTB_CONFIG, (guest_phys_addr, size)))
 
     def start(self) -> None:
@@ -96,7 +100,9 @@ class GunyahFace:
         self.vm.memory_encrypt_op(GunyahIoctl(abi.GUNYAH_VM_START))
 
     def set_boot_context(self, reg: int, value: int) -> None:
-        """``GUNYAH_VM_SET_BOOT_CONTEXT`` (recorded; the model runs no guest code)."""
+        """``GUNYAH_VM_SET_BOOT_CONTEXT`` (recorded; the model runs no guest code):
+        ``struct gunyah_vm_boot_context``'s ``__u32 reg`` and ``__u64 value``."""
+        reg, value = cabi.u32(reg, "reg"), cabi.u64(value, "value")
         self.vm.memory_encrypt_op(GunyahIoctl(abi.GUNYAH_VM_SET_BOOT_CONTEXT, (reg, value)))
 
     def map_mem(self, guest_mem: GuestMemfd, guest_addr: int, offset: int, size: int, flags: int) -> None:
@@ -104,11 +110,17 @@ class GunyahFace:
         the file (EINVAL), flags (EINVAL), some guest rights (EINVAL), the access policy
         (EINVAL), alignment (EINVAL).  ``GUNYAH_MEM_UNMAP`` removes (or trims) a binding
         (ENOENT if none matches); otherwise the file range must not be bound already
-        (EEXIST), and the binding becomes a memslot of the uAPI face."""
+        (EEXIST), and the binding becomes a memslot of the uAPI face.  The numbers are the
+        fields of ``struct gunyah_map_mem_args`` (``__u64 guest_addr, offset, size``,
+        ``__u32 flags``); *guest_mem* is a file (TypeError for anything else)."""
         with view(self.vm).host.operation():
             self._map_mem(guest_mem, guest_addr, offset, size, flags)
 
     def _map_mem(self, guest_mem: GuestMemfd, guest_addr: int, offset: int, size: int, flags: int) -> None:
+        cabi.fd(guest_mem, "guest_mem")
+        guest_addr, offset = cabi.u64(guest_addr, "guest_addr"), cabi.u64(offset, "offset")
+        size, flags = cabi.u64(size, "size"), cabi.u32(flags, "flags")
+        view(self.vm).check_ioctl()  # a VM ioctl: EBADF once the VM fd is closed
         state = self.state
         if not isinstance(guest_mem, GuestMemfd) or guest_mem.closed:
             raise KvmError(errno.EINVAL, BIND_RULE, "guest_mem_fd is not an open file")
@@ -188,12 +200,16 @@ class GunyahFace:
     def share_parcel(self, guest_addr: int, size: int, *, sanitize: bool = False) -> VmParcel:
         """``gunyah_gmem_share_parcel`` of a binding's pages (lend or share, as the binding
         says), for the VM to accept through the RM.  The VM must have its VMID (started)."""
+        guest_addr, size = cabi.u64(guest_addr, "guest_addr"), cabi.u64(size, "size")
+        view(self.vm).check_ioctl()
         with view(self.vm).host.operation():
             return self.state.share_parcel(guest_addr >> PAGE_SHIFT, size >> PAGE_SHIFT, sanitize=sanitize)
 
     def reclaim_parcel(self, parcel: VmParcel | int, flags: int = 0) -> None:
         """``gunyah_gmem_reclaim_parcel`` (``MEM_RECLAIM``; ``MEM_RECLAIM_FLAG_SANITIZE`` zeroes)."""
-        handle = parcel if isinstance(parcel, int) else parcel.handle
+        handle = parcel.handle if isinstance(parcel, VmParcel) else cabi.u32(parcel, "parcel")
+        flags = cabi.u32(flags, "flags")
+        view(self.vm).check_ioctl()
         with view(self.vm).host.operation():
             self.state.reclaim_parcel(handle, flags)
 
@@ -213,7 +229,9 @@ class GunyahFace:
         """The guest touching ``[guest_addr, guest_addr + size)`` in order, each page taking
         the demand-paging path: a boot.  Returns the bytes mapped (runs cost one call each).
         Starts the VM first, as a vCPU run would."""
+        guest_addr, size = cabi.index(guest_addr, "guest_addr"), cabi.index(size, "size")
         v: VmView = view(self.vm)
+        v.check_ioctl()  # GUNYAH_VCPU_RUN of a VM whose fd is closed: EBADF
         with v.host.operation():
             self.state.ensure_started()
             pages = v.fault_range(guest_addr >> PAGE_SHIFT, size >> PAGE_SHIFT, private=False, write=write)

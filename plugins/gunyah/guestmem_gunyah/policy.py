@@ -31,7 +31,7 @@ from typing import Any
 
 import attrs
 
-from guestmem import uapi
+from guestmem import cabi, uapi
 from guestmem.backend import (
     Fault,
     GfnRange,
@@ -171,13 +171,16 @@ class GunyahPolicy:
         state = gunyah_state(vm)
         if arg.request == abi.GUNYAH_VM_SET_DTB_CONFIG:
             gpa, size = arg.arg
+            gpa, size = cabi.u64(gpa, "guest_phys_addr"), cabi.u64(size, "size")
             if gpa + size > uapi.U64_MAX:
                 raise KvmError(errno.EOVERFLOW, VM_RULE, "guest_phys_addr + size overflows")
             state.dtb_config = (gpa, size)
         elif arg.request == abi.GUNYAH_VM_START:
             state.ensure_started()
         elif arg.request == abi.GUNYAH_VM_SET_BOOT_CONTEXT:
-            state.exit_info.setdefault("boot_context", []).append(arg.arg)
+            reg, value = arg.arg
+            boot = (cabi.u32(reg, "reg"), cabi.u64(value, "value"))
+            state.exit_info.setdefault("boot_context", []).append(boot)
         else:
             raise KvmError(errno.ENOTTY, UAPI_RULE, f"unknown Gunyah VM ioctl {arg.request:#x}")
         vm.trace("gunyah_ioctl", request=arg.request)

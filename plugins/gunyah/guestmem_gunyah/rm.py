@@ -30,13 +30,16 @@ and to each VM's :attr:`RmVm.inbox`.
 from __future__ import annotations
 
 import enum
+import functools
+import inspect
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import attrs
 
+from guestmem import cabi
 from guestmem.errors import KvmError
 from guestmem_gunyah import abi
 from guestmem_gunyah.abi import Access, Notification, RmError, Rpc, TransType, VmStatus
@@ -48,6 +51,37 @@ PARCEL_RULE = "Gunyah-4.2"
 #: Where the RM's allocator puts a guest's accepted parcels when the guest names no IPA
 #: [U: the RM's per-VM IPA allocator is platform configuration].
 GUEST_IPA_ALLOC_BASE = 1 << 36
+P = ParamSpec("P")
+R = TypeVar("R")
+#: The RPC arguments that are sequences of numbers (pairs or plain).
+_SEQUENCES = frozenset({"acl", "sgl", "ranges", "vmids"})
+
+
+def _integer_arguments(rpc: Callable[P, R]) -> Callable[P, R]:
+    """An RPC whose number arguments are integers (guestmem.cabi: a TypeError naming the
+    argument before the RM does anything); the RM's own checks decide the rest."""
+    signature = inspect.signature(rpc)
+
+    @functools.wraps(rpc)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        bound = signature.bind(*args, **kwargs)
+        for name, value in bound.arguments.items():
+            if name in _SEQUENCES:
+                bound.arguments[name] = [
+                    tuple(cabi.index(v, name) for v in item)
+                    if isinstance(item, tuple)
+                    else cabi.index(item, name)
+                    for item in value
+                ]
+            elif name == "kw":
+                bound.arguments[name] = {key: cabi.index(v, key) for key, v in value.items()}
+            elif name not in ("self", "rpc", "trans"):
+                bound.arguments[name] = cabi.index(value, name)
+        return rpc(*bound.args, **bound.kwargs)
+
+    return call
+
+
 _PAGE_MASK = abi.PAGE_SIZE - 1
 
 
@@ -226,6 +260,7 @@ class ResourceManager:
             self._notify(vm.owner, Notification.VM_STATUS, vmid=vm.vmid, vm_status=state)
 
     # --- VM management -------------------------------------------------------------------------
+    @_integer_arguments
     def vm_alloc_vmid(self, caller: int, vmid: int = 0) -> int:
         """``VM_ALLOC_VMID`` (``vm_mgnt_handle_allocate``): HLOS only; 0 picks a free dynamic
         VMID (NORESOURCE when none is left)."""
@@ -242,6 +277,7 @@ class ResourceManager:
             self.vms[vmid] = RmVm(vmid, caller)
             return vmid
 
+    @_integer_arguments
     def vm_dealloc_vmid(self, caller: int, vmid: int) -> None:
         """``VM_DEALLOC_VMID``: the owner frees a VM in LOAD or RESET (``vm_mgnt_delete_vm``)."""
         with self._rpc(Rpc.VM_DEALLOC_VMID, vmid):
@@ -263,6 +299,7 @@ class ResourceManager:
             raise RmCallError(RmError.DENIED, rpc, "not the VM's owner")
         return vm
 
+    @_integer_arguments
     def vm_config_image(
         self,
         caller: int,
@@ -304,6 +341,7 @@ class ResourceManager:
             vm.image = (image_offset, image_size, dtb_offset, dtb_size)
             self._set_state(vm, VmStatus.INIT)
 
+    @_integer_arguments
     def vm_set_demand_paging(self, caller: int, vmid: int, ranges: Sequence[tuple[int, int]]) -> None:
         """``VM_SET_DEMAND_PAGING`` [U]: ranges the hypervisor reports faults on to the owner;
         in INIT, page aligned."""
@@ -317,6 +355,7 @@ class ResourceManager:
                     raise RmCallError(RmError.ARGUMENT_INVALID, rpc, f"range {base:#x}+{size:#x} unaligned")
             vm.demand_paging.extend(ranges)
 
+    @_integer_arguments
     def vm_set_address_layout(self, caller: int, vmid: int, range_id: int, base: int, size: int) -> None:
         """``VM_SET_ADDRESS_LAYOUT`` [U]: where the image (or firmware) sits; in INIT."""
         rpc = Rpc.VM_SET_ADDRESS_LAYOUT
@@ -330,6 +369,7 @@ class ResourceManager:
                 raise RmCallError(RmError.ARGUMENT_INVALID, rpc, "unaligned range")
             vm.layout[range_id] = (base, size)
 
+    @_integer_arguments
     def vm_init(self, caller: int, vmid: int) -> None:
         """``VM_INIT`` (``vm_creation_handle_init``): INIT -> READY, the VM's hypervisor
         objects (addrspace, memextents) are created."""
@@ -341,6 +381,7 @@ class ResourceManager:
             vm.resources = self.hyp.create_vm_objects(vmid)
             self._set_state(vm, VmStatus.READY)
 
+    @_integer_arguments
     def vm_get_hyp_resources(self, caller: int, vmid: int) -> VmResources:
         """``VM_GET_HYP_RESOURCES`` [U]: the capabilities of the VM's objects, for its owner."""
         rpc = Rpc.VM_GET_HYP_RESOURCES
@@ -352,6 +393,7 @@ class ResourceManager:
                 raise RmCallError(RmError.VM_STATE, rpc, f"VM is {vm.state.name}")
             return vm.resources
 
+    @_integer_arguments
     def vm_start(self, caller: int, vmid: int) -> None:
         """``VM_START`` (``vm_mgnt_handle_start``): READY -> RUNNING, or INIT_FAILED.
 
@@ -383,6 +425,7 @@ class ResourceManager:
                 self._delete(parcel)
             self._set_state(vm, VmStatus.RUNNING)
 
+    @_integer_arguments
     def vm_stop(self, caller: int, vmid: int, flags: int = abi.GUNYAH_RM_VM_STOP_FLAG_FORCE_STOP) -> None:
         """``VM_STOP`` (``vm_mgnt_handle_stop``): forced, RUNNING -> EXITED and the owner is
         told (``NOTIFY_VM_EXITED``); otherwise the VM is asked to shut down.  A caller that
@@ -400,6 +443,7 @@ class ResourceManager:
             else:
                 self._notify(vmid, Notification.VM_STATUS, vmid=vmid, shutdown=True)
 
+    @_integer_arguments
     def vm_exit(self, caller: int) -> None:
         """``VM_EXIT`` from a guest (``vm_mgnt_handle_exit``): RUNNING -> EXITED, the owner
         is told."""
@@ -411,6 +455,7 @@ class ResourceManager:
             self._set_state(vm, VmStatus.EXITED)
             self._notify(vm.owner, Notification.VM_EXITED, vmid=caller, exit_type="VM_EXIT")
 
+    @_integer_arguments
     def vm_reset(self, caller: int, vmid: int) -> None:
         """``VM_RESET`` (``vm_mgnt_handle_reset``, ``vm_reset_callback``): from EXITED, READY
         or INIT_FAILED; RESETTING, then every parcel the VM accepted is released (last
@@ -435,30 +480,35 @@ class ResourceManager:
             vm.image_handle = abi.MEMPARCEL_INVALID_HANDLE
             self._set_state(vm, VmStatus.RESET)
 
+    @_integer_arguments
     def get_vmid(self, caller: int) -> int:
         """``VM_GET_VMID``: the caller's own VMID."""
         with self._rpc(Rpc.VM_GET_VMID, None):
             return caller
 
     # --- memparcels --------------------------------------------------------------------------
+    @_integer_arguments
     def mem_lend(
         self, caller: int, acl: Sequence[tuple[int, int]], sgl: Sequence[tuple[int, int]], **kw: Any
     ) -> int:
         """``MEM_LEND``: the owner loses access; see :meth:`mem_create`."""
         return self.mem_create(Rpc.MEM_LEND, caller, acl, sgl, **kw)
 
+    @_integer_arguments
     def mem_share(
         self, caller: int, acl: Sequence[tuple[int, int]], sgl: Sequence[tuple[int, int]], **kw: Any
     ) -> int:
         """``MEM_SHARE``: the owner keeps access and is in the ACL; see :meth:`mem_create`."""
         return self.mem_create(Rpc.MEM_SHARE, caller, acl, sgl, **kw)
 
+    @_integer_arguments
     def mem_donate(
         self, caller: int, acl: Sequence[tuple[int, int]], sgl: Sequence[tuple[int, int]], **kw: Any
     ) -> int:
         """``MEM_DONATE``: ownership moves to the one VM in the ACL on accept."""
         return self.mem_create(Rpc.MEM_DONATE, caller, acl, sgl, **kw)
 
+    @_integer_arguments
     def mem_create(
         self,
         rpc: Rpc,
@@ -583,6 +633,7 @@ class ResourceManager:
             raise RmCallError(RmError.HANDLE_INVALID, rpc, f"no parcel {handle:#x}")
         return parcel
 
+    @_integer_arguments
     def mem_append(self, caller: int, handle: int, sgl: Sequence[tuple[int, int]], flags: int = 0) -> None:
         """``MEM_APPEND`` (``memparcel_do_append``): more regions for a parcel in INIT, by its
         owner; ``MEM_APPEND_FLAG_DONE`` completes it (SHARING)."""
@@ -599,6 +650,7 @@ class ResourceManager:
                 raise RmCallError(RmError.ARGUMENT_INVALID, rpc, "list longer than MAX_LIST_ENTRIES")
             self._add_sgl(rpc, parcel, sgl, done=bool(flags & abi.MEM_APPEND_FLAG_DONE))
 
+    @_integer_arguments
     def mem_accept(
         self,
         caller: int,
@@ -740,6 +792,7 @@ class ResourceManager:
                 )
         self._delete(parcel)
 
+    @_integer_arguments
     def mem_release(self, caller: int, handle: int, flags: int = 0) -> None:
         """``MEM_RELEASE`` (``memparcel_do_release``): a borrower gives the parcel back; the
         last one makes it SHARING again.  ``SANITIZE`` (write rights needed) has the pages
@@ -779,6 +832,7 @@ class ResourceManager:
             parcel.state = ParcelState.SHARING
         self.vms[vmid].accepted.remove(parcel.handle)
 
+    @_integer_arguments
     def mem_reclaim(self, caller: int, handle: int, flags: int = 0) -> None:
         """``MEM_RECLAIM`` (``memparcel_do_reclaim``): the owner takes a parcel nobody shares
         back (SHARED: MEM_INUSE); its pages are zeroed if a sanitize was asked, then donated
@@ -814,6 +868,7 @@ class ResourceManager:
         if owner is not None:
             owner.mp_count -= 1
 
+    @_integer_arguments
     def mem_notify(
         self, caller: int, handle: int, flags: int, vmids: Sequence[int] = (), mem_info_tag: int = 0
     ) -> None:

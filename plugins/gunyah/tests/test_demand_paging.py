@@ -225,12 +225,14 @@ def test_map_mem_checks_in_the_drivers_order(kvm: Any) -> None:
         (mem, LENT_GPA, 0, SIZE, abi.GUNYAH_MEM_FORCE_LEND),
         (mem, LENT_GPA, 0, SIZE, RWX | 0x40),
         (mem, LENT_GPA + 1, 0, SIZE, RWX),
-        ("not a file", LENT_GPA, 0, SIZE, RWX),
+        (12345, LENT_GPA, 0, SIZE, RWX),  # an fd number that is no guest memory file
     ]
     for args in cases:
         with pytest.raises(KvmError) as info:
             gh.map_mem(*args)  # type: ignore[arg-type]
         assert info.value.errno == errno.EINVAL, args
+    with pytest.raises(TypeError, match=r"^guest_mem must be a file"):  # no file at all
+        gh.map_mem("not a file", LENT_GPA, 0, SIZE, RWX)  # type: ignore[arg-type]
     gh.map_mem(mem, LENT_GPA, 0, SIZE, RWX)
     with pytest.raises(KvmError) as info:
         gh.map_mem(mem, LENT_GPA + 8 * SIZE, SIZE // 2, SIZE, RWX)

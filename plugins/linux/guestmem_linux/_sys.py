@@ -13,7 +13,7 @@ import os
 import struct
 from typing import Final
 
-from guestmem import uapi
+from guestmem import cabi, uapi
 from guestmem.errors import EHWPOISON, KvmError
 
 __all__ = ["EHWPOISON"]
@@ -43,8 +43,6 @@ RUN_MMIO: Final = struct.Struct("<Q8sIB")  # phys_addr, data[8], len, is_write
 RUN_IO: Final = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
 RUN_INTERNAL: Final = struct.Struct("<II")  # suberror, ndata
 RUN_IMMEDIATE_EXIT: Final = 1
-
-U64: Final = (1 << 64) - 1
 
 PROT_READ: Final = 0x1
 PROT_WRITE: Final = 0x2
@@ -78,17 +76,6 @@ _libc.read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
 _libc.read.restype = ctypes.c_ssize_t
 
 
-def u64(value: int) -> int:
-    """*value* as the kernel reads a ``__u64`` field (two's complement, truncated)."""
-    return value & U64
-
-
-def s64(value: int) -> int:
-    """*value* as a ``loff_t`` argument."""
-    value &= U64
-    return value - (1 << 64) if value >> 63 else value
-
-
 def ioctl_name(request: int) -> str:
     """The uAPI name of *request* for messages (``0x...`` if unknown)."""
     for name in dir(uapi):
@@ -107,8 +94,8 @@ def error(err: int, what: str, rule: str = "") -> KvmError:
 
 def ioctl_int(fd: int, request: int, arg: int = 0) -> int:
     """An ioctl whose argument is an integer, passed as the ``unsigned long`` the kernel
-    reads (any Python int: two's complement, truncated); returns the kernel's return value."""
-    ret = _libc.ioctl(fd, request, u64(arg))
+    reads (:func:`guestmem.cabi.ulong`); returns the kernel's return value."""
+    ret = _libc.ioctl(fd, request, cabi.ulong(arg, "arg"))
     if ret < 0:
         raise error(ctypes.get_errno() or errno.EIO, ioctl_name(request))
     return int(ret)
@@ -124,13 +111,14 @@ def ioctl_buf(fd: int, request: int, buf: bytearray) -> int:
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """``fallocate(2)`` through the C library (``os.posix_fallocate`` has no *mode*)."""
-    if _libc.fallocate(fd, mode, s64(offset), s64(length)) != 0:
+    offset, length = cabi.loff_t(offset, "offset"), cabi.loff_t(length, "length")
+    if _libc.fallocate(fd, cabi.c_int(mode, "mode"), offset, length) != 0:
         raise error(ctypes.get_errno(), f"fallocate(mode={mode:#x}, offset={offset:#x}, len={length:#x})")
 
 
 def ftruncate(fd: int, length: int) -> None:
     """``ftruncate(2)`` with *length* as the ``loff_t`` the kernel reads."""
-    if _libc.ftruncate(fd, s64(length)) != 0:
+    if _libc.ftruncate(fd, cabi.loff_t(length, "length")) != 0:
         raise error(ctypes.get_errno(), f"ftruncate(length={length:#x})", "F-3")
 
 
@@ -141,7 +129,7 @@ def read(fd: int, count: int) -> bytes:
     checks the file's mode first and would fail a real transfer with EFAULT, never
     touching memory.
     """
-    count = u64(count)
+    count = cabi.size_t(count, "count")
     buf = ctypes.create_string_buffer(count) if count <= 1 << 20 else None
     n = _libc.read(fd, buf, count)
     if n < 0:
@@ -151,7 +139,7 @@ def read(fd: int, count: int) -> bytes:
 
 def mmap(length: int, prot: int, flags: int, fd: int, offset: int) -> int:
     """``mmap(2)`` through the C library; returns the address."""
-    addr = _libc.mmap(None, u64(length), prot, flags, fd, s64(offset))
+    addr = _libc.mmap(None, cabi.size_t(length, "length"), prot, flags, fd, cabi.off_t(offset, "offset"))
     if addr is None or addr == MAP_FAILED:
         raise error(ctypes.get_errno(), f"mmap(length={length:#x}, offset={offset:#x}, flags={flags:#x})")
     return int(addr)

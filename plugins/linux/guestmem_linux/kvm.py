@@ -19,7 +19,7 @@ import os
 import threading
 from typing import Any
 
-from guestmem import api, uapi
+from guestmem import api, cabi, uapi
 from guestmem.errors import (
     GuestExit,
     HostSigbus,
@@ -84,7 +84,7 @@ class LinuxHostMapping(api.HostMapping):
     def __init__(self, address: int, length: int, gmem: tuple[int, int, int] | None = None) -> None:
         self.address = address
         # ksys_mmap_pgoff reads a size_t; do_mmap maps PAGE_ALIGN(len) (0 never maps: EINVAL).
-        self.length = (_sys.u64(length) + uapi.PAGE_SIZE - 1) & ~(uapi.PAGE_SIZE - 1)
+        self.length = (cabi.size_t(length, "length") + uapi.PAGE_SIZE - 1) & ~(uapi.PAGE_SIZE - 1)
         self._gmem = gmem
         self._mem: int | None = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
 
@@ -101,17 +101,6 @@ class LinuxHostMapping(api.HostMapping):
         finally:
             os.close(mem)
 
-    def _check(self, offset: int, n: int) -> int:
-        if self._mem is None:
-            raise KvmError(errno.EFAULT, "", "access to an unmapped host mapping (SIGSEGV)")
-        if offset < 0 or n < 0 or offset + n > self.length:
-            raise KvmError(
-                errno.EFAULT,
-                "",
-                f"host access [{offset:#x}, {offset + n:#x}) outside the mapping of {self.length:#x} bytes",
-            )
-        return self._mem
-
     def _sigbus(self, offset: int) -> HostSigbus:
         address = self.address + offset
         if self._gmem is None:
@@ -125,7 +114,9 @@ class LinuxHostMapping(api.HostMapping):
         return HostSigbus(address, "M-5", "guest_memfd fault failed")
 
     def read(self, offset: int, n: int) -> bytes:
-        mem = self._check(offset, n)
+        offset, n = api.host_access_arguments(offset, n, self.length, self._mem is None)
+        mem = self._mem
+        assert mem is not None
         out = bytearray()
         while len(out) < n:
             try:
@@ -138,7 +129,11 @@ class LinuxHostMapping(api.HostMapping):
         return bytes(out)
 
     def write(self, offset: int, data: bytes) -> None:
-        mem = self._check(offset, len(data))
+        offset = cabi.index(offset, "offset")
+        data = cabi.buffer(data, "data")
+        offset, _ = api.host_access_arguments(offset, len(data), self.length, self._mem is None)
+        mem = self._mem
+        assert mem is not None
         done = 0
         while done < len(data):
             try:
@@ -169,12 +164,17 @@ class LinuxGuestMemfd(_FdOwner, api.GuestMemfd):
         self.flags = flags
 
     def fallocate(self, mode: int, offset: int, length: int) -> None:
-        _sys.fallocate(self._fileno(), mode, offset, length)
+        """``fallocate(2)``: ``int mode, loff_t offset, loff_t len``."""
+        args = cabi.c_int(mode, "mode"), cabi.loff_t(offset, "offset"), cabi.loff_t(length, "length")
+        _sys.fallocate(self._fileno(), *args)
 
     def read(self, n: int) -> bytes:
-        return _sys.read(self._fileno(), n)
+        """``read(2)`` of a ``size_t`` count."""
+        return _sys.read(self._fileno(), cabi.size_t(n, "n"))
 
     def write(self, data: bytes) -> int:
+        """``write(2)`` of bytes-like *data*."""
+        data = cabi.buffer(data, "data")
         try:
             return os.write(self._fileno(), data)
         except OSError as exc:
@@ -188,25 +188,16 @@ class LinuxGuestMemfd(_FdOwner, api.GuestMemfd):
         return LinuxGuestMemfd(os.dup(self._fileno()), self.size, self.flags)
 
     def truncate(self, size: int) -> None:
+        """``ftruncate(2)`` of a ``loff_t`` size."""
+        size = cabi.loff_t(size, "size")
         _sys.ftruncate(self._fileno(), size)
 
     def mmap(self, length: int, offset: int = 0, shared: bool = True) -> LinuxHostMapping:
+        """``mmap(2)``: a ``size_t`` length at an ``off_t`` offset."""
+        length, offset = cabi.size_t(length, "length"), cabi.off_t(offset, "offset")
         flags = _sys.MAP_SHARED if shared else _sys.MAP_PRIVATE
         address = _sys.mmap(length, _sys.PROT_READ | _sys.PROT_WRITE, flags, self._fileno(), offset)
         return LinuxHostMapping(address, length, (self.size, self.flags, offset))
-
-
-def _fd_of(guest_memfd: Any) -> int:
-    if guest_memfd is None:
-        return 0
-    if isinstance(guest_memfd, int):
-        return guest_memfd
-    if getattr(guest_memfd, "closed", False):
-        return 0xFFFF_FFFF  # what a closed fd number reads as: fget fails (B-1), after S-1..S-14
-    fileno = getattr(guest_memfd, "fileno", None)
-    if fileno is None:
-        raise KvmError(errno.EBADF, "B-1", f"guest_memfd {guest_memfd!r} is neither an fd nor has fileno()")
-    return int(fileno())
 
 
 class LinuxVcpu(_FdOwner, api.Vcpu):
@@ -279,13 +270,9 @@ class LinuxVcpu(_FdOwner, api.Vcpu):
         The real ``KVM_X86_DEFAULT_VM`` makes shared accesses only: ``private=True`` raises
         ``KvmError(EINVAL)``; ``private=False`` is the same as ``None``.
         """
-        if write and data is None:  # arguments the uAPI face refuses, as the model does
-            raise ValueError("a guest store needs data")
-        if data is not None:  # data means a store, as on every backend (api.Vcpu.access)
-            write = True
-            length = len(data)
-        if length <= 0 or gpa < 0:
-            raise ValueError("length must be positive and gpa non-negative")
+        # the arguments as every backend takes them (api.access_arguments): data means a store
+        gpa, length, data = api.access_arguments(gpa, length, write, data)
+        write = data is not None
         if private:
             raise KvmError(errno.EINVAL, "", "a KVM_X86_DEFAULT_VM guest cannot make private accesses")
         if length > guest.BOUNCE_SIZE:
@@ -336,7 +323,8 @@ class LinuxVcpu(_FdOwner, api.Vcpu):
         raise GuestExit(f"unexpected exit reason {reason} during a guest access at gpa {gpa:#x}")
 
     def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> int:
-        buf = bytearray(_sys.PRE_FAULT.pack(_sys.u64(gpa), _sys.u64(size), _sys.u64(flags)))
+        """``KVM_PRE_FAULT_MEMORY`` with :class:`guestmem.uapi.KvmPreFaultMemory`."""
+        buf = bytearray(_sys.PRE_FAULT.pack(*uapi.KvmPreFaultMemory.of(gpa, size, flags)))
         _sys.ioctl_buf(self._fileno(), uapi.KVM_PRE_FAULT_MEMORY, buf)
         _gpa, left, _flags = _sys.PRE_FAULT.unpack(buf)
         return int(left)
@@ -366,25 +354,24 @@ class LinuxVm(_FdOwner, api.Vm):
             _sys.munmap(memory, guest.RUNNER_SIZE)
 
     def check_extension(self, cap: int) -> int:
+        """``KVM_CHECK_EXTENSION`` of a ``long`` capability."""
+        cap = cabi.long(cap, "cap")
         return _sys.ioctl_int(self._fileno(), uapi.KVM_CHECK_EXTENSION, cap)
 
     def create_guest_memfd(self, size: int, flags: int = 0) -> LinuxGuestMemfd:
-        buf = bytearray(_sys.CREATE_GMEM.pack(_sys.u64(size), _sys.u64(flags)))
+        """``KVM_CREATE_GUEST_MEMFD`` with :class:`guestmem.uapi.KvmCreateGuestMemfd`."""
+        args = uapi.KvmCreateGuestMemfd.of(size, flags)
+        buf = bytearray(_sys.CREATE_GMEM.pack(*args))
         fd = _sys.ioctl_buf(self._fileno(), uapi.KVM_CREATE_GUEST_MEMFD, buf)
-        return LinuxGuestMemfd(fd, size, flags)
+        return LinuxGuestMemfd(fd, *args)
 
     def set_user_memory_region(
         self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
     ) -> None:
-        buf = bytearray(
-            _sys.REGION.pack(
-                slot & 0xFFFF_FFFF,
-                flags & 0xFFFF_FFFF,
-                _sys.u64(guest_phys_addr),
-                _sys.u64(memory_size),
-                _sys.u64(userspace_addr),
-            )
-        )
+        """``KVM_SET_USER_MEMORY_REGION``: the first five fields of
+        :class:`guestmem.uapi.KvmUserspaceMemoryRegion2`."""
+        mem = uapi.KvmUserspaceMemoryRegion2.of(slot, flags, guest_phys_addr, memory_size, userspace_addr)
+        buf = bytearray(_sys.REGION.pack(*mem[:5]))
         _sys.ioctl_buf(self._fileno(), uapi.KVM_SET_USER_MEMORY_REGION, buf)
 
     def set_user_memory_region2(
@@ -397,40 +384,34 @@ class LinuxVm(_FdOwner, api.Vm):
         guest_memfd: Any = None,
         guest_memfd_offset: int = 0,
     ) -> None:
-        buf = bytearray(
-            _sys.REGION2.pack(
-                slot & 0xFFFF_FFFF,
-                flags & 0xFFFF_FFFF,
-                _sys.u64(guest_phys_addr),
-                _sys.u64(memory_size),
-                _sys.u64(userspace_addr),
-                _sys.u64(guest_memfd_offset),
-                _fd_of(guest_memfd) & 0xFFFF_FFFF,
-                0,
-            )
+        """``KVM_SET_USER_MEMORY_REGION2`` with :class:`guestmem.uapi.KvmUserspaceMemoryRegion2`."""
+        mem = uapi.KvmUserspaceMemoryRegion2.of(
+            slot, flags, guest_phys_addr, memory_size, userspace_addr, guest_memfd_offset, guest_memfd
         )
+        buf = bytearray(_sys.REGION2.pack(*mem, 0))
         _sys.ioctl_buf(self._fileno(), uapi.KVM_SET_USER_MEMORY_REGION2, buf)
 
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
-        buf = bytearray(
-            _sys.ATTRIBUTES.pack(_sys.u64(address), _sys.u64(size), _sys.u64(attributes), _sys.u64(flags))
-        )
+        """``KVM_SET_MEMORY_ATTRIBUTES`` with :class:`guestmem.uapi.KvmMemoryAttributes`."""
+        buf = bytearray(_sys.ATTRIBUTES.pack(*uapi.KvmMemoryAttributes.of(address, size, attributes, flags)))
         _sys.ioctl_buf(self._fileno(), uapi.KVM_SET_MEMORY_ATTRIBUTES, buf)
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> int:
-        if len(args) > 4:
-            raise ValueError("struct kvm_enable_cap has four args")
-        values = [_sys.u64(a) for a in (*args, 0, 0, 0, 0)[:4]]
-        buf = bytearray(_sys.ENABLE_CAP.pack(cap & 0xFFFF_FFFF, flags & 0xFFFF_FFFF, *values))
+        """``KVM_ENABLE_CAP`` with :class:`guestmem.uapi.KvmEnableCap`."""
+        request = uapi.KvmEnableCap.of(cap, flags, args)
+        values = (*request.args, 0, 0, 0, 0)[:4]
+        buf = bytearray(_sys.ENABLE_CAP.pack(request.cap, request.flags, *values))
         return _sys.ioctl_buf(self._fileno(), uapi.KVM_ENABLE_CAP, buf)
 
     def memory_encrypt_op(self, cmd: Any) -> int:
         """``KVM_MEMORY_ENCRYPT_OP`` with *cmd* as the bytes of the vendor's command struct
         (a ``bytearray`` is updated in place); a VM without such commands answers ENOTTY."""
-        buf = cmd if isinstance(cmd, bytearray) else bytearray(bytes(cmd) if cmd is not None else 64)
+        buf = cmd if isinstance(cmd, bytearray) else bytearray(64 if cmd is None else cabi.buffer(cmd, "cmd"))
         return _sys.ioctl_buf(self._fileno(), uapi.KVM_MEMORY_ENCRYPT_OP, buf)
 
     def create_vcpu(self, vcpu_id: int) -> LinuxVcpu:
+        """``KVM_CREATE_VCPU`` of an ``unsigned long`` id."""
+        vcpu_id = cabi.ulong(vcpu_id, "vcpu_id")
         fd = _sys.ioctl_int(self._fileno(), uapi.KVM_CREATE_VCPU, vcpu_id)
         vcpu = LinuxVcpu(self, fd, vcpu_id, self._run_size)
         self._vcpus.append(vcpu)
@@ -484,13 +465,19 @@ class LinuxKvm(_FdOwner, api.Kvm):
             raise
 
     def check_extension(self, cap: int) -> int:
+        """``KVM_CHECK_EXTENSION`` of a ``long`` capability."""
+        cap = cabi.long(cap, "cap")
         return _sys.ioctl_int(self._fileno(), uapi.KVM_CHECK_EXTENSION, cap)
 
     def create_vm(self, vm_type: int = 0) -> LinuxVm:
+        """``KVM_CREATE_VM`` of an ``unsigned long`` type."""
+        vm_type = cabi.ulong(vm_type, "vm_type")
         fd = _sys.ioctl_int(self._fileno(), uapi.KVM_CREATE_VM, vm_type)
         return LinuxVm(fd, vm_type, self._run_size)
 
     def mmap_anonymous(self, length: int) -> LinuxHostMapping:
+        """``mmap(2)`` of a ``size_t`` length of anonymous shared memory."""
+        length = cabi.size_t(length, "length")
         address = _sys.mmap(
             length, _sys.PROT_READ | _sys.PROT_WRITE, _sys.MAP_SHARED | _sys.MAP_ANONYMOUS, -1, 0
         )

@@ -455,6 +455,36 @@ class Hypervisor:
         self._count(vm, "donated_pages", nr_pages)
         self._count(vm, "stage2_map")
 
+    def host_donate_guest_pages(self, vm: HypVm, pfn: int, gfn: int, nr_pages: int) -> int:
+        """*nr_pages* one-page ``__pkvm_host_donate_guest`` calls in a row, as the host makes
+        them for a run of guest stage-2 faults: counted per call, each table changed once.
+
+        The pages up to the first one a call would refuse are donated; that call's error
+        is raised (nothing donated) if it is the first page, else the pages donated are
+        returned and the refusal is left to the call that reaches it.
+        """
+        call = "__pkvm_host_donate_guest"
+        if not vm.protected or vm.dying:
+            raise HypError(errno.EINVAL, call, "needs a loaded vCPU of a live protected VM")
+        n = min(self._first_entry(self.host, pfn, nr_pages), self._first_entry(vm.guest, gfn, nr_pages))
+        if not n:
+            self.host_donate_guest(vm, pfn, gfn)  # raises what the one-page call raises
+            return 1
+        delta = pfn - gfn
+        self._set_host(vm, pfn, n, HostPage(PageState.NOPAGE, Component.GUEST, vm.handle, delta))
+        self._load_pvmfw(vm, pfn, gfn, n)
+        self._set_guest(vm, gfn, n, GuestPage(PageState.OWNED, delta))
+        for name in ("host_stage2_unmap", "tlbi", "donations", "donated_pages", "stage2_map"):
+            self._count(vm, name, n)
+        return n
+
+    @staticmethod
+    def _first_entry(table: RangeMap[Any], start: int, npages: int) -> int:
+        """Pages from *start* (at most *npages*) before the first stored entry: host pages
+        the host owns (``OWNED`` is not stored), gfns the guest does not map (``NOPAGE``)."""
+        ent = table.first_overlap(start, start + npages)
+        return npages if ent is None else ent[0] - start
+
     def _load_pvmfw(self, vm: HypVm, pfn: int, gfn: int, nr_pages: int) -> None:
         """``pkvm_load_pvmfw_pages``: the hypervisor copies the firmware into donated pages."""
         fw = vm.pvmfw
@@ -567,6 +597,31 @@ class Hypervisor:
             self._set_host(vm, start, stop - start, shared)
         self._set_guest(vm, gfn, nr_pages, GuestPage(PageState.SHARED_BORROWED, pfn - gfn))
         self._count(vm, "stage2_map")
+
+    def host_share_guest_pages(self, vm: HypVm, pfn: int, gfn: int, nr_pages: int) -> int:
+        """*nr_pages* one-page ``__pkvm_host_share_guest`` calls in a row (a run of a normal
+        VM's stage-2 faults), counted per call: as :meth:`host_donate_guest_pages`, the
+        pages up to the first refused one are shared, that refusal raised only if it is
+        the first page."""
+        call = "__pkvm_host_share_guest"
+        if vm.protected:
+            raise HypError(errno.EINVAL, call, "protected guests get pages by donation")
+        n = self._first_entry(vm.guest, gfn, nr_pages)
+        pos = pfn
+        for _, stop, page in self.host_entries(pfn, n):
+            if not (page == HOST_OWNED or (page.state == PageState.SHARED_OWNED and page.share_count > 0)):
+                break
+            pos = stop
+        n = pos - pfn
+        if not n:
+            self.host_share_guest(vm, pfn, gfn)  # raises what the one-page call raises
+            return 1
+        for start, stop, page in list(self.host_entries(pfn, n)):
+            shared = HostPage(PageState.SHARED_OWNED, share_count=page.share_count + 1)
+            self._set_host(vm, start, stop - start, shared)
+        self._set_guest(vm, gfn, n, GuestPage(PageState.SHARED_BORROWED, pfn - gfn))
+        self._count(vm, "stage2_map", n)
+        return n
 
     def host_unshare_guest(self, vm: HypVm, gfn: int, nr_pages: int = 1) -> None:
         """``__pkvm_host_unshare_guest``: guest SHARED_BORROWED -> NOPAGE, host count-1 (OWNED at 0)."""

@@ -28,5 +28,6 @@ def guestmem_register_backends(register: Callable[[Backend], None]) -> None:
             vm_types=(PROTECTED_VM, DEFAULT_VM),
             policy=POLICY,
             intents=INTENTS,
+            range_faults=True,  # a run of faults is one donation (or share) run: see guestmem_fault
         )
     )

@@ -35,7 +35,7 @@ from typing import Any
 
 import attrs
 
-from guestmem import uapi
+from guestmem import cabi, uapi
 from guestmem.api import Vm
 from guestmem.backend import (
     Fault,
@@ -55,6 +55,7 @@ from guestmem.errors import GuestExit, HostSigsegv, KvmError, MemoryFault
 from guestmem_pkvm import abi
 from guestmem_pkvm.exits import HypercallExit
 from guestmem_pkvm.ownership import (
+    GUEST_NOPAGE,
     GUEST_TABLE,
     HOST_TABLE,
     PAGE_SHIFT,
@@ -211,8 +212,11 @@ def set_pvmfw(vm: Any, ipa: int, image: bytes) -> None:
     The hypervisor copies the image into each page of that range when the guest first
     faults it (``pkvm_load_pvmfw_pages``).  A VM ioctl: EBADF once the VM fd is closed, EIO
     on a dead VM (``kvm_vm_ioctl``); EBUSY once the VM ran (the hyp VM exists, pKVM-3.4);
-    EINVAL for a non-protected VM, an unaligned *ipa* or an empty image.
+    EINVAL for a non-protected VM, an unaligned *ipa* or an empty image.  *ipa* is the
+    capability's ``__u64`` argument, *image* bytes-like (guestmem.cabi: a TypeError naming
+    either before anything is checked).
     """
+    ipa, image = cabi.u64(ipa, "ipa"), cabi.buffer(image, "image")
     state = pkvm_state(vm)
     vm_view = view(vm)
     with vm_view.host.operation():  # one ioctl: no other thread's first run comes in between
@@ -366,32 +370,44 @@ class PkvmPolicy:
     # --- guest stage-2 faults: donation (pVM) or share (normal VM) ------------------------------
     @hookimpl
     def guestmem_fault(self, vm: VmView, fault: Fault) -> None:
-        """Give the faulting page to the guest before KVM maps it (``gmem_abort``, 4K only)."""
+        """Give the faulting pages to the guest before KVM maps them (``gmem_abort``, 4K only).
+
+        A run of faults (``range_faults``) is what the faults of its pages one by one do:
+        it ends where the hypervisor's answer for a page would differ from its first page's
+        (another guest state or mapping, a page the host still maps, one a donation or
+        share refuses), and that page's own fault raises what it raises.
+        """
         state = pkvm_state(vm)
         hvm = state.running
-        gfn, pfn = fault.gfn, fault.pfn
+        gfn, pfn, npages = fault.gfn, fault.pfn, fault.npages
         assert pfn is not None
-        page = hvm.state(gfn)
+        entry = hvm.guest.entry(gfn)
+        page = GUEST_NOPAGE if entry is None else entry[2]
         if page.state == PageState.POISON:
             # __pkvm_vcpu_in_poison_fault: KVM_RUN returns -EFAULT, no memory-fault exit.
             vm.count("pkvm.poison_faults")
             raise KvmError(errno.EFAULT, "pKVM-3.2", f"gfn {gfn:#x}: the host force-reclaimed this page")
-        if page.state != PageState.NOPAGE:
+        if entry is not None:
             if page.pfn(gfn) != pfn:
                 raise KvmError(errno.EFAULT, RULE, f"gfn {gfn:#x} is owned at another pfn")
-            return  # the hypervisor already gave it: only the stage-2 leaf is rebuilt
+            # the hypervisor already gave these pages: only the stage-2 leaves are rebuilt
+            fault.npages = min(npages, entry[1] - gfn)
+            return
         fault.max_level = uapi.PG_LEVEL_4K
         if not state.protected:
-            state.hyp.host_share_guest(hvm, pfn, gfn)
+            fault.npages = state.hyp.host_share_guest_pages(hvm, pfn, gfn, npages)
             return
-        if host_maps(vm, gfn):
+        mapped = host_mapped_gfn(vm, gfn, npages)
+        if mapped == gfn:
             # The donation would leave a host mapping of a guest-private page: userspace
             # must drop its mapping (munmap / MADV_DONTNEED) and run again.
             vm.count("pkvm.userspace_exits")
             raise MemoryFault(
                 errno.EFAULT, gfn << PAGE_SHIFT, PAGE_SIZE, 0, "pKVM-3.5", "the host still maps this page"
             )
-        state.hyp.host_donate_guest(hvm, pfn, gfn)
+        if mapped is not None:
+            npages = mapped - gfn
+        fault.npages = state.hyp.host_donate_guest_pages(hvm, pfn, gfn, npages)
 
     @hookimpl
     def guestmem_max_mapping_level(self, vm: VmView, pfn: int, is_private: bool) -> int:
@@ -426,15 +442,16 @@ class PkvmPolicy:
     def guestmem_gmem_invalidate(self, vm: VmView, start_pfn: int, end_pfn: int) -> None:
         """A gmem folio is freed: no page may still belong to a guest (else reclaim it first)."""
         hyp = pkvm_state(vm).hyp
-        for s, _, page in list(hyp.host_entries(start_pfn, end_pfn - start_pfn)):
+        for s, e, page in list(hyp.host_entries(start_pfn, end_pfn - start_pfn)):
             if page.state == PageState.NOPAGE and page.handle:
                 owner = hyp.vm(page.handle)
-                gfn = page.gfn(s)
-                vm.count("pkvm.late_reclaims")
-                if owner.dying:
-                    hyp.host_reclaim_page_guest(owner, gfn)
-                else:
-                    hyp.host_force_reclaim_page_guest(owner, gfn)
+                # one host entry is a run of pages; the reclaim hypercalls take one page each
+                for pfn in range(s, e):
+                    vm.count("pkvm.late_reclaims")
+                    if owner.dying:
+                        hyp.host_reclaim_page_guest(owner, page.gfn(pfn))
+                    else:
+                        hyp.host_force_reclaim_page_guest(owner, page.gfn(pfn))
 
     # --- host side -----------------------------------------------------------------------------
     @hookimpl
@@ -481,9 +498,13 @@ class PkvmPolicy:
     # --- guest hypercalls ---------------------------------------------------------------------
     @hookimpl
     def guestmem_hypercall(self, vcpu: VcpuView, nr: int, args: tuple[int, ...]) -> int:
-        """The KVM vendor-hypervisor SMCCC services a pKVM guest uses for memory."""
+        """The KVM vendor-hypervisor SMCCC services a pKVM guest uses for memory.
+
+        The function ID is the low 32 bits of x0 (``smccc_get_function`` returns a ``u32``).
+        """
         vm = vcpu.vm
         state = pkvm_state(vm)
+        nr = cabi.u32(nr, "nr")
         name = _HVC_NAMES.get(nr)
         if name is not None:
             vm.count(f"pkvm.hvc.{name}")
@@ -560,11 +581,11 @@ class PkvmPolicy:
             done = hyp.guest_request(hvm, gfn, nr_pages, PageState.SHARED_OWNED, "__pkvm_guest_unshare_host")[
                 1
             ]
-            for g in range(gfn, gfn + done):
-                if host_maps(vm, g):
-                    # Restricted mapping: to-private is refused while the folio is mapped.
-                    vm.count("pkvm.unshare_refused_mapped")
-                    raise KvmError(errno.EAGAIN, "pKVM-3.3", f"gfn {g:#x}: the host still maps this page")
+            mapped = host_mapped_gfn(vm, gfn, done)
+            if mapped is not None:
+                # Restricted mapping: to-private is refused while the folio is mapped.
+                vm.count("pkvm.unshare_refused_mapped")
+                raise KvmError(errno.EAGAIN, "pKVM-3.3", f"gfn {mapped:#x}: the host still maps this page")
             hyp.guest_unshare_host(hvm, gfn, done)
         # In place: a page mapped before the call is the same page after it.
         pfns = {g: (before[g], _leaf_pfn(vm, g)) for g in before if g < gfn + done}
@@ -577,17 +598,24 @@ class PkvmPolicy:
     def _fault_in(vcpu: VcpuView, hvm: HypVm, start: int, end: int) -> None:
         """The host handles the hypervisor's map request for gfns ``[start, end)``.
 
-        Each page is a stage-2 fault: a memory-fault exit (a page the VMM still maps)
-        leaves ``KVM_RUN`` with the guest's HVC not done, to be retried.
+        Each page is a stage-2 fault (counted in ``pkvm.memshare_fault_in``), taken as runs:
+        a memory-fault exit (a page the VMM still maps) leaves ``KVM_RUN`` with the guest's
+        HVC not done, to be retried.
         """
         vm = vcpu.vm
         for gap_start, gap_end in list(hvm.guest.gaps(start, end)):
-            for g in range(gap_start, gap_end):  # one stage-2 fault (donation) per page
-                vm.count("pkvm.memshare_fault_in")
+            pos = gap_start
+            while pos < gap_end:
                 try:
-                    vcpu.translate(g << PAGE_SHIFT)
+                    done = vm.fault_range(pos, gap_end - pos, private=False, vcpu=vcpu)
                 except GuestExit as exc:  # no memory there (an MMIO exit): nothing to share
+                    vm.count("pkvm.memshare_fault_in")
                     raise HypError(errno.EFAULT, "pkvm_memshare_call", str(exc)) from None
+                except KvmError:
+                    vm.count("pkvm.memshare_fault_in")
+                    raise
+                vm.count("pkvm.memshare_fault_in", done)
+                pos += done
 
     def _relinquish(self, vm: VmView, state: PkvmVm, gfn: int) -> None:
         pfn = state.hyp.guest_relinquish_to_host(state.running, gfn)
@@ -595,10 +623,26 @@ class PkvmPolicy:
             vm.zap_gfn_range(gfn, gfn + 1)  # the guest's leaf is gone (KVM's copy of stage-2)
 
 
-def host_maps(vm: VmView, gfn: int) -> bool:
-    """Some host userspace mapping of *vm*'s guest_memfd has the page behind *gfn* faulted in."""
-    loc = vm.gfn_to_gmem(gfn)
-    return loc is not None and loc.gmem.host_mapped(loc.index)
+def host_mapped_gfn(vm: VmView, gfn: int, npages: int = 1) -> int | None:
+    """The first gfn of ``[gfn, gfn + npages)`` whose guest_memfd page some host userspace
+    mapping of *vm* has faulted in, or None: one range query per memslot crossed."""
+    pos, end = gfn, gfn + npages
+    while pos < end:
+        loc = vm.gfn_to_gmem(pos)
+        if loc is None:
+            slot = vm.slot_for_gfn(pos)
+            if slot is None:
+                return None
+            pos = slot.end_gfn
+            continue
+        stop = min(end, loc.slot.end_gfn)
+        first = min(
+            (s for s, _ in loc.gmem.host_mapped_ranges(loc.index, loc.index + stop - pos)), default=None
+        )
+        if first is not None:
+            return pos + first - loc.index
+        pos = stop
+    return None
 
 
 def _leaf_pfn(vm: VmView, gfn: int) -> int | None:

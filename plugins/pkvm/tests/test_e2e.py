@@ -152,7 +152,7 @@ def test_checker_catches_a_donation_of_a_host_mapped_page_i_1(
 ) -> None:
     guest.map.write(0, b"mapped")
     # A broken policy that would donate a page the host still maps.
-    monkeypatch.setattr(policy, "host_maps", lambda vm, gfn: False)
+    monkeypatch.setattr(policy, "host_mapped_gfn", lambda vm, gfn, npages=1: None)
     with pytest.raises(IsolationViolation, match=r"I-1: pfn .* is host-mapped but guest-private"):
         guest.vcpu.access(GPA, 1)
     assert len(checker.violations) == 1

@@ -614,3 +614,54 @@ def test_reclaim_guest_range_of_live_vms_3_6(hyp: Hypervisor, pvm: HypVm, npvm: 
     assert hyp.reclaim_guest_range(pvm, GFN, GFN + 1) == 0  # poisoned PTEs hold nothing
     assert hyp.reclaim_guest_range(npvm, 0, 1 << 20) == 1
     assert guest(npvm) == PageState.NOPAGE and len(hyp.host) == 0
+
+
+# --- runs of one-page calls (a run of guest stage-2 faults) ----------------------------------
+def _tables(hyp: Hypervisor, vm: HypVm) -> tuple[Any, ...]:
+    return list(hyp.host.items()), list(hyp.hyp.items()), list(vm.guest.items()), dict(vm.counters)
+
+
+@pytest.mark.parametrize("blocked", [None, 0, 5])
+def test_a_donation_run_is_one_page_donations_in_a_row(blocked: int | None) -> None:
+    """``host_donate_guest_pages``: the tables and counters of that many one-page
+    ``__pkvm_host_donate_guest`` calls; a page the host shared with the hypervisor stops
+    the run there, and is refused (EPERM) by the call that starts at it."""
+    ranged, stepped = Hypervisor(), Hypervisor()
+    runs = []
+    for hyp in (ranged, stepped):
+        vm = hyp.init_vm(protected=True)
+        if blocked is not None:
+            hyp.host_share_hyp(PFN + blocked)
+        runs.append(vm)
+    rvm, svm = runs
+    done = 0 if blocked == 0 else ranged.host_donate_guest_pages(rvm, PFN, GFN, 8)
+    if blocked == 0:
+        with pytest.raises(HypError) as info:
+            ranged.host_donate_guest_pages(rvm, PFN, GFN, 8)
+        assert info.value.errno == errno.EPERM
+    for i in range(8 if blocked is None else blocked):
+        stepped.host_donate_guest(svm, PFN + i, GFN + i)
+    assert done == (8 if blocked is None else blocked)
+    assert _tables(ranged, rvm) == _tables(stepped, svm)
+    assert rvm.counters["donations"] == rvm.counters["tlbi"] == rvm.counters["stage2_map"] == done
+
+
+def test_a_share_run_is_one_page_shares_in_a_row() -> None:
+    """``host_share_guest_pages`` (a normal VM's faults): pages another normal VM shares
+    already count one more sharer, a page the host gave the hypervisor ends the run."""
+    ranged, stepped = Hypervisor(), Hypervisor()
+    runs = []
+    for hyp in (ranged, stepped):
+        other, vm = hyp.init_vm(protected=False), hyp.init_vm(protected=False)
+        hyp.host_share_guest(other, PFN + 2, GFN)
+        hyp.host_donate_hyp(PFN + 6)
+        runs.append(vm)
+    rvm, svm = runs
+    assert ranged.host_share_guest_pages(rvm, PFN, GFN, 8) == 6
+    for i in range(6):
+        stepped.host_share_guest(svm, PFN + i, GFN + i)
+    assert _tables(ranged, rvm) == _tables(stepped, svm)
+    assert ranged.host_state(PFN + 2).share_count == 2
+    with pytest.raises(HypError) as info:
+        ranged.host_share_guest_pages(rvm, PFN + 6, GFN + 6, 2)
+    assert info.value.errno == errno.EPERM

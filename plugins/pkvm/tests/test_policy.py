@@ -113,6 +113,26 @@ def test_pvmfw_address_is_fixed_once_the_vm_ran_3_4(guest: Guest) -> None:
     assert guest.vcpu.access(GPA + 8 * PAGE, 3) == bytes(3)
 
 
+def test_the_arch_face_takes_integers_and_bytes(guest: Guest) -> None:
+    """``set_pvmfw``'s *ipa* is the capability's ``__u64`` argument and *image* bytes-like;
+    a hypercall's registers are ``unsigned long`` and its function ID the low 32 bits of
+    x0 (``smccc_get_function``).  A non-integer is a TypeError naming it, nothing set."""
+    state = pkvm_state(guest.vm)
+    for call, name in (
+        (lambda: set_pvmfw(guest.vm, float(GPA), b"fw"), "ipa"),
+        (lambda: set_pvmfw(guest.vm, GPA, "fw"), "image"),
+        (lambda: enable_exit_hypercall(guest.vm, None), "args"),
+        (lambda: guest.vcpu.hypercall(MEMINFO, 0.0), "args"),
+        (lambda: guest.vcpu.hypercall(str(MEMINFO)), "nr"),
+    ):
+        with pytest.raises(TypeError, match=f"^{name}"):
+            call()
+    assert state.pvmfw is None and state.hvm is None
+    set_pvmfw(guest.vm, GPA + (1 << 64), bytearray(b"fw"))  # a __u64 ipa
+    assert state.pvmfw is not None and state.pvmfw.ipa == GPA
+    assert guest.vcpu.hypercall(MEMINFO + (1 << 32), 0, 0, 0) == PAGE  # a u32 function ID
+
+
 @pytest.mark.parametrize("gmem_open", [True, False], ids=["closed", "destroyed"])
 def test_pvmfw_and_exit_hypercall_on_a_closed_vm_are_ebadf_and_change_nothing(
     kvm: Any, gmem_open: bool
@@ -416,6 +436,52 @@ def test_guest_memory_behind_anonymous_host_memory_is_not_readable_by_the_host_3
     shared.close()
 
 
+class _CloseVmOnFault:
+    """Observer: the first stage-2 fault after ``armed`` closes the VM (a VMM thread
+    closing it while a vCPU runs)."""
+
+    def __init__(self, vm: Any) -> None:
+        self.vm: Any = None
+        self.target = vm
+        self.destroyed_then: list[bool] = []
+
+    @guestmem.hookimpl
+    def guestmem_fault(self) -> None:
+        if self.vm is not None:
+            vm, self.vm = self.vm, None
+            vm.close()
+            self.destroyed_then.append(vm.destroyed)
+
+
+def test_a_vm_closed_during_a_share_is_torn_down_after_it_leaving_no_share(kvm: Any, checker: Any) -> None:
+    """MEM_SHARE of a page not faulted yet: the host's fault-in (a stage-2 fault) runs an
+    observer that closes the VM.  ``KVM_RUN`` holds the vCPU and so the VM: the HVC finishes
+    on the live VM and exits to userspace, then the VM is destroyed and the hypervisor's
+    teardown gives every page back to the host, the shared one included."""
+    shared = kvm.mmap_anonymous(SIZE)
+    vm = kvm.create_vm(abi.KVM_VM_TYPE_ARM_PROTECTED)
+    vm.set_user_memory_region2(0, 0, GPA, SIZE, shared.address)
+    vcpu = vm.create_vcpu(0)
+    vcpu.access(GPA, data=b"run")  # the first run creates the hyp VM
+    hyp = pkvm_state(vm).hyp
+    closer = _CloseVmOnFault(vm)
+    registry = guestmem.get_registry()
+    registry.add_plugin(closer, name="close-vm-on-fault")
+    try:
+        closer.vm = vm
+        with pytest.raises(HypercallExit) as info:
+            vcpu.hypercall(SHARE, GPA + PAGE, 1, 0)
+    finally:
+        registry.remove_plugin(closer)
+    assert info.value.args[:2] == (GPA + PAGE, 1)  # the share was done, on a live VM
+    assert closer.destroyed_then == [False]
+    assert vm.destroyed and list(hyp.host.items()) == [] and hyp.vm_table == [None]
+    with pytest.raises(KvmError) as err:
+        vcpu.hypercall(SHARE, GPA + 2 * PAGE, 1, 0)
+    assert err.value.errno == errno.EBADF
+    shared.close()
+
+
 # --- memslot changes of a protected VM (3.6) -------------------------------------------------------
 def test_memslots_of_a_protected_vm_that_ran_are_kept_and_its_pages_untouched_3_6(kvm: Any) -> None:
     """``kvm_set_memslot`` zaps a slot being deleted or moved (``kvm_arch_flush_shadow_memslot``)
@@ -492,3 +558,18 @@ def test_a_protected_vm_logs_no_dirty_pages_3_6(kvm: Any, vm_type: int) -> None:
         vm.set_user_memory_region2(0, dirty, GPA, SIZE, shared.address)
     vm.close()
     shared.close()
+
+
+def test_a_freed_folio_run_still_donated_is_reclaimed_page_by_page_3_2(guest: Guest) -> None:
+    """``guestmem_gmem_invalidate`` (the folio free of a page a live guest still owns)
+    force-reclaims every page of the host entry, not only its first: the host table stores
+    one run for pages donated in a row, the hypercall takes one page."""
+    from guestmem_pkvm.policy import PkvmPolicy
+
+    for i in range(4):
+        guest.vcpu.access(GPA + i * PAGE, data=b"z")
+    state = pkvm_state(guest.vm)
+    first = state.hvm.state(GPA >> 12).pfn(GPA >> 12)
+    PkvmPolicy().guestmem_gmem_invalidate(view(guest.vm), first, first + 4)
+    assert [state.hvm.state((GPA >> 12) + i).state for i in range(4)] == [PageState.POISON] * 4
+    assert guest.vm.counters["pkvm.late_reclaims"] == 4

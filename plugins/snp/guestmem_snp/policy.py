@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from guestmem import uapi
-from guestmem.backend import GmemView, HostFault, HostView, VcpuView, VmView, hookimpl
+from guestmem.backend import Fault, GmemView, HostFault, HostView, VcpuView, VmView, hookimpl
 from guestmem.errors import HypercallExit, KvmError
 from guestmem_snp import snapshot
 from guestmem_snp.ghcb import (
@@ -111,6 +111,14 @@ class SnpPolicy:
         sev = _sev(vm)
         if sev is not None:
             sev.gmem_invalidate(start_pfn, end_pfn)
+
+    @hookimpl
+    def guestmem_fault(self, vm: VmView, fault: Fault) -> None:
+        """A run of private faults ends where the RMP page size changes: the core asks
+        ``sev_gmem_max_mapping_level`` once per run, so its answer must hold for all of it."""
+        sev = _sev(vm)
+        if sev is not None and fault.is_private and fault.pfn is not None and fault.npages > 1:
+            fault.npages = sev.fault_run(fault.pfn, fault.npages)
 
     @hookimpl
     def guestmem_max_mapping_level(self, vm: VmView, pfn: int, is_private: bool) -> int | None:

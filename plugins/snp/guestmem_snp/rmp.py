@@ -176,6 +176,28 @@ class RmpTable:
         """Runs of unassigned (Hypervisor) pages in ``[start, end)``."""
         return self._map.gaps(start, end)
 
+    def level_run(self, pfn: int, npages: int) -> int:
+        """How many pages from *pfn* (at most *npages*, at least 1) have the page size of
+        *pfn*'s entry, an unassigned page counting as 4K (``snp_lookup_rmpentry``'s level).
+
+        Walks the stored ranges lazily: O(log n) per range passed.
+        """
+        end = pfn + npages
+        first = self._map.get(pfn)
+        level = PG_LEVEL_4K if first is None else first.level
+        pos = pfn
+        while pos < end:
+            ent = self._map.first_overlap(pos, end)
+            if ent is None:
+                return (end if level == PG_LEVEL_4K else pos) - pfn
+            s, e, value = ent
+            if s > pos and level != PG_LEVEL_4K:
+                break  # a gap: unassigned pages are 4K
+            if value.level != level:
+                return max(1, s - pfn)
+            pos = e
+        return max(1, min(pos, end) - pfn)
+
     def assigned_pages(self, asid: int | None = None) -> int:
         """Number of assigned pages (of *asid* if given); costs O(stored ranges)."""
         return sum(e - s for s, e, v in self._map.items() if asid is None or v.asid == asid)
@@ -308,6 +330,27 @@ class RmpTable:
         self._store(pfn, pfn + PTRS_PER_PMD, attrs.evolve(value, level=PG_LEVEL_4K))
         return RMP_SUCCESS
 
+    def psmash_range(self, pfn: int, nblocks: int) -> int:
+        """*nblocks* PSMASHes of consecutive 2 MiB entries from 2 MiB-aligned *pfn*, as
+        one update per stored run.  ``FAIL_INPUT`` (and nothing changed) unless every
+        block is a 2 MiB entry."""
+        end = pfn + nblocks * PTRS_PER_PMD
+        if pfn % PTRS_PER_PMD or nblocks <= 0:
+            return FAIL_INPUT
+        runs = self._map.span(pfn, end)
+        if sum(e - s for s, e, _ in runs) != end - pfn or any(v.level != PG_LEVEL_2M for _, _, v in runs):
+            return FAIL_INPUT
+        for s, e, value in runs:
+            self._store(s, e, attrs.evolve(value, level=PG_LEVEL_4K))
+        return RMP_SUCCESS
+
+    def run_end(self, pfn: int) -> int:
+        """One past the last pfn of the stored run holding *pfn*: the pages from *pfn* whose
+        entries have the same fields (but the gpa, growing with the pfn); *pfn* itself if
+        it is not assigned."""
+        ent = self._map.entry(pfn)
+        return pfn if ent is None else ent[1]
+
     # --- firmware ------------------------------------------------------------------------
     def launch_update(self, pfn: int, npages: int = 1, vmsa: bool = False) -> int:
         """``SNP_LAUNCH_UPDATE`` on Pre-Guest pages: they become Guest-Valid (not immutable).
@@ -351,11 +394,23 @@ class RmpTable:
         :class:`RmpViolation` where the hardware raises #NPF: entry not assigned to this
         guest at this gpa, immutable, or a 4 KiB PVALIDATE inside a 2 MiB entry.
         """
+        return self.pvalidate_run(pfn, gfn, asid, level, validate, count)[0]
+
+    def pvalidate_run(
+        self, pfn: int, gfn: int, asid: int, level: int, validate: bool, count: int = 1, *, apply: bool = True
+    ) -> tuple[int, int]:
+        """:meth:`pvalidate` of *count* instructions: ``(code, done)``, *done* the
+        instructions that succeeded before the first that did not (all of them on success).
+
+        With ``apply=False`` nothing changes: what the instructions would do.  An
+        :class:`RmpViolation` is raised all the same, after the instructions before the
+        faulting one took effect (``(exc.pfn - pfn) // pages per instruction`` of them).
+        """
         step = PTRS_PER_PMD if level == PG_LEVEL_2M else 1
         if level not in (PG_LEVEL_4K, PG_LEVEL_2M) or count <= 0:
-            return PVALIDATE_FAIL_INPUT
+            return PVALIDATE_FAIL_INPUT, 0
         if level == PG_LEVEL_2M and gfn % PTRS_PER_PMD:
-            return PVALIDATE_FAIL_INPUT  # the guest's gpa; the host pfn's alignment is the RMP's business
+            return PVALIDATE_FAIL_INPUT, 0  # the guest's gpa; the host pfn's alignment is the RMP's business
         end = pfn + count * step
         done = pfn
         rc = 0
@@ -386,6 +441,7 @@ class RmpTable:
                     raise RmpViolation(pos, "page not assigned")
         finally:
             # The instructions before the failing one took effect.
-            for s, e, value in updates:
-                self._store(s, min(e, done), value)
-        return rc
+            if apply:
+                for s, e, value in updates:
+                    self._store(s, min(e, done), value)
+        return rc, (done - pfn) // step

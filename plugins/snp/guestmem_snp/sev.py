@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 import structlog
 
-from guestmem import uapi
+from guestmem import cabi, uapi
 from guestmem.backend import VmView, view
 from guestmem.errors import FailEntryExit, KvmError
 from guestmem_snp.ghcb import PscBuffer, PscEngine
@@ -100,7 +100,8 @@ _PAGE_INFO_LEN: Final = 0x70
 
 @attrs.define
 class SevCmd:
-    """``struct kvm_sev_cmd``: the argument of ``KVM_MEMORY_ENCRYPT_OP`` on an SEV host.
+    """``struct kvm_sev_cmd``: the argument of ``KVM_MEMORY_ENCRYPT_OP`` on an SEV host
+    (``__u32 id; __u32 pad0; __u64 data; __u32 error; __u32 sev_fd``).
 
     ``data`` is the command's own struct (:class:`KvmSevInit`, :class:`KvmSevSnpLaunchStart`,
     :class:`SnpLaunchUpdate`, :class:`KvmSevSnpLaunchFinish`); ``error`` is the firmware
@@ -114,7 +115,8 @@ class SevCmd:
 
 @attrs.define
 class KvmSevInit:
-    """``struct kvm_sev_init`` (``KVM_SEV_INIT2``)."""
+    """``struct kvm_sev_init`` (``KVM_SEV_INIT2``): ``__u64 vmsa_features; __u32 flags;
+    __u16 ghcb_version``."""
 
     vmsa_features: int = 0
     flags: int = 0
@@ -123,7 +125,7 @@ class KvmSevInit:
 
 @attrs.define
 class KvmSevSnpLaunchStart:
-    """``struct kvm_sev_snp_launch_start``."""
+    """``struct kvm_sev_snp_launch_start``: ``__u64 policy; __u8 gosvw[16]; __u16 flags``."""
 
     policy: int = 0
     flags: int = 0
@@ -131,17 +133,19 @@ class KvmSevSnpLaunchStart:
 
 @attrs.define
 class KvmSevSnpLaunchFinish:
-    """``struct kvm_sev_snp_launch_finish`` (the ID block and host data are not modelled)."""
+    """``struct kvm_sev_snp_launch_finish``: ``__u16 flags`` (the ID block and host data are
+    not modelled)."""
 
     flags: int = 0
 
 
 @attrs.define
 class SnpLaunchUpdate:
-    """``struct kvm_sev_snp_launch_update``, updated in place on partial progress.
+    """``struct kvm_sev_snp_launch_update`` (``__u64 gfn_start; __u64 uaddr; __u64 len;
+    __u8 type; __u8 pad0; __u16 flags``), updated in place on partial progress.
 
-    ``data`` stands for the bytes at ``uaddr`` (``None`` only for ZERO pages); ``error``
-    is the firmware error the kernel copies back.
+    ``data`` stands for the bytes at ``uaddr`` (bytes-like; ``None`` only for ZERO pages);
+    ``error`` is the firmware error the kernel copies back.
     """
 
     gfn_start: int
@@ -150,6 +154,24 @@ class SnpLaunchUpdate:
     type: int = KVM_SEV_SNP_PAGE_TYPE_NORMAL
     flags: int = 0
     error: int = 0
+
+
+def _read_command(cmd: SevCmd) -> Any:
+    """``struct kvm_sev_cmd`` and the command's own struct as the kernel reads them: each
+    field stored as its C type in place (guestmem.cabi); returns ``cmd.data``."""
+    cabi.fields(cmd, id=cabi.u32, error=cabi.u32)
+    data = cmd.data
+    if isinstance(data, KvmSevInit):
+        cabi.fields(data, vmsa_features=cabi.u64, flags=cabi.u32, ghcb_version=cabi.u16)
+    elif isinstance(data, KvmSevSnpLaunchStart):
+        cabi.fields(data, policy=cabi.u64, flags=cabi.u16)
+    elif isinstance(data, KvmSevSnpLaunchFinish):
+        cabi.fields(data, flags=cabi.u16)
+    elif isinstance(data, SnpLaunchUpdate):
+        cabi.fields(data, gfn_start=cabi.u64, len=cabi.u64, type=cabi.u8, flags=cabi.u16, error=cabi.u32)
+        if data.data is not None:
+            data.data = cabi.buffer(data.data, "data")
+    return data
 
 
 @attrs.frozen
@@ -326,11 +348,16 @@ class SevVm:
 
     # --- uAPI: KVM_MEMORY_ENCRYPT_OP ---------------------------------------------------------
     def ioctl(self, cmd: SevCmd) -> int:
-        """``sev_mem_enc_ioctl``: run one command; 0 on success, :class:`KvmError` otherwise."""
+        """``sev_mem_enc_ioctl``: run one command; 0 on success, :class:`KvmError` otherwise.
+
+        The command's structs are read first, each field as its C type (``copy_from_user``;
+        :func:`guestmem.cabi.fields`): a field that is no integer is a TypeError naming it,
+        before anything changes.
+        """
+        data = _read_command(cmd)
         if self.snp_active and cmd.id < KVM_SEV_SNP_LAUNCH_START:
             # Once an SNP guest, only the SNP commands (id >= 100) are allowed.
             raise KvmError(errno.EPERM, "", f"SEV command {cmd.id} on an initialised SNP VM")
-        data = cmd.data
         if cmd.id == KVM_SEV_INIT2:
             init = data if isinstance(data, KvmSevInit) else KvmSevInit()
             self.init2(init.vmsa_features, init.ghcb_version, init.flags)
@@ -492,42 +519,63 @@ class SevVm:
 
         2 MiB iff the folio is 2 MiB (order >= 9), naturally aligned, and all 512 RMP
         entries are unassigned (``is_large_rmp_possible``); else 4 KiB entries.  A run of
-        order-0 folios (the core hands them over at once) is each folio's 4K entry; a folio
-        already assigned is left alone, as the kernel's per-folio check does.
+        folios (the core hands a run over at once: ``range_faults``) is what preparing each
+        folio in turn does: a folio already assigned is left alone, as the kernel's
+        per-folio check does, and a run none of whose pages is assigned costs one RMP update.
         """
         if not self.snp_active:
             return
         rmp = self.host.rmp
         self.host.freed.erase(pfn, pfn + npages)
-        if order and rmp.is_assigned(pfn):
-            return
-        base_pfn = pfn - pfn % PTRS_PER_PMD
-        large = (
-            order >= uapi.PMD_ORDER
-            and pfn % PTRS_PER_PMD == 0
-            and gfn % PTRS_PER_PMD == 0
-            and not rmp.any_assigned(base_pfn, PTRS_PER_PMD)
-        )
-        rc = RMP_SUCCESS
         with self.host.acting(self.vm):
-            if large:
-                rc = rmp.make_private(
-                    base_pfn, gfn << PAGE_SHIFT, uapi.PG_LEVEL_2M, self.asid, immutable=False
-                )
-                self.vm.count("rmpupdate")
+            if not order:
+                # 6.18 folios are order 0: one 4K entry each (a run: one RMPUPDATE per page).
+                rc, failed = self._prepare_4k(gfn, pfn, pfn, pfn + npages)
+            elif order >= uapi.PMD_ORDER and not rmp.any_assigned(pfn, npages):
+                rc, failed = self._prepare_fresh_2m(gfn, pfn, npages)
             else:
-                # 6.18 folios are order 0: one 4K entry each.  A large folio that cannot take a
-                # 2M entry gets 4K entries for its unassigned pages (prepare runs once per folio).
-                for s, e in list(rmp.unassigned(pfn, pfn + npages)):
-                    gpa = (gfn + s - pfn) << PAGE_SHIFT
-                    self._adjust_direct_map(s, e - s)
-                    rc = rmp.make_private(s, gpa, uapi.PG_LEVEL_4K, self.asid, immutable=False, npages=e - s)
-                    self.vm.count("rmpupdate", e - s)
+                rc, failed = RMP_SUCCESS, pfn
+                nr = min(1 << order, npages)
+                for head in range(pfn, pfn + npages, nr):
+                    rc, failed = self._prepare_folio(gfn + head - pfn, head, min(nr, pfn + npages - head))
                     if rc:
                         break
         if rc:
-            self._rmp_failed("sev_gmem_prepare", pfn, rc)
-            raise KvmError(errno.EINVAL, "", f"sev_gmem_prepare: RMPUPDATE of pfn {pfn:#x} failed ({rc})")
+            self._rmp_failed("sev_gmem_prepare", failed, rc)
+            raise KvmError(errno.EINVAL, "", f"sev_gmem_prepare: RMPUPDATE of pfn {failed:#x} failed ({rc})")
+
+    def _prepare_fresh_2m(self, gfn: int, pfn: int, npages: int) -> tuple[int, int]:
+        """Folios of order 9 none of whose pages is assigned: a 2M entry each if the gpa is
+        2 MiB aligned too (the pfn is: large folios are naturally aligned), else 4K entries."""
+        if pfn % PTRS_PER_PMD or gfn % PTRS_PER_PMD:
+            return self._prepare_4k(gfn, pfn, pfn, pfn + npages)
+        rc = self.host.rmp.make_private(
+            pfn, gfn << PAGE_SHIFT, uapi.PG_LEVEL_2M, self.asid, immutable=False, npages=npages
+        )
+        self.vm.count("rmpupdate", npages // PTRS_PER_PMD)
+        return rc, pfn
+
+    def _prepare_folio(self, gfn: int, pfn: int, npages: int) -> tuple[int, int]:
+        """One large folio, as ``sev_gmem_prepare`` sees it: nothing if its first page is
+        assigned, a 2M entry if possible, else 4K entries for its unassigned pages."""
+        rmp = self.host.rmp
+        if rmp.is_assigned(pfn):
+            return RMP_SUCCESS, pfn
+        if npages >= PTRS_PER_PMD and not rmp.any_assigned(pfn - pfn % PTRS_PER_PMD, PTRS_PER_PMD):
+            return self._prepare_fresh_2m(gfn, pfn, npages)
+        return self._prepare_4k(gfn, pfn, pfn, pfn + npages)
+
+    def _prepare_4k(self, gfn: int, pfn: int, start: int, end: int) -> tuple[int, int]:
+        """4K entries for the unassigned pages of ``[start, end)`` (*gfn* backs *pfn*)."""
+        rmp = self.host.rmp
+        for s, e in list(rmp.unassigned(start, end)):
+            gpa = (gfn + s - pfn) << PAGE_SHIFT
+            self._adjust_direct_map(s, e - s)
+            rc = rmp.make_private(s, gpa, uapi.PG_LEVEL_4K, self.asid, immutable=False, npages=e - s)
+            self.vm.count("rmpupdate", e - s)
+            if rc:
+                return rc, s
+        return RMP_SUCCESS, start
 
     def gmem_invalidate(self, start: int, end: int) -> None:
         """``sev_gmem_invalidate``: every assigned pfn back to shared, PSMASH where partial, clflush."""
@@ -680,6 +728,11 @@ class SevVm:
             return self._leak("snp_page_reclaim", pfn, npages, rc, bug_vm)
         return self._kvm_rmp_make_shared(pfn, npages, bug_vm=bug_vm)
 
+    def fault_run(self, pfn: int, npages: int) -> int:
+        """How many of the *npages* pages of a private fault run from *pfn* share its RMP
+        page size, which ``max_mapping_level`` answers: the whole run before INIT2."""
+        return self.host.rmp.level_run(pfn, npages) if self.snp_active else npages
+
     def max_mapping_level(self, pfn: int, is_private: bool) -> int | None:
         """``sev_gmem_max_mapping_level``: the RMP page size; unassigned -> 4K."""
         if not self.snp_active or not is_private:
@@ -783,9 +836,15 @@ class Sev:
         *,
         length: int | None = None,
     ) -> None:
-        """LAUNCH_UPDATE of *data* (or *length* bytes of ZERO pages) at *gpa*, until done."""
-        size = len(data) if data is not None else length
-        if size is None:
+        """LAUNCH_UPDATE of bytes-like *data* (or *length* bytes of ZERO pages) at *gpa*,
+        until done."""
+        gpa = cabi.u64(gpa, "gpa")
+        if data is not None:
+            data = cabi.buffer(data, "data")
+            size = len(data)
+        elif length is not None:
+            size = cabi.u64(length, "length")
+        else:
             raise ValueError("ZERO pages need a length")
         params = SnpLaunchUpdate(gpa >> PAGE_SHIFT, data, size, page_type)
         while params.len:

@@ -435,3 +435,23 @@ def test_no_2m_entry_when_a_subpage_is_already_assigned(snp_huge: SnpVm) -> None
     assert snp.rmp.lookup(base + 8).gpa == (0x400 + 8) << 12
     assert snp.rmp.lookup(base + 7).gpa == 0x7000_0000  # left alone
     assert snp.vm.counters["rmpupdate"] == 511
+
+
+@pytest.mark.parametrize("assigned", [None, 7, 0], ids=["fresh", "subpage-assigned", "head-assigned"])
+def test_a_run_of_large_folios_is_prepared_as_each_folio_in_turn(assigned: int | None) -> None:
+    """``range_faults``: one ``sev_gmem_prepare`` of three 2 MiB folios leaves the RMP as three
+    calls of one folio each: a 2M entry per fresh folio, 4K entries for the unassigned pages
+    of a folio with an assigned subpage, nothing for a folio whose first page is assigned."""
+    ranged, stepped = make_snp_vm("snp-hugepage"), make_snp_vm("snp-hugepage")
+    for snp, calls in ((ranged, [(0, 3)]), (stepped, [(0, 1), (1, 1), (2, 1)])):
+        base = snp.kvm.host.alloc(3 * 512)
+        if assigned is not None:
+            gpa, asid = 0x7000_0000, snp.sev.asid
+            assert (
+                snp.rmp.make_private(base + 512 + assigned, gpa, uapi.PG_LEVEL_4K, asid, immutable=False) == 0
+            )
+        for first, n in calls:
+            snp.state.gmem_prepare(0x400 + first * 512, base + first * 512, uapi.PMD_ORDER, n * 512)
+    assert list(ranged.rmp.runs()) == list(stepped.rmp.runs())
+    assert ranged.vm.counters == stepped.vm.counters
+    assert ranged.vm.counters["rmpupdate"] == {None: 3, 7: 2 + 511, 0: 2}[assigned]

@@ -104,3 +104,45 @@ def test_host_kernel_write_takes_an_integer_pfn(pfn: Any) -> None:
     snp.gmem.close()
     snp.shared.close()
     assert snp.vm.destroyed
+
+
+class _CloseGmemOnce:
+    """Observer: the first call of its hook closes the VM's guest_memfd (another VMM thread)."""
+
+    def __init__(self, gmem: Any) -> None:
+        self.gmem: Any = gmem
+
+    def close(self) -> None:
+        if self.gmem is not None:
+            gmem, self.gmem = self.gmem, None
+            gmem.close()
+
+
+@pytest.mark.parametrize("hook", ["fault", "gmem_prepare", "trace", "ownership_update"])
+def test_a_guest_memfd_closed_while_pvalidate_faults_its_page_in_exits_and_leaks_nothing(hook: str) -> None:
+    """PVALIDATE's NPT walk faults the page in while another thread closes the guest_memfd:
+    the file's release zaps what the fault mapped, the walk faults again and leaves with the
+    memory-fault exit of a released file (L-4); no RMP entry, page or ASID stays behind."""
+    snp = make_snp_vm()
+    snp.private(0, 8 * PAGE)
+    closer = _CloseGmemOnce(snp.gmem)
+
+    def impl(self: Any) -> None:
+        closer.close()
+
+    observer = type("Closer", (), {f"guestmem_{hook}": guestmem.hookimpl(impl)})()
+    registry = guestmem.get_registry()
+    registry.add_plugin(observer, distribution="test-closer")
+    try:
+        with pytest.raises(guestmem.MemoryFault) as info:
+            snp.guest.pvalidate_range(4 * PAGE, 4 * PAGE)
+    finally:
+        registry.remove_plugin(observer)
+    assert (info.value.errno, info.value.rule) == (errno.EFAULT, "L-4")
+    assert snp.gmem.closed and snp.vm.mmu.invalidate_in_progress == 0
+    snp.vcpu.close()
+    snp.vm.close()
+    snp.shared.close()
+    host = guestmem_snp.snp_host(snp.kvm)
+    assert snp.vm.destroyed and snp.kvm.host.allocated_pages == 0
+    assert not [a for a in range(1, 1024) if host.asids.in_use(a)]

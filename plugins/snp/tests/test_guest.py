@@ -8,6 +8,7 @@ import pytest
 from snp_helpers import MIB, SnpVm, make_snp_vm
 
 from guestmem import uapi
+from guestmem.backend import view
 from guestmem.errors import HypercallExit, MemoryFault
 from guestmem_snp import UnvalidatedAccess
 from guestmem_snp.ghcb import (
@@ -186,3 +187,21 @@ def test_6_18_maps_private_memory_at_4k(snp: SnpVm) -> None:
     snp.private(0, 2 * MIB)
     snp.vcpu.access(0x1000, private=True)
     assert snp.vm.mapping_level(1) == uapi.PG_LEVEL_4K
+
+
+def test_a_fault_run_ends_where_the_rmp_page_size_changes(snp_huge: SnpVm) -> None:
+    """sev_gmem_max_mapping_level answers per pfn: a bulk fault over 2M entries with a
+    PSMASHed one in the middle maps 2M, 4K, 2M, as one access per page would."""
+    ranged, stepped = snp_huge, make_snp_vm("snp-hugepage")
+    for snp in (ranged, stepped):
+        snp.private(0, 6 * MIB)
+        snp.vcpu.access(2 * MIB, private=True)  # prepares the middle folio: a 2M entry
+        view(snp.vm).zap_gfn_range(512, 1024)
+        assert snp.rmp.psmash(snp.pfn(2 * MIB)) == 0
+    assert view(ranged.vm).fault_range(0, 3 * 512, private=True) == 3 * 512
+    for gfn in range(0, 3 * 512):
+        stepped.vcpu.access(gfn * PAGE, 1, private=True)
+    levels = [(leaf.gfn, leaf.npages, leaf.level) for leaf in view(ranged.vm).leaves()]
+    assert levels == [(0, 512, uapi.PG_LEVEL_2M), (512, 512, uapi.PG_LEVEL_4K), (1024, 512, uapi.PG_LEVEL_2M)]
+    assert levels == [(leaf.gfn, leaf.npages, leaf.level) for leaf in view(stepped.vm).leaves()]
+    assert ranged.vm.counters["faults"] == stepped.vm.counters["faults"] == 1 + 2 + 512

@@ -407,6 +407,16 @@ class PerPageRmp:
             self.pages[p][3] = validate
         return 0
 
+    def level_run(self, pfn: int, npages: int) -> int:
+        def level(p: int) -> int:
+            cur = self.pages.get(p)
+            return PG_LEVEL_4K if cur is None else int(cur[2])
+
+        n = 1
+        while n < npages and level(pfn + n) == level(pfn):
+            n += 1
+        return n
+
     def snapshot(self, p: int) -> tuple[Any, ...]:
         cur = self.pages.get(p)
         if cur is None:
@@ -463,6 +473,7 @@ def test_range_table_matches_per_page_reference(ops: list[tuple[Any, ...]]) -> N
     probes = {0, 1, 511, 512, 513, 1023, 1024, WINDOW - 1} | {op[1] for op in ops}
     for p in probes:
         assert table_snapshot(rmp, p) == ref.snapshot(p), p
+        assert rmp.level_run(p, WINDOW) == ref.level_run(p, WINDOW), p
 
 
 @settings(max_examples=60, deadline=None)
@@ -483,3 +494,48 @@ def test_batched_forms_equal_one_at_a_time(npages: int, start: int, validate_fir
         for p in (start, start + npages // 2, start + npages - 1):
             assert table_snapshot(one, p) == table_snapshot(batch, p)
     assert one.assigned_pages() == batch.assigned_pages() == npages
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 4), st.integers(0, 3), st.booleans(), st.sampled_from([PG_LEVEL_4K, PG_LEVEL_2M]))
+def test_psmash_range_equals_one_psmash_per_block(
+    nblocks: int, four_k_block: int, validate: bool, level: int
+) -> None:
+    """``psmash_range`` is that many PSMASHes in a row, or nothing at all if one block is not
+    a 2M entry (a 4K block among them: FAIL_INPUT, nothing changed)."""
+    one, batch = RmpTable(), RmpTable()
+    for rmp in (one, batch):
+        for b in range(4):
+            pfn, gfn = PFN + b * PTRS_PER_PMD, GFN + b * PTRS_PER_PMD
+            (guest_invalid_4k if b == four_k_block and level == PG_LEVEL_4K else guest_invalid_2m)(
+                rmp, pfn, gfn
+            )
+        if validate:
+            rmp.pvalidate(PFN, GFN, ASID, PG_LEVEL_2M, True)
+    rcs = [one.psmash(PFN + b * PTRS_PER_PMD) for b in range(nblocks)]
+    rc = batch.psmash_range(PFN, nblocks)
+    if any(rcs):
+        assert rc == FAIL_INPUT and all(
+            batch.lookup(PFN + b * 512).level == PG_LEVEL_2M for b in range(4) if b != four_k_block
+        )
+    else:
+        assert rc == RMP_SUCCESS
+        for p in range(PFN, PFN + 4 * PTRS_PER_PMD, 97):
+            assert table_snapshot(one, p) == table_snapshot(batch, p)
+
+
+def test_pvalidate_run_dry_changes_nothing_and_says_how_far() -> None:
+    """``pvalidate_run(apply=False)``: the same code and count of instructions that would
+    succeed as the real thing, with the table untouched."""
+    rmp = RmpTable()
+    rmp.make_private(PFN, GPA, PG_LEVEL_4K, ASID, immutable=False, npages=8)
+    rmp.pvalidate(PFN + 5, GFN + 5, ASID, PG_LEVEL_4K, True)
+    before = list(rmp.runs())
+    assert rmp.pvalidate_run(PFN, GFN, ASID, PG_LEVEL_4K, True, 8, apply=False) == (
+        PVALIDATE_FAIL_NOUPDATE,
+        5,
+    )
+    assert list(rmp.runs()) == before
+    assert rmp.pvalidate_run(PFN, GFN, ASID, PG_LEVEL_4K, True, 8) == (PVALIDATE_FAIL_NOUPDATE, 5)
+    assert rmp.lookup(PFN + 4).validated and not rmp.lookup(PFN + 6).validated
+    assert rmp.pvalidate_run(PFN, GFN, ASID, PG_LEVEL_2M, True, 1) == (PVALIDATE_FAIL_SIZEMISMATCH, 0)

@@ -14,6 +14,8 @@ from typing import Any, Final
 
 import attrs
 
+from guestmem import cabi
+
 # enum kvm_tdx_cmd_id (6.18 has no KVM_TDX_TERMINATE_VM: see the README).
 KVM_TDX_CAPABILITIES: Final = 0
 KVM_TDX_INIT_VM: Final = 1
@@ -82,7 +84,8 @@ TDX_PS_1G: Final = 2
 
 @attrs.define
 class TdxCmd:
-    """``struct kvm_tdx_cmd``: the argument of ``KVM_MEMORY_ENCRYPT_OP`` on a TDX host.
+    """``struct kvm_tdx_cmd``: the argument of ``KVM_MEMORY_ENCRYPT_OP`` on a TDX host
+    (``__u32 id; __u32 flags; __u64 data; __u64 hw_error``).
 
     ``data`` is the sub-command's struct (or, for ``KVM_TDX_INIT_VCPU``, the initial RCX);
     ``hw_error`` must be 0 on entry and returns the TDX module's status where a SEAMCALL
@@ -97,7 +100,7 @@ class TdxCmd:
 
 @attrs.define
 class KvmCpuidEntry2:
-    """``struct kvm_cpuid_entry2``."""
+    """``struct kvm_cpuid_entry2``: ``__u32`` function, index, flags, eax, ebx, ecx, edx."""
 
     function: int
     index: int = 0
@@ -110,7 +113,8 @@ class KvmCpuidEntry2:
 
 @attrs.define
 class KvmCpuid2:
-    """``struct kvm_cpuid2``: ``nent`` entries (the capacity, for an output buffer)."""
+    """``struct kvm_cpuid2`` (``__u32 nent; __u32 padding``): ``nent`` entries (the
+    capacity, for an output buffer)."""
 
     entries: list[KvmCpuidEntry2] = attrs.Factory(list)
     nent: int = -1
@@ -136,7 +140,9 @@ class KvmTdxCapabilities:
 
 @attrs.define
 class KvmTdxInitVm:
-    """``struct kvm_tdx_init_vm``."""
+    """``struct kvm_tdx_init_vm``: ``__u64 attributes; __u64 mrconfigid[6]; __u64
+    mrowner[6]; __u64 mrownerconfig[6]; __u64 xfam; __u64 reserved[12]; struct kvm_cpuid2
+    cpuid`` (the measurement registers as bytes)."""
 
     attributes: int = 0
     xfam: int = XFEATURE_MASK_FPSSE
@@ -149,7 +155,8 @@ class KvmTdxInitVm:
 
 @attrs.define
 class KvmTdxInitMemRegion:
-    """``struct kvm_tdx_init_mem_region``, updated in place as pages are added.
+    """``struct kvm_tdx_init_mem_region`` (``__u64 source_addr; __u64 gpa; __u64
+    nr_pages``), updated in place as pages are added.
 
     ``source`` stands for the bytes at ``source_addr`` (the model has no user memory to
     read): fewer than ``nr_pages`` pages of it is a source the kernel cannot pin.
@@ -159,6 +166,46 @@ class KvmTdxInitMemRegion:
     gpa: int
     nr_pages: int
     source: bytes | None = None
+
+
+def _read_cpuid(cpuid: KvmCpuid2) -> None:
+    cabi.fields(cpuid, nent=cabi.u32, padding=cabi.u32)
+    for entry in cpuid.entries:
+        cabi.fields(
+            entry,
+            function=cabi.u32,
+            index=cabi.u32,
+            flags=cabi.u32,
+            eax=cabi.u32,
+            ebx=cabi.u32,
+            ecx=cabi.u32,
+            edx=cabi.u32,
+        )
+
+
+def read_command(cmd: TdxCmd) -> Any:
+    """``struct kvm_tdx_cmd`` and its sub-command's struct as ``tdx_vm_ioctl`` and
+    ``tdx_vcpu_ioctl`` read them (``copy_from_user``): each field stored as its C type in
+    place (:mod:`guestmem.cabi`; a non-integer is a TypeError naming the field, before the
+    command does anything).  ``data`` that is no struct is the ``__u64`` itself (the
+    initial RCX of ``KVM_TDX_INIT_VCPU``).  Returns ``cmd.data``."""
+    cabi.fields(cmd, id=cabi.u32, flags=cabi.u32, hw_error=cabi.u64)
+    data = cmd.data
+    if isinstance(data, KvmTdxInitVm):
+        cabi.fields(data, attributes=cabi.u64, xfam=cabi.u64)
+        for name in ("mrconfigid", "mrowner", "mrownerconfig"):
+            setattr(data, name, cabi.buffer(getattr(data, name), name))
+        data.reserved = tuple(cabi.u64(value, "reserved") for value in data.reserved)
+        _read_cpuid(data.cpuid)
+    elif isinstance(data, KvmTdxInitMemRegion):
+        cabi.fields(data, source_addr=cabi.u64, gpa=cabi.u64, nr_pages=cabi.u64)
+        if data.source is not None:
+            data.source = cabi.buffer(data.source, "source")
+    elif isinstance(data, KvmTdxCapabilities):
+        _read_cpuid(data.cpuid)
+    elif data is not None:
+        cmd.data = data = cabi.u64(data, "data")
+    return data
 
 
 def cpuid_gpaw(bits: int) -> KvmCpuidEntry2:

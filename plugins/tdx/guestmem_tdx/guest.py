@@ -21,7 +21,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, Final
 
-from guestmem import uapi
+from guestmem import cabi, uapi
 from guestmem.backend import VcpuView, VmView, view
 from guestmem.errors import HypercallExit, KvmError
 from guestmem_tdx import abi
@@ -92,11 +92,13 @@ class TdxGuest:
 
     def resume(self, ret: int = 0) -> int:
         """Re-enter after ``KVM_EXIT_HYPERCALL`` with ``run->hypercall.ret = ret``; returns
-        what the TD's TDG.VP.VMCALL returns (R10) or raises the next exit."""
+        what the TD's TDG.VP.VMCALL returns (R10) or raises the next exit.  *ret* is the
+        ``__u64`` ``run->hypercall.ret``."""
         with self.vm.host.operation():
             return self._resume(ret)
 
     def _resume(self, ret: int = 0) -> int:
+        ret = cabi.u64(ret, "ret")
         self.cpu.check_run()
         pending = self.state.pending
         if pending is None:
@@ -116,11 +118,13 @@ class TdxGuest:
         A page that is not AUGed exits to KVM, which faults it in (TDH.MEM.PAGE.AUG), and the
         TD executes the ACCEPT again.  With 4 KiB S-EPT leaves only (Linux 6.18), a 2 MiB
         ACCEPT ends in ``TDX_PAGE_SIZE_MISMATCH`` and a 1 GiB one is ``TDX_OPERAND_INVALID``.
+        *gpa* is RCX (a 64-bit register).
         """
         with self.vm.host.operation():
             return self._accept(gpa, level)
 
     def _accept(self, gpa: int, level: int = uapi.PG_LEVEL_4K) -> int:
+        gpa, level = cabi.u64(gpa, "gpa"), cabi.index(level, "level")
         self._run()
         return self._accept_one(gpa, level)
 
@@ -154,6 +158,8 @@ class TdxGuest:
             return self._accept_range(gpa, size, level)
 
     def _accept_range(self, gpa: int, size: int, level: int = uapi.PG_LEVEL_4K) -> int:
+        gpa, size = cabi.u64(gpa, "gpa"), cabi.index(size, "size")
+        level = cabi.index(level, "level")
         span = PAGE_SIZE << (9 * _LEVELS.get(level, 0))
         if size <= 0 or size % span:
             raise ValueError(f"size {size:#x} is not a positive multiple of the page size {span:#x}")
@@ -203,6 +209,7 @@ class TdxGuest:
             return self._accept_memory(start, end)
 
     def _accept_memory(self, start: int, end: int) -> bool:
+        start, end = cabi.index(start, "start"), cabi.index(end, "end")
         self._run()
         if start % PAGE_SIZE or end % PAGE_SIZE:
             raise ValueError("accept_memory takes page-aligned bounds")
@@ -314,6 +321,7 @@ class TdxGuest:
             return self._accept_memory_stepwise(start, end)
 
     def _accept_memory_stepwise(self, start: int, end: int) -> bool:
+        start, end = cabi.index(start, "start"), cabi.index(end, "end")
         self._run()
 
         def try_accept_one(pos: int, length: int, level: int) -> int:
@@ -407,14 +415,14 @@ class TdxGuest:
 
     def read(self, gpa: int, length: int) -> bytes:
         """A TD load; the shared bit of *gpa* says which alias."""
-        addr, private = self._split(gpa)
+        addr, private = self._split(cabi.index(gpa, "gpa"))
         data = self.vcpu.access(addr, length, private=private)
         assert data is not None
         return bytes(data)
 
     def write(self, gpa: int, data: bytes) -> None:
         """A TD store; the shared bit of *gpa* says which alias."""
-        addr, private = self._split(gpa)
+        addr, private = self._split(cabi.index(gpa, "gpa"))
         self.vcpu.access(addr, data=data, private=private)
 
 

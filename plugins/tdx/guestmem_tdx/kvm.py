@@ -197,7 +197,8 @@ class KvmTdx:
 
     # --- KVM_MEMORY_ENCRYPT_OP on the VM fd -----------------------------------------------------
     def vm_ioctl(self, cmd: abi.TdxCmd) -> int:
-        """``tdx_vm_ioctl``."""
+        """``tdx_vm_ioctl``: the command read in its C types first (:func:`abi.read_command`)."""
+        abi.read_command(cmd)
         if cmd.hw_error:
             raise KvmError(errno.EINVAL, _LIFECYCLE_RULE, "kvm_tdx_cmd.hw_error must be 0 on entry")
         if cmd.id == abi.KVM_TDX_CAPABILITIES:
@@ -400,7 +401,9 @@ class KvmTdx:
         return state
 
     def vcpu_ioctl(self, vcpu: VcpuView, cmd: abi.TdxCmd) -> int:
-        """``tdx_vcpu_ioctl`` (after ``vcpu_load``)."""
+        """``tdx_vcpu_ioctl`` (after ``vcpu_load``); the command read in its C types first
+        (:func:`abi.read_command`)."""
+        abi.read_command(cmd)
         tdx = self.vcpu_state(vcpu)
         if not self.hkid_assigned or self.state is TdState.RUNNABLE:
             raise KvmError(errno.EINVAL, _LIFECYCLE_RULE, f"TDX vCPU command in {self.state.value}")

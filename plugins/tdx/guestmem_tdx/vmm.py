@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 
-from guestmem import uapi
+from guestmem import cabi, uapi
 from guestmem.backend import view
 from guestmem.errors import HypercallExit, MemoryFault
 from guestmem_tdx import abi
@@ -73,7 +73,8 @@ class Tdx:
         self, vcpu: Any, gpa: int, data: bytes, *, measure: bool = True, source_addr: int = 0x7F0000000000
     ) -> abi.KvmTdxInitMemRegion:
         """``KVM_TDX_INIT_MEM_REGION`` of *data* (padded to pages) at *gpa*; the region
-        struct as the kernel left it."""
+        struct as the kernel left it.  *data* is bytes-like (a TypeError otherwise)."""
+        data = cabi.buffer(data, "data")
         npages = max(1, -(-len(data) // PAGE_SIZE))
         region = abi.KvmTdxInitMemRegion(source_addr, gpa, npages, data.ljust(npages * PAGE_SIZE, b"\0"))
         flags = abi.KVM_TDX_MEASURE_MEMORY_REGION if measure else 0
