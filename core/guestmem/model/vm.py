@@ -341,13 +341,19 @@ class ModelVm(api.Vm):
 
         The accesses of a vCPU run inside its ``KVM_RUN``: a closed vCPU fd is EBADF, a dead
         VM EIO (:meth:`ModelVcpu.check_run`).  A destroyed VM has no fd left to reach it
-        (EBADF).
+        (EBADF).  After a vCPU's faults the vCPU enters the guest again, running the
+        releases deferred meanwhile first (``task_work``, as :meth:`ModelVcpu.access` does):
+        a file closed by another thread during the faults is released then, and what it
+        zapped is no longer mapped when the caller looks.
         """
         if self.destroyed:
             raise KvmError(errno.EBADF, "", "the VM was destroyed")
         if vcpu is not None:
             vcpu.check_run()
-        return fault.fault_range(self, gfn, npages, private=private, write=write, vcpu=vcpu)
+        mapped = fault.fault_range(self, gfn, npages, private=private, write=write, vcpu=vcpu)
+        if vcpu is not None and self.kvm.task_work:
+            self.kvm.run_task_work(guest_entry=True)
+        return mapped
 
     def gmem_populate(self, gfn: int, src: bytes | None, npages: int, opaque: Any = None) -> int:
         """``kvm_gmem_populate`` (P-1..P-5); returns the number of pages populated."""
