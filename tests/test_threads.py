@@ -143,6 +143,46 @@ def test_an_operation_run_in_a_faults_window_reports_its_own_observer_failures(
     assert not kvm.op_depth and not kvm.observer_failures
 
 
+class CloseThenWait(RunDuringPrepare):
+    """Observer: during a vCPU's fault a hook closes a file (its release is deferred to the
+    end of the vCPU's operation), then another thread starts *action*."""
+
+    def __init__(self, kvm: Any, doomed: Any, action: Callable[[], None]) -> None:
+        super().__init__(kvm, action)
+        self.doomed = doomed
+
+    @guestmem.hookimpl
+    def guestmem_gmem_prepare(self) -> None:
+        if self.thread is None:
+            self.doomed.close()
+        super().guestmem_gmem_prepare()
+
+
+def test_another_threads_operation_does_not_run_the_releases_a_fault_deferred(
+    kvm: Any, protected_vm: Any, guest: tuple[Any, Any]
+) -> None:
+    """task_work is per task: a release a vCPU's operation deferred (a file a hook closed)
+    runs when that operation ends, not when another thread's operation, run in the
+    fault's window, ends."""
+    _, vcpu = guest
+    doomed = protected_vm.create_guest_memfd(MiB)
+    inode = doomed.inode
+    seen: list[bool] = []
+
+    def other() -> None:
+        kvm.check_extension(uapi.KVM_CAP_GUEST_MEMFD)  # an operation of its own, in the window
+        seen.append(inode.evicted)
+
+    racer = CloseThenWait(kvm, doomed, other)
+    with plugin(racer):
+        vcpu.access(0x5000, data=b"x")
+        assert inode.evicted  # the vCPU's operation ended: its task_work ran
+    assert racer.thread is not None
+    racer.thread.join()
+    assert not racer.errors and seen == [False]
+    assert protected_vm.counters["fault_races"] == 0  # the other thread changed nothing
+
+
 def test_a_fault_nested_in_a_hook_never_lets_the_lock_go(
     kvm: Any, protected_vm: Any, guest: tuple[Any, Any]
 ) -> None:
