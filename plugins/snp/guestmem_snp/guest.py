@@ -203,15 +203,7 @@ class SnpGuest:
         with self.vm.host.operation():
             return self._pvalidate_range(gpa, size, page_size, validate, fallback=fallback)
 
-    def _pvalidate_range(
-        self,
-        gpa: int,
-        size: int,
-        page_size: int = uapi.PG_LEVEL_4K,
-        validate: bool = True,
-        *,
-        fallback: bool = True,
-    ) -> int:
+    def _pvalidate_range(self, gpa: int, size: int, page_size: int, validate: bool, *, fallback: bool) -> int:
         gpa, size = cabi.u64(gpa, "gpa"), cabi.index(size, "size")
         page_size = cabi.index(page_size, "page_size")
         self._run()
