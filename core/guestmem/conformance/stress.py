@@ -94,6 +94,8 @@ class StressReport:
     outcomes: dict[str, dict[str, int]] = attrs.field(factory=dict)
     #: The stressed VM's cost counters at the end (faults, fault races, punches...).
     counters: dict[str, int] = attrs.field(factory=dict)
+    #: The other VMs' (the plain VM's), summed.
+    other_counters: dict[str, int] = attrs.field(factory=dict)
     #: What went wrong: undocumented exceptions (with their traceback), foreign, crossed
     #: or stale loads, broken invariants, open invalidations, an unusable VM, leaks.
     violations: list[str] = attrs.field(factory=list)
@@ -106,6 +108,9 @@ class StressReport:
             lines.append(f"  {name}: {self.ops[name]} ops ({outcomes})")
         keys = ("faults", "fault_races", "fault_retries", "punch_hole", "set_memory_attributes")
         lines.append("  counters: " + ", ".join(f"{k} {self.counters.get(k, 0)}" for k in keys))
+        if self.other_counters:
+            other = ", ".join(f"{k} {self.other_counters.get(k, 0)}" for k in keys)
+            lines.append(f"  other VMs: {other}")
         lines.append(f"  violations: {len(self.violations)}")
         lines.extend(f"    {v.splitlines()[0]}" for v in self.violations[:10])
         return "\n".join(lines)
@@ -295,6 +300,11 @@ def stress(backend: str, seconds: float = 2.0, *, vcpus: int = 3, seed: int = 0)
             report.ops = dict(run.ops)
             report.outcomes = {name: dict(counts) for name, counts in run.outcomes.items()}
             report.counters = guest.kit.guest.counters()
+            others = collections.Counter[str]()
+            for vm in view(kvm).vms():
+                if vm is not view(guest.vm):
+                    others.update(vm.counters)
+            report.other_counters = dict(others)
             report.violations += run.history.violations
             report.violations += [
                 f"idle: thread {name} never completed an operation ({dict(counts)})"
