@@ -274,7 +274,9 @@ def test_FA11_fallocate_after_vm_fd_closed(kvm: Any) -> None:
     assert vm.destroyed
 
 
-def _expected_fallocate_error(mode: int, offset: int, length: int, size: int) -> tuple[int, str | None] | None:  # noqa: E501
+def _expected_fallocate_error(
+    mode: int, offset: int, length: int, size: int
+) -> tuple[int, str | None] | None:
     """The (errno, rule) the VFS + kvm_gmem_fallocate checks give, in their order; None = success.
 
     A rule of None means only the errno is pinned (VFS mode checks whose rule tag is generic).

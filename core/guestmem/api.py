@@ -35,9 +35,12 @@ def access_arguments(gpa: object, length: object, write: bool, data: object) -> 
     data)`` with *data* as ``bytes`` (a store) or None (a load).
 
     Integers (TypeError naming *gpa* or *length*), bytes-like *data* (TypeError), then
-    ValueError for a store without data, a length that is not positive or a negative gpa,
-    and EINVAL for a length beyond :data:`MAX_ACCESS`.
+    ValueError for a store without data (a call that cannot be meant), and EINVAL for a
+    length that is not positive, a negative gpa or a length beyond :data:`MAX_ACCESS`
+    (no instruction accesses that).
     """
+    from guestmem.errors import KvmError
+
     gpa = cabi.index(gpa, "gpa")
     if data is not None:
         data = cabi.buffer(data, "data")
@@ -47,10 +50,8 @@ def access_arguments(gpa: object, length: object, write: bool, data: object) -> 
         if write:
             raise ValueError("a guest store needs data")
     if length <= 0 or gpa < 0:
-        raise ValueError("length must be positive and gpa non-negative")
+        raise KvmError(errno.EINVAL, "", f"a guest access of {length} bytes at gpa {gpa:#x}: no such access")
     if length > MAX_ACCESS:
-        from guestmem.errors import KvmError
-
         raise KvmError(
             errno.EINVAL, "", f"a guest access of {length:#x} bytes is more than MAX_ACCESS ({MAX_ACCESS:#x})"
         )

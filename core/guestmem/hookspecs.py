@@ -88,11 +88,22 @@ def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[
     * the kit's capability flags: ``guest_access``, ``private_access``,
       ``gmem_only_from_gmem``, ``init_shared_coherent``, ``slot_gmem_flags``,
       ``private_unmap``, ``memslot_change_errno``, ``host_private_access``,
-      ``open_options``, ``machine_examples``, ``machine_steps``, ``machine_shrink`` (see
-      :class:`guestmem.conformance.GmemConformance`);
+      ``open_options``, ``machine_examples``, ``machine_steps``, ``machine_shrink``,
+      ``hostile_steps`` (see :class:`guestmem.conformance.GmemConformance`);
     * ``observers``: callables returning observer plugins (the backend's own invariant
       checkers) the kit registers while it runs;
-    * ``skip``: a reason to leave this VM type out of the kit.
+    * ``skip``: a reason to leave this VM type out of the kit;
+    * ``hostile_ops``: the backend's arch face for ``guestmem fuzz --hostile``,
+      ``{name: (kind, call, params[, partial])}``: *kind* ``"vm"`` or ``"vcpu"`` is the
+      object ``call(obj, *args)`` takes first, *params* the kinds of its arguments,
+      *partial* True where a failure may leave progress behind as the kernel's does (see
+      ``guestmem.conformance.hostile``); e.g. guestmem-snp's SEV commands and
+      ``SnpGuest`` instructions;
+    * ``hostile_outcomes``: exception types that are this backend's modelled hardware
+      verdicts (counted as such by a hostile run, never as crashes);
+    * ``leaks``: a callable ``leaks(kvm) -> list[str]`` naming what the host still holds
+      (ASIDs, KeyIDs...) once every object is closed: the kit's machine fails its leak
+      check on anything named.
 
     How the kit launches and drives a VM (the launch, the guest's accesses, conversions and
     acceptance, the exits its VMM answers) is not configured here: it is the backend's

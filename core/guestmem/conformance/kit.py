@@ -35,6 +35,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable, Iterator
 from functools import partial
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -189,6 +190,14 @@ class GmemConformance:
     #: Factories of the backend's own observer plugins (invariant checkers) registered for
     #: every test next to the core's.
     observers: ClassVar[tuple[Callable[[], object], ...]] = ()
+    #: The backend's arch face for ``guestmem fuzz --hostile``: ``{name: (kind, call,
+    #: params[, partial])}`` (:mod:`guestmem.conformance.hostile`).
+    hostile_ops: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    #: Exception types that are the backend's modelled hardware verdicts.
+    hostile_outcomes: ClassVar[tuple[type[BaseException], ...]] = ()
+    #: ``leaks(kvm)``: what the backend's host still holds (ASIDs, KeyIDs...) once every
+    #: object is closed; the machine's leak check fails on anything it names.
+    leaks: ClassVar[Callable[[Any], list[str]] | None] = None
     #: Run the core's invariant checker and the ownership cross-checks on every event.
     invariants: ClassVar[bool] = True
     #: Budget of the stateful machine test: examples and steps per example.
@@ -196,6 +205,8 @@ class GmemConformance:
     machine_steps: ClassVar[int] = 20
     #: Shrink a failing run of the machine to a minimal program before reporting it.
     machine_shrink: ClassVar[bool] = True
+    #: Steps of the bounded ``guestmem fuzz --hostile`` run (``test_hostile_machine``).
+    hostile_steps: ClassVar[int] = 200
 
     # --- fixtures ----------------------------------------------------------------------------
     @pytest.fixture
@@ -804,9 +815,12 @@ class GmemConformance:
 
     # --- the deep kit: the stateful machine --------------------------------------------------------
     @classmethod
-    def machine(cls, info: VmTypeInfo, on_step: Callable[[], None] | None = None) -> type[Any]:
+    def machine(
+        cls, info: VmTypeInfo, on_step: Callable[[], None] | None = None, *, hostile: bool = False
+    ) -> type[Any]:
         """The stateful machine of *info* configured as this kit is (observers, options);
-        *on_step* is called after every step.  Needs Hypothesis."""
+        *on_step* is called after every step; *hostile* mixes in hostile calls
+        (:mod:`guestmem.conformance.hostile`).  Needs Hypothesis."""
         from guestmem.conformance.machine import machine_for
 
         return machine_for(
@@ -819,7 +833,22 @@ class GmemConformance:
             private_unmap=cls.private_unmap,
             host_private_access=cls.host_private_access,
             on_step=on_step,
+            hostile=hostile,
+            hostile_ops=cls.hostile_ops,
+            hostile_outcomes=cls.hostile_outcomes,
+            leaks=cls.leaks,
         )
+
+    def test_hostile_machine(self, info: VmTypeInfo, tmp_path: Path) -> None:
+        """A bounded run of ``guestmem fuzz --hostile`` on this kit's machine: wrong types,
+        edge integers, closed and foreign objects, reentrant hooks and the backend's arch
+        face are counted by outcome class; the invariant, no-half-applied and leak checks
+        run after every sequence; each finding class minimises to a reproducer that replays
+        to the same class.  (The classes found are the run's result, not a failure here.)"""
+        pytest.importorskip("hypothesis")
+        from guestmem.fuzz.hostile import check_hostile_run
+
+        check_hostile_run(self.machine(info, hostile=True), tmp_path, steps=self.hostile_steps)
 
     def test_stateful_machine(self, info: VmTypeInfo) -> None:
         """The core's stateful Hypothesis machine against this backend's own policy, with

@@ -140,8 +140,26 @@ def check_ownership(vm: Any, ledger: OwnershipLedger, after: str = "") -> None:
 def _refuse(tables: dict[str, RangeMap[Owner]], start: int, end: int, wrong: Owner, what: str) -> None:
     for name, table in tables.items():
         for s, e, owner in table.items(start, end):
-            if owner is wrong:
+            if owner is wrong and not (wrong is Owner.HOST and _claimed(tables, name, s, e)):
                 raise InvariantViolation(f"{what}, but {name} gives pfns [{s:#x}, {e:#x}) to {wrong.value}")
+
+
+def _claimed(tables: dict[str, RangeMap[Owner]], but: str, start: int, end: int) -> bool:
+    """Another table than *but* gives every page of ``[start, end)`` to someone else than
+    the host: a page one table released (a TDX S-EPT page-table page reclaimed) and another
+    now holds (the same pfn given to a TD as guest memory) is not the host's."""
+    claims = RangeMap[bool]()
+    for name, table in tables.items():
+        if name != but:
+            for s, e, owner in table.items(start, end):
+                if owner is not Owner.HOST:
+                    claims.set(s, e, True)
+    pos = start
+    for s, e, _ in claims.items(start, end):
+        if s > pos:
+            return False
+        pos = e
+    return pos >= end
 
 
 def has_views(obj: Any) -> bool:

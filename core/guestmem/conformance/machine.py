@@ -31,7 +31,8 @@ Requires Hypothesis.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from hypothesis import HealthCheck, Phase, settings
@@ -42,8 +43,9 @@ from hypothesis.stateful import RuleBasedStateMachine, get_state_machine_test, i
 import guestmem
 from guestmem import uapi
 from guestmem.backend import VmTypeInfo, view
+from guestmem.conformance.hostile import Hostility, draw_call, draw_reentrant
 from guestmem.conformance.kit import KitGuest, private_probe
-from guestmem.conformance.ledger import OwnershipLedger, allocated, check_released, has_views
+from guestmem.conformance.ledger import LeakError, OwnershipLedger, allocated, check_released, has_views
 from guestmem.errors import EHWPOISON, GuestExit, HostSigbus, HypercallExit, KvmError, MemoryFault, MmioExit
 from guestmem.invariants import InvariantChecker
 
@@ -55,10 +57,68 @@ NPAGES = 12  # RAM (and i_size) in pages
 MAPPED = NPAGES + 2  # the host mapping runs two pages past EOF (M-3)
 SLOT_GPAS = (0x10000000, 0x10040000, 0x10200000)  # where the memslot may be (re)bound
 
-pages = st.integers(0, NPAGES - 1)
-counts = st.integers(1, 4)
-in_page = st.integers(0, PAGE - 64)
-payload = st.binary(min_size=1, max_size=64)
+
+class Draw:
+    """One argument of a rule, drawn two ways: as a Hypothesis strategy (the kit's runs,
+    which Hypothesis shrinks) and from a :class:`random.Random` (``guestmem fuzz``'s
+    driver, :mod:`guestmem.fuzz.hostile`, which counts outcomes instead of stopping at the
+    first failure and replays programs without Hypothesis)."""
+
+    def __init__(self, strategy: st.SearchStrategy[Any], draw: Callable[[random.Random, Any], Any]) -> None:
+        self.strategy = strategy
+        #: ``draw(rng, machine)``: a value from *rng* for a rule of *machine*.
+        self.draw = draw
+
+
+def ints(lo: int, hi: int) -> Draw:
+    """An integer in ``[lo, hi]``."""
+    return Draw(st.integers(lo, hi), lambda rng, _: rng.randint(lo, hi))
+
+
+def blobs(lo: int, hi: int) -> Draw:
+    """Bytes, ``lo`` to ``hi`` of them."""
+    return Draw(st.binary(min_size=lo, max_size=hi), lambda rng, _: rng.randbytes(rng.randint(lo, hi)))
+
+
+def one_of(items: Sequence[Any]) -> Draw:
+    """One of *items*."""
+    return Draw(st.sampled_from(items), lambda rng, _: rng.choice(items))
+
+
+def drawn(draw: Callable[[random.Random, Any], Any]) -> Draw:
+    """Whatever *draw* makes of a random source and the machine (Hypothesis's random and
+    runner, for the kit)."""
+    pair = st.tuples(st.randoms(use_true_random=False), st.runner())
+    return Draw(pair.map(lambda both: draw(both[0], both[1])), draw)
+
+
+#: The mark :func:`step` leaves on a rule for the fuzz driver: ``(arguments, precondition)``.
+STEP_MARK = "guestmem_fuzz_step"
+
+
+def step(
+    *, when: Callable[[Any], bool] | None = None, **arguments: Draw
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """A rule of the machine (Hypothesis's ``@rule``, and ``@precondition(when)``), marked
+    for the fuzz driver with its arguments and its precondition."""
+
+    def mark(function: Callable[..., None]) -> Callable[..., None]:
+        strategies: dict[str, Any] = {name: d.strategy for name, d in arguments.items()}
+        as_rule: Any = rule(**strategies)
+        made: Callable[..., None] = as_rule(function)
+        if when is not None:
+            guard: Any = precondition(when)
+            made = guard(made)
+        setattr(made, STEP_MARK, (arguments, when))
+        return made
+
+    return mark
+
+
+pages = ints(0, NPAGES - 1)
+counts = ints(1, 4)
+in_page = ints(0, PAGE - 64)
+payload = blobs(1, 64)
 
 
 def _is(exc: KvmError, err: int, rule: str) -> bool:
@@ -82,6 +142,15 @@ class GmemMachine(RuleBasedStateMachine):
     host_private_access: ClassVar[str] = "sigbus"
     #: Called after every step (a progress bar's advance).
     step_hooks: ClassVar[tuple[Callable[[], None], ...]] = ()
+    #: Mix hostile calls and reentrant hooks into the valid rules
+    #: (:mod:`guestmem.conformance.hostile`).
+    hostile: ClassVar[bool] = False
+    #: The backend's arch face for hostile calls (``hostile_ops`` of its options).
+    hostile_ops: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    #: The backend's modelled verdicts (``hostile_outcomes`` of its options).
+    hostile_outcomes: ClassVar[tuple[type[BaseException], ...]] = ()
+    #: What the backend's host still holds once everything is closed (``leaks``).
+    leaks: ClassVar[Callable[[Any], list[str]] | None] = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -92,6 +161,10 @@ class GmemMachine(RuleBasedStateMachine):
         plugins: list[object] = [self.ledger]
         if self.invariants_on:
             plugins += [InvariantChecker(), *(factory() for factory in self.observers)]
+        self.hostility: Hostility | None = None
+        if self.hostile:
+            self.hostility = Hostility(self, dict(self.hostile_ops), tuple(self.hostile_outcomes))
+            plugins.append(self.hostility.reentrant)
         self.plugins: list[object] = []
         for plugin in plugins:
             registry.add_plugin(plugin, name=f"guestmem.machine.{id(plugin):x}")
@@ -119,6 +192,9 @@ class GmemMachine(RuleBasedStateMachine):
     def _start(self) -> None:
         """Open the host and make the guest, its RAM and (file mode) the host's mapping."""
         self.kvm = guestmem.open(self.backend, **self.open_options)
+        #: The lowest free descriptor number (a VM's, made and closed at once): once
+        #: everything is closed, the next VM gets it again, unless a descriptor leaked.
+        self.first_free_fd = self._probe_fd()
         self.baseline = allocated(self.kvm)
         self.guest = KitGuest(self.kvm, self.vm_info, NPAGES)
         #: The model's views are there to cross-check (not on the real kernel).
@@ -141,14 +217,31 @@ class GmemMachine(RuleBasedStateMachine):
         if self.private_mode:
             self.probe = self.ram.gmem_read if self.ram.gmem_mappable else private_probe(self.guest)
 
+    def _probe_fd(self) -> int:
+        with self.kvm.create_vm(self.vm_info.type) as vm:
+            fd: int = getattr(vm, "fileno", lambda: -1)()
+        return fd
+
     def teardown(self) -> None:
         try:
+            if self.hostility is not None:
+                self.hostility.close()
             if self.view is not None:
                 self.view.close()
             self.guest.close()
             if not self.closed:
                 self.closed = True
                 check_released(self.kvm, self.ledger, self.baseline)
+                if self.white_box and (fd := self._probe_fd()) != self.first_free_fd:
+                    raise LeakError(
+                        f"fds-closed: the lowest free descriptor is {fd}, not {self.first_free_fd}"
+                    )
+                leaks = type(self).leaks
+                held = leaks(self.kvm) if leaks is not None else []
+                if held:
+                    raise LeakError(
+                        f"backend-released: after closing everything the host holds {', '.join(held)}"
+                    )
         finally:
             self._remove_plugins()
             self.kvm.close()
@@ -179,7 +272,7 @@ class GmemMachine(RuleBasedStateMachine):
         return self._guest_table(page) is self.private
 
     # --- guest accesses ---------------------------------------------------------------------------
-    @rule(page=pages, offset=in_page, data=payload)
+    @step(page=pages, offset=in_page, data=payload)
     def guest_write(self, page: int, offset: int, data: bytes) -> None:
         """A guest store on the page's current side (M-7, G-1)."""
         if self._guest_poisoned(
@@ -192,7 +285,7 @@ class GmemMachine(RuleBasedStateMachine):
             self.allocated.add(page)
             self.maybe_allocated.discard(page)
 
-    @rule(page=pages, offset=in_page, n=st.integers(1, 64))
+    @step(page=pages, offset=in_page, n=ints(1, 64))
     def guest_read(self, page: int, offset: int, n: int) -> None:
         """A guest load sees the reference bytes of the page's current side."""
         got: list[bytes] = []
@@ -227,8 +320,7 @@ class GmemMachine(RuleBasedStateMachine):
         assert page not in self.poisoned, f"a guest access to poisoned page {page} succeeded (E-2)"
         return False
 
-    @precondition(lambda self: self.attributes)
-    @rule(page=pages)
+    @step(when=lambda self: self.attributes, page=pages)
     def guest_mismatch(self, page: int) -> None:
         """An access whose privateness differs from the attribute exits to userspace with
         KVM_EXIT_MEMORY_FAULT for the page, flagged PRIVATE iff the access was (G-2)."""
@@ -247,8 +339,7 @@ class GmemMachine(RuleBasedStateMachine):
             raise AssertionError(f"a {'private' if private else 'shared'} access to page {page} did not exit")
 
     # --- conversions ------------------------------------------------------------------------------
-    @precondition(lambda self: self.converts)
-    @rule(page=pages, n=counts)
+    @step(when=lambda self: self.converts, page=pages, n=counts)
     def convert(self, page: int, n: int) -> None:
         """The guest converts a run of pages to the other side; contents follow the declared
         semantics (destructive: the old side is discarded by the VMM)."""
@@ -271,8 +362,7 @@ class GmemMachine(RuleBasedStateMachine):
                 self.poisoned.discard(p)
 
     # --- guest_memfd ------------------------------------------------------------------------------
-    @precondition(lambda self: self.file_mode)
-    @rule(start=st.integers(0, NPAGES + 3), n=counts)
+    @step(when=lambda self: self.file_mode, start=ints(0, NPAGES + 3), n=counts)
     def allocate(self, start: int, n: int) -> None:
         """FA-5/FA-6: allocate inside i_size instantiates pages, beyond it is EINVAL."""
         try:
@@ -283,8 +373,11 @@ class GmemMachine(RuleBasedStateMachine):
         assert start + n <= NPAGES, "allocate beyond i_size succeeded"
         self.allocated.update(range(start, start + n))
 
-    @precondition(lambda self: self.file_mode or (self.private_mode and not self.in_place))
-    @rule(start=st.integers(0, NPAGES + 3), n=counts)
+    @step(
+        when=lambda self: self.file_mode or (self.private_mode and not self.in_place),
+        start=ints(0, NPAGES + 3),
+        n=counts,
+    )
     def punch(self, start: int, n: int) -> None:
         """FA-7/FA-8: punch (also past EOF) frees the pages; they read back as zeroes."""
         self.ram.gmem.fallocate(PUNCH, start * PAGE, n * PAGE)
@@ -296,8 +389,13 @@ class GmemMachine(RuleBasedStateMachine):
             if self.private_mode and p < NPAGES and self.side[p] and self.private_unmap == "revoke":
                 self.revoked.add(p)
 
-    @precondition(lambda self: self.file_mode)
-    @rule(start=pages, n=counts, mode=st.sampled_from([KEEP, PUNCH]), skew=st.integers(1, PAGE - 1))
+    @step(
+        when=lambda self: self.file_mode,
+        start=pages,
+        n=counts,
+        mode=one_of([KEEP, PUNCH]),
+        skew=ints(1, PAGE - 1),
+    )
     def unaligned(self, start: int, n: int, mode: int, skew: int) -> None:
         """FA-4: an unaligned offset is EINVAL and changes nothing."""
         try:
@@ -307,14 +405,18 @@ class GmemMachine(RuleBasedStateMachine):
         else:
             raise AssertionError("unaligned fallocate succeeded")
 
-    @precondition(
-        lambda self: self.file_mode and self.gmem_only_from_gmem and bool(self.allocated - self.poisoned)
+    @step(
+        when=lambda self: (
+            self.file_mode and self.gmem_only_from_gmem and bool(self.allocated - self.poisoned)
+        ),
+        pick=ints(0, NPAGES),
     )
-    @rule(data=st.data())
-    def poison(self, data: st.DataObject) -> None:
+    def poison(self, pick: int) -> None:
         """E-1: memory failure on an allocated page keeps the folio (and its bytes); the
-        guest's faults come from guest_memfd, so its access exits with EHWPOISON (E-2)."""
-        page = data.draw(st.sampled_from(sorted(self.allocated - self.poisoned)))
+        guest's faults come from guest_memfd, so its access exits with EHWPOISON (E-2).
+        The page is the *pick*-th allocated one, counting round."""
+        candidates = sorted(self.allocated - self.poisoned)
+        page = candidates[pick % len(candidates)]
         try:
             self.ram.gmem.inject_memory_failure(page * PAGE)
         except KvmError as exc:
@@ -322,15 +424,13 @@ class GmemMachine(RuleBasedStateMachine):
             return
         self.poisoned.add(page)
 
-    @precondition(lambda self: self.file_mode)
-    @rule(gpa=st.sampled_from(SLOT_GPAS))
+    @step(when=lambda self: self.file_mode, gpa=one_of(SLOT_GPAS))
     def rebind(self, gpa: int) -> None:
         """L-7: delete the memslot and bind the same pages elsewhere: contents are kept."""
         self.ram.unbind()
         self.ram.bind(gpa)
 
-    @precondition(lambda self: self.file_mode)
-    @rule()
+    @step(when=lambda self: self.file_mode)
     def drop_host_ptes(self) -> None:
         """MADV_DONTNEED: the host's PTEs go, guest_memfd's contents and folios stay."""
         assert self.view is not None
@@ -348,7 +448,7 @@ class GmemMachine(RuleBasedStateMachine):
     def _host_table(self, page: int) -> dict[int, bytearray]:
         return self.private if (self.file_mode or self.ram.shared is None) else self.shared
 
-    @rule(page=st.integers(0, MAPPED - 1), offset=in_page, data=payload)
+    @step(page=ints(0, MAPPED - 1), offset=in_page, data=payload)
     def host_write(self, page: int, offset: int, data: bytes) -> None:
         """M-5: a host store on the shared side; SIGBUS where the host may not map (M-3, M-4,
         E-1, a private page of an in-place VM)."""
@@ -367,7 +467,7 @@ class GmemMachine(RuleBasedStateMachine):
         if self._host_table(page) is self.private:
             self.allocated.add(page)
 
-    @rule(page=st.integers(0, MAPPED - 1), offset=in_page, n=st.integers(1, 64))
+    @step(page=ints(0, MAPPED - 1), offset=in_page, n=ints(1, 64))
     def host_read(self, page: int, offset: int, n: int) -> None:
         """M-5: a host load sees the reference bytes of the shared side."""
         if page >= NPAGES and not self.file_mode:
@@ -386,8 +486,7 @@ class GmemMachine(RuleBasedStateMachine):
         if self._host_table(page) is self.private:
             self.allocated.add(page)
 
-    @precondition(lambda self: self.probe is not None and not self.reclaims)
-    @rule(page=st.integers(0, 3))
+    @step(when=lambda self: self.probe is not None and not self.reclaims, page=ints(0, 3))
     def host_probe_private(self, page: int) -> None:
         """The host maps private guest_memfd: a private page is SIGBUS (M-4, and each
         architecture's rule), whatever the guest did with it."""
@@ -467,6 +566,30 @@ class GmemMachine(RuleBasedStateMachine):
             for page in range(s, e):
                 assert gmem.pfn(page) is not None, f"host PTE of page {page} survived its folio"
 
+    # --- hostile calls (guestmem fuzz --hostile) ------------------------------------------------
+    @step(when=lambda self: self.hostility is not None and not self.hostility.desynced, call=drawn(draw_call))
+    def hostile_call(self, call: dict[str, Any]) -> None:
+        """A call of the uAPI face or the backend's arch face with hostile arguments or on a
+        closed or foreign object: its outcome is counted; a crash or a half-applied change
+        fails (:meth:`~guestmem.conformance.hostile.Hostility.call`)."""
+        assert self.hostility is not None
+        self.hostility.call(call)
+
+    @step(
+        when=lambda self: self.hostility is not None and not self.hostility.desynced,
+        arm=drawn(draw_reentrant),
+    )
+    def reentrant(self, arm: dict[str, str]) -> None:
+        """A call back into the model from inside a hook of the scratch VM
+        (:meth:`~guestmem.conformance.hostile.Hostility.reenter`)."""
+        assert self.hostility is not None
+        self.hostility.reenter(arm)
+
+    @property
+    def ended(self) -> bool:
+        """A hostile call changed the machine's own objects: its reference is void."""
+        return self.hostility is not None and self.hostility.desynced
+
     @invariant()
     def count_step(self) -> None:
         """Not a check: tells a progress bar that a step ran."""
@@ -485,6 +608,10 @@ def machine_for(
     private_unmap: str = "keep",
     host_private_access: str = "sigbus",
     on_step: Callable[[], None] | None = None,
+    hostile: bool = False,
+    hostile_ops: dict[str, tuple[Any, ...]] | None = None,
+    hostile_outcomes: tuple[type[BaseException], ...] = (),
+    leaks: Callable[[Any], list[str]] | None = None,
 ) -> type[GmemMachine]:
     """The machine for *info* (default: the backend's default VM type) of *backend*."""
     attrs: dict[str, Any] = {
@@ -497,6 +624,10 @@ def machine_for(
         "private_unmap": private_unmap,
         "host_private_access": host_private_access,
         "step_hooks": () if on_step is None else (on_step,),
+        "hostile": hostile,
+        "hostile_ops": dict(hostile_ops or {}),
+        "hostile_outcomes": tuple(hostile_outcomes),
+        "leaks": staticmethod(leaks) if leaks is not None else None,
     }
     name = "GmemMachine_" + "".join(
         c if c.isalnum() else "_" for c in f"{backend}_{info.name if info else 'default'}"

@@ -35,10 +35,13 @@ FLAGS = frozenset(
         "machine_examples",
         "machine_steps",
         "machine_shrink",
+        "hostile_steps",
     }
 )
-#: The other keys: the backend's observers, a reason to skip the VM type.
-EXTRA = frozenset({"observers", "skip"})
+#: The other keys: the backend's observers, a reason to skip the VM type, the backend's
+#: arch face and modelled verdicts for hostile calls (:mod:`guestmem.conformance.hostile`),
+#: what the backend still holds once all is closed.
+EXTRA = frozenset({"observers", "skip", "hostile_ops", "hostile_outcomes", "leaks"})
 
 
 def declared_flags(info: VmTypeInfo) -> dict[str, Any]:
@@ -104,6 +107,12 @@ def kit_for(
     if "observers" in options:
         factories: tuple[Callable[[], object], ...] = tuple(options["observers"])
         attrs["observers"] = factories
+    if "hostile_ops" in options:
+        attrs["hostile_ops"] = dict(options["hostile_ops"])
+    if "leaks" in options:
+        attrs["leaks"] = options["leaks"]
+    if "hostile_outcomes" in options:
+        attrs["hostile_outcomes"] = tuple(options["hostile_outcomes"])
     if options.get("skip"):
         attrs["pytestmark"] = [pytest.mark.skip(reason=f"{backend} {info.name}: {options['skip']}")]
     attrs["__doc__"] = f"The conformance kit against {info.name} of backend {backend!r}."

@@ -43,6 +43,16 @@ class FuzzConfig:
     seed: int = 0
     #: Shrink a failure to a minimal program.
     shrink: bool = True
+    #: Mix hostile calls into the machine and count outcomes (:mod:`guestmem.fuzz.hostile`).
+    hostile: bool = False
+    #: The kernel profile of a model backend (None: its default).
+    profile: str | None = None
+    #: Seconds a hostile step may run before it counts as a hang (0: no limit).
+    call_timeout: float = 1.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The config as plain data."""
+        return attrs.asdict(self)
 
 
 @attrs.define
@@ -65,12 +75,13 @@ class FuzzResult:
         """A Python script replaying :attr:`program` (empty without a failure)."""
         if self.failure is None:
             return ""
+        profile = f", profile={self.config.profile!r}" if self.config.profile else ""
         header = [
             f"# guestmem fuzz --backend {self.config.backend}: the minimal failing program",
             f"# {self.failure.splitlines()[0]}",
             "from guestmem.fuzz import fuzz_machine",
             "",
-            f"Machine = fuzz_machine({self.config.backend!r}, {self.config.vm_type!r})",
+            f"Machine = fuzz_machine({self.config.backend!r}, {self.config.vm_type!r}{profile})",
         ]
         body = ["state = Machine()" if line.startswith("state = ") else line for line in self.program]
         return "\n".join(header + body) + "\n"
@@ -90,15 +101,24 @@ class FuzzResult:
 
 
 def fuzz_machine(
-    backend: str, vm_type: int | None = None, on_step: Callable[[], None] | None = None
+    backend: str,
+    vm_type: int | None = None,
+    on_step: Callable[[], None] | None = None,
+    *,
+    hostile: bool = False,
+    profile: str | None = None,
 ) -> type[GmemMachine]:
     """The machine of *backend*'s *vm_type* configured as its kit is (driver, observers,
-    options): what ``guestmem fuzz`` runs and a reproducer replays."""
+    options): what ``guestmem fuzz`` runs and a reproducer replays.  *hostile* mixes in
+    hostile calls; *profile* opens the backend with that kernel profile."""
     kit = kit_for(backend, vm_type)
     info = get_registry().backend(backend).vm_type(kit.vm_type) if kit.vm_type is not None else None
     if info is None:
         info = get_registry().backend(backend).default_vm_type
-    machine: type[GmemMachine] = kit.machine(info, on_step)
+    machine: type[GmemMachine] = kit.machine(info, on_step, hostile=hostile)
+    if profile is not None:
+        options = {**machine.open_options, "profile": profile}
+        machine = type(machine.__name__, (machine,), {"open_options": options})
     return machine
 
 
@@ -129,7 +149,7 @@ def run_fuzz(config: FuzzConfig, on_step: Callable[[], None] | None = None) -> F
         if on_step is not None:
             on_step()
 
-    machine = fuzz_machine(config.backend, config.vm_type, step)
+    machine = fuzz_machine(config.backend, config.vm_type, step, profile=config.profile)
     info = machine.info
     result.vm_type_name = info.name if info is not None else ""
     while result.steps < config.steps:

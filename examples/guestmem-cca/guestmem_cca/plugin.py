@@ -62,9 +62,22 @@ def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[
     page again)."""
     if backend.name != "cca":
         return None
+    from guestmem_cca.guest import RealmGuest, enable_rme
     from guestmem_cca.invariants import GranuleChecker
+    from guestmem_cca.policy import populate
 
     options: dict[str, Any] = {"observers": (GranuleChecker,)}
     if vm_type.type == KVM_VM_TYPE_ARM_REALM:
-        options["private_unmap"] = "revoke"
+        # The realm's arch face for ``guestmem fuzz --hostile``: KVM_CAP_ARM_RME commands,
+        # populating (partial: as kvm_gmem_populate), and the realm's RSI_IPA_STATE_SET.
+        hostile_ops = {
+            "enable_rme": ("vm", enable_rme, ("u32", "u64")),
+            "populate": ("vm", populate, ("gpa", "data"), True),
+            "rsi.set_ipa_state": (
+                "vcpu",
+                lambda c, base, top, ripas: RealmGuest(c).set_ipa_state(base, top, ripas),
+                ("gpa", "gpa", "u32"),
+            ),
+        }
+        options.update(private_unmap="revoke", hostile_ops=hostile_ops)
     return options

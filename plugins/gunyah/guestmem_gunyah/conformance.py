@@ -14,7 +14,42 @@ from __future__ import annotations
 from typing import Any
 
 from guestmem.backend import Backend, VmTypeInfo, hookimpl
+from guestmem_gunyah.face import gunyah
 from guestmem_gunyah.invariants import GunyahChecker
+
+#: The Gunyah VM manager's ioctls and the driver's parcels for ``guestmem fuzz --hostile``,
+#: with their arguments' kinds (``guestmem.conformance.hostile``).
+HOSTILE_OPS: dict[str, tuple[Any, ...]] = {
+    "set_dtb_config": (
+        "vm",
+        lambda vm, guest_phys_addr, size: gunyah(vm).set_dtb_config(guest_phys_addr, size),
+        ("gpa", "size"),
+    ),
+    "start": ("vm", lambda vm: gunyah(vm).start(), ()),
+    "set_boot_context": (
+        "vm",
+        lambda vm, reg, value: gunyah(vm).set_boot_context(reg, value),
+        ("u32", "u64"),
+    ),
+    "map_mem": (
+        "vm",
+        lambda vm, guest_mem, guest_addr, offset, size, flags: gunyah(vm).map_mem(
+            guest_mem, guest_addr, offset, size, flags
+        ),
+        ("gmem", "gpa", "offset", "size", "u32"),
+    ),
+    "share_parcel": (
+        "vm",
+        lambda vm, guest_addr, size: gunyah(vm).share_parcel(guest_addr, size),
+        ("gpa", "size"),
+    ),
+    "reclaim_parcel": (
+        "vm",
+        lambda vm, parcel, flags: gunyah(vm).reclaim_parcel(parcel, flags),
+        ("u32", "u32"),
+    ),
+    "touch": ("vm", lambda vm, guest_addr, size: gunyah(vm).touch(guest_addr, size), ("gpa", "size")),
+}
 
 
 @hookimpl
@@ -25,4 +60,4 @@ def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[
     "reclaim"``)."""
     if backend.name != "gunyah":
         return None
-    return {"observers": (GunyahChecker,), "host_private_access": "reclaim"}
+    return {"observers": (GunyahChecker,), "host_private_access": "reclaim", "hostile_ops": HOSTILE_OPS}

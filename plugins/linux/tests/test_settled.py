@@ -72,8 +72,12 @@ SETTLED: dict[str, tuple[list[tuple[Any, ...]], tuple[Any, ...]]] = {
         ("errno", "EFAULT"),
     ),
     "a gmem mapping of 2**64 + a page is one page long too": (
-        [("create_vm", 0), ("create_guest_memfd", 0, 2 * PAGE, SHARED),
-         ("mmap", 1, (1 << 64) + PAGE, 0, True), ("host_read", 2, PAGE, 1)],
+        [
+            ("create_vm", 0),
+            ("create_guest_memfd", 0, 2 * PAGE, SHARED),
+            ("mmap", 1, (1 << 64) + PAGE, 0, True),
+            ("host_read", 2, PAGE, 1),
+        ],
         ("errno", "EFAULT"),
     ),
     "mmap(2) of anonymous memory needs no /dev/kvm": (

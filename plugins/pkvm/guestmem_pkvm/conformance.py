@@ -16,6 +16,14 @@ from typing import Any
 from guestmem.backend import Backend, VmTypeInfo, hookimpl
 from guestmem_pkvm import abi
 from guestmem_pkvm.invariants import IsolationChecker
+from guestmem_pkvm.policy import enable_exit_hypercall, set_pvmfw
+
+#: The pKVM arch face for ``guestmem fuzz --hostile`` (guest hypercalls are the uAPI
+#: face's ``Vcpu.hypercall``), with their arguments' kinds (``guestmem.conformance.hostile``).
+HOSTILE_OPS: dict[str, tuple[Any, ...]] = {
+    "set_pvmfw": ("vm", set_pvmfw, ("gpa", "data")),
+    "enable_exit_hypercall": ("vm", enable_exit_hypercall, ("u64",)),
+}
 
 
 @hookimpl
@@ -30,5 +38,10 @@ def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[
         return None
     options: dict[str, Any] = {"observers": (IsolationChecker,)}
     if vm_type.type & abi.KVM_VM_TYPE_ARM_PROTECTED:
-        options.update(init_shared_coherent=False, private_unmap="revoke", memslot_change_errno=errno.EPERM)
+        options.update(
+            init_shared_coherent=False,
+            private_unmap="revoke",
+            memslot_change_errno=errno.EPERM,
+            hostile_ops=HOSTILE_OPS,
+        )
     return options
