@@ -6,8 +6,8 @@ import errno
 import heapq
 import itertools
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from guestmem import api, cabi, uapi
@@ -17,13 +17,14 @@ from guestmem.hooks import ObserverFailure
 from guestmem.model.events import Counters, make_event, next_seq
 from guestmem.model.host import AddressSpace, HostMemory
 from guestmem.model.mapping import AnonVma, ModelHostMapping
-from guestmem.model.operation import uapi_call
+from guestmem.model.operation import Operation, uapi_call
 from guestmem.model.profile import KernelProfile, get_profile
 from guestmem.recording import Recorder
 
 if TYPE_CHECKING:
     from guestmem.model.vm import ModelVm
     from guestmem.registry import Backend, Registry
+    from guestmem.snapshot import HostSnapshot
 
 
 def _structlog_configured() -> bool:
@@ -65,7 +66,14 @@ class ModelKvm(api.Kvm):
         self._recorder: Recorder | None = None
         #: Host-level cost counters (direct-map changes...).
         self.counters = Counters()
-        #: Depth of the uAPI operations under way, and what observers raised meanwhile.
+        #: The host lock: every operation holds it (:mod:`guestmem.model.operation`).
+        self.lock = threading.RLock()
+        #: One entry per thread waiting for :attr:`lock`, and how many times a waiting
+        #: thread got it.
+        self.lock_waiters: list[None] = []
+        self.lock_handoffs = 0
+        #: Depth of the uAPI operations under way (of the thread holding :attr:`lock`), and
+        #: what observers raised meanwhile.
         self.op_depth = 0
         self.observer_failures: list[ObserverFailure] = []
         #: Releases deferred to the end of the outermost operation (:meth:`fput`).
@@ -153,6 +161,14 @@ class ModelKvm(api.Kvm):
         self.mm.insert(vma)
         return ModelHostMapping(vma)
 
+    def snapshot(self) -> HostSnapshot:
+        """The host's state as values (:class:`guestmem.snapshot.HostSnapshot`): every VM,
+        mapping, descriptor and allocation, and the backend's host-wide tables."""
+        from guestmem.model.snapshot import host_snapshot
+
+        with self.operation():
+            return host_snapshot(self)
+
     # --- capabilities (2.A) -----------------------------------------------------------------
     def attributes_built(self, vm: ModelVm | None) -> bool:
         """CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES for this kernel and architecture (A-1)."""
@@ -233,6 +249,10 @@ class ModelKvm(api.Kvm):
         left = self._fd_owners.pop(id(obj)) - 1
         if left:
             self._fd_owners[id(obj)] = left
+
+    def fd_table(self) -> dict[int, object]:
+        """The open files by descriptor number (a copy)."""
+        return dict(self._fds)
 
     def fd_lookup(self, fd: int) -> object | None:
         """``fget``: the open file behind *fd* (0-2 are the process's stdio), or None."""
@@ -369,16 +389,9 @@ class ModelKvm(api.Kvm):
             raise failed
         return ran
 
-    @contextmanager
-    def operation(self) -> Iterator[None]:
+    def operation(self) -> Operation:
         """One operation (see :mod:`guestmem.model.operation`), for the views' entry points."""
-        self.op_depth += 1
-        try:
-            yield
-        finally:
-            self.op_depth -= 1
-            if not self.op_depth:
-                self.operation_done("operation")
+        return Operation(self)
 
     def operation_done(self, operation: str) -> None:
         """The outermost operation ended: the deferred releases (:meth:`fput`),

@@ -3,7 +3,8 @@
 The jobs behind the ioctls live next to their kernel counterparts: memslots in
 :mod:`~guestmem.model.memslots`, attributes in :mod:`~guestmem.model.attributes`, the
 stage-2 fault in :mod:`~guestmem.model.fault`, guest_memfd and populate in
-:mod:`~guestmem.model.gmem`.  Locking is implicit (see docs/model.md) but the kernel's
+:mod:`~guestmem.model.gmem`.  Every ioctl runs under the host lock, which stands for the
+kernel's slots_lock, invalidate lock and mmu_lock (docs/model.md, "Locking"); the kernel's
 order of checks, invalidations and retries is kept, so a hook that changes state in the
 middle of an operation sees what it would see in the kernel.
 """
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from guestmem.model.kvm import ModelKvm
     from guestmem.model.memslots import Memslot
     from guestmem.model.vcpu import ModelVcpu
+    from guestmem.snapshot import VmSnapshot
 
 PAGE_SHIFT = uapi.PAGE_SHIFT
 PAGE_SIZE = uapi.PAGE_SIZE
@@ -322,6 +324,15 @@ class ModelVm(api.Vm):
             raise KvmError(errno.ENOTTY, "", "KVM_MEMORY_ENCRYPT_OP is not supported on this VM")
         return result
 
+    def snapshot(self) -> VmSnapshot:
+        """The VM's state as values (:class:`guestmem.snapshot.VmSnapshot`): memslots,
+        attributes, leaves, vCPUs, its guest_memfd inodes, the backend's tables for it.
+        Readable whatever state the VM is in (closed, dead: it reads, it changes nothing)."""
+        from guestmem.model.snapshot import vm_snapshot
+
+        with self.kvm.operation():
+            return vm_snapshot(self)
+
     # --- services of the core -------------------------------------------------------------------
     def fault_range(
         self, gfn: int, npages: int, *, private: bool, write: bool = False, vcpu: ModelVcpu | None = None
@@ -330,13 +341,19 @@ class ModelVm(api.Vm):
 
         The accesses of a vCPU run inside its ``KVM_RUN``: a closed vCPU fd is EBADF, a dead
         VM EIO (:meth:`ModelVcpu.check_run`).  A destroyed VM has no fd left to reach it
-        (EBADF).
+        (EBADF).  After a vCPU's faults the vCPU enters the guest again, running the
+        releases deferred meanwhile first (``task_work``, as :meth:`ModelVcpu.access` does):
+        a file closed by another thread during the faults is released then, and what it
+        zapped is no longer mapped when the caller looks.
         """
         if self.destroyed:
             raise KvmError(errno.EBADF, "", "the VM was destroyed")
         if vcpu is not None:
             vcpu.check_run()
-        return fault.fault_range(self, gfn, npages, private=private, write=write, vcpu=vcpu)
+        mapped = fault.fault_range(self, gfn, npages, private=private, write=write, vcpu=vcpu)
+        if vcpu is not None and self.kvm.task_work:
+            self.kvm.run_task_work(guest_entry=True)
+        return mapped
 
     def gmem_populate(self, gfn: int, src: bytes | None, npages: int, opaque: Any = None) -> int:
         """``kvm_gmem_populate`` (P-1..P-5); returns the number of pages populated."""

@@ -861,7 +861,8 @@ class Sev:
         A non-integer *pfn* or *offset*, or *data* that is not bytes-like, is a TypeError
         naming it before anything is touched (``HostView.kernel_write``).
         """
-        self.state.host_kernel_write(pfn, data, offset)
+        with self.state.vm.host.operation():
+            self.state.host_kernel_write(pfn, data, offset)
 
     # what the commands left
     @property
@@ -906,4 +907,5 @@ class Sev:
 
     def rmp_entry(self, pfn: int) -> RmpEntry:
         """The RMP entry of *pfn*."""
-        return self.state.rmp_entry(pfn)
+        with self.state.vm.host.operation():
+            return self.state.rmp_entry(pfn)
