@@ -12,6 +12,9 @@ middle of an operation sees what it would see in the kernel.
 from __future__ import annotations
 
 import errno
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from guestmem import api, cabi, uapi
@@ -51,6 +54,7 @@ class ModelVm(api.Vm):
         self.vm_type = type_info.type
         self.vm_id = vm_id
         self.counters = Counters()
+        self._slots_lock_owner: int | None = None  # the thread holding kvm->slots_lock
         self.refs = 1  # the VM fd
         self.fd_closed = False
         self.fd = kvm.fd_install(self)  # a VM fd passed as guest_memfd is not one (B-2)
@@ -262,7 +266,26 @@ class ModelVm(api.Vm):
         """``kvm_vm_ioctl_set_memory_region`` after the struct was read."""
         if mem.id >= uapi.KVM_USER_MEM_SLOTS:
             raise KvmError(errno.EINVAL, "S-3", f"slot id {mem.id} >= KVM_USER_MEM_SLOTS")
-        self.slots.set_region(mem)
+        with self.slots_lock("KVM_SET_USER_MEMORY_REGION2"):
+            self.slots.set_region(mem)
+
+    @contextmanager
+    def slots_lock(self, what: str) -> Iterator[None]:
+        """``kvm->slots_lock`` for *what*: a hook of this task calling back into a uAPI that
+        needs it while it is held would deadlock the kernel (3.7): EDEADLK, nothing changes.
+        Other threads are serialised by the host's lock (docs/model.md, Locking)."""
+        me = threading.get_ident()
+        if self._slots_lock_owner == me:
+            raise KvmError(
+                errno.EDEADLK,
+                "3.7",
+                f"{what} from inside an operation that holds kvm->slots_lock (the kernel would deadlock)",
+            )
+        owner, self._slots_lock_owner = self._slots_lock_owner, me
+        try:
+            yield
+        finally:
+            self._slots_lock_owner = owner
 
     @uapi_call
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
@@ -272,7 +295,8 @@ class ModelVm(api.Vm):
         self._ioctl()
         from guestmem.model.attributes import set_memory_attributes
 
-        set_memory_attributes(self, *attrs)
+        with self.slots_lock("KVM_SET_MEMORY_ATTRIBUTES"):
+            set_memory_attributes(self, *attrs)
 
     @uapi_call
     def create_vcpu(self, vcpu_id: int) -> ModelVcpu:
