@@ -302,13 +302,15 @@ class ModelKvm(api.Kvm):
                 total[name] = total.get(name, 0) + value
         return total
 
-    def call_started(self) -> tuple[int, dict[str, int]]:
-        """What a recorded call needs from its start: the next seq and the counters."""
-        return next_seq(), self.counter_totals()
+    def call_started(self) -> tuple[int, list[tuple[dict[str, int], dict[str, int]]]]:
+        """What a recorded call needs from its start: the next seq and a copy of every
+        counter table (the host's and each VM's)."""
+        tables: list[dict[str, int]] = [self.counters, *(vm.counters for vm in self.all_vms)]
+        return next_seq(), [(table, dict(table)) for table in tables]
 
     def call_finished(
         self,
-        started: tuple[int, dict[str, int]],
+        started: tuple[int, list[tuple[dict[str, int], dict[str, int]]]],
         owner: object,
         method: Any,
         args: tuple[Any, ...],
@@ -316,14 +318,27 @@ class ModelKvm(api.Kvm):
         result: Any,
         error: BaseException | None,
     ) -> None:
-        """Emit the ``uapi`` event of a call of the uAPI face (``uapi_call``)."""
+        """Emit the ``uapi`` event of a call of the uAPI face (``uapi_call``), with the
+        counters it moved, summed by name over the host and its VMs."""
         if self._recorder is None:
             self._recorder = Recorder()
             self._recorder.handle(self)
-        first, before = started
+        first, tables = started
         fields = self._recorder.fields(owner, method, args, kwargs, first, result=result, error=error)
-        after = self.counter_totals()
-        delta = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+        delta: dict[str, int] = {}
+        for table, before in tables:
+            if table != before:  # most calls move one table, or none
+                for k, v in table.items():
+                    moved = v - before.get(k, 0)
+                    if moved:
+                        delta[k] = delta.get(k, 0) + moved
+        if len(tables) != len(self.all_vms) + 1:  # VMs the call created: all they counted
+            seen = {id(table) for table, _ in tables}
+            for vm in self.all_vms:
+                if id(vm.counters) not in seen:
+                    for k, v in vm.counters.items():
+                        delta[k] = delta.get(k, 0) + v
+        delta = {k: v for k, v in delta.items() if v}
         if delta:
             fields["counters"] = delta
         self.trace(_vm_of(owner), "uapi", fields)
@@ -445,14 +460,10 @@ class ModelKvm(api.Kvm):
 
 def _vm_of(obj: object) -> ModelVm | None:
     """The VM a uAPI object belongs to (a mapping or ``/dev/kvm`` belongs to none)."""
-    from guestmem.model.files import ModelGuestMemfd
-    from guestmem.model.vcpu import ModelVcpu
-    from guestmem.model.vm import ModelVm
-
-    if isinstance(obj, ModelVm):
-        return obj
-    if isinstance(obj, ModelVcpu):
-        return obj.vm
-    if isinstance(obj, ModelGuestMemfd):
-        return obj.file.vm
-    return None
+    vm = getattr(obj, "vm", None)  # a vCPU's; a VM is its own (below)
+    if vm is None:
+        file = getattr(obj, "file", None)  # a guest_memfd's
+        vm = getattr(file, "vm", None)
+    if vm is None and hasattr(obj, "vm_id"):
+        vm = obj
+    return vm
