@@ -8,7 +8,7 @@ import itertools
 import sys
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from guestmem import api, cabi, uapi
 from guestmem.backend import HostView, OwnershipEvent, TraceEvent, VmView
@@ -466,4 +466,4 @@ def _vm_of(obj: object) -> ModelVm | None:
         vm = getattr(file, "vm", None)
     if vm is None and hasattr(obj, "vm_id"):
         vm = obj
-    return vm
+    return cast("ModelVm | None", vm)
