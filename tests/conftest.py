@@ -10,6 +10,7 @@ skipped on another host.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +26,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="sw",
         metavar="BACKEND",
         help="the backend whose host the kvm/default_vm/protected_vm fixtures open (default: sw)",
+    )
+    parser.addoption(
+        "--guestmem-stress-seconds",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how long the thread stress test runs per backend (default: $GUESTMEM_STRESS_SECONDS, else 1)",
     )
 
 
@@ -70,3 +78,12 @@ def protected_vm(kvm: Any) -> Iterator[Any]:
     vm = kvm.create_vm(uapi.KVM_X86_SW_PROTECTED_VM)
     yield vm
     vm.close()
+
+
+@pytest.fixture
+def stress_seconds(request: pytest.FixtureRequest) -> float:
+    """How long the thread stress test runs per backend (``--guestmem-stress-seconds``)."""
+    seconds: float | None = request.config.getoption("--guestmem-stress-seconds")
+    if seconds is None:
+        seconds = float(os.environ.get("GUESTMEM_STRESS_SECONDS", "1"))
+    return seconds

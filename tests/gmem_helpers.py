@@ -11,8 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import attrs
-
 import guestmem
 from guestmem import uapi
 from guestmem.intents import Intents
@@ -41,27 +39,15 @@ DEEP = (
 def vm_state(vm: Any, *gmems: Any) -> dict[str, Any]:
     """Everything a memslot, attribute or gmem ioctl may change, as comparable values.
 
-    Memslots are copied field by field (they are mutable); the gmem file of a slot is kept by
-    identity.  For each of *gmems*, its bindings and the inode's folios are included.
+    The host's snapshot (``kvm.snapshot()``: memslots, attributes, stage-2 leaves, every
+    guest_memfd's files, bindings and pages with their bytes, host mappings, descriptors,
+    allocated memory, VM references, the backend's tables), and what no snapshot shows:
+    the MMU invalidation counters and the references of *gmems*' files.
     """
     return {
-        "memslots": {key: attrs.asdict(slot, recurse=False) for key, slot in vm.memslots.items()},
-        "slot_index": {
-            as_id: [(s, e, id(slot)) for s, e, slot in vm.slots.table(as_id).items()]
-            for as_id in (0, 1)
-            if vm.slots.table(as_id)
-        },
-        "nr_memslot_pages": vm.slots.nr_pages,
-        "attributes": list(vm.attributes.items()),
-        "sptes": list(vm.mmu.sptes.items()),
+        "snapshot": vm.kvm.snapshot(),
         "mmu": (vm.mmu.invalidate_in_progress, vm.mmu.invalidate_seq),
-        "refs": vm.refs,
-        "dead": vm.dead,
-        "gmem": [
-            (list(g.file.bindings.items()), list(g.file.inode.pages.items()), g.file.refs) for g in gmems
-        ],
-        "fds": dict(vm.kvm._fds),
-        "vms": list(vm.kvm.vms),
+        "file_refs": [g.file.refs for g in gmems],
     }
 
 

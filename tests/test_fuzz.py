@@ -51,7 +51,7 @@ def test_cli(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert group["steps"] >= 40 and "failures" not in group
     out = tmp_path / "repro.py"
     with plugin(BackendPlugin("t-fuzz-cli", (DESTRUCTIVE,), HostMapsPrivate())):
-        assert main(["fuzz", "--backend", "t-fuzz-cli", "--steps", "100", "--reproducer", str(out)]) == 1
+        assert main(["fuzz", "--backend", "t-fuzz-cli", "--steps", "400", "--reproducer", str(out)]) == 1
     text = capsys.readouterr().out
     assert "FAILED: AssertionError: the host mapped private" in text and "minimal reproducer:" in text
     assert "state.host_probe_private(page=0)" in text

@@ -197,20 +197,9 @@ def test_the_invariants_run_after_every_step() -> None:
     assert played.finding is not None and played.finding[0].startswith("check: guest_write: AssertionError")
 
 
-#: Crash classes today's code shows for well-typed input on sw; they are being fixed
-#: elsewhere (argument validation, references held during operations, closed objects).
-KNOWN_WELL_TYPED = (
-    "crash: KeyError @ guestmem.model.memslots:_remove (a memslot deleted from inside its own "
-    "unmap_gfn_range), crash: ValueError @ guestmem.api:access_arguments (a guest access at a "
-    "negative gpa on a closed vCPU)"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=f"well-typed crash classes today: {KNOWN_WELL_TYPED}")
 def test_no_crash_class_for_well_typed_input() -> None:
     """The acceptance bar of a hostile campaign: every class a bounded run on sw finds,
-    minimised, needs an argument of the wrong type.  Remove the xfail mark once the
-    classes above are fixed."""
+    minimised, needs an argument of the wrong type."""
     typed = set()
     for config in campaign_units(["sw"], steps=6000, chunk=2000, hostile=True):
         machine = hostile_machine(config)

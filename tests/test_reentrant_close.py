@@ -311,3 +311,46 @@ def test_a_close_from_any_hook_during_an_operation_leaves_a_consistent_model(
         if (problems := _close_during(kvm, op, target, hook))
     }
     assert failures == {}
+
+
+class _Reenter:
+    """An observer that, inside the first ``guestmem_unmap_gfn_range`` it sees, calls
+    *action* and keeps the errno it got."""
+
+    def __init__(self, action: Callable[[], Any]) -> None:
+        self.action = action
+        self.errnos: list[int | None] = []
+
+    @guestmem.hookimpl
+    def guestmem_unmap_gfn_range(self, vm: Any, range: Any) -> None:  # noqa: A002
+        if self.errnos:
+            return
+        try:
+            self.action()
+            self.errnos.append(None)
+        except guestmem.KvmError as exc:
+            self.errnos.append(exc.errno)
+
+
+@pytest.mark.parametrize("inner", ["delete_slot", "set_memory_attributes"])
+def test_3_7_a_slots_lock_ioctl_inside_a_memslot_delete_is_edeadlk(kvm: Any, inner: str) -> None:
+    """3.7: the delete's zap runs a hook that calls a uAPI needing kvm->slots_lock, which the
+    delete holds: EDEADLK for the inner call (the kernel would deadlock), the delete
+    completes, the model stays consistent (no internal KeyError)."""
+    vm = kvm.create_vm(uapi.KVM_X86_SW_PROTECTED_VM)
+    gmem = vm.create_guest_memfd(16 * PAGE)
+    bind(vm, gmem, 0, 16 * PAGE)
+    vm.set_memory_attributes(0, 16 * PAGE, PRIVATE)
+    vm.create_vcpu(0).access(0, data=b"x")
+    actions = {
+        "delete_slot": lambda: vm.set_user_memory_region2(0, 0, 0, 0, 0),
+        "set_memory_attributes": lambda: vm.set_memory_attributes(0, PAGE, 0),
+    }
+    observer = _Reenter(actions[inner])
+    with plugin(observer):
+        vm.set_user_memory_region2(0, 0, 0, 0, 0)
+    assert observer.errnos == [errno.EDEADLK]
+    assert vm.slots.by_id == {} and vm.mmu.mapped_pages() == 0
+    assert vm.attributes.get(0) == PRIVATE  # the refused inner call changed nothing
+    gmem.close()
+    vm.close()

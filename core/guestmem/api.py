@@ -16,9 +16,12 @@ from __future__ import annotations
 import abc
 import errno
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final, Self
 
 from guestmem import cabi
+
+if TYPE_CHECKING:
+    from guestmem.snapshot import HostSnapshot, VmSnapshot
 
 #: The most bytes one host access (:meth:`HostMapping.read`, :meth:`HostMapping.write`) or
 #: guest access (:meth:`Vcpu.access`) moves: a limit of this project, not the kernel's
@@ -349,6 +352,16 @@ class Vm(_Closable):
 
         raise KvmError(errno.ENOTTY, "", "KVM_MEMORY_ENCRYPT_OP is not supported here")
 
+    def snapshot(self) -> VmSnapshot:
+        """The VM's state as frozen values (:class:`guestmem.snapshot.VmSnapshot`):
+        memslots, attributes, stage-2 leaves, vCPUs, its guest_memfd files and pages and the
+        backend's tables for it; equal snapshots, nothing changed.  The model backends
+        implement it; the default (``guestmem-linux``, the real kernel, whose state
+        userspace cannot read) raises :class:`NotImplementedError`."""
+        raise NotImplementedError(
+            "this backend cannot snapshot a VM: the kernel's state is not readable from userspace"
+        )
+
 
 class Kvm(_Closable):
     """``/dev/kvm`` of one backend (:func:`guestmem.open`)."""
@@ -367,3 +380,16 @@ class Kvm(_Closable):
     def mmap_anonymous(self, length: int) -> HostMapping:
         """Plain host memory (``MAP_ANONYMOUS|MAP_SHARED``) of a ``size_t`` length, for
         ``userspace_addr``."""
+
+    def snapshot(self) -> HostSnapshot:
+        """The host's state as frozen values (:class:`guestmem.snapshot.HostSnapshot`): its
+        VMs, guest_memfd files and pages, mappings, descriptors, allocated memory and the
+        backend's hardware tables; equal snapshots, nothing changed.
+
+        The model backends implement it.  Userspace cannot read the real kernel's memslots,
+        attributes, stage-2 or hardware tables, so the default (``guestmem-linux``) raises
+        :class:`NotImplementedError` saying so.
+        """
+        raise NotImplementedError(
+            f"backend {self.backend!r} cannot snapshot: the kernel's state is not readable from userspace"
+        )

@@ -524,11 +524,13 @@ class HostView:
     def operation(self) -> AbstractContextManager[None]:
         """One operation of the uAPI face, for a backend's own user-facing calls.
 
-        A backend's functions that change the model outside any ioctl (a firmware or
-        resource-manager call a VMM makes, a guest's call to a service VM) run inside it
-        (``with host.operation(): ...``): observers' failures are reported, and
-        ``guestmem_operation_done`` runs, when it ends, as for an ioctl.  It nests in
-        operations already under way.
+        A backend's functions that change or read the model or its own tables outside any
+        ioctl (a guest instruction, a firmware or resource-manager call a VMM makes, a
+        guest's call to a service VM) run inside it (``with host.operation(): ...``): it
+        holds the host lock, so another thread's ioctls, faults and hooks wait until it
+        ends (the backend's tables need no lock of their own), and observers' failures are
+        reported, and ``guestmem_operation_done`` runs, when it ends, as for an ioctl.  It
+        nests in operations already under way (the lock is re-entrant).
         """
         return self._kvm.operation()
 

@@ -24,6 +24,7 @@ This is what scenario files run on and what the pytest fixture ``guestmem_vm`` r
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections import Counter
 from collections.abc import Callable, Iterable
 from types import TracebackType
@@ -186,6 +187,15 @@ class GuestVm(contextlib.AbstractContextManager["GuestVm"]):
     def vcpu(self, index: int = 0) -> api.Vcpu:
         """vCPU *index*."""
         return self.vcpus[index]
+
+    def on_vcpu(self, index: int) -> GuestVm:
+        """This launched VM with its guest intents running on vCPU *index* instead of the
+        first: the same VM, RAM, intents, per-VM state and VMM loop.  An SMP guest's vCPUs
+        in threads of their own each use one (the model serialises them as the kernel's
+        locks do, docs/model.md)."""
+        other = copy.copy(self)
+        other.vcpus = [self.vcpus[index], *(v for i, v in enumerate(self.vcpus) if i != index)]
+        return other
 
     def region(self, gpa: int) -> RamRegion:
         """The RAM region holding *gpa* (``LookupError`` if none)."""

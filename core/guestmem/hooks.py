@@ -70,6 +70,7 @@ HOOK_NAMES: tuple[str, ...] = (
     "guest_access",
     "hypercall",
     "post_populate",
+    "snapshot",
     "ownership_update",
     "trace",
     "operation_done",
@@ -131,23 +132,26 @@ class Hooks:
 
     # --- dispatch --------------------------------------------------------------------------
     def _refresh(self) -> None:
-        policy, policy_dist, observers = self._registry.dispatch_plugins(self._backend_name)
-        table: dict[str, tuple[Impl | None, tuple[Impl, ...]]] = {}
-        for name in HOOK_NAMES:
-            mine: Impl | None = None
-            theirs: list[Impl] = []
-            spec = _SPEC_ARGS[name]
-            for impl in reversed(getattr(self._registry.pm.hook, f"guestmem_{name}").get_hookimpls()):
-                picks = tuple(spec.index(arg) for arg in impl.argnames)
-                if policy is not None and impl.plugin is policy:
-                    mine = Impl(f"backend {self._backend_name!r}", policy_dist, impl.function, picks)
-                elif id(impl.plugin) in observers:
-                    plugin_name, dist = observers[id(impl.plugin)]
-                    theirs.append(Impl(plugin_name, dist, impl.function, picks))
-            if mine is not None or theirs:
-                table[name] = (mine, tuple(theirs))  # absent: nobody implements it
+        registry = self._registry
+        with registry.lock:  # plugins added or removed by another thread wait for the table
+            revision = registry.revision
+            policy, policy_dist, observers = registry.dispatch_plugins(self._backend_name)
+            table: dict[str, tuple[Impl | None, tuple[Impl, ...]]] = {}
+            for name in HOOK_NAMES:
+                mine: Impl | None = None
+                theirs: list[Impl] = []
+                spec = _SPEC_ARGS[name]
+                for impl in reversed(getattr(registry.pm.hook, f"guestmem_{name}").get_hookimpls()):
+                    picks = tuple(spec.index(arg) for arg in impl.argnames)
+                    if policy is not None and impl.plugin is policy:
+                        mine = Impl(f"backend {self._backend_name!r}", policy_dist, impl.function, picks)
+                    elif id(impl.plugin) in observers:
+                        plugin_name, dist = observers[id(impl.plugin)]
+                        theirs.append(Impl(plugin_name, dist, impl.function, picks))
+                if mine is not None or theirs:
+                    table[name] = (mine, tuple(theirs))  # absent: nobody implements it
         self._table = table
-        self._revision = self._registry.revision
+        self._revision = revision
 
     def _entry(self, name: str) -> tuple[Impl | None, tuple[Impl, ...]] | None:
         if self._revision != self._registry.revision:
@@ -322,6 +326,10 @@ class Hooks:
         """``guestmem_post_populate``."""
         result = self._call("post_populate", (vm, gfn, pfn, src, order, opaque))
         return None if result is None else int(result)
+
+    def snapshot(self, host: HostView, vm: VmView | None) -> Any:
+        """``guestmem_snapshot``."""
+        return self._call("snapshot", (host, vm))
 
     def ownership_update(self, host: HostView, vm: VmView | None, event: OwnershipEvent) -> None:
         """``guestmem_ownership_update``."""

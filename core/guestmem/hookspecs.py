@@ -515,6 +515,30 @@ def guestmem_post_populate(
     """
 
 
+# --- snapshots -------------------------------------------------------------------------------
+@hookspec(firstresult=True)
+def guestmem_snapshot(host: HostView, vm: VmView | None) -> Any | None:
+    """The backend's hardware tables for ``kvm.snapshot()`` / ``vm.snapshot()``.
+
+    Not a kernel function: what the hardware would show of its tables at this moment (SNP's
+    RMP, TDX's S-EPT, PAMT and KeyIDs, pKVM's stage-2 ownership, Gunyah's memory parcels,
+    a realm's granules and RIPAS), so that two snapshots differ iff the tables changed: the
+    no-half-applied tests hold a failed call to leaving them as they were.  With *vm* None,
+    the host-wide part (the whole table of a host-wide structure); with a VM, what belongs
+    to that VM (its entries of a host-wide table, its own tables).
+
+    Return an attrs value (frozen classes of the backend's own, runs rather than pages, as
+    the backend stores them: a table over a terabyte costs what its runs cost), a dict or
+    list of JSON values, or ``None`` for nothing.  The core turns it into JSON data through
+    guestmem's one converter (``VmSnapshot.arch``, ``HostSnapshot.arch``); a value that
+    does not convert is a :class:`guestmem.BackendError`.  Called inside an operation,
+    with the host lock held; the hook must not change anything.
+
+    :param host: the machine.
+    :param vm: the VM snapshotted, or None for the host.
+    """
+
+
 # --- observers -------------------------------------------------------------------------------
 @hookspec
 def guestmem_ownership_update(host: HostView, vm: VmView | None, event: OwnershipEvent) -> None:

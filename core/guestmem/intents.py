@@ -300,7 +300,10 @@ class Intents:
             page = gfn << uapi.PAGE_SHIFT
             side = self.side(guest, page, None)
             if vm_view is not None:
-                private = bool(vm_view.is_private(gfn)) if side is None else side
+                private = side
+                if private is None:
+                    with vm_view.host.operation():  # another thread may be converting
+                        private = bool(vm_view.is_private(gfn))
                 mapped = vm_view.fault_range(gfn, end - gfn, private=private, write=True, vcpu=vcpu_view)
                 if mapped:
                     gfn += mapped

@@ -311,21 +311,29 @@ class Registry:
             self.revision += 1
 
     # --- hook dispatch -----------------------------------------------------------------------------
+    @property
+    def lock(self) -> threading.RLock:
+        """Held while plugins are loaded, added or removed; hook callers re-derive their
+        tables under it, so that a plugin added by one thread never reaches another's
+        half-built table."""
+        return self._lock
+
     def dispatch_plugins(self, backend: str | None) -> tuple[object | None, str, dict[int, tuple[str, str]]]:
         """``(policy, its distribution, observers)`` for hosts of *backend*.
 
         Observers are every registered plugin that is no backend's policy, by id, with their
         plugin name and distribution.
         """
-        table = self.backends()
-        info = table.get(backend) if backend is not None else None
-        policy = info.policy if info is not None else None
-        observers = {
-            id(p): (f"plugin {self._dists[id(p)][0]!r}", self._dists[id(p)][1])
-            for p in self.pm.get_plugins()
-            if id(p) not in self._policies and id(p) in self._dists
-        }
-        return policy, info.distribution if info is not None else "", observers
+        with self._lock:
+            table = self.backends()
+            info = table.get(backend) if backend is not None else None
+            policy = info.policy if info is not None else None
+            observers = {
+                id(p): (f"plugin {self._dists[id(p)][0]!r}", self._dists[id(p)][1])
+                for p in self.pm.get_plugins()
+                if id(p) not in self._policies and id(p) in self._dists
+            }
+            return policy, info.distribution if info is not None else "", observers
 
     def hooks_for(self, backend: Backend, on_observer_error: Callable[[ObserverFailure], None]) -> Hooks:
         """Hook callers reaching *backend*'s policy and the observers, nothing else."""

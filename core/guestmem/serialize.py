@@ -21,6 +21,7 @@ import cattrs
 from cattrs.errors import ForbiddenExtraKeysError, IterableValidationError
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
+from guestmem import snapshot as snap
 from guestmem.backend import TraceEvent
 from guestmem.scenario import format as fmt
 
@@ -30,6 +31,8 @@ __all__ = [
     "event_to_json",
     "load_scenario",
     "parse_scenario",
+    "snapshot_from_json",
+    "snapshot_to_json",
     "structure",
     "unstructure",
     "write_trace",
@@ -77,6 +80,51 @@ def write_trace(events: Iterable[TraceEvent], out: IO[str]) -> int:
         out.write(event_to_json(event) + "\n")
         n += 1
     return n
+
+
+# --- snapshots ---------------------------------------------------------------------------------
+_SNAPSHOT_TYPES: tuple[type[Any], ...] = (
+    snap.Span,
+    snap.AttributeRun,
+    snap.MemslotState,
+    snap.FolioRun,
+    snap.BindingRun,
+    snap.GmemFileState,
+    snap.GmemState,
+    snap.VcpuState,
+    snap.Leaf,
+    snap.VmSnapshot,
+    snap.MemoryRun,
+    snap.MappingState,
+    snap.FdState,
+    snap.HostSnapshot,
+)
+for _cls in _SNAPSHOT_TYPES:
+    _converter.register_structure_hook(
+        _cls, make_dict_structure_fn(_cls, _converter, _cattrs_forbid_extra_keys=True)
+    )
+    _converter.register_unstructure_hook(_cls, make_dict_unstructure_fn(_cls, _converter))
+
+
+def snapshot_to_json(snapshot: snap.HostSnapshot | snap.VmSnapshot) -> str:
+    """*snapshot* (``kvm.snapshot()`` or ``vm.snapshot()``) as one JSON document, with
+    ``"snapshot": "host"`` or ``"vm"`` saying which."""
+    kind = "host" if isinstance(snapshot, snap.HostSnapshot) else "vm"
+    return json.dumps({"snapshot": kind, **_converter.unstructure(snapshot)}, sort_keys=True)
+
+
+def snapshot_from_json(text: str) -> snap.HostSnapshot | snap.VmSnapshot:
+    """Read what :func:`snapshot_to_json` wrote (``ValueError`` naming every problem)."""
+    data = json.loads(text)
+    kind = data.pop("snapshot", None) if isinstance(data, dict) else None
+    cls = {"host": snap.HostSnapshot, "vm": snap.VmSnapshot}.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ValueError(f'not a snapshot: "snapshot" is {kind!r}, not "host" or "vm"')
+    try:
+        found: snap.HostSnapshot | snap.VmSnapshot = _converter.structure(data, cls)
+    except cattrs.BaseValidationError as exc:
+        raise ValueError("; ".join(cattrs.transform_error(exc))) from None
+    return found
 
 
 # --- generic ---------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ One module per job:
 - ``conversions``: :class:`ConversionReference`, what a guest reads back after conversions
   and punches, and :func:`conversion_programs`, random programs for it;
 - ``machine``: the stateful Hypothesis machine (imported on demand: it needs Hypothesis);
+- ``stress``: :func:`~guestmem.conformance.stress.stress`, vCPU, conversion, punch and
+  host-mapping threads against one host for a bounded time (imported on demand);
 - ``pytest_plugin``: collecting the kit for named backends.
 
 Requires pytest.

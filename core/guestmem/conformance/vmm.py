@@ -215,9 +215,10 @@ class KitExits:
 
 class KitVmm:
     """One VM of the backend under test, launched and driven through its intents (see the
-    module docstring), with the kit's RAM of *size* bytes at *gpa*."""
+    module docstring), with the kit's RAM of *size* bytes at *gpa* and *vcpus* vCPUs (the
+    kit's guest runs on the first)."""
 
-    def __init__(self, kvm: Any, info: VmTypeInfo, gpa: int, size: int) -> None:
+    def __init__(self, kvm: Any, info: VmTypeInfo, gpa: int, size: int, *, vcpus: int = 1) -> None:
         self.kvm = kvm
         self.info = info
         exits: list[KitExits] = []
@@ -230,6 +231,7 @@ class KitVmm:
             kvm,
             kind="private" if info.private else "default",
             memory=[(FIRMWARE_GPA, PAGE), (gpa, size)],
+            vcpus=vcpus,
             vm_type=info.type,
             handle_exits=handler,
             accept_on_fault=True,
@@ -321,8 +323,9 @@ class KitVmm:
         return ram
 
     def close(self) -> None:
-        """vCPU, VM, then the RAM's mappings and files, as a VMM exits."""
-        self.vcpu.close()
+        """vCPUs, VM, then the RAM's mappings and files, as a VMM exits."""
+        for vcpu in self.guest.vcpus:
+            vcpu.close()
         self.vm.close()
         self.ram.close()
         self.firmware.close()

@@ -11,7 +11,8 @@ is one page (one folio for prepare).
 
 Order of one attempt, as ``kvm_mmu_faultin_pfn`` and ``kvm_tdp_mmu_map``: privateness
 (G-2), memslot (G-4, G-8), retry check, pfn (gmem: ``kvm_gmem_get_pfn``; else the host
-VMA), retry check, ``guestmem_fault``, ``is_page_fault_stale``, mapping level
+VMA), retry check, the window where other threads may run (the kernel takes
+``mmu_lock`` only now), ``guestmem_fault``, ``is_page_fault_stale``, mapping level
 (``kvm_mmu_hugepage_adjust``), install (``guestmem_set_external_spte`` for mirrored
 private leaves).
 """
@@ -26,6 +27,7 @@ from guestmem.backend import Fault, Leaf
 from guestmem.errors import GuestExit, KvmError, MemoryFault, MmioExit
 from guestmem.model import attributes, gmem
 from guestmem.model.mmu import level_pages
+from guestmem.model.operation import mmu_lock_window
 
 if TYPE_CHECKING:
     from guestmem.model.memslots import Memslot
@@ -35,6 +37,9 @@ if TYPE_CHECKING:
 PAGE_SHIFT = uapi.PAGE_SHIFT
 PAGE_SIZE = uapi.PAGE_SIZE
 MAX_FAULT_RETRIES = 16
+#: What :func:`_faultin` returns when another thread's operation, run while this fault let
+#: the host lock go (:func:`~guestmem.model.operation.mmu_lock_window`), made it stale.
+RACED = -1
 
 
 class Emulate(Exception):
@@ -56,20 +61,50 @@ def page_fault(vm: ModelVm, fault: Fault) -> int:
     than ``fault.npages``).
 
     Raises :class:`MemoryFault` (memory-fault exit), :class:`KvmError` (plain errno) or
-    :class:`Emulate` (MMIO / read-only write).
+    :class:`Emulate` (MMIO / read-only write).  EAGAIN (3.3) after
+    :data:`MAX_FAULT_RETRIES` attempts made stale by this thread (an invalidation a hook
+    began and never ended); a retry caused by another thread is not counted.
     """
     max_level, npages = fault.max_level, fault.npages
-    for _ in range(MAX_FAULT_RETRIES):
+    attempts = 0
+    window = True
+    while attempts < MAX_FAULT_RETRIES:
         # each attempt of kvm_mmu_do_page_fault starts from a fresh kvm_page_fault
         fault.max_level, fault.npages = max_level, npages
         fault.slot, fault.pfn, fault.order, fault.map_writable = None, None, 0, True
-        mapped = _faultin(vm, fault)
-        if mapped:
+        mapped = _faultin(vm, fault, window)
+        if mapped > 0:
             return mapped
         vm.count("fault_retries")
+        if mapped == RACED:
+            # Another thread's operation made the fault stale: the kernel's vCPU re-enters
+            # the guest and faults again.  Not this thread's own invalidation, so not an
+            # attempt towards EAGAIN; a leaf another vCPU installed meanwhile may serve it.
+            # The window opens once per fault, so that a thread invalidating without pause
+            # cannot keep it from completing.
+            vm.count("fault_races")
+            window = False
+            mapped = _spurious(vm, fault)
+            if mapped:
+                return mapped
+            continue
+        attempts += 1
     raise KvmError(
         errno.EAGAIN, "3.3", f"fault at gpa {fault.gpa:#x} kept retrying: an invalidation is in progress"
     )
+
+
+def _spurious(vm: ModelVm, fault: Fault) -> int:
+    """``RET_PF_SPURIOUS``: the pages from ``fault.gfn`` another vCPU mapped meanwhile, if
+    its leaf serves this access (privateness, write permission), else 0; sets ``fault.pfn``."""
+    found = vm.mmu.sptes.entry(fault.gfn)
+    if found is None:
+        return 0
+    _, end, spte = found
+    if spte.private != fault.is_private or (fault.write and not spte.writable):
+        return 0
+    fault.pfn = fault.gfn + spte.delta
+    return end - fault.gfn
 
 
 def memory_fault(vm: ModelVm, fault: Fault, err: int, rule: str, why: str) -> MemoryFault:
@@ -89,8 +124,9 @@ def memory_fault_exit(vm: ModelVm, exc: MemoryFault) -> None:
     vm.trace("memory_fault_exit", gpa=exc.gpa, flags=exc.flags, errno=exc.errno, rule=exc.rule)
 
 
-def _faultin(vm: ModelVm, fault: Fault) -> int:
-    """One attempt; returns the pages mapped, 0 to retry."""
+def _faultin(vm: ModelVm, fault: Fault, window: bool) -> int:
+    """One attempt; returns the pages mapped, 0 to retry, :data:`RACED` to retry because
+    another thread's operation ran in the fault's window and made it stale."""
     gfn = fault.gfn
     mmu = vm.mmu
     seq = mmu.invalidate_seq
@@ -149,6 +185,16 @@ def _faultin(vm: ModelVm, fault: Fault) -> int:
     fault.npages = npages
     if mmu.retry_gfn(seq, gfn) or vm.slots.gen != gen:
         return 0
+    # kvm_mmu_faultin_pfn is done; kvm_tdp_mmu_page_fault now takes mmu_lock.  Until then
+    # the kernel holds none of the locks the host lock stands for: other threads may run.
+    if window and mmu_lock_window(vm.kvm):
+        vm.host.check_alive()
+        if vm.destroyed:
+            raise KvmError(errno.EBADF, "", "the VM was destroyed")
+        if vm.dead:
+            raise KvmError(errno.EIO, "CAP-9", f"VM is dead: {vm.dead_reason}")
+        if mmu.retry_gfn(seq, gfn) or vm.slots.gen != gen or mmu.sptes.overlaps(gfn, gfn + npages):
+            return RACED
     allowed_level, map_writable = fault.max_level, fault.map_writable
     vm.hooks.fault(vm.view, fault)
     if mmu.retry_gfn(seq, gfn) or vm.slots.gen != gen:  # is_page_fault_stale

@@ -9,7 +9,9 @@ tracked as ranges.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+import struct
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from guestmem import uapi
@@ -69,6 +71,11 @@ class HostMemory:
         """The runs of ``[start, end)`` that are not allocated."""
         return self._allocated.gaps(start, end)
 
+    def allocated_runs(self) -> Iterator[tuple[int, int]]:
+        """Every allocated pfn run ``[s, e)``, ascending."""
+        for s, e, _ in self._allocated.items():
+            yield s, e
+
     def is_allocated(self, pfn: int) -> bool:
         """True iff *pfn* is currently allocated."""
         return self._allocated.get(pfn) is not None
@@ -97,6 +104,28 @@ class HostMemory:
         else:
             held = (page for key, page in pages.items() if pfn <= key < pfn + npages)
         return not any(page is not None and any(page[1]) for page in held)
+
+    def digest(self, pfn: int, npages: int) -> str:
+        """A hash of the bytes of ``[pfn, pfn + npages)``: equal for equal bytes, whatever the
+        pfns.  Costs what the pages holding bytes cost, never the run's length: each page's
+        window is hashed without its zero edges, with where it lies in the run."""
+        found = hashlib.blake2b(npages.to_bytes(8, "little"), digest_size=16)
+        pages = self._pages
+        if npages <= len(pages):
+            keys: Iterable[int] = (key for key in range(pfn, pfn + npages) if key in pages)
+        else:
+            keys = sorted(key for key in pages if pfn <= key < pfn + npages)
+        for key in keys:
+            start, held = pages[key]
+            data = bytes(held)
+            body = data.lstrip(b"\0")
+            if not body:
+                continue
+            first = start + len(data) - len(body)
+            body = body.rstrip(b"\0")
+            found.update(struct.pack("<QQQ", key - pfn, first, len(body)))
+            found.update(body)
+        return found.hexdigest()
 
     def read(self, pfn: int, offset: int, n: int) -> bytes:
         """Bytes ``[offset, offset+n)`` of page *pfn* (must not cross the page)."""
@@ -175,6 +204,10 @@ class AddressSpace:
     def remove(self, vma: Vma) -> None:
         """munmap *vma*."""
         self._vmas.erase(vma.address, vma.address + vma.length)
+
+    def vmas(self) -> list[Vma]:
+        """Every VMA, by address."""
+        return [vma for _, _, vma in self._vmas.items()]
 
     def find(self, address: int) -> Vma | None:
         """The VMA containing *address*, or None."""

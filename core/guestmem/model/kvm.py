@@ -6,9 +6,9 @@ import errno
 import heapq
 import itertools
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 from guestmem import api, cabi, uapi
 from guestmem.backend import HostView, OwnershipEvent, TraceEvent, VmView
@@ -17,13 +17,14 @@ from guestmem.hooks import ObserverFailure
 from guestmem.model.events import Counters, make_event, next_seq
 from guestmem.model.host import AddressSpace, HostMemory
 from guestmem.model.mapping import AnonVma, ModelHostMapping
-from guestmem.model.operation import uapi_call
+from guestmem.model.operation import Operation, uapi_call
 from guestmem.model.profile import KernelProfile, get_profile
 from guestmem.recording import Recorder
 
 if TYPE_CHECKING:
     from guestmem.model.vm import ModelVm
     from guestmem.registry import Backend, Registry
+    from guestmem.snapshot import HostSnapshot
 
 
 def _structlog_configured() -> bool:
@@ -65,7 +66,14 @@ class ModelKvm(api.Kvm):
         self._recorder: Recorder | None = None
         #: Host-level cost counters (direct-map changes...).
         self.counters = Counters()
-        #: Depth of the uAPI operations under way, and what observers raised meanwhile.
+        #: The host lock: every operation holds it (:mod:`guestmem.model.operation`).
+        self.lock = threading.RLock()
+        #: One entry per thread waiting for :attr:`lock`, and how many times a waiting
+        #: thread got it.
+        self.lock_waiters: list[None] = []
+        self.lock_handoffs = 0
+        #: Depth of the uAPI operations under way (of the thread holding :attr:`lock`), and
+        #: what observers raised meanwhile.
         self.op_depth = 0
         self.observer_failures: list[ObserverFailure] = []
         #: Releases deferred to the end of the outermost operation (:meth:`fput`).
@@ -153,6 +161,14 @@ class ModelKvm(api.Kvm):
         self.mm.insert(vma)
         return ModelHostMapping(vma)
 
+    def snapshot(self) -> HostSnapshot:
+        """The host's state as values (:class:`guestmem.snapshot.HostSnapshot`): every VM,
+        mapping, descriptor and allocation, and the backend's host-wide tables."""
+        from guestmem.model.snapshot import host_snapshot
+
+        with self.operation():
+            return host_snapshot(self)
+
     # --- capabilities (2.A) -----------------------------------------------------------------
     def attributes_built(self, vm: ModelVm | None) -> bool:
         """CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES for this kernel and architecture (A-1)."""
@@ -234,6 +250,10 @@ class ModelKvm(api.Kvm):
         if left:
             self._fd_owners[id(obj)] = left
 
+    def fd_table(self) -> dict[int, object]:
+        """The open files by descriptor number (a copy)."""
+        return dict(self._fds)
+
     def fd_lookup(self, fd: int) -> object | None:
         """``fget``: the open file behind *fd* (0-2 are the process's stdio), or None."""
         if fd in (0, 1, 2):
@@ -282,13 +302,15 @@ class ModelKvm(api.Kvm):
                 total[name] = total.get(name, 0) + value
         return total
 
-    def call_started(self) -> tuple[int, dict[str, int]]:
-        """What a recorded call needs from its start: the next seq and the counters."""
-        return next_seq(), self.counter_totals()
+    def call_started(self) -> tuple[int, list[tuple[dict[str, int], dict[str, int]]]]:
+        """What a recorded call needs from its start: the next seq and a copy of every
+        counter table (the host's and each VM's)."""
+        tables: list[dict[str, int]] = [self.counters, *(vm.counters for vm in self.all_vms)]
+        return next_seq(), [(table, dict(table)) for table in tables]
 
     def call_finished(
         self,
-        started: tuple[int, dict[str, int]],
+        started: tuple[int, list[tuple[dict[str, int], dict[str, int]]]],
         owner: object,
         method: Any,
         args: tuple[Any, ...],
@@ -296,14 +318,27 @@ class ModelKvm(api.Kvm):
         result: Any,
         error: BaseException | None,
     ) -> None:
-        """Emit the ``uapi`` event of a call of the uAPI face (``uapi_call``)."""
+        """Emit the ``uapi`` event of a call of the uAPI face (``uapi_call``), with the
+        counters it moved, summed by name over the host and its VMs."""
         if self._recorder is None:
             self._recorder = Recorder()
             self._recorder.handle(self)
-        first, before = started
+        first, tables = started
         fields = self._recorder.fields(owner, method, args, kwargs, first, result=result, error=error)
-        after = self.counter_totals()
-        delta = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+        delta: dict[str, int] = {}
+        for table, before in tables:
+            if table != before:  # most calls move one table, or none
+                for k, v in table.items():
+                    moved = v - before.get(k, 0)
+                    if moved:
+                        delta[k] = delta.get(k, 0) + moved
+        if len(tables) != len(self.all_vms) + 1:  # VMs the call created: all they counted
+            seen = {id(table) for table, _ in tables}
+            for vm in self.all_vms:
+                if id(vm.counters) not in seen:
+                    for k, v in vm.counters.items():
+                        delta[k] = delta.get(k, 0) + v
+        delta = {k: v for k, v in delta.items() if v}
         if delta:
             fields["counters"] = delta
         self.trace(_vm_of(owner), "uapi", fields)
@@ -369,16 +404,9 @@ class ModelKvm(api.Kvm):
             raise failed
         return ran
 
-    @contextmanager
-    def operation(self) -> Iterator[None]:
+    def operation(self) -> Operation:
         """One operation (see :mod:`guestmem.model.operation`), for the views' entry points."""
-        self.op_depth += 1
-        try:
-            yield
-        finally:
-            self.op_depth -= 1
-            if not self.op_depth:
-                self.operation_done("operation")
+        return Operation(self)
 
     def operation_done(self, operation: str) -> None:
         """The outermost operation ended: the deferred releases (:meth:`fput`),
@@ -432,14 +460,10 @@ class ModelKvm(api.Kvm):
 
 def _vm_of(obj: object) -> ModelVm | None:
     """The VM a uAPI object belongs to (a mapping or ``/dev/kvm`` belongs to none)."""
-    from guestmem.model.files import ModelGuestMemfd
-    from guestmem.model.vcpu import ModelVcpu
-    from guestmem.model.vm import ModelVm
-
-    if isinstance(obj, ModelVm):
-        return obj
-    if isinstance(obj, ModelVcpu):
-        return obj.vm
-    if isinstance(obj, ModelGuestMemfd):
-        return obj.file.vm
-    return None
+    vm = getattr(obj, "vm", None)  # a vCPU's; a VM is its own (below)
+    if vm is None:
+        file = getattr(obj, "file", None)  # a guest_memfd's
+        vm = getattr(file, "vm", None)
+    if vm is None and hasattr(obj, "vm_id"):
+        vm = obj
+    return cast("ModelVm | None", vm)

@@ -85,6 +85,12 @@ class AnonVma(Vma):
             self._chunks[chunk] = base
         return base + (hpage & (_THP_PAGES - 1))
 
+    def chunks(self) -> list[tuple[int, int]]:
+        """``(first page of the mapping, first pfn)`` of every 2 MiB chunk it holds, by
+        address (a chunk may begin before the mapping: huge pages are aligned by address)."""
+        first = self.address >> PAGE_SHIFT
+        return sorted(((chunk << uapi.PMD_ORDER) - first, base) for chunk, base in self._chunks.items())
+
     def madv_remove(self, offset: int, length: int) -> None:
         """The shmem file of ``MAP_SHARED|MAP_ANONYMOUS`` loses the pages: zeroes after; the
         cost follows the 2 MiB chunks the range touches and the mapping has, never the

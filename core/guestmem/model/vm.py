@@ -3,7 +3,8 @@
 The jobs behind the ioctls live next to their kernel counterparts: memslots in
 :mod:`~guestmem.model.memslots`, attributes in :mod:`~guestmem.model.attributes`, the
 stage-2 fault in :mod:`~guestmem.model.fault`, guest_memfd and populate in
-:mod:`~guestmem.model.gmem`.  Locking is implicit (see docs/model.md) but the kernel's
+:mod:`~guestmem.model.gmem`.  Every ioctl runs under the host lock, which stands for the
+kernel's slots_lock, invalidate lock and mmu_lock (docs/model.md, "Locking"); the kernel's
 order of checks, invalidations and retries is kept, so a hook that changes state in the
 middle of an operation sees what it would see in the kernel.
 """
@@ -11,6 +12,9 @@ middle of an operation sees what it would see in the kernel.
 from __future__ import annotations
 
 import errno
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from guestmem import api, cabi, uapi
@@ -30,6 +34,7 @@ if TYPE_CHECKING:
     from guestmem.model.kvm import ModelKvm
     from guestmem.model.memslots import Memslot
     from guestmem.model.vcpu import ModelVcpu
+    from guestmem.snapshot import VmSnapshot
 
 PAGE_SHIFT = uapi.PAGE_SHIFT
 PAGE_SIZE = uapi.PAGE_SIZE
@@ -49,6 +54,7 @@ class ModelVm(api.Vm):
         self.vm_type = type_info.type
         self.vm_id = vm_id
         self.counters = Counters()
+        self._slots_lock_owner: int | None = None  # the thread holding kvm->slots_lock
         self.refs = 1  # the VM fd
         self.fd_closed = False
         self.fd = kvm.fd_install(self)  # a VM fd passed as guest_memfd is not one (B-2)
@@ -260,7 +266,26 @@ class ModelVm(api.Vm):
         """``kvm_vm_ioctl_set_memory_region`` after the struct was read."""
         if mem.id >= uapi.KVM_USER_MEM_SLOTS:
             raise KvmError(errno.EINVAL, "S-3", f"slot id {mem.id} >= KVM_USER_MEM_SLOTS")
-        self.slots.set_region(mem)
+        with self.slots_lock("KVM_SET_USER_MEMORY_REGION2"):
+            self.slots.set_region(mem)
+
+    @contextmanager
+    def slots_lock(self, what: str) -> Iterator[None]:
+        """``kvm->slots_lock`` for *what*: a hook of this task calling back into a uAPI that
+        needs it while it is held would deadlock the kernel (3.7): EDEADLK, nothing changes.
+        Other threads are serialised by the host's lock (docs/model.md, Locking)."""
+        me = threading.get_ident()
+        if self._slots_lock_owner == me:
+            raise KvmError(
+                errno.EDEADLK,
+                "3.7",
+                f"{what} from inside an operation that holds kvm->slots_lock (the kernel would deadlock)",
+            )
+        owner, self._slots_lock_owner = self._slots_lock_owner, me
+        try:
+            yield
+        finally:
+            self._slots_lock_owner = owner
 
     @uapi_call
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
@@ -270,7 +295,8 @@ class ModelVm(api.Vm):
         self._ioctl()
         from guestmem.model.attributes import set_memory_attributes
 
-        set_memory_attributes(self, *attrs)
+        with self.slots_lock("KVM_SET_MEMORY_ATTRIBUTES"):
+            set_memory_attributes(self, *attrs)
 
     @uapi_call
     def create_vcpu(self, vcpu_id: int) -> ModelVcpu:
@@ -322,6 +348,15 @@ class ModelVm(api.Vm):
             raise KvmError(errno.ENOTTY, "", "KVM_MEMORY_ENCRYPT_OP is not supported on this VM")
         return result
 
+    def snapshot(self) -> VmSnapshot:
+        """The VM's state as values (:class:`guestmem.snapshot.VmSnapshot`): memslots,
+        attributes, leaves, vCPUs, its guest_memfd inodes, the backend's tables for it.
+        Readable whatever state the VM is in (closed, dead: it reads, it changes nothing)."""
+        from guestmem.model.snapshot import vm_snapshot
+
+        with self.kvm.operation():
+            return vm_snapshot(self)
+
     # --- services of the core -------------------------------------------------------------------
     def fault_range(
         self, gfn: int, npages: int, *, private: bool, write: bool = False, vcpu: ModelVcpu | None = None
@@ -330,13 +365,19 @@ class ModelVm(api.Vm):
 
         The accesses of a vCPU run inside its ``KVM_RUN``: a closed vCPU fd is EBADF, a dead
         VM EIO (:meth:`ModelVcpu.check_run`).  A destroyed VM has no fd left to reach it
-        (EBADF).
+        (EBADF).  After a vCPU's faults the vCPU enters the guest again, running the
+        releases deferred meanwhile first (``task_work``, as :meth:`ModelVcpu.access` does):
+        a file closed by another thread during the faults is released then, and what it
+        zapped is no longer mapped when the caller looks.
         """
         if self.destroyed:
             raise KvmError(errno.EBADF, "", "the VM was destroyed")
         if vcpu is not None:
             vcpu.check_run()
-        return fault.fault_range(self, gfn, npages, private=private, write=write, vcpu=vcpu)
+        mapped = fault.fault_range(self, gfn, npages, private=private, write=write, vcpu=vcpu)
+        if vcpu is not None and self.kvm.task_work:
+            self.kvm.run_task_work(guest_entry=True)
+        return mapped
 
     def gmem_populate(self, gfn: int, src: bytes | None, npages: int, opaque: Any = None) -> int:
         """``kvm_gmem_populate`` (P-1..P-5); returns the number of pages populated."""

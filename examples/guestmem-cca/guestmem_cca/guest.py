@@ -36,7 +36,9 @@ class RealmGuest:
 
     def returned(self) -> tuple[int, int, int]:
         """x0..x2 of the last RSI call (status, top reached, host response)."""
-        return kvm_realm(view(self.vcpu).vm).recs[self.vcpu.vcpu_id].ret
+        vm = view(self.vcpu).vm
+        with vm.host.operation():
+            return kvm_realm(vm).recs[self.vcpu.vcpu_id].ret
 
 
 def enable_rme(vm: Any, command: int, *args: int) -> int:

@@ -78,6 +78,14 @@ def _realm(vm: VmView) -> KvmRealm | None:
 class CcaPolicy:
     """The hook implementations of the ``cca`` backend."""
 
+    @hookimpl
+    def guestmem_snapshot(self, host: HostView, vm: VmView | None) -> Any:
+        """The RMM's granules, or a realm's RTTs, RIPAS and mappings
+        (:mod:`guestmem_cca.snapshot`)."""
+        from guestmem_cca import snapshot
+
+        return snapshot.host_state(host) if vm is None else snapshot.vm_state(vm)
+
     # --- host and VM lifetime ----------------------------------------------------------------
     @hookimpl
     def guestmem_host_init(self, host: HostView) -> RealmHost:
@@ -315,6 +323,11 @@ def populate(vm: Any, base: int, data: bytes, *, measure: bool = True) -> int:
     from the memslot's ``userspace_addr``; the model takes the bytes.  Returns the pages
     populated.  *base* is the ``__u64`` of ``struct arm_rme_populate_realm``, *data*
     bytes-like (a TypeError naming either); a VM ioctl: EBADF once the VM fd is closed."""
+    with view(vm).host.operation():  # one ioctl: a vCPU of another thread cannot start the realm meanwhile
+        return _populate(vm, base, data, measure=measure)
+
+
+def _populate(vm: Any, base: int, data: bytes, *, measure: bool) -> int:
     base, data = cabi.u64(base, "base"), cabi.buffer(data, "data")
     realm = kvm_realm(vm)
     view(vm).check_ioctl()

@@ -85,7 +85,8 @@ class GunyahFace:
     @property
     def bindings(self) -> list[Binding]:
         """The VM's bindings, by guest address."""
-        return [b for _, _, b in self.state.bindings.items()]
+        with self.state.view.host.operation():
+            return [b for _, _, b in self.state.bindings.items()]
 
     # --- VM fd ioctls --------------------------------------------------------------------------
     def set_dtb_config(self, guest_phys_addr: int, size: int) -> None:
@@ -112,6 +113,10 @@ class GunyahFace:
         (EEXIST), and the binding becomes a memslot of the uAPI face.  The numbers are the
         fields of ``struct gunyah_map_mem_args`` (``__u64 guest_addr, offset, size``,
         ``__u32 flags``); *guest_mem* is a file (TypeError for anything else)."""
+        with view(self.vm).host.operation():
+            self._map_mem(guest_mem, guest_addr, offset, size, flags)
+
+    def _map_mem(self, guest_mem: GuestMemfd, guest_addr: int, offset: int, size: int, flags: int) -> None:
         cabi.fd(guest_mem, "guest_mem")
         guest_addr, offset = cabi.u64(guest_addr, "guest_addr"), cabi.u64(offset, "offset")
         size, flags = cabi.u64(size, "size"), cabi.u32(flags, "flags")

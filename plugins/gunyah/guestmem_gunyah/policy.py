@@ -108,6 +108,14 @@ def gunyah_state(vm: Any) -> GunyahVm:
 class GunyahPolicy:
     """The arch policy hooks of the ``gunyah`` backend; each host has its own machine."""
 
+    @hookimpl
+    def guestmem_snapshot(self, host: HostView, vm: VmView | None) -> Any:
+        """The memdb and memparcels of the host, or a VM's driver state and address space
+        (:mod:`guestmem_gunyah.snapshot`)."""
+        from guestmem_gunyah import snapshot
+
+        return snapshot.host_state(host) if vm is None else snapshot.vm_state(vm)
+
     # --- host and VM lifetime ----------------------------------------------------------------
     @hookimpl
     def guestmem_host_init(self, host: HostView) -> GunyahHost:

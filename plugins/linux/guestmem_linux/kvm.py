@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import threading
 from typing import Any
 
 from guestmem import api, cabi, uapi
@@ -284,6 +285,10 @@ class LinuxVcpu(_FdOwner, api.Vcpu):
                 "",
                 f"gpa range [{gpa:#x}, {gpa + length:#x}) not below the runner slot at {guest.RUNNER_GPA:#x}",
             )
+        with self._vm.runner_lock:  # one bounce buffer per VM: its vCPUs' threads take turns
+            return self._access(gpa, length, write, data)
+
+    def _access(self, gpa: int, length: int, write: bool, data: bytes | None) -> bytes | None:
         bounce = self._vm.runner_buffer()
         fd = self._fileno()
         if self._sregs is None:
@@ -336,6 +341,9 @@ class LinuxVm(_FdOwner, api.Vm):
         self._run_size = run_size
         self._vcpus: list[LinuxVcpu] = []
         self._runner_memory: int | None = None
+        #: Held by a vCPU's guest access from installing the runner to reading its bounce
+        #: buffer: the kernel runs vCPUs of several threads at once, the runner has one buffer.
+        self.runner_lock = threading.Lock()
 
     def _release(self) -> None:
         for vcpu in self._vcpus:

@@ -287,3 +287,12 @@ def test_a_mapping_is_as_long_as_what_the_kernel_mapped(backend: str) -> None:
             with pytest.raises(KvmError) as info:
                 access()
             assert errno_of(info) == errno.EFAULT
+
+
+def test_snapshot_is_not_implemented_on_the_real_kernel(kvm: LinuxKvm, vm: LinuxVm) -> None:
+    """Userspace cannot read the kernel's memslots, attributes, stage-2 or hardware tables:
+    ``kvm.snapshot()`` and ``vm.snapshot()`` say so (NotImplementedError), they never guess."""
+    with pytest.raises(NotImplementedError, match="not readable from userspace"):
+        kvm.snapshot()
+    with pytest.raises(NotImplementedError, match="not readable from userspace"):
+        vm.snapshot()

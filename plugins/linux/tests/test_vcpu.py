@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import threading
 
 import pytest
 
@@ -163,3 +164,28 @@ def test_memory_fault_exit_is_reported_as_memory_fault(vm: LinuxVm, monkeypatch:
         vcpu._kvm_run()
     assert (info.value.errno, info.value.gpa, info.value.size) == (errno.EFAULT, 0x5000, PAGE)
     assert info.value.is_private and info.value.rule == "G-3"
+
+
+def test_vcpus_of_several_threads_read_what_they_stored(kvm: LinuxKvm, vm: LinuxVm) -> None:
+    """The kernel runs vCPUs of several threads at once; the runner's one bounce buffer per
+    VM is taken in turns, so no thread reads another's bytes."""
+    with kvm.mmap_anonymous(4 * PAGE) as ram:
+        vm.set_user_memory_region(0, 0, 0x10_0000, 4 * PAGE, ram.address)
+        vcpus = [vm.create_vcpu(i) for i in range(4)]
+        wrong: list[tuple[int, bytes]] = []
+
+        def run(i: int) -> None:
+            gpa = 0x10_0000 + i * PAGE
+            for n in range(200):
+                data = f"vcpu {i} store {n}".encode()
+                vcpus[i].access(gpa, data=data)
+                back = vcpus[i].access(gpa, len(data))
+                if back != data:
+                    wrong.append((i, back))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not wrong, wrong[:3]

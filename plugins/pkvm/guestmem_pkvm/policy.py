@@ -218,12 +218,16 @@ def set_pvmfw(vm: Any, ipa: int, image: bytes) -> None:
     """
     ipa, image = cabi.u64(ipa, "ipa"), cabi.buffer(image, "image")
     state = pkvm_state(vm)
-    view(vm).check_ioctl()
-    if state.hvm is not None:
-        raise KvmError(
-            errno.EBUSY, "pKVM-3.4", "the VM ran: its firmware address is fixed (pkvm_vm_ioctl_set_fw_ipa)"
-        )
-    state.pvmfw = Pvmfw.checked(state.protected, ipa, image)
+    vm_view = view(vm)
+    with vm_view.host.operation():  # one ioctl: no other thread's first run comes in between
+        vm_view.check_ioctl()
+        if state.hvm is not None:
+            raise KvmError(
+                errno.EBUSY,
+                "pKVM-3.4",
+                "the VM ran: its firmware address is fixed (pkvm_vm_ioctl_set_fw_ipa)",
+            )
+        state.pvmfw = Pvmfw.checked(state.protected, ipa, image)
 
 
 def enable_exit_hypercall(vm: Vm, mask: int) -> None:
@@ -239,6 +243,14 @@ def enable_exit_hypercall(vm: Vm, mask: int) -> None:
 
 class PkvmPolicy:
     """The arch policy hooks of the ``pkvm`` backend; each host has its own hypervisor."""
+
+    @hookimpl
+    def guestmem_snapshot(self, host: HostView, vm: VmView | None) -> Any:
+        """The hypervisor's host and hyp tables, or a VM's settings and guest stage-2
+        ownership (:mod:`guestmem_pkvm.snapshot`)."""
+        from guestmem_pkvm import snapshot
+
+        return snapshot.host_state(host) if vm is None else snapshot.vm_state(vm)
 
     # --- host and VM lifetime ----------------------------------------------------------------
     @hookimpl

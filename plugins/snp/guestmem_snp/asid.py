@@ -107,6 +107,10 @@ class AsidAllocator:
         """Allocated and not freed."""
         return asid in self._used and asid not in self._reclaim
 
+    def bitmaps(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``sev_asid_bitmap`` and ``sev_reclaim_asid_bitmap``, as sorted ASIDs."""
+        return tuple(sorted(self._used)), tuple(sorted(self._reclaim))
+
     def awaiting_flush(self, asid: int) -> bool:
         """Freed but not yet recycled (not reusable)."""
         return asid in self._reclaim

@@ -92,6 +92,10 @@ class SnpGuest:
         vCPU runs on and None is returned.  The checks of ``KVM_RUN`` come first (EBADF for
         a closed vCPU fd, EIO for a dead VM).
         """
+        with self.vm.host.operation():
+            return self._resume(ret)
+
+    def _resume(self, ret: int = 0) -> int | None:
         ret = cabi.u64(ret, "ret")
         state = self.sev.vcpus.get(self.cpu.vcpu_id)
         if state is not None:
@@ -102,18 +106,30 @@ class SnpGuest:
     # --- page-state change requests --------------------------------------------------------------
     def page_state_change(self, buffer: PscBuffer | Iterable[PscEntry]) -> int:
         """VMGEXIT ``SVM_VMGEXIT_PSC`` with *buffer* in the GHCB; returns ``sw_exit_info_2``."""
+        with self.vm.host.operation():
+            return self._page_state_change(buffer)
+
+    def _page_state_change(self, buffer: PscBuffer | Iterable[PscEntry]) -> int:
         self._run()
         self.state.psc = buffer if isinstance(buffer, PscBuffer) else PscBuffer(list(buffer))
         return int(self.vcpu.hypercall(SVM_VMGEXIT_PSC))
 
     def psc_msr(self, gfn: int, op: int) -> int:
         """GHCB MSR protocol page-state change of one 4 KiB page; returns the GHCB MSR value."""
+        with self.vm.host.operation():
+            return self._psc_msr(gfn, op)
+
+    def _psc_msr(self, gfn: int, op: int) -> int:
         gfn, op = cabi.index(gfn, "gfn"), cabi.index(op, "op")
         self._run()
         return int(self.vcpu.hypercall(SVM_EXIT_VMGEXIT, ghcb_msr_psc_req(gfn, op)))
 
     def map_gpa_range(self, gpa: int, npages: int, attrs: int) -> int:
         """``vmmcall`` ``KVM_HC_MAP_GPA_RANGE``; returns the hypercall's result."""
+        with self.vm.host.operation():
+            return self._map_gpa_range(gpa, npages, attrs)
+
+    def _map_gpa_range(self, gpa: int, npages: int, attrs: int) -> int:
         self._run()
         return int(self.vcpu.hypercall(KVM_HC_MAP_GPA_RANGE, gpa, npages, attrs))
 
@@ -194,6 +210,10 @@ class SnpGuest:
         succeeds, or is fresh memory whose first use prepares it so; a run of 2M RMP
         entries under 4K PVALIDATEs takes its #NPFs, PSMASHes and zaps as one.
         """
+        with self.vm.host.operation():
+            return self._pvalidate_range(gpa, size, page_size, validate, fallback=fallback)
+
+    def _pvalidate_range(self, gpa: int, size: int, page_size: int, validate: bool, *, fallback: bool) -> int:
         gpa, size = cabi.u64(gpa, "gpa"), cabi.index(size, "size")
         page_size = cabi.index(page_size, "page_size")
         self._run()
@@ -400,6 +420,10 @@ class SnpGuest:
         """A guest load; a private one of an unvalidated page raises :class:`UnvalidatedAccess`.
         *gpa* and *length* are checked as :meth:`guestmem.api.Vcpu.access` checks them (a
         negative gpa is EINVAL, before the RMP check's page walk)."""
+        with self.vm.host.operation():
+            return self._read(gpa, length, private=private)
+
+    def _read(self, gpa: int, length: int, *, private: bool = True) -> bytes:
         gpa, length = cabi.index(gpa, "gpa"), cabi.index(length, "length")
         if private:
             self._check_validated(gpa, length)
@@ -409,6 +433,10 @@ class SnpGuest:
 
     def write(self, gpa: int, data: bytes, *, private: bool = True) -> None:
         """A guest store of bytes-like *data* (C-bit set for *private*)."""
+        with self.vm.host.operation():
+            self._write(gpa, data, private=private)
+
+    def _write(self, gpa: int, data: bytes, *, private: bool = True) -> None:
         gpa, data = cabi.index(gpa, "gpa"), cabi.buffer(data, "data")
         if private:
             self._check_validated(gpa, len(data))

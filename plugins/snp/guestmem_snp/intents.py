@@ -119,9 +119,10 @@ class SnpIntents(X86Intents):
             return super().populate(guest, gpa, data, measure)
         padded = data + bytes(-len(data) % PAGE_SIZE)
         page_type = KVM_SEV_SNP_PAGE_TYPE_UNMEASURED if measure is False else KVM_SEV_SNP_PAGE_TYPE_NORMAL
-        self.sev(guest).launch_update_data(gpa, padded, page_type)
         gfn = gpa >> PAGE_SHIFT
-        self.validated(guest).set(gfn, gfn + len(padded) // PAGE_SIZE, True)  # LAUNCH_UPDATE validates
+        with view(guest.vm).host.operation():
+            self.sev(guest).launch_update_data(gpa, padded, page_type)
+            self.validated(guest).set(gfn, gfn + len(padded) // PAGE_SIZE, True)  # LAUNCH_UPDATE validates
         kind = "unmeasured" if measure is False else "measured"
         return f"LAUNCH_UPDATE of {len(padded) // PAGE_SIZE} page(s), {kind}"
 
@@ -171,7 +172,13 @@ class SnpIntents(X86Intents):
         return requests
 
     def _pvalidate(self, guest: GuestVm, gpa: int, size: int, page_size: int, validate: bool) -> int:
-        """PVALIDATE ``[gpa, gpa + size)``; rescinding touches only validated pages."""
+        """PVALIDATE ``[gpa, gpa + size)``; rescinding touches only validated pages.  The
+        instructions and the guest's bookkeeping of what it validated are one operation of
+        the host: the guest kernel keeps it under its own lock, and its vCPUs may be threads."""
+        with view(guest.vm).host.operation():
+            return self._pvalidate_runs(guest, gpa, size, page_size, validate)
+
+    def _pvalidate_runs(self, guest: GuestVm, gpa: int, size: int, page_size: int, validate: bool) -> int:
         cpu = self.cpu(guest, guest.vcpu())
         level = uapi.PG_LEVEL_2M if page_size == HUGE else uapi.PG_LEVEL_4K
         done = self.validated(guest)
@@ -234,7 +241,9 @@ class SnpIntents(X86Intents):
         """The guest's C-bit: what it converted the page to (the attribute it asked for)."""
         if private is not None or not self._snp(guest):
             return private
-        return bool(view(guest.vm).is_private(gpa >> PAGE_SHIFT))
+        vm = view(guest.vm)
+        with vm.host.operation():
+            return bool(vm.is_private(gpa >> PAGE_SHIFT))
 
     def read(self, guest: GuestVm, gpa: int, length: int, *, private: bool | None) -> bytes:
         """A guest load; a private one checks the page is validated (#VC otherwise)."""

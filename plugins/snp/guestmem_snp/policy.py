@@ -14,6 +14,7 @@ from typing import Any
 from guestmem import uapi
 from guestmem.backend import Fault, GmemView, HostFault, HostView, VcpuView, VmView, hookimpl
 from guestmem.errors import HypercallExit, KvmError
+from guestmem_snp import snapshot
 from guestmem_snp.ghcb import (
     GHCB_MSR_INFO_MASK,
     GHCB_MSR_PSC_REQ,
@@ -38,6 +39,12 @@ def _sev(vm: VmView) -> SevVm | None:
 
 class SnpPolicy:
     """Hook implementations for SEV, SEV-ES and SNP VMs on an SEV-SNP host."""
+
+    @hookimpl
+    def guestmem_snapshot(self, host: HostView, vm: VmView | None) -> Any:
+        """The RMP and ASIDs of the host, or a VM's SEV state and RMP entries
+        (:mod:`guestmem_snp.snapshot`)."""
+        return snapshot.host_state(host) if vm is None else snapshot.vm_state(vm)
 
     # --- host and VM lifetime ------------------------------------------------------------------
     @hookimpl

@@ -899,7 +899,8 @@ class Sev:
         page *pfn* are :class:`HostWriteOutsidePage` (a ValueError), before anything is
         touched.
         """
-        self.state.host_kernel_write(pfn, data, offset)
+        with self.state.vm.host.operation():
+            self.state.host_kernel_write(pfn, data, offset)
 
     # what the commands left
     @property
@@ -944,4 +945,5 @@ class Sev:
 
     def rmp_entry(self, pfn: int) -> RmpEntry:
         """The RMP entry of *pfn*."""
-        return self.state.rmp_entry(pfn)
+        with self.state.vm.host.operation():
+            return self.state.rmp_entry(pfn)

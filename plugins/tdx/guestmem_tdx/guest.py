@@ -102,6 +102,10 @@ class TdxGuest:
         None is returned.  The checks of ``KVM_RUN`` come first (EBADF for a closed vCPU fd,
         EIO for a dead VM).
         """
+        with self.vm.host.operation():
+            return self._resume(ret)
+
+    def _resume(self, ret: int = 0) -> int | None:
         ret = cabi.u64(ret, "ret")
         state = self.cpu.arch
         if isinstance(state, TdxVcpu):
@@ -123,6 +127,10 @@ class TdxGuest:
         ACCEPT ends in ``TDX_PAGE_SIZE_MISMATCH`` and a 1 GiB one is ``TDX_OPERAND_INVALID``.
         *gpa* is RCX (a 64-bit register).
         """
+        with self.vm.host.operation():
+            return self._accept(gpa, level)
+
+    def _accept(self, gpa: int, level: int = uapi.PG_LEVEL_4K) -> int:
         gpa, level = cabi.u64(gpa, "gpa"), cabi.index(level, "level")
         self._run()
         return self._accept_one(gpa, level)
@@ -153,6 +161,10 @@ class TdxGuest:
     def accept_range(self, gpa: int, size: int, level: int = uapi.PG_LEVEL_4K) -> int:
         """ACCEPT every *level* page of ``[gpa, gpa + size)`` in order; the status of the
         first that does not succeed (those before it took effect), 0 if all did."""
+        with self.vm.host.operation():
+            return self._accept_range(gpa, size, level)
+
+    def _accept_range(self, gpa: int, size: int, level: int = uapi.PG_LEVEL_4K) -> int:
         gpa, size = cabi.u64(gpa, "gpa"), cabi.index(size, "size")
         level = cabi.index(level, "level")
         span = PAGE_SIZE << (9 * _LEVELS.get(level, 0))
@@ -200,6 +212,10 @@ class TdxGuest:
         """Linux's ``tdx_accept_memory(start, end)``: at each position try a 1 GiB, then a
         2 MiB, then a 4 KiB ACCEPT; False when even 4 KiB fails (the guest panics).
         Batched by runs; :meth:`accept_memory_stepwise` is the same one page at a time."""
+        with self.vm.host.operation():
+            return self._accept_memory(start, end)
+
+    def _accept_memory(self, start: int, end: int) -> bool:
         start, end = cabi.index(start, "start"), cabi.index(end, "end")
         self._run()
         if start % PAGE_SIZE or end % PAGE_SIZE:
@@ -308,6 +324,10 @@ class TdxGuest:
     def accept_memory_stepwise(self, start: int, end: int) -> bool:
         """Linux's ``tdx_accept_memory`` instruction by instruction (the reference for
         :meth:`accept_memory`)."""
+        with self.vm.host.operation():
+            return self._accept_memory_stepwise(start, end)
+
+    def _accept_memory_stepwise(self, start: int, end: int) -> bool:
         start, end = cabi.index(start, "start"), cabi.index(end, "end")
         self._run()
 
@@ -332,6 +352,10 @@ class TdxGuest:
     # --- TDG.VP.VMCALL ----------------------------------------------------------------------------
     def tdvmcall(self, leaf: int, *args: int) -> int:
         """TDG.VP.VMCALL with R10 = 0, R11 = *leaf*, R12... = *args*; returns R10."""
+        with self.vm.host.operation():
+            return self._tdvmcall(leaf, *args)
+
+    def _tdvmcall(self, leaf: int, *args: int) -> int:
         self._run()
         return int(self.vcpu.hypercall(abi.EXIT_REASON_TDCALL, leaf, *args))
 

@@ -156,6 +156,10 @@ class TdxIntents(X86Intents):
     def _first_unaccepted(self, guest: GuestVm, gfn: int, end: int) -> int | None:
         """The first gfn of ``[gfn, end)`` the TD reaches privately and has not accepted
         (its S-EPT leaf is not MAPPED), or None."""
+        with view(guest.vm).host.operation():
+            return self._unaccepted_run(guest, gfn, end)
+
+    def _unaccepted_run(self, guest: GuestVm, gfn: int, end: int) -> int | None:
         vm: VmView = view(guest.vm)
         td = as_tdx(guest.vm).td
         for s, e, attributes in vm.attribute_runs(gfn, end):

@@ -29,6 +29,14 @@ def _tdx(vm: VmView) -> KvmTdx | None:
 class TdxPolicy:
     """Hook implementations for the VMs of a TDX host."""
 
+    @hookimpl
+    def guestmem_snapshot(self, host: HostView, vm: VmView | None) -> Any:
+        """The PAMT and KeyIDs of the host, or a TD's state and Secure-EPT
+        (:mod:`guestmem_tdx.snapshot`)."""
+        from guestmem_tdx import snapshot
+
+        return snapshot.host_state(host) if vm is None else snapshot.vm_state(vm)
+
     # --- host and VM lifetime ------------------------------------------------------------------
     @hookimpl
     def guestmem_host_init(self, host: HostView) -> TdxHost:
