@@ -209,6 +209,24 @@ def test_no_crash_class_for_well_typed_input() -> None:
     assert sorted(typed) == []
 
 
+def test_an_arch_exit_of_the_machines_guest_ends_the_sequence() -> None:
+    """An arch call that leaves the machine's own guest inside an exit (a RIPAS change the
+    VMM never answers, which the next KVM_RUN completes all the same) ends the sequence:
+    the reference cannot follow what the completion changes.  The same exit on the
+    scratch vCPU, or a core exit of the machine's vCPU, does not."""
+
+    def exits(vcpu: Any, gpa: int) -> None:
+        raise MemoryFault(14, gpa, PAGE, 0, "", "the guest asks the VMM for something")
+
+    machine = machine_for("sw", hostile=True, hostile_ops={"guest.ask": ("vcpu", exits, ("gpa",))})
+    write = ("guest_write", {"page": 0, "offset": 0, "data": b"x"})
+    played = play(machine, steps=[_call("vcpu", "arch:guest.ask", PAGE), write])
+    assert (played.ended, played.steps[-1][0]) == ("desynced", "hostile_call")
+    for first in (_call("scratch_vcpu", "arch:guest.ask", PAGE), _call("vcpu", "access", 1 << 40, 8)):
+        played = play(machine, steps=[first, write])
+        assert (played.ended, len(played.steps)) == ("budget", 2), first
+
+
 def test_what_a_backend_says_it_still_holds_is_a_leak() -> None:
     """The ``leaks`` conformance option (guestmem-snp: ASIDs, guestmem-tdx: KeyIDs) is
     asked after the sequence, once everything is closed."""

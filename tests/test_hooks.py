@@ -476,6 +476,20 @@ def test_accesses_say_which_bytes_they_touch() -> None:
         assert policy.host[-1] == (False, 8, 3)
 
 
+@pytest.mark.parametrize("gpa", [-1, -PAGE, -(1 << 63)])
+def test_a_page_walk_at_a_negative_gpa_is_einval_as_an_access_there(gpa: int) -> None:
+    """``VcpuView.translate`` (PVALIDATE, ACCEPT, a backend's guest load) answers a negative
+    gpa as ``Vcpu.access`` does (``api.access_arguments``): EINVAL, before the guest runs."""
+    policy = ByteRanges()
+    with throwaway_backend("t-walk", x86_type(0), x86_type(1), policy=policy) as kvm:
+        _, _, _, vcpu = private_vm(kvm)
+        for walk in (lambda: view(vcpu).translate(gpa), lambda: vcpu.access(gpa, 8)):
+            with pytest.raises(KvmError) as info:
+                walk()
+            assert info.value.errno == errno.EINVAL
+        assert policy.guest == []
+
+
 # --- host faults ----------------------------------------------------------------------------------
 class HostFaults:
     def __init__(self, answer: HostFault | None) -> None:

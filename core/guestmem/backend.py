@@ -831,7 +831,8 @@ class VcpuView:
         """The host pfn the guest reaches at *gpa*, faulting it in as a guest access would.
 
         This is the guest's page walk for an instruction that names a gpa (PVALIDATE,
-        TDG.MEM.PAGE.ACCEPT): exits raise as from :meth:`guestmem.api.Vcpu.access`.
+        TDG.MEM.PAGE.ACCEPT): exits raise as from :meth:`guestmem.api.Vcpu.access`, and a
+        negative *gpa* is EINVAL as there.
         """
         with self._vcpu.vm.kvm.operation():
             return self._vcpu.translate(gpa, write=write, private=private)

@@ -100,7 +100,9 @@ def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[
       ``guestmem.conformance.hostile``); e.g. guestmem-snp's SEV commands and
       ``SnpGuest`` instructions;
     * ``hostile_outcomes``: exception types that are this backend's modelled hardware
-      verdicts (counted as such by a hostile run, never as crashes);
+      verdicts, or the documented usage errors of its model-only helpers (calls that are
+      no uAPI call and so have no errno); counted as such by a hostile run, never as
+      crashes;
     * ``leaks``: a callable ``leaks(kvm) -> list[str]`` naming what the host still holds
       (ASIDs, KeyIDs...) once every object is closed: the kit's machine fails its leak
       check on anything named.

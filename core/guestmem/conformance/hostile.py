@@ -18,7 +18,9 @@ give), a guest ``exit`` or host ``signal``, a modelled hardware ``verdict``
 crash raises :class:`Finding`; so does a failed call that changed the state
 (``half-applied``: the state after a failed call must equal the state before,
 :func:`state_of`).  A call on the machine's own objects that succeeded and changed the
-state ends the sequence (``desynced``): the machine's reference no longer describes it.
+state ends the sequence (``desynced``): the machine's reference no longer describes it; so
+does an arch call on them that ends in a guest exit (its completion at the next ``KVM_RUN``
+may change the state).
 
 Roles: ``kvm``, ``vm``, ``gmem``, ``vcpu`` are the machine's own objects (model backends
 only: the real kernel's state cannot be compared); ``scratch_*`` a second VM of the same
@@ -37,7 +39,8 @@ A backend offers its arch face through two keys of ``guestmem_conformance_option
   check leaves it out; e.g. guestmem-snp's
   ``"sev.init2": ("vm", lambda vm, *a: sev(vm).init2(*a), ("u64", "u32", "u32"))``;
 - ``hostile_outcomes``: exception types that are modelled hardware verdicts of the
-  backend (counted as ``verdict``, never as a crash).
+  backend, or documented usage errors of its model-only helpers (counted as ``verdict``,
+  never as a crash).
 """
 
 from __future__ import annotations
@@ -672,7 +675,12 @@ class Hostility:
         # A guest store through the machine's own vCPU may land in memory the state does
         # not hold (the anonymous shared side): the reference no longer describes it.
         stored = role == "vcpu" and kind == "ok" and ("data" in kw or "write" in name)
-        if own and (after != before or stored):
+        # An arch call that left the machine's guest inside an exit: the kernel completes it
+        # at the vCPU's next KVM_RUN whether the VMM answered or not (complete_userspace_io,
+        # kvm_complete_ripas_change), and what that changes (a RIPAS change to EMPTY
+        # destroys pages) the reference cannot follow.
+        pending = kind == "exit" and op.startswith("arch:")
+        if own and (after != before or stored or pending):
             self.desynced = True
 
     @property

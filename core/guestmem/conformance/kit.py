@@ -193,7 +193,8 @@ class GmemConformance:
     #: The backend's arch face for ``guestmem fuzz --hostile``: ``{name: (kind, call,
     #: params[, partial])}`` (:mod:`guestmem.conformance.hostile`).
     hostile_ops: ClassVar[dict[str, tuple[Any, ...]]] = {}
-    #: Exception types that are the backend's modelled hardware verdicts.
+    #: Exception types that are the backend's modelled hardware verdicts, or documented
+    #: usage errors of its model-only helpers (``hostile_outcomes``).
     hostile_outcomes: ClassVar[tuple[type[BaseException], ...]] = ()
     #: ``leaks(kvm)``: what the backend's host still holds (ASIDs, KeyIDs...) once every
     #: object is closed; the machine's leak check fails on anything it names.

@@ -147,7 +147,7 @@ class GmemMachine(RuleBasedStateMachine):
     hostile: ClassVar[bool] = False
     #: The backend's arch face for hostile calls (``hostile_ops`` of its options).
     hostile_ops: ClassVar[dict[str, tuple[Any, ...]]] = {}
-    #: The backend's modelled verdicts (``hostile_outcomes`` of its options).
+    #: The backend's modelled verdicts and helpers' usage errors (``hostile_outcomes``).
     hostile_outcomes: ClassVar[tuple[type[BaseException], ...]] = ()
     #: What the backend's host still holds once everything is closed (``leaks``).
     leaks: ClassVar[Callable[[Any], list[str]] | None] = None

@@ -83,10 +83,12 @@ class ModelVcpu(api.Vcpu):
         self._run()
 
     def translate(self, gpa: int, *, write: bool = False, private: bool | None = None) -> int:
-        """The host pfn the guest reaches at *gpa*, faulting it in like a real access."""
+        """The host pfn the guest reaches at *gpa*, faulting it in like a real access; a
+        negative *gpa* is EINVAL, as :func:`guestmem.api.access_arguments` answers an
+        access there (no instruction reaches it)."""
         gpa = cabi.index(gpa, "gpa")
         if gpa < 0:
-            raise ValueError(f"gpa {gpa:#x} is negative")
+            raise KvmError(errno.EINVAL, "", f"a guest page walk at gpa {gpa:#x}: no such address")
         self._run()
         return self._translate(gpa, write, private, 0)
 

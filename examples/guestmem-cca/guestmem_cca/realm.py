@@ -297,9 +297,19 @@ class KvmRealm:
             self.vm.trace("cca_ripas_change_failed", base=base, top=request.top, error=str(exc))
         if request.ripas is Ripas.EMPTY and top != base:
             self.unmap_private(base, top)
+            self.zap_private_leaves(base, top)
         rec.completed = (request.base, top, int(request.ripas))
         self._count("ripas_changes")
         self.vm.trace("cca_ripas_change", base=request.base, top=top, ripas=request.ripas.name)
+
+    def zap_private_leaves(self, start: int, end: int) -> None:
+        """The RTT is the realm's stage-2: what DATA_DESTROY took from ``[start, end)`` is no
+        longer mapped, so the core's private leaves there, which mirror it, go too (a
+        change to EMPTY the VMM never carried out leaves the attributes private; the
+        realm's next access there aborts, RIPAS EMPTY)."""
+        first, last = start >> GRANULE_SHIFT, end >> GRANULE_SHIFT
+        for leaf in [leaf for leaf in self.vm.leaves(first, last) if leaf.private]:
+            self.vm.zap_gfn_range(leaf.gfn, leaf.end_gfn)
 
     def request_ripas(self, vcpu_id: int, base: int, top: int, ripas: Ripas, change_destroyed: bool) -> None:
         """The REC exits with RMI_EXIT_RIPAS_CHANGE: the RMM keeps the request on the REC."""

@@ -279,6 +279,22 @@ def test_ripas_empty_destroys_what_the_vmm_did_not_punch(kvm: Any, realm: Realm)
     assert view(kvm).read(pfn, 0, 6) == bytes(6)
 
 
+def test_ripas_empty_the_vmm_never_answered_unmaps_the_private_leaves(kvm: Any, realm: Realm) -> None:
+    """A RIPAS change to EMPTY the VMM did not carry out (no conversion: the attributes stay
+    private) is completed at the next entry all the same (``kvm_complete_ripas_change``):
+    DATA_DESTROY takes the RTT entries, so the core's private leaves that mirror them go
+    too, and the realm's next private access there aborts (RIPAS EMPTY)."""
+    realm.vcpu.access(GPA + PAGE, data=b"secret", private=True)
+    guest = RealmGuest(realm.vcpu)
+    with pytest.raises(guestmem.MemoryFault):
+        guest.set_ipa_state(GPA, GPA + 4 * PAGE, Ripas.EMPTY)
+    assert realm.vcpu.access(GPA + 8 * PAGE, 1, private=True) == b"\0"  # KVM_RUN: completed
+    assert not [leaf for leaf in view(realm.vm).leaves((GPA >> 12), (GPA >> 12) + 4) if leaf.private]
+    assert kvm_realm(realm.vm).ripas((GPA >> 12) + 1) is Ripas.EMPTY
+    with pytest.raises(RealmAbort):
+        realm.vcpu.access(GPA + PAGE, 6, private=True)
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -42,6 +42,7 @@ HOSTILE_OPS: dict[str, tuple[Any, ...]] = {
         "vm",
         lambda vm, guest_addr, size: gunyah(vm).share_parcel(guest_addr, size),
         ("gpa", "size"),
+        True,  # gunyah_gmem_get_folio grabs the folios into the file; a refusal keeps them
     ),
     "reclaim_parcel": (
         "vm",

@@ -371,6 +371,15 @@ class GunyahVm:
         (the VM and the host, RWX) with at most 512 entries, the rest in ``MEM_APPEND``
         messages.  *sanitize* asks the RM to zero the pages at creation (the driver never
         does; a VMM building its own parcels may).
+
+        When the RM refuses, the folios grabbed stay in the file (``gunyah_gmem_get_folio``
+        is ``filemap_grab_folio``; the rollback only drops the driver's reference), and
+        the folios this call took out of the direct map come back to it; a folio lent
+        already (``PG_private``: demand paged to the guest, or held by another parcel)
+        stays out of it.  The Android driver's rollback restores every ``PG_private``
+        folio of the range, but only ``gunyah_vm_start`` shares a parcel there, before
+        demand paging lends anything; the model's face can reach the case (README, "Model
+        choices").
         """
         if nr == 0:
             raise KvmError(errno.EINVAL, BIND_RULE, "a parcel of no pages")
@@ -387,10 +396,12 @@ class GunyahVm:
                 errno.EPERM, HOST_RULE, f"a folio of gfns [{gfn:#x}, {gfn + nr:#x}) is host mapped"
             )
         pfns = [self._pfn(gmem, first + i) for i in range(nr)]
-        if lend:
-            for pfn in pfns:
-                self.host.host.set_direct_map_invalid(pfn, 1)
-            self.count("direct_map_invalid", nr)
+        # gunyah_folio_lend_safe: the folios not lent yet leave the direct map
+        taken = [pfn for pfn in pfns if self.host.host.direct_map_valid(pfn)] if lend else []
+        for pfn in taken:
+            self.host.host.set_direct_map_invalid(pfn, 1)
+        if taken:
+            self.count("direct_map_invalid", len(taken))
         perms = binding.flags & abi.GUNYAH_MEM_ALLOW_RWX  # GUNYAH_RM_ACL_R/W/X match these bits
         acl = [(self.vmid, _rights(perms))]
         if not lend:
@@ -399,10 +410,10 @@ class GunyahVm:
         try:
             parcel.handle = self.mem_share(acl, pfns, lend=lend, sanitize=sanitize)
         except RmCallError:
-            if lend:
-                for pfn in pfns:  # gunyah_folio_host_reclaim
-                    self.host.host.set_direct_map_default(pfn, 1)
-                self.count("direct_map_default", nr)
+            for pfn in taken:  # gunyah_folio_host_reclaim of what this call lent
+                self.host.host.set_direct_map_default(pfn, 1)
+            if taken:
+                self.count("direct_map_default", len(taken))
             raise
         self.parcels[parcel.handle] = parcel
         self.view.trace("gunyah_share_parcel", handle=parcel.handle, gfn=gfn, nr=nr, lend=lend)
@@ -430,8 +441,11 @@ class GunyahVm:
     def reclaim_parcel(self, handle: int, flags: int = 0) -> None:
         """``gunyah_gmem_reclaim_parcel``: ``MEM_RECLAIM``; on success the lent folios return to
         the direct map.  A refusal keeps the pages ("we don't know what state the memory is
-        in")."""
-        parcel = self.parcels[handle]
+        in").  The kernel function takes the parcel itself; a *handle* that names no parcel
+        this driver holds is ENOENT (an errno the model chooses, README)."""
+        parcel = self.parcels.get(handle)
+        if parcel is None:
+            raise KvmError(errno.ENOENT, BIND_RULE, f"the VM's driver holds no parcel {handle:#x}")
         self.rm.mem_reclaim(abi.VMID_HLOS, handle, flags)
         del self.parcels[handle]
         if self.dtb is parcel:

@@ -27,7 +27,7 @@ from guestmem.errors import KvmError
 from guestmem_gunyah import abi
 from guestmem_gunyah.driver import BIND_RULE, Binding, Driver, GunyahVm, VmParcel
 from guestmem_gunyah.exits import PageFaultExit, SyncExternalAbort
-from guestmem_gunyah.policy import GunyahIoctl, gunyah_host, gunyah_state
+from guestmem_gunyah.policy import UAPI_RULE, GunyahIoctl, gunyah_host, gunyah_state
 from guestmem_gunyah.rm import ResourceManager
 
 PAGE_SHIFT = abi.PAGE_SHIFT
@@ -206,7 +206,9 @@ class GunyahFace:
             return self.state.share_parcel(guest_addr >> PAGE_SHIFT, size >> PAGE_SHIFT, sanitize=sanitize)
 
     def reclaim_parcel(self, parcel: VmParcel | int, flags: int = 0) -> None:
-        """``gunyah_gmem_reclaim_parcel`` (``MEM_RECLAIM``; ``MEM_RECLAIM_FLAG_SANITIZE`` zeroes)."""
+        """``gunyah_gmem_reclaim_parcel`` (``MEM_RECLAIM``; ``MEM_RECLAIM_FLAG_SANITIZE`` zeroes)
+        of a parcel :meth:`share_parcel` made for this VM, or of its handle (a ``__u32``):
+        ENOENT for one this VM's driver does not hold (reclaimed already, another VM's)."""
         handle = parcel.handle if isinstance(parcel, VmParcel) else cabi.u32(parcel, "parcel")
         flags = cabi.u32(flags, "flags")
         view(self.vm).check_ioctl()
@@ -226,13 +228,20 @@ class GunyahFace:
         )
 
     def touch(self, guest_addr: int, size: int, *, write: bool = False) -> int:
-        """The guest touching ``[guest_addr, guest_addr + size)`` in order, each page taking
-        the demand-paging path: a boot.  Returns the bytes mapped (runs cost one call each).
-        Starts the VM first, as a vCPU run would."""
+        """The guest touching ``[guest_addr, guest_addr + size)`` in order, each page it
+        reaches taking the demand-paging path: a boot.  Returns the bytes mapped, in whole
+        pages from the page of *guest_addr* (runs cost one call each).  Starts the VM first,
+        as a vCPU run would.  Integers, checked as ``Vcpu.access`` checks an access: a
+        negative address or a size that is not positive is EINVAL (no guest instruction
+        touches that), before the VM starts."""
         guest_addr, size = cabi.index(guest_addr, "guest_addr"), cabi.index(size, "size")
         v: VmView = view(self.vm)
         v.check_ioctl()  # GUNYAH_VCPU_RUN of a VM whose fd is closed: EBADF
+        if guest_addr < 0 or size <= 0:
+            raise KvmError(errno.EINVAL, UAPI_RULE, f"a guest touch of {size:#x} bytes at {guest_addr:#x}")
+        first = guest_addr >> PAGE_SHIFT
+        end = (guest_addr + size + abi.PAGE_SIZE - 1) >> PAGE_SHIFT
         with v.host.operation():
             self.state.ensure_started()
-            pages = v.fault_range(guest_addr >> PAGE_SHIFT, size >> PAGE_SHIFT, private=False, write=write)
+            pages = v.fault_range(first, end - first, private=False, write=write)
         return pages << PAGE_SHIFT

@@ -74,3 +74,19 @@ def test_the_vm_calls_of_a_closed_vm_fd_are_ebadf(guest: Guest) -> None:
             call()
         assert info.value.errno == errno.EBADF
     assert rm(guest.kvm).parcels == parcels and guest.vm.mmu.mapped_pages() == 0
+
+
+@pytest.mark.parametrize(("offset", "size", "pages"), [(0, PAGE - 1, 1), (PAGE - 1, 2, 2), (0x800, PAGE, 2)])
+def test_touch_reaches_every_page_of_its_byte_range(guest: Guest, offset: int, size: int, pages: int) -> None:
+    """A touch of part of a page touches that page (demand paging lends it)."""
+    assert guest.gh.touch(LENT_GPA + 8 * PAGE + offset, size) == pages * PAGE
+    assert guest.gh.state.mm.get((LENT_GPA >> 12) + 8 + pages - 1) is not None
+
+
+@pytest.mark.parametrize(("addr", "size"), [(LENT_GPA, 0), (LENT_GPA, -PAGE), (-PAGE, 2 * PAGE)])
+def test_a_touch_of_no_bytes_or_below_zero_is_einval(guest: Guest, addr: int, size: int) -> None:
+    """As ``Vcpu.access`` answers such an access: EINVAL, before the VM starts."""
+    with pytest.raises(KvmError) as info:
+        guest.gh.touch(addr, size)
+    assert (info.value.errno, info.value.rule) == (errno.EINVAL, "Gunyah-uapi")
+    assert guest.gh.status == abi.VmStatus.NO_STATE

@@ -101,3 +101,37 @@ def test_share_parcel_refusals(guest: Guest) -> None:
         guest.gh.share_parcel(LENT_GPA + 29 * PAGE, 2 * PAGE)
     assert (info.value.errno, info.value.rule) == (errno.EPERM, "Gunyah-4.5")
     assert not guest.gh.state.parcels
+
+
+def test_a_parcel_of_folios_the_guest_holds_is_refused_and_they_stay_lent(guest: Guest) -> None:
+    """The RM refuses to lend pages the HLOS no longer owns (``MEM_INVALID``: EINVAL); the
+    driver puts back into the direct map only what the call took out of it: the folios
+    demand paging lent stay out of the host's reach (G-3) and the guest's."""
+    guest.gh.start()
+    assert guest.gh.touch(LENT_GPA + 8 * PAGE, 4 * PAGE, write=True) == 4 * PAGE
+    guest.vcpu.access(LENT_GPA + 9 * PAGE, data=b"guest's")
+    before = dict(guest.vm.counters)
+    with pytest.raises(RmCallError) as info:
+        guest.gh.share_parcel(LENT_GPA + 8 * PAGE, 5 * PAGE)  # four lent folios, one not yet
+    assert (info.value.errno, info.value.error) == (errno.EINVAL, RmError.MEM_INVALID)
+    host = view(guest.kvm)
+    pfns = [view(guest.lent).pfn(i) for i in range(8, 13)]  # the last one grabbed by the call
+    assert [host.direct_map_valid(pfn) for pfn in pfns] == [False] * 4 + [True]
+    assert guest.vm.counters["gunyah.direct_map_invalid"] - before["gunyah.direct_map_invalid"] == 1
+    assert guest.vm.counters["gunyah.direct_map_default"] - before.get("gunyah.direct_map_default", 0) == 1
+    assert not guest.gh.state.parcels
+    assert guest.vcpu.access(LENT_GPA + 9 * PAGE, 7) == b"guest's"
+
+
+def test_reclaim_parcel_of_a_handle_the_driver_does_not_hold_is_enoent(guest: Guest) -> None:
+    """``gunyah_gmem_reclaim_parcel`` takes the driver's parcel; by handle, one this VM's
+    driver does not hold (never made, reclaimed already) is ENOENT and changes nothing."""
+    guest.gh.start()
+    parcel = guest.gh.share_parcel(LENT_GPA + 9 * PAGE, PAGE)
+    guest.gh.reclaim_parcel(parcel.handle)
+    parcels = dict(rm(guest.kvm).parcels)
+    for handle in (parcel.handle, 2, 0xFFFF_FFFF):
+        with pytest.raises(KvmError) as info:
+            guest.gh.reclaim_parcel(handle, -PAGE)
+        assert (info.value.errno, info.value.rule) == (errno.ENOENT, "Gunyah-4.3")
+    assert rm(guest.kvm).parcels == parcels

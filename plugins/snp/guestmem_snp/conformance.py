@@ -17,7 +17,7 @@ from guestmem.backend import Backend, VmTypeInfo, hookimpl
 from guestmem_snp.guest import SnpGuest, UnvalidatedAccess
 from guestmem_snp.host import snp_host
 from guestmem_snp.invariants import RmpChecker
-from guestmem_snp.sev import Sev, SnpLaunchUpdate
+from guestmem_snp.sev import HostWriteOutsidePage, Sev, SnpLaunchUpdate
 
 #: The SEV arch face for ``guestmem fuzz --hostile``: the VMM's commands on a VM and the
 #: guest's instructions on a vCPU, with their arguments' kinds
@@ -88,10 +88,12 @@ def held_asids(kvm: Any) -> list[str]:
 def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[str, Any] | None:
     """The kit's settings for the ``snp`` backends: the RMP checker watches every VM and the
     leak check asks for ASIDs still allocated; hostile calls reach the SEV commands and the
-    guest's instructions, and a #VC for an unvalidated page is the guest's outcome."""
+    guest's instructions.  Their outcomes that are no errno: a #VC for an unvalidated page
+    (the guest's), and the documented usage error of the model-only
+    ``Sev.host_kernel_write`` (a store not within one page)."""
     if not backend.name.startswith("snp"):
         return None
     options: dict[str, Any] = {"observers": (RmpChecker,), "leaks": held_asids}
     if vm_type.type == uapi.KVM_X86_SNP_VM:
-        options.update(hostile_ops=HOSTILE_OPS, hostile_outcomes=(UnvalidatedAccess,))
+        options.update(hostile_ops=HOSTILE_OPS, hostile_outcomes=(UnvalidatedAccess, HostWriteOutsidePage))
     return options

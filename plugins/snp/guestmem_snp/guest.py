@@ -6,6 +6,13 @@ instructions on that vCPU.  Requests that need the VMM leave as
 KVM_HC_MAP_GPA_RANGE``) raised out of the ``guestmem_hypercall`` hook; the VMM handles
 it and re-enters the vCPU with :meth:`SnpGuest.resume` (``run->hypercall.ret``), which
 returns what the guest finally sees or raises the next exit.
+
+Every instruction runs inside ``KVM_RUN``, and ``KVM_RUN`` first completes an exit left
+pending (``kvm_arch_vcpu_ioctl_run`` -> ``complete_userspace_io``) with whatever
+``run->hypercall.ret`` holds: 0, as KVM left it, unless :meth:`SnpGuest.resume` wrote
+another value.  So an instruction executed while an exit is unanswered first gives the
+guest its request's result as successful (or makes the request's next exit, and the
+instruction is not executed); a ``resume`` with no exit pending just runs the vCPU.
 """
 
 from __future__ import annotations
@@ -67,31 +74,34 @@ class SnpGuest:
         return self.sev.vcpu_state(self.vcpu.vcpu_id)
 
     # --- exits and re-entry ------------------------------------------------------------------
-    def _enter(self) -> None:
-        self._run()
-        if self.state.pending is not None:
-            raise RuntimeError("the vCPU has an unfinished KVM_EXIT_HYPERCALL: resume() it first")
-
     def _run(self) -> None:
         """``KVM_RUN`` before the guest executes (``kvm_vcpu_ioctl``, ``kvm_arch_vcpu_ioctl_run``):
-        an open vCPU fd (EBADF), a live host and VM (EIO, CAP-9), then the SEV checks
-        (``svm_vcpu_pre_run``, VMRUN of the VMSA) the policy's ``guestmem_vcpu_pre_run`` makes."""
+        an open vCPU fd (EBADF), a live host and VM (EIO, CAP-9), then, in the policy's
+        ``guestmem_vcpu_pre_run``, the pending exit's ``complete_userspace_io`` (which may
+        raise the next exit instead of entering) and the SEV checks (``svm_vcpu_pre_run``,
+        VMRUN of the VMSA)."""
         self.cpu.check_run()
 
-    def resume(self, ret: int = 0) -> int:
-        """Re-enter after a ``KVM_EXIT_HYPERCALL`` with ``run->hypercall.ret = ret`` (a
-        ``__u64``)."""
+    def resume(self, ret: int = 0) -> int | None:
+        """``KVM_RUN`` after userspace wrote ``run->hypercall.ret = ret`` (a ``__u64``).
+
+        After a ``KVM_EXIT_HYPERCALL`` of this vCPU: what the guest's request finally returns
+        to it (``complete_hypercall_exit``: ``rax``; a GHCB page-state change:
+        ``sw_exit_info_2``; the MSR protocol: the GHCB MSR), or the next exit raised.  With
+        no exit pending, ``complete_userspace_io`` is ``NULL`` and KVM ignores the field: the
+        vCPU runs on and None is returned.  The checks of ``KVM_RUN`` come first (EBADF for
+        a closed vCPU fd, EIO for a dead VM).
+        """
         with self.vm.host.operation():
             return self._resume(ret)
 
-    def _resume(self, ret: int = 0) -> int:
+    def _resume(self, ret: int = 0) -> int | None:
         ret = cabi.u64(ret, "ret")
+        state = self.sev.vcpus.get(self.cpu.vcpu_id)
+        if state is not None:
+            state.hypercall_ret, state.completed = ret, None  # userspace's store into kvm_run
         self._run()
-        pending = self.state.pending
-        if pending is None:
-            raise RuntimeError("resume() without a pending KVM_EXIT_HYPERCALL")
-        self.state.pending = None
-        return pending(ret)
+        return None if state is None else state.completed
 
     # --- page-state change requests --------------------------------------------------------------
     def page_state_change(self, buffer: PscBuffer | Iterable[PscEntry]) -> int:
@@ -100,7 +110,7 @@ class SnpGuest:
             return self._page_state_change(buffer)
 
     def _page_state_change(self, buffer: PscBuffer | Iterable[PscEntry]) -> int:
-        self._enter()
+        self._run()
         self.state.psc = buffer if isinstance(buffer, PscBuffer) else PscBuffer(list(buffer))
         return int(self.vcpu.hypercall(SVM_VMGEXIT_PSC))
 
@@ -111,7 +121,7 @@ class SnpGuest:
 
     def _psc_msr(self, gfn: int, op: int) -> int:
         gfn, op = cabi.index(gfn, "gfn"), cabi.index(op, "op")
-        self._enter()
+        self._run()
         return int(self.vcpu.hypercall(SVM_EXIT_VMGEXIT, ghcb_msr_psc_req(gfn, op)))
 
     def map_gpa_range(self, gpa: int, npages: int, attrs: int) -> int:
@@ -120,7 +130,7 @@ class SnpGuest:
             return self._map_gpa_range(gpa, npages, attrs)
 
     def _map_gpa_range(self, gpa: int, npages: int, attrs: int) -> int:
-        self._enter()
+        self._run()
         return int(self.vcpu.hypercall(KVM_HC_MAP_GPA_RANGE, gpa, npages, attrs))
 
     # --- PVALIDATE ----------------------------------------------------------------------------
@@ -407,7 +417,9 @@ class SnpGuest:
 
     # --- accesses --------------------------------------------------------------------------------
     def read(self, gpa: int, length: int, *, private: bool = True) -> bytes:
-        """A guest load; a private one of an unvalidated page raises :class:`UnvalidatedAccess`."""
+        """A guest load; a private one of an unvalidated page raises :class:`UnvalidatedAccess`.
+        *gpa* and *length* are checked as :meth:`guestmem.api.Vcpu.access` checks them (a
+        negative gpa is EINVAL, before the RMP check's page walk)."""
         with self.vm.host.operation():
             return self._read(gpa, length, private=private)
 

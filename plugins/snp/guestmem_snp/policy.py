@@ -74,9 +74,12 @@ class SnpPolicy:
 
     @hookimpl
     def guestmem_vcpu_pre_run(self, vcpu: VcpuView) -> None:
-        """``svm_vcpu_pre_run`` and VMRUN: no guest entry before INIT2 or the SNP launch."""
+        """``kvm_arch_vcpu_ioctl_run``: the pending exit's ``complete_userspace_io`` first
+        (with ``run->hypercall.ret`` as userspace left it), then ``svm_vcpu_pre_run`` and
+        VMRUN: no guest entry before INIT2 or the SNP launch."""
         sev = _sev(vcpu.vm)
         if sev is not None:
+            sev.complete_userspace_io(vcpu.vcpu_id)
             sev.vcpu_pre_run(vcpu.vcpu_id)
 
     @hookimpl
@@ -196,7 +199,9 @@ def _exit_or_value(
     """Return *result* to the guest, or leave to userspace with ``KVM_EXIT_HYPERCALL``."""
     if isinstance(result, int):
         return result
-    sev.vcpu_state(vcpu.vcpu_id).pending = on_resume
+    state = sev.vcpu_state(vcpu.vcpu_id)
+    state.pending = on_resume
+    state.hypercall_ret = 0  # "ensuring that it is zero to not break QEMU" (snp_begin_psc*)
     sev.vm.count("userspace_exits")
     if psc:
         sev.vm.count("psc_exits")

@@ -98,6 +98,17 @@ _DIGEST_SIZE: Final = 48
 _PAGE_INFO_LEN: Final = 0x70
 
 
+class HostWriteOutsidePage(ValueError):
+    """:meth:`Sev.host_kernel_write` was asked to store bytes that are not all within page
+    *pfn* (a negative pfn or offset, or a span past the page end): a usage error of that
+    helper, which stands for one store of the host kernel into one page (not a uAPI call,
+    so it has no errno).  Raised before the host kernel touches anything."""
+
+    def __init__(self, pfn: int, offset: int, length: int) -> None:
+        self.pfn, self.offset, self.length = pfn, offset, length
+        super().__init__(f"host_kernel_write: bytes [{offset:#x}, +{length:#x}) are not within page {pfn:#x}")
+
+
 @attrs.define
 class SevCmd:
     """``struct kvm_sev_cmd``: the argument of ``KVM_MEMORY_ENCRYPT_OP`` on an SEV host
@@ -198,6 +209,13 @@ class SevVcpu:
     engine: PscEngine = attrs.Factory(PscEngine)
     #: ``vcpu->arch.complete_userspace_io``: called with ``run->hypercall.ret`` on re-entry.
     pending: Callable[[int], int] | None = None
+    #: ``run->hypercall.ret``: what userspace left in the shared ``kvm_run`` for the next
+    #: ``KVM_RUN``; KVM sets it to 0 with every ``KVM_EXIT_HYPERCALL`` (QEMU <= 9.2 never
+    #: writes it), so a re-entry without an answer completes the request as successful.
+    hypercall_ret: int = 0
+    #: What the last ``complete_userspace_io`` gave the guest (the hypercall's ``rax``, the
+    #: GHCB's ``sw_exit_info_2`` or MSR); ``SnpGuest.resume`` clears it first.
+    completed: int | None = None
 
 
 def page_info_digest(current: bytes, contents: bytes, page_type: int, gpa: int) -> bytes:
@@ -269,6 +287,18 @@ class SevVm:
             pfn = state.vmsa_pfn = self.vm.host.alloc(1)  # snp_safe_alloc_page
             self.host.freed.erase(pfn, pfn + 1)  # KVM holds the page again
         return state
+
+    def complete_userspace_io(self, vcpu_id: int) -> None:
+        """The head of ``kvm_arch_vcpu_ioctl_run``: a pending ``complete_userspace_io`` is
+        cleared and called, reading ``run->hypercall.ret`` (:attr:`SevVcpu.hypercall_ret`)
+        whether userspace answered the exit or not; without one (``NULL``) the field is
+        ignored.  What the completion gives the guest lands in :attr:`SevVcpu.completed`; a
+        completion that leaves to userspace again raises the next ``KVM_EXIT_HYPERCALL``
+        and the guest is not entered (``cui()`` returned 0)."""
+        state = self.vcpus[vcpu_id]
+        cui, state.pending = state.pending, None
+        if cui is not None:
+            state.completed = cui(state.hypercall_ret)
 
     def vcpu_pre_run(self, vcpu_id: int) -> None:
         """``KVM_RUN``'s checks of an SEV vCPU, then VMRUN's of an SNP one.
@@ -752,8 +782,14 @@ class SevVm:
         """The host kernel stores *data* to *pfn* through its direct map.
 
         An RMP-assigned page takes an RMP #PF: the host goes down with that verdict
-        (``HostCrash``), as ``guestmem_host_access`` reports it for host mappings.
+        (``HostCrash``), as ``guestmem_host_access`` reports it for host mappings.  The
+        store is one page's: bytes ``[offset, offset + len(data))`` of page *pfn*, else
+        :class:`HostWriteOutsidePage`.
         """
+        data = cabi.buffer(data, "data")
+        pfn, offset = cabi.index(pfn, "pfn"), cabi.index(offset, "offset")
+        if pfn < 0 or offset < 0 or offset + len(data) > PAGE_SIZE:
+            raise HostWriteOutsidePage(pfn, offset, len(data))
         self.vm.host.kernel_write(pfn, offset, data)
 
     def destroy(self) -> None:
@@ -858,8 +894,10 @@ class Sev:
     def host_kernel_write(self, pfn: int, data: bytes, offset: int = 0) -> None:
         """The host kernel stores *data* to *pfn* (an RMP-assigned page crashes the host).
 
-        A non-integer *pfn* or *offset*, or *data* that is not bytes-like, is a TypeError
-        naming it before anything is touched (``HostView.kernel_write``).
+        A model-only helper, not a uAPI call: a non-integer *pfn* or *offset*, or *data*
+        that is not bytes-like, is a TypeError naming it, and bytes that are not all within
+        page *pfn* are :class:`HostWriteOutsidePage` (a ValueError), before anything is
+        touched.
         """
         with self.state.vm.host.operation():
             self.state.host_kernel_write(pfn, data, offset)

@@ -10,6 +10,7 @@ LAUNCH_FINISH (``struct.error`` after the RMP and the digest changed), is a Type
 
 from __future__ import annotations
 
+import errno
 import re
 from typing import Any
 
@@ -131,3 +132,20 @@ def test_the_guest_side_takes_integers_and_bytes() -> None:
     assert g.pvalidate(0) == 0
     g.write(0, bytearray(b"ok"))
     assert g.read(0, 2) == b"ok"
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_a_guest_access_at_a_negative_gpa_is_einval(private: bool) -> None:
+    """``SnpGuest.read``/``write`` take a gpa as ``Vcpu.access`` does: a negative one is
+    EINVAL (its RMP check walks the page first: ``VcpuView.translate``), nothing changes."""
+    snp = make_snp_vm()
+    g = snp.guest
+    before = _footprint(snp.kvm)
+    for call in (
+        lambda: g.read(-(1 << 63), 32, private=private),
+        lambda: g.write(-PAGE, b"x", private=private),
+    ):
+        with pytest.raises(guestmem.KvmError) as info:
+            call()
+        assert info.value.errno == errno.EINVAL
+    assert _footprint(snp.kvm) == before

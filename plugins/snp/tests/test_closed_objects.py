@@ -1,6 +1,6 @@
 """Closed and destroyed objects: every SEV command and every guest-side instruction fails with
 the kernel's errno (EBADF for a closed fd) before anything changes, and the host keeps no
-ASID, page or RMP entry for it; host kernel stores take integers only."""
+ASID, page or RMP entry for it; host kernel stores take integers only, within one page."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import guestmem
 import guestmem_snp
 from guestmem import KvmError, uapi
 from guestmem.backend import view
+from guestmem.conformance import kit_for
+from guestmem.conformance.hostile import classify
 from guestmem.errors import HypercallExit
 from guestmem_snp.ghcb import SNP_PAGE_STATE_PRIVATE, PscEntry
 
@@ -98,6 +100,26 @@ def test_host_kernel_write_takes_an_integer_pfn(pfn: Any) -> None:
     free = view(snp.kvm).alloc(1)
     snp.sev.host_kernel_write(free, b"ok")
     assert view(snp.kvm).read(free, 0, 2) == b"ok"
+
+
+@pytest.mark.parametrize(
+    ("delta", "offset", "n"), [(0, -PAGE, 3), (0, PAGE - 1, 2), (0, PAGE, 1), (None, 0, 1)]
+)
+def test_host_kernel_write_outside_its_page_is_a_usage_error(delta: int | None, offset: int, n: int) -> None:
+    """``host_kernel_write`` is one store into one page (a model-only helper, no errno):
+    bytes not all within page *pfn* are ``HostWriteOutsidePage``, a ValueError, before
+    anything is touched; the hostile fuzzer counts it as the outcome the backend declares
+    (``hostile_outcomes``), never as a crash."""
+    snp = make_snp_vm()
+    page = view(snp.kvm).alloc(1)
+    before = _host_footprint(snp.kvm)
+    with pytest.raises(guestmem_snp.HostWriteOutsidePage) as info:
+        snp.sev.host_kernel_write(-1 if delta is None else page + delta, b"w" * n, offset)
+    assert isinstance(info.value, ValueError)
+    assert _host_footprint(snp.kvm) == before and view(snp.kvm).is_zero(page)
+    assert view(snp.kvm).crashed is None
+    kit = kit_for("snp")
+    assert classify(info.value, [], kit.hostile_outcomes) == ("verdict", "HostWriteOutsidePage")
     assert view(snp.kvm).crashed is None
     snp.vcpu.close()
     snp.vm.close()

@@ -40,10 +40,56 @@ def test_psc_leaves_to_userspace_as_map_gpa_range(snp: SnpVm) -> None:
     assert exit_.nr == KVM_HC_MAP_GPA_RANGE
     assert tuple(exit_.args) == (2 * MIB, 512, KVM_MAP_GPA_RANGE_ENCRYPTED | 1)
     assert snp.vm.counters["rmpupdate"] == 0
-    with pytest.raises(RuntimeError, match="resume"):
-        g.page_state_change([PscEntry(gfn=0, operation=PRIV)])
     assert g.resume(0) == 0
     assert snp.vm.counters["psc_exits"] == 1 and snp.vm.counters["userspace_exits"] == 1
+
+
+# --- KVM_RUN and a pending exit (kvm_arch_vcpu_ioctl_run -> complete_userspace_io) ----------------
+def test_resume_with_no_exit_pending_ignores_ret(snp: SnpVm) -> None:
+    """``complete_userspace_io`` is NULL: ``KVM_RUN`` ignores ``run->hypercall.ret`` and the
+    vCPU runs on; nothing changes, and nothing is returned for a request."""
+    g = snp.guest
+    before = dict(snp.vm.counters)
+    assert g.resume(0) is None
+    assert g.resume(0xDEAD) is None
+    assert dict(snp.vm.counters) == before
+    with pytest.raises(HypercallExit):
+        g.psc_msr(0x42, SHARED)
+    assert g.resume(0) == GHCB_MSR_PSC_RESP
+    assert g.resume(7) is None  # answered already: nothing pending any more
+
+
+def test_instruction_with_an_exit_unanswered_completes_it_with_ret_0(snp: SnpVm) -> None:
+    """An instruction's ``KVM_RUN`` while an exit is unanswered completes it first with
+    ``run->hypercall.ret`` as KVM left it at the exit, 0: the guest's request succeeds;
+    a request with more to do exits again instead of entering the guest."""
+    g = snp.guest
+    with pytest.raises(HypercallExit):
+        g.page_state_change([PscEntry(gfn=0x10, operation=PRIV), PscEntry(gfn=0x20, operation=PRIV)])
+    requests = snp.vm.counters["psc_requests"]
+    with pytest.raises(HypercallExit) as info:  # the PSC's second range, not the MSR request
+        g.psc_msr(0x42, SHARED)
+    assert tuple(info.value.args) == (0x20 * PAGE, 1, KVM_MAP_GPA_RANGE_ENCRYPTED)
+    assert snp.vm.counters["psc_requests"] == requests  # the MSR request was not executed
+    assert g.resume(0) == 0  # the whole PSC succeeded
+    with pytest.raises(HypercallExit):
+        g.psc_msr(0x42, SHARED)
+    assert g.map_gpa_range(0x5001, 1, 0) == -errno.EINVAL  # executed once the MSR exit completed
+    assert g.state.completed == GHCB_MSR_PSC_RESP and g.state.pending is None
+
+
+def test_kvm_zeroes_hypercall_ret_at_each_exit(snp: SnpVm) -> None:
+    """``snp_begin_psc_msr`` sets ``run->hypercall.ret = 0`` with every exit: a value an
+    earlier answer left there does not answer the next exit."""
+    g = snp.guest
+    with pytest.raises(HypercallExit):
+        g.psc_msr(0x42, PRIV)
+    assert g.resume(7) == GHCB_MSR_PSC_RESP_ERROR
+    with pytest.raises(HypercallExit):
+        g.psc_msr(0x43, PRIV)
+    assert g.state.hypercall_ret == 0
+    assert g.map_gpa_range(0x5001, 1, 0) == -errno.EINVAL
+    assert g.state.completed == GHCB_MSR_PSC_RESP  # not the error 7 would have given
 
 
 def test_linux_sized_requests_coalesce(snp: SnpVm) -> None:

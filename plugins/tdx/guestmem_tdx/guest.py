@@ -6,7 +6,10 @@ needs the host shows up as it would for a VMM: an ACCEPT of a page that is not A
 exits to KVM (EPT violation) which faults it in and re-enters, invisibly unless the fault
 fails (``guestmem.MemoryFault`` for a gpa whose attribute is shared); MapGPA leaves to
 userspace as :class:`guestmem.HypercallExit` (``KVM_HC_MAP_GPA_RANGE``), after which the
-VMM re-enters with :meth:`TdxGuest.resume`.
+VMM re-enters with :meth:`TdxGuest.resume`.  As ``KVM_RUN`` completes an exit left
+pending first (``complete_userspace_io``, with ``run->hypercall.ret`` as KVM left it: 0),
+an instruction executed while a MapGPA exit is unanswered first gives the TD that chunk
+as converted (or makes the next chunk's exit, and the instruction is not executed).
 
 :meth:`TdxGuest.accept_range` and :meth:`TdxGuest.accept_memory` are batched: they stand
 for the instructions a guest issues one by one (``accept_memory_stepwise`` is that
@@ -83,28 +86,32 @@ class TdxGuest:
 
     # --- KVM_RUN ----------------------------------------------------------------------------------
     def _run(self) -> None:
-        """What ``KVM_RUN`` checks before the TD executes anything (``kvm_vcpu_ioctl``,
+        """What ``KVM_RUN`` does before the TD executes anything (``kvm_vcpu_ioctl``,
         ``kvm_arch_vcpu_ioctl_run``): an open vCPU fd (EBADF), a live host and VM (EIO,
-        CAP-9), then ``tdx_vcpu_pre_run`` through the policy's ``guestmem_vcpu_pre_run``."""
+        CAP-9), then, through the policy's ``guestmem_vcpu_pre_run``, the pending exit's
+        ``complete_userspace_io`` (which may raise the next exit instead of entering) and
+        ``tdx_vcpu_pre_run``."""
         self.cpu.check_run()
-        if self.state.pending is not None:
-            raise RuntimeError("the vCPU has an unfinished KVM_EXIT_HYPERCALL: resume() it first")
 
-    def resume(self, ret: int = 0) -> int:
-        """Re-enter after ``KVM_EXIT_HYPERCALL`` with ``run->hypercall.ret = ret``; returns
-        what the TD's TDG.VP.VMCALL returns (R10) or raises the next exit.  *ret* is the
-        ``__u64`` ``run->hypercall.ret``."""
+    def resume(self, ret: int = 0) -> int | None:
+        """``KVM_RUN`` after userspace wrote ``run->hypercall.ret = ret`` (a ``__u64``).
+
+        After a ``KVM_EXIT_HYPERCALL`` of this vCPU: what the TD's TDG.VP.VMCALL finally
+        returns (R10; :attr:`r11` says more), or the next exit raised.  With no exit pending,
+        ``complete_userspace_io`` is ``NULL`` and KVM ignores the field: the TD runs on and
+        None is returned.  The checks of ``KVM_RUN`` come first (EBADF for a closed vCPU fd,
+        EIO for a dead VM).
+        """
         with self.vm.host.operation():
             return self._resume(ret)
 
-    def _resume(self, ret: int = 0) -> int:
+    def _resume(self, ret: int = 0) -> int | None:
         ret = cabi.u64(ret, "ret")
-        self.cpu.check_run()
-        pending = self.state.pending
-        if pending is None:
-            raise RuntimeError("resume() without a pending KVM_EXIT_HYPERCALL")
-        self.state.pending = None
-        return pending(ret)
+        state = self.cpu.arch
+        if isinstance(state, TdxVcpu):
+            state.hypercall_ret, state.completed = ret, None  # userspace's store into kvm_run
+        self._run()
+        return state.completed if isinstance(state, TdxVcpu) else None
 
     def _tdcalls(self, n: int) -> None:
         if n:
@@ -407,7 +414,9 @@ class TdxGuest:
         return result
 
     def _answer(self, handle: Callable[[HypercallExit], int], exit_: HypercallExit) -> int:
-        return self.resume(handle(exit_))
+        r10 = self.resume(handle(exit_))
+        assert r10 is not None, "the exit was pending"
+        return r10
 
     # --- loads and stores -------------------------------------------------------------------------
     def _split(self, gpa: int) -> tuple[int, bool]:

@@ -96,6 +96,13 @@ class TdxVcpu:
     map_gpa_end: int = 0
     #: ``vcpu->arch.complete_userspace_io``: what re-entry with ``hypercall.ret`` does.
     pending: Callable[[int], int] | None = None
+    #: ``run->hypercall.ret``: what userspace left in the shared ``kvm_run`` for the next
+    #: ``KVM_RUN``; ``__tdx_map_gpa`` sets it to 0 with every exit (QEMU <= 9.2 never
+    #: writes it), so a re-entry without an answer completes the chunk as successful.
+    hypercall_ret: int = 0
+    #: R10 the last ``complete_userspace_io`` gave the TD; ``TdxGuest.resume`` clears it
+    #: first.
+    completed: int | None = None
     #: R11 as the TD reads it back after a TDG.VP.VMCALL.
     r11: int = 0
     #: ``kvm_vcpu_has_events``: an interrupt is pending for the vCPU.
@@ -448,6 +455,18 @@ class KvmTdx:
         tdx.state = VcpuTdState.INITIALIZED
         self.vm.trace("tdx_init_vcpu", vcpu=vcpu.vcpu_id)
         return 0
+
+    def complete_userspace_io(self, vcpu: VcpuView) -> None:
+        """The head of ``kvm_arch_vcpu_ioctl_run``: a pending ``complete_userspace_io``
+        (``tdx_complete_vmcall_map_gpa``) is cleared and called with ``run->hypercall.ret``
+        (:attr:`TdxVcpu.hypercall_ret`), whether userspace answered the exit or not; without
+        one (``NULL``) the field is ignored.  The TD's R10 lands in
+        :attr:`TdxVcpu.completed`; a completion that leaves to userspace again raises the
+        next ``KVM_EXIT_HYPERCALL`` and the TD is not entered (``cui()`` returned 0)."""
+        tdx = self.vcpu_state(vcpu)
+        cui, tdx.pending = tdx.pending, None
+        if cui is not None:
+            tdx.completed = cui(tdx.hypercall_ret)
 
     def vcpu_pre_run(self, vcpu: VcpuView) -> None:
         """``tdx_vcpu_pre_run``; then TDH.VP.ENTER of a fatal TD fails (``tdx_handle_exit``:
@@ -992,7 +1011,7 @@ class KvmTdx:
             "hypercall_exit", nr=uapi.KVM_HC_MAP_GPA_RANGE, gpa=args[0], npages=args[1], attrs=attrs_
         )
         exit_ = HypercallExit(uapi.KVM_HC_MAP_GPA_RANGE, args, flags=uapi.KVM_EXIT_HYPERCALL_LONG_MODE)
-        exit_.ret = 0  # QEMU <= 9.2 expects run->hypercall.ret to be 0 on exit
+        exit_.ret = tdx.hypercall_ret = 0  # QEMU <= 9.2 expects run->hypercall.ret to be 0 on exit
         raise exit_
 
     def _complete_map_gpa(self, vcpu: VcpuView, tdx: TdxVcpu, ret: int) -> int:

@@ -79,9 +79,12 @@ class TdxPolicy:
 
     @hookimpl
     def guestmem_vcpu_pre_run(self, vcpu: VcpuView) -> None:
-        """``tdx_vcpu_pre_run``: EINVAL until ``KVM_TDX_INIT_VCPU`` and FINALIZE."""
+        """``kvm_arch_vcpu_ioctl_run``: the pending exit's ``complete_userspace_io`` first
+        (with ``run->hypercall.ret`` as userspace left it), then ``tdx_vcpu_pre_run``:
+        EINVAL until ``KVM_TDX_INIT_VCPU`` and FINALIZE."""
         tdx = _tdx(vcpu.vm)
         if tdx is not None:
+            tdx.complete_userspace_io(vcpu)
             tdx.vcpu_pre_run(vcpu)
 
     # --- arch ioctls -----------------------------------------------------------------------------

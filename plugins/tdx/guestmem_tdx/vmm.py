@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 
 from guestmem import cabi, uapi
+from guestmem.api import Vcpu, Vm
 from guestmem.backend import view
 from guestmem.errors import HypercallExit, MemoryFault
 from guestmem_tdx import abi
@@ -36,10 +37,22 @@ class Tdx:
     def __repr__(self) -> str:
         return f"<Tdx {self.state!r}>"
 
-    def _op(self, target: Any, cmd_id: int, data: Any = None, flags: int = 0) -> abi.TdxCmd:
+    def _op(self, target: Vm | Vcpu, cmd_id: int, data: Any = None, flags: int = 0) -> abi.TdxCmd:
         cmd = abi.TdxCmd(cmd_id, flags, data)
         target.memory_encrypt_op(cmd)
         return cmd
+
+    @staticmethod
+    def _vcpu_fd(vcpu: object) -> Vm | Vcpu:
+        """The file a vCPU command is an ioctl on: a ``Vcpu`` (or a ``Vm``: the ioctl then
+        reaches ``tdx_vm_ioctl``, which refuses a vCPU command with EINVAL, as on a VM fd).
+        These calls take the uAPI objects, not descriptor numbers: anything else is a
+        TypeError naming ``vcpu``, before any command is issued."""
+        if isinstance(vcpu, Vcpu | Vm):
+            return vcpu
+        raise cabi.ArgumentTypeError(
+            f"vcpu must be a Vcpu of the uAPI face (Vm.create_vcpu), not {type(vcpu).__name__}"
+        )
 
     # --- commands ----------------------------------------------------------------------------
     def enable_cap_exit_hypercall(self, mask: int = 1 << uapi.KVM_HC_MAP_GPA_RANGE) -> None:
@@ -65,20 +78,23 @@ class Tdx:
         init = abi.KvmTdxInitVm(attributes, xfam, cpuid=abi.KvmCpuid2(entries))
         self._op(self.vm, abi.KVM_TDX_INIT_VM, init)
 
-    def init_vcpu(self, vcpu: Any, rcx: int = 0) -> None:
-        """``KVM_TDX_INIT_VCPU``: TDVPR/TDCX pages, VP.CREATE/ADDCX/INIT."""
-        self._op(vcpu, abi.KVM_TDX_INIT_VCPU, rcx)
+    def init_vcpu(self, vcpu: Vcpu, rcx: int = 0) -> None:
+        """``KVM_TDX_INIT_VCPU`` on *vcpu*'s fd: TDVPR/TDCX pages, VP.CREATE/ADDCX/INIT.
+        *vcpu* is a ``Vcpu`` (TypeError for anything else)."""
+        self._op(self._vcpu_fd(vcpu), abi.KVM_TDX_INIT_VCPU, rcx)
 
     def init_mem_region(
-        self, vcpu: Any, gpa: int, data: bytes, *, measure: bool = True, source_addr: int = 0x7F0000000000
+        self, vcpu: Vcpu, gpa: int, data: bytes, *, measure: bool = True, source_addr: int = 0x7F0000000000
     ) -> abi.KvmTdxInitMemRegion:
-        """``KVM_TDX_INIT_MEM_REGION`` of *data* (padded to pages) at *gpa*; the region
-        struct as the kernel left it.  *data* is bytes-like (a TypeError otherwise)."""
+        """``KVM_TDX_INIT_MEM_REGION`` of *data* (padded to pages) at *gpa* on *vcpu*'s fd;
+        the region struct as the kernel left it.  *vcpu* is a ``Vcpu`` and *data*
+        bytes-like (a TypeError otherwise)."""
+        target = self._vcpu_fd(vcpu)
         data = cabi.buffer(data, "data")
         npages = max(1, -(-len(data) // PAGE_SIZE))
         region = abi.KvmTdxInitMemRegion(source_addr, gpa, npages, data.ljust(npages * PAGE_SIZE, b"\0"))
         flags = abi.KVM_TDX_MEASURE_MEMORY_REGION if measure else 0
-        self._op(vcpu, abi.KVM_TDX_INIT_MEM_REGION, region, flags)
+        self._op(target, abi.KVM_TDX_INIT_MEM_REGION, region, flags)
         return region
 
     def finalize(self) -> bytes:

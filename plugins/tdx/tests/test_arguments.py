@@ -8,6 +8,7 @@ takes a KeyID, a page or a PAMT entry.  The TD's registers are 64-bit.
 
 from __future__ import annotations
 
+import errno
 import re
 from typing import Any
 
@@ -100,4 +101,29 @@ def test_init_mem_region_and_the_tds_instructions_take_integers() -> None:
         _typeerror(call, name)
     _typeerror(lambda: guest.write(0, "x"), "data")
     assert guest.read(0, 4) == b"boot"
+    td.close()
+
+
+@pytest.mark.parametrize("vcpu", [0, 2**31, None, "vcpu 0"])
+def test_vcpu_commands_take_a_vcpu_object(vcpu: Any) -> None:
+    """``KVM_TDX_INIT_VCPU`` and ``KVM_TDX_INIT_MEM_REGION`` are ioctls on a vCPU fd; the
+    ``Tdx`` calls take the uAPI ``Vcpu``, not a descriptor number: anything else is a
+    TypeError naming it, before the command takes a page."""
+    td = make_td(2 * MIB)
+    before = _footprint(td.kvm)
+    _typeerror(lambda: td.tdx.init_vcpu(vcpu, 0), "vcpu")
+    _typeerror(lambda: td.tdx.init_mem_region(vcpu, 0, b"boot"), "vcpu")
+    assert _footprint(td.kvm) == before
+    td.close()
+
+
+def test_a_vcpu_command_on_the_vm_fd_is_einval() -> None:
+    """A vCPU command made on the VM fd reaches ``tdx_vm_ioctl``, which knows no such
+    command: EINVAL, as the kernel answers it."""
+    td = make_td(2 * MIB)
+    before = _footprint(td.kvm)
+    with pytest.raises(guestmem.KvmError) as info:
+        td.tdx.init_vcpu(td.vm, 0)
+    assert info.value.errno == errno.EINVAL
+    assert _footprint(td.kvm) == before
     td.close()

@@ -171,8 +171,33 @@ def test_map_gpa_exits_in_2m_chunks(td: TdVm) -> None:
         (uapi.KVM_HC_MAP_GPA_RANGE, (3 * MIB, 512, dec), lm, 0),
         (uapi.KVM_HC_MAP_GPA_RANGE, (5 * MIB, 256, dec), lm, 0),
     ]
-    with pytest.raises(RuntimeError):
-        g.resume(0)
+    assert g.resume(0) is None  # nothing pending: complete_userspace_io is NULL
+
+
+def test_resume_with_no_exit_pending_ignores_ret(td: TdVm) -> None:
+    """``KVM_RUN`` without a pending ``complete_userspace_io`` ignores
+    ``run->hypercall.ret``: the TD runs on, nothing changes, no R10 is returned."""
+    g = td.guest
+    before = dict(td.vm.counters)
+    assert g.resume(1) is None and g.resume(0) is None
+    assert dict(td.vm.counters) == before
+
+
+def test_instruction_with_an_exit_unanswered_completes_it_with_ret_0(td: TdVm) -> None:
+    """An instruction's ``KVM_RUN`` while a MapGPA exit is unanswered runs
+    ``tdx_complete_vmcall_map_gpa`` first with ``run->hypercall.ret`` as ``__tdx_map_gpa``
+    left it, 0: the chunk counts as converted and the next one exits instead of entering
+    the TD; after the last chunk the TD gets SUCCESS and the instruction executes."""
+    g = td.guest
+    with pytest.raises(HypercallExit):
+        g.map_gpa(MIB | g.shared_bit, 3 * MIB)
+    accepts = td.vm.counters["tdcall.TDG.MEM.PAGE.ACCEPT"]
+    with pytest.raises(HypercallExit) as info:  # the second chunk, not the ACCEPT
+        g.accept(0x5000)
+    assert info.value.args == (3 * MIB, 256, uapi.KVM_MAP_GPA_RANGE_DECRYPTED)
+    assert td.vm.counters["tdcall.TDG.MEM.PAGE.ACCEPT"] == accepts
+    assert g.accept(0x5000) == st.TDX_SUCCESS  # the last chunk completed, then the ACCEPT ran
+    assert g.state.completed == abi.TDVMCALL_STATUS_SUCCESS and g.state.pending is None
 
 
 def test_map_gpa_error_from_userspace(td: TdVm) -> None:
