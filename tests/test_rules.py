@@ -213,3 +213,18 @@ def test_an_error_points_to_its_rule() -> None:
     assert info.value.explain().startswith("A-6: ")
     undocumented = KvmError(22, "XYZ-1", "made up")
     assert str(undocumented) == "[Errno 22] EINVAL: [XYZ-1] made up" and undocumented.explain() == ""
+
+
+def test_errno_names_are_the_kernels_not_pythons_aliases() -> None:
+    """Every errno a rule names prints as the rule names it: Python's table ends on
+    EDEADLOCK for 35, the kernel's uAPI and rule 3.7 say EDEADLK."""
+    import errno
+
+    from guestmem.errors import errno_name
+
+    named = {name for rule in rules.all_rules() for name in rule.errno}
+    for name in named:
+        number = getattr(errno, name, None)
+        if number is not None:
+            assert errno_name(number) == name, name
+    assert errno_name(errno.EDEADLK) == "EDEADLK" and errno_name(errno.EOPNOTSUPP) == "EOPNOTSUPP"

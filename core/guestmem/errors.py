@@ -231,7 +231,13 @@ class ObserverError(RuntimeError):
 
 EHWPOISON = getattr(_errno, "EHWPOISON", 133)
 EOPNOTSUPP = _errno.EOPNOTSUPP
-_NAMES = {**_errno.errorcode, EHWPOISON: "EHWPOISON", EOPNOTSUPP: "EOPNOTSUPP"}
+# The kernel's names where Python's table ends on an alias (EDEADLOCK, ENOTSUP).
+_NAMES = {
+    **_errno.errorcode,
+    EHWPOISON: "EHWPOISON",
+    EOPNOTSUPP: "EOPNOTSUPP",
+    _errno.EDEADLK: "EDEADLK",
+}
 
 
 def errno_name(err: int) -> str:

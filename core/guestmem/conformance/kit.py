@@ -45,7 +45,7 @@ from guestmem import uapi
 from guestmem.backend import VmTypeInfo
 from guestmem.conformance.ledger import OwnershipLedger, allocated, check_released
 from guestmem.conformance.vmm import KitVmm, Ram, create_vm
-from guestmem.errors import GuestExit, HostSigbus, HypercallExit, KvmError, MemoryFault, MmioExit
+from guestmem.errors import GuestExit, HostSigbus, HypercallExit, KvmError, MemoryFault, MmioExit, errno_name
 from guestmem.invariants import InvariantChecker
 
 PAGE = uapi.PAGE_SIZE
@@ -71,7 +71,7 @@ def expect_errno(err: int, fn: Any, *args: Any, **kwargs: Any) -> KvmError:
     """Call *fn* and assert it fails with *err*; returns the exception."""
     with pytest.raises(OSError) as info:
         fn(*args, **kwargs)
-    assert info.value.errno == err, f"expected {errno.errorcode[err]}, got {info.value!r}"
+    assert info.value.errno == err, f"expected {errno_name(err)}, got {info.value!r}"
     return info.value  # type: ignore[return-value]
 
 

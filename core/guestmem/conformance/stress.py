@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import bisect
 import collections
-import errno
 import itertools
 import random
 import struct
@@ -60,7 +59,7 @@ from guestmem.backend import X86_SW_PROTECTED_VM, VmTypeInfo, view
 from guestmem.conformance.ledger import OwnershipLedger, allocated, check_released
 from guestmem.conformance.options import options_for
 from guestmem.conformance.vmm import KitExits, KitVmm, Ram
-from guestmem.errors import GuestExit, KvmError
+from guestmem.errors import GuestExit, KvmError, errno_name
 from guestmem.guestvm import GuestVm
 from guestmem.invariants import InvariantChecker, check_vm
 
@@ -187,7 +186,7 @@ def outcome(exc: BaseException, guest: GuestVm | None = None) -> str | None:
     (:meth:`~guestmem.intents.Intents.unaccepted`: SNP's #VC) is one too: the host took the
     page away again while the guest was accepting it."""
     if isinstance(exc, KvmError) and exc.errno:
-        return f"{type(exc).__name__}({errno.errorcode.get(exc.errno, str(exc.errno))})"
+        return f"{type(exc).__name__}({errno_name(exc.errno)})"
     if isinstance(exc, GuestExit):
         return type(exc).__name__
     if guest is not None and guest.intents.unaccepted(guest, exc) is not None:

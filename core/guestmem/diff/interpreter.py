@@ -9,7 +9,6 @@ an :data:`Opener`; :func:`host_profile` names the model profile matching this ho
 
 from __future__ import annotations
 
-import errno
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,7 +16,15 @@ from typing import Any
 import guestmem
 from guestmem import api, uapi
 from guestmem.diff.program import Disagreement, Op, Outcome
-from guestmem.errors import GuestExit, HostSigbus, InternalErrorExit, KvmError, MemoryFault, MmioExit
+from guestmem.errors import (
+    GuestExit,
+    HostSigbus,
+    InternalErrorExit,
+    KvmError,
+    MemoryFault,
+    MmioExit,
+    errno_name,
+)
 
 
 # --- backends -------------------------------------------------------------------------------
@@ -196,7 +203,7 @@ def _outcome(session: _Session, op: Op) -> Outcome:
         base = _mapping_base(session, op)
         return ("sigbus", (exc.address - base) // uapi.PAGE_SIZE if base is not None else None)
     except KvmError as exc:
-        return ("errno", errno.errorcode.get(exc.errno or 0, exc.errno))
+        return ("errno", errno_name(exc.errno or 0))
     except MmioExit as exc:
         return ("mmio", exc.gpa, exc.is_write)
     except InternalErrorExit:
