@@ -45,12 +45,10 @@ A backend offers its arch face through two keys of ``guestmem_conformance_option
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import itertools
 import math
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -59,7 +57,6 @@ from guestmem import uapi
 from guestmem.backend import hookimpl, view
 from guestmem.cabi import ArgumentTypeError
 from guestmem.conformance.kit import BASE_GPA, KitGuest
-from guestmem.conformance.ledger import allocated
 from guestmem.errors import (
     BackendError,
     GuestExit,
@@ -79,11 +76,6 @@ PUNCH = uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE
 U64 = uapi.U64_MAX
 #: Pages of the scratch VM's RAM.
 SCRATCH_PAGES = 4
-#: :func:`state_of` compares at most this many folios and mapped ranges of a file, and the
-#: bytes of at most ``CONTENT_PAGES`` pages (the machine's RAM and the scratch VM's have
-#: fewer): the check's cost stays bounded whatever a hostile call allocated.
-STATE_RUNS = 256
-CONTENT_PAGES = 64
 
 #: Integers at the edges of the kernel's C types (u32, u64, loff_t) and of pages.
 BOUNDARY_INTS: tuple[int, ...] = (
@@ -415,76 +407,21 @@ def classify(
 
 
 # --- the state a failed call must not change ---------------------------------------------------
-def state_of(kvm: Any, gmems: Iterable[Any] = (), tables: Any = None) -> Any:
-    """What a failed call must leave as it was, through the public views: the host's
-    allocated pages; every VM's liveness, memslots, attributes, stage-2 leaves and vCPUs;
-    every guest_memfd (reachable from a memslot, or in *gmems*): size, flags, folios,
-    host-mapped ranges and the bytes of the first pages (:data:`STATE_RUNS`,
-    :data:`CONTENT_PAGES`); *tables*, the ownership tables an
-    :class:`~guestmem.conformance.OwnershipLedger` recorded.  None for a host without
-    views (the real kernel).
-    """
+def state_of(kvm: Any, tables: Any = None) -> Any:
+    """What a failed call must leave as it was: the host's snapshot (``kvm.snapshot()``:
+    every VM's liveness, memslots, attributes, stage-2 leaves and vCPUs, every guest_memfd's
+    folios with a digest of their bytes, host mappings and the anonymous memory they hold,
+    descriptors, allocated pages and the backend's hardware tables) and *tables*, the
+    ownership tables an :class:`~guestmem.conformance.OwnershipLedger` recorded.  None for
+    a host whose state cannot be read (the real kernel)."""
     try:
-        host = view(kvm)
-    except TypeError:
+        snapshot = kvm.snapshot()
+    except NotImplementedError:
         return None
-    files: dict[int, Any] = {}
-    vms = []
-    for vm in host.vms():
-        slots = []
-        for slot in vm.memslots():
-            gmem = slot.gmem
-            if gmem is not None:
-                files[gmem.ino] = gmem
-            slots.append(
-                (slot.as_id, slot.id, slot.base_gfn, slot.npages, slot.flags, slot.userspace_addr)
-                + ((gmem.ino, slot.gmem_pgoff) if gmem is not None else ())
-            )
-        vms.append(
-            (
-                vm.vm_id,
-                vm.closed,
-                vm.destroyed,
-                vm.dead,
-                vm.mmu_invalidate_in_progress,
-                vm.hypercall_exit_enabled,
-                vm.pre_fault_allowed,
-                tuple(slots),
-                tuple(vm.attribute_runs(0, 1 << 40)),
-                tuple(vm.leaves()),
-                tuple((v.vcpu_id, v.closed) for v in vm.vcpus()),
-            )
-        )
-    for gmem in gmems:
-        try:
-            g = view(gmem)
-        except TypeError:
-            continue
-        files[g.ino] = g
-    gmem_state = []
-    budget = [CONTENT_PAGES]
-    for ino in sorted(files):
-        g = files[ino]
-        folios = tuple(itertools.islice(g.folios(), STATE_RUNS))
-        mapped = tuple(itertools.islice(g.host_mapped_ranges(), STATE_RUNS))
-        gmem_state.append((ino, g.size, g.flags, folios, mapped, _contents(host, folios, budget)))
     owned: tuple[Any, ...] = ()
     if tables is not None:
         owned = tuple((name, tuple(t.items())) for name, t in sorted(tables.items()))
-    return (tuple(allocated(kvm)), tuple(vms), tuple(gmem_state), owned, host.crashed)
-
-
-def _contents(host: Any, folios: tuple[Any, ...], budget: list[int]) -> str:
-    """A digest of the bytes of *folios*, page by page, while *budget* pages last."""
-    digest = hashlib.sha256()
-    for folio in folios:
-        for pfn in range(folio.pfn, folio.pfn + folio.end - folio.start):
-            if budget[0] <= 0:
-                return digest.hexdigest()
-            budget[0] -= 1
-            if host.is_allocated(pfn):
-                digest.update(host.read(pfn, 0, PAGE))
-    return digest.hexdigest()
+    return snapshot, owned
 
 
 # --- reentrant calls ---------------------------------------------------------------------------
@@ -625,8 +562,7 @@ class Hostility:
         m = self.machine
         if not m.white_box:
             return None
-        gmems = [m.ram.gmem, *(w.ram.gmem for w in self.worlds)]
-        return state_of(m.kvm, gmems, m.ledger.tables(m.kvm))
+        return state_of(m.kvm, m.ledger.tables(m.kvm))
 
     # the rules
     def call(self, call: dict[str, Any]) -> None:
