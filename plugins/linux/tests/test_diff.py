@@ -82,7 +82,7 @@ EXPECTED_OUTCOMES = {
     ("set_user_memory_region2", "EBADF"),
     ("fallocate", "ok"),
     ("fallocate", "EFBIG"),
-    ("fallocate", "ENOTSUP"),
+    ("fallocate", "EOPNOTSUPP"),
     ("mmap", "EOVERFLOW"),
     ("mmap_anonymous", "ENOMEM"),
     ("create_vcpu", "EINVAL"),

@@ -37,11 +37,11 @@ SETTLED: dict[str, tuple[list[tuple[Any, ...]], tuple[Any, ...]]] = {
             ("create_guest_memfd", 0, 8 * PAGE, MMAP),
             ("fallocate", 1, 0x81, PAGE, uapi.LOFF_MAX),
         ],
-        ("errno", "ENOTSUP"),
+        ("errno", "EOPNOTSUPP"),
     ),
     "vfs_fallocate: two modes at once (COLLAPSE|PUNCH_HOLE|KEEP_SIZE) before EFBIG": (
         [("create_vm", 0), ("create_guest_memfd", 0, 8 * PAGE, 0), ("fallocate", 1, 0x0B, HUGE, 6 * PAGE)],
-        ("errno", "ENOTSUP"),
+        ("errno", "EOPNOTSUPP"),
     ),
     "file_mmap_ok: a gmem mapping beyond MAX_LFS_FILESIZE is EOVERFLOW before kvm_gmem_mmap": (
         [("create_vm", 0), ("create_guest_memfd", 0, HUGE, MMAP), ("mmap", 1, 0x10008, HUGE, True)],
