@@ -105,10 +105,13 @@ class QemuVmm:
         self.prefault = prefault
         #: Exits handled: ``{"hypercall": n, "memory_fault": n}``.
         self.handled: dict[str, int] = {"hypercall": 0, "memory_fault": 0}
+        #: Every ``kvm_convert_memory`` made, in order: ``(gpa, size, to_private)``.
+        self.conversions: list[tuple[int, int, bool]] = []
 
     def convert(self, gpa: int, size: int, *, to_private: bool, vcpu: api.Vcpu | None = None) -> None:
         """``kvm_convert_memory``, then the opportunistic pre-fault."""
         guest = self.guest
+        self.conversions.append((gpa, size, to_private))
         convert_memory(guest.vm, guest.regions, gpa, size, to_private=to_private, discard=self.discard)
         if self.prefault and vcpu is not None:
             left = size

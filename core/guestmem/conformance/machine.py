@@ -275,7 +275,7 @@ class GmemMachine(RuleBasedStateMachine):
     @step(page=pages, offset=in_page, data=payload)
     def guest_write(self, page: int, offset: int, data: bytes) -> None:
         """A guest store on the page's current side (M-7, G-1)."""
-        if self._guest_poisoned(
+        if self._guest_access(
             page, lambda: self.guest.write(page, data, private=self.side[page], offset=offset)
         ):
             return
@@ -289,7 +289,7 @@ class GmemMachine(RuleBasedStateMachine):
     def guest_read(self, page: int, offset: int, n: int) -> None:
         """A guest load sees the reference bytes of the page's current side."""
         got: list[bytes] = []
-        if self._guest_poisoned(
+        if self._guest_access(
             page, lambda: got.append(self.guest.read(page, n, private=self.side[page], offset=offset))
         ):
             return
@@ -349,17 +349,37 @@ class GmemMachine(RuleBasedStateMachine):
             end += 1
         self.guest.convert(page, end - page, private=to_private)
         for p in range(page, end):
-            self.side[p] = to_private
-            self.revoked.discard(p)
-            if self.in_place:
-                continue
-            if to_private:
-                self.shared.pop(p, None)
-            else:
-                self.private.pop(p, None)
-                self.allocated.discard(p)
-                self.maybe_allocated.discard(p)
-                self.poisoned.discard(p)
+            self._converted(p, to_private)
+
+    def _converted(self, page: int, to_private: bool) -> None:
+        """The VMM converted *page* (``kvm_convert_memory``): the side the guest left is
+        discarded, unless the VM converts in place."""
+        self.side[page] = to_private
+        self.revoked.discard(page)
+        if self.in_place:
+            return
+        if to_private:
+            self.shared.pop(page, None)
+        else:
+            self.private.pop(page, None)
+            self.allocated.discard(page)
+            self.maybe_allocated.discard(page)
+            self.poisoned.discard(page)
+
+    def _guest_access(self, page: int, access: Callable[[], object]) -> bool:
+        """:meth:`_guest_poisoned` for a plain load or store, then what the VMM converted
+        while it ran: a guest that accepts again a page the host took away asks for it as
+        private (SNP's page-state change), and QEMU's conversion discards its shared side."""
+        conversions = self.guest.vmm.exits.qemu.conversions
+        seen = len(conversions)
+        try:
+            return self._guest_poisoned(page, access)
+        finally:
+            for gpa, size, to_private in conversions[seen:]:
+                first = max(0, (gpa - self.ram.gpa) // PAGE)
+                last = min(NPAGES, (gpa + size - self.ram.gpa + PAGE - 1) // PAGE)
+                for p in range(first, last):
+                    self._converted(p, to_private)
 
     # --- guest_memfd ------------------------------------------------------------------------------
     @step(when=lambda self: self.file_mode, start=ints(0, NPAGES + 3), n=counts)

@@ -16,6 +16,7 @@ from guestmem import uapi
 from guestmem.backend import Backend, VmTypeInfo, hookimpl
 from guestmem_snp.guest import SnpGuest, UnvalidatedAccess
 from guestmem_snp.host import snp_host
+from guestmem_snp.intents import PageStateChangeFailed
 from guestmem_snp.invariants import RmpChecker
 from guestmem_snp.sev import HostWriteOutsidePage, Sev, SnpLaunchUpdate
 
@@ -89,11 +90,16 @@ def guestmem_conformance_options(backend: Backend, vm_type: VmTypeInfo) -> dict[
     """The kit's settings for the ``snp`` backends: the RMP checker watches every VM and the
     leak check asks for ASIDs still allocated; hostile calls reach the SEV commands and the
     guest's instructions.  Their outcomes that are no errno: a #VC for an unvalidated page
-    (the guest's), and the documented usage error of the model-only
+    (the guest's), a page-state change KVM refused (a VMM that turned off
+    ``KVM_HC_MAP_GPA_RANGE`` exits gets ``VMGEXIT_PSC_ERROR_GENERIC``, ``snp_begin_psc``:
+    the guest terminates), and the documented usage error of the model-only
     ``Sev.host_kernel_write`` (a store not within one page)."""
     if not backend.name.startswith("snp"):
         return None
     options: dict[str, Any] = {"observers": (RmpChecker,), "leaks": held_asids}
     if vm_type.type == uapi.KVM_X86_SNP_VM:
-        options.update(hostile_ops=HOSTILE_OPS, hostile_outcomes=(UnvalidatedAccess, HostWriteOutsidePage))
+        options.update(
+            hostile_ops=HOSTILE_OPS,
+            hostile_outcomes=(UnvalidatedAccess, PageStateChangeFailed, HostWriteOutsidePage),
+        )
     return options

@@ -30,6 +30,23 @@ PROGRAMS = {
     "kernel-write-outside-its-page": [
         _call("scratch_vm", "arch:sev.host_kernel_write", 0x10001C, b"aw\x9d", -4096)
     ],
+    # The VMM turned KVM_HC_MAP_GPA_RANGE exits off; the guest's next page-state change
+    # (accepting again the page a punch took) gets VMGEXIT_PSC_ERROR_GENERIC: the guest
+    # terminates, a modelled outcome (snp_begin_psc).
+    "page-state-change-with-exits-off": [
+        _call("scratch_vm", "arch:sev.enable_cap_exit_hypercall", 0),
+        ("reentrant", {"arm": {"hook": "guestmem_gmem_unbind", "action": "close_vcpu", "trigger": "punch"}}),
+        ("reentrant", {"arm": {"hook": "guestmem_vm_pre_destroy", "action": "delete_slot", "trigger": "punch"}}),
+    ],
+    # A private store to a page the host punched: the guest accepts it again with a
+    # page-state change, whose conversion (QEMU's kvm_convert_memory to private) discards
+    # the page's shared side; the host then reads zeroes there.
+    "reaccept-discards-the-shared-side": [
+        ("punch", {"start": 1, "n": 4}),
+        ("host_write", {"page": 2, "offset": 2742, "data": b"shared bytes before the reaccept"}),
+        ("guest_write", {"page": 2, "offset": 1962, "data": b"private"}),
+        ("host_read", {"page": 2, "offset": 2761, "n": 61}),
+    ],
 }
 
 
