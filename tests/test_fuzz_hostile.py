@@ -18,7 +18,7 @@ from guestmem import uapi
 from guestmem.backend import hookimpl
 from guestmem.cabi import ArgumentTypeError
 from guestmem.cli import main
-from guestmem.conformance.hostile import Ref, classify, crash_key, from_plain, to_plain
+from guestmem.conformance.hostile import Ref, classify, crash_key, from_plain, state_of, to_plain, zapped_only
 from guestmem.conformance.machine import machine_for
 from guestmem.errors import HostCrash, HostSigbus, KvmError, MemoryFault
 from guestmem.fuzz.campaign import campaign_units
@@ -166,6 +166,32 @@ def test_a_failed_call_that_changed_the_state_is_half_applied() -> None:
         played = play(hostile_machine(FuzzConfig("t-hostile-half")), steps=[SLOT3])
     assert played.finding is not None
     assert played.finding[0] == "half-applied: scratch_vm.set_user_memory_region: errno EINVAL"
+
+
+def test_only_stage2_leaves_gone_is_no_change() -> None:
+    """Stage-2 is a cache: a failed call that zapped leaves before it failed (as
+    ``kvm_set_memslot`` flushes a slot before the architecture refuses its deletion)
+    changed nothing; a leaf that appeared, or any other difference, did."""
+    import guestmem
+
+    with guestmem.open("sw") as kvm:
+        vm = kvm.create_vm(uapi.KVM_X86_SW_PROTECTED_VM)
+        gmem = vm.create_guest_memfd(4 * PAGE)
+        vm.set_user_memory_region2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, 4 * PAGE, 0, gmem, 0)
+        vm.set_memory_attributes(0, 4 * PAGE, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        vcpu = vm.create_vcpu(0)
+        empty = state_of(kvm)
+        vcpu.access(0, 1)
+        vcpu.access(PAGE, 1)
+        mapped = state_of(kvm)
+        assert mapped != empty and not zapped_only(empty, mapped)  # leaves appeared
+        gmem.fallocate(uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE, 0, PAGE)
+        punched = state_of(kvm)
+        assert not zapped_only(mapped, punched)  # the folio went too
+        vm.set_user_memory_region2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, 0, 0, gmem, 0)
+        vm.set_user_memory_region2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, 4 * PAGE, 0, gmem, 0)
+        rebound = state_of(kvm)
+        assert rebound != punched and zapped_only(punched, rebound)  # the delete zapped
 
 
 def test_a_step_past_its_time_limit_is_a_hang() -> None:
