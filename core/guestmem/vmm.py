@@ -30,7 +30,7 @@ first.
 from __future__ import annotations
 
 import errno
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from guestmem import api, uapi
@@ -105,14 +105,15 @@ class QemuVmm:
         self.prefault = prefault
         #: Exits handled: ``{"hypercall": n, "memory_fault": n}``.
         self.handled: dict[str, int] = {"hypercall": 0, "memory_fault": 0}
-        #: Every ``kvm_convert_memory`` made, in order: ``(gpa, size, to_private)``.
-        self.conversions: list[tuple[int, int, bool]] = []
+        #: Called with ``(gpa, size, to_private)`` after each ``kvm_convert_memory``.
+        self.on_convert: list[Callable[[int, int, bool], None]] = []
 
     def convert(self, gpa: int, size: int, *, to_private: bool, vcpu: api.Vcpu | None = None) -> None:
         """``kvm_convert_memory``, then the opportunistic pre-fault."""
         guest = self.guest
-        self.conversions.append((gpa, size, to_private))
         convert_memory(guest.vm, guest.regions, gpa, size, to_private=to_private, discard=self.discard)
+        for listener in self.on_convert:
+            listener(gpa, size, to_private)
         if self.prefault and vcpu is not None:
             left = size
             while left:

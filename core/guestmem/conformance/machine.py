@@ -370,12 +370,14 @@ class GmemMachine(RuleBasedStateMachine):
         """:meth:`_guest_poisoned` for a plain load or store, then what the VMM converted
         while it ran: a guest that accepts again a page the host took away asks for it as
         private (SNP's page-state change), and QEMU's conversion discards its shared side."""
-        conversions = self.guest.vmm.exits.qemu.conversions
-        seen = len(conversions)
+        conversions: list[tuple[int, int, bool]] = []
+        listeners = self.guest.vmm.exits.qemu.on_convert
+        listeners.append(lambda *conversion: conversions.append(conversion))
         try:
             return self._guest_poisoned(page, access)
         finally:
-            for gpa, size, to_private in conversions[seen:]:
+            listeners.pop()
+            for gpa, size, to_private in conversions:
                 first = max(0, (gpa - self.ram.gpa) // PAGE)
                 last = min(NPAGES, (gpa + size - self.ram.gpa + PAGE - 1) // PAGE)
                 for p in range(first, last):
