@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 CORE = Path(__file__).resolve().parents[1] / "core"
 
 
@@ -74,3 +76,34 @@ def test_import_guestmem_is_light() -> None:
     code = "import guestmem; guestmem.KvmError; guestmem.open('sw').close(); print('ok')"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     assert out.stdout == "ok\n"
+
+
+def test_open_with_every_plugin_leaves_logging_unimported() -> None:
+    """Opening a backend loads every installed plugin; none of them imports structlog (or
+    Rich through it): a backend's ``pr_warn`` goes through ``HostView.warn``, which logs
+    only once the application configured structlog."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, guestmem; guestmem.open('sw').close(); "
+        "print('structlog' in sys.modules, 'rich' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert out.stdout == "False False\n"
+
+
+def test_host_warn_logs_once_structlog_is_configured() -> None:
+    import guestmem
+    from guestmem.backend import view
+
+    structlog = pytest.importorskip("structlog")
+    with guestmem.open("sw") as kvm:
+        host = view(kvm)
+        host.warn("guestmem.test", "unheard", pfn=1)  # unconfigured: silent
+        try:
+            with structlog.testing.capture_logs() as logs:
+                host.warn("guestmem.test", "tdx hkid leaked", hkid=3)
+        finally:
+            structlog.reset_defaults()  # capture_logs leaves structlog "configured"
+    assert logs == [{"event": "tdx hkid leaked", "hkid": 3, "log_level": "warning"}]

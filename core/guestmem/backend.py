@@ -554,6 +554,12 @@ class HostView:
         """A host-level trace event (no VM)."""
         self._kvm.trace(None, kind, fields)
 
+    def warn(self, logger: str, event: str, **fields: Any) -> None:
+        """The kernel's ``pr_warn``: *event* logged on *logger* (``"guestmem.tdx"``) once the
+        application configured structlog, silent otherwise.  structlog is never imported
+        for it: a backend that warns costs no import until somebody listens."""
+        self._kvm.warn(logger, event, fields)
+
     @property
     def counters(self) -> dict[str, int]:
         """The host's own cost counters (a copy): work no single VM is charged with."""

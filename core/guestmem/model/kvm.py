@@ -293,6 +293,12 @@ class ModelKvm(api.Kvm):
             sys.modules["structlog"].get_logger("guestmem").debug(event.kind, vm=event.vm, **event.fields)
         self.hooks.trace(self.view, None if vm is None else vm.view, event)
 
+    def warn(self, logger: str, event: str, fields: dict[str, Any]) -> None:
+        """The kernel's ``pr_warn``: logged on *logger* once the application configured
+        structlog; silent otherwise (without importing it), as the trace events are."""
+        if _structlog_configured():
+            sys.modules["structlog"].get_logger(logger).warning(event, **fields)
+
     # --- recording uAPI calls (guestmem.recording) ----------------------------------------------
     def counter_totals(self) -> dict[str, int]:
         """Host counters plus every VM's, summed by name."""

@@ -25,7 +25,6 @@ import struct
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
-import structlog
 
 from guestmem import cabi, uapi
 from guestmem.backend import VmView, view
@@ -37,7 +36,6 @@ from guestmem_snp.rmp import PTRS_PER_PMD, RMP_RC_NAMES, RMP_SUCCESS, RmpEntry
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-log = structlog.get_logger("guestmem.snp")
 
 PAGE_SHIFT: Final = uapi.PAGE_SHIFT
 PAGE_SIZE: Final = uapi.PAGE_SIZE
@@ -373,8 +371,7 @@ class SevVm:
     def _rmp_failed(self, what: str, pfn: int, rc: int) -> None:
         self.vm.count("rmp_update_failures")
         self.vm.trace("snp_rmp_warn", what=what, pfn=pfn, rc=RMP_RC_NAMES.get(rc, str(rc)))
-        if structlog.is_configured():  # unconfigured, the library stays silent (the trace has it)
-            log.warning("rmp update failed", what=what, pfn=pfn, rc=rc, vm=self.vm.vm_id)
+        self.vm.host.warn("guestmem.snp", "rmp update failed", what=what, pfn=pfn, rc=rc, vm=self.vm.vm_id)
 
     # --- uAPI: KVM_MEMORY_ENCRYPT_OP ---------------------------------------------------------
     def ioctl(self, cmd: SevCmd) -> int:

@@ -36,7 +36,10 @@ PROGRAMS = {
     "page-state-change-with-exits-off": [
         _call("scratch_vm", "arch:sev.enable_cap_exit_hypercall", 0),
         ("reentrant", {"arm": {"hook": "guestmem_gmem_unbind", "action": "close_vcpu", "trigger": "punch"}}),
-        ("reentrant", {"arm": {"hook": "guestmem_vm_pre_destroy", "action": "delete_slot", "trigger": "punch"}}),
+        (
+            "reentrant",
+            {"arm": {"hook": "guestmem_vm_pre_destroy", "action": "delete_slot", "trigger": "punch"}},
+        ),
     ],
     # A private store to a page the host punched: the guest accepts it again with a
     # page-state change, whose conversion (QEMU's kvm_convert_memory to private) discards

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from typing import Any, Final
 
 import attrs
-import structlog
 
 from guestmem import uapi
 from guestmem.backend import Leaf, VcpuView, VmView, view
@@ -32,16 +31,6 @@ from guestmem_tdx import abi
 from guestmem_tdx import status as st
 from guestmem_tdx.host import TdxHost
 from guestmem_tdx.module import MIN_NUM_TDCS_PAGES, MIN_TDVPS_PAGES, Outcome, Td, Vp
-
-log = structlog.get_logger("guestmem.tdx")
-
-
-def warn(event: str, **fields: Any) -> None:
-    """The kernel's ``pr_warn``: logged once the application configured structlog; the
-    library stays silent otherwise, as the core does (its events go to the trace)."""
-    if structlog.is_configured():
-        log.warning(event, **fields)
-
 
 PAGE_SHIFT: Final = uapi.PAGE_SHIFT
 PAGE_SIZE: Final = uapi.PAGE_SIZE
@@ -181,10 +170,15 @@ class KvmTdx:
         self.seamcalls(leaf, 1)
         return status
 
+    def _warn(self, event: str, **fields: Any) -> None:
+        """The kernel's ``pr_warn`` (``HostView.warn``: silent until structlog is configured;
+        the trace has the event either way)."""
+        self.vm.host.warn("guestmem.tdx", event, **fields)
+
     def bug(self, what: str, status: int, rule: str = _SEPT_RULE) -> KvmError:
         """``KVM_BUG_ON(err, kvm)`` (``pr_tdx_error``): the VM is bugged; the error to return."""
         reason = f"KVM_BUG_ON: {what} failed: {st.status_name(status)}"
-        warn("tdx seamcall failed", what=what, status=st.status_name(status), vm=self.vm.vm_id)
+        self._warn("tdx seamcall failed", what=what, status=st.status_name(status), vm=self.vm.vm_id)
         self.vm.bug(reason)
         return KvmError(errno.EIO, rule, reason)
 
@@ -806,7 +800,7 @@ class KvmTdx:
         self.vm.trace("tdx_hkid_release", hkid=hkid)
 
     def _leak_hkid(self, why: str) -> None:
-        warn("tdx hkid leaked", hkid=self.hkid, why=why, vm=self.vm.vm_id)
+        self._warn("tdx hkid leaked", hkid=self.hkid, why=why, vm=self.vm.vm_id)
         self.host.keyids.leak(self.hkid)
         self.vm.trace("tdx_hkid_leaked", hkid=self.hkid, why=why)
 
@@ -821,14 +815,14 @@ class KvmTdx:
                 err = st.TDX_SUCCESS
             break
         if err:  # WARN_ON_ONCE: KEY.FREEID will fail
-            warn("TDH.PHYMEM.CACHE.WB failed", status=st.status_name(err), package=package)
+            self._warn("TDH.PHYMEM.CACHE.WB failed", status=st.status_name(err), package=package)
 
     def _reclaim(self, pfn: int, what: str, *, clear: bool = True) -> bool:
         """``tdx_reclaim_page`` (``__tdx_reclaim_page`` and, with *clear*, ``tdx_clear_page``);
         a failure (WARN) leaks the page."""
         err = self._outcome("TDH.PHYMEM.PAGE.RECLAIM", self.module.page_reclaim(pfn)).status
         if err:
-            warn("TDH.PHYMEM.PAGE.RECLAIM failed", what=what, status=st.status_name(err))
+            self._warn("TDH.PHYMEM.PAGE.RECLAIM failed", what=what, status=st.status_name(err))
             self.host.leak(pfn, 1, f"TDH.PHYMEM.PAGE.RECLAIM of the {what}: {st.status_name(err)}")
             return False
         if clear:
@@ -922,7 +916,7 @@ class KvmTdx:
             if not self.sept_ve_disable:
                 raise PendingAccessVe(gpa)
             reason = f"Guest access before accepting {gpa:#x} on vCPU {vcpu.vcpu_id}"
-            warn(reason, vm=self.vm.vm_id)
+            self._warn(reason, vm=self.vm.vm_id)
             self.vm.count("ept_violation_exits")
             self.vm.kill(f"tdx_handle_ept_violation: {reason}")
             raise KvmError(errno.EIO, _SEPT_RULE, f"tdx_handle_ept_violation: {reason}")
@@ -933,7 +927,7 @@ class KvmTdx:
                 f"TDX #MC: TD {self.vm.vm_id} read poisoned private memory at gpa {at:#x} (pfn {pfn:#x})"
             )
             self.host.mce.append(verdict)
-            warn("TDX private memory error. Possible kernel bug.", pfn=pfn, vm=self.vm.vm_id)
+            self._warn("TDX private memory error. Possible kernel bug.", pfn=pfn, vm=self.vm.vm_id)
             self.vm.trace("tdx_machine_check", gpa=at, pfn=pfn)
             raise InternalErrorExit(abi.KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON, at)
 
