@@ -36,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_linux_vs_sw  # noqa: E402 - a sibling script
+from bench_core import best_of  # noqa: E402 - a sibling script
 
 TiB = 1 << 40
 PAGE = uapi.PAGE_SIZE
@@ -66,16 +67,6 @@ class Result:
             f"{self.target:<58} {self.figure:>10.3g} {self.unit:<6} (target <= {self.limit:g}): "
             f"{self.verdict}{'  ' + self.detail if self.detail else ''}"
         )
-
-
-def best_of(fn: Callable[[], Any], repeat: int = 5) -> float:
-    """Best wall time of *fn* over *repeat* runs, in seconds."""
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 class _Plain:
