@@ -823,6 +823,21 @@ def test_host_mapped_ranges_of_a_span(kvm: Any) -> None:
     assert sorted(inode.host_mapped_ranges(4, 9)) == [(4, 5)]
     assert sorted(inode.host_mapped_ranges(3, 4)) == [(3, 4), (3, 4)]
     assert list(inode.host_mapped_ranges(5, 9)) == [] and sorted(inode.host_mapped_ranges(9)) == [(9, 10)]
+    folios = sorted((f.start, f.end, f.pfn) for f in inode.host_mapped_folios())
+    assert [(s, e) for s, e, _ in folios] == [(2, 5), (3, 4), (9, 10)]
+    assert all(pfn == inode.pfn(s) for s, _, pfn in folios)
+
+
+def test_bound_gmem_is_each_file_once(kvm: Any) -> None:
+    """``VmView.bound_gmem()``: the guest_memfd files the memslots bind, each once, in
+    memslot order (two slots on one file give it once)."""
+    vm = kvm.create_vm(uapi.KVM_X86_SW_PROTECTED_VM)
+    one, two = vm.create_guest_memfd(MiB), vm.create_guest_memfd(MiB)
+    vm.set_user_memory_region2(0, uapi.KVM_MEM_GUEST_MEMFD, 0, PAGE, 0, two, 0)
+    vm.set_user_memory_region2(1, uapi.KVM_MEM_GUEST_MEMFD, PAGE, PAGE, 0, one, 0)
+    vm.set_user_memory_region2(2, uapi.KVM_MEM_GUEST_MEMFD, 2 * PAGE, PAGE, 0, two, PAGE)
+    vm.set_user_memory_region(3, 0, 3 * PAGE, PAGE, 0)
+    assert [g.ino for g in view(vm).bound_gmem()] == [view(two).ino, view(one).ino]
 
 
 def test_gmem_allocate_instantiates_folios_like_fallocate(kvm: Any) -> None:

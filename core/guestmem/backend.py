@@ -721,6 +721,15 @@ class VmView:
         """Every memslot, by address space and gfn."""
         return [slot.view for slot in self._vm.slots.in_order()]
 
+    def bound_gmem(self) -> list[GmemView]:
+        """The guest_memfd files the memslots bind, each once, in memslot order."""
+        files: dict[int, GmemView] = {}
+        for slot in self.memslots():
+            gmem = slot.gmem
+            if gmem is not None:
+                files.setdefault(gmem.ino, gmem)
+        return list(files.values())
+
     def is_private(self, gfn: int) -> bool:
         """``kvm_mem_is_private``."""
         return self._vm.is_private(gfn)
@@ -1002,6 +1011,13 @@ class GmemView:
         """
         for vma in list(self._inode.vmas):
             vma.zap_indices(start, end)
+
+    def host_mapped_folios(self) -> Iterator[Folio]:
+        """The folio runs host userspace mappings have faulted in, clipped to the faulted
+        runs (per mapping, as :meth:`host_mapped_ranges`): the guest memory the host can
+        reach, which each architecture's "the host never maps private memory" check walks."""
+        for s, e in self.host_mapped_ranges():
+            yield from self.folios(s, e)
 
     def host_mapped_ranges(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
         """Page index runs ``[s, e)`` faulted into host userspace mappings, clipped to

@@ -120,21 +120,15 @@ def check_ownership(vm: Any, ledger: OwnershipLedger, after: str = "") -> None:
                 f"private-leaf-owned{where}: "
                 f"{'private' if leaf.private else 'shared'} leaf at gfn {leaf.gfn:#x}",
             )
-    seen: set[int] = set()
-    for slot in vm.memslots():
-        gmem = slot.gmem
-        if gmem is None or gmem.ino in seen:
-            continue
-        seen.add(gmem.ino)
-        for s, e in gmem.host_mapped_ranges():
-            for folio in gmem.folios(s, e):
-                _refuse(
-                    tables,
-                    folio.pfn,
-                    folio.pfn + folio.end - folio.start,
-                    Owner.GUEST,
-                    f"host-map-owned{where}: host maps gmem pages [{folio.start:#x}, {folio.end:#x})",
-                )
+    for gmem in vm.bound_gmem():
+        for folio in gmem.host_mapped_folios():
+            _refuse(
+                tables,
+                folio.pfn,
+                folio.pfn + folio.end - folio.start,
+                Owner.GUEST,
+                f"host-map-owned{where}: host maps gmem pages [{folio.start:#x}, {folio.end:#x})",
+            )
 
 
 def _refuse(tables: dict[str, RangeMap[Owner]], start: int, end: int, wrong: Owner, what: str) -> None:

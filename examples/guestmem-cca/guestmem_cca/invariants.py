@@ -81,12 +81,8 @@ def check_granules(host: HostView, state: RealmHost, after: str = "") -> None:
             if control and owned.get(addr) is not value:
                 raise GranuleViolation(f"G-4{where}: {value.value} granule {pfn:#x} belongs to no realm")
     for vm in host.vms():
-        for slot in vm.memslots():
-            gmem = slot.gmem
-            if gmem is None:
-                continue
-            for s, e in gmem.host_mapped_ranges():
-                for folio in gmem.folios(s, e):
-                    for pfn in range(folio.pfn, folio.pfn + folio.end - folio.start):
-                        if rmm.in_realm_pas(pfn << GRANULE_SHIFT):
-                            raise GranuleViolation(f"G-3{where}: the host maps pfn {pfn:#x} of the Realm PAS")
+        for gmem in vm.bound_gmem():
+            for folio in gmem.host_mapped_folios():
+                for pfn in range(folio.pfn, folio.pfn + folio.end - folio.start):
+                    if rmm.in_realm_pas(pfn << GRANULE_SHIFT):
+                        raise GranuleViolation(f"G-3{where}: the host maps pfn {pfn:#x} of the Realm PAS")

@@ -129,15 +129,11 @@ class GunyahChecker:
         for state in machine.vms.values():
             if state.view.destroyed:
                 continue
-            for slot in state.view.memslots():
-                gmem = slot.gmem
-                if gmem is None:
-                    continue
-                for s, e in gmem.host_mapped_ranges():
-                    for folio in gmem.folios(s, e):
-                        for ps, pe, owner in hyp.owner_runs(folio.pfn, folio.end - folio.start):
-                            if _lent(owner) and any(hyp.hlos_borrowed.gaps(ps, pe)):
-                                self._fail(f"G-3 {where}: the host maps lent pfns [{ps:#x}, {pe:#x})")
+            for gmem in state.view.bound_gmem():
+                for folio in gmem.host_mapped_folios():
+                    for ps, pe, owner in hyp.owner_runs(folio.pfn, folio.end - folio.start):
+                        if _lent(owner) and any(hyp.hlos_borrowed.gaps(ps, pe)):
+                            self._fail(f"G-3 {where}: the host maps lent pfns [{ps:#x}, {pe:#x})")
 
     def _freed_pages(self, machine: GunyahHost, where: str) -> None:
         host, hyp = machine.host, machine.hyp

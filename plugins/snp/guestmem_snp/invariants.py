@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from guestmem.backend import GmemView, HostView, TraceEvent, VmView, hookimpl, view
+from guestmem.backend import HostView, TraceEvent, VmView, hookimpl, view
 from guestmem.invariants import InvariantViolation
 from guestmem_snp.sev import SevVm
 
@@ -33,18 +33,13 @@ def check_rmp(vm: Any, after: str = "") -> None:
             raise InvariantViolation(
                 f"rmp-freed{where}: an assigned RMP entry lies in freed [{start:#x}, {end:#x})"
             )
-    files: dict[int, GmemView] = {}
-    for slot in vm.memslots():
-        if slot.gmem is not None:
-            files[slot.gmem.ino] = slot.gmem
-    for gmem in files.values():
-        for s, e in gmem.host_mapped_ranges():
-            for folio in gmem.folios(s, e):
-                if rmp.any_assigned(folio.pfn, folio.end - folio.start):
-                    raise InvariantViolation(
-                        f"rmp-host-mapped{where}: private gmem pages [{folio.start:#x}, {folio.end:#x}) "
-                        "are host-mapped"
-                    )
+    for gmem in vm.bound_gmem():
+        for folio in gmem.host_mapped_folios():
+            if rmp.any_assigned(folio.pfn, folio.end - folio.start):
+                raise InvariantViolation(
+                    f"rmp-host-mapped{where}: private gmem pages [{folio.start:#x}, {folio.end:#x}) "
+                    "are host-mapped"
+                )
 
 
 class RmpChecker:

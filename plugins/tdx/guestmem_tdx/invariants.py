@@ -112,20 +112,14 @@ def _runs(pamt: Any, start: int, end: int) -> Any:
 
 
 def _check_host_mapped(state: TdxHost, vm: VmView, where: str) -> None:
-    seen: set[int] = set()
-    for slot in vm.memslots():
-        gmem = slot.gmem
-        if gmem is None or gmem.ino in seen:
-            continue
-        seen.add(gmem.ino)
-        for s, e in gmem.host_mapped_ranges():
-            for folio in gmem.folios(s, e):
-                if next(state.module.pamt.items(folio.pfn, folio.pfn + folio.end - folio.start), None):
-                    raise _fail(
-                        "private-host-mapped",
-                        where,
-                        f"TD pages of gmem [{folio.start:#x}, {folio.end:#x}) are host-mapped",
-                    )
+    for gmem in vm.bound_gmem():
+        for folio in gmem.host_mapped_folios():
+            if next(state.module.pamt.items(folio.pfn, folio.pfn + folio.end - folio.start), None):
+                raise _fail(
+                    "private-host-mapped",
+                    where,
+                    f"TD pages of gmem [{folio.start:#x}, {folio.end:#x}) are host-mapped",
+                )
 
 
 def check_tdx_vm(vm: Any, after: str = "") -> None:
