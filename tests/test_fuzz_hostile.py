@@ -25,6 +25,7 @@ from guestmem.fuzz.campaign import campaign_units
 from guestmem.fuzz.hostile import (
     Step,
     check_hostile_run,
+    hostile_call,
     hostile_machine,
     minimise,
     play,
@@ -35,13 +36,6 @@ from guestmem.fuzz.hostile import (
 from guestmem.fuzz.run import FuzzConfig
 
 PAGE = uapi.PAGE_SIZE
-
-
-def _call(on: str, op: str, *args: Any, wrong: tuple[str, ...] = ()) -> Step:
-    return (
-        "hostile_call",
-        {"call": {"on": on, "op": op, "args": list(args), "kw": {}, "wrong": list(wrong)}},
-    )
 
 
 def test_outcomes_are_classified() -> None:
@@ -91,8 +85,8 @@ def test_the_kits_bounded_run_checks_its_reproducers(tmp_path: Path) -> None:
 
 
 def test_well_typed_means_no_wrong_argument_in_the_program() -> None:
-    assert well_typed([_call("vm", "create_guest_memfd", PAGE, 0), ("guest_read", {"page": 0})])
-    assert not well_typed([_call("vm", "create_guest_memfd", 2.5, 0, wrong=("size",))])
+    assert well_typed([hostile_call("vm", "create_guest_memfd", PAGE, 0), ("guest_read", {"page": 0})])
+    assert not well_typed([hostile_call("vm", "create_guest_memfd", 2.5, 0, wrong=("size",))])
 
 
 def test_a_crash_class_is_minimised_to_a_reproducer_that_replays(tmp_path: Path) -> None:
@@ -100,7 +94,7 @@ def test_a_crash_class_is_minimised_to_a_reproducer_that_replays(tmp_path: Path)
     noise: list[Step] = [("guest_write", {"page": p, "offset": 0, "data": b"x"}) for p in range(4)]
     with plugin(BackendPlugin("t-hostile-crash", (DESTRUCTIVE,), CrashesOnVcpu1())):
         machine = hostile_machine(FuzzConfig("t-hostile-crash"))
-        vcpu1 = _call("scratch_vm", "create_vcpu", 1)
+        vcpu1 = hostile_call("scratch_vm", "create_vcpu", 1)
         played = play(machine, steps=[*noise, vcpu1])
         assert played.finding is not None
         key = played.finding[0]
@@ -158,7 +152,7 @@ class HangsOnSlot3(Sound):
             time.sleep(0.01)
 
 
-SLOT3 = _call("scratch_vm", "set_user_memory_region", 3, 0, 1 << 30, PAGE, Ref("scratch_uaddr"))
+SLOT3 = hostile_call("scratch_vm", "set_user_memory_region", 3, 0, 1 << 30, PAGE, Ref("scratch_uaddr"))
 
 
 def test_a_failed_call_that_changed_the_state_is_half_applied() -> None:
@@ -246,9 +240,12 @@ def test_an_arch_exit_of_the_machines_guest_ends_the_sequence() -> None:
 
     machine = machine_for("sw", hostile=True, hostile_ops={"guest.ask": ("vcpu", exits, ("gpa",))})
     write = ("guest_write", {"page": 0, "offset": 0, "data": b"x"})
-    played = play(machine, steps=[_call("vcpu", "arch:guest.ask", PAGE), write])
+    played = play(machine, steps=[hostile_call("vcpu", "arch:guest.ask", PAGE), write])
     assert (played.ended, played.steps[-1][0]) == ("desynced", "hostile_call")
-    for first in (_call("scratch_vcpu", "arch:guest.ask", PAGE), _call("vcpu", "access", 1 << 40, 8)):
+    for first in (
+        hostile_call("scratch_vcpu", "arch:guest.ask", PAGE),
+        hostile_call("vcpu", "access", 1 << 40, 8),
+    ):
         played = play(machine, steps=[first, write])
         assert (played.ended, len(played.steps)) == ("budget", 2), first
 

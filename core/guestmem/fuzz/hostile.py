@@ -107,6 +107,16 @@ def invariants_of(machine: type[GmemMachine]) -> list[str]:
     return [name for name in sorted(dir(machine)) if hasattr(getattr(machine, name, None), _INVARIANT_MARK)]
 
 
+def hostile_call(on: str, op: str, *args: Any, wrong: tuple[str, ...] = ()) -> Step:
+    """The ``hostile_call`` step of a program (as a reproducer file holds it): *op* called on
+    role *on* with *args* (``"arch:NAME"`` for the backend's arch face), *wrong* naming the
+    arguments of the wrong type."""
+    return (
+        "hostile_call",
+        {"call": {"on": on, "op": op, "args": list(args), "kw": {}, "wrong": list(wrong)}},
+    )
+
+
 def well_typed(steps: list[Step]) -> bool:
     """No hostile call of *steps* passes an argument of the wrong type."""
     return not any(kwargs.get("call", {}).get("wrong") for name, kwargs in steps if name == "hostile_call")

@@ -3,30 +3,23 @@ class: replayed on the kit's machine, each must end without one."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
-from guestmem.fuzz.hostile import hostile_machine, play
+from guestmem.fuzz.hostile import hostile_call, hostile_machine, play
 from guestmem.fuzz.run import FuzzConfig
-
-
-def _call(on: str, op: str, *args: Any) -> tuple[str, dict[str, Any]]:
-    return ("hostile_call", {"call": {"on": on, "op": op, "args": list(args), "kw": {}, "wrong": []}})
-
 
 PROGRAMS = {
     # A parcel over RAM the guest holds: the RM refuses; the lent folios stayed out of the
     # host's direct map (G-3), the folio the call grabbed stays in the file (partial).
-    "parcel-of-lent-ram": [_call("vm", "arch:share_parcel", 0x10008000, 0x4000)],
+    "parcel-of-lent-ram": [hostile_call("vm", "arch:share_parcel", 0x10008000, 0x4000)],
     "parcel-grabbing-a-folio": [
         ("reentrant", {"arm": {"hook": "guestmem_fault", "action": "close_gmem", "trigger": "punch"}}),
-        _call("scratch_vm", "arch:share_parcel", 0x10000000, 0x2000),
+        hostile_call("scratch_vm", "arch:share_parcel", 0x10000000, 0x2000),
     ],
     # A handle the VM's driver holds no parcel for: ENOENT.
-    "reclaim-unknown-handle": [_call("scratch_vm", "arch:reclaim_parcel", 2, -4096)],
+    "reclaim-unknown-handle": [hostile_call("scratch_vm", "arch:reclaim_parcel", 2, -4096)],
     # A touch of less than a page touches that page.
-    "touch-part-of-a-page": [_call("scratch_vm", "arch:touch", 0x10006000, 0xFFF)],
+    "touch-part-of-a-page": [hostile_call("scratch_vm", "arch:touch", 0x10006000, 0xFFF)],
 }
 
 

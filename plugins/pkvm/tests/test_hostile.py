@@ -3,25 +3,20 @@ finding: replayed on the kit's machine, each must end without one."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from guestmem.conformance.hostile import Ref
-from guestmem.fuzz.hostile import hostile_machine, play
+from guestmem.fuzz.hostile import hostile_call, hostile_machine, play
 from guestmem.fuzz.run import FuzzConfig
-
-
-def _call(on: str, op: str, *args: Any) -> tuple[str, dict[str, Any]]:
-    return ("hostile_call", {"call": {"on": on, "op": op, "args": list(args), "kw": {}, "wrong": []}})
-
 
 PROGRAMS = {
     # A memory_size of 2**64 is 0 as the __u64 the ioctl reads: a DELETE of the scratch VM's
     # RAM slot, which the protected VM that ran refuses (EPERM, pKVM-3.6) after
     # kvm_set_memslot flushed the slot: the leaves are gone and refault, nothing else moved.
     "refused-delete-after-the-flush": [
-        _call("scratch_vm", "set_user_memory_region2", 1, 0, 0x10002000, 1 << 64, 0, Ref("gmem"), 0xC000)
+        hostile_call(
+            "scratch_vm", "set_user_memory_region2", 1, 0, 0x10002000, 1 << 64, 0, Ref("gmem"), 0xC000
+        )
     ],
 }
 

@@ -3,38 +3,31 @@ replayed on the kit's machine, each must end without a finding."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
-from guestmem.fuzz.hostile import hostile_machine, play
+from guestmem.fuzz.hostile import hostile_call, hostile_machine, play
 from guestmem.fuzz.run import FuzzConfig
-
-
-def _call(on: str, op: str, *args: Any) -> tuple[str, dict[str, Any]]:
-    return ("hostile_call", {"call": {"on": on, "op": op, "args": list(args), "kw": {}, "wrong": []}})
-
 
 PROGRAMS = {
     # KVM_RUN without a pending exit ignores run->hypercall.ret.
-    "resume-with-nothing-pending": [_call("scratch_vcpu", "arch:guest.resume", 0)],
+    "resume-with-nothing-pending": [hostile_call("scratch_vcpu", "arch:guest.resume", 0)],
     # An MSR-protocol exit of the machine's guest nobody answers ends the sequence
     # (desynced); the next KVM_RUN would complete it with ret 0 (test_guest.py).
     "convert-after-an-unanswered-exit": [
-        _call("vcpu", "arch:guest.psc_msr", 0x1000C, 1),
+        hostile_call("vcpu", "arch:guest.psc_msr", 0x1000C, 1),
         ("convert", {"page": 11, "n": 4}),
     ],
     # A guest load at a negative gpa: EINVAL, as Vcpu.access.
-    "read-at-a-negative-gpa": [_call("scratch_vcpu", "arch:guest.read", -(1 << 63), 32, True)],
+    "read-at-a-negative-gpa": [hostile_call("scratch_vcpu", "arch:guest.read", -(1 << 63), 32, True)],
     # A host kernel store outside its page: the declared usage error.
     "kernel-write-outside-its-page": [
-        _call("scratch_vm", "arch:sev.host_kernel_write", 0x10001C, b"aw\x9d", -4096)
+        hostile_call("scratch_vm", "arch:sev.host_kernel_write", 0x10001C, b"aw\x9d", -4096)
     ],
     # The VMM turned KVM_HC_MAP_GPA_RANGE exits off; the guest's next page-state change
     # (accepting again the page a punch took) gets VMGEXIT_PSC_ERROR_GENERIC: the guest
     # terminates, a modelled outcome (snp_begin_psc).
     "page-state-change-with-exits-off": [
-        _call("scratch_vm", "arch:sev.enable_cap_exit_hypercall", 0),
+        hostile_call("scratch_vm", "arch:sev.enable_cap_exit_hypercall", 0),
         ("reentrant", {"arm": {"hook": "guestmem_gmem_unbind", "action": "close_vcpu", "trigger": "punch"}}),
         (
             "reentrant",

@@ -3,29 +3,22 @@ replayed on the kit's machine, each must end without a finding."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
-from guestmem.fuzz.hostile import hostile_machine, play
+from guestmem.fuzz.hostile import hostile_call, hostile_machine, play
 from guestmem.fuzz.run import FuzzConfig
-
-
-def _call(on: str, op: str, *args: Any) -> tuple[str, dict[str, Any]]:
-    return ("hostile_call", {"call": {"on": on, "op": op, "args": list(args), "kw": {}, "wrong": []}})
-
 
 PROGRAMS = {
     # KVM_RUN without a pending exit ignores run->hypercall.ret.
-    "resume-with-nothing-pending": [_call("vcpu", "arch:guest.resume", 1)],
+    "resume-with-nothing-pending": [hostile_call("vcpu", "arch:guest.resume", 1)],
     # A MapGPA exit of the machine's guest nobody answers ends the sequence (desynced);
     # the next KVM_RUN would complete the chunk with ret 0 (test_guest.py).
     "convert-after-an-unanswered-exit": [
-        _call("vcpu", "arch:guest.map_gpa", 0x10005000, (1 << 64) + 4096),
+        hostile_call("vcpu", "arch:guest.map_gpa", 0x10005000, (1 << 64) + 4096),
         ("convert", {"page": 10, "n": 3}),
     ],
     # A number where the vCPU goes: a TypeError naming it.
-    "init-vcpu-of-a-number": [_call("scratch_vm", "arch:tdx.init_vcpu", 0, 1 << 31)],
+    "init-vcpu-of-a-number": [hostile_call("scratch_vm", "arch:tdx.init_vcpu", 0, 1 << 31)],
 }
 
 
